@@ -1,0 +1,1 @@
+"""The hospital site: Flower ClientApp, local training, site policy."""

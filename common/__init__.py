@@ -1,0 +1,1 @@
+"""Code both sides share: model, SSL losses, data reading, parameter exchange, privacy maths."""

@@ -1,0 +1,1 @@
+"""Hydra YAML presets (installed as ``ctfed.conf``)."""

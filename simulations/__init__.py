@@ -1,0 +1,1 @@
+"""Many sites on one machine: synthetic hospitals and Flower simulation runs."""
