@@ -53,13 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    assert chosen is not None
     from ctfed.common.config import ConfigError
+    from ctfed.common.logs import console_logging
+
+    console_logging(logging.DEBUG if args.verbose else logging.INFO)
+    assert chosen is not None
 
     try:
         return int(importlib.import_module(chosen.module).run(args) or 0)

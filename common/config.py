@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -140,6 +141,33 @@ class TrainConfig:
     local_crop_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
     num_local_crops: int = 2
     seed: int = 0
+    # Cosine schedules run over the GLOBAL step (round * local_steps + local step), so a
+    # federation and a standalone run with the same totals follow the same curves.
+    min_lr: float = 1e-6
+    weight_decay_end: float = 0.4
+    teacher_momentum_end: float = 1.0
+    # Linear LR warm-up length in global steps.
+    warmup_steps: int = 0
+    # Rounds the schedules span; 0: RunConfig fills in federation.rounds (one round if used alone).
+    schedule_rounds: int = 0
+    # What a site's EMA teacher encoder does when a new global encoder arrives:
+    # "reset" copies the global student into it, "keep" keeps the site's own EMA.
+    teacher_on_new_global: str = "reset"
+    # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * iBOT (masked patch tokens).
+    # mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
+    dino_weight: float = 1.0
+    mim_weight: float = 1.0
+    # iBOT/DINOv2 masking of the student's global crops: this fraction of them is masked,
+    # each at a ratio drawn from [low, high]; the others (and all local crops) stay whole.
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    mask_probability: float = 0.5
+    # DINO keeps the prototypes fixed at first: a moving last layer early on lets the
+    # student chase a target that is still random (global steps; 0: off).
+    freeze_last_layer_steps: int = 0
+    # Teacher temperature warm-up: linear from teacher_temp_warmup to teacher_temp over
+    # this many global steps (0: off). A softer early teacher avoids early collapse.
+    teacher_temp_warmup: float = 0.04
+    teacher_temp_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -156,6 +184,107 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be [low, high] with 0 < low <= high <= 1")
         if self.num_local_crops < 0:
             raise ConfigError("train.num_local_crops must be >= 0")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0 or self.weight_decay_end < 0:
+            raise ConfigError("train.weight_decay and train.weight_decay_end must be >= 0")
+        if not 0.0 <= self.teacher_momentum_end <= 1.0:
+            raise ConfigError("train.teacher_momentum_end must be in [0, 1]")
+        if self.student_temp <= 0 or self.teacher_temp <= 0:
+            raise ConfigError("train.student_temp and train.teacher_temp must be > 0")
+        if not 0.0 <= self.center_momentum <= 1.0:
+            raise ConfigError("train.center_momentum must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must be >= 0")
+        if self.schedule_rounds < 0:
+            raise ConfigError("train.schedule_rounds must be >= 0 (0: federation.rounds)")
+        if self.teacher_on_new_global not in ("reset", "keep"):
+            raise ConfigError(
+                f"train.teacher_on_new_global must be 'reset' or 'keep', got '{self.teacher_on_new_global}'"
+            )
+        if self.dino_weight < 0 or self.mim_weight < 0:
+            raise ConfigError("train.dino_weight and train.mim_weight must be >= 0")
+        if self.dino_weight == 0 and self.mim_weight == 0:
+            raise ConfigError("train.dino_weight and train.mim_weight are both 0: nothing to train")
+        if len(self.mask_ratio) != 2 or not 0 < self.mask_ratio[0] <= self.mask_ratio[1] < 1:
+            raise ConfigError(
+                f"train.mask_ratio must be [low, high] with 0 < low <= high < 1, got {list(self.mask_ratio)}"
+            )
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ConfigError(f"train.mask_probability must be in [0, 1], got {self.mask_probability}")
+        if self.freeze_last_layer_steps < 0 or self.teacher_temp_warmup_steps < 0:
+            raise ConfigError("train.freeze_last_layer_steps and train.teacher_temp_warmup_steps must be >= 0")
+        if self.teacher_temp_warmup <= 0:
+            raise ConfigError("train.teacher_temp_warmup must be > 0")
+
+
+# How much of the pretrained encoder a downstream fine-tune may change:
+# "progressive": stage 0 linear probe, then the top blocks unfreeze one by one (arXiv 2507.12269);
+# "full": every encoder weight trains from the first step (from scratch = fresh encoder + "full");
+# "linear_probe": only the head trains, for the whole budget.
+FINETUNE_MODES = ("progressive", "full", "linear_probe")
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning of a pretrained encoder with progressive freezing.
+
+    Every mode spends ``probe_steps + stage_steps`` optimizer steps, so the three baselines
+    compare at an equal budget. Fractions and block LRs are listed top block first.
+    """
+
+    mode: str = "progressive"  # one of FINETUNE_MODES
+    # Stage 0: head only (the paper's 10 epochs), then stage 1 (its 20 epochs), in steps.
+    probe_steps: int = 10
+    stage_steps: int = 20
+    # Progress of stage 1 at which the top, second and third block unfreeze.
+    unfreeze_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.6])
+    head_lr: float = 1e-3
+    block_lrs: list[float] = field(default_factory=lambda: [5e-4, 2.5e-4, 1e-4])
+    # Stem and lower blocks in mode "full" (progressive never trains them).
+    backbone_lr: float = 1e-4
+    weight_decay: float = 0.01
+    # OneCycle warm-up share of each stage.
+    warmup_fraction: float = 0.3
+    grad_clip: float = 1.0
+    batch_size: int = 4
+    # One sigmoid output per name (1 name: binary task; K names: multi-label).
+    label_names: list[str] = field(default_factory=lambda: ["label"])
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise ConfigError(f"finetune.mode must be one of {', '.join(FINETUNE_MODES)}, got '{self.mode}'")
+        if self.probe_steps < 0 or self.stage_steps < 0 or self.probe_steps + self.stage_steps < 1:
+            raise ConfigError("finetune.probe_steps and finetune.stage_steps must be >= 0 with a sum >= 1")
+        fractions = list(self.unfreeze_fractions)
+        if not fractions or any(not 0 <= f < 1 for f in fractions) or fractions != sorted(set(fractions)):
+            raise ConfigError(
+                f"finetune.unfreeze_fractions must be strictly increasing values in [0, 1), got {fractions}"
+            )
+        if len(self.block_lrs) != len(fractions):
+            raise ConfigError(
+                f"finetune.block_lrs ({len(self.block_lrs)} values) needs one LR per entry of "
+                f"finetune.unfreeze_fractions ({len(fractions)})"
+            )
+        if min(self.head_lr, self.backbone_lr, *self.block_lrs) <= 0:
+            raise ConfigError("finetune.head_lr, finetune.block_lrs and finetune.backbone_lr must be > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("finetune.weight_decay and finetune.grad_clip must be >= 0")
+        if not 0 < self.warmup_fraction < 1:
+            raise ConfigError(f"finetune.warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
+        if self.batch_size < 1:
+            raise ConfigError("finetune.batch_size must be >= 1")
+        if not self.label_names or len(set(self.label_names)) != len(self.label_names):
+            raise ConfigError(f"finetune.label_names must be non-empty and unique, got {list(self.label_names)}")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def total_steps(self) -> int:
+        return self.probe_steps + self.stage_steps
 
 
 @dataclass
@@ -198,7 +327,7 @@ class SimulationConfig:
     # Folder holding one prepared cache per site (``<dir>/<site>/manifest.json``).
     # Empty: synthesise ``synth.sites`` hospitals and prepare them inside the run folder.
     data_dir: str = ""
-    client_cpus: float = 1.0
+    client_cpus: int = 1
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
 
@@ -229,6 +358,8 @@ class RunConfig:
                 f"model.in_channels ({self.model.in_channels}) must equal the number of "
                 f"preprocess.windows ({len(self.preprocess.windows)})"
             )
+        if self.train.schedule_rounds == 0:
+            self.train.schedule_rounds = self.federation.rounds
 
 
 def register_configs() -> None:
@@ -243,9 +374,11 @@ T = TypeVar("T")
 
 def _valid_keys_hint(message: str, schema: Any) -> str:
     """Name the valid keys of the config node a bad key was aimed at."""
-    import re
-
-    match = re.search(r"(?:override|Key) '([\w.]+)'", message)
+    match = (
+        re.search(r"full_key: ([\w.]+)", message)
+        or re.search(r"override '([\w.]+)'", message)
+        or re.search(r"Key '([\w.]+)'", message)
+    )
     if match is None:
         return ""
     parts = match.group(1).split(".")
@@ -266,6 +399,16 @@ def _valid_keys_hint(message: str, schema: Any) -> str:
     return ""
 
 
+def _describe_hydra_error(err: Exception) -> str:
+    # Hydra's advice to append with '+' would silently add an ignored key: drop it.
+    lines = [line for line in str(err).strip().splitlines() if "To append to your config" not in line]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in lines:
+        lines.append(str(cause).strip().splitlines()[0])
+    message = "\n".join(lines)
+    return f"invalid configuration: {message}{_valid_keys_hint(message, RunConfig())}"
+
+
 def load_run_config(overrides: Sequence[str] = (), config_name: str = "simulate") -> RunConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides and validate it.
 
@@ -276,21 +419,24 @@ def load_run_config(overrides: Sequence[str] = (), config_name: str = "simulate"
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        message = str(err).strip()
-        raise ConfigError(f"invalid configuration: {message}{_valid_keys_hint(message, RunConfig())}") from None
+        raise ConfigError(_describe_hydra_error(err)) from None
     return to_run_config(cfg)
+
+
+def to_section(schema: type[T], values: DictConfig | dict) -> T:
+    """Validate plain values against a config dataclass (types, unknown keys, rules)."""
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as err:
+        message = str(err).strip()
+        raise ConfigError(f"invalid configuration: {message}{_valid_keys_hint(message, schema())}") from None
+    assert isinstance(obj, schema)
+    return obj
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Validate a composed or saved config and turn it into a RunConfig."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        message = str(err).strip()
-        raise ConfigError(f"invalid configuration: {message}{_valid_keys_hint(message, RunConfig())}") from None
-    assert isinstance(obj, RunConfig)
-    return obj
+    return to_section(RunConfig, cfg)
 
 
 def save_run_config(cfg: RunConfig, path: Path) -> None:

@@ -1,0 +1,69 @@
+"""Encoder checkpoints: safetensors weights beside a JSON model card.
+
+The card records what a later reader needs to rebuild and trust the weights (model
+config, round, content hash) and nothing about patients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctfed.common.config import ModelConfig, to_section
+
+CARD_SUFFIX = ".json"
+WEIGHTS_SUFFIX = ".safetensors"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so a crash mid-write never leaves a truncated file behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Order-independent SHA-256 of names, shapes and values (for audit and equality)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    stem: Path, state: Mapping[str, torch.Tensor], model: ModelConfig, **card: Any
+) -> Path:
+    """Save ``<stem>.safetensors`` and ``<stem>.json``; returns the weights path."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_suffix(WEIGHTS_SUFFIX)
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    write_json_atomic(
+        stem.with_suffix(CARD_SUFFIX),
+        {"model": asdict(model), "sha256": state_digest(tensors), **card},
+    )
+    return weights
+
+
+def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
+    """Load weights and card; checks the weights against the card's hash."""
+    card_path = weights.with_suffix(CARD_SUFFIX)
+    if not weights.is_file() or not card_path.is_file():
+        raise FileNotFoundError(f"checkpoint needs both {weights} and {card_path}")
+    card = json.loads(card_path.read_text())
+    state = load_file(str(weights))
+    if state_digest(state) != card.get("sha256"):
+        raise ValueError(f"checkpoint {weights} does not match the hash in its card")
+    return state, to_section(ModelConfig, card["model"]), card

@@ -1,0 +1,111 @@
+"""What travels between coordinator and sites, and how it is checked on arrival.
+
+Weights travel as Flower ``ArrayRecord``s keyed by the encoder's ``state_dict`` names;
+instructions travel as a flat ``ConfigRecord`` with dotted keys (``model.hidden_size``) so
+a site can rebuild exactly the configs the coordinator used and check them against its own
+policy before touching data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, fields, is_dataclass
+from typing import Any, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from ctfed.common.config import ConfigError, ModelConfig, TrainConfig, to_section
+
+# Record keys shared by both sides; one definition so a rename cannot split them.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+NUM_EXAMPLES_KEY = "num-examples"
+LOCAL_STATE_KEY = "ssl-local-state"
+
+
+class UpdateRejected(ValueError):
+    """An incoming set of weights that must not be used; the message says why."""
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Pack a state dict for sending (tensors are copied to CPU, detached)."""
+    return ArrayRecord({name: tensor.detach().cpu() for name, tensor in state.items()})
+
+
+def record_to_state(
+    record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Unpack and validate received weights.
+
+    With ``expected`` (the receiver's own state dict), names, shapes and dtypes must match
+    exactly; every floating tensor must be finite. Raises UpdateRejected otherwise.
+    """
+    state = record.to_torch_state_dict()
+    if expected is not None:
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise UpdateRejected(
+                f"parameter names differ: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise UpdateRejected(
+                    f"'{name}' has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                )
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UpdateRejected(f"'{name}' contains NaN or infinite values")
+    return state
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of the arrays (what a round costs on the wire, before framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}"
+        if is_dataclass(value):
+            _flatten(key, value, out)
+        elif isinstance(value, (list, tuple)):
+            if value and is_dataclass(value[0]):
+                raise TypeError(f"{key}: lists of sections cannot travel in a ConfigRecord")
+            out[key] = [float(v) if isinstance(v, float) else v for v in value]
+        elif hasattr(value, "value"):  # enums travel as their string value
+            out[key] = value.value
+        else:
+            out[key] = value
+
+
+def configs_to_record(model: ModelConfig, train: TrainConfig, **extra: Any) -> ConfigRecord:
+    """Flatten the configs a site needs for one round into a ConfigRecord."""
+    flat: dict[str, Any] = {}
+    _flatten("model", model, flat)
+    _flatten("train", train, flat)
+    flat.update(extra)
+    return ConfigRecord(flat)
+
+
+def _section(record: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {
+        key[len(prefix) + 1 :]: value
+        for key, value in record.items()
+        if key.startswith(prefix + ".")
+    }
+
+
+def record_to_configs(record: Mapping[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Rebuild and validate the configs a coordinator sent (unknown keys are an error)."""
+    model = to_section(ModelConfig, _section(record, "model"))
+    train = to_section(TrainConfig, _section(record, "train"))
+    for section in (model, train):
+        for key, value in asdict(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"received non-finite value for {key}")
+    return model, train

@@ -1,0 +1,324 @@
+"""Supervised fine-tuning of the pretrained encoder with progressive layer freezing.
+
+Recipe from arXiv 2507.12269 (code ``phflot/bpdneo-cxr``):
+
+* stage 0 - linear probe: only the head trains (a good head first, so the backbone is not
+  torn up by gradients from a random head);
+* stage 1 - the backbone starts frozen and the top blocks unfreeze one by one at fixed
+  fractions of the stage (default 10%, 30%, 60%); the stem (patch embedding, CLS token) and
+  the first block never unfreeze;
+* discriminative LRs per group (head > top block > next > ...), OneCycle with 30% warm-up.
+
+Frozen modules are kept in ``eval()`` even while the model trains, so dropout and any
+normalisation statistics of a frozen part stay exactly as pretrained (the paper's pitfall).
+
+The final LayerNorm (``encoder.norm``) follows the top block: it normalises that block's
+output, so it unfreezes (and shares the LR) with it. The mask token is never used here and
+stays frozen. In a federation only ``trainable_state`` needs to travel: the more is frozen,
+the fewer bytes per round (and the less DP noise).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ctfed.common.config import FinetuneConfig, ModelConfig
+from ctfed.common.model import INIT_STD, ViTEncoder
+
+logger = logging.getLogger(__name__)
+
+# OneCycleLR needs at least two steps to have a warm-up and an annealing phase.
+_MIN_ONECYCLE_STEPS = 2
+
+
+class Classifier(nn.Module):
+    """Linear head on the encoder's CLS features: K logits for K binary (sigmoid) tasks."""
+
+    def __init__(self, encoder: ViTEncoder, num_outputs: int) -> None:
+        super().__init__()
+        if num_outputs < 1:
+            raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.hidden_size, num_outputs)
+        nn.init.trunc_normal_(self.head.weight, std=INIT_STD)
+        nn.init.zeros_(self.head.bias)
+        # Parameters the encoder itself marks trainable (not the fixed position table or
+        # MONAI's unused cross-attention norm), minus the mask token (no masking here).
+        self.tunable_names = frozenset(
+            name
+            for name, param in encoder.named_parameters()
+            if param.requires_grad and not name.startswith("mask_token.")
+        )
+        self._frozen_modules: list[nn.Module] = []
+        self.set_trainable(blocks=(), stem=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.encoder.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.cls_features(x))
+
+    def set_trainable(self, blocks: Sequence[int], stem: bool = False) -> None:
+        """Train the head, the given encoder blocks and (if ``stem``) the patch embedding and CLS token.
+
+        Everything else in the encoder is frozen and put in eval mode; the final norm trains
+        with the top block. Call again whenever the schedule changes.
+        """
+        top = self.num_blocks - 1
+        wanted = set(blocks)
+        if any(not 0 <= b <= top for b in wanted):
+            raise ValueError(f"block indices must be in [0, {top}], got {sorted(wanted)}")
+        trainable_prefixes = [f"blocks.{b}." for b in wanted]
+        if top in wanted:
+            trainable_prefixes.append("norm.")
+        if stem:
+            trainable_prefixes += ["patch_embedding.", "cls_token."]
+        for name, param in self.encoder.named_parameters():
+            param.requires_grad_(name in self.tunable_names and name.startswith(tuple(trainable_prefixes)))
+        self.head.requires_grad_(True)
+        self._frozen_modules = [block for index, block in enumerate(self.encoder.blocks) if index not in wanted]
+        if not stem:
+            self._frozen_modules.append(self.encoder.patch_embedding)
+        if top not in wanted:
+            self._frozen_modules.append(self.encoder.norm)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+
+def build_classifier(
+    model_cfg: ModelConfig,
+    num_outputs: int,
+    encoder_state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Classifier:
+    """A classifier on a pretrained encoder (``encoder_state``) or a fresh one (from scratch)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ViTEncoder(model_cfg)
+        if encoder_state is not None:
+            try:
+                encoder.load_state_dict(encoder_state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"encoder state does not fit the model config: {err}") from None
+        return Classifier(encoder, num_outputs)
+
+
+@dataclass(frozen=True)
+class FreezingSchedule:
+    """Which encoder blocks train at a given point of the progressive recipe.
+
+    ``fractions[i]`` is the progress of stage 1 at which block ``num_blocks - 1 - i``
+    (top first) unfreezes. Block 0 never unfreezes, so with few blocks fewer fractions apply.
+    """
+
+    num_blocks: int
+    fractions: tuple[float, ...] = (0.1, 0.3, 0.6)
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if list(self.fractions) != sorted(set(self.fractions)) or any(not 0 <= f < 1 for f in self.fractions):
+            raise ValueError(f"fractions must be strictly increasing values in [0, 1), got {self.fractions}")
+
+    @property
+    def unfreezable(self) -> list[int]:
+        """Block indices in unfreezing order (top first), never block 0."""
+        return [b for b in range(self.num_blocks - 1, 0, -1)][: len(self.fractions)]
+
+    def trainable_blocks(self, progress: float, stage: int) -> tuple[int, ...]:
+        """Trainable block indices (top first) at ``progress`` in [0, 1] of ``stage`` (0 or 1)."""
+        if stage not in (0, 1):
+            raise ValueError(f"stage must be 0 (linear probe) or 1 (progressive), got {stage}")
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress}")
+        if stage == 0:
+            return ()
+        return tuple(b for b, f in zip(self.unfreezable, self.fractions) if progress >= f)
+
+
+def trainable_blocks(
+    progress: float, stage: int, num_blocks: int, fractions: Sequence[float] = (0.1, 0.3, 0.6)
+) -> tuple[int, ...]:
+    """Function form of ``FreezingSchedule.trainable_blocks``."""
+    return FreezingSchedule(num_blocks, tuple(fractions)).trainable_blocks(progress, stage)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that currently train: what a federated fine-tune needs to send."""
+    return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Payload size of a state dict in bytes (tensor data only, no framing)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def param_groups(classifier: Classifier, cfg: FinetuneConfig, include_backbone: bool) -> list[dict]:
+    """AdamW groups with discriminative LRs: head, then one group per unfreezable block.
+
+    Blocks are grouped whether trainable yet or not: a frozen parameter has no gradient and
+    AdamW skips it, and when it unfreezes it picks up its group's current OneCycle LR.
+    ``include_backbone`` adds the stem and lower blocks at ``backbone_lr`` (mode "full").
+    """
+    encoder = classifier.encoder
+    schedule = FreezingSchedule(classifier.num_blocks, tuple(cfg.unfreeze_fractions))
+    groups: list[dict] = [{"name": "head", "params": list(classifier.head.parameters()), "lr": cfg.head_lr}]
+    grouped: set[str] = set()
+    for block, lr in zip(schedule.unfreezable, cfg.block_lrs):
+        prefixes = (f"blocks.{block}.", "norm.") if block == classifier.num_blocks - 1 else (f"blocks.{block}.",)
+        names = [n for n in sorted(classifier.tunable_names) if n.startswith(prefixes)]
+        grouped.update(names)
+        groups.append({"name": f"block{block}", "params": [encoder.get_parameter(n) for n in names], "lr": lr})
+    if include_backbone:
+        # Everything tunable not covered above: the stem, the lower blocks, and (with one
+        # block only) the final norm.
+        rest = [n for n in sorted(classifier.tunable_names) if n not in grouped]
+        groups.append({"name": "backbone", "params": [encoder.get_parameter(n) for n in rest], "lr": cfg.backbone_lr})
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class FinetuneResult:
+    losses: list[float] = field(default_factory=list)  # per step
+    # Per step: number of trainable parameter elements (shows the unfreezing).
+    trainable_params: list[int] = field(default_factory=list)
+
+
+class Finetuner:
+    """Trains a Classifier on (volume (C, S, S, S), label (K,) or scalar) pairs per ``cfg.mode``.
+
+    All modes spend ``cfg.total_steps`` steps: "progressive" splits them into the probe stage
+    and the unfreezing stage; "linear_probe" trains the head throughout; "full" trains every
+    tunable weight throughout. Each phase has its own AdamW and OneCycle schedule (max LR per
+    group, ``warmup_fraction`` warm-up), as two separate runs of the recipe would.
+    """
+
+    def __init__(
+        self, classifier: Classifier, cfg: FinetuneConfig, dataset: Dataset, device: str = "cpu"
+    ) -> None:
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the fine-tuning dataset is empty")
+        if classifier.head.out_features != cfg.num_outputs:
+            raise ValueError(
+                f"classifier has {classifier.head.out_features} outputs, finetune.label_names lists {cfg.num_outputs}"
+            )
+        self.classifier = classifier.to(device)
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = torch.device(device)
+
+    def phases(self) -> list[tuple[str, int]]:
+        """(phase, steps) pairs that make up this mode's budget."""
+        cfg = self.cfg
+        if cfg.mode == "progressive":
+            phases = [("probe", cfg.probe_steps), ("progressive", cfg.stage_steps)]
+            return [(name, steps) for name, steps in phases if steps]
+        return [(cfg.mode, cfg.total_steps)]
+
+    def fit(self) -> FinetuneResult:
+        result = FinetuneResult()
+        batches = self._batches()
+        self.classifier.train()
+        for phase, steps in self.phases():
+            self._run_phase(phase, steps, batches, result)
+        logger.info(
+            "fine-tune (%s): %d steps, loss %.4f -> %.4f",
+            self.cfg.mode, len(result.losses), result.losses[0], result.losses[-1],
+        )
+        return result
+
+    @torch.no_grad()
+    def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """Sigmoid probabilities and labels, both (N, K), for evaluation with ctfed.common.metrics."""
+        was_training = self.classifier.training
+        self.classifier.eval()
+        probs, labels = [], []
+        for volumes, targets in DataLoader(dataset, batch_size=self.cfg.batch_size):
+            probs.append(torch.sigmoid(self.classifier(volumes.to(self.device))).cpu())
+            labels.append(self._targets(targets, volumes.shape[0]).cpu())
+        self.classifier.train(was_training)
+        return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+    def _run_phase(self, phase: str, steps: int, batches: Iterator, result: FinetuneResult) -> None:
+        cfg = self.cfg
+        schedule = FreezingSchedule(self.classifier.num_blocks, tuple(cfg.unfreeze_fractions))
+        if phase == "full":
+            self.classifier.set_trainable(range(self.classifier.num_blocks), stem=True)
+        else:
+            self.classifier.set_trainable(())
+        groups = param_groups(self.classifier, cfg, include_backbone=phase == "full")
+        if phase in ("probe", "linear_probe"):
+            groups = groups[:1]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+        scheduler = None
+        if steps >= _MIN_ONECYCLE_STEPS:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=steps,
+                pct_start=cfg.warmup_fraction,
+                anneal_strategy="cos",
+                cycle_momentum=False,
+            )
+        blocks: tuple[int, ...] = ()
+        for step in range(steps):
+            if phase == "progressive":
+                now = schedule.trainable_blocks(step / steps, stage=1)
+                if now != blocks:
+                    blocks = now
+                    self.classifier.set_trainable(blocks)
+                    logger.info("step %d of stage 1: training blocks %s", step, list(blocks))
+            volumes, targets = next(batches)
+            volumes = volumes.to(self.device)
+            logits = self.classifier(volumes)
+            loss = F.binary_cross_entropy_with_logits(logits, self._targets(targets, volumes.shape[0]))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tune loss is {loss.item()} in phase '{phase}', step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.classifier.parameters() if p.requires_grad], cfg.grad_clip
+                )
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            result.losses.append(loss.item())
+            result.trainable_params.append(sum(p.numel() for p in self.classifier.parameters() if p.requires_grad))
+
+    def _targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:
+        targets = torch.as_tensor(targets).float().to(self.device)
+        if targets.ndim == 1 and self.cfg.num_outputs == 1:
+            targets = targets.unsqueeze(1)
+        if targets.shape != (batch, self.cfg.num_outputs):
+            raise ValueError(
+                f"labels must have shape (batch, {self.cfg.num_outputs}) (or (batch,) for one task), "
+                f"got {tuple(targets.shape)}"
+            )
+        return targets
+
+    def _batches(self) -> Iterator:
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=len(self.dataset) >= self.cfg.batch_size,  # type: ignore[arg-type]
+        )
+        while True:
+            yield from loader

@@ -1,0 +1,242 @@
+"""3D ViT encoder and DINO projection head, built from MONAI blocks.
+
+Two later needs shape this module more than the ViT itself does:
+
+* Masked image modelling (iBOT) swaps a learnable mask token into the patch tokens after the
+  conv embedding but *before* the fixed position embedding is added, so a masked token still
+  knows where it sits. MONAI's ``PatchEmbeddingBlock.forward`` adds the position embedding
+  internally, so the encoder calls its parts (conv, position table, dropout) itself.
+* Opacus DP-SGD computes per-sample gradients module by module. It fails on MONAI's ``ViT``
+  because that module owns ``cls_token`` directly and returns a tuple. Here every trainable
+  parameter lives in a layer Opacus supports (Conv3d, Linear, LayerNorm) or in a small module
+  with an exact per-sample-gradient rule registered below, and every forward returns one tensor.
+
+Module names follow MONAI's ``ViT`` (``patch_embedding``, ``blocks``, ``norm``) so MONAI ViT
+checkpoints (e.g. FM-CT's) map onto this encoder by renaming only the CLS token.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+from ctfed.common.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# DINO/timm initialisation scale for tokens and linear layers.
+INIT_STD = 0.02
+
+
+class ClsToken(nn.Module):
+    """Prepends one learnable token to a (B, N, D) sequence."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        nn.init.trunc_normal_(self.token, std=INIT_STD)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+
+
+class MaskToken(nn.Module):
+    """Replaces the patch tokens selected by a (B, N) boolean mask with one learnable token.
+
+    The mask must be passed positionally: Opacus' forward hooks record positional inputs
+    only, and the per-sample-gradient rule below needs the mask.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        # Zeros as in iBOT: a masked token starts as "no content" plus its position.
+        self.token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.unsqueeze(-1), self.token.to(tokens.dtype), tokens)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer whose weight rows are L2-normalised in every forward.
+
+    This is DINO's ``weight_norm`` last layer with the magnitude frozen at 1, written out
+    because ``torch.nn.utils.parametrizations.weight_norm`` breaks Opacus (1.6, torch 2.13:
+    ``IndexError`` in the per-sample-gradient hooks; Opacus' Linear rule targets
+    ``layer.weight``, which under a parametrization is recomputed, not the real parameter).
+    Opacus handles this module with its functorch fallback (one input, one output).
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.trunc_normal_(self.weight, std=INIT_STD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, F.normalize(self.weight, dim=1))
+
+
+@register_grad_sampler(ClsToken)
+def _cls_token_grad_sample(
+    layer: ClsToken, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    # Each sample's gradient for the token is the gradient at its own position 0.
+    return {layer.token: backprops[:, :1, :].unsqueeze(1)} if layer.token.requires_grad else {}
+
+
+@register_grad_sampler(MaskToken)
+def _mask_token_grad_sample(
+    layer: MaskToken, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    if not layer.token.requires_grad:
+        return {}
+    mask = activations[1].unsqueeze(-1).to(backprops.dtype)
+    # The token is shared by every masked position, so its gradient is their sum.
+    return {layer.token: (backprops * mask).sum(dim=1)[:, None, None, :]}
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViTEncoder(nn.Module):
+    """3D ViT: conv patches, optional mask token, fixed sin-cos positions, CLS, blocks, norm.
+
+    ``forward`` returns the whole normalised sequence (B, 1 + N, hidden): index 0 is CLS,
+    the rest are patch tokens in the conv's (depth, height, width) raster order.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_patches = cfg.tokens_per_side**3
+        self.hidden_size = cfg.hidden_size
+        self.patch_embedding = PatchEmbeddingBlock(
+            in_channels=cfg.in_channels,
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            proj_type="conv",
+            pos_embed_type="sincos",
+            dropout_rate=cfg.dropout,
+            spatial_dims=3,
+        )
+        self.mask_token = MaskToken(cfg.hidden_size)
+        self.cls_token = ClsToken(cfg.hidden_size)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.hidden_size, cfg.mlp_dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.blocks.apply(_init_linear_and_norm)
+        for block in self.blocks:
+            # MONAI always builds this LayerNorm but only uses it with cross-attention (off
+            # here). A trainable parameter that never gets a gradient breaks DP-SGD, whose
+            # optimizer expects a per-sample gradient for every trainable parameter.
+            block.norm_cross_attn.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode volumes (B, C, S, S, S); ``mask`` (B, N) bool marks patches to hide."""
+        embed = self.patch_embedding
+        tokens = embed.patch_embeddings(x).flatten(2).transpose(1, 2)
+        if tokens.shape[1] != self.num_patches:
+            raise ValueError(
+                f"input of spatial shape {tuple(x.shape[2:])} gives {tokens.shape[1]} patches, "
+                f"the encoder was built for {self.num_patches}; resize inputs to model.image_size"
+            )
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            tokens = self.mask_token(tokens, mask)
+        tokens = embed.dropout(tokens + embed.position_embeddings)
+        tokens = self.cls_token(tokens)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def cls_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The CLS embedding (B, hidden): the volume-level representation."""
+        return self(x, mask)[:, 0]
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes."""
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int, nlayers: int = 3) -> None:
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
+        if nlayers == 1:
+            layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck)]
+        else:
+            layers = [nn.Linear(in_dim, hidden), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden, hidden), nn.GELU()]
+            layers.append(nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_init_linear_and_norm)
+        self.last_layer = WeightNormLinear(bottleneck, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class SSLModel(nn.Module):
+    """The student: encoder (federated) + DINO head (stays at the site).
+
+    The head serves both losses: DINO on the CLS token and iBOT on masked patch tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.encoder = ViTEncoder(cfg)
+        self.head = DINOHead(cfg.hidden_size, cfg.head_hidden, cfg.head_bottleneck, cfg.head_prototypes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prototype logits (B, head_prototypes) from the CLS embedding."""
+        return self.head(self.encoder.cls_features(x, mask))
+
+    def forward_with_patches(
+        self, x: torch.Tensor, mask: torch.Tensor | None, select: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS logits (B, K) and head logits (M, K) of the patch tokens ``select`` picks.
+
+        ``select`` (B', N) bool addresses the first B' samples (the global crops) and its
+        M True entries come out in ``select.nonzero()`` order. The head is shared by CLS and
+        patch tokens (iBOT's and DINOv2's default) and runs once on both, only on the
+        selected tokens: the full patch grid through a 65,536-prototype head would dominate
+        the cost. Returns a tuple, so DP-SGD (Opacus) should wrap ``forward`` instead.
+        """
+        if select.dtype != torch.bool or select.ndim != 2 or select.shape[0] > x.shape[0]:
+            raise ValueError(
+                f"select must be a (B' <= {x.shape[0]}, N) bool tensor, got {select.dtype} {tuple(select.shape)}"
+            )
+        tokens = self.encoder(x, mask)
+        patches = tokens[: select.shape[0], 1:][select]
+        logits = self.head(torch.cat([tokens[:, 0], patches]))
+        return logits[: x.shape[0]], logits[x.shape[0] :]
+
+
+def build_teacher(student: SSLModel) -> SSLModel:
+    """A frozen copy of the student, to be updated only by EMA."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameter elements (trainable ones only by default)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

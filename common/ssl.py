@@ -1,0 +1,239 @@
+"""Self-distillation pieces: DINO and iBOT losses, teacher EMA, schedules, 3D multi-crop.
+
+Follows the DINO reference implementation (facebookresearch/dino) unit by unit, for one
+process: the centre is not all-reduced, and all crops share one size (FM-CT resizes local
+crops back to the global size), so student and teacher each take a single forward.
+The iBOT patch loss follows DINOv2's ``dinov2/loss/ibot_patch_loss.py`` (centring variant).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianSmooth, RandShiftIntensity
+from monai.utils import convert_to_tensor
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy of student views against the centred, sharpened teacher on global views.
+
+    Inputs are crop-major: ``student_output`` is ``ncrops`` chunks of B rows (the two global
+    crops first), ``teacher_output`` is the two global chunks. A student view is never
+    matched with the teacher's output on the same view.
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self, out_dim: int, ncrops: int, student_temp: float, teacher_temp: float, center_momentum: float
+    ) -> None:
+        super().__init__()
+        if ncrops < 2:
+            raise ValueError(f"DINOLoss needs the 2 global crops at least, got ncrops={ncrops}")
+        self.ncrops = ncrops
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
+        batch = teacher_output.shape[0] // 2
+        if teacher_output.shape[0] != 2 * batch or student_output.shape[0] != self.ncrops * batch:
+            raise ValueError(
+                f"expected student rows = {self.ncrops} crops x B and teacher rows = 2 x B, got "
+                f"{student_output.shape[0]} and {teacher_output.shape[0]}"
+            )
+        student_views = (student_output / self.student_temp).chunk(self.ncrops)
+        teacher_output = teacher_output.detach()
+        teacher_views = F.softmax((teacher_output - self.center) / self.teacher_temp, dim=-1).chunk(2)
+
+        total = student_output.new_zeros(())
+        pairs = 0
+        for t_index, target in enumerate(teacher_views):
+            for s_index, view in enumerate(student_views):
+                if s_index == t_index:
+                    continue
+                total = total + torch.sum(-target * F.log_softmax(view, dim=-1), dim=-1).mean()
+                pairs += 1
+        self.update_center(teacher_output)
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA of the teacher's mean output; subtracting it keeps one prototype from winning."""
+        batch_center = teacher_output.mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
+    """Masked patch tokens of the student predict the teacher's tokens at the same positions.
+
+    The teacher saw the same global crop unmasked; its patch outputs are centred with this
+    loss's own centre (patch-token statistics differ from CLS statistics) and sharpened.
+    Per sample the cross-entropy is averaged over its masked tokens; samples are then
+    averaged over the whole batch, unmasked samples counting as 0, as iBOT and DINOv2 do
+    (so their loss weights carry over; the scale grows with ``mask_probability``).
+
+    ``forward`` takes either dense logits (B, N, K) or only the masked rows (M, K) in
+    ``mask.nonzero()`` order; the latter is what training uses, because the projection head
+    on every patch token (512 x 65,536 per crop for ViT-B) is the expensive part.
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float, teacher_temp: float, center_momentum: float) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype != torch.bool or mask.ndim != 2:
+            raise ValueError(f"mask must be a (B, N) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        if student_logits.ndim == 3:
+            if student_logits.shape[:2] != mask.shape or teacher_logits.shape != student_logits.shape:
+                raise ValueError(
+                    f"dense logits must both be (B, N, K) with (B, N) = {tuple(mask.shape)}, got "
+                    f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+                )
+            student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+        n_masked = int(mask.sum())
+        if student_logits.shape[0] != n_masked or teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"expected {n_masked} masked rows from student and teacher, got "
+                f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            )
+        if n_masked == 0:
+            # Keeps the graph connected (zero gradient) so every trainable parameter gets a grad.
+            return student_logits.sum() * 0.0
+        teacher_logits = teacher_logits.detach()
+        target = F.softmax((teacher_logits - self.center) / self.teacher_temp, dim=-1)
+        per_token = torch.sum(-target * F.log_softmax(student_logits / self.student_temp, dim=-1), dim=-1)
+        # Each masked token weighs 1 / (masked tokens of its sample): a per-sample mean.
+        weights = (1.0 / mask.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(mask)[mask]
+        self.update_center(teacher_logits)
+        return (per_token * weights).sum() / mask.shape[0]
+
+    @torch.no_grad()
+    def update_center(self, teacher_masked: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over masked tokens (DINOv2's choice)."""
+        batch_center = teacher_masked.mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    student_params = dict(student.named_parameters())
+    teacher_params = dict(teacher.named_parameters())
+    if student_params.keys() != teacher_params.keys():
+        raise ValueError("student and teacher have different parameters; build the teacher with build_teacher()")
+    for name, t_param in teacher_params.items():
+        t_param.mul_(momentum).add_(student_params[name].detach(), alpha=1.0 - momentum)
+
+
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup: float = 0.0
+) -> Callable[[int], float]:
+    """A function of the global step: linear warm-up from ``start_warmup`` to ``base``, then
+    a half cosine from ``base`` (at ``warmup_steps``) to ``final`` (at ``total_steps - 1``).
+
+    Steps past the horizon stay at ``final``, so a federation that runs longer than planned
+    keeps a sane LR and momentum instead of wrapping around.
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"cosine_schedule needs total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
+            f"got total_steps={total_steps}, warmup_steps={warmup_steps}"
+        )
+    decay_steps = max(total_steps - warmup_steps - 1, 1)
+
+    def value(step: int) -> float:
+        if step < 0:
+            raise ValueError(f"schedule step must be >= 0, got {step}")
+        if step < warmup_steps:
+            return start_warmup + (base - start_warmup) * step / warmup_steps
+        progress = min((step - warmup_steps) / decay_steps, 1.0)
+        return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+    return value
+
+
+class MultiCrop3D:
+    """Two global and ``num_local`` local random cubic crops of one volume, all resized to
+    ``out_size``^3 (equal token counts) and augmented independently.
+
+    ``global_scale`` / ``local_scale`` are [low, high] fractions of the volume's voxels.
+    Randomness comes from one ``numpy.random.RandomState`` (what MONAI transforms accept),
+    so ``reseed`` makes the crops of a round reproducible.
+    """
+
+    def __init__(
+        self,
+        global_scale: Sequence[float],
+        local_scale: Sequence[float],
+        num_local: int,
+        out_size: int,
+        seed: int = 0,
+    ) -> None:
+        for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high <= 1, got {list(scale)}")
+        if num_local < 0 or out_size < 1:
+            raise ValueError(f"need num_local >= 0 and out_size >= 1, got {num_local}, {out_size}")
+        self.global_scale = tuple(global_scale)
+        self.local_scale = tuple(local_scale)
+        self.num_local = num_local
+        self.out_size = out_size
+        # FM-CT's augmentations at cheap settings: small smoothing kernels, moderate odds.
+        self.augment = Compose(
+            [
+                RandFlip(prob=0.2, spatial_axis=0),
+                RandFlip(prob=0.2, spatial_axis=1),
+                RandFlip(prob=0.2, spatial_axis=2),
+                RandShiftIntensity(offsets=0.2, prob=0.5),
+                RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=0.2),
+                RandAdjustContrast(gamma=(0.2, 1.0), prob=0.2),
+            ]
+        )
+        self.reseed(seed)
+
+    @property
+    def num_crops(self) -> int:
+        return 2 + self.num_local
+
+    def reseed(self, seed: int | np.random.SeedSequence) -> None:
+        self.rng = np.random.RandomState(np.random.MT19937(seed))
+        self.augment.set_random_state(state=self.rng)
+
+    def __call__(self, volume: torch.Tensor) -> list[torch.Tensor]:
+        if volume.ndim != 4:
+            raise ValueError(f"MultiCrop3D expects one volume (C, D, H, W), got shape {tuple(volume.shape)}")
+        scales = [self.global_scale] * 2 + [self.local_scale] * self.num_local
+        return [self._augment(self._random_resized_crop(volume, scale)) for scale in scales]
+
+    def _random_resized_crop(self, volume: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+        fraction = self.rng.uniform(*scale)
+        # A cube keeping `fraction` of the voxels: each side shrinks by the cube root.
+        sides = [max(1, round(size * fraction ** (1 / 3))) for size in volume.shape[1:]]
+        starts = [int(self.rng.randint(0, size - side + 1)) for size, side in zip(volume.shape[1:], sides)]
+        crop = volume[
+            :,
+            starts[0] : starts[0] + sides[0],
+            starts[1] : starts[1] + sides[1],
+            starts[2] : starts[2] + sides[2],
+        ]
+        size = (self.out_size,) * 3
+        return F.interpolate(crop[None].float(), size=size, mode="trilinear", align_corners=False)[0]
+
+    def _augment(self, crop: torch.Tensor) -> torch.Tensor:
+        return convert_to_tensor(self.augment(crop), track_meta=False, dtype=torch.float32)

@@ -1,0 +1,181 @@
+"""Progressive freezing: schedule, requires_grad and eval modes, LR groups, payload, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig
+from ctfed.common.finetune import (
+    Classifier,
+    Finetuner,
+    FreezingSchedule,
+    build_classifier,
+    param_groups,
+    state_nbytes,
+    trainable_blocks,
+    trainable_state,
+)
+
+TINY = ModelConfig()
+# Four blocks so that three can unfreeze above the never-trained first block.
+DEEP = ModelConfig(num_layers=4, dropout=0.1)
+
+
+class Bright(Dataset):
+    """Binary task a linear head can learn: label 1 volumes are brighter."""
+
+    def __init__(self, count: int = 16, seed: int = 0, cfg: ModelConfig = TINY) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        size = cfg.image_size
+        self.labels = torch.arange(count) % 2
+        noise = torch.rand(count, cfg.in_channels, size, size, size, generator=generator)
+        self.volumes = 0.5 * noise + 0.5 * self.labels.view(-1, 1, 1, 1, 1).float()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.volumes[index], self.labels[index]
+
+
+def _trainable(model: Classifier) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_schedule_unfreezes_top_blocks_at_fractions() -> None:
+    schedule = FreezingSchedule(num_blocks=4)
+    assert schedule.trainable_blocks(0.9, stage=0) == ()
+    assert schedule.trainable_blocks(0.05, stage=1) == ()
+    assert schedule.trainable_blocks(0.1, stage=1) == (3,)
+    assert schedule.trainable_blocks(0.3, stage=1) == (3, 2)
+    assert schedule.trainable_blocks(0.59, stage=1) == (3, 2)
+    assert schedule.trainable_blocks(1.0, stage=1) == (3, 2, 1)
+    # The first block never unfreezes, however many fractions are configured.
+    assert trainable_blocks(1.0, 1, num_blocks=2) == (1,)
+    assert trainable_blocks(1.0, 1, num_blocks=12, fractions=[0.0, 0.5]) == (11, 10)
+    with pytest.raises(ValueError, match="stage"):
+        schedule.trainable_blocks(0.5, stage=2)
+
+
+def test_requires_grad_follows_schedule_and_stem_never_trains() -> None:
+    model = build_classifier(DEEP, 2)
+    assert _trainable(model) == {"head.weight", "head.bias"}
+    schedule = FreezingSchedule(model.num_blocks)
+    for progress in (0.0, 0.1, 0.3, 0.6, 1.0):
+        blocks = schedule.trainable_blocks(progress, stage=1)
+        model.set_trainable(blocks)
+        names = _trainable(model)
+        for b in range(model.num_blocks):
+            in_block = {n for n in names if n.startswith(f"encoder.blocks.{b}.")}
+            assert bool(in_block) == (b in blocks)
+        stem_and_first = ("encoder.patch_embedding", "encoder.cls_token", "encoder.blocks.0.")
+        assert not any(n.startswith(stem_and_first) for n in names)
+        assert not any("mask_token" in n or "norm_cross_attn" in n for n in names)
+        assert ("encoder.norm.weight" in names) == (3 in blocks)
+    model.set_trainable(range(4), stem=True)
+    names = _trainable(model)
+    assert "encoder.patch_embedding.patch_embeddings.weight" in names and "encoder.cls_token.token" in names
+    assert not any("mask_token" in n or "norm_cross_attn" in n or "position_embeddings" in n for n in names)
+
+
+def test_frozen_modules_stay_in_eval_mode_while_training() -> None:
+    model = build_classifier(DEEP, 1)
+    model.set_trainable((3,))
+    model.train()
+    assert model.training and model.head.training
+    assert model.encoder.blocks[3].training
+    assert not any(m.training for m in model.encoder.blocks[0].modules())
+    assert not model.encoder.patch_embedding.dropout.training
+    # Dropout is 0.1: a frozen block must behave deterministically in train mode.
+    x = torch.randn(2, 1 + model.encoder.num_patches, DEEP.hidden_size)
+    block = model.encoder.blocks[1]
+    assert torch.equal(block(x), block(x))
+    model.eval()
+    assert not model.encoder.blocks[3].training
+
+
+def test_param_groups_have_discriminative_lrs() -> None:
+    cfg = FinetuneConfig()
+    model = build_classifier(DEEP, 1)
+    groups = param_groups(model, cfg, include_backbone=False)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("head", 1e-3), ("block3", 5e-4), ("block2", 2.5e-4), ("block1", 1e-4)
+    ]
+    assert any(p is model.encoder.norm.weight for p in groups[1]["params"])
+    full = param_groups(model, cfg, include_backbone=True)
+    assert full[-1]["name"] == "backbone" and full[-1]["lr"] == cfg.backbone_lr
+    in_groups = {id(p) for g in full for p in g["params"]}
+    assert in_groups == {id(p) for n, p in model.named_parameters() if n in
+                         {f"encoder.{t}" for t in model.tunable_names} | {"head.weight", "head.bias"}}
+
+
+def test_trainable_state_shrinks_when_more_is_frozen() -> None:
+    model = build_classifier(DEEP, 3)
+    sizes = []
+    for blocks in ((3, 2, 1), (3, 2), (3,), ()):
+        model.set_trainable(blocks)
+        state = trainable_state(model)
+        assert set(state) == _trainable(model)
+        sizes.append(state_nbytes(state))
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    assert sizes[-1] == (DEEP.hidden_size + 1) * 3 * 4  # float32 head only
+
+
+def test_progressive_finetune_reduces_loss_on_separable_task() -> None:
+    cfg = FinetuneConfig(probe_steps=10, stage_steps=20, batch_size=4, head_lr=1e-2, seed=0)
+    tuner = Finetuner(build_classifier(TINY, 1, seed=0), cfg, Bright())
+    result = tuner.fit()
+    assert len(result.losses) == 30
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first
+    # Head only during the probe, then block 1 joins at 10% of stage 1 (TINY has 2 blocks).
+    assert len(set(result.trainable_params[:10])) == 1
+    assert result.trainable_params[10] == result.trainable_params[0]
+    assert result.trainable_params[12] > result.trainable_params[0]
+    probs, labels = tuner.predict(Bright(8, seed=1))
+    assert probs.shape == labels.shape == (8, 1)
+    assert ((probs > 0.5) == (labels > 0.5)).mean() >= 0.75
+
+
+def test_modes_differ_as_expected() -> None:
+    pretrained = build_classifier(TINY, 1, seed=0).encoder.state_dict()
+    changed = {}
+    for mode in ("linear_probe", "progressive", "full"):
+        model = build_classifier(TINY, 1, encoder_state=pretrained)
+        cfg = FinetuneConfig(mode=mode, probe_steps=2, stage_steps=4, batch_size=4)
+        Finetuner(model, cfg, Bright(8)).fit()
+        after = model.encoder.state_dict()
+        changed[mode] = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "")
+                         for k in after if not torch.equal(after[k], pretrained[k])}
+    assert changed["linear_probe"] == set()
+    assert changed["progressive"] == {"blocks.1", "norm"}
+    assert changed["full"] == {"patch_embedding", "cls_token", "blocks.0", "blocks.1", "norm"}
+
+
+def test_from_scratch_is_a_fresh_encoder() -> None:
+    pretrained = {k: v + 1 for k, v in build_classifier(TINY, 1, seed=0).encoder.state_dict().items()}
+    loaded = build_classifier(TINY, 1, encoder_state=pretrained)
+    assert torch.equal(loaded.encoder.norm.weight, pretrained["norm.weight"])
+    scratch = build_classifier(TINY, 1, seed=1)
+    assert not torch.equal(scratch.encoder.blocks[0].mlp.linear1.weight,
+                           build_classifier(TINY, 1, seed=0).encoder.blocks[0].mlp.linear1.weight)
+    with pytest.raises(ValueError, match="encoder state"):
+        build_classifier(TINY, 1, encoder_state={"norm.weight": torch.ones(3)})
+
+
+def test_label_shape_and_config_errors() -> None:
+    cfg = FinetuneConfig(label_names=["a", "b"], probe_steps=1, stage_steps=0)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        Finetuner(build_classifier(TINY, 2), cfg, Bright(4)).fit()
+    with pytest.raises(ValueError, match="outputs"):
+        Finetuner(build_classifier(TINY, 1), cfg, Bright(4))
+    with pytest.raises(ConfigError, match="block_lrs"):
+        FinetuneConfig(block_lrs=[1e-4])
+    with pytest.raises(ConfigError, match="unfreeze_fractions"):
+        FinetuneConfig(unfreeze_fractions=[0.6, 0.3, 0.1])
+    with pytest.raises(ConfigError, match="mode"):
+        FinetuneConfig(mode="partial")
+    with pytest.raises(ConfigError, match="label_names"):
+        FinetuneConfig(label_names=["a", "a"])

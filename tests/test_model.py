@@ -1,0 +1,153 @@
+"""Encoder/head structure and Opacus per-sample gradients on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from ctfed.common.config import ModelConfig
+from ctfed.common.model import DINOHead, SSLModel, ViTEncoder, build_teacher, count_parameters
+
+CFG = ModelConfig()
+N = CFG.tokens_per_side**3
+
+
+def _volumes(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, CFG.in_channels, CFG.image_size, CFG.image_size, CFG.image_size,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> SSLModel:
+    torch.manual_seed(0)
+    return SSLModel(CFG).eval()
+
+
+def test_encoder_returns_cls_plus_patch_tokens(model: SSLModel) -> None:
+    x = _volumes(2)
+    tokens = model.encoder(x)
+    assert tokens.shape == (2, 1 + N, CFG.hidden_size)
+    assert torch.equal(model.encoder.cls_features(x), tokens[:, 0])
+    assert model(x).shape == (2, CFG.head_prototypes)
+
+
+def test_wrong_input_size_is_a_clear_error(model: SSLModel) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        model.encoder(torch.rand(1, CFG.in_channels, 48, 48, 48))
+
+
+def test_mask_replaces_only_masked_tokens_before_position_embedding(model: SSLModel) -> None:
+    encoder = model.encoder
+    x = _volumes(2)
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[0, :5] = True
+    with torch.no_grad():
+        encoder.mask_token.token.normal_()
+        plain, masked = encoder(x), encoder(x, mask)
+        # Sample 1 has no masked patch: its whole output is untouched.
+        assert torch.allclose(plain[1], masked[1])
+        assert not torch.allclose(plain[0], masked[0])
+        # Two masked patches differ only by position: the mask token goes in before positions.
+        embed = encoder.patch_embedding
+        patches = embed.patch_embeddings(x).flatten(2).transpose(1, 2)
+        swapped = encoder.mask_token(patches, mask) + embed.position_embeddings
+        assert torch.allclose(swapped[0, 0] - swapped[0, 1],
+                              embed.position_embeddings[0, 0] - embed.position_embeddings[0, 1], atol=1e-6)
+        assert torch.equal(swapped[1], patches[1] + embed.position_embeddings[0])
+    with pytest.raises(ValueError, match="mask"):
+        encoder(x, mask.float())
+
+
+def test_encoder_state_has_no_head_and_fixed_positions(model: SSLModel) -> None:
+    keys = model.encoder.state_dict().keys()
+    assert not any(k.startswith("head") or "last_layer" in k for k in keys)
+    assert "patch_embedding.position_embeddings" in keys
+    assert "cls_token.token" in keys and "mask_token.token" in keys
+    assert not model.encoder.patch_embedding.position_embeddings.requires_grad
+    assert set(model.state_dict()) == {f"encoder.{k}" for k in keys} | {f"head.{k}" for k in model.head.state_dict()}
+
+
+def test_head_last_layer_is_weight_normalised() -> None:
+    head = DINOHead(8, 16, 4, 10)
+    with torch.no_grad():
+        head.last_layer.weight.mul_(5.0)
+    z = torch.randn(3, 4)
+    # Scaling the raw weight must not change the output: magnitude frozen at 1.
+    unit = torch.nn.functional.normalize(z, dim=-1) @ torch.nn.functional.normalize(head.last_layer.weight, dim=1).T
+    assert torch.allclose(head.last_layer(torch.nn.functional.normalize(z, dim=-1)), unit, atol=1e-6)
+
+
+def test_teacher_is_frozen_copy(model: SSLModel) -> None:
+    teacher = build_teacher(model)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert any(p.requires_grad for p in model.parameters())
+    for (name, s), (_, t) in zip(model.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(s, t), name
+        assert s.data_ptr() != t.data_ptr()
+
+
+def test_opacus_per_sample_gradients_match_per_sample_backward() -> None:
+    torch.manual_seed(0)
+    model = SSLModel(CFG)
+    x = _volumes(3)
+    mask = torch.rand(3, N, generator=torch.Generator().manual_seed(1)) < 0.3
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm(x, mask).pow(2).sum().backward()
+    missing = [n for n, p in trainable.items() if getattr(p, "grad_sample", None) is None]
+    assert not missing, f"Opacus computed no per-sample gradient for {missing}"
+    per_sample = {n: p.grad_sample.detach().clone() for n, p in trainable.items()}
+    gsm._close()
+
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        model(x[i : i + 1], mask[i : i + 1]).pow(2).sum().backward()
+        for name, param in trainable.items():
+            assert torch.allclose(per_sample[name][i], param.grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_privacy_engine_makes_tiny_model_private_and_steps() -> None:
+    torch.manual_seed(0)
+    model = SSLModel(CFG)
+    model.encoder.mask_token.requires_grad_(False)  # unused without masking, as in LocalTrainer
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loader = DataLoader(TensorDataset(_volumes(4)), batch_size=2)
+    private_model, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.5,
+        max_grad_norm=1.0, poisson_sampling=False,
+    )
+    (x,) = next(iter(loader))
+    optimizer.zero_grad()
+    private_model(x).logsumexp(dim=-1).mean().backward()
+    optimizer.step()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert set(changed) == set(before)
+
+
+def test_vit_b_config_constructs_at_about_86m_parameters() -> None:
+    cfg = ModelConfig(name="vit_b", image_size=96, patch_size=12, hidden_size=768, num_layers=12,
+                      num_heads=12, mlp_dim=3072, head_hidden=2048, head_bottleneck=256, head_prototypes=65536)
+    encoder = ViTEncoder(cfg)
+    assert encoder.num_patches == 512
+    # 85M in the 12 blocks (as ViT-B/16) + 4M for the 3x12^3 conv patch embedding.
+    assert 85e6 < count_parameters(encoder) < 90e6
+
+
+def test_forward_with_patches_shares_the_head_between_cls_and_selected_tokens(model: SSLModel) -> None:
+    x = _volumes(3)
+    mask = torch.zeros(3, N, dtype=torch.bool)
+    mask[0, 2:6] = True
+    select = mask[:2].clone()
+    select[1, 0] = True  # selecting an unmasked token is allowed (teacher side)
+    with torch.no_grad():
+        cls_logits, patch_logits = model.forward_with_patches(x, mask, select)
+        tokens = model.encoder(x, mask)
+        assert torch.allclose(cls_logits, model(x, mask), atol=1e-6)
+        assert torch.allclose(patch_logits, model.head(tokens[:2, 1:][select]), atol=1e-6)
+    assert patch_logits.shape == (int(select.sum()), CFG.head_prototypes)
+    with pytest.raises(ValueError, match="select"):
+        model.forward_with_patches(x, mask, torch.zeros(4, N, dtype=torch.bool))

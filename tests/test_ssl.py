@@ -1,0 +1,174 @@
+"""DINO and iBOT losses, teacher EMA, schedules and 3D multi-crop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ctfed.common.ssl import DINOLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+
+
+def test_dino_loss_identical_views_equals_teacher_entropy() -> None:
+    # softmax([0, ln 3]) = [1/4, 3/4]; with equal temperatures and a zero centre every
+    # cross-view term is the entropy of that distribution.
+    loss_fn = DINOLoss(out_dim=2, ncrops=2, student_temp=1.0, teacher_temp=1.0, center_momentum=0.9)
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    loss = loss_fn(torch.cat([logits, logits]), torch.cat([logits, logits]))
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dino_loss_skips_same_view_pairs_and_sharpens_teacher() -> None:
+    torch.manual_seed(0)
+    student_t, teacher_t = 0.1, 0.04
+    loss_fn = DINOLoss(out_dim=5, ncrops=3, student_temp=student_t, teacher_temp=teacher_t, center_momentum=0.9)
+    student = torch.randn(3 * 2, 5)
+    teacher = torch.randn(2 * 2, 5)
+    s_views = [torch.log_softmax(v / student_t, dim=-1) for v in student.chunk(3)]
+    t_views = [torch.softmax(v / teacher_t, dim=-1) for v in teacher.chunk(2)]
+    terms = [(-t_views[t] * s_views[s]).sum(-1).mean() for t in range(2) for s in range(3) if s != t]
+    assert len(terms) == 4
+    assert loss_fn(student, teacher).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_dino_loss_gives_teacher_no_gradient_and_moves_centre() -> None:
+    momentum = 0.9
+    loss_fn = DINOLoss(out_dim=4, ncrops=4, student_temp=0.1, teacher_temp=0.04, center_momentum=momentum)
+    student = torch.randn(4 * 3, 4, requires_grad=True)
+    teacher = torch.randn(2 * 3, 4, requires_grad=True)
+    loss_fn(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    expected_centre = (1 - momentum) * teacher.detach().mean(0, keepdim=True)
+    assert torch.allclose(loss_fn.center, expected_centre)
+    second = torch.randn(2 * 3, 4)
+    loss_fn(student.detach(), second)
+    assert torch.allclose(loss_fn.center, momentum * expected_centre + (1 - momentum) * second.mean(0, keepdim=True))
+
+
+def test_dino_loss_rejects_mismatched_crop_counts() -> None:
+    loss_fn = DINOLoss(out_dim=4, ncrops=4, student_temp=0.1, teacher_temp=0.04, center_momentum=0.9)
+    with pytest.raises(ValueError, match="crops"):
+        loss_fn(torch.randn(8, 4), torch.randn(6, 4))
+
+
+def test_update_teacher_is_exact_ema() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    update_teacher(student, teacher, momentum=0.75)
+    for name, param in teacher.named_parameters():
+        expected = 0.75 * before[name] + 0.25 * dict(student.named_parameters())[name]
+        assert torch.allclose(param, expected)
+        assert param.grad is None
+    update_teacher(student, teacher, momentum=0.0)
+    assert all(torch.equal(s, t) for s, t in zip(student.parameters(), teacher.parameters()))
+
+
+def test_cosine_schedule_endpoints_and_warmup() -> None:
+    schedule = cosine_schedule(1.0, 0.1, total_steps=11)
+    assert schedule(0) == pytest.approx(1.0)
+    assert schedule(5) == pytest.approx(0.55)
+    assert schedule(10) == pytest.approx(0.1)
+    assert schedule(100) == pytest.approx(0.1)  # past the horizon it holds the final value
+
+    warm = cosine_schedule(1.0, 0.0, total_steps=20, warmup_steps=4, start_warmup=0.2)
+    assert [warm(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert warm(19) == pytest.approx(0.0)
+    values = [warm(s) for s in range(4, 20)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+    with pytest.raises(ValueError):
+        cosine_schedule(1.0, 0.0, total_steps=3, warmup_steps=4)
+
+
+def test_multicrop_shapes_count_and_determinism() -> None:
+    volume = torch.rand(3, 40, 40, 40)
+    crops = MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=3, out_size=16, seed=7)(volume)
+    assert len(crops) == 5
+    assert all(c.shape == (3, 16, 16, 16) and c.dtype == torch.float32 for c in crops)
+    assert all(type(c) is torch.Tensor for c in crops)  # plain tensors, not MONAI MetaTensors
+
+    again = MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=3, out_size=16, seed=7)(volume)
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))
+    other = MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=3, out_size=16, seed=8)(volume)
+    assert not all(torch.equal(a, b) for a, b in zip(crops, other))
+
+    reseeded = MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=3, out_size=16, seed=0)
+    reseeded.reseed(np.random.SeedSequence(7))
+    assert all(torch.equal(a, b) for a, b in zip(crops, reseeded(volume)))
+
+
+def test_multicrop_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="local_scale"):
+        MultiCrop3D([0.5, 1.0], [0.5, 0.2], num_local=2, out_size=16)
+    with pytest.raises(ValueError, match="one volume"):
+        MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=2, out_size=16)(torch.rand(1, 3, 8, 8, 8))
+
+
+def test_ibot_loss_known_value_per_sample_then_batch_mean() -> None:
+    # Teacher rows softmax to [1/4, 3/4] (temperature 1, zero centre); a uniform student gives
+    # cross-entropy ln 2 per token, a student equal to the teacher gives the teacher's entropy.
+    loss_fn = iBOTPatchLoss(out_dim=2, student_temp=1.0, teacher_temp=1.0, center_momentum=0.9)
+    teacher = torch.tensor([0.0, math.log(3.0)]).expand(3, 4, 2).clone()
+    student = torch.zeros(3, 4, 2)
+    student[1] = teacher[1]
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, :1] = True  # one token
+    mask[1, :3] = True  # three tokens, each weighted 1/3
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    # Sample 2 has no masked token: it counts as 0 in the batch mean (iBOT/DINOv2).
+    expected = (math.log(2.0) + entropy) / 3
+    assert loss_fn(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
+    # Masked rows only, in mask.nonzero() order, give the same value.
+    fresh = iBOTPatchLoss(out_dim=2, student_temp=1.0, teacher_temp=1.0, center_momentum=0.9)
+    assert fresh(student[mask], teacher[mask], mask).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ibot_loss_ignores_unmasked_tokens_and_teacher_gets_no_gradient() -> None:
+    torch.manual_seed(0)
+    mask = torch.rand(4, 10) < 0.4
+    mask[0, 0], mask[0, 1] = True, False
+    student = torch.randn(4, 10, 6, requires_grad=True)
+    teacher = torch.randn(4, 10, 6, requires_grad=True)
+    loss = iBOTPatchLoss(6, 0.1, 0.04, 0.9)(student, teacher, mask)
+    changed = student.detach().clone()
+    changed[~mask] = torch.randn(int((~mask).sum()), 6) * 10
+    assert iBOTPatchLoss(6, 0.1, 0.04, 0.9)(changed, teacher, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+    assert student.grad[~mask].abs().sum() == 0 and student.grad[mask].abs().sum() > 0
+
+
+def test_ibot_centre_is_ema_of_masked_teacher_tokens() -> None:
+    momentum = 0.8
+    loss_fn = iBOTPatchLoss(3, 0.1, 0.04, momentum)
+    teacher = torch.randn(2, 5, 3)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1:3] = True
+    mask[1, 4] = True
+    loss_fn(torch.randn(2, 5, 3), teacher, mask)
+    first = (1 - momentum) * teacher[mask].mean(0, keepdim=True)
+    assert torch.allclose(loss_fn.center, first)
+    second = torch.randn(2, 5, 3)
+    loss_fn(torch.randn(2, 5, 3), second, mask)
+    assert torch.allclose(loss_fn.center, momentum * first + (1 - momentum) * second[mask].mean(0, keepdim=True))
+    # No masked token: loss 0 (still differentiable) and the centre stays put.
+    student = torch.randn(2, 5, 3, requires_grad=True)
+    empty = loss_fn(student, second, torch.zeros(2, 5, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    assert torch.allclose(loss_fn.center, momentum * first + (1 - momentum) * second[mask].mean(0, keepdim=True))
+
+
+def test_ibot_loss_rejects_mismatched_rows() -> None:
+    loss_fn = iBOTPatchLoss(3, 0.1, 0.04, 0.9)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="masked rows"):
+        loss_fn(torch.randn(2, 3), torch.randn(2, 3), mask)
+    with pytest.raises(ValueError, match="bool"):
+        loss_fn(torch.randn(1, 3), torch.randn(1, 3), mask.float())

@@ -1,0 +1,223 @@
+"""LocalTrainer: one site's rounds, what it sends, what it keeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from ctfed.client.train import CENTER_KEY, IBOT_CENTER_KEY, LocalTrainer, NonFiniteLossError
+from ctfed.common.config import ConfigError, ModelConfig, TrainConfig
+
+MODEL = ModelConfig()
+
+
+class Volumes(Dataset):
+    """Structured stand-in for a prepared cache: a bright sphere in noise, in [0, 1]."""
+
+    def __init__(self, count: int = 5, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        size = MODEL.image_size
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
+        volumes = []
+        for _ in range(count):
+            centre = torch.rand(3, 1, 1, 1, generator=generator) - 0.5
+            sphere = ((grid - centre).pow(2).sum(0) < 0.3).float()
+            noise = 0.2 * torch.rand(MODEL.in_channels, size, size, size, generator=generator)
+            volumes.append((0.7 * sphere + noise).clamp(0, 1))
+        self.volumes = torch.stack(volumes)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.volumes[index]
+
+
+def _trainer(seed: int = 0, **train: object) -> LocalTrainer:
+    cfg = TrainConfig(local_steps=2, schedule_rounds=3, **train)  # type: ignore[arg-type]
+    return LocalTrainer(MODEL, cfg, Volumes(), seed=seed)
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_trains_student_and_emas_teacher() -> None:
+    trainer = _trainer()
+    start = trainer.encoder_state()
+    trainer.set_global_encoder(start)
+    result = trainer.train_round(0)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    assert result.num_examples == 2 * trainer.train_cfg.batch_size
+    assert result.seconds > 0
+    after = trainer.encoder_state()
+    assert not _states_equal(start, after)
+    assert trainer.encoder_state().keys() == trainer.student.encoder.state_dict().keys()
+    teacher = dict(trainer.teacher.encoder.state_dict())
+    changed = [k for k in after if not torch.equal(after[k], teacher[k])]
+    assert changed, "teacher must lag behind the student when momentum < 1"
+    # The teacher moved from the start, but only by (1 - momentum) of the way.
+    assert any(not torch.equal(teacher[k], start[k]) for k in changed)
+
+
+def test_rounds_are_reproducible_and_differ_between_rounds() -> None:
+    first, second = _trainer(seed=3), _trainer(seed=3)
+    assert first.train_round(0).losses == second.train_round(0).losses
+    assert _states_equal(first.encoder_state(), second.encoder_state())
+    other = _trainer(seed=3)
+    assert other.train_round(1).losses != _trainer(seed=3).train_round(0).losses
+
+
+def test_sites_share_head_initialisation_but_not_crops() -> None:
+    a, b = _trainer(seed=0), _trainer(seed=1)
+    assert _states_equal(a.student.head.state_dict(), b.student.head.state_dict())
+    assert a.train_round(0).losses != b.train_round(0).losses
+
+
+def test_local_state_round_trips_into_a_fresh_trainer() -> None:
+    trainer = _trainer()
+    trainer.train_round(0)
+    state = trainer.local_state()
+    assert CENTER_KEY in state and state[CENTER_KEY].abs().sum() > 0
+    assert any(k.startswith("optimizer.") for k in state)
+    assert not any(k.startswith("encoder.") for k in state)  # the student encoder travels, not stays
+
+    fresh = _trainer()
+    fresh.load_local_state(state)
+    assert _states_equal(fresh.local_state(), state)
+
+    # A fresh trainer that loaded both halves continues exactly like the original one
+    # (both receive the same "global" encoder, as the ClientApp does every round).
+    global_state = trainer.encoder_state()
+    fresh.set_global_encoder(global_state)
+    trainer.set_global_encoder(global_state)
+    assert fresh.train_round(1).losses == pytest.approx(trainer.train_round(1).losses, rel=1e-5)
+
+
+def test_load_local_state_rejects_foreign_state() -> None:
+    trainer = _trainer()
+    state = trainer.local_state()
+    with pytest.raises(ValueError, match="unknown keys"):
+        trainer.load_local_state({**state, "something.else": torch.zeros(1)})
+    with pytest.raises(ValueError, match="centre"):
+        trainer.load_local_state({**state, CENTER_KEY: torch.zeros(1, 3)})
+
+
+def test_set_global_encoder_loads_exactly_and_teacher_policy() -> None:
+    donor = _trainer(seed=5)
+    donor.train_round(0)
+    global_state = donor.encoder_state()
+
+    reset = _trainer()
+    reset.train_round(0)
+    reset.set_global_encoder(global_state)
+    assert _states_equal(reset.encoder_state(), global_state)
+    assert _states_equal(dict(reset.teacher.encoder.state_dict()), global_state)
+
+    keep = _trainer(teacher_on_new_global="keep")
+    keep.set_global_encoder(donor.encoder_state())  # the first global encoder seeds the teacher
+    keep.train_round(0)
+    teacher_before = {k: v.clone() for k, v in keep.teacher.encoder.state_dict().items()}
+    keep.set_global_encoder(global_state)
+    assert _states_equal(keep.encoder_state(), global_state)
+    assert _states_equal(dict(keep.teacher.encoder.state_dict()), teacher_before)
+
+    with pytest.raises(ValueError, match="global encoder"):
+        reset.set_global_encoder({k: v for k, v in global_state.items() if k != "norm.weight"})
+
+
+def test_non_finite_loss_is_a_clear_error() -> None:
+    trainer = _trainer()
+    with torch.no_grad():
+        trainer.student.head.last_layer.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="round 0, local step 0"):
+        trainer.train_round(0)
+
+
+def test_train_config_validates_teacher_policy() -> None:
+    with pytest.raises(ConfigError, match="teacher_on_new_global"):
+        TrainConfig(teacher_on_new_global="average")
+
+
+def test_mim_round_trains_mask_token_and_reports_both_losses() -> None:
+    trainer = _trainer(mim_weight=1.0)
+    token = trainer.student.encoder.mask_token.token
+    assert token.requires_grad
+    before = token.detach().clone()
+    grads: list[torch.Tensor] = []
+    token.register_hook(lambda grad: grads.append(grad.detach().clone()))
+    result = trainer.train_round(0)
+    assert len(result.mim_losses) == len(result.dino_losses) == len(result.losses) == 2
+    assert all(math.isfinite(x) for x in result.losses + result.mim_losses + result.dino_losses)
+    assert result.losses == pytest.approx([d + m for d, m in zip(result.dino_losses, result.mim_losses)], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads), "masked tokens must send gradient to the mask token"
+    assert not torch.equal(token.detach(), before)
+    assert trainer.local_state()[IBOT_CENTER_KEY].abs().sum() > 0
+
+
+def test_mim_off_is_plain_dino_with_a_frozen_mask_token() -> None:
+    trainer = _trainer(mim_weight=0.0)
+    before = trainer.student.encoder.mask_token.token.detach().clone()
+    assert not trainer.student.encoder.mask_token.token.requires_grad
+    result = trainer.train_round(0)
+    assert result.mim_losses == [] and result.losses == result.dino_losses
+    assert torch.equal(trainer.student.encoder.mask_token.token, before)
+    # The DINO part of a MIM run sees the same crops, but masking changes the student's input.
+    assert _trainer(mim_weight=1.0).train_round(0).dino_losses != result.dino_losses
+
+
+def test_loss_weights_scale_the_parts() -> None:
+    result = _trainer(dino_weight=0.5, mim_weight=2.0).train_round(0)
+    expected = [0.5 * d + 2.0 * m for d, m in zip(result.dino_losses, result.mim_losses)]
+    assert result.losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_last_layer_stays_fixed_for_the_first_steps() -> None:
+    trainer = _trainer(freeze_last_layer_steps=3)  # local_steps = 2: rounds 0 and 1 overlap it
+    weight = trainer.student.head.last_layer.weight
+    start = weight.detach().clone()
+    mlp_start = trainer.student.head.mlp[0].weight.detach().clone()
+    trainer.train_round(0)
+    assert torch.equal(weight, start)
+    assert not torch.equal(trainer.student.head.mlp[0].weight, mlp_start)
+    trainer.train_round(1)  # global steps 2 (frozen) and 3 (free)
+    assert not torch.equal(weight, start)
+
+
+def test_teacher_temperature_warms_up_over_global_steps() -> None:
+    trainer = _trainer(teacher_temp=0.04, teacher_temp_warmup=0.02, teacher_temp_warmup_steps=4)
+    temps = []
+    for step in range(6):
+        trainer._apply_schedules(step)
+        assert trainer.ibot_loss.teacher_temp == trainer.loss_fn.teacher_temp
+        temps.append(trainer.loss_fn.teacher_temp)
+    assert temps == pytest.approx([0.02, 0.025, 0.03, 0.035, 0.04, 0.04])
+    off = _trainer()
+    off._apply_schedules(0)
+    assert off.loss_fn.teacher_temp == pytest.approx(0.04)
+
+
+def test_mim_local_state_round_trips_and_requires_ibot_centre() -> None:
+    trainer = _trainer()
+    trainer.train_round(0)
+    state = trainer.local_state()
+    assert "optimizer.encoder.mask_token.token.exp_avg" in state
+    fresh = _trainer()
+    fresh.load_local_state(state)
+    assert _states_equal(fresh.local_state(), state)
+    with pytest.raises(ValueError, match="missing keys"):
+        fresh.load_local_state({k: v for k, v in state.items() if k != IBOT_CENTER_KEY})
+
+
+def test_train_config_validates_mim_fields() -> None:
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        TrainConfig(mask_ratio=[0.5, 0.1])
+    with pytest.raises(ConfigError, match="mask_probability"):
+        TrainConfig(mask_probability=1.5)
+    with pytest.raises(ConfigError, match="both 0"):
+        TrainConfig(dino_weight=0.0, mim_weight=0.0)
+    with pytest.raises(ConfigError, match="mim_weight"):
+        TrainConfig(mim_weight=-1.0)
