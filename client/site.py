@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from ctfed.common.config import ConfigError
-from ctfed.common.preprocess import MANIFEST_NAME, CachedVolumes
+from ctfed.common.preprocess import MANIFEST, CachedVolumes
 
 DATA_PATH_KEY = "data-path"
 SITE_ID_KEY = "site-id"
@@ -34,9 +34,9 @@ def site_cache_dirs(data_dir: Path) -> list[Path]:
     """The prepared caches under a folder, one per site, in a stable order."""
     if not data_dir.is_dir():
         raise ConfigError(f"data-dir {data_dir} is not a folder")
-    caches = sorted(p.parent for p in data_dir.glob(f"*/{MANIFEST_NAME}"))
+    caches = sorted(p.parent for p in data_dir.glob(f"*/{MANIFEST}"))
     if not caches:
-        raise ConfigError(f"no prepared site caches (*/{MANIFEST_NAME}) under {data_dir}")
+        raise ConfigError(f"no prepared site caches (*/{MANIFEST}) under {data_dir}")
     return caches
 
 

@@ -17,16 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctfed.common.config import ModelConfig, to_section
+from ctfed.common.fileio import write_json_atomic
 
 CARD_SUFFIX = ".json"
 WEIGHTS_SUFFIX = ".safetensors"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so a crash mid-write never leaves a truncated file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -26,6 +26,7 @@ class Subcommand:
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("synth", "ctfed.simulations.synth_cli", "write synthetic hospitals as DICOM series"),
     Subcommand("prepare", "ctfed.client.prepare_cli", "turn a site's DICOM folder into a training cache"),
+    Subcommand("pretrain", "ctfed.client.pretrain_cli", "self-supervised pretraining on one cache, no federation"),
     Subcommand("simulate", "ctfed.simulations.simulate", "run a federation on this machine (Flower simulation)"),
 )
 

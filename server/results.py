@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ctfed.common.checkpoint import save_checkpoint, write_json_atomic
+from ctfed.common.checkpoint import save_checkpoint
+from ctfed.common.fileio import write_json_atomic
 from ctfed.common.config import RunConfig
 
 RESULTS_NAME = "results.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,12 @@ from typing import Iterator, Mapping
 logger = logging.getLogger(__name__)
 
 CONNECTION_NAME = "ctfed-sim"
+# The streamed log repeats every Flower record in a second, plain format, and carries
+# third-party warnings a user cannot act on; the console skips them, the log file keeps all.
+_CONSOLE_NOISE = re.compile(
+    r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:"  # Flower's duplicate plain-format records
+    r"|meshgrid|_VF\.meshgrid|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO|warnings\.warn\("
+)
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -169,7 +176,8 @@ def run_app(
                 assert process.stdout is not None
                 for line in process.stdout:
                     log.write(line)
-                    sys.stdout.write(line)
+                    if not _CONSOLE_NOISE.search(line):
+                        sys.stdout.write(line)
                 returncode = process.wait()
             finally:
                 timed_out = not watchdog.is_alive()

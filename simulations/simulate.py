@@ -63,7 +63,10 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
             labels_csv=labels if labels.exists() else None,
             progress=False,
         )
-        print(f"      {site_dir.name}: {summary.describe()}")
+        print(
+            f"      {site_dir.name}: {summary.accepted} series cached, {summary.rejected} rejected "
+            f"(see {summary.report.relative_to(run_dir)})"
+        )
     return cache_root
 
 

@@ -1,0 +1,453 @@
+"""Reading a hospital's DICOM export into HU volumes, defensively.
+
+``scan`` walks any folder tree (extension-less files, nested folders, junk) reading headers
+only, and keeps CT image series; everything else is recorded as a ``Rejection`` whose
+``ref`` is a keyed hash (folder and file names at hospitals often contain patient names).
+``load_series`` turns one series into a ``CTVolume`` in exact HU with geometry taken from
+ImagePositionPatient/ImageOrientationPatient -- slices ordered along the slice normal,
+spacing from positions rather than SliceThickness, duplicates dropped, missing slices and
+gantry tilt detected (see /work/shared/notes/dicom-pitfalls.md for why each matters).
+
+Error and warning texts never contain paths, UIDs or header values that could identify a
+patient, so callers may log or store them as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from scipy.ndimage import affine_transform
+
+from ctfed.common.privacy import pseudonym
+
+logger = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE})
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88"
+AIR_HU = -1024.0
+NATIVE_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+})
+# Header-level geometry must agree to this many mm / direction-cosine units.
+_POSITION_TOL_MM = 1e-3
+_ORIENTATION_TOL = 1e-4
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log records for the duration of a read.
+
+    pydicom puts file paths in them, and hospital folder names are often patient names;
+    problems are reported instead through identifier-free ``Rejection``/``DicomError`` texts.
+    """
+    pydicom_logger = logging.getLogger("pydicom")
+    previous = pydicom_logger.disabled
+    pydicom_logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_logger.disabled = previous
+
+
+class DicomError(ValueError):
+    """A series that cannot be turned into a trustworthy volume; the message says why."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Something under the input folder that was not used, and why (identifier-free)."""
+
+    ref: str
+    reason: str
+
+
+@dataclass
+class SeriesRef:
+    """One CT series found by ``scan``: its files plus the header facts needed later.
+
+    ``series_uid``/``study_uid`` and ``console_path`` identify the series for the site
+    operator and for pseudonymisation; they are kept in memory and must never be written.
+    """
+
+    series_uid: str
+    study_uid: str
+    files: list[Path]
+    rows: int
+    columns: int
+    transfer_syntax: str
+    multiframe: bool
+    console_path: str = field(repr=False, default="")
+
+
+@dataclass
+class ScanResult:
+    series: list[SeriesRef]
+    rejected: list[Rejection]
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in HU on an orthogonal grid.
+
+    ``hu`` is (z, y, x) float32; ``spacing_zyx`` in mm; ``origin`` the LPS position (mm) of
+    voxel (0, 0, 0); ``direction`` a 3x3 matrix whose columns are the LPS unit vectors of
+    the x, y and z index axes (SimpleITK's convention). ``warnings`` lists what was repaired.
+    """
+
+    hu: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+    slice_count: int = 0
+    tilt_corrected: bool = False
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        """4x4 voxel (x, y, z index) -> LPS mm affine."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction * np.asarray(self.spacing_zyx[::-1])
+        affine[:3, 3] = self.origin
+        return affine
+
+
+def _is_dicom(path: Path, ds: Dataset) -> bool:
+    """``force=True`` parses anything; accept only a preamble or the core identifying tags."""
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        if handle.read(4) == b"DICM":
+            return True
+    return "SOPClassUID" in ds and "SeriesInstanceUID" in ds
+
+
+def _sop_class(ds: Dataset) -> str:
+    sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
+    return str(sop or "")
+
+
+def _classify(path: Path) -> tuple[Dataset | None, str | None]:
+    """Read a header; return (dataset, None) for a usable CT image or (None, reason)."""
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, f"unreadable header ({type(err).__name__}; truncated or not DICOM)"
+    try:
+        if not _is_dicom(path, ds):
+            return None, "not a DICOM file"
+        sop = _sop_class(ds)
+        if sop == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+            return None, "DICOMDIR (directory index, no images)"
+        if sop.startswith(SR_PREFIX) or ds.get("Modality") == "SR":
+            return None, "structured report / dose report"
+        if sop.startswith(SECONDARY_CAPTURE_PREFIX):
+            return None, "secondary capture"
+        missing = [k for k in ("Modality", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated") if k not in ds]
+        if missing:
+            return None, f"incomplete header, missing {', '.join(missing)} (truncated?)"
+        if ds.get("Modality") != "CT":
+            return None, f"modality {str(ds.get('Modality', 'missing'))[:8]!r} is not CT"
+        if sop not in CT_SOP_CLASSES:
+            return None, "not a CT image storage object"
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        if "LOCALIZER" in image_type:
+            return None, "localizer / scout image"
+        syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+        if syntax in NATIVE_SYNTAXES:
+            frames = int(ds.get("NumberOfFrames") or 1)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * frames
+            if os.path.getsize(path) < expected:
+                return None, "truncated pixel data"
+        return ds, None
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        return None, f"malformed header ({type(err).__name__})"
+
+
+def scan(root: Path, secret: bytes | None = None) -> ScanResult:
+    """Find the usable CT series under ``root`` (headers only) and say why the rest was not.
+
+    ``secret`` keys the hashes used as rejection refs (the site secret from
+    ``privacy.site_secret`` keeps them stable between runs); without it a random one is used.
+    Series-level rejections (e.g. a localizer series) are reported once per series.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder does not exist: {root}")
+    salt = secret if secret is not None else secrets.token_bytes(32)
+    files: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    rejected: list[Rejection] = []
+    series_rejections: dict[tuple[str, str], int] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if path.suffix.lower() in (".csv", ".md", ".json", ".txt") and path.parent == root:
+            continue  # the site's own side files (labels.csv, notes), not export content
+        ds, reason = _classify(path)
+        if ds is None:
+            assert reason is not None
+            uid = _safe_series_uid(path, reason)
+            if uid is not None:
+                series_rejections[(uid, reason)] = series_rejections.get((uid, reason), 0) + 1
+            else:
+                rejected.append(Rejection(f"file:{pseudonym(salt, 'file', rel, length=12)}", reason))
+            continue
+        files[str(ds.SeriesInstanceUID)].append((path, ds))
+    for (uid, reason), count in sorted(series_rejections.items(), key=lambda item: item[1]):
+        plural = f" ({count} files)" if count > 1 else ""
+        rejected.append(Rejection(f"series:{pseudonym(salt, 'series', uid)}", reason + plural))
+
+    series = []
+    for uid, members in files.items():
+        first = members[0][1]
+        syntax = str(getattr(first.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+        series.append(SeriesRef(
+            series_uid=uid,
+            study_uid=str(first.get("StudyInstanceUID", "")),
+            files=[p for p, _ in members],
+            rows=int(first.Rows),
+            columns=int(first.Columns),
+            transfer_syntax=syntax,
+            multiframe=any(int(d.get("NumberOfFrames") or 1) > 1 for _, d in members),
+            console_path=members[0][0].parent.relative_to(root).as_posix(),
+        ))
+    logger.info("scan: %d CT series, %d rejected entries", len(series), len(rejected))
+    return ScanResult(series=series, rejected=rejected)
+
+
+def _safe_series_uid(path: Path, reason: str) -> str | None:
+    """Series UID of a rejected but well-formed object, so its files are reported as one."""
+    if reason.startswith(("unreadable", "not a DICOM", "DICOMDIR", "truncated", "incomplete", "malformed")):
+        return None
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
+        return str(ds.SeriesInstanceUID) if "SeriesInstanceUID" in ds else None
+    except Exception:  # noqa: BLE001 - a header that parsed once; any failure just means per-file
+        return None
+
+
+@dataclass
+class _Slice:
+    position: np.ndarray  # IPP, LPS mm
+    orientation: np.ndarray  # 6 direction cosines
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    slope: float
+    intercept: float
+    pixels: np.ndarray  # stored values (rows, columns)
+    padding: tuple[float, float] | None  # inclusive stored-value range treated as padding
+
+
+def _first(*items: object) -> object:
+    return next((item for item in items if item is not None), None)
+
+
+def _group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
+    """A functional-group item for one frame: per-frame first, then shared."""
+    for groups_name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(groups_name)
+        if groups and len(groups) > index and sequence in groups[index] and groups[index][sequence]:
+            return groups[index][sequence][0]
+    return None
+
+
+def _padding(ds: Dataset) -> tuple[float, float] | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    value = float(ds.PixelPaddingValue)
+    limit = float(ds.PixelPaddingRangeLimit) if "PixelPaddingRangeLimit" in ds else value
+    return (min(value, limit), max(value, limit))
+
+
+def _read_pixels(ds: Dataset) -> np.ndarray:
+    try:
+        with _quiet_pydicom():
+            return np.asarray(ds.pixel_array)
+    except Exception as err:  # noqa: BLE001 - decoders raise anything; report class only
+        raise DicomError(f"pixel data could not be decoded ({type(err).__name__}; truncated or unsupported)") from None
+
+
+def _slices_from_file(path: Path) -> list[_Slice]:
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(path, force=True)
+    except Exception as err:  # noqa: BLE001
+        raise DicomError(f"file unreadable ({type(err).__name__})") from None
+    frames = int(ds.get("NumberOfFrames") or 1)
+    pixels = _read_pixels(ds)
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        pixels = pixels[None] if pixels.ndim == 2 else pixels
+        try:
+            return [_Slice(
+                position=np.array(ds.ImagePositionPatient, float),
+                orientation=np.array(ds.ImageOrientationPatient, float),
+                pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                pixels=pixels[0],
+                padding=_padding(ds),
+            )]
+        except AttributeError as err:
+            raise DicomError(f"slice without geometry ({str(err).split()[-1]} missing)") from None
+    pixels = pixels.reshape(frames, int(ds.Rows), int(ds.Columns))
+    out = []
+    for i in range(frames):
+        plane = _group_item(ds, i, "PlanePositionSequence")
+        orient = _group_item(ds, i, "PlaneOrientationSequence")
+        measures = _group_item(ds, i, "PixelMeasuresSequence")
+        transform = _group_item(ds, i, "PixelValueTransformationSequence")
+        if plane is None or orient is None or measures is None:
+            raise DicomError("enhanced CT frame without plane position/orientation/pixel measures")
+        slope = _first(transform.get("RescaleSlope") if transform else None, ds.get("RescaleSlope"), 1.0)
+        intercept = _first(transform.get("RescaleIntercept") if transform else None, ds.get("RescaleIntercept"), 0.0)
+        out.append(_Slice(
+            position=np.array(plane.ImagePositionPatient, float),
+            orientation=np.array(orient.ImageOrientationPatient, float),
+            pixel_spacing=(float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
+            slope=float(slope), intercept=float(intercept),
+            pixels=pixels[i], padding=_padding(ds),
+        ))
+    return out
+
+
+def _series_files(source: SeriesRef | Path | Sequence[Path]) -> list[Path]:
+    if isinstance(source, SeriesRef):
+        return list(source.files)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise DicomError("series path does not exist")
+        found = scan(path)
+        if len(found.series) != 1:
+            raise DicomError(f"folder holds {len(found.series)} CT series; pass one series' files")
+        return found.series[0].files
+    return [Path(p) for p in source]
+
+
+def load_series(
+    source: SeriesRef | Path | Sequence[Path],
+    *,
+    gantry_tilt: str = "resample",
+    spacing_tolerance: float = 0.1,
+) -> CTVolume:
+    """Load one CT series as HU on an orthogonal grid.
+
+    ``source`` is a ``SeriesRef``, a list of slice files in any order, a single (possibly
+    enhanced multi-frame) file, or a folder holding exactly one CT series. Slices sharing a
+    position are de-duplicated (first kept, with a warning). Slice gaps that differ from the
+    median by more than ``spacing_tolerance`` (relative) mean missing or irregular slices and
+    raise ``DicomError``: interpolating over them would silently invent anatomy. Gantry-
+    tilted stacks are resampled onto the orthogonal grid (``"resample"``) or refused
+    (``"reject"``).
+    """
+    if gantry_tilt not in ("resample", "reject"):
+        raise ValueError("gantry_tilt must be 'resample' or 'reject'")
+    files = _series_files(source)
+    if not files:
+        raise DicomError("series has no files")
+    slices: list[_Slice] = []
+    for path in files:
+        slices.extend(_slices_from_file(path))
+    warnings: list[str] = []
+
+    orientation = slices[0].orientation
+    if any(np.abs(s.orientation - orientation).max() > _ORIENTATION_TOL for s in slices):
+        raise DicomError("slices have different orientations (mixed or reformatted series)")
+    shapes = {s.pixels.shape for s in slices}
+    if len(shapes) != 1:
+        raise DicomError(f"slices have different matrix sizes {sorted(shapes)}")
+    spacings = {s.pixel_spacing for s in slices}
+    if len(spacings) != 1:
+        raise DicomError("slices have different pixel spacings")
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise DicomError("ImageOrientationPatient is not two orthogonal unit vectors")
+    normal /= np.linalg.norm(normal)
+
+    slices.sort(key=lambda s: float(s.position @ normal))
+    unique = [slices[0]]
+    for s in slices[1:]:
+        if np.linalg.norm(s.position - unique[-1].position) < _POSITION_TOL_MM:
+            continue
+        unique.append(s)
+    if len(unique) < len(slices):
+        dropped = len(slices) - len(unique)
+        warnings.append(f"dropped {dropped} duplicate slice(s) at an already used position")
+        slices = unique
+    if len(slices) < 3:
+        raise DicomError(f"only {len(slices)} distinct slice position(s); not a volume")
+
+    projected = np.array([s.position @ normal for s in slices])
+    gaps = np.diff(projected)
+    dz = float(np.median(gaps))
+    irregular = np.abs(gaps - dz) > spacing_tolerance * dz
+    if irregular.any():
+        missing = int(np.sum(np.maximum(np.rint(gaps[irregular] / dz) - 1, 0)))
+        raise DicomError(
+            f"irregular slice spacing: {int(irregular.sum())} gap(s) deviate from the median {dz:.3f} mm "
+            f"by more than {spacing_tolerance:.0%} (about {missing} missing slice(s))"
+        )
+
+    dy, dx = slices[0].pixel_spacing
+    stored = np.stack([s.pixels for s in slices]).astype(np.float32)
+    hu = np.empty_like(stored)
+    for k, s in enumerate(slices):
+        hu[k] = stored[k] * s.slope + s.intercept
+        if s.padding is not None:
+            lo, hi = s.padding
+            hu[k][(stored[k] >= lo) & (stored[k] <= hi)] = AIR_HU
+
+    # Gantry tilt: slice origins drift within the image plane as the table advances.
+    step = (slices[-1].position - slices[0].position) / (len(slices) - 1)
+    shift_col = float(step @ col_dir)
+    shift_row = float(step @ row_dir)
+    tilted = max(abs(shift_col), abs(shift_row)) * (len(slices) - 1) > 0.1 * min(dx, dy)
+    if tilted:
+        angle = float(np.degrees(np.arctan2(np.hypot(shift_col, shift_row), dz)))
+        if gantry_tilt == "reject":
+            raise DicomError(f"gantry tilt of {angle:.1f} degrees (configured to reject tilted series)")
+        # Output voxel (k, i, j) sits at origin + k*dz*n + i*dy*col + j*dx*row; in the
+        # sheared input it is slice k, shifted back by k times the in-plane drift.
+        matrix = np.array([[1.0, 0.0, 0.0], [-shift_col / dy, 1.0, 0.0], [-shift_row / dx, 0.0, 1.0]])
+        hu = affine_transform(hu, matrix, order=1, mode="constant", cval=AIR_HU).astype(np.float32)
+        warnings.append(f"gantry tilt of {angle:.1f} degrees resampled onto an orthogonal grid")
+    direction = np.stack([row_dir, col_dir, normal], axis=1)
+    return CTVolume(
+        hu=hu,
+        spacing_zyx=(dz, float(dy), float(dx)),
+        origin=tuple(float(v) for v in slices[0].position),
+        direction=direction,
+        warnings=warnings,
+        slice_count=len(slices),
+        tilt_corrected=tilted,
+    )
+
+
+def series_key(secret: bytes, series_uid: str) -> str:
+    """The pseudonymous key a series gets in every output."""
+    return pseudonym(secret, "series", series_uid)
+
+
+def study_key(secret: bytes, study_uid: str) -> str:
+    """The pseudonymous key a study gets in every output (for patient-level splits)."""
+    return pseudonym(secret, "study", study_uid)
+

@@ -1,0 +1,15 @@
+"""Writing files so that a crash mid-write never leaves a truncated one behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, payload: Any, indent: int = 2) -> None:
+    """Write JSON to a sibling temporary file, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
+    os.replace(tmp, path)

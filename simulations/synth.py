@@ -1,0 +1,307 @@
+"""Synthetic hospitals: head-CT studies written as DICOM the way different scanners do it.
+
+Each site has a ``SiteProfile`` that fixes what a real site would vary: slice thickness and
+pixel spacing, matrix size, noise and kernel sharpness, how often findings occur, gantry
+tilt, transfer syntax (uncompressed, RLE, JPEG 2000), signed or unsigned storage with its
+rescale intercept, a padding value outside the field-of-view circle, and the folder layout
+(flat ``.dcm`` files, or extension-less files under patient-named folders). Every series
+carries fake but realistic-looking identifiers, so the privacy guarantees of ``prepare`` are
+exercised, and each site also holds a localizer series that ``prepare`` must skip.
+
+Everything -- pixels, identifiers and UIDs -- is a function of the seed, so two runs with
+the same seed write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+from ctfed.simulations.phantom import FINDINGS, HeadModel, scanner_effects
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS: tuple[str, ...] = FINDINGS + ("any",)
+# labels.csv is keyed by the StudyInstanceUID; it stays in the site's input folder and
+# ``prepare`` translates it to pseudonymous study keys.
+LABELS_KEY_COLUMN = "StudyInstanceUID"
+
+_LAST_NAMES = ("MILLER", "GARCIA", "NOVAK", "OKAFOR", "LINDQVIST", "TANAKA", "ROSSI", "DUBOIS", "KOWALSKI", "SINGH")
+_FIRST_NAMES = ("ANNA", "JAMES", "MARIA", "LUCAS", "AMARA", "KENJI", "SOFIA", "PIERRE", "EWA", "RAVI")
+_HOSPITALS = ("St. Elsewhere General Hospital", "Riverside University Clinic", "Northgate Medical Centre")
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """How one synthetic hospital acquires, stores and files its head CTs."""
+
+    name: str
+    matrix: int
+    slices: int
+    pixel_spacing_mm: float
+    slice_thickness_mm: float
+    noise_sd: float
+    blur_sigma: float
+    prevalence: float
+    gantry_tilt_deg: float
+    transfer_syntax: UID
+    # Signed storage with intercept 0 (else unsigned 12-bit with intercept -1024).
+    signed: bool
+    # Stored value -2000 outside the reconstruction circle (needs signed storage).
+    padding: bool
+    # "flat": <study>/<instance>.dcm; "nested": <PATIENT_NAME>/<date>/SE<series>_<scan>/IM<n> (no extension)
+    layout: str
+    manufacturer: str
+    kernel: str
+
+
+PROFILES: tuple[SiteProfile, ...] = (
+    SiteProfile("thin-sharp", 96, 40, 0.47, 1.0, 8.0, 0.5, 0.5, 0.0, ExplicitVRLittleEndian,
+                False, False, "flat", "SIEMENS", "Hr38h"),
+    SiteProfile("thick-rle-padded", 64, 24, 0.9, 5.0, 4.0, 1.2, 0.3, 0.0, RLELossless,
+                True, True, "nested", "GE MEDICAL SYSTEMS", "STANDARD"),
+    SiteProfile("tilted-j2k", 80, 32, 0.6, 2.5, 6.0, 0.8, 0.4, 12.0, JPEG2000Lossless,
+                False, False, "flat", "CANON_MEC", "FC26"),
+)
+
+PADDING_VALUE = -2000
+SLOPE = 1.0
+
+
+def site_profile(index: int) -> SiteProfile:
+    """Profile of site ``index``; sites beyond the base profiles reuse them, noisier."""
+    base = PROFILES[index % len(PROFILES)]
+    generation = index // len(PROFILES)
+    if generation == 0:
+        return base
+    return replace(base, name=f"{base.name}-{generation}", noise_sd=base.noise_sd * (1.0 + 0.25 * generation))
+
+
+def _uid(seed: int, *parts: object) -> UID:
+    """A deterministic, valid UID (pydicom's root + a hash of the seed and parts)."""
+    return generate_uid(entropy_srcs=["ctfed-synth", str(seed), *map(str, parts)])
+
+
+@dataclass(frozen=True)
+class _Patient:
+    name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    accession: str
+    study_date: dt.date
+    institution: str
+
+
+def _fake_patient(rng: np.random.Generator, site: int) -> _Patient:
+    birth = dt.date(1930, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 70)))
+    study = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 5)))
+    return _Patient(
+        name=f"{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}",
+        patient_id=f"H{site}{int(rng.integers(10**6, 10**7))}",
+        birth_date=birth.strftime("%Y%m%d"),
+        sex=str(rng.choice(["F", "M"])),
+        accession=f"ACC{int(rng.integers(10**7, 10**8))}",
+        study_date=study,
+        institution=_HOSPITALS[site % len(_HOSPITALS)],
+    )
+
+
+def _base_dataset(patient: _Patient, profile: SiteProfile, study_uid: UID, series_uid: UID, sop_uid: UID) -> Dataset:
+    """Patient/study/series/equipment modules shared by every image of a series."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    ds.AccessionNumber = patient.accession
+    ds.InstitutionName = patient.institution
+    ds.ReferringPhysicianName = "HOUSE^GREGORY"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = patient.study_date.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
+    ds.StudyID = "1"
+    ds.StudyDescription = "CT HEAD WITHOUT CONTRAST"
+    ds.Modality = "CT"
+    ds.Manufacturer = profile.manufacturer
+    ds.ConvolutionKernel = profile.kernel
+    ds.KVP = 120
+    ds.PatientPosition = "HFS"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16 if profile.signed else 12
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if profile.signed else 0
+    ds.RescaleIntercept = 0 if profile.signed else -1024
+    ds.RescaleSlope = SLOPE
+    ds.RescaleType = "HU"
+    return ds
+
+
+def _to_stored(hu: np.ndarray, profile: SiteProfile) -> np.ndarray:
+    """HU -> stored integers for this site's storage convention (lossless round trip)."""
+    intercept = 0.0 if profile.signed else -1024.0
+    stored = np.rint((hu - intercept) / SLOPE)
+    if profile.signed:
+        return np.clip(stored, -2048, 4095).astype(np.int16)
+    return np.clip(stored, 0, 4095).astype(np.uint16)
+
+
+def _slice_geometry(profile: SiteProfile, z0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row/column direction cosines and the IPP of every slice (LPS, mm).
+
+    With gantry tilt the image plane is tilted about the x axis while the table still
+    advances along z, so slice origins do not move along the slice normal -- the shear
+    that readers must detect.
+    """
+    tilt = np.deg2rad(profile.gantry_tilt_deg)
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, np.cos(tilt), np.sin(tilt)])
+    half = (profile.matrix * profile.pixel_spacing_mm - profile.pixel_spacing_mm) / 2.0
+    centres = np.stack(
+        [np.zeros(profile.slices), np.zeros(profile.slices), z0 + np.arange(profile.slices) * profile.slice_thickness_mm],
+        axis=1,
+    )
+    return row, col, centres - half * (row + col)
+
+
+def _pick_findings(rng: np.random.Generator, prevalence: float) -> list[str]:
+    if rng.random() >= prevalence:
+        return []
+    count = int(rng.integers(1, 3))
+    return sorted(rng.choice(FINDINGS, size=count, replace=False).tolist())
+
+
+def _series_path(site_dir: Path, profile: SiteProfile, patient: _Patient, scan: int, series_number: int, instance: int) -> Path:
+    if profile.layout == "nested":
+        folder = site_dir / patient.name.replace("^", "_") / patient.study_date.strftime("%Y%m%d") / f"SE{series_number}_{scan:03d}"
+        return folder / f"IM{instance:05d}"
+    return site_dir / f"study{scan:03d}_series{series_number}" / f"CT{instance:05d}.dcm"
+
+
+def _save(ds: Dataset, path: Path, profile: SiteProfile) -> None:
+    if profile.transfer_syntax != ExplicitVRLittleEndian:
+        # Keep the deterministic SOPInstanceUID (pydicom would otherwise mint a new one).
+        ds.compress(profile.transfer_syntax, generate_instance_uid=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_scan(site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int) -> tuple[UID, list[str]]:
+    """Write one axial head-CT series; return its StudyInstanceUID and its findings."""
+    rng = np.random.default_rng([seed, site, scan])
+    patient = _fake_patient(rng, site)
+    findings = _pick_findings(rng, profile.prevalence)
+    study_uid = _uid(seed, site, scan, "study")
+    series_uid = _uid(seed, site, scan, "series")
+    z0 = float(rng.uniform(-80.0, -40.0))
+    row, col, positions = _slice_geometry(profile, z0)
+    fov = profile.matrix * profile.pixel_spacing_mm
+    extent = (fov, fov * np.cos(np.deg2rad(profile.gantry_tilt_deg)), profile.slices * profile.slice_thickness_mm)
+    head = HeadModel.random(rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings)
+
+    grid = np.arange(profile.matrix, dtype=np.float64) * profile.pixel_spacing_mm
+    plane = grid[None, :, None] * row + grid[:, None, None] * col  # (y, x, 3)
+    points = positions[:, None, None, :] + plane[None]
+    hu = scanner_effects(head.hu_at(points), rng, profile.noise_sd, profile.blur_sigma)
+    stored = _to_stored(hu, profile)
+    if profile.padding:
+        centre = (profile.matrix - 1) / 2.0
+        yy, xx = np.mgrid[: profile.matrix, : profile.matrix]
+        outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (profile.matrix / 2.0) ** 2
+        stored[:, outside] = PADDING_VALUE
+
+    series_number = 2
+    for k in range(profile.slices):
+        instance = k + 1
+        ds = _base_dataset(patient, profile, study_uid, series_uid, _uid(seed, site, scan, "sop", k))
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SeriesDescription = f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = instance
+        ds.FrameOfReferenceUID = _uid(seed, site, scan, "for")
+        ds.ImagePositionPatient = [round(float(v), 4) for v in positions[k]]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row, *col)]
+        ds.SliceLocation = round(float(positions[k][2]), 4)
+        ds.SliceThickness = profile.slice_thickness_mm
+        ds.PixelSpacing = [profile.pixel_spacing_mm, profile.pixel_spacing_mm]
+        ds.GantryDetectorTilt = profile.gantry_tilt_deg
+        ds.Rows = ds.Columns = profile.matrix
+        ds.WindowCenter, ds.WindowWidth = 40, 80
+        if profile.padding:
+            ds.PixelPaddingValue = PADDING_VALUE
+        ds.PixelData = stored[k].tobytes()
+        _save(ds, _series_path(site_dir, profile, patient, scan, series_number, instance), profile)
+    return study_uid, findings
+
+
+def write_localizer(site_dir: Path, profile: SiteProfile, site: int, seed: int) -> None:
+    """A single-image scout series: valid CT, but ``prepare`` must not take it for a volume."""
+    rng = np.random.default_rng([seed, site, 10**6])
+    patient = _fake_patient(rng, site)
+    size = 64
+    ds = _base_dataset(patient, profile, _uid(seed, site, "loc", "study"), _uid(seed, site, "loc", "series"),
+                       _uid(seed, site, "loc", "sop"))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SeriesDescription = "TOPOGRAM"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [-128.0, 0.0, 60.0]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    ds.PixelSpacing = [4.0, 4.0]
+    ds.SliceThickness = 1.0
+    ds.Rows = ds.Columns = size
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.where((yy - 32) ** 2 / 24**2 + (xx - 32) ** 2 / 20**2 < 1, 300.0, -1000.0)
+    ds.PixelData = _to_stored(hu, profile).tobytes()
+    _save(ds, _series_path(site_dir, profile, patient, 999, 1, 1), profile)
+
+
+def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int, seed: int) -> list[Path]:
+    """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
+
+    Each site folder holds its DICOM files, one localizer series and ``labels.csv``
+    (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
+    """
+    if sites < 1 or scans_per_site < 1:
+        raise ValueError("sites and scans_per_site must be >= 1")
+    site_dirs = []
+    for site in range(sites):
+        profile = site_profile(site)
+        site_dir = out_dir / f"site_{site}"
+        site_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for scan in range(scans_per_site):
+            study_uid, findings = write_scan(site_dir, profile, site, scan, seed)
+            rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
+        write_localizer(site_dir, profile, site, seed)
+        with open(site_dir / "labels.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([LABELS_KEY_COLUMN, *LABEL_COLUMNS])
+            writer.writerows(rows)
+        logger.debug("wrote site %d (%s)", site, profile.name)
+        site_dirs.append(site_dir)
+    return site_dirs

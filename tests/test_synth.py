@@ -1,0 +1,85 @@
+"""Synthetic hospitals: deterministic, heterogeneous, and valid DICOM."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from ctfed.simulations.phantom import FINDINGS, head_phantom
+from ctfed.simulations.synth import LABEL_COLUMNS, synthesize_federation
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _series_files(site_dir: Path) -> dict[str, list[Path]]:
+    series: dict[str, list[Path]] = {}
+    for path in site_dir.rglob("*"):
+        if path.is_file() and path.name != "labels.csv":
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "LOCALIZER" not in ds.ImageType:
+                series.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return series
+
+
+def test_phantom_has_head_ct_values() -> None:
+    rng = np.random.default_rng(0)
+    hu = head_phantom((64, 128, 128), (2.5, 0.5, 0.5), rng, FINDINGS, noise_sd=0.0, blur_sigma=0.0)
+    assert hu.dtype == np.float32 and hu.shape == (64, 128, 128)
+    values = set(np.unique(np.round(hu)).tolist())
+    assert -1000.0 in values and 40.0 in values and 5.0 in values  # air, scalp, CSF
+    assert hu.max() >= 900.0  # skull
+    assert np.any((hu >= 60) & (hu <= 80))  # haemorrhage
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path: Path) -> None:
+    a = _files(synthesize_federation(tmp_path / "a", 2, 1, seed=7)[0].parent)
+    b = _files(synthesize_federation(tmp_path / "b", 2, 1, seed=7)[0].parent)
+    c = _files(synthesize_federation(tmp_path / "c", 2, 1, seed=8)[0].parent)
+    assert a == b
+    pixels_a = pydicom.dcmread(tmp_path / "a" / "site_0" / "study000_series2" / "CT00010.dcm").PixelData
+    pixels_c = pydicom.dcmread(tmp_path / "c" / "site_0" / "study000_series2" / "CT00010.dcm").PixelData
+    assert pixels_a != pixels_c
+
+
+def test_sites_differ_and_are_valid_dicom(tmp_path: Path) -> None:
+    site_dirs = synthesize_federation(tmp_path, sites=3, scans_per_site=2, seed=0)
+    seen = []
+    for site_dir in site_dirs:
+        series = _series_files(site_dir)
+        assert len(series) == 2
+        first = pydicom.dcmread(next(iter(series.values()))[0])
+        assert first.SOPClassUID == pydicom.uid.CTImageStorage and first.Modality == "CT"
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+            assert str(first.get(keyword, "")), keyword
+        seen.append((first.Rows, float(first.SliceThickness), str(first.file_meta.TransferSyntaxUID),
+                     float(first.RescaleIntercept)))
+        with open(site_dir / "labels.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [r for r in rows[0]] == ["StudyInstanceUID", *LABEL_COLUMNS]
+        study_uids = {str(pydicom.dcmread(f[0], stop_before_pixels=True).StudyInstanceUID) for f in series.values()}
+        assert {r["StudyInstanceUID"] for r in rows} == study_uids
+    assert len(set(seen)) == 3
+    assert len({s[2] for s in seen}) == 3  # uncompressed, RLE, JPEG 2000
+    # No-extension nested layout at site 1, .dcm elsewhere.
+    assert all(p.suffix == "" for p in _series_files(site_dirs[1]).popitem()[1])
+    # SimpleITK (GDCM) reads the untilted sites as volumes.
+    for site_dir in site_dirs[:2]:
+        files = sorted(next(iter(_series_files(site_dir).values())))
+        folder = str(files[0].parent)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder))
+        image = sitk.GetArrayFromImage(reader.Execute())
+        assert image.shape[0] == len(files)
+        assert image.max() > 900
+
+
+def test_rejects_bad_counts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        synthesize_federation(tmp_path, 0, 1, 0)
