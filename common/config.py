@@ -105,7 +105,8 @@ class PreprocessConfig:
     spacing_mm: float = 1.0
     # Voxels above this HU define the head's bounding box (foreground crop).
     foreground_hu: float = 0.0
-    output_size: int = 32
+    # FM-CT's 96^3; `ctfed simulate` caches at the model's input size instead (conf/simulate.yaml).
+    output_size: int = 96
     windows: list[WindowConfig] = field(default_factory=_fm_ct_windows)
     # Gantry-tilted stacks: "resample" them onto an orthogonal grid, or "reject".
     gantry_tilt: str = "resample"
@@ -347,11 +348,12 @@ class RunConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.preprocess.output_size != self.model.image_size:
+        # Training crops are resized to model.image_size, so a larger cache works with any
+        # model; a smaller one would only upsample what the cache already lost.
+        if self.preprocess.output_size < self.model.image_size:
             raise ConfigError(
-                f"preprocess.output_size ({self.preprocess.output_size}) must equal "
-                f"model.image_size ({self.model.image_size}); set both, e.g. "
-                f"preprocess.output_size={self.model.image_size}"
+                f"preprocess.output_size ({self.preprocess.output_size}) is smaller than "
+                f"model.image_size ({self.model.image_size}); prepare caches at least that large"
             )
         if len(self.preprocess.windows) != self.model.in_channels:
             raise ConfigError(

@@ -87,6 +87,7 @@ def _vet_replies(
                 bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
             )
         )
+    records.sort(key=lambda record: record.site)
     return accepted, records
 
 
@@ -101,6 +102,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
     for server_round in range(1, total + 1):
         started = time.perf_counter()
         instructions = configs_to_record(cfg.model, cfg.train)
+        sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
@@ -126,7 +128,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
                 round=server_round,
                 sites=site_records,
                 aggregated=aggregated is not None,
-                bytes_sent_per_site=record_bytes(arrays),
+                bytes_sent_per_site=sent_bytes,
                 seconds=time.perf_counter() - started,
                 checkpoint=checkpoint.name,
             )

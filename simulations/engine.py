@@ -64,6 +64,7 @@ def offline_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_DEDUP_LOGS": "0",
             "PYTHONUNBUFFERED": "1",

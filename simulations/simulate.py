@@ -120,11 +120,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctfed simulate: {err}")
         return 1
     results_path = run_dir / RESULTS_NAME
-    status = json.loads(results_path.read_text()).get("status") if results_path.exists() else None
-    if status != "completed":
-        print(f"ctfed simulate: the federation ended without completing (status {status}); see {run_dir / 'federation.log'}")
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if results.get("status") != "completed":
+        print(f"ctfed simulate: the federation ended without completing; see {run_dir / 'federation.log'}")
         return 1
     print(summarize(results_path))
+    failed_rounds = [r["round"] for r in results["rounds"] if not r["aggregated"]]
+    if failed_rounds:
+        print(f"ctfed simulate: rounds {failed_rounds} had too few usable site updates; see {run_dir / 'federation.log'}")
+        return 1
     print(f"done in {time.perf_counter() - started:.0f} s")
     print(f"results:     {results_path}")
     print(f"checkpoints: {run_dir / 'checkpoints'}")

@@ -66,7 +66,7 @@ def test_unknown_preset_lists_available_ones() -> None:
         ("model.patch_size=7", "multiple of"),
         ("train.lr=0", "train.lr"),
         ("federation.fraction_train=1.5", "fraction_train"),
-        ("preprocess.output_size=48", "must equal model.image_size"),
+        ("preprocess.output_size=24", "smaller than model.image_size"),
         ("train.global_crop_scale=[0.9,0.1]", "global_crop_scale"),
     ],
 )

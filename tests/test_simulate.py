@@ -109,3 +109,21 @@ def test_no_patient_identifier_leaves_the_dicom_folder(finished_run: Path) -> No
         data = path.read_bytes()
         for identifier in identifiers:
             assert identifier.encode() not in data, f"{identifier!r} found in {path}"
+
+
+def test_flwr_run_defaults_come_from_pyproject(tmp_path: Path) -> None:
+    """`flwr run .` without ctfed's run-config file uses conf/simulate.yaml plus pyproject values."""
+    import tomllib
+
+    from flwr.app import Context, RecordDict
+
+    from ctfed.server.app import config_from_context
+
+    app_config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    run_config = dict(app_config, **{"num-server-rounds": 4, "run-dir": str(tmp_path / "run")})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    cfg, run_dir = config_from_context(context)
+    assert cfg.federation.rounds == 4
+    assert cfg.train.local_steps == app_config["local-steps"]
+    assert cfg.model == load_run_config().model
+    assert run_dir == tmp_path / "run"

@@ -17,9 +17,8 @@ MODEL = ModelConfig()
 class Volumes(Dataset):
     """Structured stand-in for a prepared cache: a bright sphere in noise, in [0, 1]."""
 
-    def __init__(self, count: int = 5, seed: int = 0) -> None:
+    def __init__(self, count: int = 5, seed: int = 0, size: int = MODEL.image_size) -> None:
         generator = torch.Generator().manual_seed(seed)
-        size = MODEL.image_size
         grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
         volumes = []
         for _ in range(count):
@@ -221,3 +220,11 @@ def test_train_config_validates_mim_fields() -> None:
         TrainConfig(dino_weight=0.0, mim_weight=0.0)
     with pytest.raises(ConfigError, match="mim_weight"):
         TrainConfig(mim_weight=-1.0)
+
+
+def test_cache_larger_than_model_input_trains() -> None:
+    """A site's 48^3 cache feeds a 32^3 model: crops are resized to the model's input."""
+    cfg = TrainConfig(local_steps=1, schedule_rounds=1)
+    trainer = LocalTrainer(MODEL, cfg, Volumes(count=2, size=48), seed=0)
+    result = trainer.train_round(0)
+    assert all(math.isfinite(x) for x in result.losses)

@@ -1,0 +1,343 @@
+"""Certificates and keys for a deployed federation (``ctfed certs``).
+
+One folder holds everything the coordinator issues:
+
+```
+OUT/
+  ca.crt                     CA certificate: every site and the coordinator trust it
+  ca.key            (0600)   CA private key: stays with the coordinator (ideally offline)
+  server.crt                 SuperLink TLS certificate, SAN 127.0.0.1, localhost, --host names
+  server.key        (0600)   SuperLink TLS key: stays on the SuperLink machine
+  sites/<site>/ca.crt        copy of ca.crt, so a site's folder is self-contained
+  sites/<site>/<site>.key (0600)  SuperNode auth key (OpenSSH private): goes to that site only
+  sites/<site>/<site>.pub    its OpenSSH public key: the coordinator registers it
+```
+
+Formats follow what Flower 1.41 loads: the SuperLink hands ``--ssl-*`` PEM files to
+uvicorn (and to ``flower-superexec``, which verifies the server against ``ca.crt`` at
+127.0.0.1, hence that SAN); ``flower-supernode --auth-supernode-private-key`` reads the
+key with ``load_ssh_private_key`` and requires an EC key; ``flwr supernode register``
+reads the public key with ``load_ssh_public_key`` and requires a NIST curve. We use
+P-384, the curve Flower's documentation names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ctfed.common.config import ConfigError
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
+SITES_DIR = "sites"
+DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
+CA_DAYS = 3650
+SERVER_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
+CURVE = ec.SECP384R1
+SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class SiteKeyPaths:
+    """The files one site's SuperNode needs (and the public key the coordinator registers)."""
+
+    site_id: str
+    folder: Path
+    private_key: Path
+    public_key: Path
+    ca_cert: Path
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where ``ctfed certs`` puts each file under its output folder."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / CA_CERT
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / CA_KEY
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / SERVER_CERT
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / SERVER_KEY
+
+    def site(self, site_id: str) -> SiteKeyPaths:
+        folder = self.root / SITES_DIR / site_id
+        return SiteKeyPaths(
+            site_id=site_id,
+            folder=folder,
+            private_key=folder / f"{site_id}.key",
+            public_key=folder / f"{site_id}.pub",
+            ca_cert=folder / CA_CERT,
+        )
+
+    def site_public_keys(self) -> list[Path]:
+        """Every site public key issued so far, in a stable order."""
+        return sorted((self.root / SITES_DIR).glob(f"*/*.pub"))
+
+    def require_server_files(self) -> None:
+        """Fail with a clear message if the SuperLink's TLS files are missing."""
+        missing = [p for p in (self.ca_cert, self.server_cert, self.server_key) if not p.is_file()]
+        if missing:
+            raise ConfigError(
+                f"missing TLS file(s) {', '.join(str(p) for p in missing)}; "
+                f"create them with 'ctfed certs --out {self.root} --sites ...'"
+            )
+
+
+@dataclass
+class CertReport:
+    """What one ``generate`` call did, for the operator's summary."""
+
+    paths: CertPaths
+    written: list[Path] = field(default_factory=list)
+    reused: list[Path] = field(default_factory=list)
+    sites: list[SiteKeyPaths] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+
+def validate_site_id(site_id: str) -> str:
+    """Site ids become file and folder names and appear in results: keep them plain."""
+    if not SITE_ID_PATTERN.match(site_id):
+        raise ConfigError(
+            f"site id '{site_id}' is not usable: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 63 characters)"
+        )
+    return site_id
+
+
+def _san_entries(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", host):
+                raise ConfigError(f"--host '{host}' is neither an IP address nor a DNS name") from None
+            names.append(x509.DNSName(host))
+    return names
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret so it is never readable by others, not even for an instant."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib_suppress_missing(tmp):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o600)  # in case the umask or a filesystem widened it
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+class contextlib_suppress_missing:
+    """``contextlib.suppress(FileNotFoundError)`` with a name that says what is ignored."""
+
+    def __init__(self, _path: Path) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return exc_type is FileNotFoundError
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(CURVE())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Sequence[str]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(CURVE())
+    now = _now()
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=SERVER_DAYS), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def site_key_pair(site_id: str) -> tuple[bytes, bytes]:
+    """A SuperNode auth key pair: (OpenSSH private key, OpenSSH public key line)."""
+    key = ec.generate_private_key(CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" ctfed-site-{site_id}\n".encode()
+
+
+def _load_ca(paths: CertPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise ConfigError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
+    return key, cert
+
+
+def generate(
+    out: Path,
+    sites: Sequence[str],
+    hosts: Sequence[str] = (),
+    force: bool = False,
+    ca_name: str = "ctfed federation CA",
+) -> CertReport:
+    """Issue (or extend) a federation's CA, SuperLink certificate and site auth keys.
+
+    Nothing that exists is overwritten without ``force``: an existing CA is reused to add
+    sites later, an existing server certificate is kept, and a site whose key exists is an
+    error (its SuperNode still holds the old key). With ``force`` everything named is
+    re-issued, which means every site must receive the new ``ca.crt`` and its new key.
+    """
+    site_ids = [validate_site_id(s) for s in sites]
+    duplicates = sorted({s for s in site_ids if site_ids.count(s) > 1})
+    if duplicates:
+        raise ConfigError(f"site ids given twice: {', '.join(duplicates)}")
+    all_hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *hosts]))
+    _san_entries(all_hosts)  # reject bad host names before writing anything
+
+    paths = CertPaths(out)
+    report = CertReport(paths=paths, hosts=all_hosts)
+    ca_present = [p for p in (paths.ca_cert, paths.ca_key) if p.exists()]
+    if len(ca_present) == 1 and not force:
+        raise ConfigError(f"{ca_present[0]} exists without its pair; remove it or pass --force")
+    new_ca = force or not ca_present
+    server_exists = paths.server_cert.exists() or paths.server_key.exists()
+    if new_ca and server_exists and not force:
+        raise ConfigError(
+            f"{paths.server_cert} exists but its CA is gone; pass --force to re-issue it with a new CA"
+        )
+    existing_sites = [
+        f for s in site_ids for f in (paths.site(s).private_key, paths.site(s).public_key) if f.exists()
+    ]
+    if existing_sites and not force:
+        raise ConfigError(
+            "refusing to overwrite existing site key(s): "
+            + ", ".join(str(p) for p in existing_sites)
+            + "; pass --force to re-issue them (those sites then need their new key)"
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    if new_ca:
+        ca_key, ca_cert = _make_ca(ca_name)
+        _write_private(paths.ca_key, _pem_key(ca_key))
+        _write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        report.written += [paths.ca_cert, paths.ca_key]
+    else:
+        ca_key, ca_cert = _load_ca(paths)
+        report.reused += [paths.ca_cert, paths.ca_key]
+
+    if new_ca or force or not server_exists:
+        server_key, server_cert = _make_server_cert(ca_key, ca_cert, all_hosts)
+        _write_private(paths.server_key, _pem_key(server_key))
+        _write_public(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+        report.written += [paths.server_cert, paths.server_key]
+    else:
+        report.reused += [paths.server_cert, paths.server_key]
+
+    for site_id in site_ids:
+        site = paths.site(site_id)
+        private, public = site_key_pair(site_id)
+        _write_private(site.private_key, private)
+        _write_public(site.public_key, public)
+        shutil.copyfile(paths.ca_cert, site.ca_cert)
+        os.chmod(site.ca_cert, 0o644)
+        report.written += [site.private_key, site.public_key, site.ca_cert]
+        report.sites.append(site)
+    return report
+
+
+def server_cert_hosts(cert_file: Path) -> list[str]:
+    """The names and addresses a server certificate is valid for (for messages and tests)."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)

@@ -1,0 +1,174 @@
+"""Starting, health-checking and stopping Flower's own processes (SuperLink, SuperNode, CLI).
+
+The simulation engine (``simulations/engine.py``) and the deployment commands
+(``ctfed server``, ``ctfed site``) launch the same Flower executables in the same way:
+from this interpreter's environment, offline, in their own process group so that a
+SuperLink and every ServerApp/ClientApp process it spawned stop together. One copy of that
+logic lives here so both sides shut down the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+class ProcessError(RuntimeError):
+    """A Flower process could not be found, started or reached."""
+
+
+def flower_tool(name: str, error: type[Exception] = ProcessError) -> str:
+    """Flower's executable ``name`` from the same environment as this interpreter.
+
+    Flower's processes launch each other by name, so using the copy next to
+    ``sys.executable`` keeps every process on one Flower version.
+    """
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise error(f"'{name}' not found; is flwr[simulation] installed in this environment?")
+    return found
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (ask the OS, never hard-code one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def offline_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private home, no telemetry, no update checks."""
+    env = os.environ.copy()
+    # Flower's processes launch each other by name (flower-superexec, flwr-simulation).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DEDUP_LOGS": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def wait_healthy(
+    port: int,
+    process: subprocess.Popen,
+    log_file: Path,
+    *,
+    ca_file: Path | None = None,
+    what: str = "the SuperLink",
+    timeout_s: float = STARTUP_TIMEOUT_S,
+    error: type[Exception] = ProcessError,
+) -> None:
+    """Poll the SuperLink's ``/health`` on 127.0.0.1 until it answers 200.
+
+    With ``ca_file`` the check goes over HTTPS and verifies the server certificate against
+    that CA, so a certificate without a 127.0.0.1 SAN fails here, not in the first site.
+    Raises ``error`` if the process exits or the deadline passes.
+    """
+    scheme, context = "http", None
+    if ca_file is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=str(ca_file))
+    url = f"{scheme}://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + timeout_s
+    last_error = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"{what} exited with code {process.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
+                if response.status == 200:
+                    return
+        except ssl.SSLCertVerificationError as err:
+            # Waiting longer will not fix a certificate the CA does not vouch for.
+            raise error(f"{what} on {url} presents a certificate that does not verify: {err.verify_message}") from None
+        except OSError as err:
+            last_error = str(err)
+        time.sleep(0.3)
+    detail = f" (last error: {last_error})" if last_error else ""
+    raise error(f"{what} did not become ready in {timeout_s:.0f} s{detail}; see {log_file}")
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL if slow.
+
+    Flower's SuperLink and SuperNode spawn ``flower-superexec`` and app processes; signalling
+    the whole group is the only way not to leave them behind. Returns the exit code.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    # The leader may be gone while children it spawned still run in its group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode
+
+
+def run_in_foreground(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """Wait for a long-running Flower process; Ctrl-C or SIGTERM stops its whole group.
+
+    Used by ``ctfed server`` and ``ctfed site``: the operator's signal is forwarded as a
+    SIGTERM to the group so Flower can deregister and shut down cleanly. Returns the
+    process's exit code, or 128 + the signal number when the operator stopped it.
+    """
+    received: list[int] = []
+
+    def _forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _forward)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        stop_process_group(process, timeout_s)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            stop_process_group(process, timeout_s)
+
+
+def write_connection(
+    flwr_home: Path,
+    name: str,
+    address: str,
+    *,
+    root_certificates: Path | None = None,
+) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
+
+    Without ``root_certificates`` the connection is plain HTTP (``insecure = true``);
+    with it, HTTPS verified against that CA (Flower requires an absolute path).
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [f'[superlink]\ndefault = "{name}"\n', f"[superlink.{name}]", f'address = "{address}"']
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{root_certificates.resolve()}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
