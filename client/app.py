@@ -62,6 +62,7 @@ def train(msg: Message, context: Context) -> Message:
             "loss-first": float(result.losses[0]),
             "losses": [float(x) for x in result.losses],
             "train-seconds": float(result.seconds),
+            "data-seconds": float(result.data_seconds),
             "round-seconds": time.perf_counter() - started,
             "bytes-sent": sent_bytes,
         }

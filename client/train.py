@@ -68,6 +68,8 @@ class RoundResult:
     seconds: float
     dino_losses: list[float] = field(default_factory=list)  # per local step, unweighted
     mim_losses: list[float] = field(default_factory=list)  # per local step, unweighted; empty if MIM is off
+    # Time spent reading volumes and making crops: the data loader's share of the round.
+    data_seconds: float = 0.0
 
 
 class LocalTrainer:
@@ -216,11 +218,14 @@ class LocalTrainer:
         dino_losses: list[float] = []
         mim_losses: list[float] = []
         num_examples = 0
+        data_seconds = 0.0
         for local_step in range(cfg.local_steps):
             step = round_index * cfg.local_steps + local_step
             self._apply_schedules(step)
+            data_started = time.perf_counter()
             volumes = next(batches)
             student_in, teacher_in = self._views(volumes)
+            data_seconds += time.perf_counter() - data_started
 
             if self.mim_enabled:
                 dino, mim = self._dino_and_mim(student_in, teacher_in, mask_generator)
@@ -261,7 +266,12 @@ class LocalTrainer:
             f" (iBOT {mim_losses[0]:.4f} -> {mim_losses[-1]:.4f})" if mim_losses else "", seconds,
         )
         return RoundResult(
-            losses=losses, num_examples=num_examples, seconds=seconds, dino_losses=dino_losses, mim_losses=mim_losses
+            losses=losses,
+            num_examples=num_examples,
+            seconds=seconds,
+            dino_losses=dino_losses,
+            mim_losses=mim_losses,
+            data_seconds=data_seconds,
         )
 
     def _dino_and_mim(

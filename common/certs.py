@@ -96,7 +96,7 @@ class CertPaths:
 
     def site_public_keys(self) -> list[Path]:
         """Every site public key issued so far, in a stable order."""
-        return sorted((self.root / SITES_DIR).glob(f"*/*.pub"))
+        return sorted((self.root / SITES_DIR).glob("*/*.pub"))
 
     def require_server_files(self) -> None:
         """Fail with a clear message if the SuperLink's TLS files are missing."""
@@ -145,8 +145,7 @@ def _write_private(path: Path, data: bytes) -> None:
     """Write a secret so it is never readable by others, not even for an instant."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib_suppress_missing(tmp):
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
@@ -160,19 +159,6 @@ def _write_public(path: Path, data: bytes) -> None:
     tmp.write_bytes(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-
-
-class contextlib_suppress_missing:
-    """``contextlib.suppress(FileNotFoundError)`` with a name that says what is ignored."""
-
-    def __init__(self, _path: Path) -> None:
-        pass
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
-        return exc_type is FileNotFoundError
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -28,6 +28,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("prepare", "ctfed.client.prepare_cli", "turn a site's DICOM folder into a training cache"),
     Subcommand("pretrain", "ctfed.client.pretrain_cli", "self-supervised pretraining on one cache, no federation"),
     Subcommand("simulate", "ctfed.simulations.simulate", "run a federation on this machine (Flower simulation)"),
+    Subcommand("bench", "ctfed.simulations.bench", "benchmarks: DICOM ingest vs SimpleITK, data loader share"),
 )
 
 

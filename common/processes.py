@@ -107,12 +107,33 @@ def wait_healthy(
     raise error(f"{what} did not become ready in {timeout_s:.0f} s{detail}; see {log_file}")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
     """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL if slow.
 
-    Flower's SuperLink and SuperNode spawn ``flower-superexec`` and app processes; signalling
-    the whole group is the only way not to leave them behind. Returns the exit code.
+    Flower's SuperLink and SuperNode spawn ``flower-superexec``, which spawns the app
+    processes, some in sessions of their own (they watch their parent and exit with it).
+    We signal the whole group, then sweep any descendant that outlived the grace period,
+    so nothing is left behind. Returns the exit code.
     """
+    descendants = _descendants(process.pid)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -122,10 +143,24 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOU
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    # The leader may be gone while children it spawned still run in its group.
+    # The leader may be gone while processes it spawned still run.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while descendants and time.monotonic() < deadline:
+        descendants = [pid for pid in descendants if Path(f"/proc/{pid}").exists() and not _is_zombie(pid)]
+        time.sleep(0.2)
+    for pid in descendants:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     return process.returncode
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def run_in_foreground(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:

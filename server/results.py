@@ -32,6 +32,7 @@ class SiteRoundRecord:
     loss: float | None = None
     losses: list[float] = field(default_factory=list)
     train_seconds: float | None = None
+    data_seconds: float | None = None  # of train_seconds, spent loading volumes and cropping
     bytes_received: int = 0
 
 

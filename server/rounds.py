@@ -84,6 +84,7 @@ def _vet_replies(
                 loss=float(metrics["loss"]),
                 losses=[float(x) for x in metrics["losses"]],
                 train_seconds=float(metrics["train-seconds"]),
+                data_seconds=float(metrics["data-seconds"]),
                 bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
             )
         )

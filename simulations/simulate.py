@@ -20,6 +20,7 @@ from ctfed.server.app import RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
 from ctfed.server.results import RESULTS_NAME
 from ctfed.client.site import DATA_DIR_KEY
 from ctfed.simulations.engine import SimulationError, run_app
+from ctfed.simulations.report import console_table, load_results, render_report
 from ctfed.simulations.synth import synthesize_federation
 
 logger = logging.getLogger(__name__)
@@ -70,20 +71,6 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     return cache_root
 
 
-def summarize(results_path: Path) -> str:
-    results = json.loads(results_path.read_text())
-    lines = ["round  site        status      loss(first->last)  bytes sent"]
-    for record in results["rounds"]:
-        for site in record["sites"]:
-            loss = (
-                f"{site['loss_first']:.4f} -> {site['loss']:.4f}" if site["loss"] is not None else "-"
-            )
-            lines.append(
-                f"{record['round']:>5}  {site['site']:<10}  {site['status']:<10}  {loss:<17}  {site['bytes_received']}"
-            )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.overrides)
     if args.show_config:
@@ -124,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     if results.get("status") != "completed":
         print(f"ctfed simulate: the federation ended without completing; see {run_dir / 'federation.log'}")
         return 1
-    print(summarize(results_path))
+    print(console_table(load_results(run_dir)))
+    # Rendered before the round check below: a report is most useful when rounds failed.
+    report_path = render_report(run_dir)
+    print(f"report:      {report_path}")
     failed_rounds = [r["round"] for r in results["rounds"] if not r["aggregated"]]
     if failed_rounds:
         print(f"ctfed simulate: rounds {failed_rounds} had too few usable site updates; see {run_dir / 'federation.log'}")

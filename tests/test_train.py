@@ -52,6 +52,7 @@ def test_round_trains_student_and_emas_teacher() -> None:
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     assert result.num_examples == 2 * trainer.train_cfg.batch_size
     assert result.seconds > 0
+    assert 0 < result.data_seconds < result.seconds
     after = trainer.encoder_state()
     assert not _states_equal(start, after)
     assert trainer.encoder_state().keys() == trainer.student.encoder.state_dict().keys()

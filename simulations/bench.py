@@ -1,0 +1,134 @@
+"""``ctfed bench``: the data pipeline's figures, measured in one run on this machine.
+
+* DICOM ingest: ``load_series`` against SimpleITK's ImageSeriesReader on the same
+  uncompressed series (ratio > 1: ctfed is faster), and ``prepare`` throughput with 1 vs
+  N workers.
+* Data loader share: the fraction of a local training step spent reading cached volumes
+  and making crops (goal: < 10% at the default model size).
+
+Absolute times on a shared 2-core machine are noisy; the ratios, measured back to back in
+one run (median of repeats), are the figures to compare. Results go to a JSON file and a
+printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ctfed.client.train import LocalTrainer
+from ctfed.common.config import load_run_config
+from ctfed.common.dicom import load_series, scan
+from ctfed.common.fileio import write_json_atomic
+from ctfed.common.preprocess import CachedVolumes, prepare
+from ctfed.simulations.synth import PROFILES, write_scan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small series and the tiny model (about a minute)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _sitk_read(folder: Path) -> Any:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return sitk.GetArrayFromImage(reader.Execute())
+
+
+def bench_ingest(work: Path, matrix: int, slices: int, scans: int, repeats: int) -> dict[str, Any]:
+    """Read the same uncompressed series with ctfed and with SimpleITK."""
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return {"skipped": "SimpleITK is not installed (pip install 'ctfed[test]')"}
+    profile = replace(PROFILES[0], matrix=matrix, slices=slices)  # uncompressed, flat folders
+    site_dir = work / "ingest"
+    for index in range(scans):
+        write_scan(site_dir, profile, site=0, scan=index, seed=0)
+    series = scan(site_dir).series
+    folder = series[0].files[0].parent
+    ctfed_s = _median_seconds(lambda: load_series(series[0]), repeats)
+    sitk_s = _median_seconds(lambda: _sitk_read(folder), repeats)
+
+    cfg = load_run_config().preprocess
+    throughput = {}
+    for workers in (1, 2):
+        out = work / f"cache-{workers}w"
+        started = time.perf_counter()
+        prepare(site_dir, out, replace(cfg, workers=workers, output_size=64), progress=False)
+        throughput[f"series_per_s_{workers}_workers"] = len(series) / (time.perf_counter() - started)
+    return {
+        "series_shape_zyx": [slices, matrix, matrix],
+        "ctfed_load_series_s": ctfed_s,
+        "simpleitk_s": sitk_s,
+        "ratio_simpleitk_over_ctfed": sitk_s / ctfed_s,
+        **throughput,
+        "prepare_speedup_2_over_1_workers": throughput["series_per_s_2_workers"] / throughput["series_per_s_1_workers"],
+    }
+
+
+def bench_loader_share(work: Path, model: str, steps: int) -> dict[str, Any]:
+    """Fraction of training step time spent in the data loader, at a model size."""
+    cfg = load_run_config([f"model={model}", f"train.local_steps={steps}"])
+    site_dir = work / "loader-dicom"
+    for index in range(4):
+        write_scan(site_dir, PROFILES[0], site=0, scan=index, seed=1)
+    cache = work / "loader-cache"
+    prepare(site_dir, cache, cfg.preprocess, progress=False)
+    trainer = LocalTrainer(cfg.model, cfg.train, CachedVolumes(cache), seed=0)
+    trainer.train_round(0)  # warm-up: allocator, first-touch of the cache files
+    result = trainer.train_round(1)
+    return {
+        "model": model,
+        "steps": steps,
+        "step_s": result.seconds / steps,
+        "loader_s_per_step": result.data_seconds / steps,
+        "loader_share": result.data_seconds / result.seconds,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    quick = args.quick
+    with tempfile.TemporaryDirectory(prefix="ctfed-bench-") as tmp:
+        work = Path(tmp)
+        print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader ...", flush=True)
+        ingest = bench_ingest(
+            work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
+        )
+        model = "tiny" if quick else "vit_b"
+        print(f"loader share of a training step ({model}) ...", flush=True)
+        loader = bench_loader_share(work, model, steps=3 if quick else 2)
+    results = {"mode": "quick" if quick else "full", "ingest": ingest, "loader": loader}
+    write_json_atomic(args.out, results)
+
+    print()
+    if "skipped" in ingest:
+        print(f"ingest: skipped ({ingest['skipped']})")
+    else:
+        z, y, x = ingest["series_shape_zyx"]
+        print(f"ingest of a {z}x{y}x{x} series: ctfed {ingest['ctfed_load_series_s']:.3f} s, "
+              f"SimpleITK {ingest['simpleitk_s']:.3f} s -> ratio {ingest['ratio_simpleitk_over_ctfed']:.2f} (goal >= 1.0)")
+        print(f"prepare: {ingest['series_per_s_1_workers']:.2f} series/s with 1 worker, "
+              f"{ingest['series_per_s_2_workers']:.2f} with 2 -> x{ingest['prepare_speedup_2_over_1_workers']:.2f}")
+    print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
+          f"-> share {loader['loader_share']:.1%} (goal < 10%)")
+    print(f"results: {args.out}")
+    return 0

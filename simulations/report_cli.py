@@ -1,0 +1,28 @@
+"""``ctfed report RUN_DIR``: re-render a run folder's report.md and plots, without training.
+
+Useful mid-run (the coordinator rewrites results.json after every round), after a run
+that died, and after the report itself has improved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder holding results.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that argument errors show before matplotlib and torch load.
+    from ctfed.simulations.report import ReportError, render_report
+
+    try:
+        report = render_report(args.run_dir)
+    except ReportError as err:
+        print(f"ctfed report: {err}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
