@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ctfed.common.config import ConfigError
+from ctfed.common.config import SITE_ID_RULE, ConfigError
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -48,7 +48,6 @@ DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
 CURVE = ec.SECP384R1
-SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class CertReport:
 
 def validate_site_id(site_id: str) -> str:
     """Site ids become file and folder names and appear in results: keep them plain."""
-    if not SITE_ID_PATTERN.match(site_id):
+    if not SITE_ID_RULE.match(site_id):
         raise ConfigError(
             f"site id '{site_id}' is not usable: use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit, at most 63 characters)"

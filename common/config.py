@@ -18,7 +18,7 @@ from typing import Any, Sequence, TypeVar
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_MODULE = "ctfed.conf"
@@ -449,3 +449,121 @@ def read_run_config(path: Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"run config file not found: {path}")
     return to_run_config(OmegaConf.load(path))
+
+
+SITE_ID_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ADDRESS_RULE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+@dataclass
+class SiteConfig:
+    """One hospital's SuperNode (``ctfed site --config site.yaml``; example in ``conf/site.yaml``).
+
+    Relative paths are resolved against the YAML file's folder, so a site's folder can be
+    moved as a whole. ``check_files`` is separate from ``__post_init__`` so a config can be
+    validated for shape on a machine that does not hold the files.
+    """
+
+    # Name the coordinator knows this site by; appears in results.json.
+    site_id: str = MISSING
+    # A prepared cache (``ctfed prepare`` output): a folder with manifest.json.
+    data_path: str = MISSING
+    # SuperLink address as host:port; the host must be a name in the server certificate.
+    superlink: str = MISSING
+    # The federation CA certificate (``ca.crt`` from the coordinator).
+    ca_cert: str = MISSING
+    # This site's SuperNode auth key (OpenSSH EC private key from ``ctfed certs``).
+    private_key: str = MISSING
+    # Folder for the SuperNode's log and Flower home. Empty: ``<data_path>/../.ctfed-site-<site_id>``.
+    state_dir: str = ""
+    # Local port of the SuperNode's Runtime API (127.0.0.1 only). 0: any free port, so
+    # several SuperNodes can share one machine.
+    runtime_port: int = 0
+    # Give up reconnecting to the SuperLink after this many seconds (0: keep trying).
+    max_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if MISSING in (self.site_id, self.data_path, self.superlink, self.ca_cert, self.private_key):
+            # Only the bare schema (for error hints) has them; OmegaConf reports a config
+            # that leaves one out as a missing mandatory value before we get here.
+            return
+        if not SITE_ID_RULE.match(self.site_id):
+            raise ConfigError(
+                f"site.site_id '{self.site_id}' must be letters, digits, '.', '_' or '-' "
+                "(starting with a letter or digit, at most 63 characters)"
+            )
+        match = _ADDRESS_RULE.match(self.superlink)
+        if match is None or not 0 < int(match.group(2)) < 65536:
+            raise ConfigError(
+                f"site.superlink '{self.superlink}' must be host:port without a URL scheme, e.g. 'fl.example.org:8000'"
+            )
+        for name in ("data_path", "ca_cert", "private_key"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"site.{name} must not be empty")
+        if not 0 <= self.runtime_port < 65536:
+            raise ConfigError("site.runtime_port must be in [0, 65535] (0: a free port)")
+        if self.max_wait_s < 0:
+            raise ConfigError("site.max_wait_s must be >= 0 (0: keep trying)")
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make relative paths absolute against ``base`` (the config file's folder)."""
+        for name in ("data_path", "ca_cert", "private_key", "state_dir"):
+            value = str(getattr(self, name))
+            if value:
+                setattr(self, name, str((base / Path(value).expanduser()).resolve()))
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        return Path(self.data_path).parent / f".ctfed-site-{self.site_id}"
+
+    def check_files(self) -> None:
+        """Fail before anything starts if a file the SuperNode needs is missing or unusable."""
+        from ctfed.common.preprocess import MANIFEST  # heavy import (torch): only when checking
+
+        data = Path(self.data_path)
+        if not data.is_dir():
+            raise ConfigError(f"site.data_path {data} is not a folder; run 'ctfed prepare --output {data}' first")
+        if not (data / MANIFEST).is_file():
+            raise ConfigError(
+                f"site.data_path {data} has no {MANIFEST}: it is not a prepared cache; "
+                f"run 'ctfed prepare --input <dicom> --output {data}'"
+            )
+        for name, what in (("ca_cert", "CA certificate"), ("private_key", "SuperNode private key")):
+            path = Path(getattr(self, name))
+            if not path.is_file():
+                raise ConfigError(f"site.{name}: {what} {path} not found (the coordinator sends it; see 'ctfed certs')")
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+        try:
+            x509.load_pem_x509_certificates(Path(self.ca_cert).read_bytes())
+        except ValueError as err:
+            raise ConfigError(f"site.ca_cert {self.ca_cert} is not a PEM certificate: {err}") from None
+        key_path = Path(self.private_key)
+        try:
+            key = load_ssh_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"site.private_key {key_path} is not an unencrypted OpenSSH private key ({err}); "
+                "use the <site>.key file from 'ctfed certs'"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"site.private_key {key_path}: Flower needs an EC (NIST curve) key")
+        if key_path.stat().st_mode & 0o077:
+            raise ConfigError(f"site.private_key {key_path} is readable by others; run 'chmod 600 {key_path}'")
+
+
+def read_site_config(path: Path, overrides: Sequence[str] = ()) -> SiteConfig:
+    """Load a site YAML with ``key=value`` overrides, validate it and resolve its paths."""
+    if not path.is_file():
+        raise ConfigError(f"site config file not found: {path}")
+    try:
+        values = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid configuration in {path}: {err}") from None
+    cfg = to_section(SiteConfig, values)
+    cfg.resolve_paths(path.resolve().parent)
+    return cfg

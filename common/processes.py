@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -73,12 +74,13 @@ def wait_healthy(
     process: subprocess.Popen,
     log_file: Path,
     *,
+    host: str = "127.0.0.1",
     ca_file: Path | None = None,
     what: str = "the SuperLink",
     timeout_s: float = STARTUP_TIMEOUT_S,
     error: type[Exception] = ProcessError,
 ) -> None:
-    """Poll the SuperLink's ``/health`` on 127.0.0.1 until it answers 200.
+    """Poll the SuperLink's ``/health`` on ``host`` (loopback by default) until it answers 200.
 
     With ``ca_file`` the check goes over HTTPS and verifies the server certificate against
     that CA, so a certificate without a 127.0.0.1 SAN fails here, not in the first site.
@@ -87,7 +89,7 @@ def wait_healthy(
     scheme, context = "http", None
     if ca_file is not None:
         scheme, context = "https", ssl.create_default_context(cafile=str(ca_file))
-    url = f"{scheme}://127.0.0.1:{port}/health"
+    url = f"{scheme}://{host}:{port}/health"
     deadline = time.monotonic() + timeout_s
     last_error = ""
     while time.monotonic() < deadline:
@@ -207,3 +209,36 @@ def write_connection(
     else:
         lines.append(f'root-certificates = "{root_certificates.resolve()}"')
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def start_logged(command: list[str], env: dict[str, str], log_file: Path, *, echo: bool) -> subprocess.Popen:
+    """Start ``command`` in its own process group, its output appended to ``log_file``.
+
+    With ``echo`` the output is also shown on this console (the operator's foreground
+    view); without, it only goes to the file (tests, background use). The own process
+    group lets ``stop_process_group`` take every child down with it.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = log_file.open("ab")
+    if not echo:
+        try:
+            return subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()  # the child holds its own copy of the descriptor
+    process = subprocess.Popen(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def _copy() -> None:
+        assert process.stdout is not None
+        with log:
+            for line in iter(process.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+
+    threading.Thread(target=_copy, name=f"log-{Path(command[0]).name}", daemon=True).start()
+    return process

@@ -14,7 +14,6 @@ printed table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator, Mapping
+
+from ctfed.common.processes import (
+    ProcessError,
+    flower_tool,
+    free_port,
+    offline_env,
+    stop_process_group,
+    wait_healthy,
+    write_connection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,60 +36,15 @@ _CONSOLE_NOISE = re.compile(
     r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:"  # Flower's duplicate plain-format records
     r"|meshgrid|_VF\.meshgrid|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO|warnings\.warn\("
 )
-STARTUP_TIMEOUT_S = 60.0
 
 
-class SimulationError(RuntimeError):
+class SimulationError(ProcessError):
     """The simulation engine could not start or the run failed."""
 
 
 def _flower_tool(name: str) -> str:
-    """Flower's executables from the same environment as this interpreter."""
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    if not found:
-        raise SimulationError(f"'{name}' not found; is flwr[simulation] installed in this environment?")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def offline_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no telemetry, no update checks."""
-    env = os.environ.copy()
-    # Flower's processes launch each other by name (flower-superexec, flwr-simulation).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_DEDUP_LOGS": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(
-                f"the simulation SuperLink exited with code {process.returncode}; see {log_file}"
-            )
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.3)
-    raise SimulationError(f"the simulation SuperLink did not become ready in {STARTUP_TIMEOUT_S:.0f} s; see {log_file}")
+    """Flower's executable, failing as a SimulationError (what ``ctfed simulate`` reports)."""
+    return flower_tool(name, error=SimulationError)
 
 
 @contextlib.contextmanager
@@ -93,10 +52,7 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
     """A SuperLink in simulation mode on a free loopback port; yields the connection name."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
-        f'[superlink.{CONNECTION_NAME}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    write_connection(flwr_home, CONNECTION_NAME, f"127.0.0.1:{port}")
     log_file = flwr_home / "superlink.log"
     command = [
         _flower_tool("flower-superlink"),
@@ -116,18 +72,11 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
         start_new_session=True,  # so we can stop the SuperLink and the runs it spawned together
     )
     try:
-        _wait_healthy(port, process, log_file)
+        wait_healthy(port, process, log_file, what="the simulation SuperLink", error=SimulationError)
         logger.debug("simulation SuperLink ready on 127.0.0.1:%d", port)
         yield CONNECTION_NAME
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
 
 
 def _toml_value(value: object) -> str:

@@ -43,6 +43,7 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path: Path) -> None:
     b = _files(synthesize_federation(tmp_path / "b", 2, 1, seed=7)[0].parent)
     c = _files(synthesize_federation(tmp_path / "c", 2, 1, seed=8)[0].parent)
     assert a == b
+    assert a != c
     pixels_a = pydicom.dcmread(tmp_path / "a" / "site_0" / "study000_series2" / "CT00010.dcm").PixelData
     pixels_c = pydicom.dcmread(tmp_path / "c" / "site_0" / "study000_series2" / "CT00010.dcm").PixelData
     assert pixels_a != pixels_c

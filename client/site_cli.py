@@ -1,0 +1,109 @@
+"""``ctfed site``: a hospital's SuperNode, from one validated YAML file.
+
+Everything a site's IT decides lives in ``site.yaml`` (see ``conf/site.yaml``): its site id,
+the prepared cache, the SuperLink address, the CA certificate and its auth key. The file
+is validated, and the cache and keys checked, before any process starts, so a typo is a
+one-line error instead of a SuperNode that retries forever. The SuperNode then runs
+offline in the foreground until Ctrl-C/SIGTERM; the ClientApp finds the cache and site id
+in its node config (``client/site.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY
+from ctfed.common.config import SiteConfig, read_site_config
+from ctfed.common.processes import (
+    ProcessError,
+    flower_tool,
+    free_port,
+    offline_env,
+    run_in_foreground,
+    start_logged,
+)
+
+LOG_FILE = "supernode.log"
+FLWR_HOME = "flwr-home"
+
+
+@dataclass(frozen=True)
+class RunningSuperNode:
+    """A started SuperNode process and where its output goes."""
+
+    process: subprocess.Popen
+    site_id: str
+    log_file: Path
+    runtime_port: int
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_config(cfg: SiteConfig) -> str:
+    """The ``--node-config`` string that tells the ClientApp its cache and site id."""
+    return f"{DATA_PATH_KEY}={_toml_string(cfg.data_path)} {SITE_ID_KEY}={_toml_string(cfg.site_id)}"
+
+
+def supernode_command(cfg: SiteConfig, runtime_port: int) -> list[str]:
+    """The ``flower-supernode`` command line: TLS to the SuperLink, node auth, local Runtime API."""
+    command = [
+        flower_tool("flower-supernode"),
+        "--superlink", cfg.superlink,
+        "--root-certificates", cfg.ca_cert,
+        "--auth-supernode-private-key", cfg.private_key,
+        "--node-config", node_config(cfg),
+        "--isolation", "subprocess",
+        # The Runtime API only serves this SuperNode's own ClientApp processes: loopback,
+        # on a port of its own so several SuperNodes can share a machine.
+        "--host", "127.0.0.1",
+        "--port", str(runtime_port),
+    ]
+    if cfg.max_wait_s > 0:
+        command += ["--max-wait-time", str(cfg.max_wait_s)]
+    return command
+
+
+def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
+    """Check the site's files, then start its SuperNode (output in ``<state>/supernode.log``).
+
+    Raises ConfigError before starting anything if the cache or a key is missing.
+    """
+    cfg.check_files()
+    state = cfg.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    port = cfg.runtime_port or free_port()
+    log_file = state / LOG_FILE
+    process = start_logged(supernode_command(cfg, port), offline_env(state / FLWR_HOME), log_file, echo=echo)
+    return RunningSuperNode(process=process, site_id=cfg.site_id, log_file=log_file, runtime_port=port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="the site's YAML file (example: conf/site.yaml)")
+    parser.add_argument("--check", action="store_true", help="validate the config and files, print the command, start nothing")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. runtime_port=9095")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = read_site_config(args.config, args.overrides)
+    if args.check:
+        cfg.check_files()
+        print(shlex.join(supernode_command(cfg, cfg.runtime_port or free_port())))
+        print(f"ctfed site: {cfg.site_id}: configuration and files OK")
+        return 0
+    try:
+        node = start_supernode(cfg, echo=True)
+    except ProcessError as err:
+        print(f"ctfed site: {err}", file=sys.stderr)
+        return 1
+    print(f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} (log {node.log_file}); Ctrl-C stops it")
+    code = run_in_foreground(node.process)
+    if code not in (0, 130, 143):
+        print(f"ctfed site: the SuperNode exited with code {code}; see {node.log_file}", file=sys.stderr)
+    return code
+

@@ -1,0 +1,288 @@
+"""``ctfed server``: the coordinator's SuperLink for a deployed federation.
+
+Starts ``flower-superlink`` with TLS from ``ctfed certs``, SuperNode authentication on (only
+registered site keys may connect), a persistent state database, no runtime dependency
+installation (hospital networks are offline) and no telemetry, and keeps it in the
+foreground until Ctrl-C/SIGTERM. The state folder also gets a private Flower home with a
+connection named ``ctfed``, so the coordinator's own ``flwr`` commands (register a site,
+submit a run) reach this SuperLink over verified TLS:
+
+    FLWR_HOME=STATE/flwr-home flwr supernode register certs/sites/hospital-d/hospital-d.pub ctfed
+    FLWR_HOME=STATE/flwr-home flwr run . ctfed --stream
+
+In Flower 1.41 registration goes through the Control API (same HTTPS port); there is no
+key list file any more (``--auth-list-public-keys`` is rejected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ctfed.common.certs import CertPaths
+from ctfed.common.config import ConfigError
+from ctfed.common.processes import (
+    ProcessError,
+    flower_tool,
+    free_port,
+    offline_env,
+    run_in_foreground,
+    start_logged,
+    stop_process_group,
+    wait_healthy,
+    write_connection,
+)
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_NAME = "ctfed"
+STATE_DB = "state.db"
+LOG_FILE = "superlink.log"
+CONSOLE_LOG = "superlink.console.log"
+FLWR_HOME = "flwr-home"
+DEFAULT_PORT = 8000  # Flower's own default, so site configs written for Flower still work
+ALREADY_REGISTERED_CODE = "[code: 23]"  # Flower's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
+
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    """How the coordinator's SuperLink is started."""
+
+    state_dir: Path
+    certs_dir: Path | None = None
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0: a free port
+    insecure: bool = False
+
+    @property
+    def certs(self) -> CertPaths | None:
+        return None if self.certs_dir is None else CertPaths(self.certs_dir)
+
+
+@dataclass(frozen=True)
+class RunningSuperLink:
+    """A started SuperLink and how to reach it from this machine."""
+
+    process: subprocess.Popen
+    port: int
+    local_address: str
+    flwr_home: Path
+    log_file: Path
+    connection: str = CONNECTION_NAME
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Outcome of registering one site public key."""
+
+    site_id: str
+    public_key: Path
+    node_id: str | None
+    status: str  # "registered" | "already registered"
+
+
+def _local_host(bind_host: str) -> str:
+    """Where this machine reaches a SuperLink bound to ``bind_host``."""
+    return "127.0.0.1" if bind_host in ("", "0.0.0.0", "::", "[::]") else bind_host
+
+
+def superlink_command(settings: SuperLinkSettings, port: int) -> list[str]:
+    """The ``flower-superlink`` command line for these settings (TLS and node auth unless insecure)."""
+    state = settings.state_dir
+    command = [
+        flower_tool("flower-superlink"),
+        "--host", settings.host,
+        "--port", str(port),
+        "--database", str(state / STATE_DB),
+        "--disable-runtime-dependency-installation",
+        "--log-file", str(state / LOG_FILE),
+    ]
+    if settings.insecure:
+        # Flower refuses --enable-supernode-auth without TLS: any SuperNode may join.
+        return [*command, "--insecure"]
+    certs = settings.certs
+    assert certs is not None
+    return [
+        *command,
+        "--ssl-ca-certfile", str(certs.ca_cert),
+        "--ssl-certfile", str(certs.server_cert),
+        "--ssl-keyfile", str(certs.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def _check_settings(settings: SuperLinkSettings) -> None:
+    if settings.insecure:
+        return
+    certs = settings.certs
+    if certs is None:
+        raise ConfigError("--certs DIR is required (the folder 'ctfed certs' wrote), or --insecure for a local test")
+    certs.require_server_files()
+
+
+def start_superlink(settings: SuperLinkSettings, *, echo: bool = False) -> RunningSuperLink:
+    """Start the SuperLink, wait until it answers over (verified) HTTPS, write the connection.
+
+    Raises ConfigError for missing certificates and ProcessError if it does not come up.
+    """
+    _check_settings(settings)
+    state = settings.state_dir.resolve()
+    settings = SuperLinkSettings(
+        state_dir=state,
+        certs_dir=None if settings.certs_dir is None else settings.certs_dir.resolve(),
+        host=settings.host,
+        port=settings.port,
+        insecure=settings.insecure,
+    )
+    state.mkdir(parents=True, exist_ok=True)
+    port = settings.port or free_port()
+    flwr_home = state / FLWR_HOME
+    host = _local_host(settings.host)
+    local_address = f"{host}:{port}"
+    certs = settings.certs
+    write_connection(
+        flwr_home, CONNECTION_NAME, local_address,
+        root_certificates=None if settings.insecure or certs is None else certs.ca_cert,
+    )
+    log_file = state / LOG_FILE
+    process = start_logged(superlink_command(settings, port), offline_env(flwr_home), state / CONSOLE_LOG, echo=echo)
+    try:
+        wait_healthy(
+            port, process, log_file, host=host,
+            ca_file=None if settings.insecure or certs is None else certs.ca_cert,
+        )
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return RunningSuperLink(process=process, port=port, local_address=local_address, flwr_home=flwr_home, log_file=log_file)
+
+
+@contextlib.contextmanager
+def running_superlink(settings: SuperLinkSettings, *, echo: bool = False) -> Iterator[RunningSuperLink]:
+    """``start_superlink`` that always stops the SuperLink (and its children) on exit."""
+    link = start_superlink(settings, echo=echo)
+    try:
+        yield link
+    finally:
+        stop_process_group(link.process)
+
+
+def _flwr_json(command: Sequence[str], flwr_home: Path, timeout_s: float) -> dict:
+    """Run a ``flwr ... --format json`` command and return its JSON answer."""
+    try:
+        done = subprocess.run(
+            [flower_tool("flwr"), *command, "--format", "json"],
+            env=offline_env(flwr_home), capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ProcessError(f"'flwr {' '.join(command)}' did not answer within {timeout_s:.0f} s") from None
+    start = done.stdout.find("{")
+    try:
+        return dict(json.loads(done.stdout[start:])) if start >= 0 else {}
+    except json.JSONDecodeError:
+        raise ProcessError(f"'flwr {' '.join(command)}' answered: {done.stdout.strip()} {done.stderr.strip()}") from None
+
+
+def register_sites(
+    public_keys: Sequence[Path], flwr_home: Path, connection: str = CONNECTION_NAME, timeout_s: float = 60.0
+) -> list[Registration]:
+    """Register site public keys with the SuperLink (``flwr supernode register``).
+
+    Idempotent: a key the SuperLink already knows (its database survives restarts) is
+    reported as such instead of failing. The site id is the key file's stem.
+    """
+    results = []
+    for key in public_keys:
+        if not key.is_file():
+            raise ConfigError(f"site public key {key} not found")
+        site_id = key.stem
+        answer = _flwr_json(
+            ["supernode", "register", str(key.resolve()), connection, "--name", site_id], flwr_home, timeout_s
+        )
+        if answer.get("success"):
+            results.append(Registration(site_id, key, str(answer.get("node-id")), "registered"))
+        elif ALREADY_REGISTERED_CODE in str(answer.get("error-message", "")):
+            results.append(Registration(site_id, key, None, "already registered"))
+        else:
+            raise ProcessError(f"registering {key} failed: {answer.get('error-message', answer)}")
+    return results
+
+
+def list_nodes(flwr_home: Path, connection: str = CONNECTION_NAME, timeout_s: float = 60.0) -> list[dict]:
+    """The SuperLink's SuperNodes (``flwr supernode list``): node-id, status (registered/online/offline)."""
+    answer = _flwr_json(["supernode", "list", connection], flwr_home, timeout_s)
+    if not answer.get("success"):
+        raise ProcessError(f"listing SuperNodes failed: {answer.get('error-message', answer)}")
+    return list(answer.get("nodes", []))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", type=Path, required=True, help="folder for the SuperLink database, logs and Flower home")
+    parser.add_argument("--certs", type=Path, help="folder written by 'ctfed certs' (CA, server certificate and key)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTPS port for sites and tools (default {DEFAULT_PORT}; 0: a free one)")
+    parser.add_argument(
+        "--register-sites", action="store_true",
+        help="after start, register every CERTS/sites/*/*.pub (already known keys are skipped)",
+    )
+    parser.add_argument(
+        "--register", nargs="+", type=Path, metavar="KEY.pub",
+        help="do not start: register these site public keys with the SuperLink already running for --state",
+    )
+    parser.add_argument("--insecure", action="store_true", help="no TLS and no site authentication: local tests only")
+
+
+def _print_registrations(registrations: Sequence[Registration]) -> None:
+    for reg in registrations:
+        node = f" (node {reg.node_id})" if reg.node_id else ""
+        print(f"site {reg.site_id}: {reg.status}{node}")
+
+
+def run(args: argparse.Namespace) -> int:
+    state: Path = args.state.resolve()
+    flwr_home = state / FLWR_HOME
+    try:
+        if args.register:
+            if not (flwr_home / "config.toml").is_file():
+                raise ConfigError(f"no SuperLink connection in {flwr_home}; start 'ctfed server --state {state}' first")
+            _print_registrations(register_sites(args.register, flwr_home))
+            return 0
+        if args.insecure and args.register_sites:
+            raise ConfigError("--register-sites needs TLS: without it Flower cannot authenticate sites")
+        settings = SuperLinkSettings(state_dir=state, certs_dir=args.certs, host=args.host, port=args.port, insecure=args.insecure)
+        link = start_superlink(settings, echo=True)
+    except ProcessError as err:
+        print(f"ctfed server: {err}", file=sys.stderr)
+        return 1
+    try:
+        print(f"ctfed server: SuperLink ready on {args.host}:{link.port} (state {state}, log {link.log_file})")
+        if args.insecure:
+            print("ctfed server: WARNING --insecure: no TLS, any SuperNode can join")
+        if args.register_sites:
+            assert settings.certs is not None
+            keys = settings.certs.site_public_keys()
+            if not keys:
+                print(f"ctfed server: no site keys under {settings.certs.root}/sites")
+            _print_registrations(register_sites(keys, link.flwr_home))
+        print(
+            "ctfed server: register more sites with\n"
+            f"  ctfed server --state {state} --register KEY.pub\n"
+            "submit a run with\n"
+            f"  FLWR_HOME={link.flwr_home} flwr run . {link.connection} --stream\n"
+            "Ctrl-C stops the SuperLink."
+        )
+    except ProcessError as err:
+        stop_process_group(link.process)
+        print(f"ctfed server: {err}", file=sys.stderr)
+        return 1
+    except BaseException:
+        stop_process_group(link.process)
+        raise
+    return run_in_foreground(link.process)

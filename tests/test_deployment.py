@@ -1,0 +1,192 @@
+"""End to end, deployed: TLS SuperLink with node auth, three authenticated SuperNodes, one refused.
+
+Real processes on 127.0.0.1 only, on free ports, each with a private Flower home. The
+SuperLink comes from ``ctfed server``'s code path and the SuperNodes from ``ctfed site``'s
+(a YAML file read and checked by ``read_site_config``), so the test covers what an
+operator runs. Every process is stopped in ``finally`` blocks, and the test fails if any
+process that mentions its temporary folder is still alive afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ctfed.client.site_cli import RunningSuperNode, start_supernode
+from ctfed.common.certs import generate
+from ctfed.common.config import ConfigError, load_run_config, read_site_config
+from ctfed.common.preprocess import prepare
+from ctfed.common.processes import flower_tool, offline_env, stop_process_group
+from ctfed.server.deploy_cli import (
+    SuperLinkSettings,
+    list_nodes,
+    register_sites,
+    running_superlink,
+)
+from ctfed.simulations.synth import synthesize_federation
+
+pytestmark = pytest.mark.slow
+
+APP_DIR = Path(__file__).resolve().parents[1]
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+INTRUDER = "intruder"
+NODES_ONLINE_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three tiny prepared site caches (2 synthetic scans each)."""
+    root = tmp_path_factory.mktemp("sites")
+    cfg = load_run_config()
+    site_dirs = synthesize_federation(root / "dicom", sites=3, scans_per_site=2, seed=0)
+    out = []
+    for site_dir in site_dirs:
+        cache = root / "cache" / site_dir.name
+        prepare(site_dir, cache, cfg.preprocess, progress=False)
+        out.append(cache)
+    return out
+
+
+def _write_site_yaml(folder: Path, site_id: str, cache: Path, superlink: str, ca: Path, key: Path) -> Path:
+    """A site.yaml like conf/site.yaml, with paths relative to it where they can be."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "site.yaml"
+    path.write_text(
+        f"site_id: {site_id}\n"
+        f"data_path: {cache}\n"
+        f"superlink: '{superlink}'\n"
+        f"ca_cert: {ca}\n"
+        f"private_key: {key}\n"
+        "state_dir: state\n"  # relative: resolved against the YAML's folder
+        "runtime_port: 0\n"
+    )
+    return path
+
+
+def _leftover_processes(marker: str) -> list[str]:
+    """Live processes whose command line mentions ``marker`` (our temporary folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if marker in text and state != "Z":
+                found.append(f"{cmdline.parent.name}: {text[:160]}")
+    return found
+
+
+def _wait_online(flwr_home: Path, count: int, nodes: list[RunningSuperNode]) -> list[dict]:
+    deadline = time.monotonic() + NODES_ONLINE_TIMEOUT_S
+    online: list[dict] = []
+    while time.monotonic() < deadline:
+        for node in nodes:
+            if node.process.poll() is not None:
+                pytest.fail(f"SuperNode {node.site_id} exited ({node.process.returncode}):\n{node.log_file.read_text()[-3000:]}")
+        online = [n for n in list_nodes(flwr_home) if n["status"] == "online"]
+        if len(online) >= count:
+            return online
+        time.sleep(1.0)
+    pytest.fail(f"only {len(online)} of {count} SuperNodes came online in {NODES_ONLINE_TIMEOUT_S:.0f} s")
+
+
+def test_site_config_is_checked_before_starting(tmp_path: Path, caches: list[Path]) -> None:
+    certs = generate(tmp_path / "certs", ["hospital-a"]).paths
+    site = certs.site("hospital-a")
+    good = _write_site_yaml(tmp_path / "a", "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key)
+    read_site_config(good).check_files()
+
+    no_cache = _write_site_yaml(tmp_path / "b", "hospital-a", tmp_path / "nope", "127.0.0.1:9", site.ca_cert, site.private_key)
+    with pytest.raises(ConfigError, match="not a folder"):
+        read_site_config(no_cache).check_files()
+    with pytest.raises(ConfigError, match="manifest.json"):
+        read_site_config(good, [f"data_path={tmp_path}"]).check_files()
+    with pytest.raises(ConfigError, match="private key .* not found"):
+        read_site_config(good, [f"private_key={tmp_path / 'missing.key'}"]).check_files()
+    with pytest.raises(ConfigError, match="OpenSSH private key"):
+        read_site_config(good, [f"private_key={certs.server_key}"]).check_files()
+    with pytest.raises(ConfigError, match="host:port"):
+        read_site_config(good, ["superlink=https://fl.example.org"])
+    with pytest.raises(ConfigError, match="site_idz"):
+        read_site_config(good, ["site_idz=x"])
+    with pytest.raises(ConfigError, match="missing mandatory value: private_key"):
+        (tmp_path / "partial.yaml").write_text("site_id: a\ndata_path: x\nsuperlink: 'h:1'\nca_cert: c\n")
+        read_site_config(tmp_path / "partial.yaml")
+    # Relative paths follow the YAML file, not the working directory.
+    assert read_site_config(good).state_path == tmp_path / "a" / "state"
+
+
+def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list[Path]) -> None:
+    marker = str(tmp_path)
+    certs = generate(tmp_path / "certs", [*SITES, INTRUDER]).paths
+    settings = SuperLinkSettings(state_dir=tmp_path / "coordinator", certs_dir=certs.root, host="127.0.0.1", port=0)
+    run_dir = tmp_path / "run"
+    nodes: list[RunningSuperNode] = []
+    try:
+        with running_superlink(settings) as link:
+            # Only the three hospitals are registered; the intruder has a key from the same
+            # CA and the right ca.crt, but the SuperLink has never seen its public key.
+            registrations = register_sites([certs.site(s).public_key for s in SITES], link.flwr_home)
+            assert [(r.site_id, r.status) for r in registrations] == [(s, "registered") for s in SITES]
+            again = register_sites([certs.site(SITES[0]).public_key], link.flwr_home)
+            assert again[0].status == "already registered"
+
+            for site_id, cache in zip(SITES, caches):
+                site = certs.site(site_id)
+                yaml = _write_site_yaml(tmp_path / site_id, site_id, cache, link.local_address, site.ca_cert, site.private_key)
+                nodes.append(start_supernode(read_site_config(yaml)))
+            intruder_keys = certs.site(INTRUDER)
+            intruder_yaml = _write_site_yaml(
+                tmp_path / INTRUDER, INTRUDER, caches[0], link.local_address, intruder_keys.ca_cert, intruder_keys.private_key
+            )
+            intruder = start_supernode(read_site_config(intruder_yaml))
+            nodes.append(intruder)
+
+            online = _wait_online(link.flwr_home, len(SITES), nodes[: len(SITES)])
+            assert len(online) == len(SITES)
+
+            # Flower 1.41 refuses the activation of an unknown key and the SuperNode exits.
+            intruder_code = intruder.process.wait(timeout=60)
+            assert intruder_code != 0
+            assert "Failed to activate SuperNode" in intruder.log_file.read_text()
+            assert "No SuperNode found with the given public key" in link.log_file.read_text()
+            assert len(list_nodes(link.flwr_home)) == len(SITES)  # never registered, never listed
+
+            run_config = f'num-server-rounds=2 local-steps=2 run-dir="{run_dir}"'
+            command = [flower_tool("flwr"), "run", str(APP_DIR), link.connection, "--stream", "--run-config", run_config]
+            flwr_run = subprocess.Popen(
+                command, env=offline_env(link.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True,
+            )
+            try:
+                output, _ = flwr_run.communicate(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                stop_process_group(flwr_run)
+                pytest.fail(f"'flwr run' did not finish in {RUN_TIMEOUT_S:.0f} s")
+            finally:
+                stop_process_group(flwr_run)
+            assert flwr_run.returncode == 0, output[-5000:]
+
+            results_file = run_dir / "results.json"
+            assert results_file.is_file(), output[-5000:]
+            results = json.loads(results_file.read_text())
+            assert results["status"] == "completed", output[-5000:]
+            assert [r["round"] for r in results["rounds"]] == [1, 2]
+            for record in results["rounds"]:
+                assert record["aggregated"] is True
+                assert sorted(s["site"] for s in record["sites"]) == sorted(SITES)
+                assert all(s["status"] == "aggregated" for s in record["sites"])
+                assert INTRUDER not in {s["site"] for s in record["sites"]}
+    finally:
+        for node in nodes:
+            stop_process_group(node.process)
+    # running_superlink stopped the SuperLink; nothing started for this test may survive.
+    deadline = time.monotonic() + 10
+    while _leftover_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _leftover_processes(marker)
