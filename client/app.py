@@ -1,7 +1,8 @@
 """The site's Flower ClientApp: one round of local self-supervised training.
 
 A site receives the global encoder and the round's instructions, trains on its own cache,
-and replies with its student encoder weights only. Everything else the site learns (DINO
+and replies with the change of its student encoder only (local weights minus the global
+weights it started from). Everything else the site learns (DINO
 head, EMA teacher, loss centre) stays in the node's ``context.state`` between rounds.
 """
 
@@ -26,6 +27,7 @@ from ctfed.common.exchange import (
     record_bytes,
     record_to_configs,
     record_to_state,
+    state_delta,
     state_to_record,
 )
 
@@ -53,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
 
-    update = state_to_record(trainer.encoder_state())
+    update = state_to_record(state_delta(trainer.encoder_state(), global_state))
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(
         {

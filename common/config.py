@@ -298,10 +298,15 @@ class FederationConfig:
     min_sites: int = 2
     # Seconds the coordinator waits for site replies in one round.
     round_timeout_s: float = 600.0
+    # A site update (weights minus the global weights) with a larger L2 norm is rejected:
+    # far beyond what a few local optimiser steps can produce, so a bug or an attack.
+    max_update_norm: float = 100.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("federation.rounds must be >= 1")
+        if not self.max_update_norm > 0:
+            raise ConfigError("federation.max_update_norm must be > 0")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("federation.fraction_train must be in (0, 1]")
         if self.min_sites < 1:

@@ -62,6 +62,26 @@ def record_to_state(
     return state
 
 
+def state_delta(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a site sends: its weights minus the global weights it started from.
+
+    Deltas, not weights, so that clipping (central DP), quantisation (secure aggregation)
+    and norm checks act on what the site learned this round.
+    """
+    return {name: (new[name].detach().cpu().float() - base[name].detach().cpu().float()) for name in base}
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The next global weights: ``base + delta`` in ``base``'s dtypes."""
+    return {name: (tensor.float() + delta[name].float()).to(tensor.dtype) for name, tensor in base.items()}
+
+
+def update_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a whole update, all tensors together."""
+    total = sum(float(t.detach().double().pow(2).sum()) for t in state.values() if t.is_floating_point())
+    return math.sqrt(total)
+
+
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes of the arrays (what a round costs on the wire, before framing)."""
     return sum(len(array.data) for array in record.values())

@@ -22,10 +22,12 @@ from ctfed.common.exchange import (
     METRICS_KEY,
     SITE_KEY,
     UpdateRejected,
+    apply_delta,
     configs_to_record,
     record_bytes,
     record_to_state,
     state_to_record,
+    update_norm,
 )
 from ctfed.common.model import ViTEncoder
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
@@ -56,9 +58,9 @@ def _site_id(reply: Message) -> str:
 
 
 def _vet_replies(
-    replies: list[Message], expected: dict[str, torch.Tensor]
+    replies: list[Message], expected: dict[str, torch.Tensor], max_norm: float
 ) -> tuple[list[Message], list[SiteRoundRecord]]:
-    """Keep replies whose weights are usable; record every site's outcome either way."""
+    """Keep replies whose updates are usable; record every site's outcome either way."""
     accepted: list[Message] = []
     records: list[SiteRoundRecord] = []
     for reply in replies:
@@ -68,7 +70,10 @@ def _vet_replies(
             records.append(SiteRoundRecord(site=site, status="failed", reason=reply.error.reason))
             continue
         try:
-            record_to_state(reply.content[ARRAYS_KEY], expected=expected)
+            update = record_to_state(reply.content[ARRAYS_KEY], expected=expected)
+            norm = update_norm(update)
+            if norm > max_norm:
+                raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
         except (UpdateRejected, KeyError) as err:
             logger.warning("rejected the update of site %s: %s", site, err)
             records.append(SiteRoundRecord(site=site, status="rejected", reason=str(err)))
@@ -107,7 +112,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-        accepted, site_records = _vet_replies(replies, global_state)
+        accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm)
         missing = len(messages) - len(replies)
         if missing:
             logger.warning("round %d: %d sites did not reply within %.0f s", server_round, missing, cfg.federation.round_timeout_s)
@@ -121,8 +126,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
                 server_round, len(accepted), cfg.federation.min_sites,
             )
         else:
-            arrays = aggregated
-            global_state = record_to_state(arrays, expected=global_state)
+            # Replies are weighted-mean deltas; the new global model is the old one plus them.
+            global_state = apply_delta(global_state, record_to_state(aggregated, expected=global_state))
+            arrays = state_to_record(global_state)
         checkpoint = recorder.save_global(server_round, global_state)
         recorder.add_round(
             RoundRecord(

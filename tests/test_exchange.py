@@ -10,11 +10,14 @@ import torch
 from ctfed.common.config import ConfigError, ModelConfig, TrainConfig
 from ctfed.common.exchange import (
     UpdateRejected,
+    apply_delta,
     configs_to_record,
     record_bytes,
     record_to_configs,
     record_to_state,
+    state_delta,
     state_to_record,
+    update_norm,
 )
 
 
@@ -34,6 +37,20 @@ def test_weights_round_trip_exactly() -> None:
 def test_bytes_counts_payload() -> None:
     record = state_to_record(_state())
     assert record_bytes(record) >= (12 + 4) * 4 + 8
+
+
+def test_delta_then_apply_gives_back_the_new_weights() -> None:
+    base = {"w": torch.randn(5, 2), "half": torch.randn(3).half()}
+    new = {"w": base["w"] + 0.5, "half": (base["half"].float() - 0.25).half()}
+    delta = state_delta(new, base)
+    assert delta["w"].dtype == torch.float32 and torch.allclose(delta["w"], torch.full((5, 2), 0.5))
+    back = apply_delta(base, delta)
+    assert back["half"].dtype == torch.float16
+    assert torch.allclose(back["w"], new["w"]) and torch.allclose(back["half"].float(), new["half"].float())
+
+
+def test_update_norm_spans_all_tensors() -> None:
+    assert update_norm({"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]]), "n": torch.tensor(7)}) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
