@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ctfed.common.config import ModelConfig, to_section
@@ -57,7 +58,10 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig
     if not weights.is_file() or not card_path.is_file():
         raise FileNotFoundError(f"checkpoint needs both {weights} and {card_path}")
     card = json.loads(card_path.read_text())
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as err:  # truncated or overwritten file
+        raise ValueError(f"checkpoint {weights} is unreadable: {err}") from None
     if state_digest(state) != card.get("sha256"):
         raise ValueError(f"checkpoint {weights} does not match the hash in its card")
     return state, to_section(ModelConfig, card["model"]), card

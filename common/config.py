@@ -28,10 +28,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
+# Config enums have lower-case member names: OmegaConf parses a value by member *name*, so
+# `federation.strategy=fedavg` on the command line must be a name.
 class Strategy(str, enum.Enum):
     """Aggregation strategies the coordinator offers."""
 
-    FEDAVG = "fedavg"
+    fedavg = "fedavg"
 
 
 @dataclass
@@ -293,7 +295,7 @@ class FederationConfig:
     """Rounds and aggregation run by the coordinator."""
 
     rounds: int = 2
-    strategy: Strategy = Strategy.FEDAVG
+    strategy: Strategy = Strategy.fedavg
     fraction_train: float = 1.0
     min_sites: int = 2
     # Seconds the coordinator waits for site replies in one round.
@@ -326,6 +328,36 @@ class SynthConfig:
             raise ConfigError("synth.sites and synth.scans_per_site must be >= 1")
 
 
+class FaultKind(str, enum.Enum):
+    """Site failures a simulation can inject (the ``faults`` preset; tests of the round loop)."""
+
+    crash = "crash"  # the ClientApp raises: the site dies mid-round
+    nan_update = "nan_update"  # the update contains NaN (plain "nan" would parse as a float)
+    huge_update = "huge_update"  # the update is scaled far beyond any real training step
+    straggle = "straggle"  # the reply comes ``delay_s`` late (past the round timeout if long enough)
+
+
+@dataclass
+class FaultConfig:
+    """One injected failure of one simulated site."""
+
+    # Simulated site index (0 = the first site cache, as in results.json order of the caches).
+    site: int = 0
+    kind: FaultKind = FaultKind.crash
+    # Rounds in which the fault happens (1-based); empty: every round.
+    rounds: list[int] = field(default_factory=list)
+    # STRAGGLE only: seconds the site waits before training.
+    delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.site < 0:
+            raise ConfigError("simulation.faults[].site must be >= 0")
+        if any(r < 1 for r in self.rounds):
+            raise ConfigError("simulation.faults[].rounds are 1-based round numbers")
+        if self.kind is FaultKind.straggle and self.delay_s <= 0:
+            raise ConfigError("a straggle fault needs delay_s > 0")
+
+
 @dataclass
 class SimulationConfig:
     """Flower simulation engine resources."""
@@ -336,6 +368,9 @@ class SimulationConfig:
     client_cpus: int = 1
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
+    # Injected site failures; any entry switches the simulated sites to the fault-injecting
+    # ClientApp (simulations/faults.py), which deployed sites never run.
+    faults: list[FaultConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -367,6 +402,10 @@ class RunConfig:
             )
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
+        if not self.simulation.data_dir:
+            beyond = sorted({f.site for f in self.simulation.faults if f.site >= self.synth.sites})
+            if beyond:
+                raise ConfigError(f"simulation.faults name sites {beyond}, but synth.sites is {self.synth.sites}")
 
 
 def register_configs() -> None:

@@ -109,7 +109,7 @@ def wait_healthy(
     raise error(f"{what} did not become ready in {timeout_s:.0f} s{detail}; see {log_file}")
 
 
-def _descendants(pid: int) -> list[int]:
+def descendant_pids(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -135,7 +135,7 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOU
     We signal the whole group, then sweep any descendant that outlived the grace period,
     so nothing is left behind. Returns the exit code.
     """
-    descendants = _descendants(process.pid)
+    descendants = descendant_pids(process.pid)
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

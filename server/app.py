@@ -20,6 +20,7 @@ from ctfed.server.rounds import run_federation
 
 RUN_CONFIG_FILE_KEY = "run-config-file"
 RUN_DIR_KEY = "run-dir"
+RESUME_KEY = "resume"
 
 logger = logging.getLogger(__name__)
 
@@ -48,5 +49,6 @@ def config_from_context(context: Context) -> tuple[RunConfig, Path]:
 def main(grid: Grid, context: Context) -> None:
     console_logging()
     cfg, run_dir = config_from_context(context)
-    recorder = run_federation(grid, cfg, run_dir)
+    resume = bool(context.run_config.get(RESUME_KEY, False))
+    recorder = run_federation(grid, cfg, run_dir, resume=resume)
     logger.info("results: %s", recorder.results_path)

@@ -6,26 +6,34 @@ round it finished. It holds only site ids chosen by the sites' IT, numbers and f
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-from ctfed.common.checkpoint import save_checkpoint
+from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.config import RunConfig
 
 RESULTS_NAME = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 
+logger = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    """A run folder that cannot be continued; the message says why."""
+
 
 @dataclass
 class SiteRoundRecord:
     site: str
-    status: str  # "aggregated" | "rejected" | "failed"
+    status: str  # "aggregated" | "rejected" | "failed" | "timeout"
     reason: str = ""
     num_examples: int = 0
     loss_first: float | None = None
@@ -45,18 +53,76 @@ class RoundRecord:
     seconds: float
     checkpoint: str
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RoundRecord":
+        return cls(**{**raw, "sites": [SiteRoundRecord(**site) for site in raw["sites"]]})
+
 
 class RunRecorder:
     """Collects per-round records and keeps the run folder's files current."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: RunConfig,
+        rounds: Sequence[RoundRecord] = (),
+        earlier_wall_seconds: float = 0.0,
+        resumes: Sequence[dict[str, Any]] = (),
+    ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
-        self.rounds: list[RoundRecord] = []
+        self.rounds: list[RoundRecord] = list(rounds)
         self.started = time.time()
+        self.earlier_wall_seconds = earlier_wall_seconds  # spent before the last resume
+        self.resumes: list[dict[str, Any]] = list(resumes)
         self.status = "running"
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
+
+    @property
+    def last_round(self) -> int:
+        return self.rounds[-1].round if self.rounds else 0
+
+    @classmethod
+    def resume(cls, run_dir: Path, cfg: RunConfig) -> tuple["RunRecorder", dict[str, torch.Tensor]]:
+        """Continue a run folder after its last round with a verified checkpoint.
+
+        Rounds recorded after that checkpoint (a crash between writing results and the
+        checkpoint cannot produce one, but a hand-edited folder can) are dropped, so the
+        results always describe the model the run continues from.
+        """
+        results_path = run_dir / RESULTS_NAME
+        if not results_path.is_file():
+            raise ResumeError(f"nothing to resume: {results_path} does not exist")
+        try:
+            saved = json.loads(results_path.read_text())
+            rounds = [RoundRecord.from_dict(r) for r in saved["rounds"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ResumeError(f"{results_path} is not a ctfed results file: {err}") from None
+        while True:
+            last = rounds[-1].round if rounds else 0
+            weights = run_dir / CHECKPOINT_DIR / f"global_round_{last:04d}.safetensors"
+            try:
+                state, model_cfg, card = load_checkpoint(weights)
+                break
+            except (FileNotFoundError, ValueError) as err:
+                if not rounds:
+                    raise ResumeError(f"no usable checkpoint in {run_dir / CHECKPOINT_DIR}: {err}") from None
+                logger.warning("round %d's checkpoint is unusable (%s); resuming from the round before", last, err)
+                rounds.pop()
+        if model_cfg != cfg.model:
+            raise ResumeError(
+                f"the run config's model differs from the checkpoint's ({weights.name}); resume with the run's own config"
+            )
+        resumed = {"after_round": last, "checkpoint_sha256": card["sha256"], "time": time.time()}
+        recorder = cls(
+            run_dir,
+            cfg,
+            rounds=rounds,
+            earlier_wall_seconds=float(saved.get("wall_seconds", 0.0)),
+            resumes=[*saved.get("resumes", []), resumed],
+        )
+        return recorder, state
 
     @property
     def results_path(self) -> Path:
@@ -78,7 +144,8 @@ class RunRecorder:
         return {
             "status": self.status,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
-            "wall_seconds": time.time() - self.started,
+            "wall_seconds": self.earlier_wall_seconds + time.time() - self.started,
+            "resumes": self.resumes,
             "rounds": [asdict(r) for r in self.rounds],
         }
 

@@ -42,7 +42,7 @@ def initial_encoder_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def build_strategy(cfg: RunConfig) -> FedAvg:
-    if cfg.federation.strategy is not Strategy.FEDAVG:
+    if cfg.federation.strategy is not Strategy.fedavg:
         raise NotImplementedError(f"strategy {cfg.federation.strategy.value} is not available yet")
     return FedAvg(
         fraction_train=cfg.federation.fraction_train,
@@ -52,19 +52,24 @@ def build_strategy(cfg: RunConfig) -> FedAvg:
     )
 
 
-def _site_id(reply: Message) -> str:
-    site = reply.content.config_records.get(SITE_KEY)
-    return str(site["site-id"]) if site and "site-id" in site else f"node-{reply.metadata.src_node_id}"
+def _site_id(reply: Message, known_sites: dict[int, str]) -> str:
+    """The site id a reply carries; error replies carry none, so use what the node said before."""
+    node = reply.metadata.src_node_id
+    if not reply.has_error():
+        site = reply.content.config_records.get(SITE_KEY)
+        if site and "site-id" in site:
+            known_sites[node] = str(site["site-id"])
+    return known_sites.get(node, f"node-{node}")
 
 
 def _vet_replies(
-    replies: list[Message], expected: dict[str, torch.Tensor], max_norm: float
+    replies: list[Message], expected: dict[str, torch.Tensor], max_norm: float, known_sites: dict[int, str]
 ) -> tuple[list[Message], list[SiteRoundRecord]]:
     """Keep replies whose updates are usable; record every site's outcome either way."""
     accepted: list[Message] = []
     records: list[SiteRoundRecord] = []
     for reply in replies:
-        site = _site_id(reply)
+        site = _site_id(reply, known_sites)
         if reply.has_error():
             logger.warning("site %s failed this round: %s", site, reply.error.reason)
             records.append(SiteRoundRecord(site=site, status="failed", reason=reply.error.reason))
@@ -97,25 +102,48 @@ def _vet_replies(
     return accepted, records
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
-    """Run ``cfg.federation.rounds`` SSL rounds; returns the recorder holding the results."""
-    recorder = RunRecorder(run_dir, cfg)
+def _missing_records(messages: list[Message], replies: list[Message], known_sites: dict[int, str]) -> list[SiteRoundRecord]:
+    """A record for every sampled node that did not answer in time (named if seen before)."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return [
+        SiteRoundRecord(site=known_sites.get(node, f"node-{node}"), status="timeout", reason="no reply before federation.round_timeout_s")
+        for node in (m.metadata.dst_node_id for m in messages)
+        if node not in answered
+    ]
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> RunRecorder:
+    """Run ``cfg.federation.rounds`` SSL rounds; returns the recorder holding the results.
+
+    With ``resume`` the run folder's last completed round is the starting point: its
+    checkpoint becomes the global encoder and the round counter continues after it.
+    """
     strategy = build_strategy(cfg)
-    global_state = initial_encoder_state(cfg)
+    if resume:
+        recorder, global_state = RunRecorder.resume(run_dir, cfg)
+        logger.info("resuming %s after round %d", run_dir, recorder.last_round)
+    else:
+        recorder = RunRecorder(run_dir, cfg)
+        global_state = initial_encoder_state(cfg)
+        recorder.save_global(0, global_state)
     arrays = state_to_record(global_state)
-    recorder.save_global(0, global_state)
     total = cfg.federation.rounds
-    for server_round in range(1, total + 1):
+    known_sites: dict[int, str] = {}
+    for server_round in range(recorder.last_round + 1, total + 1):
         started = time.perf_counter()
         instructions = configs_to_record(cfg.model, cfg.train)
         sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-        accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm)
-        missing = len(messages) - len(replies)
+        accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm, known_sites)
+        missing = _missing_records(messages, replies, known_sites)
         if missing:
-            logger.warning("round %d: %d sites did not reply within %.0f s", server_round, missing, cfg.federation.round_timeout_s)
+            logger.warning(
+                "round %d: no reply within %.0f s from %s",
+                server_round, cfg.federation.round_timeout_s, ", ".join(r.site for r in missing),
+            )
+            site_records = sorted(site_records + missing, key=lambda record: record.site)
 
         aggregated: ArrayRecord | None = None
         if len(accepted) >= cfg.federation.min_sites:

@@ -26,6 +26,7 @@ from ctfed.common.processes import (
     wait_healthy,
     write_connection,
 )
+from ctfed.simulations.flower_app import toml_value
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
         stop_process_group(process)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def run_app(
     app_dir: Path,
     run_config: Mapping[str, object],
@@ -101,7 +94,7 @@ def run_app(
     Console output of the federation is shown live and kept in ``log_path``.
     Raises SimulationError if the run fails or exceeds ``timeout_s``.
     """
-    overrides = [arg for key, value in run_config.items() for arg in ("--run-config", f"{key}={_toml_value(value)}")]
+    overrides = [arg for key, value in run_config.items() for arg in ("--run-config", f"{key}={toml_value(value)}")]
     federation = f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus}"
     with simulation_superlink(flwr_home) as connection:
         command = [

@@ -13,20 +13,19 @@ import logging
 import time
 from pathlib import Path
 
-from ctfed.client.site import site_cache_dirs
-from ctfed.common.config import RunConfig, load_run_config, save_run_config
+from ctfed.client.site import DATA_DIR_KEY, site_cache_dirs
+from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config, save_run_config, to_run_config
 from ctfed.common.preprocess import prepare
-from ctfed.server.app import RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
+from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
 from ctfed.server.results import RESULTS_NAME
-from ctfed.client.site import DATA_DIR_KEY
 from ctfed.simulations.engine import SimulationError, run_app
+from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
 from ctfed.simulations.report import console_table, load_results, render_report
 from ctfed.simulations.synth import synthesize_federation
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
-APP_DIR = Path(__file__).resolve().parent.parent  # the repository root: pyproject.toml is the Flower app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hydra overrides, e.g. federation.rounds=3 model=small train.local_steps=8",
     )
     parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last completed round (its config.yaml; overrides may raise federation.rounds)",
+    )
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -71,37 +76,86 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     return cache_root
 
 
+def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The stopped run's own config, with ``key=value`` overrides (e.g. more rounds) on top."""
+    from omegaconf import OmegaConf
+
+    saved_path = run_dir / CONFIG_NAME
+    saved = read_run_config(saved_path)
+    if not overrides:
+        return saved
+    try:
+        cfg = to_run_config(OmegaConf.merge(OmegaConf.load(saved_path), OmegaConf.from_dotlist(overrides)))
+    except ValueError as err:  # OmegaConf's dotlist parser
+        raise ConfigError(f"invalid override: {err}") from None
+    if cfg.model != saved.model:
+        raise ConfigError("a resumed run keeps its model; model overrides are not allowed with --resume")
+    return cfg
+
+
+def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
+    data_dir = Path(cfg.simulation.data_dir).resolve() if cfg.simulation.data_dir else run_dir / "cache"
+    site_cache_dirs(data_dir)  # raises a clear error if the caches are gone
+    return data_dir
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.overrides)
+    resume = args.resume is not None
+    if resume:
+        run_dir = args.resume.resolve()
+        cfg = _resume_config(run_dir, args.overrides)
+    else:
+        cfg = load_run_config(args.overrides)
     if args.show_config:
         from omegaconf import OmegaConf
 
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
     started = time.perf_counter()
-    run_dir = make_run_dir(cfg)
-    config_path = run_dir / CONFIG_NAME
-    save_run_config(cfg, config_path)
-    print(f"ctfed simulate: run folder {run_dir}")
-
-    if cfg.simulation.data_dir:
-        data_dir = Path(cfg.simulation.data_dir).resolve()
-        print(f"[1/3] using prepared site caches under {data_dir}")
+    if resume:
+        config_path = run_dir / CONFIG_NAME
+        save_run_config(cfg, config_path)
+        print(f"ctfed simulate: resuming {run_dir}")
+        data_dir = _existing_data_dir(cfg, run_dir)
+        print(f"[1/3] using the run's site caches under {data_dir}")
         print("[2/3] (nothing to prepare)")
     else:
-        data_dir = synthesize_and_prepare(cfg, run_dir)
+        run_dir = make_run_dir(cfg)
+        config_path = run_dir / CONFIG_NAME
+        save_run_config(cfg, config_path)
+        print(f"ctfed simulate: run folder {run_dir}")
+        if cfg.simulation.data_dir:
+            data_dir = Path(cfg.simulation.data_dir).resolve()
+            print(f"[1/3] using prepared site caches under {data_dir}")
+            print("[2/3] (nothing to prepare)")
+        else:
+            data_dir = synthesize_and_prepare(cfg, run_dir)
     num_sites = len(site_cache_dirs(data_dir))
+
+    run_config: dict[str, object] = {
+        RUN_CONFIG_FILE_KEY: str(config_path),
+        RUN_DIR_KEY: str(run_dir),
+        DATA_DIR_KEY: str(data_dir),
+        RESUME_KEY: resume,
+    }
+    client_app = CLIENT_APP
+    if cfg.simulation.faults:
+        client_app = FAULTY_CLIENT_APP  # it reads the faults from the run config file
+        print(f"      injecting {len(cfg.simulation.faults)} site fault(s): " + ", ".join(
+            f"site {f.site} {f.kind.value} in rounds {f.rounds or 'all'}" for f in cfg.simulation.faults
+        ))
+    app_dir = write_app(run_dir / APP_FOLDER, client_app)
 
     print(f"[3/3] federated pretraining: {num_sites} sites, {cfg.federation.rounds} rounds (Flower simulation engine)")
     try:
         run_app(
-            APP_DIR,
-            {RUN_CONFIG_FILE_KEY: str(config_path), RUN_DIR_KEY: str(run_dir), DATA_DIR_KEY: str(data_dir)},
+            app_dir,
+            run_config,
             num_sites=num_sites,
             client_cpus=cfg.simulation.client_cpus,
             flwr_home=run_dir / ".flwr",
             timeout_s=cfg.simulation.timeout_s,
-            log_path=run_dir / "federation.log",
+            log_path=run_dir / ("federation-resumed.log" if resume else "federation.log"),
         )
     except SimulationError as err:
         print(f"ctfed simulate: {err}")

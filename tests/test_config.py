@@ -22,7 +22,7 @@ def test_defaults_are_the_small_demo_federation() -> None:
     assert cfg.model.name == "tiny"
     assert cfg.synth.sites == 3
     assert cfg.preprocess.output_size == cfg.model.image_size
-    assert cfg.federation.strategy is Strategy.FEDAVG
+    assert cfg.federation.strategy is Strategy.fedavg
 
 
 def test_model_preset_and_overrides_compose() -> None:

@@ -127,3 +127,15 @@ def test_flwr_run_defaults_come_from_pyproject(tmp_path: Path) -> None:
     assert cfg.train.local_steps == app_config["local-steps"]
     assert cfg.model == load_run_config().model
     assert run_dir == tmp_path / "run"
+
+
+def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> None:
+    """`ctfed simulate` submits a generated app; it must declare the same components and keys."""
+    import tomllib
+
+    from ctfed.simulations.flower_app import write_app
+
+    repo = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    generated = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert generated["components"] == repo["components"]
+    assert generated["config"] == repo["config"]

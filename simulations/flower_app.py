@@ -1,0 +1,64 @@
+"""The Flower app a simulation submits: a generated folder holding only ``pyproject.toml``.
+
+``flwr run`` needs an app folder. The repository root is one, but an installed ctfed (not
+editable) has no repository, and a fault-injection run needs a different ClientApp. Both
+components import from the installed ``ctfed`` package, so the generated folder needs no
+code of its own; its ``[tool.flwr.app.config]`` keys must match the repository's
+pyproject (a test checks that), because ``flwr run`` only accepts keys declared there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctfed.client.site import DATA_DIR_KEY
+from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
+
+SERVER_APP = "ctfed.server.app:app"
+CLIENT_APP = "ctfed.client.app:app"
+FAULTY_CLIENT_APP = "ctfed.simulations.faults:app"
+APP_FOLDER = "app"
+
+# Defaults of every run-config key the apps read, as in the repository's pyproject.toml.
+RUN_CONFIG_DEFAULTS: dict[str, object] = {
+    RUN_CONFIG_FILE_KEY: "",
+    "num-server-rounds": 2,
+    "local-steps": 2,
+    RUN_DIR_KEY: "",
+    RESUME_KEY: False,
+    DATA_DIR_KEY: "",
+}
+
+
+def toml_value(value: object) -> str:
+    """A scalar as TOML (also the syntax of ``flwr run --run-config``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_app(folder: Path, client_app: str = CLIENT_APP) -> Path:
+    """Write the app's ``pyproject.toml`` into ``folder`` and return the folder."""
+    config = dict(RUN_CONFIG_DEFAULTS)
+    lines = [
+        "[project]",
+        'name = "ctfed-simulation"',
+        'version = "1.0.0"',
+        'description = "ctfed federation run by ctfed simulate"',
+        'license = "Apache-2.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "ctfed"',
+        "",
+        "[tool.flwr.app.components]",
+        f'serverapp = "{SERVER_APP}"',
+        f'clientapp = "{client_app}"',
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {toml_value(value)}" for key, value in config.items()),
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return folder

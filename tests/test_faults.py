@@ -1,0 +1,144 @@
+"""Faults: sites that die, straggle or send garbage, and a coordinator that is killed mid-run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctfed.common.checkpoint import load_checkpoint
+from ctfed.common.cli import main
+from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.processes import descendant_pids, stop_process_group
+from ctfed.server.results import ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
+from ctfed.server.rounds import initial_encoder_state
+
+SMALL_RUN = ["train.local_steps=2", "synth.scans_per_site=2"]
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_bad_sites_are_rejected_and_rounds_complete(tmp_path: Path) -> None:
+    faults = (
+        "[{site:2,kind:huge_update,rounds:[1]},"
+        "{site:0,kind:crash,rounds:[2]},"
+        "{site:1,kind:nan_update,rounds:[2]},"
+        "{site:3,kind:straggle,rounds:[2],delay_s:60}]"
+    )
+    code = main(
+        [
+            "simulate", f"output_dir={tmp_path}", "run_name=faults", "synth.sites=4", *SMALL_RUN,
+            "federation.rounds=2", "federation.min_sites=1", "federation.round_timeout_s=45",
+            f"simulation.faults={faults}",
+        ]
+    )
+    assert code == 0
+    results = _results(tmp_path / "faults")
+    assert results["status"] == "completed"
+    first, second = results["rounds"]
+    status = {r["round"]: {s["site"]: s["status"] for s in r["sites"]} for r in (first, second)}
+    assert status[1] == {"site_0": "aggregated", "site_1": "aggregated", "site_2": "rejected", "site_3": "aggregated"}
+    assert status[2] == {"site_0": "failed", "site_1": "rejected", "site_2": "aggregated", "site_3": "timeout"}
+    reasons = {(r["round"], s["site"]): s["reason"] for r in (first, second) for s in r["sites"]}
+    assert "max_update_norm" in reasons[(1, "site_2")]
+    assert "NaN" in reasons[(2, "site_1")]
+    assert "injected fault" in reasons[(2, "site_0")]
+    assert first["aggregated"] and second["aggregated"]
+    # The rejected updates never reached the model: it stays finite and small.
+    state, _, _ = load_checkpoint(tmp_path / "faults" / "checkpoints" / "global_round_0002.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert max(float(t.abs().max()) for t in state.values() if t.is_floating_point()) < 100
+
+
+def test_fault_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="synth.sites is 3"):
+        load_run_config(["simulation.faults=[{site:5,kind:crash}]"])
+    with pytest.raises(ConfigError, match="delay_s > 0"):
+        load_run_config(["simulation.faults=[{site:0,kind:straggle}]"])
+    with pytest.raises(ConfigError):
+        load_run_config(["simulation.faults=[{site:0,kind:explode}]"])
+
+
+def _round(number: int) -> RoundRecord:
+    site = SiteRoundRecord(site="a", status="aggregated", num_examples=2, loss=1.0)
+    return RoundRecord(round=number, sites=[site], aggregated=True, bytes_sent_per_site=10, seconds=1.0, checkpoint="")
+
+
+def test_resume_falls_back_to_the_last_verified_checkpoint(tmp_path: Path) -> None:
+    cfg = load_run_config(["federation.rounds=3"])
+    recorder = RunRecorder(tmp_path, cfg)
+    state = initial_encoder_state(cfg)
+    for number in (0, 1, 2):
+        recorder.save_global(number, {k: v + number for k, v in state.items()})
+        if number:
+            recorder.add_round(_round(number))
+    # Round 2's weights were cut short (the process died while writing them).
+    weights = tmp_path / "checkpoints" / "global_round_0002.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    resumed, resumed_state = RunRecorder.resume(tmp_path, cfg)
+    assert resumed.last_round == 1
+    assert all(torch.equal(resumed_state[k], state[k] + 1) for k in state)
+    assert _results(tmp_path)["resumes"][0]["after_round"] == 1
+    assert [r["round"] for r in _results(tmp_path)["rounds"]] == [1]
+
+    other_model = replace(cfg, model=replace(cfg.model, num_layers=cfg.model.num_layers + 1))
+    with pytest.raises(ResumeError, match="model differs"):
+        RunRecorder.resume(tmp_path, other_model)
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        RunRecorder.resume(tmp_path / "empty", cfg)
+
+
+@pytest.mark.slow
+def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    command = [
+        sys.executable, "-c", "import sys; from ctfed.common.cli import main; sys.exit(main(sys.argv[1:]))",
+        "simulate", f"output_dir={tmp_path}", "run_name=killed", *SMALL_RUN, "federation.rounds=5",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy()
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (run_dir / "results.json").exists() and _results(run_dir)["rounds"]:
+                break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("round 1 never completed")
+    finally:
+        # A power cut: every process of the federation dies at once, nobody cleans up.
+        for pid in [process.pid, *descendant_pids(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stop_process_group(process)
+    before = _results(run_dir)
+    assert before["status"] == "running"
+    done = before["rounds"][-1]["round"]
+    assert done < 5
+    card_before = json.loads((run_dir / "checkpoints" / f"global_round_{done:04d}.json").read_text())
+
+    assert main(["simulate", "--resume", str(run_dir)]) == 0
+    after = _results(run_dir)
+    assert after["status"] == "completed"
+    assert [r["round"] for r in after["rounds"]] == [1, 2, 3, 4, 5]
+    assert after["rounds"][:done] == before["rounds"]  # finished rounds are kept as they were
+    assert after["resumes"] == [
+        {"after_round": done, "checkpoint_sha256": card_before["sha256"], "time": after["resumes"][0]["time"]}
+    ]
+    for record in after["rounds"][done:]:
+        assert record["aggregated"] and all(s["status"] == "aggregated" for s in record["sites"])
