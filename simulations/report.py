@@ -54,6 +54,8 @@ class RunResults:
     config: dict[str, Any]
     wall_seconds: float
     rounds: list[RoundRecord]
+    # Rounds after which the run was resumed (results.json "resumes"; empty if never stopped).
+    resumed_after: tuple[int, ...] = ()
 
     @property
     def sites(self) -> list[str]:
@@ -128,6 +130,10 @@ def _parse_results(raw: Any) -> RunResults:
         config=_expect(raw["config"], dict, "config"),
         wall_seconds=float(_expect(raw["wall_seconds"], _NUMBER, "wall_seconds")),
         rounds=[_parse_round(r, f"rounds[{i}]") for i, r in enumerate(rounds)],
+        resumed_after=tuple(
+            _expect(_expect(entry, dict, "resumes[]")["after_round"], int, "resumes[].after_round")
+            for entry in _expect(raw.get("resumes", []), list, "resumes")
+        ),
     )
 
 
@@ -400,6 +406,10 @@ def _summary_lines(run_dir: Path, results: RunResults, config: dict[str, Any]) -
             f"at least {federation.get('min_sites', '?')} sites",
         ],
         ["Wall time", _fmt_seconds(results.wall_seconds)],
+        [
+            "Resumed",
+            ", ".join(f"after round {r}" for r in results.resumed_after) if results.resumed_after else "never stopped",
+        ],
         ["Data exchanged", f"{_fmt_bytes(sent)} to sites, {_fmt_bytes(received)} from sites"],
         [
             "Final loss",

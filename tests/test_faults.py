@@ -130,5 +130,6 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path) ->
     assert after["resumes"] == [
         {"after_round": done, "checkpoint_sha256": card_before["sha256"], "time": after["resumes"][0]["time"]}
     ]
+    assert f"| Resumed | after round {done} |" in (run_dir / "report.md").read_text()
     for record in after["rounds"][done:]:
         assert record["aggregated"] and all(s["status"] == "aggregated" for s in record["sites"])

@@ -126,6 +126,7 @@ def test_summary_names_status_sites_rounds_and_model(completed: Path, cfg: RunCo
     assert f"{cfg.model.name}: encoder {encoder_params:,} trainable parameters" in text
     wall = json.loads((completed / "results.json").read_text())["wall_seconds"]
     assert f"| Wall time | {wall:.1f} s |" in text
+    assert "| Resumed | never stopped |" in text
 
 
 def test_round_tables_hold_each_sites_numbers(completed: Path) -> None:
