@@ -25,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 @dataclass
 class SiteRoundRecord:
     site: str
-    status: str  # "aggregated" | "rejected" | "failed"
+    status: str  # common.exchange STATUS_*: "aggregated" | "rejected" | "failed" | "refused"
     reason: str = ""
     num_examples: int = 0
     loss_first: float | None = None
@@ -34,6 +34,8 @@ class SiteRoundRecord:
     train_seconds: float | None = None
     data_seconds: float | None = None  # of train_seconds, spent loading volumes and cropping
     bytes_received: int = 0
+    # Local DP: the site's own epsilon after this round (its accountant, all rounds so far).
+    epsilon: float | None = None
 
 
 @dataclass
@@ -44,6 +46,9 @@ class RoundRecord:
     bytes_sent_per_site: int
     seconds: float
     checkpoint: str
+    # Central DP: the coordinator's epsilon after this round, and the noise std it added.
+    central_epsilon: float | None = None
+    central_noise_std: float | None = None
 
 
 class RunRecorder:
@@ -55,6 +60,8 @@ class RunRecorder:
         self.rounds: list[RoundRecord] = []
         self.started = time.time()
         self.status = "running"
+        # Central DP: the coordinator's privacy ledger (PrivacyLedger.to_dict), kept current.
+        self.central_privacy_ledger: dict[str, Any] | None = None
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -64,7 +71,9 @@ class RunRecorder:
 
     def save_global(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
         stem = self.run_dir / CHECKPOINT_DIR / f"global_round_{server_round:04d}"
-        return save_checkpoint(stem, state, self.cfg.model, round=server_round, kind="global-encoder")
+        # The ledger travels with the weights: resuming from this checkpoint must continue it.
+        extra = {} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}
+        return save_checkpoint(stem, state, self.cfg.model, round=server_round, kind="global-encoder", **extra)
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
@@ -80,6 +89,7 @@ class RunRecorder:
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
             "wall_seconds": time.time() - self.started,
             "rounds": [asdict(r) for r in self.rounds],
+            **({} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}),
         }
 
     def _write(self) -> None:

@@ -16,20 +16,32 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ctfed.common.config import RunConfig, Strategy
+from ctfed.common.config import PrivacyMode, RunConfig, Strategy
 from ctfed.common.exchange import (
     ARRAYS_KEY,
+    EPSILON_KEY,
     METRICS_KEY,
+    MIN_SITES_KEY,
+    PHASE_KEY,
+    PRETRAIN_PHASE,
+    REFUSAL_CODES,
+    SECURE_AGGREGATION_KEY,
     SITE_KEY,
+    STATUS_AGGREGATED,
+    STATUS_FAILED,
+    STATUS_REFUSED,
+    STATUS_REJECTED,
     UpdateRejected,
     apply_delta,
     configs_to_record,
     record_bytes,
     record_to_state,
+    refusing_site,
     state_to_record,
     update_norm,
 )
 from ctfed.common.model import ViTEncoder
+from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
 
 logger = logging.getLogger(__name__)
@@ -66,8 +78,14 @@ def _vet_replies(
     for reply in replies:
         site = _site_id(reply)
         if reply.has_error():
-            logger.warning("site %s failed this round: %s", site, reply.error.reason)
-            records.append(SiteRoundRecord(site=site, status="failed", reason=reply.error.reason))
+            reason = reply.error.reason or ""
+            if reply.error.code in REFUSAL_CODES:
+                site = refusing_site(reason) or site
+                logger.warning("site %s refused this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_REFUSED, reason=reason))
+            else:
+                logger.warning("site %s failed this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_FAILED, reason=reason))
             continue
         try:
             update = record_to_state(reply.content[ARRAYS_KEY], expected=expected)
@@ -76,14 +94,14 @@ def _vet_replies(
                 raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
         except (UpdateRejected, KeyError) as err:
             logger.warning("rejected the update of site %s: %s", site, err)
-            records.append(SiteRoundRecord(site=site, status="rejected", reason=str(err)))
+            records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
             continue
         metrics = reply.content[METRICS_KEY]
         accepted.append(reply)
         records.append(
             SiteRoundRecord(
                 site=site,
-                status="aggregated",
+                status=STATUS_AGGREGATED,
                 num_examples=int(metrics["num-examples"]),
                 loss_first=float(metrics["loss-first"]),
                 loss=float(metrics["loss"]),
@@ -91,6 +109,7 @@ def _vet_replies(
                 train_seconds=float(metrics["train-seconds"]),
                 data_seconds=float(metrics["data-seconds"]),
                 bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
+                epsilon=float(metrics[EPSILON_KEY]) if EPSILON_KEY in metrics else None,
             )
         )
     records.sort(key=lambda record: record.site)
@@ -104,22 +123,38 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
     global_state = initial_encoder_state(cfg)
     arrays = state_to_record(global_state)
     recorder.save_global(0, global_state)
+    central = CentralDP(cfg.privacy.central) if cfg.privacy.mode is PrivacyMode.CENTRAL else None
+    max_update_norm = cfg.federation.max_update_norm
+    if central is not None:
+        max_update_norm = central.max_update_norm(max_update_norm)
+        recorder.central_privacy_ledger = central.ledger.to_dict()
     total = cfg.federation.rounds
     for server_round in range(1, total + 1):
         started = time.perf_counter()
-        instructions = configs_to_record(cfg.model, cfg.train)
+        instructions = configs_to_record(
+            cfg.model, cfg.train, cfg.privacy,
+            **{PHASE_KEY: PRETRAIN_PHASE, MIN_SITES_KEY: cfg.federation.min_sites, SECURE_AGGREGATION_KEY: False},
+        )
         sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-        accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm)
+        accepted, site_records = _vet_replies(replies, global_state, max_update_norm)
         missing = len(messages) - len(replies)
         if missing:
             logger.warning("round %d: %d sites did not reply within %.0f s", server_round, missing, cfg.federation.round_timeout_s)
 
         aggregated: ArrayRecord | None = None
+        noise_std: float | None = None
         if len(accepted) >= cfg.federation.min_sites:
-            aggregated, _ = strategy.aggregate_train(server_round, accepted)
+            if central is None:
+                aggregated, _ = strategy.aggregate_train(server_round, accepted)
+            else:
+                updates = [record_to_state(r.content[ARRAYS_KEY], expected=global_state) for r in accepted]
+                sample_rate = len(messages) / max(len(list(grid.get_node_ids())), len(messages))
+                noisy_mean, noise_std = central.aggregate(updates, server_round, sample_rate)
+                aggregated = state_to_record(noisy_mean)
+                recorder.central_privacy_ledger = central.ledger.to_dict()
         if aggregated is None:
             logger.error(
                 "round %d: only %d usable updates (need %d); the global encoder is unchanged",
@@ -138,6 +173,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
                 bytes_sent_per_site=sent_bytes,
                 seconds=time.perf_counter() - started,
                 checkpoint=checkpoint.name,
+                central_epsilon=central.epsilon() if central is not None else None,
+                central_noise_std=noise_std,
             )
         )
         losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in site_records if s.loss is not None)

@@ -13,8 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from ctfed.client.site import site_cache_dirs
+from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
+from ctfed.client.site import SITES_DIR, site_cache_dirs
 from ctfed.common.config import RunConfig, load_run_config, save_run_config
+from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import prepare
 from ctfed.server.app import RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
 from ctfed.server.results import RESULTS_NAME
@@ -71,6 +73,17 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     return cache_root
 
 
+def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> Path:
+    """Each simulated site's policy, for its ClientApp (``site-policies-file``)."""
+    unknown = sorted({p.site for p in cfg.simulation.site_policies} - set(site_ids))
+    if unknown:
+        raise ValueError(f"simulation.site_policies names unknown sites {unknown}; the sites are {site_ids}")
+    path = run_dir / SITES_DIR / "policies.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {site: policy_to_dict(cfg.simulation.policy_for(site)) for site in site_ids})
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.overrides)
     if args.show_config:
@@ -90,13 +103,18 @@ def run(args: argparse.Namespace) -> int:
         print("[2/3] (nothing to prepare)")
     else:
         data_dir = synthesize_and_prepare(cfg, run_dir)
-    num_sites = len(site_cache_dirs(data_dir))
+    site_ids = [cache.name for cache in site_cache_dirs(data_dir)]
+    num_sites = len(site_ids)
+    policies_path = write_site_policies(cfg, run_dir, site_ids)
 
     print(f"[3/3] federated pretraining: {num_sites} sites, {cfg.federation.rounds} rounds (Flower simulation engine)")
     try:
         run_app(
             APP_DIR,
-            {RUN_CONFIG_FILE_KEY: str(config_path), RUN_DIR_KEY: str(run_dir), DATA_DIR_KEY: str(data_dir)},
+            {
+                RUN_CONFIG_FILE_KEY: str(config_path), RUN_DIR_KEY: str(run_dir), DATA_DIR_KEY: str(data_dir),
+                SITE_POLICIES_FILE_KEY: str(policies_path),
+            },
             num_sites=num_sites,
             client_cpus=cfg.simulation.client_cpus,
             flwr_home=run_dir / ".flwr",
