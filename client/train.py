@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -334,7 +335,10 @@ class LocalTrainer:
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
                 # The losses are means over the batch; their per-volume gradients are those of
                 # batch x loss, so clipping bounds each volume whatever the batch size.
-                (loss * batch).backward()
+                with warnings.catch_warnings():
+                    # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    (loss * batch).backward()
                 self.dp.fold_rows_to_volumes(row_maps, batch)
                 losses.append(loss.item())
                 dino_losses.append(dino.item())
