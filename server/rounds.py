@@ -65,6 +65,8 @@ def build_strategy(cfg: RunConfig) -> FedAvg:
 
 
 def _site_id(reply: Message) -> str:
+    if not reply.has_content():  # an error reply carries no content
+        return f"node-{reply.metadata.src_node_id}"
     site = reply.content.config_records.get(SITE_KEY)
     return str(site["site-id"]) if site and "site-id" in site else f"node-{reply.metadata.src_node_id}"
 
