@@ -69,3 +69,47 @@ def test_every_outgoing_message_is_audited(local_dp_run: Path) -> None:
             assert entries[1]["dp"]["mode"] == "local"
             assert entries[1]["dp"]["epsilon_after"] > entries[0]["dp"]["epsilon_after"] > 0
             assert entries[0]["parameters"] and entries[0]["bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def central_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main(
+        [
+            "simulate",
+            f"output_dir={out}",
+            "run_name=central",
+            "federation.rounds=2",
+            "train.local_steps=1",
+            "synth.sites=2",
+            "synth.scans_per_site=2",
+            "privacy.mode=central",
+            "privacy.central.clip_norm=0.05",
+            "privacy.central.noise_multiplier=0.5",
+        ]
+    )
+    assert code == 0
+    return out / "central"
+
+
+def test_central_dp_noises_the_mean_and_keeps_its_ledger(central_dp_run: Path) -> None:
+    from opacus.accountants import RDPAccountant
+
+    from ctfed.common.checkpoint import load_checkpoint
+
+    results = json.loads((central_dp_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [r["central_noise_std"] for r in rounds] == [pytest.approx(0.5 * 0.05 / 2)] * 2
+    accountant = RDPAccountant()
+    epsilons = []
+    for _ in rounds:
+        accountant.step(noise_multiplier=0.5, sample_rate=1.0)
+        epsilons.append(accountant.get_epsilon(1e-5))
+    assert [r["central_epsilon"] for r in rounds] == [pytest.approx(e) for e in epsilons]
+    ledger = PrivacyLedger.from_dict(results["central_privacy_ledger"])
+    assert [e.round for e in ledger.entries] == [1, 2]
+    _, _, card = load_checkpoint(central_dp_run / "checkpoints" / "global_round_0002.safetensors")
+    assert card["central_privacy_ledger"] == results["central_privacy_ledger"]
+    for record in rounds:
+        assert all(s["status"] == STATUS_AGGREGATED for s in record["sites"])
