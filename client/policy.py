@@ -45,8 +45,8 @@ class PolicyViolation(RuntimeError):
 def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any]) -> None:
     """Raise PolicyViolation unless ``policy`` allows the round ``instructions`` describe.
 
-    Instructions that leave a key out are judged by its most permissive-sounding reading
-    only where that is also the safe one (no secure aggregation, min_sites 1, no DP).
+    A key the instructions leave out counts against the round: no secure aggregation,
+    min_sites 1, no differential privacy. Every violated rule is named in the message.
     """
     model, train = record_to_configs(instructions)
     privacy = record_to_privacy(instructions)

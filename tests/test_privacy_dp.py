@@ -89,6 +89,14 @@ def test_dp_sgd_is_reproducible_per_seed_and_noise_changes_the_weights() -> None
     assert _max_diff(first.encoder_state(), quiet.encoder_state()) > 1e-4
 
 
+def test_secure_rng_is_not_reproducible_from_the_seed() -> None:
+    secure = LocalDPConfig(noise_multiplier=1.0, secure_rng=True)
+    first, second = _dp_trainer(seed=3, dp=secure), _dp_trainer(seed=3, dp=secure)
+    first.train_round(0)
+    second.train_round(0)
+    assert _max_diff(first.encoder_state(), second.encoder_state()) > 0
+
+
 @pytest.mark.parametrize("mim_weight", [0.0, 1.0])
 def test_per_volume_clipping_bounds_each_volume(mim_weight: float) -> None:
     clip = 1e-3
