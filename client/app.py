@@ -4,6 +4,11 @@ A site receives the global encoder and the round's instructions, trains on its o
 and replies with the change of its student encoder only (local weights minus the global
 weights it started from). Everything else the site learns (DINO
 head, EMA teacher, loss centre) stays in the node's ``context.state`` between rounds.
+
+Order of a round, so that nothing is read that a refused round should not touch: the site's
+policy is checked against the instructions first (``client/policy.py``), then the cache is
+opened and the privacy budget checked (``client/privacy_round.py``), then training. Every
+outgoing message, refusals included, is written to the site's audit log (``client/audit.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ctfed.client.site import SiteData, resolve_site
+from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
+from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.train import LocalTrainer
 from ctfed.common.logs import console_logging
 from ctfed.common.exchange import (
@@ -23,6 +29,7 @@ from ctfed.common.exchange import (
     LOCAL_STATE_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    SERVER_ROUND_KEY,
     SITE_KEY,
     record_bytes,
     record_to_configs,
@@ -42,11 +49,21 @@ def train(msg: Message, context: Context) -> Message:
     console_logging()
     started = time.perf_counter()
     instructions = msg.content[CONFIG_KEY]
-    model_cfg, train_cfg = record_to_configs(instructions)
-    server_round = int(instructions["server-round"])
-    site: SiteData = resolve_site(context)
+    server_round = int(instructions[SERVER_ROUND_KEY])
+    identity = identify_site(context)
+    privacy_round = SitePrivacyRound(identity, context, instructions)
+    try:
+        privacy_round.check_policy()  # before the cache is opened
+        model_cfg, train_cfg = record_to_configs(instructions)
+        site: SiteData = open_site_data(identity)
+        privacy_round.check_budget(train_cfg, num_volumes=len(site.dataset))
+    except RoundRefused as refusal:
+        logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
+        return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
-    trainer = LocalTrainer(model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index)
+    trainer = LocalTrainer(
+        model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp
+    )
     if LOCAL_STATE_KEY in context.state:
         trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.encoder_state())
@@ -55,7 +72,8 @@ def train(msg: Message, context: Context) -> Message:
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
 
-    update = state_to_record(state_delta(trainer.encoder_state(), global_state))
+    update = state_to_record(privacy_round.clip(state_delta(trainer.encoder_state(), global_state)))
+    privacy_metrics = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(
         {
@@ -67,6 +85,7 @@ def train(msg: Message, context: Context) -> Message:
             "data-seconds": float(result.data_seconds),
             "round-seconds": time.perf_counter() - started,
             "bytes-sent": sent_bytes,
+            **privacy_metrics,
         }
     )
     logger.info(
@@ -76,4 +95,5 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {ARRAYS_KEY: update, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": site.site_id})}
     )
+    privacy_round.audit_reply(update, metrics)
     return Message(content=content, reply_to=msg)

@@ -1,7 +1,8 @@
 """``ctfed site``: a hospital's SuperNode, from one validated YAML file.
 
 Everything a site's IT decides lives in ``site.yaml`` (see ``conf/site.yaml``): its site id,
-the prepared cache, the SuperLink address, the CA certificate and its auth key. The file
+the prepared cache, the SuperLink address, the CA certificate, its auth key and its policy
+(what the site takes part in, ``client/policy.py``). The file
 is validated, and the cache and keys checked, before any process starts, so a typo is a
 one-line error instead of a SuperNode that retries forever. The SuperNode then runs
 offline in the foreground until Ctrl-C/SIGTERM; the ClientApp finds the cache and site id
@@ -16,7 +17,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY
+from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
+from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
 from ctfed.common.config import SiteConfig, read_site_config
 from ctfed.common.processes import (
     ProcessError,
@@ -46,8 +48,14 @@ def _toml_string(value: str) -> str:
 
 
 def node_config(cfg: SiteConfig) -> str:
-    """The ``--node-config`` string that tells the ClientApp its cache and site id."""
-    return f"{DATA_PATH_KEY}={_toml_string(cfg.data_path)} {SITE_ID_KEY}={_toml_string(cfg.site_id)}"
+    """The ``--node-config`` string: cache, site id, state folder and policy file."""
+    values = {
+        DATA_PATH_KEY: cfg.data_path,
+        SITE_ID_KEY: cfg.site_id,
+        STATE_DIR_KEY: str(cfg.state_path),
+        POLICY_FILE_KEY: str(cfg.state_path / POLICY_FILE),
+    }
+    return " ".join(f"{key}={_toml_string(value)}" for key, value in values.items())
 
 
 def supernode_command(cfg: SiteConfig, runtime_port: int) -> list[str]:
@@ -77,6 +85,8 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
     cfg.check_files()
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
+    # The ClientApp reads the policy from here (node config ``policy-file``) every round.
+    write_policy_file(cfg.policy, state)
     port = cfg.runtime_port or free_port()
     log_file = state / LOG_FILE
     process = start_logged(supernode_command(cfg, port), offline_env(state / FLWR_HOME), log_file, echo=echo)

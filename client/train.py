@@ -23,6 +23,10 @@ Teacher policy (``train.teacher_on_new_global``):
 * ``"keep"``: the teacher keeps its EMA across rounds (FedEMA/FedU style), so it integrates the
   sequence of global students and this site's local steps.
 
+Local differential privacy (``dp=`` a LocalDPConfig): every optimizer step is per-volume
+DP-SGD on Poisson-sampled batches (``client/dp_sgd.py``); ``train.grad_clip`` is then
+replaced by the per-volume clipping, and the DINO/iBOT centres stay frozen.
+
 Either way a site's first global encoder also initialises its teacher encoder; the teacher
 head is always the EMA of this site's student head (heads never leave the site).
 
@@ -33,7 +37,9 @@ same prototypes; the per-site ``seed`` only drives data order, crops and masks.
 from __future__ import annotations
 
 import logging
+import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -41,7 +47,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ctfed.common.config import ModelConfig, TrainConfig
+from ctfed.client.dp_sgd import VolumeDPSGD
+from ctfed.client.ledger import local_sample_rate
+from ctfed.common.config import LocalDPConfig, ModelConfig, TrainConfig
 from ctfed.common.masking import sample_masks
 from ctfed.common.model import SSLModel, build_teacher
 from ctfed.common.ssl import DINOLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
@@ -70,6 +78,8 @@ class RoundResult:
     mim_losses: list[float] = field(default_factory=list)  # per local step, unweighted; empty if MIM is off
     # Time spent reading volumes and making crops: the data loader's share of the round.
     data_seconds: float = 0.0
+    # DP-SGD only: optimizer steps taken (each one accounted, empty batches included).
+    dp_steps: int = 0
 
 
 class LocalTrainer:
@@ -82,6 +92,7 @@ class LocalTrainer:
         dataset: Dataset,
         device: str = "cpu",
         seed: int = 0,
+        dp: LocalDPConfig | None = None,
     ) -> None:
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the site's dataset is empty; prepare its cache first")
@@ -126,6 +137,16 @@ class LocalTrainer:
             lr=train_cfg.lr,
             weight_decay=train_cfg.weight_decay,
         )
+
+        self.dp: VolumeDPSGD | None = None
+        if dp is not None:
+            num_volumes = len(dataset)  # type: ignore[arg-type]
+            self.dp = VolumeDPSGD(
+                self.student, self.optimizer, dp, local_sample_rate(train_cfg.batch_size, num_volumes), num_volumes
+            )
+            # The centres are statistics of raw (unclipped, unnoised) teacher outputs.
+            self.loss_fn.center_momentum = 1.0
+            self.ibot_loss.center_momentum = 1.0
 
         total_steps = max(train_cfg.schedule_rounds, 1) * train_cfg.local_steps
         warmup = min(train_cfg.warmup_steps, total_steps)
@@ -209,10 +230,15 @@ class LocalTrainer:
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
         # the ClientApp builds a fresh trainer every round. (The first two children do not
         # depend on how many are spawned, so crops and order match the pre-MIM trainer.)
-        crop_seed, order_seed, mask_seed = np.random.SeedSequence([self.seed, round_index]).spawn(3)
+        crop_seed, order_seed, mask_seed, noise_seed = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         self.multicrop.reseed(crop_seed)
-        batches = self._batches(int(order_seed.generate_state(1)[0]))
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
+        if self.dp is not None:
+            return self._train_round_dp(
+                round_index, started, int(order_seed.generate_state(1)[0]), int(noise_seed.generate_state(1)[0]),
+                mask_generator,
+            )
+        batches = self._batches(int(order_seed.generate_state(1)[0]))
 
         losses: list[float] = []
         dino_losses: list[float] = []
@@ -235,13 +261,7 @@ class LocalTrainer:
                     teacher_out = self.teacher(teacher_in)
                 dino, mim = self.loss_fn(self.student(student_in), teacher_out), None
                 loss = cfg.dino_weight * dino
-            if not torch.isfinite(loss):
-                parts = f"DINO {dino.item():.4g}" + ("" if mim is None else f", iBOT {mim.item():.4g}")
-                raise NonFiniteLossError(
-                    f"training loss is {loss.item()} ({parts}) at round {round_index}, local step {local_step} "
-                    f"(global step {step}, lr {self.lr_schedule(step):.3g}); lower train.lr or "
-                    "raise train.warmup_steps"
-                )
+            self._check_finite(loss, dino, mim, round_index, local_step, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step < cfg.freeze_last_layer_steps:
@@ -274,9 +294,97 @@ class LocalTrainer:
             data_seconds=data_seconds,
         )
 
+    def _train_round_dp(
+        self, round_index: int, started: float, order_seed: int, noise_seed: int, mask_generator: torch.Generator
+    ) -> RoundResult:
+        """One round of per-volume DP-SGD on Poisson-sampled batches (see client/dp_sgd.py)."""
+        assert self.dp is not None
+        cfg = self.train_cfg
+        self.dp.reseed(noise_seed)
+        batches = self.dp.poisson_batches(order_seed)
+        losses: list[float] = []
+        dino_losses: list[float] = []
+        mim_losses: list[float] = []
+        num_examples = 0
+        data_seconds = 0.0
+        for local_step in range(cfg.local_steps):
+            step = round_index * cfg.local_steps + local_step
+            self._apply_schedules(step)
+            self.dp.zero_grad()
+            data_started = time.perf_counter()
+            indices = next(batches)
+            if not indices:
+                data_seconds += time.perf_counter() - data_started
+                self.dp.empty_step_gradients()
+            else:
+                volumes = torch.stack([self.dataset[i] for i in indices])
+                student_in, teacher_in = self._views(volumes)
+                data_seconds += time.perf_counter() - data_started
+                batch = volumes.shape[0]
+                crop_rows = torch.arange(student_in.shape[0]) % batch
+                row_maps = [crop_rows]
+                if self.mim_enabled:
+                    dino, mim, patch_rows = self._dino_and_mim(student_in, teacher_in, mask_generator, with_rows=True)
+                    loss = cfg.dino_weight * dino + cfg.mim_weight * mim
+                    row_maps.append(torch.cat([crop_rows, patch_rows % batch]))
+                else:
+                    with torch.no_grad():
+                        teacher_out = self.teacher(teacher_in)
+                    dino, mim = self.loss_fn(self.student(student_in), teacher_out), None
+                    loss = cfg.dino_weight * dino
+                self._check_finite(loss, dino, mim, round_index, local_step, step)
+                # The losses are means over the batch; their per-volume gradients are those of
+                # batch x loss, so clipping bounds each volume whatever the batch size.
+                with warnings.catch_warnings():
+                    # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    (loss * batch).backward()
+                self.dp.fold_rows_to_volumes(row_maps, batch)
+                losses.append(loss.item())
+                dino_losses.append(dino.item())
+                if mim is not None:
+                    mim_losses.append(mim.item())
+                num_examples += batch
+            if not self.dp.clip_and_noise():
+                raise RuntimeError("DP optimizer skipped a step; every step must be noised and accounted")
+            if step < cfg.freeze_last_layer_steps:
+                for param in self.student.head.last_layer.parameters():
+                    param.grad = None
+            self.optimizer.step()
+            update_teacher(self.student, self.teacher, self.momentum_schedule(step))
+
+        seconds = time.perf_counter() - started
+        logger.info(
+            "round %d (DP-SGD, noise %.3g, clip %.3g): %d steps, %d volumes, %.1fs",
+            round_index, self.dp.dp.noise_multiplier, self.dp.dp.max_grad_norm, cfg.local_steps, num_examples, seconds,
+        )
+        if not losses:  # every Poisson batch came out empty: nothing was measured
+            losses = [math.nan]
+            dino_losses = [math.nan]
+        return RoundResult(
+            losses=losses,
+            num_examples=num_examples,
+            seconds=seconds,
+            dino_losses=dino_losses,
+            mim_losses=mim_losses,
+            data_seconds=data_seconds,
+            dp_steps=cfg.local_steps,
+        )
+
+    def _check_finite(
+        self, loss: torch.Tensor, dino: torch.Tensor, mim: torch.Tensor | None, round_index: int, local_step: int, step: int
+    ) -> None:
+        if not torch.isfinite(loss):
+            parts = f"DINO {dino.item():.4g}" + ("" if mim is None else f", iBOT {mim.item():.4g}")
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} ({parts}) at round {round_index}, local step {local_step} "
+                f"(global step {step}, lr {self.lr_schedule(step):.3g}); lower train.lr or "
+                "raise train.warmup_steps"
+            )
+
     def _dino_and_mim(
-        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """DINO on CLS and iBOT on masked patch tokens; only the student's global crops are masked."""
         cfg = self.train_cfg
         grid = self.model_cfg.tokens_per_side
@@ -290,6 +398,9 @@ class LocalTrainer:
         student_cls, student_patches = self.student.forward_with_patches(student_in, student_mask, global_masks)
         dino = self.loss_fn(student_cls, teacher_cls)
         mim = self.ibot_loss(student_patches, teacher_patches, global_masks)
+        if with_rows:
+            # Which student row each selected patch token came from (select.nonzero() order).
+            return dino, mim, global_masks.nonzero()[:, 0].cpu()
         return dino, mim
 
     def _apply_schedules(self, step: int) -> None:

@@ -315,6 +315,116 @@ class FederationConfig:
             raise ConfigError("federation.min_sites must be >= 1")
 
 
+class PrivacyMode(str, enum.Enum):
+    """Where differential-privacy noise is added (see ARCHITECTURE.md, "Differential privacy")."""
+
+    none = "none"
+    # Sample-level DP-SGD at every site (Opacus); each site accounts its own epsilon.
+    local = "local"
+    # Site-level DP: sites clip their update, the coordinator noises the uniform mean.
+    central = "central"
+
+
+@dataclass
+class LocalDPConfig:
+    """DP-SGD at a site: per-volume gradient clipping plus Gaussian noise, every local step."""
+
+    noise_multiplier: float = 1.0
+    # Per-volume L2 bound on the gradient (all crops of one volume together).
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    # True: noise and batch sampling are seeded from OS entropy (not reproducible) and
+    # Opacus' floating-point-attack-resistant noise is used. False: seeded from train.seed.
+    secure_rng: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.local.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"privacy.local.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.local.delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass
+class CentralDPConfig:
+    """Central DP: each site clips its whole update, the coordinator adds noise to the mean."""
+
+    # L2 bound on one site's update (all tensors together).
+    clip_norm: float = 1.0
+    # Noise std on the mean = noise_multiplier * clip_norm / (number of aggregated sites).
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0:
+            raise ConfigError(f"privacy.central.clip_norm must be > 0, got {self.clip_norm}")
+        if not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.central.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.central.delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy of a run; travels to the sites with every round's instructions."""
+
+    mode: PrivacyMode = PrivacyMode.none
+    local: LocalDPConfig = field(default_factory=LocalDPConfig)
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
+
+
+# What a run is for; a site's policy lists the ones it takes part in.
+PHASES = ("pretrain", "finetune")
+
+
+@dataclass
+class SitePolicy:
+    """What a hospital's IT allows its site to take part in (``policy:`` in site.yaml).
+
+    The defaults allow everything; every limit of 0 or an empty list means "no limit".
+    The site checks each round's instructions against it before it reads any data.
+    """
+
+    allowed_phases: list[str] = field(default_factory=lambda: list(PHASES))
+    require_secure_aggregation: bool = False
+    # Refuse rounds whose aggregate may hold fewer sites than this (the coordinator's min_sites).
+    min_sites: int = 1
+    # Refuse rounds without differential privacy (local or central).
+    require_dp: bool = False
+    # Sample-level privacy budget of this site's local DP-SGD, epsilon at ``delta``; a round
+    # that would take the site past it is refused. 0: no budget.
+    max_epsilon: float = 0.0
+    delta: float = 1e-5
+    # Largest train.local_steps per round (0: any).
+    max_local_steps: int = 0
+    # model.name values allowed (empty: any), and size limits (0: any).
+    allowed_models: list[str] = field(default_factory=list)
+    max_hidden_size: int = 0
+    max_layers: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.allowed_phases) - set(PHASES))
+        if unknown:
+            raise ConfigError(f"policy.allowed_phases: unknown phases {unknown}; choose from {', '.join(PHASES)}")
+        if self.min_sites < 1:
+            raise ConfigError(f"policy.min_sites must be >= 1, got {self.min_sites}")
+        if self.max_epsilon < 0:
+            raise ConfigError(f"policy.max_epsilon must be >= 0 (0: no budget), got {self.max_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"policy.delta must be in (0, 1), got {self.delta}")
+        for name in ("max_local_steps", "max_hidden_size", "max_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+
+
+
+@dataclass
+class NamedSitePolicy(SitePolicy):
+    """A simulated site's own policy (``simulation.site_policies``)."""
+
+    site: str = ""
+
 @dataclass
 class SynthConfig:
     """Synthetic hospitals for simulations and demos."""
@@ -371,6 +481,25 @@ class SimulationConfig:
     # Injected site failures; any entry switches the simulated sites to the fault-injecting
     # ClientApp (simulations/faults.py), which deployed sites never run.
     faults: list[FaultConfig] = field(default_factory=list)
+    # Every simulated site's policy (default: permissive), and whole replacements for named
+    # sites (site = the cache folder's name), e.g.
+    # simulation.site_policies=[{site:site_1,max_local_steps:1}]. A list, not a mapping,
+    # because Hydra cannot add new keys to a mapping from the command line.
+    site_policy: SitePolicy = field(default_factory=SitePolicy)
+    site_policies: list[NamedSitePolicy] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [p.site for p in self.site_policies]
+        if any(not name for name in names):
+            raise ConfigError("simulation.site_policies: every entry needs 'site' (the site id)")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"simulation.site_policies names a site twice: {names}")
+
+    def policy_for(self, site_id: str) -> SitePolicy:
+        for named in self.site_policies:
+            if named.site == site_id:
+                return SitePolicy(**{f.name: getattr(named, f.name) for f in fields(SitePolicy)})
+        return self.site_policy
 
 
 @dataclass
@@ -381,6 +510,7 @@ class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
@@ -518,13 +648,16 @@ class SiteConfig:
     ca_cert: str = MISSING
     # This site's SuperNode auth key (OpenSSH EC private key from ``ctfed certs``).
     private_key: str = MISSING
-    # Folder for the SuperNode's log and Flower home. Empty: ``<data_path>/../.ctfed-site-<site_id>``.
+    # Folder for the SuperNode's log, Flower home, privacy ledger and audit log (the site's
+    # state folder). Empty: ``<data_path>/../.ctfed-site-<site_id>``.
     state_dir: str = ""
     # Local port of the SuperNode's Runtime API (127.0.0.1 only). 0: any free port, so
     # several SuperNodes can share one machine.
     runtime_port: int = 0
     # Give up reconnecting to the SuperLink after this many seconds (0: keep trying).
     max_wait_s: float = 0.0
+    # What this site takes part in; checked against every round's instructions.
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def __post_init__(self) -> None:
         if MISSING in (self.site_id, self.data_path, self.superlink, self.ca_cert, self.private_key):

@@ -8,6 +8,8 @@ policy before touching data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Mapping
@@ -15,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from ctfed.common.config import ConfigError, ModelConfig, TrainConfig, to_section
+from ctfed.common.config import ConfigError, ModelConfig, PrivacyConfig, TrainConfig, to_section
 
 # Record keys shared by both sides; one definition so a rename cannot split them.
 ARRAYS_KEY = "arrays"
@@ -24,6 +26,35 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"
 NUM_EXAMPLES_KEY = "num-examples"
 LOCAL_STATE_KEY = "ssl-local-state"
+# Run config key naming the run folder (ServerApp: results; simulated sites: state folders).
+RUN_DIR_KEY = "run-dir"
+
+# Round instructions beyond the flattened config sections. A site's policy is checked
+# against these before it reads any data (client/policy.py).
+SERVER_ROUND_KEY = "server-round"  # set by Flower's strategy
+PHASE_KEY = "run.phase"
+MIN_SITES_KEY = "federation.min_sites"
+# Whether the coordinator aggregates this round with secure aggregation.
+SECURE_AGGREGATION_KEY = "federation.secure_aggregation"
+PRETRAIN_PHASE = "pretrain"
+
+# Reply metrics a site adds: local DP's epsilon (the site's own accountant, at
+# privacy.local.delta) and central DP's clip scale (1.0: the update was within the bound).
+EPSILON_KEY = "dp-epsilon"
+CLIP_SCALE_KEY = "dp-clip-scale"
+
+# A site that declines a round replies with a Flower Error carrying one of these codes,
+# and a reason that names the site (see refusal_reason).
+POLICY_REFUSED_CODE = 4001
+BUDGET_REFUSED_CODE = 4002
+REFUSAL_CODES = (POLICY_REFUSED_CODE, BUDGET_REFUSED_CODE)
+
+# Outcome of one site in one round (results.json).
+STATUS_AGGREGATED = "aggregated"
+STATUS_REJECTED = "rejected"  # the coordinator would not use the update
+STATUS_FAILED = "failed"  # the site's ClientApp raised
+STATUS_REFUSED = "refused"  # the site declined by its policy or privacy budget
+STATUS_TIMEOUT = "timeout"  # no reply before federation.round_timeout_s
 
 
 class UpdateRejected(ValueError):
@@ -87,6 +118,18 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
+def payload_sha256(arrays: ArrayRecord | None, metrics: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of what a message carries: every array (name, dtype, shape, serialised bytes,
+    in name order) followed by the metrics as canonical JSON. Either side can recompute it."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays.keys()) if arrays is not None else []:
+        array = arrays[name]
+        digest.update(f"{name}\0{array.dtype}\0{list(array.shape)}\0".encode())
+        digest.update(array.data)
+    digest.update(json.dumps(dict(metrics or {}), sort_keys=True, allow_nan=True).encode())
+    return digest.hexdigest()
+
+
 def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
     for f in fields(obj):
         value = getattr(obj, f.name)
@@ -103,21 +146,44 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
             out[key] = value
 
 
-def configs_to_record(model: ModelConfig, train: TrainConfig, **extra: Any) -> ConfigRecord:
+def configs_to_record(
+    model: ModelConfig, train: TrainConfig, privacy: PrivacyConfig | None = None, **extra: Any
+) -> ConfigRecord:
     """Flatten the configs a site needs for one round into a ConfigRecord."""
     flat: dict[str, Any] = {}
     _flatten("model", model, flat)
     _flatten("train", train, flat)
+    _flatten("privacy", privacy or PrivacyConfig(), flat)
     flat.update(extra)
     return ConfigRecord(flat)
 
 
 def _section(record: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {
-        key[len(prefix) + 1 :]: value
-        for key, value in record.items()
-        if key.startswith(prefix + ".")
-    }
+    """The keys under ``prefix.``, nested again (``local.delta`` -> {"local": {"delta": ...}})."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if not key.startswith(prefix + "."):
+            continue
+        *parents, leaf = key[len(prefix) + 1 :].split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return out
+
+
+def _check_finite(section: Any, prefix: str) -> None:
+    for key, value in asdict(section).items():
+        if isinstance(value, dict):
+            _check_finite_dict(value, f"{prefix}.{key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"received non-finite value for {prefix}.{key}")
+
+
+def _check_finite_dict(values: dict[str, Any], prefix: str) -> None:
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"received non-finite value for {prefix}.{key}")
 
 
 def record_to_configs(record: Mapping[str, Any]) -> tuple[ModelConfig, TrainConfig]:
@@ -129,3 +195,22 @@ def record_to_configs(record: Mapping[str, Any]) -> tuple[ModelConfig, TrainConf
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"received non-finite value for {key}")
     return model, train
+
+
+def record_to_privacy(record: Mapping[str, Any]) -> PrivacyConfig:
+    """The round's privacy settings (none if the coordinator sent no privacy section)."""
+    privacy = to_section(PrivacyConfig, _section(record, "privacy"))
+    _check_finite(privacy.local, "privacy.local")
+    _check_finite(privacy.central, "privacy.central")
+    return privacy
+
+
+def refusal_reason(site_id: str, reason: str) -> str:
+    """An error reason that names the refusing site (an error reply carries no content)."""
+    return f"site {site_id} refuses: {reason}"
+
+
+def refusing_site(reason: str) -> str | None:
+    """The site id ``refusal_reason`` put into ``reason``, if any."""
+    prefix, sep, _ = reason.partition(" refuses: ")
+    return prefix[len("site ") :] if sep and prefix.startswith("site ") else None

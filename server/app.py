@@ -15,11 +15,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ctfed.common.config import RunConfig, load_run_config, read_run_config
+from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.logs import console_logging
 from ctfed.server.rounds import run_federation
 
 RUN_CONFIG_FILE_KEY = "run-config-file"
-RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 
 logger = logging.getLogger(__name__)

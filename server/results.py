@@ -33,7 +33,7 @@ class ResumeError(RuntimeError):
 @dataclass
 class SiteRoundRecord:
     site: str
-    status: str  # "aggregated" | "rejected" | "failed" | "timeout"
+    status: str  # common.exchange STATUS_*: "aggregated" | "rejected" | "failed" | "refused" | "timeout"
     reason: str = ""
     num_examples: int = 0
     loss_first: float | None = None
@@ -42,6 +42,8 @@ class SiteRoundRecord:
     train_seconds: float | None = None
     data_seconds: float | None = None  # of train_seconds, spent loading volumes and cropping
     bytes_received: int = 0
+    # Local DP: the site's own epsilon after this round (its accountant, all rounds so far).
+    epsilon: float | None = None
 
 
 @dataclass
@@ -52,6 +54,9 @@ class RoundRecord:
     bytes_sent_per_site: int
     seconds: float
     checkpoint: str
+    # Central DP: the coordinator's epsilon after this round, and the noise std it added.
+    central_epsilon: float | None = None
+    central_noise_std: float | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RoundRecord":
@@ -76,6 +81,8 @@ class RunRecorder:
         self.earlier_wall_seconds = earlier_wall_seconds  # spent before the last resume
         self.resumes: list[dict[str, Any]] = list(resumes)
         self.status = "running"
+        # Central DP: the coordinator's privacy ledger (PrivacyLedger.to_dict), kept current.
+        self.central_privacy_ledger: dict[str, Any] | None = None
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -122,6 +129,10 @@ class RunRecorder:
             earlier_wall_seconds=float(saved.get("wall_seconds", 0.0)),
             resumes=[*saved.get("resumes", []), resumed],
         )
+        # The coordinator's epsilon continues from the checkpoint we resume from, not from
+        # results.json, which may describe a later round whose checkpoint was unusable.
+        recorder.central_privacy_ledger = card.get("central_privacy_ledger")
+        recorder._write()
         return recorder, state
 
     @property
@@ -130,7 +141,9 @@ class RunRecorder:
 
     def save_global(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
         stem = self.run_dir / CHECKPOINT_DIR / f"global_round_{server_round:04d}"
-        return save_checkpoint(stem, state, self.cfg.model, round=server_round, kind="global-encoder")
+        # The ledger travels with the weights: resuming from this checkpoint must continue it.
+        extra = {} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}
+        return save_checkpoint(stem, state, self.cfg.model, round=server_round, kind="global-encoder", **extra)
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
@@ -147,6 +160,7 @@ class RunRecorder:
             "wall_seconds": self.earlier_wall_seconds + time.time() - self.started,
             "resumes": self.resumes,
             "rounds": [asdict(r) for r in self.rounds],
+            **({} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}),
         }
 
     def _write(self) -> None:

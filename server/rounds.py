@@ -16,20 +16,34 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ctfed.common.config import RunConfig, Strategy
+from ctfed.common.config import PrivacyMode, RunConfig, Strategy
 from ctfed.common.exchange import (
     ARRAYS_KEY,
+    EPSILON_KEY,
     METRICS_KEY,
+    MIN_SITES_KEY,
+    PHASE_KEY,
+    PRETRAIN_PHASE,
+    REFUSAL_CODES,
+    SECURE_AGGREGATION_KEY,
     SITE_KEY,
+    STATUS_AGGREGATED,
+    STATUS_FAILED,
+    STATUS_REFUSED,
+    STATUS_REJECTED,
+    STATUS_TIMEOUT,
     UpdateRejected,
     apply_delta,
     configs_to_record,
     record_bytes,
     record_to_state,
+    refusing_site,
     state_to_record,
     update_norm,
 )
+from ctfed.common.dp import PrivacyLedger
 from ctfed.common.model import ViTEncoder
+from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
 
 logger = logging.getLogger(__name__)
@@ -55,7 +69,7 @@ def build_strategy(cfg: RunConfig) -> FedAvg:
 def _site_id(reply: Message, known_sites: dict[int, str]) -> str:
     """The site id a reply carries; error replies carry none, so use what the node said before."""
     node = reply.metadata.src_node_id
-    if not reply.has_error():
+    if reply.has_content():
         site = reply.content.config_records.get(SITE_KEY)
         if site and "site-id" in site:
             known_sites[node] = str(site["site-id"])
@@ -71,8 +85,14 @@ def _vet_replies(
     for reply in replies:
         site = _site_id(reply, known_sites)
         if reply.has_error():
-            logger.warning("site %s failed this round: %s", site, reply.error.reason)
-            records.append(SiteRoundRecord(site=site, status="failed", reason=reply.error.reason))
+            reason = reply.error.reason or ""
+            if reply.error.code in REFUSAL_CODES:
+                site = refusing_site(reason) or site
+                logger.warning("site %s refused this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_REFUSED, reason=reason))
+            else:
+                logger.warning("site %s failed this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_FAILED, reason=reason))
             continue
         try:
             update = record_to_state(reply.content[ARRAYS_KEY], expected=expected)
@@ -81,14 +101,14 @@ def _vet_replies(
                 raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
         except (UpdateRejected, KeyError) as err:
             logger.warning("rejected the update of site %s: %s", site, err)
-            records.append(SiteRoundRecord(site=site, status="rejected", reason=str(err)))
+            records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
             continue
         metrics = reply.content[METRICS_KEY]
         accepted.append(reply)
         records.append(
             SiteRoundRecord(
                 site=site,
-                status="aggregated",
+                status=STATUS_AGGREGATED,
                 num_examples=int(metrics["num-examples"]),
                 loss_first=float(metrics["loss-first"]),
                 loss=float(metrics["loss"]),
@@ -96,6 +116,7 @@ def _vet_replies(
                 train_seconds=float(metrics["train-seconds"]),
                 data_seconds=float(metrics["data-seconds"]),
                 bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
+                epsilon=float(metrics[EPSILON_KEY]) if EPSILON_KEY in metrics else None,
             )
         )
     records.sort(key=lambda record: record.site)
@@ -106,7 +127,7 @@ def _missing_records(messages: list[Message], replies: list[Message], known_site
     """A record for every sampled node that did not answer in time (named if seen before)."""
     answered = {reply.metadata.src_node_id for reply in replies}
     return [
-        SiteRoundRecord(site=known_sites.get(node, f"node-{node}"), status="timeout", reason="no reply before federation.round_timeout_s")
+        SiteRoundRecord(site=known_sites.get(node, f"node-{node}"), status=STATUS_TIMEOUT, reason="no reply before federation.round_timeout_s")
         for node in (m.metadata.dst_node_id for m in messages)
         if node not in answered
     ]
@@ -127,16 +148,27 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         global_state = initial_encoder_state(cfg)
         recorder.save_global(0, global_state)
     arrays = state_to_record(global_state)
+    central = None
+    if cfg.privacy.mode is PrivacyMode.central:
+        saved = recorder.central_privacy_ledger
+        central = CentralDP(cfg.privacy.central, ledger=PrivacyLedger.from_dict(saved) if saved else None)
+    max_update_norm = cfg.federation.max_update_norm
+    if central is not None:
+        max_update_norm = central.max_update_norm(max_update_norm)
+        recorder.central_privacy_ledger = central.ledger.to_dict()
     total = cfg.federation.rounds
     known_sites: dict[int, str] = {}
     for server_round in range(recorder.last_round + 1, total + 1):
         started = time.perf_counter()
-        instructions = configs_to_record(cfg.model, cfg.train)
+        instructions = configs_to_record(
+            cfg.model, cfg.train, cfg.privacy,
+            **{PHASE_KEY: PRETRAIN_PHASE, MIN_SITES_KEY: cfg.federation.min_sites, SECURE_AGGREGATION_KEY: False},
+        )
         sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-        accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm, known_sites)
+        accepted, site_records = _vet_replies(replies, global_state, max_update_norm, known_sites)
         missing = _missing_records(messages, replies, known_sites)
         if missing:
             logger.warning(
@@ -146,8 +178,16 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             site_records = sorted(site_records + missing, key=lambda record: record.site)
 
         aggregated: ArrayRecord | None = None
+        noise_std: float | None = None
         if len(accepted) >= cfg.federation.min_sites:
-            aggregated, _ = strategy.aggregate_train(server_round, accepted)
+            if central is None:
+                aggregated, _ = strategy.aggregate_train(server_round, accepted)
+            else:
+                updates = [record_to_state(r.content[ARRAYS_KEY], expected=global_state) for r in accepted]
+                sample_rate = len(messages) / max(len(list(grid.get_node_ids())), len(messages))
+                noisy_mean, noise_std = central.aggregate(updates, server_round, sample_rate)
+                aggregated = state_to_record(noisy_mean)
+                recorder.central_privacy_ledger = central.ledger.to_dict()
         if aggregated is None:
             logger.error(
                 "round %d: only %d usable updates (need %d); the global encoder is unchanged",
@@ -166,6 +206,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
                 bytes_sent_per_site=sent_bytes,
                 seconds=time.perf_counter() - started,
                 checkpoint=checkpoint.name,
+                central_epsilon=central.epsilon() if central is not None else None,
+                central_noise_std=noise_std,
             )
         )
         losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in site_records if s.loss is not None)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctfed.client.policy import SITE_POLICIES_FILE_KEY
 from ctfed.client.site import DATA_DIR_KEY
-from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
+from ctfed.common.exchange import RUN_DIR_KEY
+from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
 
 SERVER_APP = "ctfed.server.app:app"
 CLIENT_APP = "ctfed.client.app:app"
@@ -27,6 +29,7 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     RUN_DIR_KEY: "",
     RESUME_KEY: False,
     DATA_DIR_KEY: "",
+    SITE_POLICIES_FILE_KEY: "",
 }
 
 

@@ -13,10 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-from ctfed.client.site import DATA_DIR_KEY, site_cache_dirs
+from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
+from ctfed.client.site import DATA_DIR_KEY, SITES_DIR, site_cache_dirs
 from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config, save_run_config, to_run_config
+from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import prepare
-from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY, RUN_DIR_KEY
+from ctfed.common.exchange import RUN_DIR_KEY
+from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
 from ctfed.server.results import RESULTS_NAME
 from ctfed.simulations.engine import SimulationError, run_app
 from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
@@ -99,6 +102,17 @@ def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
     return data_dir
 
 
+def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> Path:
+    """Each simulated site's policy, for its ClientApp (``site-policies-file``)."""
+    unknown = sorted({p.site for p in cfg.simulation.site_policies} - set(site_ids))
+    if unknown:
+        raise ValueError(f"simulation.site_policies names unknown sites {unknown}; the sites are {site_ids}")
+    path = run_dir / SITES_DIR / "policies.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {site: policy_to_dict(cfg.simulation.policy_for(site)) for site in site_ids})
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
@@ -130,13 +144,16 @@ def run(args: argparse.Namespace) -> int:
             print("[2/3] (nothing to prepare)")
         else:
             data_dir = synthesize_and_prepare(cfg, run_dir)
-    num_sites = len(site_cache_dirs(data_dir))
+    site_ids = [cache.name for cache in site_cache_dirs(data_dir)]
+    num_sites = len(site_ids)
+    policies_path = write_site_policies(cfg, run_dir, site_ids)
 
     run_config: dict[str, object] = {
         RUN_CONFIG_FILE_KEY: str(config_path),
         RUN_DIR_KEY: str(run_dir),
         DATA_DIR_KEY: str(data_dir),
         RESUME_KEY: resume,
+        SITE_POLICIES_FILE_KEY: str(policies_path),
     }
     client_app = CLIENT_APP
     if cfg.simulation.faults:

@@ -1,0 +1,134 @@
+"""A hospital's own rules for what its site takes part in, checked before any data is read.
+
+The policy is the site IT's (``policy:`` in ``site.yaml``), never the coordinator's: the
+coordinator can only describe a round in its instructions, and the site declines a round
+that its policy does not allow. The ClientApp calls ``check_instructions`` first, before it
+opens the cache, so a refused round has touched nothing.
+
+Where a node finds its policy:
+
+* deployed: ``ctfed site`` writes the policy from site.yaml to ``<state dir>/policy.json``
+  and names it in the node config as ``policy-file``;
+* simulation: ``ctfed simulate`` writes ``<run dir>/sites/policies.json`` (site id ->
+  policy, from ``simulation.site_policy`` / ``simulation.site_policies``) and names it in
+  the run config as ``site-policies-file``;
+* neither: the permissive default ``SitePolicy()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+from ctfed.common.config import ConfigError, PrivacyMode, SitePolicy, to_section
+from ctfed.common.exchange import (
+    MIN_SITES_KEY,
+    PHASE_KEY,
+    PRETRAIN_PHASE,
+    SECURE_AGGREGATION_KEY,
+    record_to_configs,
+    record_to_privacy,
+)
+
+POLICY_FILE_KEY = "policy-file"  # node config (deployed site)
+SITE_POLICIES_FILE_KEY = "site-policies-file"  # run config (simulation)
+POLICY_FILE = "policy.json"
+DEFAULT_POLICY_ENTRY = "*"  # in a site-policies file: the policy of sites not named
+
+
+class PolicyViolation(RuntimeError):
+    """Round instructions the site's policy does not allow; the message lists every reason."""
+
+
+def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any]) -> None:
+    """Raise PolicyViolation unless ``policy`` allows the round ``instructions`` describe.
+
+    A key the instructions leave out counts against the round: no secure aggregation,
+    min_sites 1, no differential privacy. Every violated rule is named in the message.
+    """
+    model, train = record_to_configs(instructions)
+    privacy = record_to_privacy(instructions)
+    phase = str(instructions.get(PHASE_KEY, PRETRAIN_PHASE))
+    secure_aggregation = bool(instructions.get(SECURE_AGGREGATION_KEY, False))
+    min_sites = int(instructions.get(MIN_SITES_KEY, 1))
+
+    reasons: list[str] = []
+    if phase not in policy.allowed_phases:
+        reasons.append(f"phase '{phase}' is not in policy.allowed_phases {list(policy.allowed_phases)}")
+    if policy.require_secure_aggregation and not secure_aggregation:
+        reasons.append("policy.require_secure_aggregation is set but this round is not securely aggregated")
+    if min_sites < policy.min_sites:
+        reasons.append(
+            f"the coordinator may aggregate as few as {min_sites} sites (federation.min_sites); "
+            f"policy.min_sites is {policy.min_sites}"
+        )
+    if policy.require_dp and privacy.mode is PrivacyMode.none:
+        reasons.append("policy.require_dp is set but this round has no differential privacy (privacy.mode=none)")
+    if policy.max_epsilon > 0 and privacy.mode is not PrivacyMode.local:
+        # The budget is this site's own sample-level accounting of DP-SGD; with any other
+        # mode the site cannot vouch for the epsilon of what it sends.
+        reasons.append(
+            f"policy.max_epsilon={policy.max_epsilon:g} is a budget for local DP-SGD, "
+            f"but this round uses privacy.mode={privacy.mode.value}"
+        )
+    if policy.max_local_steps and train.local_steps > policy.max_local_steps:
+        reasons.append(
+            f"train.local_steps={train.local_steps} exceeds policy.max_local_steps={policy.max_local_steps}"
+        )
+    if policy.allowed_models and model.name not in policy.allowed_models:
+        reasons.append(f"model '{model.name}' is not in policy.allowed_models {list(policy.allowed_models)}")
+    if policy.max_hidden_size and model.hidden_size > policy.max_hidden_size:
+        reasons.append(
+            f"model.hidden_size={model.hidden_size} exceeds policy.max_hidden_size={policy.max_hidden_size}"
+        )
+    if policy.max_layers and model.num_layers > policy.max_layers:
+        reasons.append(f"model.num_layers={model.num_layers} exceeds policy.max_layers={policy.max_layers}")
+    if reasons:
+        raise PolicyViolation("policy: " + "; ".join(reasons))
+
+
+def policy_to_dict(policy: SitePolicy) -> dict[str, Any]:
+    return {key: value for key, value in asdict(policy).items() if key in SitePolicy.__dataclass_fields__}
+
+
+def policy_from_dict(values: Mapping[str, Any], where: str) -> SitePolicy:
+    try:
+        return to_section(SitePolicy, dict(values))
+    except ConfigError as err:
+        raise ConfigError(f"site policy in {where}: {err}") from None
+
+
+def write_policy_file(policy: SitePolicy, state_dir: Path) -> Path:
+    """Write a deployed site's policy for its ClientApp; returns the file's path."""
+    from ctfed.common.fileio import write_json_atomic
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / POLICY_FILE
+    write_json_atomic(path, policy_to_dict(policy))
+    return path
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
+
+
+def load_site_policy(
+    node_config: Mapping[str, Any], run_config: Mapping[str, Any], site_id: str
+) -> SitePolicy:
+    """This node's policy (see the module docstring); ConfigError if a named file is bad."""
+    policy_file = str(node_config.get(POLICY_FILE_KEY, ""))
+    if policy_file:
+        return policy_from_dict(_read_json(Path(policy_file), "site policy file"), policy_file)
+    policies_file = str(run_config.get(SITE_POLICIES_FILE_KEY, ""))
+    if policies_file:
+        table = _read_json(Path(policies_file), "site policies file")
+        entry = table.get(site_id, table.get(DEFAULT_POLICY_ENTRY, {}))
+        return policy_from_dict(entry, f"{policies_file} [{site_id}]")
+    return SitePolicy()

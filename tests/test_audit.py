@@ -1,0 +1,131 @@
+"""The site audit log: one entry per outgoing message, hash-chained, nothing but weights and numbers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from ctfed.client.audit import (
+    AUDIT_FILE,
+    ENTRY_KEYS,
+    GENESIS_HASH,
+    KIND_REFUSAL,
+    KIND_TRAIN_REPLY,
+    PARAMETER_KEYS,
+    AuditLog,
+    AuditLogError,
+    verify_audit_log,
+)
+from ctfed.common.exchange import payload_sha256, record_bytes
+
+
+def _arrays(seed: int) -> ArrayRecord:
+    generator = torch.Generator().manual_seed(seed)
+    return ArrayRecord({"blocks.0.weight": torch.randn(4, 3, generator=generator), "norm.bias": torch.ones(3)})
+
+
+def _write(path: Path, entries: int = 4) -> AuditLog:
+    log = AuditLog(path)
+    for index in range(entries):
+        if index == 2:
+            log.append(kind=KIND_REFUSAL, run_id=9, server_round=index + 1, site_id="hospital-a", reason="site hospital-a refuses: policy")
+        else:
+            log.append(
+                kind=KIND_TRAIN_REPLY, run_id=9, server_round=index + 1, site_id="hospital-a", arrays=_arrays(index),
+                metrics={"loss": 1.5, "dp-epsilon": 0.5 * (index + 1)},
+                dp={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon_after": 0.5 * (index + 1)},
+            )
+    return log
+
+
+def test_entries_describe_what_was_sent(tmp_path: Path) -> None:
+    path = tmp_path / AUDIT_FILE
+    _write(path, entries=2)
+    lines = path.read_text().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == ENTRY_KEYS
+    assert first["prev_sha256"] == GENESIS_HASH
+    assert first["time"].endswith("+00:00")  # UTC
+    assert (first["run_id"], first["round"], first["kind"], first["site"]) == ("9", 1, KIND_TRAIN_REPLY, "hospital-a")
+    arrays = _arrays(0)
+    described = {p["name"]: p for p in first["parameters"]}
+    assert set(described) == {"blocks.0.weight", "norm.bias"}
+    assert all(set(p) == PARAMETER_KEYS for p in first["parameters"])
+    assert described["blocks.0.weight"]["shape"] == [4, 3]
+    weight = arrays.to_torch_state_dict()["blocks.0.weight"]
+    assert described["blocks.0.weight"]["l2_norm"] == pytest.approx(float(weight.norm()))
+    assert first["payload_sha256"] == payload_sha256(arrays, first["metrics"])
+    assert first["bytes"] == record_bytes(arrays)
+    assert first["dp"]["epsilon_after"] == 0.5
+    import hashlib
+
+    assert second["prev_sha256"] == hashlib.sha256(lines[0].encode()).hexdigest()
+
+
+def test_chain_verifies_and_detects_edits_deletions_and_truncation(tmp_path: Path) -> None:
+    path = tmp_path / AUDIT_FILE
+    _write(path, entries=4)
+    assert verify_audit_log(path) == 4
+    original = path.read_text().splitlines(keepends=True)
+
+    edited = json.loads(original[1])
+    edited["parameters"][0]["l2_norm"] = 0.0
+    path.write_text("".join([original[0], json.dumps(edited, sort_keys=True) + "\n", *original[2:]]))
+    with pytest.raises(AuditLogError, match=":3: hash chain broken"):
+        verify_audit_log(path)
+
+    path.write_text("".join([original[0], *original[2:]]))  # a middle line removed
+    with pytest.raises(AuditLogError, match="hash chain broken"):
+        verify_audit_log(path)
+
+    path.write_text("".join(original[:3]))  # the last line cut off
+    with pytest.raises(AuditLogError, match="cut short"):
+        verify_audit_log(path)
+
+    smuggled = json.loads(original[0])
+    smuggled["patient_name"] = "DOE^JANE"
+    path.write_text(json.dumps(smuggled, sort_keys=True) + "\n")
+    with pytest.raises(AuditLogError, match="unexpected entry keys"):
+        verify_audit_log(path)
+
+
+def test_appends_continue_the_chain_across_log_objects(tmp_path: Path) -> None:
+    path = tmp_path / AUDIT_FILE
+    _write(path, entries=2)
+    AuditLog(path).append(kind=KIND_REFUSAL, run_id=10, server_round=1, site_id="hospital-a", reason="x")
+    assert verify_audit_log(path) == 3
+
+
+def _append_many(path: str, worker: int) -> None:
+    log = AuditLog(Path(path))
+    for index in range(15):
+        log.append(kind=KIND_TRAIN_REPLY, run_id=worker, server_round=index, site_id="s", arrays=_arrays(index))
+
+
+def test_concurrent_appenders_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / AUDIT_FILE
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(str(path), worker)) for worker in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    assert verify_audit_log(path) == 45
+
+
+def test_log_holds_no_cache_or_dicom_identifiers(tmp_path: Path) -> None:
+    """Only the site id, numbers and tensor names reach the log, whatever the cache holds."""
+    path = tmp_path / AUDIT_FILE
+    _write(path, entries=4)
+    text = path.read_text()
+    for entry in map(json.loads, text.splitlines()):
+        assert set(entry) == ENTRY_KEYS
+        assert all(isinstance(v, (int, float, list)) for v in entry["metrics"].values())
+    for forbidden in ("PatientName", "DOE^", "StudyInstanceUID", ".dcm", ".npy", "manifest"):
+        assert forbidden not in text

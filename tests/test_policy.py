@@ -1,0 +1,179 @@
+"""Site policy: every rule refuses a violating round, before the site reads any data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from ctfed.client.app import train as client_train
+from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, verify_audit_log
+from ctfed.client.policy import (
+    POLICY_FILE_KEY,
+    SITE_POLICIES_FILE_KEY,
+    PolicyViolation,
+    check_instructions,
+    load_site_policy,
+    write_policy_file,
+)
+from ctfed.client.site_cli import node_config
+from ctfed.common.config import (
+    ConfigError,
+    ModelConfig,
+    PrivacyConfig,
+    PrivacyMode,
+    SitePolicy,
+    TrainConfig,
+    load_run_config,
+    read_site_config,
+)
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    MIN_SITES_KEY,
+    PHASE_KEY,
+    POLICY_REFUSED_CODE,
+    SECURE_AGGREGATION_KEY,
+    SERVER_ROUND_KEY,
+    configs_to_record,
+    refusing_site,
+    state_to_record,
+)
+from ctfed.common.model import ViTEncoder
+
+
+def _instructions(
+    model: ModelConfig | None = None,
+    train: TrainConfig | None = None,
+    privacy: PrivacyConfig | None = None,
+    **extra: Any,
+) -> ConfigRecord:
+    values = {PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: False, SERVER_ROUND_KEY: 1}
+    values.update(extra)
+    return configs_to_record(model or ModelConfig(), train or TrainConfig(local_steps=4), privacy, **values)
+
+
+LOCAL_DP = PrivacyConfig(mode=PrivacyMode.local)
+
+# (policy, instructions that break it, a phrase the refusal must contain)
+RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
+    (SitePolicy(allowed_phases=["finetune"]), _instructions(), "phase 'pretrain'"),
+    (SitePolicy(require_secure_aggregation=True), _instructions(), "require_secure_aggregation"),
+    (SitePolicy(min_sites=5), _instructions(), "as few as 3 sites"),
+    (SitePolicy(require_dp=True), _instructions(), "require_dp"),
+    (SitePolicy(max_epsilon=3.0), _instructions(privacy=PrivacyConfig(mode=PrivacyMode.central)), "max_epsilon=3"),
+    (SitePolicy(max_local_steps=2), _instructions(), "train.local_steps=4 exceeds policy.max_local_steps=2"),
+    (SitePolicy(allowed_models=["small"]), _instructions(), "model 'tiny'"),
+    (SitePolicy(max_hidden_size=24), _instructions(), "model.hidden_size=48"),
+    (SitePolicy(max_layers=1), _instructions(), "model.num_layers=2"),
+]
+
+
+@pytest.mark.parametrize(("policy", "instructions", "phrase"), RULES, ids=[r[2].split()[0] for r in RULES])
+def test_each_rule_refuses_a_violating_round(policy: SitePolicy, instructions: ConfigRecord, phrase: str) -> None:
+    with pytest.raises(PolicyViolation, match="policy: ") as refused:
+        check_instructions(policy, instructions)
+    assert phrase in str(refused.value)
+
+
+def test_allowed_rounds_pass_and_all_reasons_are_listed() -> None:
+    check_instructions(SitePolicy(), _instructions())
+    strict = SitePolicy(
+        require_secure_aggregation=False, min_sites=3, require_dp=True, max_epsilon=5.0, max_local_steps=4,
+        allowed_models=["tiny"], max_hidden_size=48, max_layers=2,
+    )
+    check_instructions(strict, _instructions(privacy=LOCAL_DP))
+    check_instructions(SitePolicy(require_secure_aggregation=True), _instructions(**{SECURE_AGGREGATION_KEY: True}))
+    with pytest.raises(PolicyViolation) as refused:
+        check_instructions(SitePolicy(max_local_steps=1, max_layers=1), _instructions())
+    assert "max_local_steps" in str(refused.value) and "max_layers" in str(refused.value)
+
+
+def _train_message(train: TrainConfig) -> Message:
+    encoder = ViTEncoder(ModelConfig()).state_dict()
+    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: _instructions(train=train)})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_client_app_refuses_before_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Messages take their run and node from the process's task identity (set by the SuperNode).
+    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    state_dir = tmp_path / "state"
+    policy_file = write_policy_file(SitePolicy(max_local_steps=1), state_dir)
+    missing_cache = tmp_path / "no-such-cache"
+    context = Context(
+        run_id=5, node_id=1, state=RecordDict(), run_config={},
+        node_config={"data-path": str(missing_cache), "site-id": "hospital-a", "state-dir": str(state_dir),
+                     POLICY_FILE_KEY: str(policy_file)},
+    )
+    reply = client_train(_train_message(TrainConfig(local_steps=2)), context)
+    assert reply.has_error()
+    assert reply.error.code == POLICY_REFUSED_CODE
+    assert "max_local_steps=1" in (reply.error.reason or "")
+    assert refusing_site(reply.error.reason or "") == "hospital-a"
+    assert not missing_cache.exists()
+    entries = [json.loads(line) for line in (state_dir / AUDIT_FILE).read_text().splitlines()]
+    assert [e["kind"] for e in entries] == [KIND_REFUSAL] and entries[0]["round"] == 1
+    assert verify_audit_log(state_dir / AUDIT_FILE) == 1
+
+    # The same round under a permissive policy gets as far as the (missing) data.
+    write_policy_file(SitePolicy(), state_dir)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        client_train(_train_message(TrainConfig(local_steps=2)), context)
+
+
+def test_policy_sources(tmp_path: Path) -> None:
+    assert load_site_policy({}, {}, "x") == SitePolicy()
+    table = tmp_path / "policies.json"
+    table.write_text(json.dumps({"a": {"max_local_steps": 2}, "*": {"require_dp": True}}))
+    assert load_site_policy({}, {SITE_POLICIES_FILE_KEY: str(table)}, "a").max_local_steps == 2
+    assert load_site_policy({}, {SITE_POLICIES_FILE_KEY: str(table)}, "b").require_dp
+    table.write_text(json.dumps({"a": {"max_local_step": 2}}))
+    with pytest.raises(ConfigError, match="max_local_step"):
+        load_site_policy({}, {SITE_POLICIES_FILE_KEY: str(table)}, "a")
+    with pytest.raises(ConfigError, match="not found"):
+        load_site_policy({POLICY_FILE_KEY: str(tmp_path / "none.json")}, {}, "a")
+
+
+def _site_yaml(tmp_path: Path, policy: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "site_id: hospital-a\ndata_path: cache\nsuperlink: fl.example.org:8000\n"
+        "ca_cert: ca.crt\nprivate_key: a.key\n" + policy
+    )
+    return path
+
+
+def test_site_yaml_policy_is_validated_and_passed_to_the_supernode(tmp_path: Path) -> None:
+    cfg = read_site_config(_site_yaml(tmp_path, "policy:\n  max_local_steps: 8\n  require_dp: true\n"))
+    assert cfg.policy.max_local_steps == 8 and cfg.policy.require_dp
+    config = node_config(cfg)
+    assert f'state-dir="{cfg.state_path}"' in config
+    assert f'policy-file="{cfg.state_path / "policy.json"}"' in config
+    with pytest.raises(ConfigError, match="allowed_phases"):
+        read_site_config(_site_yaml(tmp_path, "policy:\n  allowed_phases: [train]\n"))
+    with pytest.raises(ConfigError, match="max_epsilon"):
+        read_site_config(_site_yaml(tmp_path, "policy:\n  max_epsilon: -1\n"))
+    with pytest.raises(ConfigError, match="max_local_step"):
+        read_site_config(_site_yaml(tmp_path, "policy:\n  max_local_step: 3\n"))
+
+
+def test_shipped_site_yaml_policy_is_the_permissive_default() -> None:
+    from omegaconf import OmegaConf
+
+    shipped = Path(__file__).parents[1] / "conf" / "site.yaml"
+    assert SitePolicy(**OmegaConf.to_container(OmegaConf.load(shipped).policy)) == SitePolicy()  # type: ignore[arg-type]
+
+
+def test_simulation_site_policies_config() -> None:
+    cfg = load_run_config(["simulation.site_policies=[{site:site_1,max_local_steps:1}]"])
+    assert cfg.simulation.policy_for("site_1").max_local_steps == 1
+    assert cfg.simulation.policy_for("site_0") == SitePolicy()
+    with pytest.raises(ConfigError, match="twice"):
+        load_run_config(["simulation.site_policies=[{site:a},{site:a}]"])

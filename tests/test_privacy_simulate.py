@@ -1,0 +1,115 @@
+"""A real Flower simulation with local DP-SGD, where one site's policy refuses every round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, verify_audit_log
+from ctfed.client.ledger import LEDGER_FILE
+from ctfed.common.cli import main
+from ctfed.common.dp import PrivacyLedger
+from ctfed.common.exchange import STATUS_AGGREGATED, STATUS_REFUSED
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main(
+        [
+            "simulate",
+            f"output_dir={out}",
+            "run_name=dp",
+            "federation.rounds=2",
+            "federation.min_sites=2",
+            "train.local_steps=2",
+            "synth.sites=3",
+            "synth.scans_per_site=2",
+            "privacy.mode=local",
+            "privacy.local.noise_multiplier=1.0",
+            "simulation.site_policies=[{site:site_1,max_local_steps:1}]",
+        ]
+    )
+    assert code == 0
+    return out / "dp"
+
+
+def test_epsilon_grows_per_site_and_the_refusing_site_is_recorded(local_dp_run: Path) -> None:
+    results = json.loads((local_dp_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    epsilons: dict[str, list[float]] = {}
+    for record in results["rounds"]:
+        assert record["aggregated"] is True
+        sites = {s["site"]: s for s in record["sites"]}
+        assert set(sites) == {"site_0", "site_1", "site_2"}
+        refused = sites.pop("site_1")
+        assert refused["status"] == STATUS_REFUSED
+        assert "max_local_steps=1" in refused["reason"] and refused["epsilon"] is None
+        for site, outcome in sites.items():
+            assert outcome["status"] == STATUS_AGGREGATED
+            epsilons.setdefault(site, []).append(outcome["epsilon"])
+    for site, values in epsilons.items():
+        assert 0 < values[0] < values[1], (site, values)
+        ledger = PrivacyLedger.load(local_dp_run / "sites" / site / LEDGER_FILE)
+        assert ledger.epsilon(1e-5) == pytest.approx(values[1])
+
+
+def test_every_outgoing_message_is_audited(local_dp_run: Path) -> None:
+    for site, kind in (("site_0", KIND_TRAIN_REPLY), ("site_1", KIND_REFUSAL)):
+        path = local_dp_run / "sites" / site / AUDIT_FILE
+        assert verify_audit_log(path) == 2
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [e["kind"] for e in entries] == [kind, kind]
+        assert [e["round"] for e in entries] == [1, 2]
+        if kind == KIND_TRAIN_REPLY:
+            assert entries[1]["dp"]["mode"] == "local"
+            assert entries[1]["dp"]["epsilon_after"] > entries[0]["dp"]["epsilon_after"] > 0
+            assert entries[0]["parameters"] and entries[0]["bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def central_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main(
+        [
+            "simulate",
+            f"output_dir={out}",
+            "run_name=central",
+            "federation.rounds=2",
+            "train.local_steps=1",
+            "synth.sites=2",
+            "synth.scans_per_site=2",
+            "privacy.mode=central",
+            "privacy.central.clip_norm=0.05",
+            "privacy.central.noise_multiplier=0.5",
+        ]
+    )
+    assert code == 0
+    return out / "central"
+
+
+def test_central_dp_noises_the_mean_and_keeps_its_ledger(central_dp_run: Path) -> None:
+    from opacus.accountants import RDPAccountant
+
+    from ctfed.common.checkpoint import load_checkpoint
+
+    results = json.loads((central_dp_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [r["central_noise_std"] for r in rounds] == [pytest.approx(0.5 * 0.05 / 2)] * 2
+    accountant = RDPAccountant()
+    epsilons = []
+    for _ in rounds:
+        accountant.step(noise_multiplier=0.5, sample_rate=1.0)
+        epsilons.append(accountant.get_epsilon(1e-5))
+    assert [r["central_epsilon"] for r in rounds] == [pytest.approx(e) for e in epsilons]
+    ledger = PrivacyLedger.from_dict(results["central_privacy_ledger"])
+    assert [e.round for e in ledger.entries] == [1, 2]
+    _, _, card = load_checkpoint(central_dp_run / "checkpoints" / "global_round_0002.safetensors")
+    assert card["central_privacy_ledger"] == results["central_privacy_ledger"]
+    for record in rounds:
+        assert all(s["status"] == STATUS_AGGREGATED for s in record["sites"])
