@@ -14,6 +14,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ctfed.client.secagg import register_secagg
 from ctfed.client.site import SiteData, resolve_site
 from ctfed.client.train import LocalTrainer
 from ctfed.common.logs import console_logging
@@ -77,3 +78,8 @@ def train(msg: Message, context: Context) -> Message:
         {ARRAYS_KEY: update, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": site.site_id})}
     )
     return Message(content=content, reply_to=msg)
+
+
+# Secure aggregation: four protocol stages as named train actions; stage (a) trains with
+# `train` above and keeps the update on the site (client/secagg.py).
+register_secagg(app, train)

@@ -25,7 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 @dataclass
 class SiteRoundRecord:
     site: str
-    status: str  # "aggregated" | "rejected" | "failed"
+    status: str  # "aggregated" | "rejected" | "failed" | "dropped" | "not-aggregated"
     reason: str = ""
     num_examples: int = 0
     loss_first: float | None = None
@@ -34,6 +34,10 @@ class SiteRoundRecord:
     train_seconds: float | None = None
     data_seconds: float | None = None  # of train_seconds, spent loading volumes and cropping
     bytes_received: int = 0
+    # Secure aggregation: bytes the coordinator sent this site over all protocol stages,
+    # and how many of its update values were clipped before quantisation.
+    bytes_sent: int = 0
+    clipped_values: int = 0
 
 
 @dataclass
@@ -44,6 +48,8 @@ class RoundRecord:
     bytes_sent_per_site: int
     seconds: float
     checkpoint: str
+    secure_aggregation: bool = False
+    reason: str = ""  # why the round was not aggregated
 
 
 class RunRecorder:
@@ -79,6 +85,7 @@ class RunRecorder:
             "status": self.status,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
             "wall_seconds": time.time() - self.started,
+            "secure_aggregation": self.cfg.secagg.enabled,
             "rounds": [asdict(r) for r in self.rounds],
         }
 

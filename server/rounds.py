@@ -31,6 +31,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.model import ViTEncoder
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
+from ctfed.server.secagg import run_secure_round
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> RunRecorder:
         sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
+        if cfg.secagg.enabled:
+            # Secure path (server/secagg.py): only the masked sum of site updates is seen.
+            global_state = run_secure_round(grid, messages, global_state, cfg, server_round, recorder, started)
+            arrays = state_to_record(global_state)
+            continue
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
         accepted, site_records = _vet_replies(replies, global_state, cfg.federation.max_update_norm)
         missing = len(messages) - len(replies)
