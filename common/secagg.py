@@ -122,7 +122,7 @@ def _keystream_chunks(secret: bytes, length: int, dtype: np.dtype, purpose: byte
     key, nonce = mask_cipher_params(secret, purpose, server_round)
     encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
     chunk = np.empty(min(length, _CHUNK_VALUES), dtype=dtype)
-    zeros = bytes(chunk.nbytes)
+    zeros = memoryview(bytes(chunk.nbytes))  # a view: slicing it copies nothing
     for start in range(0, length, _CHUNK_VALUES):
         count = min(_CHUNK_VALUES, length - start)
         nbytes = count * dtype.itemsize
@@ -222,8 +222,12 @@ def encode_weighted(quantised: np.ndarray, weight: int, modulus_bits: int) -> np
     """``[weight * q..., weight]`` as unsigned integers modulo 2**bits (two's complement)."""
     dtype = uint_dtype(modulus_bits)
     out = np.empty(quantised.size + 1, dtype=dtype)
-    weighted = quantised.reshape(-1) * np.int64(weight)
-    out[:-1] = weighted.astype(dtype)  # C-style cast: negative values wrap modulo 2**bits
+    body = out[:-1]
+    if modulus_bits == 64:
+        # Two's complement: the int64 bit pattern IS the value modulo 2**64 (no cast pass).
+        np.multiply(quantised.reshape(-1), np.int64(weight), out=body.view(np.int64))
+    else:
+        body[:] = (quantised.reshape(-1) * np.int64(weight)).astype(dtype)  # C cast wraps mod 2**32
     out[-1] = weight
     return out
 
