@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
+from ctfed.client.secagg import register_secagg
 from ctfed.client.train import LocalTrainer
 from ctfed.common.logs import console_logging
 from ctfed.common.exchange import (
@@ -97,3 +98,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     privacy_round.audit_reply(update, metrics)
     return Message(content=content, reply_to=msg)
+
+
+# Secure aggregation: four protocol stages as named train actions; stage (a) trains with
+# `train` above and keeps the update on the site (client/secagg.py).
+register_secagg(app, train)

@@ -36,6 +36,7 @@ GENESIS_HASH = "0" * 64
 # Message kinds.
 KIND_TRAIN_REPLY = "train-reply"
 KIND_REFUSAL = "refusal"
+KIND_SECAGG_PREFIX = "secagg-"  # + the protocol stage, e.g. "secagg-masked_input"
 
 # Every key an entry may have; verify_audit_log rejects any other.
 ENTRY_KEYS = frozenset(

@@ -30,6 +30,7 @@ from ctfed.common.exchange import (
     CLIP_SCALE_KEY,
     EPSILON_KEY,
     POLICY_REFUSED_CODE,
+    SECURE_AGGREGATION_KEY,
     SERVER_ROUND_KEY,
     record_to_privacy,
     refusal_reason,
@@ -126,10 +127,14 @@ class SitePrivacyRound:
         return summary
 
     def audit_reply(self, update: ArrayRecord, metrics: Mapping[str, Any]) -> None:
+        held = bool(self.instructions.get(SECURE_AGGREGATION_KEY, False))
         self.audit.append(
             kind=KIND_TRAIN_REPLY, run_id=self.run_id, server_round=self.server_round,
             site_id=self.identity.site_id, arrays=update, metrics=metrics,
             dp=self.dp_summary(metrics.get(EPSILON_KEY)),
+            # With secure aggregation the update described here stays at the site; only its
+            # masked form leaves it (the secagg-masked_input entry of this round).
+            reason="update held for secure aggregation; sent masked only" if held else "",
         )
 
     def refuse(self, refusal: RoundRefused) -> Error:

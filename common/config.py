@@ -426,6 +426,62 @@ class NamedSitePolicy(SitePolicy):
     site: str = ""
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+ on ctfed's own round loop; see common/secagg.py).
+
+    With ``enabled`` the coordinator only ever sees the sum of masked, quantised site
+    deltas. ``num_shares`` is a site's neighbourhood size (itself included); any
+    ``reconstruction_threshold`` of them can rebuild its masks if it drops out, and
+    fewer learn nothing. Deltas are clipped to +-``clipping_range`` per value and
+    quantised to ``quantization_range`` steps over [-c, c]; sums are taken modulo
+    2**``modulus_bits``.
+    """
+
+    enabled: bool = True
+    num_shares: int = 5
+    reconstruction_threshold: int = 3
+    clipping_range: float = 1.0
+    quantization_range: int = 2**40
+    modulus_bits: int = 64
+    # A site's weight is its number of training examples, capped here.
+    max_weight: int = 4096
+    # Most sites one secure round may include; with max_weight it bounds the modular sum.
+    max_sites: int = 64
+    # Seconds the coordinator waits for replies in each protocol stage after training.
+    stage_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.num_shares < 3:
+            raise ConfigError(f"secagg.num_shares must be >= 3, got {self.num_shares}")
+        # Below a strict majority, a server could tell one half of a site's neighbours that
+        # the site dropped and the other half that it survived, and rebuild both secrets.
+        if not self.num_shares / 2 < self.reconstruction_threshold <= self.num_shares:
+            raise ConfigError(
+                f"secagg.reconstruction_threshold ({self.reconstruction_threshold}) must be more than half "
+                f"of secagg.num_shares ({self.num_shares}) and at most num_shares"
+            )
+        if not self.clipping_range > 0:
+            raise ConfigError("secagg.clipping_range must be > 0")
+        if self.modulus_bits not in (32, 64):
+            raise ConfigError(f"secagg.modulus_bits must be 32 or 64, got {self.modulus_bits}")
+        if self.quantization_range < 2 or self.quantization_range % 2:
+            raise ConfigError("secagg.quantization_range must be an even integer >= 2")
+        if self.max_weight < 1 or self.max_sites < 2:
+            raise ConfigError("secagg.max_weight must be >= 1 and secagg.max_sites >= 2")
+        # Each site adds weight * q with |q| <= quantization_range / 2; the signed sum must
+        # stay inside (-2**(bits-1), 2**(bits-1)) or it wraps and the mean is garbage.
+        worst_sum = self.max_sites * self.max_weight * (self.quantization_range // 2)
+        if worst_sum >= 2 ** (self.modulus_bits - 1):
+            raise ConfigError(
+                f"secagg: max_sites * max_weight * quantization_range / 2 = {worst_sum} does not fit in "
+                f"a signed {self.modulus_bits}-bit sum (limit 2**{self.modulus_bits - 1}); lower "
+                "quantization_range, max_weight or max_sites, or use modulus_bits=64"
+            )
+        if not self.stage_timeout_s > 0:
+            raise ConfigError("secagg.stage_timeout_s must be > 0")
+
+
+@dataclass
 class SynthConfig:
     """Synthetic hospitals for simulations and demos."""
 
@@ -511,6 +567,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.

@@ -60,8 +60,15 @@ class CentralDP:
         self, updates: Sequence[Mapping[str, torch.Tensor]], server_round: int, sample_rate: float
     ) -> tuple[dict[str, torch.Tensor], float]:
         """The noised uniform mean of clipped updates and the noise std; records the round."""
-        std = self.noise_std(len(updates))
-        noisy = add_gaussian_noise(uniform_mean(updates), std, self.generator)
+        return self.noise_mean(uniform_mean(updates), len(updates), server_round, sample_rate)
+
+    def noise_mean(
+        self, mean: Mapping[str, torch.Tensor], num_sites: int, server_round: int, sample_rate: float
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Noise a uniform mean of ``num_sites`` clipped updates (also what secure aggregation
+        hands over, with every site weighted 1); records the round in the ledger."""
+        std = self.noise_std(num_sites)
+        noisy = add_gaussian_noise(mean, std, self.generator)
         self.ledger.record(
             LedgerEntry(round=server_round, noise_multiplier=self.cfg.noise_multiplier, sample_rate=sample_rate, steps=1)
         )

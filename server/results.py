@@ -33,7 +33,7 @@ class ResumeError(RuntimeError):
 @dataclass
 class SiteRoundRecord:
     site: str
-    status: str  # common.exchange STATUS_*: "aggregated" | "rejected" | "failed" | "refused" | "timeout"
+    status: str  # common.exchange STATUS_*: aggregated, rejected, failed, refused, timeout, dropped, not-aggregated
     reason: str = ""
     num_examples: int = 0
     loss_first: float | None = None
@@ -44,6 +44,10 @@ class SiteRoundRecord:
     bytes_received: int = 0
     # Local DP: the site's own epsilon after this round (its accountant, all rounds so far).
     epsilon: float | None = None
+    # Secure aggregation: bytes the coordinator sent this site over all protocol stages,
+    # and how many of its update values were clipped before quantisation.
+    bytes_sent: int = 0
+    clipped_values: int = 0
 
 
 @dataclass
@@ -57,6 +61,8 @@ class RoundRecord:
     # Central DP: the coordinator's epsilon after this round, and the noise std it added.
     central_epsilon: float | None = None
     central_noise_std: float | None = None
+    secure_aggregation: bool = False
+    reason: str = ""  # why the round was not aggregated
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RoundRecord":
@@ -159,6 +165,7 @@ class RunRecorder:
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
             "wall_seconds": self.earlier_wall_seconds + time.time() - self.started,
             "resumes": self.resumes,
+            "secure_aggregation": self.cfg.secagg.enabled,
             "rounds": [asdict(r) for r in self.rounds],
             **({} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}),
         }

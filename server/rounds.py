@@ -45,6 +45,7 @@ from ctfed.common.dp import PrivacyLedger
 from ctfed.common.model import ViTEncoder
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
+from ctfed.server.secagg import run_secure_round
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,11 @@ def _missing_records(messages: list[Message], replies: list[Message], known_site
     ]
 
 
+def _sample_rate(grid: Grid, messages: list[Message]) -> float:
+    """Sites asked this round / sites available: the sampling rate central DP accounts for."""
+    return len(messages) / max(len(list(grid.get_node_ids())), len(messages))
+
+
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> RunRecorder:
     """Run ``cfg.federation.rounds`` SSL rounds; returns the recorder holding the results.
 
@@ -162,11 +168,23 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         started = time.perf_counter()
         instructions = configs_to_record(
             cfg.model, cfg.train, cfg.privacy,
-            **{PHASE_KEY: PRETRAIN_PHASE, MIN_SITES_KEY: cfg.federation.min_sites, SECURE_AGGREGATION_KEY: False},
+            **{
+                PHASE_KEY: PRETRAIN_PHASE,
+                MIN_SITES_KEY: cfg.federation.min_sites,
+                SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
+            },
         )
         sent_bytes = record_bytes(arrays)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
+        if cfg.secagg.enabled:
+            # Secure path (server/secagg.py): only the masked sum of site updates is seen.
+            global_state = run_secure_round(
+                grid, messages, global_state, cfg, server_round, recorder, started, known_sites,
+                central, _sample_rate(grid, messages),
+            )
+            arrays = state_to_record(global_state)
+            continue
         replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
         accepted, site_records = _vet_replies(replies, global_state, max_update_norm, known_sites)
         missing = _missing_records(messages, replies, known_sites)
@@ -184,8 +202,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
                 aggregated, _ = strategy.aggregate_train(server_round, accepted)
             else:
                 updates = [record_to_state(r.content[ARRAYS_KEY], expected=global_state) for r in accepted]
-                sample_rate = len(messages) / max(len(list(grid.get_node_ids())), len(messages))
-                noisy_mean, noise_std = central.aggregate(updates, server_round, sample_rate)
+                noisy_mean, noise_std = central.aggregate(updates, server_round, _sample_rate(grid, messages))
                 aggregated = state_to_record(noisy_mean)
                 recorder.central_privacy_ledger = central.ledger.to_dict()
         if aggregated is None:

@@ -5,6 +5,8 @@
   N workers.
 * Data loader share: the fraction of a local training step spent reading cached volumes
   and making crops (goal: < 10% at the default model size).
+* Secure aggregation: SecAgg+ round time / plain round time for 5 sites at ~10M and ~86M
+  parameters (simulations/secagg_bench.py), alone and with a local training round added.
 
 Absolute times on a shared 2-core machine are noisy; the ratios, measured back to back in
 one run (median of repeats), are the figures to compare. Results go to a JSON file and a
@@ -26,6 +28,7 @@ from ctfed.common.config import load_run_config
 from ctfed.common.dicom import load_series, scan
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes, prepare
+from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
 from ctfed.simulations.synth import PROFILES, write_scan
 
 
@@ -55,7 +58,7 @@ def _sitk_read(folder: Path) -> Any:
 def bench_ingest(work: Path, matrix: int, slices: int, scans: int, repeats: int) -> dict[str, Any]:
     """Read the same uncompressed series with ctfed and with SimpleITK."""
     try:
-        import SimpleITK  # noqa: F401
+        import SimpleITK  # noqa: F401  (only whether it is installed)
     except ImportError:
         return {"skipped": "SimpleITK is not installed (pip install 'ctfed[test]')"}
     profile = replace(PROFILES[0], matrix=matrix, slices=slices)  # uncompressed, flat folders
@@ -104,6 +107,27 @@ def bench_loader_share(work: Path, model: str, steps: int) -> dict[str, Any]:
     }
 
 
+def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...]) -> dict[str, Any]:
+    """SecAgg+ vs plain aggregation; training time is the measured step of ``loader``'s model."""
+    cfg = load_run_config([f"model={loader['model']}"])
+    from ctfed.common.model import ViTEncoder
+
+    measured_params = sum(t.numel() for t in ViTEncoder(cfg.model).state_dict().values())
+    measured_round = loader["step_s"] * cfg.train.local_steps
+    entries = []
+    for size in sizes:
+        entry = bench_secagg_size(size)
+        # Training cost scales about linearly with parameters at a fixed input size.
+        entry["train_round_s"] = measured_round * size / measured_params
+        entry["ratio_with_training"] = with_training(entry, entry["train_round_s"])
+        entries.append(entry)
+    note = (
+        f"training round = {cfg.train.local_steps} local steps x {loader['step_s']:.2f} s measured on the "
+        f"{loader['model']} encoder ({measured_params / 1e6:.1f}M params), scaled linearly to each size"
+    )
+    return {"sizes": entries, "training_note": note}
+
+
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-") as tmp:
@@ -115,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         model = "tiny" if quick else "vit_b"
         print(f"loader share of a training step ({model}) ...", flush=True)
         loader = bench_loader_share(work, model, steps=3 if quick else 2)
-    results = {"mode": "quick" if quick else "full", "ingest": ingest, "loader": loader}
+    print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
+    secagg = bench_secagg(loader, sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
+    results = {"mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg}
     write_json_atomic(args.out, results)
 
     print()
@@ -129,5 +155,11 @@ def run(args: argparse.Namespace) -> int:
               f"{ingest['series_per_s_2_workers']:.2f} with 2 -> x{ingest['prepare_speedup_2_over_1_workers']:.2f}")
     print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
           f"-> share {loader['loader_share']:.1%} (goal < 10%)")
+    for entry in secagg["sizes"]:
+        print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
+              f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
+              f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
+              f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
+    print(f"  ({secagg['training_note']})")
     print(f"results: {args.out}")
     return 0

@@ -18,6 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from ctfed.client.app import train as site_train
+from ctfed.client.secagg import register_secagg
 from ctfed.client.site import PARTITION_ID_KEY
 from ctfed.common.config import FaultConfig, FaultKind, read_run_config
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, state_to_record
@@ -72,3 +73,8 @@ def train(msg: Message, context: Context) -> Message:
     with torch.no_grad():
         _corrupt_update(reply, fault.kind)
     return reply
+
+
+# With secure aggregation the same faults hit stage (a); a site then catches its own NaN or
+# oversized delta before masking, and the coordinator records it as failed.
+register_secagg(app, train)

@@ -18,3 +18,8 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert ingest["series_per_s_1_workers"] > 0 and ingest["series_per_s_2_workers"] > 0
     assert 0 < loader["loader_share"] < 1
     assert loader["model"] == "tiny"
+    secagg = results["secagg"]["sizes"]
+    assert [entry["params"] for entry in secagg] == [200_000, 1_000_000]
+    for entry in secagg:
+        assert entry["secure_round_s"] > 0 and entry["plain_round_s"] > 0 and entry["ratio_with_training"] > 0
+        assert entry["max_abs_diff_secure_vs_plain"] < 1e-6

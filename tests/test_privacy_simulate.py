@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, verify_audit_log
+from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_SECAGG_PREFIX, KIND_TRAIN_REPLY, verify_audit_log
 from ctfed.client.ledger import LEDGER_FILE
 from ctfed.common.cli import main
 from ctfed.common.dp import PrivacyLedger
 from ctfed.common.exchange import STATUS_AGGREGATED, STATUS_REFUSED
+from ctfed.common.secagg import STAGE_MASKED_INPUT, STAGE_TRAIN, STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,9 @@ def local_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "privacy.mode=local",
             "privacy.local.noise_multiplier=1.0",
             "simulation.site_policies=[{site:site_1,max_local_steps:1}]",
+            # Secure aggregation (the default) with a threshold two sites can meet.
+            "secagg.num_shares=3",
+            "secagg.reconstruction_threshold=2",
         ]
     )
     assert code == 0
@@ -59,16 +63,21 @@ def test_epsilon_grows_per_site_and_the_refusing_site_is_recorded(local_dp_run: 
 
 
 def test_every_outgoing_message_is_audited(local_dp_run: Path) -> None:
-    for site, kind in (("site_0", KIND_TRAIN_REPLY), ("site_1", KIND_REFUSAL)):
+    secure_stages = [f"{KIND_SECAGG_PREFIX}{stage}" for stage in STAGES if stage != STAGE_TRAIN]
+    for site, kinds in (("site_0", [KIND_TRAIN_REPLY, *secure_stages]), ("site_1", [KIND_REFUSAL])):
         path = local_dp_run / "sites" / site / AUDIT_FILE
-        assert verify_audit_log(path) == 2
         entries = [json.loads(line) for line in path.read_text().splitlines()]
-        assert [e["kind"] for e in entries] == [kind, kind]
-        assert [e["round"] for e in entries] == [1, 2]
-        if kind == KIND_TRAIN_REPLY:
-            assert entries[1]["dp"]["mode"] == "local"
-            assert entries[1]["dp"]["epsilon_after"] > entries[0]["dp"]["epsilon_after"] > 0
-            assert entries[0]["parameters"] and entries[0]["bytes"] > 0
+        assert verify_audit_log(path) == len(entries) == 2 * len(kinds)
+        assert [e["kind"] for e in entries] == kinds * 2
+        assert [e["round"] for e in entries] == [1] * len(kinds) + [2] * len(kinds)
+        if site == "site_0":
+            train = [e for e in entries if e["kind"] == KIND_TRAIN_REPLY]
+            assert train[1]["dp"]["mode"] == "local"
+            assert train[1]["dp"]["epsilon_after"] > train[0]["dp"]["epsilon_after"] > 0
+            # The clear update stays at the site; what left it was the masked vector.
+            assert train[0]["parameters"] and "held for secure aggregation" in train[0]["reason"]
+            masked = [e for e in entries if e["kind"] == f"{KIND_SECAGG_PREFIX}{STAGE_MASKED_INPUT}"]
+            assert masked[0]["bytes"] > 0 and masked[0]["payload_sha256"] != masked[1]["payload_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +95,9 @@ def central_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "privacy.mode=central",
             "privacy.central.clip_norm=0.05",
             "privacy.central.noise_multiplier=0.5",
+            # Central DP on top of secure aggregation: the coordinator noises the unmasked mean.
+            "secagg.num_shares=3",
+            "secagg.reconstruction_threshold=2",
         ]
     )
     assert code == 0

@@ -1,0 +1,335 @@
+"""Secure aggregation maths shared by sites and coordinator (SecAgg+ on the Message API).
+
+What a site uploads is ``encode(weight * quantise(clip(delta))) + self_mask + sum(+-pairwise
+masks) mod 2**bits``, with its weight appended as one more element. Pairwise masks cancel
+in the sum; self masks are removed by the coordinator from Shamir shares of each survivor's
+seed. The coordinator only learns ``sum(weight_i * q_i)`` and ``sum(weight_i)``.
+
+Masks: Flower's ``pseudo_rand_gen`` folds the shared secret to a 32-bit seed for numpy's
+RandomState, so a coordinator can brute-force 2**32 seeds and strip a site's mask. Here
+every mask is the ChaCha20 keystream under a key derived with HKDF-SHA256 from the FULL
+secret, with the round and the mask's purpose bound into both key and nonce.
+
+Quantisation error (``aggregation_error_bound``): values inside +-clipping_range are
+rounded stochastically (unbiased) to a grid of step ``2 * clipping_range /
+quantization_range``; each site's rounding error is below one step per value, and the
+weighted mean of such errors is too. So, per value,
+``|secure mean - plain weighted mean of the clipped deltas| < step`` (plus float32
+rounding of the result). Values outside the range are clipped, counted, and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.app import ArrayRecord, RecordDict
+
+from ctfed.common.config import SecAggConfig
+
+# --- message types and record keys, one definition for both sides -----------------------
+
+# Message types "train.<action>": each stage is its own ClientApp action.
+STAGE_TRAIN = "secagg_train"
+STAGE_SHARE_KEYS = "secagg_share_keys"
+STAGE_MASKED_INPUT = "secagg_masked_input"
+STAGE_UNMASK = "secagg_unmask"
+STAGES = (STAGE_TRAIN, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+
+
+def message_type(stage: str) -> str:
+    return f"train.{stage}"
+
+
+# Record names inside a message's RecordDict.
+PARAMS_KEY = "secagg-params"  # ConfigRecord: protocol parameters for this round (stage a)
+PROTOCOL_KEY = "secagg"  # ConfigRecord: the stage's protocol payload, both directions
+MASKED_KEY = "secagg-masked"  # ArrayRecord: the masked vector (stage c reply)
+MASKED_ARRAY = "masked"
+# Site-side state between stages (context.state).
+STATE_KEY = "secagg-state"  # ConfigRecord
+DELTA_STATE_KEY = "secagg-delta"  # ArrayRecord: the site's own delta, never sent in clear
+
+# Fields of PARAMS_KEY.
+P_ROUND = "round"
+P_THRESHOLD = "reconstruction-threshold"
+P_CLIPPING = "clipping-range"
+P_QUANTIZATION = "quantization-range"
+P_MODULUS_BITS = "modulus-bits"
+P_MAX_WEIGHT = "max-weight"
+P_MAX_NORM = "max-update-norm"
+
+# Fields of PROTOCOL_KEY.
+K_PK1 = "pk1"  # public key for pairwise masks
+K_PK2 = "pk2"  # public key for encrypting shares
+K_NODE_IDS = "node-ids"
+K_PK1_LIST = "pk1-list"
+K_PK2_LIST = "pk2-list"
+K_DESTINATIONS = "destinations"
+K_SOURCES = "sources"
+K_CIPHERTEXTS = "ciphertexts"
+K_SURVIVORS = "survivors"
+K_DROPPED = "dropped"
+K_SEED_OWNERS = "seed-owners"
+K_SEED_SHARES = "seed-shares"
+K_SK1_OWNERS = "sk1-owners"
+K_SK1_SHARES = "sk1-shares"
+K_CLIPPED = "clipped-values"
+K_WEIGHT_CAPPED = "weight-capped"
+
+# Purposes bound into mask keys and nonces, so no two masks ever share a keystream.
+PURPOSE_SELF = b"self-mask"
+PURPOSE_PAIRWISE = b"pairwise-mask"
+
+_CHUNK_VALUES = 1 << 20  # keystream is produced and applied in 1M-value chunks (bounded memory)
+
+
+# --- mask expansion -------------------------------------------------------------------------
+
+
+def uint_dtype(modulus_bits: int) -> np.dtype:
+    """Unsigned dtype whose native wrap-around is arithmetic modulo 2**modulus_bits."""
+    if modulus_bits == 32:
+        return np.dtype(np.uint32)
+    if modulus_bits == 64:
+        return np.dtype(np.uint64)
+    raise ValueError(f"modulus_bits must be 32 or 64, got {modulus_bits}")
+
+
+def _signed_dtype(modulus_bits: int) -> np.dtype:
+    return np.dtype(np.int32) if modulus_bits == 32 else np.dtype(np.int64)
+
+
+def mask_cipher_params(secret: bytes, purpose: bytes, server_round: int) -> tuple[bytes, bytes]:
+    """ChaCha20 (key, 16-byte nonce) for one mask: key = HKDF-SHA256(full secret)."""
+    if len(secret) < 16:
+        raise ValueError("a mask secret must have at least 128 bits")
+    context = b"ctfed-secagg|" + purpose + b"|round=" + str(int(server_round)).encode()
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=context).derive(secret)
+    # cryptography's ChaCha20 nonce is a 4-byte block counter (start at 0) + 12-byte nonce.
+    nonce = b"\x00" * 4 + hashlib.sha256(context).digest()[:12]
+    return key, nonce
+
+
+def _keystream_chunks(secret: bytes, length: int, dtype: np.dtype, purpose: bytes, server_round: int):
+    key, nonce = mask_cipher_params(secret, purpose, server_round)
+    encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    chunk = np.empty(min(length, _CHUNK_VALUES), dtype=dtype)
+    zeros = memoryview(bytes(chunk.nbytes))  # a view: slicing it copies nothing
+    for start in range(0, length, _CHUNK_VALUES):
+        count = min(_CHUNK_VALUES, length - start)
+        nbytes = count * dtype.itemsize
+        # Encrypting zeros yields the raw keystream, written straight into the chunk buffer.
+        encryptor.update_into(zeros[:nbytes], memoryview(chunk).cast("B")[:nbytes])
+        yield start, chunk[:count]
+
+
+def mask_vector(secret: bytes, length: int, modulus_bits: int, *, purpose: bytes, server_round: int) -> np.ndarray:
+    """The mask expanded from ``secret``: uniform over [0, 2**modulus_bits), ``length`` values."""
+    dtype = uint_dtype(modulus_bits)
+    out = np.empty(length, dtype=dtype)
+    for start, chunk in _keystream_chunks(secret, length, dtype, purpose, server_round):
+        out[start : start + len(chunk)] = chunk
+    return out
+
+
+def apply_mask(
+    target: np.ndarray, secret: bytes, *, sign: int, purpose: bytes, server_round: int
+) -> None:
+    """``target += sign * mask(secret)`` modulo 2**bits, in place and chunk by chunk."""
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 or -1")
+    for start, chunk in _keystream_chunks(secret, len(target), target.dtype, purpose, server_round):
+        view = target[start : start + len(chunk)]
+        if sign > 0:
+            np.add(view, chunk, out=view)
+        else:
+            np.subtract(view, chunk, out=view)
+
+
+def pairwise_sign(own_node_id: int, other_node_id: int) -> int:
+    """The larger node id adds the pairwise mask, the smaller subtracts it: they cancel."""
+    if own_node_id == other_node_id:
+        raise ValueError("no pairwise mask with oneself")
+    return 1 if own_node_id > other_node_id else -1
+
+
+# --- quantisation, weighting, encoding ------------------------------------------------------
+
+
+def quantization_step(clipping_range: float, quantization_range: int) -> float:
+    """Width of one quantisation step: [-c, c] is split into quantization_range steps."""
+    return 2.0 * clipping_range / quantization_range
+
+
+def aggregation_error_bound(cfg: SecAggConfig) -> float:
+    """Largest per-value difference between the secure mean and the plain weighted mean.
+
+    Holds for deltas inside +-clipping_range, comparing against the weighted mean with the
+    same capped weights (``site_weight``). Stochastic rounding moves each value by less
+    than one step and the weighted mean of errors below one step stays below one step.
+    The result is then rounded to float32 (``float32_rounding`` on top of this).
+    """
+    return quantization_step(cfg.clipping_range, cfg.quantization_range)
+
+
+def float32_rounding(values: np.ndarray) -> np.ndarray:
+    """float32 rounding of a result, per value (half an ulp)."""
+    return np.abs(values).astype(np.float64) * 2.0**-24 + np.finfo(np.float32).tiny
+
+
+def site_weight(num_examples: int, max_weight: int) -> int:
+    """A site's integer weight: its number of examples, capped so the sum cannot wrap."""
+    return max(0, min(int(num_examples), int(max_weight)))
+
+
+@dataclass
+class Quantised:
+    values: np.ndarray  # int64, in [-quantization_range/2, quantization_range/2]
+    clipped: int  # how many values were outside +-clipping_range
+
+
+def quantize(
+    values: np.ndarray, clipping_range: float, quantization_range: int, rng: np.random.Generator | None = None
+) -> Quantised:
+    """Clip to +-clipping_range (counting what was clipped) and round stochastically to the grid."""
+    rng = rng or np.random.default_rng()
+    values = np.asarray(values)
+    clipped = int(np.count_nonzero(np.abs(values) > clipping_range))
+    scale = quantization_range / (2.0 * clipping_range)
+    out = np.empty(values.shape, dtype=np.int64)
+    flat_in, flat_out = values.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _CHUNK_VALUES):
+        part = flat_in[start : start + _CHUNK_VALUES].astype(np.float64)
+        np.clip(part, -clipping_range, clipping_range, out=part)
+        part *= scale
+        # floor(x + u), u ~ U[0, 1): unbiased, and never more than one step from x.
+        part += rng.random(part.size)
+        np.floor(part, out=part)
+        np.clip(part, -(quantization_range // 2), quantization_range // 2, out=part)
+        flat_out[start : start + part.size] = part
+    return Quantised(out, clipped)
+
+
+def encode_weighted(quantised: np.ndarray, weight: int, modulus_bits: int) -> np.ndarray:
+    """``[weight * q..., weight]`` as unsigned integers modulo 2**bits (two's complement)."""
+    dtype = uint_dtype(modulus_bits)
+    out = np.empty(quantised.size + 1, dtype=dtype)
+    body = out[:-1]
+    if modulus_bits == 64:
+        # Two's complement: the int64 bit pattern IS the value modulo 2**64 (no cast pass).
+        np.multiply(quantised.reshape(-1), np.int64(weight), out=body.view(np.int64))
+    else:
+        body[:] = (quantised.reshape(-1) * np.int64(weight)).astype(dtype)  # C cast wraps mod 2**32
+    out[-1] = weight
+    return out
+
+
+def decode_mean(unmasked_sum: np.ndarray, cfg: SecAggConfig) -> tuple[np.ndarray, int]:
+    """From ``sum(encode_weighted(...))`` to (weighted mean as float32 values, total weight)."""
+    signed = unmasked_sum.view(_signed_dtype(cfg.modulus_bits))
+    total_weight = int(signed[-1])
+    if total_weight <= 0:
+        raise ValueError(f"total weight {total_weight} is not positive")
+    step = quantization_step(cfg.clipping_range, cfg.quantization_range)
+    mean = signed[:-1].astype(np.float64)
+    mean *= step / total_weight
+    return mean.astype(np.float32), total_weight
+
+
+# --- state dicts as one vector --------------------------------------------------------------
+
+
+def flatten_state(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """All floating tensors of a state dict, in its order, as one float32 vector."""
+    parts = [t.detach().cpu().reshape(-1).float().numpy() for t in state.values()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``flatten_state`` against a state dict with the wanted names and shapes."""
+    total = sum(t.numel() for t in like.values())
+    if vector.size != total:
+        raise ValueError(f"vector has {vector.size} values, the state dict {total}")
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, tensor in like.items():
+        n = tensor.numel()
+        out[name] = torch.from_numpy(np.array(vector[offset : offset + n], dtype=np.float32)).reshape(tensor.shape)
+        offset += n
+    return out
+
+
+def state_size(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values())
+
+
+def vector_norm(vector: np.ndarray) -> float:
+    return float(math.sqrt(float(np.dot(vector.astype(np.float64), vector.astype(np.float64)))))
+
+
+# --- SecAgg+ neighbourhoods ------------------------------------------------------------------
+
+
+def effective_num_shares(num_shares: int, num_sites: int) -> int:
+    """Neighbourhood size for this round (Flower's rule: odd when it is not everyone)."""
+    shares = min(num_shares, num_sites)
+    if shares < num_sites and shares % 2 == 0:
+        shares += 1
+    return min(shares, num_sites)
+
+
+def neighbourhoods(shuffled_node_ids: list[int], num_shares: int) -> dict[int, list[int]]:
+    """SecAgg+ ring graph (Flower's construction): each node and the ``num_shares // 2``
+    nodes either side of it in a random order; everyone when num_shares covers all.
+    Each list includes the node itself and is sorted, so both ends agree on share order."""
+    n = len(shuffled_node_ids)
+    if num_shares >= n:
+        everyone = sorted(shuffled_node_ids)
+        return {nid: list(everyone) for nid in shuffled_node_ids}
+    half = num_shares // 2
+    return {
+        nid: sorted({shuffled_node_ids[(idx + offset) % n] for offset in range(-half, half + 1)})
+        for idx, nid in enumerate(shuffled_node_ids)
+    }
+
+
+def share_plaintext(src: int, dst: int, seed_share: bytes, sk1_share: bytes) -> bytes:
+    """What one encrypted share carries; src and dst are inside so a relay cannot swap them."""
+    return b"".join(
+        [
+            src.to_bytes(8, "little"),
+            dst.to_bytes(8, "little"),
+            len(seed_share).to_bytes(4, "little"),
+            seed_share,
+            sk1_share,
+        ]
+    )
+
+
+def parse_share_plaintext(plaintext: bytes) -> tuple[int, int, bytes, bytes]:
+    src = int.from_bytes(plaintext[:8], "little")
+    dst = int.from_bytes(plaintext[8:16], "little")
+    size = int.from_bytes(plaintext[16:20], "little")
+    return src, dst, plaintext[20 : 20 + size], plaintext[20 + size :]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Approximate bytes of a message's content: array data, byte/str values, 8 per number."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+            continue
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                total += len(item) if isinstance(item, (bytes, str)) else 8
+    return total

@@ -1,0 +1,455 @@
+"""The coordinator's side of secure aggregation: one SecAgg+ round over ``grid.send_and_receive``.
+
+Stages (sites' handlers in client/secagg.py, maths in common/secagg.py):
+(a) train: sites train, keep their delta, reply metrics and two public keys;
+(b) share keys: each site gets its neighbours' public keys, replies encrypted shares;
+(c) masked input: shares are routed to their addressees, sites reply masked vectors,
+    which the coordinator only ever adds up;
+(d) unmask: sites get their neighbours' survivor/dropped lists and reply shares; the
+    coordinator rebuilds survivors' self-mask seeds and dropped sites' pairwise keys,
+    removes those masks from the sum and divides by the summed weights.
+
+A site may drop at any stage. While every surviving site (and every site dropped after
+(b)) still has ``reconstruction_threshold`` live neighbours, the round completes with the
+sites whose masked input arrived; otherwise it is not aggregated and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, cast
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+from ctfed.common import secagg as sa
+from ctfed.common.config import RunConfig
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    EPSILON_KEY,
+    METRICS_KEY,
+    REFUSAL_CODES,
+    SITE_KEY,
+    STATUS_AGGREGATED,
+    STATUS_DROPPED,
+    STATUS_FAILED,
+    STATUS_NOT_AGGREGATED,
+    STATUS_REFUSED,
+    apply_delta,
+    record_bytes,
+    refusing_site,
+)
+from ctfed.server.central_dp import CentralDP
+from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
+
+logger = logging.getLogger(__name__)
+
+
+# Transient states of a site within one secure round; the record gets a STATUS_* value.
+_PENDING = "pending"
+_INCLUDED = "included"  # its masked input is in the sum, but it went silent at unmask
+
+
+class RoundAborted(RuntimeError):
+    """Secure aggregation cannot complete this round; the message says why."""
+
+
+@dataclass
+class _Site:
+    node_id: int
+    site: str
+    status: str = _PENDING  # until it fails, drops out, or the round ends
+    reason: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    clipped: int = 0
+
+
+@dataclass
+class SecureRoundResult:
+    """What one secure round produced: the mean delta (None: not aggregated) and per-site outcomes."""
+
+    mean_delta: dict[str, torch.Tensor] | None
+    sites: list[SiteRoundRecord]
+    reason: str = ""
+    total_weight: int = 0
+    included_sites: int = 0
+
+
+class SecureRound:
+    """State of one round on the coordinator. It holds public keys, encrypted shares, the
+    running SUM of masked vectors and reconstructed secrets, never one site's vector."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        server_round: int,
+        like: Mapping[str, torch.Tensor],
+        known_sites: dict[int, str] | None = None,
+        uniform_weights: bool = False,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        # Site ids learnt in earlier rounds, so a site that fails before saying its id is named.
+        self.known_sites = known_sites if known_sites is not None else {}
+        # Central DP needs every site weighted 1 (its sensitivity argument), not by examples.
+        self.max_weight = 1 if uniform_weights else cfg.secagg.max_weight
+        self.sa_cfg = cfg.secagg
+        self.round = server_round
+        self.like = like
+        self.length = sa.state_size(like) + 1  # + the weight
+        self.sites: dict[int, _Site] = {}
+        self.pk1: dict[int, bytes] = {}
+        self.pk2: dict[int, bytes] = {}
+        self.neighbours: dict[int, list[int]] = {}
+        self.threshold = self.sa_cfg.reconstruction_threshold
+        self.masked_sum: np.ndarray | None = None
+
+    # -- messaging ---------------------------------------------------------------------------
+
+    def _exchange(self, stage: str, contents: dict[int, RecordDict], timeout: float) -> dict[int, RecordDict]:
+        """Send one stage's messages; returns the contents of the good replies by node.
+        Nodes that fail or stay silent are marked and leave the round."""
+        messages = []
+        for node_id, content in contents.items():
+            self.sites[node_id].bytes_sent += sa.payload_bytes(content)
+            messages.append(Message(content, dst_node_id=node_id, message_type=sa.message_type(stage), group_id=str(self.round)))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        good: dict[int, RecordDict] = {}
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            if node_id not in contents:
+                continue
+            site = self.sites[node_id]
+            if reply.has_error():
+                reason = reply.error.reason or ""
+                if reply.error.code in REFUSAL_CODES:
+                    site.site = refusing_site(reason) or site.site
+                    site.status, site.reason = STATUS_REFUSED, reason
+                    logger.warning("round %d: site %s refused: %s", self.round, site.site, reason)
+                else:
+                    site.status, site.reason = STATUS_FAILED, f"{stage}: {reason}"
+                    logger.warning("round %d: site %s failed at %s: %s", self.round, site.site, stage, reason)
+                continue
+            site.bytes_received += sa.payload_bytes(reply.content)
+            good[node_id] = reply.content
+        for node_id in contents.keys() - good.keys():
+            site = self.sites[node_id]
+            if site.status not in (STATUS_FAILED, STATUS_REFUSED):
+                site.status, site.reason = STATUS_DROPPED, f"no reply at {stage} within {timeout:.0f} s"
+                logger.warning("round %d: site %s dropped at %s", self.round, site.site, stage)
+        return good
+
+    def _drop(self, node_id: int, reason: str) -> None:
+        site = self.sites[node_id]
+        site.status, site.reason = STATUS_FAILED, reason
+        logger.warning("round %d: site %s left the round: %s", self.round, site.site, reason)
+
+    def _require_live_neighbours(self, alive: set[int], owners: set[int], stage: str) -> None:
+        for owner in owners:
+            live = len(set(self.neighbours[owner]) & alive)
+            if live < self.threshold:
+                raise RoundAborted(
+                    f"after {stage}: site {self.sites[owner].site} has {live} live neighbours, "
+                    f"reconstruction needs {self.threshold}"
+                )
+
+    # -- stages --------------------------------------------------------------------------
+
+    def train(self, train_messages: list[Message]) -> set[int]:
+        params = ConfigRecord(
+            {
+                sa.P_ROUND: self.round,
+                sa.P_THRESHOLD: self.threshold,
+                sa.P_CLIPPING: float(self.sa_cfg.clipping_range),
+                sa.P_QUANTIZATION: int(self.sa_cfg.quantization_range),
+                sa.P_MODULUS_BITS: int(self.sa_cfg.modulus_bits),
+                sa.P_MAX_WEIGHT: int(self.max_weight),
+                sa.P_MAX_NORM: float(self.cfg.federation.max_update_norm),
+            }
+        )
+        contents = {}
+        for message in train_messages:
+            node_id = int(message.metadata.dst_node_id)
+            self.sites[node_id] = _Site(node_id, self.known_sites.get(node_id, f"node-{node_id}"))
+            contents[node_id] = RecordDict({**dict(message.content.items()), sa.PARAMS_KEY: params})
+        replies = self._exchange(sa.STAGE_TRAIN, contents, self.cfg.federation.round_timeout_s)
+        seen_keys: set[bytes] = set()
+        for node_id, content in replies.items():
+            site = self.sites[node_id]
+            record = content.get(SITE_KEY)
+            if record is not None and "site-id" in record:
+                site.site = self.known_sites[node_id] = str(record["site-id"])
+            site.metrics = content[METRICS_KEY]
+            keys = content[sa.PROTOCOL_KEY]
+            pk1, pk2 = cast(bytes, keys[sa.K_PK1]), cast(bytes, keys[sa.K_PK2])
+            if pk1 in seen_keys or pk2 in seen_keys or pk1 == pk2:
+                self._drop(node_id, "public keys not unique")
+                continue
+            seen_keys |= {pk1, pk2}
+            self.pk1[node_id], self.pk2[node_id] = pk1, pk2
+        alive = set(self.pk1)
+        if len(alive) > self.sa_cfg.max_sites:
+            raise RoundAborted(f"{len(alive)} sites exceed secagg.max_sites={self.sa_cfg.max_sites} (the sum could wrap)")
+        shares = sa.effective_num_shares(self.sa_cfg.num_shares, len(alive))
+        if len(alive) < max(self.threshold, self.cfg.federation.min_sites) or shares < self.threshold:
+            raise RoundAborted(
+                f"{len(alive)} sites trained; secure aggregation needs at least "
+                f"{max(self.threshold, self.cfg.federation.min_sites)} (reconstruction_threshold, min_sites)"
+            )
+        order = sorted(alive)
+        random.SystemRandom().shuffle(order)  # neighbourhoods must not be predictable by sites
+        self.neighbours = sa.neighbourhoods(order, shares)
+        return alive
+
+    def share_keys(self, alive: set[int]) -> tuple[set[int], dict[int, dict[int, bytes]]]:
+        contents = {}
+        for node_id in alive:
+            ids = self.neighbours[node_id]
+            contents[node_id] = RecordDict(
+                {
+                    sa.PROTOCOL_KEY: ConfigRecord(
+                        {
+                            sa.P_ROUND: self.round,
+                            sa.K_NODE_IDS: ids,
+                            sa.K_PK1_LIST: [self.pk1[n] for n in ids],
+                            sa.K_PK2_LIST: [self.pk2[n] for n in ids],
+                        }
+                    )
+                }
+            )
+        replies = self._exchange(sa.STAGE_SHARE_KEYS, contents, self.sa_cfg.stage_timeout_s)
+        ciphertexts: dict[int, dict[int, bytes]] = {}  # destination -> source -> ciphertext
+        for node_id, content in replies.items():
+            payload = content[sa.PROTOCOL_KEY]
+            destinations = [int(d) for d in cast(list, payload[sa.K_DESTINATIONS])]
+            expected = set(self.neighbours[node_id]) - {node_id}
+            if sorted(destinations) != sorted(expected):
+                self._drop(node_id, "share_keys: shares not addressed to exactly its neighbours")
+                continue
+            for dst, ciphertext in zip(destinations, cast(list, payload[sa.K_CIPHERTEXTS])):
+                ciphertexts.setdefault(dst, {})[node_id] = ciphertext
+        alive = {n for n in replies if self.sites[n].status != STATUS_FAILED}
+        self._require_live_neighbours(alive, alive, sa.STAGE_SHARE_KEYS)
+        return alive, ciphertexts
+
+    def masked_input(self, alive: set[int], ciphertexts: dict[int, dict[int, bytes]]) -> set[int]:
+        contents = {}
+        for node_id in alive:
+            sources = sorted(src for src in ciphertexts.get(node_id, {}) if src in alive)
+            contents[node_id] = RecordDict(
+                {
+                    sa.PROTOCOL_KEY: ConfigRecord(
+                        {
+                            sa.P_ROUND: self.round,
+                            sa.K_SOURCES: sources,
+                            sa.K_CIPHERTEXTS: [ciphertexts[node_id][src] for src in sources],
+                        }
+                    )
+                }
+            )
+        replies = self._exchange(sa.STAGE_MASKED_INPUT, contents, self.sa_cfg.stage_timeout_s)
+        dtype = sa.uint_dtype(self.sa_cfg.modulus_bits)
+        included: set[int] = set()
+        for node_id, content in replies.items():
+            vector = content[sa.MASKED_KEY][sa.MASKED_ARRAY].numpy()
+            if vector.dtype != dtype or vector.shape != (self.length,):
+                self._drop(node_id, f"masked input has dtype {vector.dtype} and shape {vector.shape}")
+                continue
+            if self.masked_sum is None:
+                self.masked_sum = vector.copy()
+            else:
+                np.add(self.masked_sum, vector, out=self.masked_sum)  # wraps: arithmetic mod 2**bits
+            del vector
+            self.sites[node_id].clipped = int(content[sa.PROTOCOL_KEY][sa.K_CLIPPED])
+            included.add(node_id)
+        return included
+
+    def unmask(self, masked: set[int], included: set[int]) -> np.ndarray:
+        """Remove every remaining mask from the sum; ``masked`` completed (b), ``included`` (c)."""
+        dropped = masked - included
+        # Needed: each included site's seed and each dropped site's sk1, from live neighbours.
+        self._require_live_neighbours(included, included | dropped, sa.STAGE_MASKED_INPUT)
+        contents = {}
+        for node_id in included:
+            hood = set(self.neighbours[node_id])
+            contents[node_id] = RecordDict(
+                {
+                    sa.PROTOCOL_KEY: ConfigRecord(
+                        {
+                            sa.P_ROUND: self.round,
+                            sa.K_SURVIVORS: sorted(hood & included),
+                            sa.K_DROPPED: sorted(hood & dropped),
+                        }
+                    )
+                }
+            )
+        replies = self._exchange(sa.STAGE_UNMASK, contents, self.sa_cfg.stage_timeout_s)
+        seed_shares: dict[int, list[bytes]] = {n: [] for n in included}
+        sk1_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
+        for node_id, content in replies.items():
+            payload = content[sa.PROTOCOL_KEY]
+            hood = set(self.neighbours[node_id])
+            for owner, share in zip(cast(list, payload[sa.K_SEED_OWNERS]), cast(list, payload[sa.K_SEED_SHARES])):
+                if int(owner) in seed_shares and int(owner) in hood:
+                    seed_shares[int(owner)].append(share)
+            for owner, share in zip(cast(list, payload[sa.K_SK1_OWNERS]), cast(list, payload[sa.K_SK1_SHARES])):
+                if int(owner) in sk1_shares and int(owner) in hood:
+                    sk1_shares[int(owner)].append(share)
+        # Sites that dropped here still had their masked input summed: they stay included.
+        for node_id in included - replies.keys():
+            site = self.sites[node_id]
+            site.status = _INCLUDED
+        assert self.masked_sum is not None
+        total = self.masked_sum
+        for owner, shares in {**seed_shares, **sk1_shares}.items():
+            if len(shares) < self.threshold:
+                raise RoundAborted(
+                    f"unmask: {len(shares)} shares for site {self.sites[owner].site}, need {self.threshold}"
+                )
+        for owner, shares in seed_shares.items():
+            seed = combine_shares(shares[: self.threshold])
+            sa.apply_mask(total, seed, sign=-1, purpose=sa.PURPOSE_SELF, server_round=self.round)
+        for owner, shares in sk1_shares.items():
+            sk1 = bytes_to_private_key(combine_shares(shares[: self.threshold]))
+            for other in set(self.neighbours[owner]) & included:
+                secret = generate_shared_key(sk1, bytes_to_public_key(self.pk1[other]))
+                # `other` added pairwise_sign(other, owner) * mask; the dropped owner never
+                # sent the cancelling half, so take it out.
+                sa.apply_mask(
+                    total, secret, sign=-sa.pairwise_sign(other, owner), purpose=sa.PURPOSE_PAIRWISE, server_round=self.round
+                )
+        self.masked_sum = None
+        return total
+
+    # -- the whole round -------------------------------------------------------------------
+
+    def run(self, train_messages: list[Message]) -> SecureRoundResult:
+        included: set[int] = set()
+        try:
+            alive = self.train(train_messages)
+            masked, ciphertexts = self.share_keys(alive)
+            included = self.masked_input(masked, ciphertexts)
+            if len(included) < self.cfg.federation.min_sites:
+                raise RoundAborted(f"only {len(included)} masked inputs arrived (min_sites={self.cfg.federation.min_sites})")
+            unmasked = self.unmask(masked, included)
+            mean, total_weight = sa.decode_mean(unmasked, self.sa_cfg)
+            if not np.isfinite(mean).all():
+                raise RoundAborted("the aggregate contains non-finite values")
+            norm = sa.vector_norm(mean)
+            if norm > self.cfg.federation.max_update_norm:
+                raise RoundAborted(
+                    f"the aggregate's norm {norm:.3g} exceeds federation.max_update_norm={self.cfg.federation.max_update_norm:g}"
+                )
+        except (RoundAborted, ValueError) as err:  # ValueError: shares that do not combine
+            reason = str(err) if isinstance(err, RoundAborted) else f"unmask failed: {err}"
+            logger.error("round %d: secure aggregation not completed: %s; the global encoder is unchanged", self.round, reason)
+            for site in self.sites.values():
+                if site.status in (_PENDING, _INCLUDED):
+                    site.status, site.reason = STATUS_NOT_AGGREGATED, reason
+            return SecureRoundResult(None, self._records(), reason=reason)
+        for node_id in included:
+            site = self.sites[node_id]
+            note = "dropped at unmask; its input is in the sum" if site.status == _INCLUDED else ""
+            site.status, site.reason = STATUS_AGGREGATED, note
+        delta = sa.unflatten_state(mean, self.like)
+        logger.info(
+            "round %d: securely aggregated %d sites (total weight %d, aggregate norm %.4g)",
+            self.round, len(included), total_weight, norm,
+        )
+        return SecureRoundResult(delta, self._records(), total_weight=total_weight, included_sites=len(included))
+
+    def _records(self) -> list[SiteRoundRecord]:
+        records = []
+        for site in self.sites.values():
+            m = site.metrics
+            records.append(
+                SiteRoundRecord(
+                    site=site.site,
+                    status=site.status,
+                    reason=site.reason,
+                    num_examples=int(m.get("num-examples", 0)),
+                    loss_first=float(m["loss-first"]) if "loss-first" in m else None,
+                    loss=float(m["loss"]) if "loss" in m else None,
+                    losses=[float(x) for x in m.get("losses", [])],
+                    train_seconds=float(m["train-seconds"]) if "train-seconds" in m else None,
+                    data_seconds=float(m["data-seconds"]) if "data-seconds" in m else None,
+                    bytes_received=site.bytes_received,
+                    bytes_sent=site.bytes_sent,
+                    clipped_values=site.clipped,
+                    epsilon=float(m[EPSILON_KEY]) if EPSILON_KEY in m else None,
+                )
+            )
+        return sorted(records, key=lambda r: r.site)
+
+
+def secure_round(
+    grid: Grid,
+    train_messages: list[Message],
+    global_state: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    server_round: int,
+    known_sites: dict[int, str] | None = None,
+    uniform_weights: bool = False,
+) -> SecureRoundResult:
+    """One SecAgg+ round; never raises for site failures (they are in the result)."""
+    return SecureRound(grid, cfg, server_round, global_state, known_sites, uniform_weights).run(train_messages)
+
+
+def run_secure_round(
+    grid: Grid,
+    train_messages: list[Message],
+    global_state: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    server_round: int,
+    recorder: RunRecorder,
+    started: float,
+    known_sites: dict[int, str],
+    central: CentralDP | None = None,
+    sample_rate: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The round loop's secure branch: aggregate, checkpoint, record; returns the new global state.
+
+    With central DP, sites clipped their deltas before masking and are weighted 1 each, so
+    the unmasked result is the uniform mean the noise is calibrated for; the coordinator
+    noises it here, as the plain path does.
+    """
+    result = secure_round(grid, train_messages, global_state, cfg, server_round, known_sites, central is not None)
+    noise_std: float | None = None
+    if result.mean_delta is not None:
+        mean_delta = result.mean_delta
+        if central is not None:
+            mean_delta, noise_std = central.noise_mean(mean_delta, result.included_sites, server_round, sample_rate)
+            recorder.central_privacy_ledger = central.ledger.to_dict()
+        global_state = apply_delta(global_state, mean_delta)
+    checkpoint = recorder.save_global(server_round, global_state)
+    recorder.add_round(
+        RoundRecord(
+            round=server_round,
+            sites=result.sites,
+            aggregated=result.mean_delta is not None,
+            bytes_sent_per_site=record_bytes(train_messages[0].content[ARRAYS_KEY]) if train_messages else 0,
+            seconds=time.perf_counter() - started,
+            checkpoint=checkpoint.name,
+            secure_aggregation=True,
+            reason=result.reason,
+            central_epsilon=central.epsilon() if central is not None else None,
+            central_noise_std=noise_std,
+        )
+    )
+    losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in result.sites if s.loss is not None)
+    logger.info(
+        "[round %d/%d] secure round done in %.1f s; loss per site: %s",
+        server_round, cfg.federation.rounds, time.perf_counter() - started, losses or "n/a",
+    )
+    return global_state

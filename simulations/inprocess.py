@@ -1,0 +1,83 @@
+"""A Grid that delivers messages to site handlers in this process (no Flower runtime).
+
+Tests and ``ctfed bench`` use it to run the coordinator's real round code against the
+sites' real stage handlers, with per-site ``Context``s and scripted dropouts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+Handler = Callable[[Message, Context], Message]
+
+
+@dataclass
+class InProcessGrid:
+    """Routes each message to ``handlers[message_type]`` with the destination node's Context.
+
+    ``drop_at[node_id] = message_type``: from that stage on the node never replies (as if
+    it went offline). ``seconds_by_type`` accumulates handler time per message type, and
+    ``seconds_by_node_type`` per (node, message type), so callers can tell the time sites
+    would spend in parallel from the time this process spends running them one by one.
+    """
+
+    handlers: dict[str, Handler]
+    node_ids: list[int]
+    drop_at: dict[int, str] = field(default_factory=dict)
+    contexts: dict[int, Context] = field(default_factory=dict)
+    seconds_by_node_type: dict[tuple[int, str], float] = field(default_factory=dict)
+    run_id: int = 1
+
+    def __post_init__(self) -> None:
+        # Outside a Flower process nothing has set who "we" are; Message() needs it.
+        for name, value in (("run_id", self.run_id), ("node_id", 0), ("task_id", 0)):
+            try:
+                getattr(TaskIdentity, name)
+            except RuntimeError:
+                setattr(TaskIdentity, name, value)
+        for node_id in self.node_ids:
+            self.contexts.setdefault(
+                node_id,
+                Context(run_id=self.run_id, node_id=node_id, node_config={"partition-id": self.node_ids.index(node_id)}, state=RecordDict(), run_config={}),
+            )
+        self._stopped: set[int] = set()
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def set_run_id(self, run_id: int) -> None:
+        self.run_id = run_id
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            kind = message.metadata.message_type
+            if self.drop_at.get(node_id) == kind:
+                self._stopped.add(node_id)
+            if node_id in self._stopped or node_id not in self.contexts:
+                continue
+            started = time.perf_counter()
+            try:
+                reply = self.handlers[kind](message, self.contexts[node_id])
+            except Exception as err:  # noqa: BLE001 - a site's failure becomes an error reply, as in Flower
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            key = (node_id, kind)
+            self.seconds_by_node_type[key] = self.seconds_by_node_type.get(key, 0.0) + time.perf_counter() - started
+            replies.append(reply)
+        return replies
+
+    def parallel_seconds(self) -> float:
+        """Time the sites' handlers would take if sites ran in parallel: per stage, the slowest."""
+        per_kind: dict[str, float] = {}
+        for (_, kind), seconds in self.seconds_by_node_type.items():
+            per_kind[kind] = max(per_kind.get(kind, 0.0), seconds)
+        return sum(per_kind.values())
+
+    def serial_seconds(self) -> float:
+        return sum(self.seconds_by_node_type.values())

@@ -1,0 +1,121 @@
+"""SecAgg+ round cost against plain aggregation, for ``ctfed bench``.
+
+Both paths run the coordinator's real code (``server/rounds.py`` vetting + Flower's FedAvg,
+``server/secagg.py``) against the sites' real handlers through an in-process Grid, with
+the same site deltas. "Training" is a stub that replies a fixed delta, so what is timed is
+exactly what aggregation adds: serialisation, vetting and averaging on the plain path;
+quantisation, key agreement, Shamir shares, ChaCha20 masks and unmasking on the secure
+one. Sites run one after another here; real sites run in parallel, so the figure to
+compare is the parallel equivalent: coordinator time + the slowest site in each stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from ctfed.common.config import RunConfig
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, apply_delta, record_to_state, state_to_record
+from ctfed.server.rounds import _vet_replies, build_strategy
+from ctfed.server.secagg import secure_round
+from ctfed.simulations.inprocess import InProcessGrid
+
+_TENSOR_VALUES = 2_000_000  # the synthetic encoder is a list of layers of this size
+
+
+def _synthetic_state(num_params: int) -> dict[str, torch.Tensor]:
+    sizes = [_TENSOR_VALUES] * (num_params // _TENSOR_VALUES)
+    if num_params % _TENSOR_VALUES:
+        sizes.append(num_params % _TENSOR_VALUES)
+    gen = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(n, generator=gen) * 0.02 for i, n in enumerate(sizes)}
+
+
+def _train_messages(node_ids: list[int], state: dict[str, torch.Tensor]) -> list[Message]:
+    arrays = state_to_record(state)
+    return [
+        Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": 1})}), dst_node_id=n, message_type="train")
+        for n in node_ids
+    ]
+
+
+def _stub_train(deltas: dict[int, dict[str, torch.Tensor]]):
+    from flwr.app import MetricRecord
+
+    from ctfed.common.exchange import METRICS_KEY, NUM_EXAMPLES_KEY, SITE_KEY
+
+    def train(msg: Message, context: Any) -> Message:
+        node = msg.metadata.dst_node_id
+        metrics = MetricRecord({NUM_EXAMPLES_KEY: 4 + node % 3, "loss": 1.0, "loss-first": 1.0, "losses": [1.0],
+                                "train-seconds": 0.0, "data-seconds": 0.0})
+        content = RecordDict({ARRAYS_KEY: state_to_record(deltas[node]), METRICS_KEY: metrics,
+                              SITE_KEY: ConfigRecord({"site-id": f"site-{node}"})})
+        return Message(content=content, reply_to=msg)
+
+    return train
+
+
+def _parallel_equivalent(wall: float, grid: InProcessGrid) -> float:
+    return wall - grid.serial_seconds() + grid.parallel_seconds()
+
+
+def bench_secagg_size(num_params: int, sites: int = 5) -> dict[str, Any]:
+    from ctfed.client.secagg import stage_handlers
+
+    cfg = RunConfig()
+    cfg.federation.min_sites = 2
+    cfg.federation.max_update_norm = 1e9  # synthetic deltas; the norm check is timed, not tested
+    node_ids = list(range(1, sites + 1))
+    global_state = _synthetic_state(num_params)
+    deltas = {n: {k: torch.randn(v.shape) * 1e-3 for k, v in global_state.items()} for n in node_ids}
+    train = _stub_train(deltas)
+
+    # Plain: the vetted FedAvg path of server/rounds.py.
+    grid = InProcessGrid({"train": train}, node_ids)
+    strategy = build_strategy(cfg)
+    started = time.perf_counter()
+    replies = list(grid.send_and_receive(_train_messages(node_ids, global_state)))
+    accepted, _ = _vet_replies(replies, global_state, cfg.federation.max_update_norm)
+    aggregated, _ = strategy.aggregate_train(1, accepted)
+    plain_state = apply_delta(global_state, record_to_state(aggregated, expected=global_state))
+    plain_wall = time.perf_counter() - started
+    plain = _parallel_equivalent(plain_wall, grid)
+    del replies, accepted, aggregated, grid
+    gc.collect()
+
+    # Secure: the SecAgg+ stages of server/secagg.py and client/secagg.py.
+    grid = InProcessGrid(stage_handlers(train), node_ids)
+    started = time.perf_counter()
+    result = secure_round(grid, _train_messages(node_ids, global_state), global_state, cfg, server_round=1)
+    secure_wall = time.perf_counter() - started
+    secure = _parallel_equivalent(secure_wall, grid)
+    if result.mean_delta is None:
+        raise RuntimeError(f"secure round failed in the benchmark: {result.reason}")
+    secure_state = apply_delta(global_state, result.mean_delta)
+    max_diff = max(float((secure_state[k] - plain_state[k]).abs().max()) for k in global_state)
+    per_stage = {}
+    for (_, kind), seconds in grid.seconds_by_node_type.items():
+        per_stage[kind] = max(per_stage.get(kind, 0.0), seconds)
+    del result, grid, deltas
+    gc.collect()
+    return {
+        "params": num_params,
+        "sites": sites,
+        "plain_round_s": plain,
+        "secure_round_s": secure,
+        "ratio_secure_over_plain": secure / plain,
+        "plain_serial_s": plain_wall,
+        "secure_serial_s": secure_wall,
+        "slowest_site_per_stage_s": per_stage,
+        "max_abs_diff_secure_vs_plain": max_diff,
+        "modulus_bits": cfg.secagg.modulus_bits,
+    }
+
+
+def with_training(entry: dict[str, Any], train_round_s: float) -> float:
+    """The ratio once a local training round of ``train_round_s`` is part of both."""
+    return (train_round_s + entry["secure_round_s"]) / (train_round_s + entry["plain_round_s"])
