@@ -90,9 +90,15 @@ class Site:
     split: SiteSplit | None
     reason: str = ""  # why the site is not evaluable
 
-    def scans(self, part: str, cfg: RunConfig) -> LabelledScans:
-        assert self.split is not None
-        return LabelledScans(self.volumes, getattr(self.split, part), cfg.compare.finetune.label_names, cfg.model.image_size)
+    def labelled(self, cfg: RunConfig) -> tuple[LabelledScans, LabelledScans]:
+        """(fine-tuning scans, held-out test scans) of an evaluable site."""
+        if self.split is None:
+            raise NotEvaluableError(self.reason)
+        names, size = cfg.compare.finetune.label_names, cfg.model.image_size
+        return (
+            LabelledScans(self.volumes, self.split.train, names, size),
+            LabelledScans(self.volumes, self.split.test, names, size),
+        )
 
 
 @dataclass
@@ -101,6 +107,7 @@ class Pretrained:
 
     encoders: dict[str, dict[str, torch.Tensor]]
     files: dict[str, Path]
+    models_trained: int
     steps_per_model: int
     volumes_seen: int
     seconds: float
@@ -177,6 +184,7 @@ def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial
     return Pretrained(
         encoders={SHARED: state},
         files={SHARED: weights},
+        models_trained=1,  # one global encoder, however many sites contributed
         steps_per_model=steps.pop(),
         volumes_seen=sum(s.num_examples for r in results.rounds for s in r.sites),
         seconds=results.wall_seconds,
@@ -190,7 +198,7 @@ def pretrain_centralized(cfg: RunConfig, run_dir: Path, sites: list[Site], initi
     print(f"      pretraining on {len(pooled)} pooled scans of {len(sites)} sites")
     state, losses, volumes = _train(cfg, pooled, cfg.train.seed, initial)
     weights = _save_encoder(run_dir, Arm.centralized.value, state, cfg, losses)
-    return Pretrained({SHARED: state}, {SHARED: weights}, len(losses), volumes, time.perf_counter() - started, {SHARED: losses})
+    return Pretrained({SHARED: state}, {SHARED: weights}, 1, len(losses), volumes, time.perf_counter() - started, {SHARED: losses})
 
 
 def pretrain_local_only(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
@@ -205,7 +213,7 @@ def pretrain_local_only(cfg: RunConfig, run_dir: Path, sites: list[Site], initia
         files[site.name] = _save_encoder(run_dir, f"{Arm.local_only.value}_{site.name}", state, cfg, site_losses)
         volumes += site_volumes
     steps = len(next(iter(losses.values())))
-    return Pretrained(encoders, files, steps, volumes, time.perf_counter() - started, losses)
+    return Pretrained(encoders, files, len(chosen), steps, volumes, time.perf_counter() - started, losses)
 
 
 def pretrain_scratch(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
@@ -218,7 +226,7 @@ def pretrain_scratch(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: 
         weights = round_zero
     else:  # a federation resumed from a folder that lost it
         weights = _save_encoder(run_dir, Arm.scratch.value, initial, cfg, [])
-    return Pretrained({SHARED: dict(initial)}, {SHARED: weights}, 0, 0, 0.0)
+    return Pretrained({SHARED: dict(initial)}, {SHARED: weights}, 0, 0, 0, 0.0)
 
 
 PRETRAIN: dict[Arm, Callable[[RunConfig, Path, list[Site], Mapping[str, torch.Tensor]], Pretrained]] = {
@@ -247,16 +255,18 @@ def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> t
     compare = cfg.compare
     label_names = compare.finetune.label_names
     task = label_names[0]
-    evaluated = [s for s in sites if s.split and pretrained.encoder_for(s.name) is not None]
+    # (site, its fine-tuning and test scans, the encoder it fine-tunes from)
+    evaluated = [
+        (site, *site.labelled(cfg), encoder)
+        for site in sites
+        if site.split is not None and (encoder := pretrained.encoder_for(site.name)) is not None
+    ]
     downstream: dict[str, Any] = {}
     for mode in compare.modes:
         by_site: dict[str, Predictions] = {}
         downstream[mode] = {}
-        for site in evaluated:
-            predictions = finetune_and_predict(
-                cfg.model, compare.finetune, mode, pretrained.encoder_for(site.name),  # type: ignore[arg-type]
-                site.scans("train", cfg), site.scans("test", cfg),
-            )
+        for site, train, test, encoder in evaluated:
+            predictions = finetune_and_predict(cfg.model, compare.finetune, mode, encoder, train, test)
             by_site[site.name] = predictions
             metrics = score(predictions, label_names, compare.n_boot, compare.split_seed)
             downstream[mode][site.name] = {
@@ -272,10 +282,8 @@ def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> t
             downstream[mode][POOLED] = {"metrics": metrics}
             print(f"      {mode:<12} {POOLED:<10} {_fmt_auroc(metrics, task)}")
     representation = {
-        site.name: representation_monitor(
-            cfg.model, pretrained.encoder_for(site.name), site.scans("train", cfg), site.scans("test", cfg), compare.knn_k  # type: ignore[arg-type]
-        )
-        for site in evaluated
+        site.name: representation_monitor(cfg.model, encoder, train, test, compare.knn_k)
+        for site, train, test, encoder in evaluated
     }
     return downstream, representation
 
@@ -329,7 +337,7 @@ class CompareRecord:
             "description": ARM_DESCRIPTIONS[arm],
             "budget": {
                 "pretrain_steps_per_model": pretrained.steps_per_model,
-                "models": len(pretrained.losses) if arm is not Arm.federated else 1,
+                "models": pretrained.models_trained,
                 "volumes_seen": pretrained.volumes_seen,
                 "finetune_steps": self.data["budget"]["finetune_steps"],
             },
@@ -377,10 +385,14 @@ def run_comparison(cfg: RunConfig, run_dir: Path, data_dir: Path) -> int:
     started = time.perf_counter()
     budget = cfg.federation.rounds * cfg.train.local_steps
     print(
-        f"compare: 4 arms, {budget} pretraining steps per model ({cfg.federation.rounds} rounds x "
+        f"compare: {len(Arm)} arms, {budget} pretraining steps per model ({cfg.federation.rounds} rounds x "
         f"{cfg.train.local_steps} steps), fine-tuning {', '.join(cfg.compare.modes)} for {cfg.compare.finetune.total_steps} steps"
     )
-    sites = load_sites(cfg, data_dir)
+    try:
+        sites = load_sites(cfg, data_dir)
+    except NotEvaluableError as err:
+        print(f"ctfed simulate: compare: {err}")
+        return 1
     for site in sites:
         if site.split:
             print(f"      {site.name}: {len(site.volumes)} scans, {len(site.split.train)} fine-tune / {len(site.split.test)} test")

@@ -28,6 +28,9 @@ TARGET_HALF_WIDTH = 0.05
 # Below this many held-out scans a bootstrap CI is itself unreliable (a handful of distinct
 # resamples), so a verdict is reported but never called evidence.
 MIN_EVIDENCE_TEST_SCANS = 100
+# Feature spread below this share of the uniform spread: the encoder maps a site's scans to
+# nearly one point, and fine-tuned scores reflect the head rather than the pretraining.
+COLLAPSE_FRACTION = 0.1
 
 ARM_COLOURS = {Arm.federated: "tab:blue", Arm.centralized: "tab:green", Arm.local_only: "tab:orange", Arm.scratch: "tab:grey"}
 # Distinct markers: in round 1 a federated site and the same site alone take identical steps.
@@ -155,6 +158,8 @@ def verdict_text(v: dict[str, Any]) -> str:
     else:
         covers = diff["high"] > v["target"] if v["kind"] == "more than" else diff["low"] <= v["target"]
         outcome = f"**Missed by {v['missed_by']:.3f} AUROC**; the 95% CI {'still covers' if covers else 'excludes'} the target."
+    if diff["low"] == diff["high"]:
+        outcome += " The CI has zero width: both arms rank the held-out scans the same way in every resample."
     if not v["evidence"]:
         outcome += (
             f" With {v['n_test']} held-out scans (CI half-width ±{_half_width(v):.2f}) this is not evidence either way."
@@ -172,6 +177,16 @@ def _needed_test_scans(v: dict[str, Any]) -> int:
     if not math.isfinite(half_width) or half_width <= 0:
         return v["n_test"]
     return max(v["n_test"], math.ceil(v["n_test"] * (half_width / TARGET_HALF_WIDTH) ** 2))
+
+
+def collapsed_pairs(data: dict[str, Any]) -> list[str]:
+    """``arm/site`` pairs whose CLS features have (nearly) collapsed."""
+    return [
+        f"{arm.value}/{site}"
+        for arm in _arms_present(data)
+        for site, monitor in data["arms"][arm.value]["representation"].items()
+        if monitor["embedding_std"] < COLLAPSE_FRACTION * monitor["uniform_std"]
+    ]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -306,6 +321,12 @@ def _lines(data: dict[str, Any], run_dir: Path, plots: list[tuple[str, Path]]) -
     lines += _table(["arm", *evaluable], rows)
     lines += ["", "kNN: accuracy of a cosine k-nearest-neighbour vote of CLS features on the test scans. std: spread of the "
               "normalised features (0 = collapse) against the spread of uniformly spread features.", ""]
+    collapsed = collapsed_pairs(data)
+    if collapsed:
+        pairs = sum(len(data["arms"][arm.value]["representation"]) for arm in _arms_present(data))
+        lines += [f"**Collapsed features** in {len(collapsed)} of {pairs} arm/site pairs ({', '.join(collapsed)}): "
+                  f"feature spread below {COLLAPSE_FRACTION:g} x uniform, so the encoder maps the site's scans to nearly "
+                  "one point and fine-tuned scores there say more about the head than about pretraining.", ""]
 
     lines += ["## Verdicts", ""]
     verdicts = data.get("verdicts") or []
@@ -363,5 +384,9 @@ def console_summary(data: dict[str, Any]) -> str:
         lines.append(f"{arm.value:<12} {_cell(results, POOLED, task)}")
     for v in data.get("verdicts", []):
         status = "met" if v["met"] else f"missed by {v['missed_by']:.3f}"
-        lines.append(f"{v['key']:<28} {v['difference']['of']} = {_ci(v['difference'], signed=True)}: {status}")
+        evidence = "" if v["evidence"] else f" (not evidence: {v['n_test']} test scans)"
+        lines.append(f"{v['key']:<28} {v['difference']['of']} = {_ci(v['difference'], signed=True)}: {status}{evidence}")
+    collapsed = collapsed_pairs(data)
+    if collapsed:
+        lines.append(f"warning: collapsed encoder features in {len(collapsed)} arm/site pairs (see compare.md)")
     return "\n".join(lines)
