@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,19 @@ def test_report_and_plots_exist(compare_run: Path) -> None:
         path = compare_run / PLOTS_DIR / plot
         assert path.read_bytes().startswith(PNG_SIGNATURE)
         assert f"({PLOTS_DIR}/{plot})" in report
+
+
+@pytest.mark.slow
+def test_a_study_cut_short_still_reports_its_finished_arms(compare_run: Path, tmp_path: Path) -> None:
+    """compare.json as it stands after the first arm (a crash later): `ctfed report` renders it."""
+    data = json.loads((compare_run / COMPARE_JSON).read_text())
+    data["status"] = "running"
+    data["verdicts"] = []
+    data["arms"] = {Arm.federated.value: data["arms"][Arm.federated.value]}
+    partial = tmp_path / "partial"
+    shutil.copytree(compare_run, partial, ignore=shutil.ignore_patterns("dicom", "cache", ".flwr", "app"))
+    (partial / COMPARE_JSON).write_text(json.dumps(data))
+    assert main(["report", str(partial)]) == 0
+    report = (partial / COMPARE_MD).read_text()
+    assert "Status **running**" in report and "| federated |" in report and "| scratch |" not in report
+    assert "Not judged yet" in report
