@@ -127,12 +127,15 @@ def load_sites(cfg: RunConfig, data_dir: Path) -> list[Site]:
     for index, cache_dir in enumerate(site_cache_dirs(data_dir)):
         volumes = CachedVolumes(cache_dir)
         try:
-            split = stratified_split(volumes, cfg.compare.finetune.label_names, cfg.compare.test_fraction, cfg.compare.split_seed)
+            split = stratified_split(
+                volumes, cfg.compare.finetune.label_names, cfg.compare.test_fraction, cfg.compare.split_seed
+            )
             sites.append(Site(cache_dir.name, index, volumes, split))
         except NotEvaluableError as err:
             sites.append(Site(cache_dir.name, index, volumes, None, reason=str(err)))
     if not any(site.split for site in sites):
-        raise NotEvaluableError("no site has enough labelled scans of both classes for a downstream test: " + "; ".join(s.reason for s in sites))
+        reasons = "; ".join(site.reason for site in sites)
+        raise NotEvaluableError(f"no site has enough labelled scans of both classes for a downstream test: {reasons}")
     return sites
 
 
