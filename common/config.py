@@ -487,11 +487,26 @@ class SynthConfig:
 
     sites: int = 3
     scans_per_site: int = 4
+    # Sites of different sizes: one scan count per site (overrides scans_per_site); empty: all equal.
+    scans_per_site_list: list[int] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.scans_per_site < 1:
             raise ConfigError("synth.sites and synth.scans_per_site must be >= 1")
+        if self.scans_per_site_list:
+            if len(self.scans_per_site_list) != self.sites:
+                raise ConfigError(
+                    f"synth.scans_per_site_list has {len(self.scans_per_site_list)} entries for "
+                    f"synth.sites={self.sites}; give one scan count per site"
+                )
+            if min(self.scans_per_site_list) < 1:
+                raise ConfigError(f"synth.scans_per_site_list entries must be >= 1, got {list(self.scans_per_site_list)}")
+
+    @property
+    def scan_counts(self) -> list[int]:
+        """Scans to write at each site, in site order."""
+        return list(self.scans_per_site_list) or [self.scans_per_site] * self.sites
 
 
 class FaultKind(str, enum.Enum):
@@ -558,6 +573,61 @@ class SimulationConfig:
         return self.site_policy
 
 
+def _compare_finetune() -> FinetuneConfig:
+    # The synthetic hospitals' labels.csv has one column per finding plus "any".
+    return FinetuneConfig(label_names=["any"])
+
+
+@dataclass
+class CompareConfig:
+    """The ``compare`` study: federated vs centralized vs local-only vs scratch encoders.
+
+    With ``enabled``, ``ctfed simulate`` trains the other arms after the federation, on the same
+    sites and the same pretraining budget, and fine-tunes every arm at every site
+    (simulations/compare.py). Targets are AUROC differences the verdicts are checked against.
+    """
+
+    enabled: bool = False
+    # Downstream task; finetune.mode is the primary mode the verdicts use.
+    finetune: FinetuneConfig = field(default_factory=_compare_finetune)
+    # Further fine-tuning modes reported as baselines (each costs one fine-tune per arm and site).
+    baseline_modes: list[str] = field(default_factory=list)
+    # Share of each site's labelled scans held out for testing, per class (stratified).
+    test_fraction: float = 0.5
+    split_seed: int = 0
+    n_boot: int = 1000
+    # Neighbours of the kNN representation monitor (capped at the training scans of a site).
+    knn_k: int = 3
+    # Local-only pretraining at every site, or only at the smallest one.
+    local_only_all_sites: bool = True
+    # Verdict targets in AUROC: pretrained must beat scratch, federated must beat local-only at
+    # the smallest site, by more than these; centralized may lead federated by at most this.
+    target_gain_over_scratch: float = 0.0
+    target_gain_over_local_only: float = 0.0
+    max_gap_to_centralized: float = 0.05
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.baseline_modes if m not in FINETUNE_MODES]
+        if unknown:
+            raise ConfigError(f"compare.baseline_modes must be among {', '.join(FINETUNE_MODES)}, got {unknown}")
+        if self.finetune.mode in self.baseline_modes or len(set(self.baseline_modes)) != len(self.baseline_modes):
+            raise ConfigError(
+                f"compare.baseline_modes {list(self.baseline_modes)} must be unique and must not repeat "
+                f"compare.finetune.mode '{self.finetune.mode}'"
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"compare.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.n_boot < 1 or self.knn_k < 1:
+            raise ConfigError("compare.n_boot and compare.knn_k must be >= 1")
+        if self.max_gap_to_centralized < 0:
+            raise ConfigError("compare.max_gap_to_centralized must be >= 0")
+
+    @property
+    def modes(self) -> list[str]:
+        """Fine-tuning modes to run, the primary one first."""
+        return [self.finetune.mode, *self.baseline_modes]
+
+
 @dataclass
 class RunConfig:
     """Everything one ``ctfed simulate`` run needs; written to the run folder."""
@@ -570,6 +640,7 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
     run_name: str = ""

@@ -16,6 +16,7 @@ printed table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -57,9 +58,7 @@ def _sitk_read(folder: Path) -> Any:
 
 def bench_ingest(work: Path, matrix: int, slices: int, scans: int, repeats: int) -> dict[str, Any]:
     """Read the same uncompressed series with ctfed and with SimpleITK."""
-    try:
-        import SimpleITK  # noqa: F401  (only whether it is installed)
-    except ImportError:
+    if importlib.util.find_spec("SimpleITK") is None:
         return {"skipped": "SimpleITK is not installed (pip install 'ctfed[test]')"}
     profile = replace(PROFILES[0], matrix=matrix, slices=slices)  # uncompressed, flat folders
     site_dir = work / "ingest"

@@ -1,4 +1,4 @@
-"""``ctfed report RUN_DIR``: re-render a run folder's report.md and plots, without training.
+"""``ctfed report RUN_DIR``: re-render a run folder's report.md (and compare.md) and plots, without training.
 
 Useful mid-run (the coordinator rewrites results.json after every round), after a run
 that died, and after the report itself has improved.
@@ -25,4 +25,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctfed report: {err}", file=sys.stderr)
         return 1
     print(report)
+    from ctfed.simulations.compare import COMPARE_JSON
+
+    if (args.run_dir / COMPARE_JSON).is_file():  # a compare study: its verdicts and plots too
+        from ctfed.simulations.compare_report import render_compare_report
+
+        print(render_compare_report(args.run_dir))
     return 0

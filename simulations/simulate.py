@@ -60,8 +60,10 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     """Synthetic hospitals as DICOM, then each site's own prepared cache."""
     dicom_root = run_dir / "dicom"
     cache_root = run_dir / "cache"
-    print(f"[1/3] writing {cfg.synth.sites} synthetic hospitals ({cfg.synth.scans_per_site} scans each) to {dicom_root}")
-    site_dirs = synthesize_federation(dicom_root, cfg.synth.sites, cfg.synth.scans_per_site, cfg.synth.seed)
+    counts = cfg.synth.scan_counts
+    sizes = f"{counts[0]} scans each" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} scans"
+    print(f"[1/3] writing {cfg.synth.sites} synthetic hospitals ({sizes}) to {dicom_root}")
+    site_dirs = synthesize_federation(dicom_root, cfg.synth.sites, counts, cfg.synth.seed)
     print(f"[2/3] preparing site caches in {cache_root}")
     for site_dir in site_dirs:
         labels = site_dir / "labels.csv"
@@ -193,4 +195,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - started:.0f} s")
     print(f"results:     {results_path}")
     print(f"checkpoints: {run_dir / 'checkpoints'}")
+    if cfg.compare.enabled:
+        # The federation above is the study's federated arm; the other arms reuse its sites.
+        from ctfed.simulations.compare import run_comparison
+
+        return run_comparison(cfg, run_dir, data_dir)
     return 0

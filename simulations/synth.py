@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -280,21 +281,24 @@ def write_localizer(site_dir: Path, profile: SiteProfile, site: int, seed: int) 
     _save(ds, _series_path(site_dir, profile, patient, 999, 1, 1), profile)
 
 
-def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int, seed: int) -> list[Path]:
+def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int | Sequence[int], seed: int) -> list[Path]:
     """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
 
-    Each site folder holds its DICOM files, one localizer series and ``labels.csv``
-    (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
+    ``scans_per_site`` is one count for every site, or one count per site (sites of different
+    sizes). A scan's pixels and labels depend only on (seed, site, scan), so a larger site
+    holds the scans of a smaller one plus more. Each site folder holds its DICOM files, one
+    localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
     """
-    if sites < 1 or scans_per_site < 1:
-        raise ValueError("sites and scans_per_site must be >= 1")
+    counts = [scans_per_site] * sites if isinstance(scans_per_site, int) else list(scans_per_site)
+    if sites < 1 or len(counts) != sites or min(counts) < 1:
+        raise ValueError(f"need sites >= 1 and one scan count >= 1 per site, got {sites} sites and {scans_per_site}")
     site_dirs = []
-    for site in range(sites):
+    for site, site_scans in enumerate(counts):
         profile = site_profile(site)
         site_dir = out_dir / f"site_{site}"
         site_dir.mkdir(parents=True, exist_ok=True)
         rows = []
-        for scan in range(scans_per_site):
+        for scan in range(site_scans):
             study_uid, findings = write_scan(site_dir, profile, site, scan, seed)
             rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
         write_localizer(site_dir, profile, site, seed)
