@@ -17,6 +17,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ctfed.client.audit import AUDIT_FILE, AuditLogError, verify_audit_log
 from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
 from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
 from ctfed.common.config import SiteConfig, read_site_config
@@ -96,11 +98,23 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the site's YAML file (example: conf/site.yaml)")
     parser.add_argument("--check", action="store_true", help="validate the config and files, print the command, start nothing")
+    parser.add_argument(
+        "--verify-audit", action="store_true", help="check the hash chain of this site's audit log and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. runtime_port=9095")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = read_site_config(args.config, args.overrides)
+    if args.verify_audit:
+        path = cfg.state_path / AUDIT_FILE
+        try:
+            entries = verify_audit_log(path)
+        except AuditLogError as err:
+            print(f"ctfed site: {cfg.site_id}: audit log BROKEN: {err}", file=sys.stderr)
+            return 1
+        print(f"ctfed site: {cfg.site_id}: audit log {path} intact, {entries} outgoing messages")
+        return 0
     if args.check:
         cfg.check_files()
         print(shlex.join(supernode_command(cfg, cfg.runtime_port or free_port())))

@@ -129,3 +129,24 @@ def test_log_holds_no_cache_or_dicom_identifiers(tmp_path: Path) -> None:
         assert all(isinstance(v, (int, float, list)) for v in entry["metrics"].values())
     for forbidden in ("PatientName", "DOE^", "StudyInstanceUID", ".dcm", ".npy", "manifest"):
         assert forbidden not in text
+
+
+def test_site_cli_verifies_the_audit_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctfed.common.cli import main
+
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "site_id: hospital-a\ndata_path: cache\nsuperlink: 'fl.example.org:8000'\n"
+        "ca_cert: keys/ca.crt\nprivate_key: keys/a.key\nstate_dir: state\n"
+    )
+    log = AuditLog(tmp_path / "state" / AUDIT_FILE)
+    for server_round in (1, 2):
+        log.append(kind=KIND_REFUSAL, run_id=7, server_round=server_round, site_id="hospital-a", reason="policy")
+    assert main(["site", "--config", str(config), "--verify-audit"]) == 0
+    assert "intact, 2 outgoing messages" in capsys.readouterr().out
+
+    path = tmp_path / "state" / AUDIT_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0].replace("policy", "budget") + lines[1])
+    assert main(["site", "--config", str(config), "--verify-audit"]) == 1
+    assert "audit log BROKEN" in capsys.readouterr().err
