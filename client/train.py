@@ -112,6 +112,7 @@ class LocalTrainer:
         self.teacher = build_teacher(self.student).eval()
         self.student.train()
         self._teacher_synced = False
+        self._proximal_reference: dict[str, torch.Tensor] | None = None  # FedProx: the global weights
 
         self.multicrop = MultiCrop3D(
             train_cfg.global_crop_scale, train_cfg.local_crop_scale, train_cfg.num_local_crops, model_cfg.image_size
@@ -173,6 +174,16 @@ class LocalTrainer:
         if self.train_cfg.teacher_on_new_global == "reset" or not self._teacher_synced:
             self.teacher.encoder.load_state_dict(state, strict=True)
             self._teacher_synced = True
+        if self.train_cfg.proximal_mu > 0:
+            self._proximal_reference = {name: t.detach().clone().float() for name, t in state.items()}
+
+    def _proximal_term(self) -> torch.Tensor:
+        """FedProx: mu/2 * ||w - w_global||^2 over the student encoder's parameters."""
+        reference = self._proximal_reference
+        if reference is None:
+            raise RuntimeError("train.proximal_mu > 0 needs the global encoder (set_global_encoder) first")
+        squared = [(param - reference[name]).pow(2).sum() for name, param in self.student.encoder.named_parameters()]
+        return 0.5 * self.train_cfg.proximal_mu * torch.stack(squared).sum()
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The student encoder's weights: what the site sends."""
@@ -261,6 +272,8 @@ class LocalTrainer:
                     teacher_out = self.teacher(teacher_in)
                 dino, mim = self.loss_fn(self.student(student_in), teacher_out), None
                 loss = cfg.dino_weight * dino
+            if cfg.proximal_mu > 0:
+                loss = loss + self._proximal_term()
             self._check_finite(loss, dino, mim, round_index, local_step, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

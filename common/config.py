@@ -33,7 +33,15 @@ class ConfigError(ValueError):
 class Strategy(str, enum.Enum):
     """Aggregation strategies the coordinator offers."""
 
-    fedavg = "fedavg"
+    fedavg = "fedavg"  # example-weighted mean of the site updates
+    fedprox = "fedprox"  # FedAvg, with a proximal term in each site's loss (train.proximal_mu)
+    fedadam = "fedadam"  # Adam at the coordinator, the mean update as its pseudo-gradient
+    median = "median"  # coordinate-wise median: robust, needs each site's update in clear
+    trimmed_mean = "trimmed_mean"  # mean after dropping federation.trim_fraction at each end
+
+
+# Robust rules look at every site's update: they cannot run on a securely aggregated sum.
+ROBUST_STRATEGIES = (Strategy.median, Strategy.trimmed_mean)
 
 
 @dataclass
@@ -171,10 +179,15 @@ class TrainConfig:
     # this many global steps (0: off). A softer early teacher avoids early collapse.
     teacher_temp_warmup: float = 0.04
     teacher_temp_warmup_steps: int = 0
+    # FedProx: mu/2 * ||w - w_global||^2 on the student encoder keeps a site near the
+    # global model when site data differ (0: off; federation.strategy=fedprox needs > 0).
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
             raise ConfigError("train.local_steps must be >= 1")
+        if self.proximal_mu < 0:
+            raise ConfigError("train.proximal_mu must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size must be >= 1")
         if self.lr <= 0:
@@ -303,10 +316,23 @@ class FederationConfig:
     # A site update (weights minus the global weights) with a larger L2 norm is rejected:
     # far beyond what a few local optimiser steps can produce, so a bug or an attack.
     max_update_norm: float = 100.0
+    # fedadam: the coordinator's Adam (Reddi et al. 2021, "Adaptive Federated Optimization").
+    server_lr: float = 1e-2
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # trimmed_mean: fraction of the site values dropped at each end, per coordinate.
+    trim_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("federation.rounds must be >= 1")
+        if self.server_lr <= 0 or self.server_tau <= 0:
+            raise ConfigError("federation.server_lr and federation.server_tau must be > 0")
+        if not (0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1):
+            raise ConfigError("federation.server_beta1 and federation.server_beta2 must be in [0, 1)")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError("federation.trim_fraction must be in [0, 0.5)")
         if not self.max_update_norm > 0:
             raise ConfigError("federation.max_update_norm must be > 0")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -660,10 +686,26 @@ class RunConfig:
             )
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
+        self._check_strategy()
         if not self.simulation.data_dir:
             beyond = sorted({f.site for f in self.simulation.faults if f.site >= self.synth.sites})
             if beyond:
                 raise ConfigError(f"simulation.faults name sites {beyond}, but synth.sites is {self.synth.sites}")
+
+
+    def _check_strategy(self) -> None:
+        strategy = self.federation.strategy
+        if strategy in ROBUST_STRATEGIES and self.secagg.enabled:
+            raise ConfigError(
+                f"federation.strategy={strategy.value} needs every site's update, which secure aggregation hides; "
+                "set secagg.enabled=false or use fedavg, fedprox or fedadam"
+            )
+        if strategy in ROBUST_STRATEGIES and self.privacy.mode is PrivacyMode.central:
+            raise ConfigError(f"central DP calibrates its noise to a uniform mean; it cannot follow {strategy.value}")
+        if strategy is Strategy.fedprox and self.train.proximal_mu <= 0:
+            raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0 (e.g. 0.01)")
+        if self.train.proximal_mu > 0 and self.privacy.mode is PrivacyMode.local:
+            raise ConfigError("train.proximal_mu is not available with local DP-SGD (per-volume clipping)")
 
 
 def register_configs() -> None:

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +22,8 @@ from ctfed.common.config import RunConfig
 
 RESULTS_NAME = "results.json"
 CHECKPOINT_DIR = "checkpoints"
+GLOBAL_PREFIX = "global_round_"
+STRATEGY_PREFIX = "strategy_round_"
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class RunRecorder:
         self.status = "running"
         # Central DP: the coordinator's privacy ledger (PrivacyLedger.to_dict), kept current.
         self.central_privacy_ledger: dict[str, Any] | None = None
+        # Strategy state to continue from (set by ``resume``; FedAdam's moments).
+        self.strategy_state: dict[str, torch.Tensor] = {}
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -114,9 +118,11 @@ class RunRecorder:
             raise ResumeError(f"{results_path} is not a ctfed results file: {err}") from None
         while True:
             last = rounds[-1].round if rounds else 0
-            weights = run_dir / CHECKPOINT_DIR / f"global_round_{last:04d}.safetensors"
+            weights = run_dir / CHECKPOINT_DIR / f"{GLOBAL_PREFIX}{last:04d}.safetensors"
+            strategy_file = run_dir / CHECKPOINT_DIR / f"{STRATEGY_PREFIX}{last:04d}.safetensors"
             try:
                 state, model_cfg, card = load_checkpoint(weights)
+                strategy_state = load_checkpoint(strategy_file)[0] if strategy_file.exists() else {}
                 break
             except (FileNotFoundError, ValueError) as err:
                 if not rounds:
@@ -138,6 +144,7 @@ class RunRecorder:
         # The coordinator's epsilon continues from the checkpoint we resume from, not from
         # results.json, which may describe a later round whose checkpoint was unusable.
         recorder.central_privacy_ledger = card.get("central_privacy_ledger")
+        recorder.strategy_state = strategy_state
         recorder._write()
         return recorder, state
 
@@ -145,11 +152,24 @@ class RunRecorder:
     def results_path(self) -> Path:
         return self.run_dir / RESULTS_NAME
 
-    def save_global(self, server_round: int, state: dict[str, torch.Tensor]) -> Path:
-        stem = self.run_dir / CHECKPOINT_DIR / f"global_round_{server_round:04d}"
-        # The ledger travels with the weights: resuming from this checkpoint must continue it.
+    def save_global(
+        self, server_round: int, state: dict[str, torch.Tensor], strategy_state: Mapping[str, torch.Tensor] | None = None
+    ) -> Path:
+        """The global encoder after ``server_round``, with what a resume needs to continue:
+        the coordinator's privacy ledger (in the card) and the strategy's state (FedAdam's
+        moments, in ``strategy_round_NNNN.safetensors``), written before the weights so a
+        verified weights file implies its strategy state is complete."""
+        checkpoints = self.run_dir / CHECKPOINT_DIR
+        if strategy_state:
+            save_checkpoint(
+                checkpoints / f"{STRATEGY_PREFIX}{server_round:04d}", strategy_state, self.cfg.model,
+                round=server_round, kind="strategy-state", strategy=self.cfg.federation.strategy.value,
+            )
         extra = {} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}
-        return save_checkpoint(stem, state, self.cfg.model, round=server_round, kind="global-encoder", **extra)
+        return save_checkpoint(
+            checkpoints / f"{GLOBAL_PREFIX}{server_round:04d}", state, self.cfg.model,
+            round=server_round, kind="global-encoder", **extra,
+        )
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

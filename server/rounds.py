@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ctfed.common.config import PrivacyMode, RunConfig, Strategy
+from ctfed.common.config import ROBUST_STRATEGIES, PrivacyMode, RunConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     EPSILON_KEY,
@@ -33,7 +33,6 @@ from ctfed.common.exchange import (
     STATUS_REJECTED,
     STATUS_TIMEOUT,
     UpdateRejected,
-    apply_delta,
     configs_to_record,
     record_bytes,
     record_to_state,
@@ -43,6 +42,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.dp import PrivacyLedger
 from ctfed.common.model import ViTEncoder
+from ctfed.server.aggregation import GlobalUpdate, robust_combine
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
 from ctfed.server.secagg import run_secure_round
@@ -57,8 +57,8 @@ def initial_encoder_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def build_strategy(cfg: RunConfig) -> FedAvg:
-    if cfg.federation.strategy is not Strategy.fedavg:
-        raise NotImplementedError(f"strategy {cfg.federation.strategy.value} is not available yet")
+    """Flower's FedAvg samples the sites and takes the example-weighted mean for every
+    strategy; what differs (robust combination, FedAdam's step) is in server/aggregation.py."""
     return FedAvg(
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=0.0,
@@ -153,6 +153,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         recorder = RunRecorder(run_dir, cfg)
         global_state = initial_encoder_state(cfg)
         recorder.save_global(0, global_state)
+    updater = GlobalUpdate(cfg.federation, recorder.strategy_state)
     arrays = state_to_record(global_state)
     central = None
     if cfg.privacy.mode is PrivacyMode.central:
@@ -181,7 +182,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             # Secure path (server/secagg.py): only the masked sum of site updates is seen.
             global_state = run_secure_round(
                 grid, messages, global_state, cfg, server_round, recorder, started, known_sites,
-                central, _sample_rate(grid, messages),
+                central, _sample_rate(grid, messages), updater,
             )
             arrays = state_to_record(global_state)
             continue
@@ -198,7 +199,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         aggregated: ArrayRecord | None = None
         noise_std: float | None = None
         if len(accepted) >= cfg.federation.min_sites:
-            if central is None:
+            if cfg.federation.strategy in ROBUST_STRATEGIES:
+                updates = [record_to_state(r.content[ARRAYS_KEY], expected=global_state) for r in accepted]
+                aggregated = state_to_record(robust_combine(cfg.federation.strategy, updates, cfg.federation))
+            elif central is None:
                 aggregated, _ = strategy.aggregate_train(server_round, accepted)
             else:
                 updates = [record_to_state(r.content[ARRAYS_KEY], expected=global_state) for r in accepted]
@@ -211,10 +215,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
                 server_round, len(accepted), cfg.federation.min_sites,
             )
         else:
-            # Replies are weighted-mean deltas; the new global model is the old one plus them.
-            global_state = apply_delta(global_state, record_to_state(aggregated, expected=global_state))
+            # The combined site deltas; the strategy turns them into the next global model.
+            global_state = updater.apply(global_state, record_to_state(aggregated, expected=global_state))
             arrays = state_to_record(global_state)
-        checkpoint = recorder.save_global(server_round, global_state)
+        checkpoint = recorder.save_global(server_round, global_state, updater.state())
         recorder.add_round(
             RoundRecord(
                 round=server_round,

@@ -47,6 +47,7 @@ from ctfed.common.exchange import (
     record_bytes,
     refusing_site,
 )
+from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
 
@@ -417,6 +418,7 @@ def run_secure_round(
     known_sites: dict[int, str],
     central: CentralDP | None = None,
     sample_rate: float = 1.0,
+    updater: GlobalUpdate | None = None,
 ) -> dict[str, torch.Tensor]:
     """The round loop's secure branch: aggregate, checkpoint, record; returns the new global state.
 
@@ -431,8 +433,8 @@ def run_secure_round(
         if central is not None:
             mean_delta, noise_std = central.noise_mean(mean_delta, result.included_sites, server_round, sample_rate)
             recorder.central_privacy_ledger = central.ledger.to_dict()
-        global_state = apply_delta(global_state, mean_delta)
-    checkpoint = recorder.save_global(server_round, global_state)
+        global_state = updater.apply(global_state, mean_delta) if updater else apply_delta(global_state, mean_delta)
+    checkpoint = recorder.save_global(server_round, global_state, updater.state() if updater else None)
     recorder.add_round(
         RoundRecord(
             round=server_round,

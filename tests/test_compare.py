@@ -93,6 +93,9 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "compare.finetune.stage_steps=2",
             "compare.baseline_modes=[]",
             "compare.n_boot=50",
+            # Secure aggregation of 2 sites needs a threshold of 2 (the default is 3).
+            "secagg.num_shares=3",
+            "secagg.reconstruction_threshold=2",
         ]
     )
     assert code == 0

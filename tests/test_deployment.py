@@ -177,8 +177,9 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             results = json.loads(results_file.read_text())
             assert results["status"] == "completed", output[-5000:]
             assert [r["round"] for r in results["rounds"]] == [1, 2]
+            assert results["secure_aggregation"] is True  # SecAgg+ is the default
             for record in results["rounds"]:
-                assert record["aggregated"] is True
+                assert record["aggregated"] is True and record["secure_aggregation"] is True
                 assert sorted(s["site"] for s in record["sites"]) == sorted(SITES)
                 assert all(s["status"] == "aggregated" for s in record["sites"])
                 assert INTRUDER not in {s["site"] for s in record["sites"]}
