@@ -10,6 +10,11 @@ from typing import Any
 
 def write_json_atomic(path: Path, payload: Any, indent: int = 2) -> None:
     """Write JSON to a sibling temporary file, then rename it over ``path``."""
+    write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a sibling temporary file, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)

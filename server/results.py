@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
+from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.config import RunConfig
 
@@ -93,6 +94,7 @@ class RunRecorder:
         self.central_privacy_ledger: dict[str, Any] | None = None
         # Strategy state to continue from (set by ``resume``; FedAdam's moments).
         self.strategy_state: dict[str, torch.Tensor] = {}
+        self._tensorboard: TensorBoardLog | None = None  # opened with the first new round
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -174,10 +176,16 @@ class RunRecorder:
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)
         self._write()
+        write_csv(self.run_dir / CSV_NAME, self.rounds)
+        if self._tensorboard is None:
+            self._tensorboard = TensorBoardLog(self.run_dir / TENSORBOARD_DIR, first_round=record.round)
+        self._tensorboard.add(record)
 
     def finish(self) -> None:
         self.status = "completed"
         self._write()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def to_dict(self) -> dict[str, Any]:
         return {

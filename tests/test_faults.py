@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -131,5 +132,15 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path) ->
         {"after_round": done, "checkpoint_sha256": card_before["sha256"], "time": after["resumes"][0]["time"]}
     ]
     assert f"| Resumed | after round {done} |" in (run_dir / "report.md").read_text()
+    # The CSV and TensorBoard views hold each round once, though rounds after `done` may
+    # have been logged by the killed run before its checkpoint was written.
+    with (run_dir / "results.csv").open() as handle:
+        rows = [(int(row["round"]), row["site"]) for row in csv.DictReader(handle)]
+    assert sorted(rows) == sorted({(r, s) for r in range(1, 6) for s in ("site_0", "site_1", "site_2")})
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/site_0")] == [1, 2, 3, 4, 5]
     for record in after["rounds"][done:]:
         assert record["aggregated"] and all(s["status"] == "aggregated" for s in record["sites"])
