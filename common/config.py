@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
+# Site ids (and sweep arm names) become file and folder names: keep them plain.
+SITE_ID_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
 # Config enums have lower-case member names: OmegaConf parses a value by member *name*, so
 # `federation.strategy=fedavg` on the command line must be a name.
 class Strategy(str, enum.Enum):
@@ -655,6 +659,42 @@ class CompareConfig:
 
 
 @dataclass
+class SweepArm:
+    """One federation of a sweep: a name and the overrides that make it differ from the base run."""
+
+    name: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """The ``privacy`` study (or any sweep): after the base federation, one more federation per
+    arm on the same site caches, each fine-tuned and tested at every site as in ``compare``
+    (its ``compare.finetune`` settings), epsilon against AUROC in sweep.md
+    (simulations/sweep.py)."""
+
+    enabled: bool = False
+    # Name of the base run's arm in the tables.
+    base_name: str = "base"
+    arms: list[SweepArm] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [self.base_name, *(arm.name for arm in self.arms)]
+        bad = [n for n in names if not SITE_ID_RULE.match(n)]
+        if bad:
+            raise ConfigError(f"sweep arm names become folder names; use letters, digits, '.', '_' or '-': {bad}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sweep arm names must be unique (the base is '{self.base_name}'): {names}")
+        for arm in self.arms:
+            forbidden = [o for o in arm.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "synth", "simulation", "sweep", "compare")]
+            if forbidden:
+                raise ConfigError(
+                    f"sweep arm '{arm.name}': {forbidden} would change what the arms are compared on; "
+                    "an arm may change federation, train, privacy and secagg settings"
+                )
+
+
+@dataclass
 class RunConfig:
     """Everything one ``ctfed simulate`` run needs; written to the run folder."""
 
@@ -667,6 +707,7 @@ class RunConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
     run_name: str = ""
@@ -795,7 +836,6 @@ def read_run_config(path: Path) -> RunConfig:
     return to_run_config(OmegaConf.load(path))
 
 
-SITE_ID_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ADDRESS_RULE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 

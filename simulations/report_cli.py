@@ -1,4 +1,4 @@
-"""``ctfed report RUN_DIR``: re-render a run folder's report.md (and compare.md) and plots, without training.
+"""``ctfed report RUN_DIR``: re-render a run folder's report.md (and compare.md, sweep.md) and plots, without training.
 
 Useful mid-run (the coordinator rewrites results.json after every round), after a run
 that died, and after the report itself has improved.
@@ -7,6 +7,7 @@ that died, and after the report itself has improved.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,4 +32,9 @@ def run(args: argparse.Namespace) -> int:
         from ctfed.simulations.compare_report import render_compare_report
 
         print(render_compare_report(args.run_dir))
+    from ctfed.simulations.sweep import SWEEP_NAME, render_sweep_report
+
+    sweep = args.run_dir / SWEEP_NAME
+    if sweep.is_file():  # a sweep (the privacy preset): its table and plot too
+        print(render_sweep_report(args.run_dir, json.loads(sweep.read_text())))
     return 0

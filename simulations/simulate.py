@@ -115,37 +115,10 @@ def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> P
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    resume = args.resume is not None
-    if resume:
-        run_dir = args.resume.resolve()
-        cfg = _resume_config(run_dir, args.overrides)
-    else:
-        cfg = load_run_config(args.overrides)
-    if args.show_config:
-        from omegaconf import OmegaConf
-
-        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        return 0
-    started = time.perf_counter()
-    if resume:
-        config_path = run_dir / CONFIG_NAME
-        save_run_config(cfg, config_path)
-        print(f"ctfed simulate: resuming {run_dir}")
-        data_dir = _existing_data_dir(cfg, run_dir)
-        print(f"[1/3] using the run's site caches under {data_dir}")
-        print("[2/3] (nothing to prepare)")
-    else:
-        run_dir = make_run_dir(cfg)
-        config_path = run_dir / CONFIG_NAME
-        save_run_config(cfg, config_path)
-        print(f"ctfed simulate: run folder {run_dir}")
-        if cfg.simulation.data_dir:
-            data_dir = Path(cfg.simulation.data_dir).resolve()
-            print(f"[1/3] using prepared site caches under {data_dir}")
-            print("[2/3] (nothing to prepare)")
-        else:
-            data_dir = synthesize_and_prepare(cfg, run_dir)
+def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, data_dir: Path, resume: bool = False) -> int:
+    """Run the federation of ``cfg`` on the site caches under ``data_dir`` in Flower's
+    simulation engine, then print its table and write its report; 0 when every round
+    aggregated. The run folder must exist and hold ``config_path``."""
     site_ids = [cache.name for cache in site_cache_dirs(data_dir)]
     num_sites = len(site_ids)
     policies_path = write_site_policies(cfg, run_dir, site_ids)
@@ -192,12 +165,56 @@ def run(args: argparse.Namespace) -> int:
     if failed_rounds:
         print(f"ctfed simulate: rounds {failed_rounds} had too few usable site updates; see {run_dir / 'federation.log'}")
         return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    resume = args.resume is not None
+    if resume:
+        run_dir = args.resume.resolve()
+        cfg = _resume_config(run_dir, args.overrides)
+    else:
+        cfg = load_run_config(args.overrides)
+    if args.show_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return 0
+    started = time.perf_counter()
+    if resume:
+        config_path = run_dir / CONFIG_NAME
+        save_run_config(cfg, config_path)
+        print(f"ctfed simulate: resuming {run_dir}")
+        data_dir = _existing_data_dir(cfg, run_dir)
+        print(f"[1/3] using the run's site caches under {data_dir}")
+        print("[2/3] (nothing to prepare)")
+    else:
+        run_dir = make_run_dir(cfg)
+        config_path = run_dir / CONFIG_NAME
+        save_run_config(cfg, config_path)
+        print(f"ctfed simulate: run folder {run_dir}")
+        if cfg.simulation.data_dir:
+            data_dir = Path(cfg.simulation.data_dir).resolve()
+            print(f"[1/3] using prepared site caches under {data_dir}")
+            print("[2/3] (nothing to prepare)")
+        else:
+            data_dir = synthesize_and_prepare(cfg, run_dir)
+    code = run_federation_simulation(cfg, run_dir, config_path, data_dir, resume)
+    if code:
+        return code
     print(f"done in {time.perf_counter() - started:.0f} s")
-    print(f"results:     {results_path}")
+    print(f"results:     {run_dir / RESULTS_NAME}")
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     if cfg.compare.enabled:
         # The federation above is the study's federated arm; the other arms reuse its sites.
         from ctfed.simulations.compare import run_comparison
 
-        return run_comparison(cfg, run_dir, data_dir)
+        code = run_comparison(cfg, run_dir, data_dir)
+        if code:
+            return code
+    if cfg.sweep.enabled:
+        # The federation above is the sweep's base arm; each other arm is one more federation.
+        from ctfed.simulations.sweep import run_sweep
+
+        return run_sweep(cfg, run_dir, data_dir)
     return 0
