@@ -68,6 +68,10 @@ def _quiet_pydicom() -> Iterator[None]:
         pydicom_logger.disabled = previous
 
 
+# NIfTI volumes in an export are not DICOM: scan() lists them for common/nifti.py to read.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
 class DicomError(ValueError):
     """A series that cannot be turned into a trustworthy volume; the message says why."""
 
@@ -102,6 +106,8 @@ class SeriesRef:
 class ScanResult:
     series: list[SeriesRef]
     rejected: list[Rejection]
+    # NIfTI volumes found in the same tree (read by common/nifti.py, not as DICOM).
+    nifti: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -195,10 +201,14 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
     files: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     rejected: list[Rejection] = []
     series_rejections: dict[tuple[str, str], int] = {}
+    nifti: list[Path] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() in (".csv", ".md", ".json", ".txt") and path.parent == root:
             continue  # the site's own side files (labels.csv, notes), not export content
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            nifti.append(path)
+            continue
         ds, reason = _classify(path)
         if ds is None:
             assert reason is not None
@@ -227,8 +237,8 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
             multiframe=any(int(d.get("NumberOfFrames") or 1) > 1 for _, d in members),
             console_path=members[0][0].parent.relative_to(root).as_posix(),
         ))
-    logger.info("scan: %d CT series, %d rejected entries", len(series), len(rejected))
-    return ScanResult(series=series, rejected=rejected)
+    logger.info("scan: %d CT series, %d NIfTI files, %d rejected entries", len(series), len(nifti), len(rejected))
+    return ScanResult(series=series, rejected=rejected, nifti=nifti)
 
 
 def _safe_series_uid(path: Path, reason: str) -> str | None:

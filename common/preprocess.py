@@ -40,6 +40,7 @@ from ctfed.common.dicom import (
     study_key,
 )
 from ctfed.common.fileio import write_json_atomic
+from ctfed.common.nifti import load_nifti, nifti_key
 from ctfed.common.privacy import site_secret
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ MANIFEST = "manifest.json"
 REPORT = "report.md"
 FORMAT = 1
 AXES = "C,z(inferior->superior),y(posterior->anterior),x(left->right)"
+# labels.csv key columns: a study UID for DICOM, the path under the input folder for NIfTI.
+STUDY_COLUMNS = ("StudyInstanceUID", "study_uid")
+NIFTI_FILE_COLUMN = "file"
 
 
 @dataclass
@@ -121,12 +125,16 @@ class _Job:
     cfg: PreprocessConfig
     label: dict[str, Any] | None
     study: str
+    nifti: bool = False
 
 
 def _process(job: _Job) -> dict[str, Any]:
     """Load, transform and save one series; returns a manifest entry or {'rejected': reason}."""
     try:
-        volume = load_series(job.files, gantry_tilt=job.cfg.gantry_tilt)
+        if job.nifti:
+            volume = load_nifti(job.files[0])
+        else:
+            volume = load_series(job.files, gantry_tilt=job.cfg.gantry_tilt)
         tensor = volume_to_tensor(volume, job.cfg)
     except DicomError as err:
         return {"rejected": str(err)}
@@ -151,22 +159,27 @@ def _process(job: _Job) -> dict[str, Any]:
         "slice_count": volume.slice_count,
         "notes": volume.warnings,
         "label": job.label,
+        "source": "nifti" if job.nifti else "dicom",
     }
 
 
 def read_labels(path: Path, secret: bytes) -> dict[str, dict[str, Any]]:
-    """labels.csv (StudyInstanceUID + label columns) -> {study_key: {column: value}}."""
+    """labels.csv (StudyInstanceUID, or ``file`` for NIfTI, + label columns) -> {study key: {column: value}}."""
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             raise ValueError(f"labels file {path} is empty")
-        key_column = next((c for c in reader.fieldnames if c in ("StudyInstanceUID", "study_uid")), None)
+        key_column = next((c for c in reader.fieldnames if c in (*STUDY_COLUMNS, NIFTI_FILE_COLUMN)), None)
         if key_column is None:
-            raise ValueError(f"labels file {path} needs a 'StudyInstanceUID' column; has {reader.fieldnames}")
+            raise ValueError(
+                f"labels file {path} needs a 'StudyInstanceUID' column (or '{NIFTI_FILE_COLUMN}' for NIfTI "
+                f"input: the path under the input folder); has {reader.fieldnames}"
+            )
         labels = {}
         for row in reader:
-            uid = row.pop(key_column).strip()
-            labels[study_key(secret, uid)] = {k: _number(v) for k, v in row.items()}
+            ident = row.pop(key_column).strip()
+            key = nifti_key(secret, ident) if key_column == NIFTI_FILE_COLUMN else study_key(secret, ident)
+            labels[key] = {k: _number(v) for k, v in row.items()}
     return labels
 
 
@@ -203,7 +216,8 @@ def prepare(
     labels_csv: Path | None = None,
     progress: bool = True,
 ) -> PrepareSummary:
-    """Build or update the cache in ``output_dir`` from the DICOM tree ``input_dir``."""
+    """Build or update the cache in ``output_dir`` from ``input_dir``: a tree of DICOM files,
+    NIfTI volumes (``.nii``/``.nii.gz``, values in HU), or both."""
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder does not exist: {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +248,21 @@ def prepare(
             logger.debug("series %s unchanged; using the cache", key)
             continue
         jobs.append(_Job(key, ref.files, digest, output_dir, cfg, labels.get(study), study))
+    for path in found.nifti:
+        # A NIfTI file is its own study: its key stands for both, and labels name its path.
+        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
+        try:
+            digest = content_hash([path])
+        except OSError as err:
+            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
+            continue
+        old = previous.get(key)
+        if old and old.get("content_hash") == digest and (output_dir / old["file"]).exists():
+            old["label"] = labels.get(key, old.get("label")) if labels else old.get("label")
+            entries[key] = old
+            cached += 1
+            continue
+        jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
 
     def write_manifest() -> None:
         write_json_atomic(manifest_path, {
