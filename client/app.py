@@ -14,6 +14,7 @@ outgoing message, refusals included, is written to the site's audit log (``clien
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ from ctfed.common.exchange import (
     LOCAL_STATE_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    PEAK_RSS_KEY,
     SERVER_ROUND_KEY,
     SITE_KEY,
     record_bytes,
@@ -40,6 +42,11 @@ from ctfed.common.exchange import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB), for capacity planning."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 app = ClientApp()
 
@@ -86,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
             "data-seconds": float(result.data_seconds),
             "round-seconds": time.perf_counter() - started,
             "bytes-sent": sent_bytes,
+            PEAK_RSS_KEY: peak_rss_mb(),
             **privacy_metrics,
         }
     )

@@ -25,6 +25,7 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 NUM_EXAMPLES_KEY = "num-examples"
+PEAK_RSS_KEY = "peak-rss-mb"
 LOCAL_STATE_KEY = "ssl-local-state"
 # Run config key naming the run folder (ServerApp: results; simulated sites: state folders).
 RUN_DIR_KEY = "run-dir"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
+from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY
 from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.config import RunConfig
@@ -47,10 +49,39 @@ class SiteRoundRecord:
     bytes_received: int = 0
     # Local DP: the site's own epsilon after this round (its accountant, all rounds so far).
     epsilon: float | None = None
+    # Peak resident memory of the site's training process so far (MB).
+    peak_rss_mb: float | None = None
     # Secure aggregation: bytes the coordinator sent this site over all protocol stages,
     # and how many of its update values were clipped before quantisation.
     bytes_sent: int = 0
     clipped_values: int = 0
+
+
+def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: Any) -> SiteRoundRecord:
+    """A site's outcome for one round from the metrics it sent in clear. A value that is
+    missing, not a number or not finite stays empty: a site's metrics cannot crash the
+    coordinator, whatever the site sends."""
+
+    def number(key: str) -> float | None:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value)
+
+    losses = metrics.get("losses")
+    return SiteRoundRecord(
+        site=site,
+        status=status,
+        num_examples=int(number(NUM_EXAMPLES_KEY) or 0),
+        loss_first=number("loss-first"),
+        loss=number("loss"),
+        losses=[float(x) for x in losses] if isinstance(losses, list) else [],
+        train_seconds=number("train-seconds"),
+        data_seconds=number("data-seconds"),
+        epsilon=number(EPSILON_KEY),
+        peak_rss_mb=number(PEAK_RSS_KEY),
+        **fields,
+    )
 
 
 @dataclass

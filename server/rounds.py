@@ -19,7 +19,6 @@ from flwr.serverapp.strategy import FedAvg
 from ctfed.common.config import ROBUST_STRATEGIES, PrivacyMode, RunConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    EPSILON_KEY,
     METRICS_KEY,
     MIN_SITES_KEY,
     PHASE_KEY,
@@ -44,7 +43,7 @@ from ctfed.common.dp import PrivacyLedger
 from ctfed.common.model import ViTEncoder
 from ctfed.server.aggregation import GlobalUpdate, robust_combine
 from ctfed.server.central_dp import CentralDP
-from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
+from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord, site_record
 from ctfed.server.secagg import run_secure_round
 
 logger = logging.getLogger(__name__)
@@ -104,20 +103,11 @@ def _vet_replies(
             logger.warning("rejected the update of site %s: %s", site, err)
             records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
             continue
-        metrics = reply.content[METRICS_KEY]
         accepted.append(reply)
         records.append(
-            SiteRoundRecord(
-                site=site,
-                status=STATUS_AGGREGATED,
-                num_examples=int(metrics["num-examples"]),
-                loss_first=float(metrics["loss-first"]),
-                loss=float(metrics["loss"]),
-                losses=[float(x) for x in metrics["losses"]],
-                train_seconds=float(metrics["train-seconds"]),
-                data_seconds=float(metrics["data-seconds"]),
+            site_record(
+                site, STATUS_AGGREGATED, reply.content.metric_records.get(METRICS_KEY, {}),
                 bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
-                epsilon=float(metrics[EPSILON_KEY]) if EPSILON_KEY in metrics else None,
             )
         )
     records.sort(key=lambda record: record.site)

@@ -34,7 +34,6 @@ from ctfed.common import secagg as sa
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    EPSILON_KEY,
     METRICS_KEY,
     REFUSAL_CODES,
     SITE_KEY,
@@ -49,7 +48,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
-from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
+from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord, site_record
 
 logger = logging.getLogger(__name__)
 
@@ -373,22 +372,10 @@ class SecureRound:
     def _records(self) -> list[SiteRoundRecord]:
         records = []
         for site in self.sites.values():
-            m = site.metrics
             records.append(
-                SiteRoundRecord(
-                    site=site.site,
-                    status=site.status,
-                    reason=site.reason,
-                    num_examples=int(m.get("num-examples", 0)),
-                    loss_first=float(m["loss-first"]) if "loss-first" in m else None,
-                    loss=float(m["loss"]) if "loss" in m else None,
-                    losses=[float(x) for x in m.get("losses", [])],
-                    train_seconds=float(m["train-seconds"]) if "train-seconds" in m else None,
-                    data_seconds=float(m["data-seconds"]) if "data-seconds" in m else None,
-                    bytes_received=site.bytes_received,
-                    bytes_sent=site.bytes_sent,
-                    clipped_values=site.clipped,
-                    epsilon=float(m[EPSILON_KEY]) if EPSILON_KEY in m else None,
+                site_record(
+                    site.site, site.status, site.metrics, reason=site.reason,
+                    bytes_received=site.bytes_received, bytes_sent=site.bytes_sent, clipped_values=site.clipped,
                 )
             )
         return sorted(records, key=lambda r: r.site)

@@ -49,6 +49,7 @@ def test_every_site_trained_every_round(finished_run: Path) -> None:
             assert len(site["losses"]) == 2
             assert all(torch.isfinite(torch.tensor(site["losses"])))
             assert site["num_examples"] > 0
+            assert 50 < site["peak_rss_mb"] < 64_000  # a Python process with torch loaded
             assert site["bytes_received"] == record["bytes_sent_per_site"] > 0
 
 
