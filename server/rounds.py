@@ -32,12 +32,9 @@ from ctfed.common.exchange import (
 from ctfed.common.model import ViTEncoder
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
-from ctfed.server.collect import build_strategy, collect_round, vet_replies
+from ctfed.server.collect import build_strategy, collect_round
 from ctfed.server.finetune_rounds import run_finetune_rounds
 from ctfed.server.results import RoundRecord, RunRecorder
-
-# simulations/secagg_bench.py vets replies with the round loop's own function.
-_vet_replies = vet_replies
 
 logger = logging.getLogger(__name__)
 
