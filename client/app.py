@@ -1,4 +1,6 @@
-"""The site's Flower ClientApp: one round of local self-supervised training.
+"""The site's Flower ClientApp: one round of local self-supervised training (phase 1) or of
+fine-tuning on the site's labelled scans (phase 2, ``client/finetune_round.py``), by the
+instructions' ``run.phase``.
 
 A site receives the global encoder and the round's instructions, trains on its own cache,
 and replies with the change of its student encoder only (local weights minus the global
@@ -20,6 +22,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ctfed.client.finetune_round import finetune_train
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
@@ -29,9 +32,12 @@ from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
     LOCAL_STATE_KEY,
+    FINETUNE_PHASE,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PEAK_RSS_KEY,
+    PHASE_KEY,
+    PRETRAIN_PHASE,
     SERVER_ROUND_KEY,
     SITE_KEY,
     record_bytes,
@@ -53,13 +59,15 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train locally from the global encoder and reply with the new encoder weights."""
+    """Train locally from the global model and reply with the change of what trained."""
     console_logging()
     started = time.perf_counter()
     instructions = msg.content[CONFIG_KEY]
     server_round = int(instructions[SERVER_ROUND_KEY])
     identity = identify_site(context)
     privacy_round = SitePrivacyRound(identity, context, instructions)
+    if str(instructions.get(PHASE_KEY, PRETRAIN_PHASE)) == FINETUNE_PHASE:
+        return finetune_train(msg, context, identity, privacy_round)
     try:
         privacy_round.check_policy()  # before the cache is opened
         model_cfg, train_cfg = record_to_configs(instructions)

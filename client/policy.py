@@ -24,8 +24,10 @@ from typing import Any, Mapping
 
 from ctfed.common.config import ConfigError, PrivacyMode, SitePolicy, to_section
 from ctfed.common.exchange import (
+    FINETUNE_PHASE,
     MIN_SITES_KEY,
     PHASE_KEY,
+    PLAN_LOCAL_STEPS_KEY,
     PRETRAIN_PHASE,
     SECURE_AGGREGATION_KEY,
     record_to_configs,
@@ -73,10 +75,11 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any]) -> N
             f"policy.max_epsilon={policy.max_epsilon:g} is a budget for local DP-SGD, "
             f"but this round uses privacy.mode={privacy.mode.value}"
         )
-    if policy.max_local_steps and train.local_steps > policy.max_local_steps:
-        reasons.append(
-            f"train.local_steps={train.local_steps} exceeds policy.max_local_steps={policy.max_local_steps}"
-        )
+    # Phase 2 trains its own number of steps per round (the plan's), not train.local_steps.
+    steps_key = PLAN_LOCAL_STEPS_KEY if phase == FINETUNE_PHASE else "train.local_steps"
+    steps = int(instructions.get(PLAN_LOCAL_STEPS_KEY, 0)) if phase == FINETUNE_PHASE else train.local_steps
+    if policy.max_local_steps and steps > policy.max_local_steps:
+        reasons.append(f"{steps_key}={steps} exceeds policy.max_local_steps={policy.max_local_steps}")
     if policy.allowed_models and model.name not in policy.allowed_models:
         reasons.append(f"model '{model.name}' is not in policy.allowed_models {list(policy.allowed_models)}")
     if policy.max_hidden_size and model.hidden_size > policy.max_hidden_size:

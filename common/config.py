@@ -271,6 +271,15 @@ class FinetuneConfig:
     # One sigmoid output per name (1 name: binary task; K names: multi-label).
     label_names: list[str] = field(default_factory=lambda: ["label"])
     seed: int = 0
+    # Federated phase 2 only (``federation.finetune_rounds``); the split of the standalone
+    # compare study is ``compare.test_fraction`` / ``compare.split_seed``.
+    # Optimizer steps per site per phase-2 round (0: train.local_steps).
+    local_steps: int = 0
+    # Share of each site's labelled scans held out (stratified) to evaluate on every round.
+    test_fraction: float = 0.5
+    split_seed: int = 0
+    # Bootstrap resamples of the per-round evaluation's confidence intervals (small: it runs every round).
+    eval_n_boot: int = 50
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
@@ -297,6 +306,12 @@ class FinetuneConfig:
             raise ConfigError("finetune.batch_size must be >= 1")
         if not self.label_names or len(set(self.label_names)) != len(self.label_names):
             raise ConfigError(f"finetune.label_names must be non-empty and unique, got {list(self.label_names)}")
+        if self.local_steps < 0:
+            raise ConfigError(f"finetune.local_steps must be >= 0 (0: train.local_steps), got {self.local_steps}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"finetune.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.eval_n_boot < 1:
+            raise ConfigError(f"finetune.eval_n_boot must be >= 1, got {self.eval_n_boot}")
 
     @property
     def num_outputs(self) -> int:
@@ -312,6 +327,9 @@ class FederationConfig:
     """Rounds and aggregation run by the coordinator."""
 
     rounds: int = 2
+    # Phase 2 after the SSL rounds: federated progressive-freezing fine-tuning rounds on the
+    # sites' labelled scans (``finetune:`` section); 0: no phase 2.
+    finetune_rounds: int = 0
     strategy: Strategy = Strategy.fedavg
     fraction_train: float = 1.0
     min_sites: int = 2
@@ -331,6 +349,8 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("federation.rounds must be >= 1")
+        if self.finetune_rounds < 0:
+            raise ConfigError(f"federation.finetune_rounds must be >= 0 (0: no phase 2), got {self.finetune_rounds}")
         if self.server_lr <= 0 or self.server_tau <= 0:
             raise ConfigError("federation.server_lr and federation.server_tau must be > 0")
         if not (0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1):
@@ -603,7 +623,7 @@ class SimulationConfig:
         return self.site_policy
 
 
-def _compare_finetune() -> FinetuneConfig:
+def _synthetic_finetune() -> FinetuneConfig:
     # The synthetic hospitals' labels.csv has one column per finding plus "any".
     return FinetuneConfig(label_names=["any"])
 
@@ -619,7 +639,7 @@ class CompareConfig:
 
     enabled: bool = False
     # Downstream task; finetune.mode is the primary mode the verdicts use.
-    finetune: FinetuneConfig = field(default_factory=_compare_finetune)
+    finetune: FinetuneConfig = field(default_factory=_synthetic_finetune)
     # Further fine-tuning modes reported as baselines (each costs one fine-tune per arm and site).
     baseline_modes: list[str] = field(default_factory=list)
     # Share of each site's labelled scans held out for testing, per class (stratified).
@@ -708,6 +728,9 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # Phase 2 (federation.finetune_rounds > 0): the downstream task and its recipe. Label
+    # names are columns of the sites' labels.csv (the synthetic hospitals: findings and "any").
+    finetune: FinetuneConfig = field(default_factory=_synthetic_finetune)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
     run_name: str = ""
@@ -728,11 +751,26 @@ class RunConfig:
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
         self._check_strategy()
+        self._check_finetune_rounds()
         if not self.simulation.data_dir:
             beyond = sorted({f.site for f in self.simulation.faults if f.site >= self.synth.sites})
             if beyond:
                 raise ConfigError(f"simulation.faults name sites {beyond}, but synth.sites is {self.synth.sites}")
 
+
+    def _check_finetune_rounds(self) -> None:
+        if not self.federation.finetune_rounds:
+            return
+        if self.privacy.mode is PrivacyMode.local:
+            raise ConfigError(
+                "federation.finetune_rounds > 0 with privacy.mode=local: per-volume DP-SGD is implemented for SSL "
+                "pretraining only; use privacy.mode=central or none for phase 2"
+            )
+        if self.federation.strategy is Strategy.fedprox:
+            raise ConfigError(
+                "federation.strategy=fedprox has no proximal term in phase-2 fine-tuning; "
+                "use fedavg or fedadam with federation.finetune_rounds > 0"
+            )
 
     def _check_strategy(self) -> None:
         strategy = self.federation.strategy

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from ctfed.common.config import ConfigError, ModelConfig, PrivacyConfig, TrainConfig, to_section
+from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, PrivacyConfig, TrainConfig, to_section
+from ctfed.common.finetune import FinetuneRoundPlan
 
 # Record keys shared by both sides; one definition so a rename cannot split them.
 ARRAYS_KEY = "arrays"
@@ -38,6 +39,25 @@ MIN_SITES_KEY = "federation.min_sites"
 # Whether the coordinator aggregates this round with secure aggregation.
 SECURE_AGGREGATION_KEY = "federation.secure_aggregation"
 PRETRAIN_PHASE = "pretrain"
+FINETUNE_PHASE = "finetune"  # federated progressive-freezing fine-tuning (phase 2)
+
+# Phase-2 round instructions: the fine-tuning recipe travels flattened as ``finetune.*``;
+# the coordinator's plan for the round as the keys below (common/finetune.FinetuneRoundPlan).
+FINETUNE_SECTION = "finetune"
+PLAN_STAGE_KEY = "plan.stage"
+PLAN_BLOCKS_KEY = "plan.trainable_blocks"
+PLAN_STEM_KEY = "plan.train_stem"
+PLAN_SCHEDULE_START_KEY = "plan.schedule_start"
+PLAN_SCHEDULE_TOTAL_KEY = "plan.schedule_total"
+PLAN_LOCAL_STEPS_KEY = "plan.local_steps"
+# Whether the arrays are the whole classifier (True) or only its trainable part, and the
+# digest of the whole classifier the site must hold to complete a partial one.
+FULL_STATE_KEY = "plan.full_state"
+BASE_DIGEST_KEY = "plan.base_sha256"
+# Phase-2 reply metrics: trainable parameter elements, and held-out evaluation values as
+# ``eval/<task>/<metric>`` (point estimate) and ``.../low``, ``.../high`` (bootstrap CI).
+TRAINABLE_PARAMETERS_KEY = "trainable-parameters"
+EVAL_METRIC_PREFIX = "eval/"
 
 # Reply metrics a site adds: local DP's epsilon (the site's own accountant, at
 # privacy.local.delta) and central DP's clip scale (1.0: the update was within the bound).
@@ -48,7 +68,8 @@ CLIP_SCALE_KEY = "dp-clip-scale"
 # and a reason that names the site (see refusal_reason).
 POLICY_REFUSED_CODE = 4001
 BUDGET_REFUSED_CODE = 4002
-REFUSAL_CODES = (POLICY_REFUSED_CODE, BUDGET_REFUSED_CODE)
+NO_LABELS_REFUSED_CODE = 4003  # phase 2 at a site without (enough) labelled scans
+REFUSAL_CODES = (POLICY_REFUSED_CODE, BUDGET_REFUSED_CODE, NO_LABELS_REFUSED_CODE)
 
 # Outcome of one site in one round (results.json).
 STATUS_AGGREGATED = "aggregated"
@@ -218,3 +239,76 @@ def refusing_site(reason: str) -> str | None:
     """The site id ``refusal_reason`` put into ``reason``, if any."""
     prefix, sep, _ = reason.partition(" refuses: ")
     return prefix[len("site ") :] if sep and prefix.startswith("site ") else None
+
+
+def finetune_to_record(finetune: FinetuneConfig, plan: FinetuneRoundPlan, local_steps: int) -> dict[str, Any]:
+    """Phase-2 instruction entries: the recipe (``finetune.*``) and this round's plan."""
+    flat: dict[str, Any] = {}
+    _flatten(FINETUNE_SECTION, finetune, flat)
+    flat.update(
+        {
+            PLAN_STAGE_KEY: plan.stage,
+            PLAN_BLOCKS_KEY: [int(b) for b in plan.blocks],
+            PLAN_STEM_KEY: plan.stem,
+            PLAN_SCHEDULE_START_KEY: plan.schedule_start,
+            PLAN_SCHEDULE_TOTAL_KEY: plan.schedule_total,
+            PLAN_LOCAL_STEPS_KEY: local_steps,
+        }
+    )
+    return flat
+
+
+def record_to_finetune(record: Mapping[str, Any]) -> tuple[FinetuneConfig, FinetuneRoundPlan, int]:
+    """The recipe, the round's plan and its local steps from phase-2 instructions."""
+    finetune = to_section(FinetuneConfig, _section(record, FINETUNE_SECTION))
+    _check_finite(finetune, FINETUNE_SECTION)
+    for name in ("block_lrs", "unfreeze_fractions"):
+        if not all(math.isfinite(v) for v in getattr(finetune, name)):
+            raise ConfigError(f"received non-finite value in {FINETUNE_SECTION}.{name}")
+    try:
+        plan = FinetuneRoundPlan(
+            stage=str(record[PLAN_STAGE_KEY]),
+            blocks=tuple(int(b) for b in record[PLAN_BLOCKS_KEY]),
+            stem=bool(record[PLAN_STEM_KEY]),
+            schedule_start=int(record[PLAN_SCHEDULE_START_KEY]),
+            schedule_total=int(record[PLAN_SCHEDULE_TOTAL_KEY]),
+        )
+        local_steps = int(record[PLAN_LOCAL_STEPS_KEY])
+    except KeyError as err:
+        raise ConfigError(f"phase-2 instructions lack {err}") from None
+    if local_steps < 1:
+        raise ConfigError(f"phase-2 instructions ask for {local_steps} local steps")
+    return finetune, plan, local_steps
+
+
+def evaluation_to_metrics(evaluation: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """``{task: {metric: {value, low, high}}}`` as flat reply metrics (``eval/task/metric``)."""
+    flat: dict[str, float] = {}
+    for task, metrics in evaluation.items():
+        for metric, estimate in metrics.items():
+            key = f"{EVAL_METRIC_PREFIX}{task}/{metric}"
+            flat[key] = float(estimate["value"])
+            flat[f"{key}/low"] = float(estimate["low"])
+            flat[f"{key}/high"] = float(estimate["high"])
+    return flat
+
+
+_EVAL_BOUNDS = ("low", "high")
+
+
+def metrics_to_evaluation(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]] | None:
+    """Inverse of ``evaluation_to_metrics``; None when the reply carries no evaluation."""
+    evaluation: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        if not key.startswith(EVAL_METRIC_PREFIX):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue  # a site's malformed metric is left out, never fatal to the coordinator
+        *task_parts, last = key[len(EVAL_METRIC_PREFIX) :].split("/")
+        bound = "value"
+        if last in _EVAL_BOUNDS and task_parts:
+            bound, last = last, task_parts.pop()
+        if not task_parts:
+            continue
+        evaluation.setdefault("/".join(task_parts), {}).setdefault(last, {})[bound] = float(value)
+    return evaluation or None

@@ -21,6 +21,8 @@ the fewer bytes per round (and the less DP noise).
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -150,6 +152,88 @@ class FreezingSchedule:
         return tuple(b for b, f in zip(self.unfreezable, self.fractions) if progress >= f)
 
 
+# Finetuner phases (and phase-2 round stages): what trains and with which parameter groups.
+PROBE_PHASE = "probe"  # head only, stage 0 of the progressive recipe
+PROGRESSIVE_PHASE = "progressive"  # head + unfrozen top blocks, stage 1
+LINEAR_PROBE_PHASE = "linear_probe"  # mode linear_probe: head only throughout
+FULL_PHASE = "full"  # mode full: every tunable weight throughout
+HEAD_ONLY_PHASES = (PROBE_PHASE, LINEAR_PROBE_PHASE)
+
+
+@dataclass(frozen=True)
+class FinetuneRoundPlan:
+    """What one federated phase-2 round trains, decided by the coordinator and sent to sites.
+
+    ``schedule_start``/``schedule_total`` place the round on its stage's OneCycle LR curve, in
+    local steps, so rounds x local steps follow one curve per stage as a standalone fine-tune
+    of the same length would.
+    """
+
+    stage: str  # one of the *_PHASE names above
+    blocks: tuple[int, ...]  # trainable encoder blocks, top first
+    stem: bool  # patch embedding and CLS token train too (mode "full")
+    schedule_start: int
+    schedule_total: int
+
+
+class FederatedFreezingSchedule:
+    """The progressive recipe over federated rounds instead of optimizer steps.
+
+    Mode "progressive": the first rounds are the linear probe, in the share
+    ``probe_steps / (probe_steps + stage_steps)`` of the phase-2 rounds (at least one round
+    each when both are > 0 and there are two rounds or more); in the remaining rounds the
+    top blocks unfreeze top-down at ``unfreeze_fractions`` of that stage. The trainable set
+    cannot change within a round (a site's reply names it), so a block trains from the
+    round in which its fraction of the stage falls. The set only ever grows, so the
+    parameters that differ from the phase-2 start are always among the trainable ones: a site
+    that holds the starting classifier needs only the trainable part in later rounds.
+    Modes "linear_probe" and "full" train the head only / everything in every round.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, num_blocks: int, rounds: int, local_steps: int) -> None:
+        if rounds < 1 or local_steps < 1:
+            raise ValueError(f"need rounds >= 1 and local_steps >= 1, got {rounds}, {local_steps}")
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.rounds = rounds
+        self.local_steps = local_steps
+        self.freezing = FreezingSchedule(num_blocks, tuple(cfg.unfreeze_fractions))
+
+    @property
+    def probe_rounds(self) -> int:
+        """Phase-2 rounds spent on the linear probe (mode "progressive" only)."""
+        cfg = self.cfg
+        if cfg.mode != PROGRESSIVE_PHASE:
+            return 0
+        share = cfg.probe_steps / cfg.total_steps
+        rounds = math.floor(self.rounds * share + 0.5)
+        if cfg.probe_steps > 0:
+            rounds = max(rounds, 1)
+        if cfg.stage_steps > 0 and self.rounds >= 2:
+            rounds = min(rounds, self.rounds - 1)
+        return min(rounds, self.rounds)
+
+    def plan(self, finetune_round: int) -> FinetuneRoundPlan:
+        """The plan of phase-2 round ``finetune_round`` (1 = the first phase-2 round)."""
+        if not 1 <= finetune_round <= self.rounds:
+            raise ValueError(f"phase-2 round must be in [1, {self.rounds}], got {finetune_round}")
+        steps = self.local_steps
+        index = finetune_round - 1
+        if self.cfg.mode == LINEAR_PROBE_PHASE:
+            return FinetuneRoundPlan(LINEAR_PROBE_PHASE, (), False, index * steps, self.rounds * steps)
+        if self.cfg.mode == FULL_PHASE:
+            blocks = tuple(range(self.num_blocks - 1, -1, -1))
+            return FinetuneRoundPlan(FULL_PHASE, blocks, True, index * steps, self.rounds * steps)
+        probe = self.probe_rounds
+        if index < probe:
+            return FinetuneRoundPlan(PROBE_PHASE, (), False, index * steps, probe * steps)
+        stage_rounds = self.rounds - probe
+        stage_index = index - probe
+        end = (stage_index + 1) / stage_rounds
+        blocks = tuple(b for b, f in zip(self.freezing.unfreezable, self.freezing.fractions) if f < end)
+        return FinetuneRoundPlan(PROGRESSIVE_PHASE, blocks, False, stage_index * steps, stage_rounds * steps)
+
+
 def trainable_blocks(
     progress: float, stage: int, num_blocks: int, fractions: Sequence[float] = (0.1, 0.3, 0.6)
 ) -> tuple[int, ...]:
@@ -157,9 +241,16 @@ def trainable_blocks(
     return FreezingSchedule(num_blocks, tuple(fractions)).trainable_blocks(progress, stage)
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that currently train, sorted: the order both sides of a
+    federation use (secure aggregation flattens an update in its order)."""
+    return sorted(name for name, param in model.named_parameters() if param.requires_grad)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters that currently train: what a federated fine-tune needs to send."""
-    return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if param.requires_grad}
+    """Only the parameters that currently train, by name: what a federated fine-tune sends."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().cpu().clone() for name in trainable_names(model)}
 
 
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -224,8 +315,8 @@ class Finetuner:
     def phases(self) -> list[tuple[str, int]]:
         """(phase, steps) pairs that make up this mode's budget."""
         cfg = self.cfg
-        if cfg.mode == "progressive":
-            phases = [("probe", cfg.probe_steps), ("progressive", cfg.stage_steps)]
+        if cfg.mode == PROGRESSIVE_PHASE:
+            phases = [(PROBE_PHASE, cfg.probe_steps), (PROGRESSIVE_PHASE, cfg.stage_steps)]
             return [(name, steps) for name, steps in phases if steps]
         return [(cfg.mode, cfg.total_steps)]
 
@@ -241,6 +332,27 @@ class Finetuner:
         )
         return result
 
+    def fit_round(self, plan: FinetuneRoundPlan, steps: int) -> FinetuneResult:
+        """One federated phase-2 round: ``steps`` steps with the plan's trainable set, on the
+        plan's part of its stage's OneCycle curve (a fresh AdamW: moments do not outlive a round)."""
+        if plan.schedule_start + steps > plan.schedule_total:
+            raise ValueError(
+                f"a round of {steps} steps from step {plan.schedule_start} overruns its stage's {plan.schedule_total} steps"
+            )
+        self.classifier.set_trainable(plan.blocks, stem=plan.stem)
+        optimizer, scheduler = self._optimizer(plan.stage, plan.schedule_total)
+        if scheduler is not None:
+            with warnings.catch_warnings():  # stepping the curve before any optimizer step is the point here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(plan.schedule_start):
+                    scheduler.step()
+        result = FinetuneResult()
+        batches = self._batches()
+        self.classifier.train()
+        for step in range(steps):
+            self._step(optimizer, scheduler, batches, plan.stage, step, result)
+        return result
+
     @torch.no_grad()
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Sigmoid probabilities and labels, both (N, K), for evaluation with ctfed.common.metrics."""
@@ -253,52 +365,68 @@ class Finetuner:
         self.classifier.train(was_training)
         return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
-    def _run_phase(self, phase: str, steps: int, batches: Iterator, result: FinetuneResult) -> None:
+    def _optimizer(
+        self, phase: str, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """AdamW over the phase's parameter groups, with OneCycle over ``total_steps``."""
         cfg = self.cfg
-        schedule = FreezingSchedule(self.classifier.num_blocks, tuple(cfg.unfreeze_fractions))
-        if phase == "full":
-            self.classifier.set_trainable(range(self.classifier.num_blocks), stem=True)
-        else:
-            self.classifier.set_trainable(())
-        groups = param_groups(self.classifier, cfg, include_backbone=phase == "full")
-        if phase in ("probe", "linear_probe"):
+        groups = param_groups(self.classifier, cfg, include_backbone=phase == FULL_PHASE)
+        if phase in HEAD_ONLY_PHASES:
             groups = groups[:1]
         optimizer = torch.optim.AdamW(groups, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
         scheduler = None
-        if steps >= _MIN_ONECYCLE_STEPS:
+        if total_steps >= _MIN_ONECYCLE_STEPS:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer,
                 max_lr=[g["lr"] for g in groups],
-                total_steps=steps,
+                total_steps=total_steps,
                 pct_start=cfg.warmup_fraction,
                 anneal_strategy="cos",
                 cycle_momentum=False,
             )
+        return optimizer, scheduler
+
+    def _run_phase(self, phase: str, steps: int, batches: Iterator, result: FinetuneResult) -> None:
+        schedule = FreezingSchedule(self.classifier.num_blocks, tuple(self.cfg.unfreeze_fractions))
+        if phase == FULL_PHASE:
+            self.classifier.set_trainable(range(self.classifier.num_blocks), stem=True)
+        else:
+            self.classifier.set_trainable(())
+        optimizer, scheduler = self._optimizer(phase, steps)
         blocks: tuple[int, ...] = ()
         for step in range(steps):
-            if phase == "progressive":
+            if phase == PROGRESSIVE_PHASE:
                 now = schedule.trainable_blocks(step / steps, stage=1)
                 if now != blocks:
                     blocks = now
                     self.classifier.set_trainable(blocks)
                     logger.info("step %d of stage 1: training blocks %s", step, list(blocks))
-            volumes, targets = next(batches)
-            volumes = volumes.to(self.device)
-            logits = self.classifier(volumes)
-            loss = F.binary_cross_entropy_with_logits(logits, self._targets(targets, volumes.shape[0]))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tune loss is {loss.item()} in phase '{phase}', step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.classifier.parameters() if p.requires_grad], cfg.grad_clip
-                )
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            result.losses.append(loss.item())
-            result.trainable_params.append(sum(p.numel() for p in self.classifier.parameters() if p.requires_grad))
+            self._step(optimizer, scheduler, batches, phase, step, result)
+
+    def _step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        batches: Iterator,
+        phase: str,
+        step: int,
+        result: FinetuneResult,
+    ) -> None:
+        volumes, targets = next(batches)
+        volumes = volumes.to(self.device)
+        logits = self.classifier(volumes)
+        loss = F.binary_cross_entropy_with_logits(logits, self._targets(targets, volumes.shape[0]))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tune loss is {loss.item()} in phase '{phase}', step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.classifier.parameters() if p.requires_grad], self.cfg.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        result.losses.append(loss.item())
+        result.trainable_params.append(sum(p.numel() for p in self.classifier.parameters() if p.requires_grad))
 
     def _targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:
         targets = torch.as_tensor(targets).float().to(self.device)

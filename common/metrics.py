@@ -165,6 +165,23 @@ def evaluate(
     return results
 
 
+def estimate_to_dict(estimate: Estimate) -> dict[str, float]:
+    return {"value": estimate.value, "low": estimate.low, "high": estimate.high, "n_boot": estimate.n_boot}
+
+
+def evaluation_dict(
+    y_true: np.ndarray | torch.Tensor,
+    y_score: np.ndarray | torch.Tensor,
+    task_names: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``evaluate`` as plain values, ``{task: {metric: {value, low, high, n_boot}}}``: what
+    results files and reply metrics hold."""
+    results = evaluate(y_true, y_score, task_names=task_names, n_boot=n_boot, seed=seed)
+    return {task: {metric: estimate_to_dict(est) for metric, est in metrics.items()} for task, metrics in results.items()}
+
+
 def embedding_std(features: np.ndarray | torch.Tensor) -> float:
     """Mean per-dimension std of L2-normalised embeddings (N, D) across samples.
 

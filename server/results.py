@@ -18,15 +18,18 @@ import torch
 from omegaconf import OmegaConf
 
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
-from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY
-from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
-from ctfed.common.fileio import write_json_atomic
 from ctfed.common.config import RunConfig
+from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
+from ctfed.common.fileio import write_json_atomic
+from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
 
 RESULTS_NAME = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 GLOBAL_PREFIX = "global_round_"
 STRATEGY_PREFIX = "strategy_round_"
+# Checkpoint card kinds: phase 1 saves the encoder, phase 2 the classifier (encoder + head).
+GLOBAL_ENCODER_KIND = "global-encoder"
+GLOBAL_CLASSIFIER_KIND = "global-classifier"
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ class SiteRoundRecord:
     # and how many of its update values were clipped before quantisation.
     bytes_sent: int = 0
     clipped_values: int = 0
+    # Phase 2: the site's fine-tuned model of this round on its held-out scans,
+    # {task: {metric: {value, low, high}}} (AUROC, AP, balanced accuracy, F1).
+    evaluation: dict[str, dict[str, dict[str, float]]] | None = None
 
 
 def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: Any) -> SiteRoundRecord:
@@ -75,11 +81,12 @@ def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: An
         num_examples=int(number(NUM_EXAMPLES_KEY) or 0),
         loss_first=number("loss-first"),
         loss=number("loss"),
-        losses=[float(x) for x in losses] if isinstance(losses, list) else [],
+        losses=[float(x) for x in losses if isinstance(x, (int, float))] if isinstance(losses, list) else [],
         train_seconds=number("train-seconds"),
         data_seconds=number("data-seconds"),
         epsilon=number(EPSILON_KEY),
         peak_rss_mb=number(PEAK_RSS_KEY),
+        evaluation=metrics_to_evaluation(metrics),
         **fields,
     )
 
@@ -97,6 +104,13 @@ class RoundRecord:
     central_noise_std: float | None = None
     secure_aggregation: bool = False
     reason: str = ""  # why the round was not aggregated
+    # common.exchange PRETRAIN_PHASE or FINETUNE_PHASE. Phase 2 also records the round's
+    # plan (stage, trainable blocks top first) and how many parameter elements trained and
+    # travelled back: the frozen part does not, so bytes per round shrink with it.
+    phase: str = PRETRAIN_PHASE
+    finetune_stage: str | None = None
+    trainable_blocks: list[int] | None = None
+    trainable_parameters: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RoundRecord":
@@ -186,7 +200,12 @@ class RunRecorder:
         return self.run_dir / RESULTS_NAME
 
     def save_global(
-        self, server_round: int, state: dict[str, torch.Tensor], strategy_state: Mapping[str, torch.Tensor] | None = None
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        strategy_state: Mapping[str, torch.Tensor] | None = None,
+        kind: str = GLOBAL_ENCODER_KIND,
+        **card: Any,
     ) -> Path:
         """The global encoder after ``server_round``, with what a resume needs to continue:
         the coordinator's privacy ledger (in the card) and the strategy's state (FedAdam's
@@ -201,7 +220,7 @@ class RunRecorder:
         extra = {} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}
         return save_checkpoint(
             checkpoints / f"{GLOBAL_PREFIX}{server_round:04d}", state, self.cfg.model,
-            round=server_round, kind="global-encoder", **extra,
+            round=server_round, kind=kind, **card, **extra,
         )
 
     def add_round(self, record: RoundRecord) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, cast
 
@@ -33,7 +32,6 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from ctfed.common import secagg as sa
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import (
-    ARRAYS_KEY,
     METRICS_KEY,
     REFUSAL_CODES,
     SITE_KEY,
@@ -42,13 +40,9 @@ from ctfed.common.exchange import (
     STATUS_FAILED,
     STATUS_NOT_AGGREGATED,
     STATUS_REFUSED,
-    apply_delta,
-    record_bytes,
     refusing_site,
 )
-from ctfed.server.aggregation import GlobalUpdate
-from ctfed.server.central_dp import CentralDP
-from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord, site_record
+from ctfed.server.results import SiteRoundRecord, site_record
 
 logger = logging.getLogger(__name__)
 
@@ -392,53 +386,3 @@ def secure_round(
 ) -> SecureRoundResult:
     """One SecAgg+ round; never raises for site failures (they are in the result)."""
     return SecureRound(grid, cfg, server_round, global_state, known_sites, uniform_weights).run(train_messages)
-
-
-def run_secure_round(
-    grid: Grid,
-    train_messages: list[Message],
-    global_state: dict[str, torch.Tensor],
-    cfg: RunConfig,
-    server_round: int,
-    recorder: RunRecorder,
-    started: float,
-    known_sites: dict[int, str],
-    central: CentralDP | None = None,
-    sample_rate: float = 1.0,
-    updater: GlobalUpdate | None = None,
-) -> dict[str, torch.Tensor]:
-    """The round loop's secure branch: aggregate, checkpoint, record; returns the new global state.
-
-    With central DP, sites clipped their deltas before masking and are weighted 1 each, so
-    the unmasked result is the uniform mean the noise is calibrated for; the coordinator
-    noises it here, as the plain path does.
-    """
-    result = secure_round(grid, train_messages, global_state, cfg, server_round, known_sites, central is not None)
-    noise_std: float | None = None
-    if result.mean_delta is not None:
-        mean_delta = result.mean_delta
-        if central is not None:
-            mean_delta, noise_std = central.noise_mean(mean_delta, result.included_sites, server_round, sample_rate)
-            recorder.central_privacy_ledger = central.ledger.to_dict()
-        global_state = updater.apply(global_state, mean_delta) if updater else apply_delta(global_state, mean_delta)
-    checkpoint = recorder.save_global(server_round, global_state, updater.state() if updater else None)
-    recorder.add_round(
-        RoundRecord(
-            round=server_round,
-            sites=result.sites,
-            aggregated=result.mean_delta is not None,
-            bytes_sent_per_site=record_bytes(train_messages[0].content[ARRAYS_KEY]) if train_messages else 0,
-            seconds=time.perf_counter() - started,
-            checkpoint=checkpoint.name,
-            secure_aggregation=True,
-            reason=result.reason,
-            central_epsilon=central.epsilon() if central is not None else None,
-            central_noise_std=noise_std,
-        )
-    )
-    losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in result.sites if s.loss is not None)
-    logger.info(
-        "[round %d/%d] secure round done in %.1f s; loss per site: %s",
-        server_round, cfg.federation.rounds, time.perf_counter() - started, losses or "n/a",
-    )
-    return global_state

@@ -34,22 +34,14 @@ from torch.utils.data import ConcatDataset, Dataset
 from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
+from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.config import RunConfig
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
-from ctfed.simulations.downstream import (
-    LabelledScans,
-    NotEvaluableError,
-    Predictions,
-    SiteSplit,
-    finetune_and_predict,
-    pool,
-    representation_monitor,
-    score,
-    stratified_split,
-)
+from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
+from ctfed.simulations.downstream import Predictions, finetune_and_predict, pool, representation_monitor, score
 from ctfed.simulations.report import load_results
 
 logger = logging.getLogger(__name__)
@@ -173,12 +165,14 @@ def _save_encoder(run_dir: Path, name: str, state: Mapping[str, torch.Tensor], c
 
 
 def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
-    """The federation ``ctfed simulate`` just ran: its last checkpoint and its per-site losses."""
+    """The federation ``ctfed simulate`` just ran: its last SSL checkpoint and its per-site losses
+    (phase-2 rounds, if any, fine-tuned a classifier: not part of the pretraining arm)."""
     results = load_results(run_dir)
-    weights = run_dir / CHECKPOINT_DIR / results.rounds[-1].checkpoint
+    pretraining = [record for record in results.rounds if record.phase == PRETRAIN_PHASE]
+    weights = run_dir / CHECKPOINT_DIR / pretraining[-1].checkpoint
     state, _, _ = load_checkpoint(weights)  # verifies the hash in its card
     losses: dict[str, list[float]] = {}
-    for record in results.rounds:
+    for record in pretraining:
         for site in record.sites:
             losses.setdefault(site.site, []).extend(site.losses)
     steps = {len(site_losses) for site_losses in losses.values()}
@@ -189,7 +183,7 @@ def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial
         files={SHARED: weights},
         models_trained=1,  # one global encoder, however many sites contributed
         steps_per_model=steps.pop(),
-        volumes_seen=sum(s.num_examples for r in results.rounds for s in r.sites),
+        volumes_seen=sum(s.num_examples for r in pretraining for s in r.sites),
         seconds=results.wall_seconds,
         losses=losses,
     )

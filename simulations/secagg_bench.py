@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, apply_delta, record_to_state, state_to_record
-from ctfed.server.rounds import _vet_replies, build_strategy
+from ctfed.server.collect import build_strategy, vet_replies
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
 
@@ -79,7 +79,7 @@ def bench_secagg_size(num_params: int, sites: int = 5) -> dict[str, Any]:
     strategy = build_strategy(cfg)
     started = time.perf_counter()
     replies = list(grid.send_and_receive(_train_messages(node_ids, global_state)))
-    accepted, _ = _vet_replies(replies, global_state, cfg.federation.max_update_norm, {})
+    accepted, _ = vet_replies(replies, global_state, cfg.federation.max_update_norm)
     aggregated, _ = strategy.aggregate_train(1, accepted)
     plain_state = apply_delta(global_state, record_to_state(aggregated, expected=global_state))
     plain_wall = time.perf_counter() - started

@@ -23,7 +23,7 @@ from ctfed.common.fileio import write_json_atomic
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.simulations.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
-from ctfed.simulations.downstream import NotEvaluableError
+from ctfed.common.labelled import NotEvaluableError
 from ctfed.simulations.report import load_results
 
 SWEEP_NAME = "sweep.json"

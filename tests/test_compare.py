@@ -18,7 +18,8 @@ from ctfed.common.preprocess import MANIFEST, CachedVolumes
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
 from ctfed.simulations.compare_report import AUROC_PLOT, COMPARE_MD, LOSS_PLOT
-from ctfed.simulations.downstream import NotEvaluableError, paired_auroc_difference, stratified_split
+from ctfed.common.labelled import NotEvaluableError, stratified_split
+from ctfed.simulations.downstream import paired_auroc_difference
 from ctfed.simulations.report import PLOTS_DIR
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

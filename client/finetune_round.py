@@ -1,0 +1,165 @@
+"""A site's phase-2 round: fine-tune the global classifier on its labelled training scans.
+
+The coordinator sends the whole classifier (pretrained encoder + head) in a site's first
+phase-2 round, and afterwards only the parameters that train this round. The site keeps the
+whole classifier it last received in ``context.state`` (``CLASSIFIER_BASE_KEY``) and
+completes each partial one from it: progressive freezing only ever unfreezes, so every
+parameter that changed since then is among the trainable ones the coordinator sends. A
+partial state for a base the site does not hold (a restarted node, a resumed run) is an
+error reply; the coordinator then sends the whole classifier again in the next round.
+
+Order of a round (as in phase 1): policy check on the instructions -> open the cache and
+split its labelled scans (a site without usable labels refuses, code
+``NO_LABELS_REFUSED_CODE``) -> train the plan's trainable set for the plan's local steps ->
+evaluate on the held-out scans -> reply the trainable deltas only (clipped under central DP)
+plus metrics -> audit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
+from ctfed.client.site import SiteIdentity, open_site_data
+from ctfed.common.checkpoint import state_digest
+from ctfed.common.config import FinetuneConfig, ModelConfig
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    BASE_DIGEST_KEY,
+    CONFIG_KEY,
+    FULL_STATE_KEY,
+    LOCAL_STATE_KEY,
+    METRICS_KEY,
+    NO_LABELS_REFUSED_CODE,
+    NUM_EXAMPLES_KEY,
+    POLICY_REFUSED_CODE,
+    SERVER_ROUND_KEY,
+    SITE_KEY,
+    TRAINABLE_PARAMETERS_KEY,
+    UpdateRejected,
+    evaluation_to_metrics,
+    record_bytes,
+    record_to_configs,
+    record_to_finetune,
+    record_to_state,
+    state_delta,
+    state_to_record,
+)
+from ctfed.common.finetune import Classifier, FinetuneRoundPlan, Finetuner, build_classifier, trainable_names, trainable_state
+from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
+from ctfed.common.metrics import evaluation_dict
+
+logger = logging.getLogger(__name__)
+
+# context.state: the whole classifier last received in full, and its digest.
+CLASSIFIER_BASE_KEY = "finetune-base"
+CLASSIFIER_BASE_INFO_KEY = "finetune-base-info"
+_DIGEST = "sha256"
+# Per-site, per-round batch order: different at every site and in every round.
+_SEED_STRIDE_PER_SITE = 1000
+
+
+class MissingBaseState(RuntimeError):
+    """A partial classifier arrived for a base this site does not hold."""
+
+
+def labelled_split(identity: SiteIdentity, finetune: FinetuneConfig, image_size: int) -> tuple[LabelledScans, LabelledScans]:
+    """The site's (train, held-out) labelled scans; RoundRefused if its labels cannot be split."""
+    site = open_site_data(identity)
+    try:
+        split = stratified_split(site.dataset, finetune.label_names, finetune.test_fraction, finetune.split_seed)
+    except NotEvaluableError as err:
+        raise RoundRefused(NO_LABELS_REFUSED_CODE, f"no usable labels for fine-tuning: {err}") from None
+    return (
+        LabelledScans(site.dataset, split.train, finetune.label_names, image_size),
+        LabelledScans(site.dataset, split.test, finetune.label_names, image_size),
+    )
+
+
+def global_classifier(
+    msg: Message, context: Context, model_cfg: ModelConfig, finetune: FinetuneConfig, plan: FinetuneRoundPlan
+) -> Classifier:
+    """The round's global classifier, with the plan's trainable set; stores a whole one as the base."""
+    instructions = msg.content[CONFIG_KEY]
+    classifier = build_classifier(model_cfg, finetune.num_outputs, seed=finetune.seed)
+    classifier.set_trainable(plan.blocks, stem=plan.stem)
+    reference = classifier.state_dict()
+    digest = str(instructions[BASE_DIGEST_KEY])
+    if bool(instructions[FULL_STATE_KEY]):
+        state = record_to_state(msg.content[ARRAYS_KEY], expected=reference)
+        if state_digest(state) != digest:
+            raise UpdateRejected("the classifier received does not match the digest the coordinator sent")
+        context.state[CLASSIFIER_BASE_KEY] = state_to_record(state)
+        context.state[CLASSIFIER_BASE_INFO_KEY] = ConfigRecord({_DIGEST: digest})
+        # Phase 1's DINO head, teacher and optimizer are of no further use.
+        context.state.pop(LOCAL_STATE_KEY, None)
+    else:
+        info = context.state.get(CLASSIFIER_BASE_INFO_KEY)
+        if CLASSIFIER_BASE_KEY not in context.state or info is None or info[_DIGEST] != digest:
+            raise MissingBaseState(
+                "received only the trainable part of the classifier, but this site does not hold the classifier "
+                "it belongs to; the coordinator sends the whole one next round"
+            )
+        state = context.state[CLASSIFIER_BASE_KEY].to_torch_state_dict()
+        trainable = {name: reference[name] for name in trainable_names(classifier)}
+        state.update(record_to_state(msg.content[ARRAYS_KEY], expected=trainable))
+    classifier.load_state_dict(state, strict=True)
+    return classifier
+
+
+def finetune_train(msg: Message, context: Context, identity: SiteIdentity, privacy_round: SitePrivacyRound) -> Message:
+    """One phase-2 round at this site (see the module docstring for the order)."""
+    started = time.perf_counter()
+    instructions = msg.content[CONFIG_KEY]
+    server_round = int(instructions[SERVER_ROUND_KEY])
+    try:
+        privacy_round.check_policy()  # before the cache is opened
+        model_cfg, _ = record_to_configs(instructions)
+        finetune, plan, local_steps = record_to_finetune(instructions)
+        if privacy_round.local_dp is not None:
+            raise RoundRefused(POLICY_REFUSED_CODE, "local DP-SGD is not available for phase-2 fine-tuning")
+        train_scans, test_scans = labelled_split(identity, finetune, model_cfg.image_size)
+    except RoundRefused as refusal:
+        logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
+        return Message(error=privacy_round.refuse(refusal), reply_to=msg)
+
+    classifier = global_classifier(msg, context, model_cfg, finetune, plan)
+    start = trainable_state(classifier)
+    round_cfg = replace(finetune, seed=finetune.seed + _SEED_STRIDE_PER_SITE * identity.index + server_round)
+    finetuner = Finetuner(classifier, round_cfg, train_scans)
+    trained_at = time.perf_counter()
+    fit = finetuner.fit_round(plan, local_steps)
+    train_seconds = time.perf_counter() - trained_at
+    probs, labels = finetuner.predict(test_scans)
+    evaluation = evaluation_dict(labels, probs, finetune.label_names, finetune.eval_n_boot, finetune.split_seed)
+
+    # Only what trained travels; its names are exactly the plan's trainable set.
+    update = state_to_record(privacy_round.clip(state_delta(trainable_state(classifier), start)))
+    privacy_metrics = privacy_round.after_training(0)
+    sent_bytes = record_bytes(update)
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES_KEY: len(train_scans),
+            "loss": float(fit.losses[-1]),
+            "loss-first": float(fit.losses[0]),
+            "losses": [float(x) for x in fit.losses],
+            "train-seconds": float(train_seconds),
+            "round-seconds": time.perf_counter() - started,
+            "bytes-sent": sent_bytes,
+            TRAINABLE_PARAMETERS_KEY: int(fit.trainable_params[-1]),
+            **evaluation_to_metrics(evaluation),
+            **privacy_metrics,
+        }
+    )
+    logger.info(
+        "site %s round %d (fine-tune, %s, blocks %s): %d steps, loss %.4f -> %.4f, %d bytes sent",
+        identity.site_id, server_round, plan.stage, list(plan.blocks), len(fit.losses), fit.losses[0], fit.losses[-1],
+        sent_bytes,
+    )
+    content = RecordDict({ARRAYS_KEY: update, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": identity.site_id})})
+    privacy_round.audit_reply(update, metrics)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,102 @@
+"""A site's labelled scans and its deterministic train/test split.
+
+Shared by the federated phase 2 (client/app.py: each site fine-tunes on its training part and
+evaluates on its held-out part every round) and the ``compare`` study
+(simulations/downstream.py). Labels come from the cache manifest (``labels.csv`` at
+``ctfed prepare``), keyed by pseudonymous study keys; nothing here reads a header.
+
+The split depends on the scans' content hashes and a seed, not on the site's secret-keyed
+file names, so re-synthesising the same hospitals gives the same split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ctfed.common.preprocess import CachedVolumes
+
+# Each class needs one scan in the training and one in the test part.
+MIN_SCANS_PER_CLASS = 2
+
+
+class NotEvaluableError(ValueError):
+    """A site whose labels cannot support a train/test split; the message says why."""
+
+
+class LabelledScans(Dataset):
+    """(volume, labels) pairs from a site cache, volumes resized to the model input if needed."""
+
+    def __init__(self, volumes: CachedVolumes, indices: Sequence[int], label_names: Sequence[str], image_size: int) -> None:
+        self.volumes = volumes
+        self.indices = list(indices)
+        self.label_names = list(label_names)
+        self.image_size = image_size
+        self.labels = np.array([[_label(volumes, i, name) for name in self.label_names] for i in self.indices], dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        volume = self.volumes[self.indices[position]]
+        if volume.shape[-1] != self.image_size:
+            # Caches may be prepared larger than the model input (RunConfig allows it).
+            volume = F.interpolate(volume[None], size=(self.image_size,) * 3, mode="trilinear", align_corners=False)[0]
+        return volume, torch.from_numpy(self.labels[position])
+
+
+def _label(volumes: CachedVolumes, index: int, name: str) -> float:
+    value = (volumes.labels[index] or {}).get(name)
+    if value not in (0, 1):
+        raise NotEvaluableError(f"scan {index} of {volumes.cache_dir.name} has label {name}={value!r}; expected 0 or 1")
+    return float(value)
+
+
+def labelled_indices(volumes: CachedVolumes, label_names: Sequence[str]) -> list[int]:
+    """Scans whose manifest entry carries a value for every label name."""
+    return [
+        i
+        for i, label in enumerate(volumes.labels)
+        if label is not None and all(label.get(name) is not None for name in label_names)
+    ]
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    """Indices into a site's cache; stratified on the first label name."""
+
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+def stratified_split(volumes: CachedVolumes, label_names: Sequence[str], test_fraction: float, seed: int) -> SiteSplit:
+    """Hold out ``test_fraction`` of each class (at least one scan, never all of them).
+
+    Scans are ordered by content hash, then shuffled per class with ``seed``: the same scans
+    give the same split whatever the cache's pseudonymous keys are.
+    """
+    primary = label_names[0]
+    indices = labelled_indices(volumes, label_names)
+    order = sorted(indices, key=lambda i: str(volumes.entries[i].get("content_hash", volumes.entries[i]["key"])))
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    test: list[int] = []
+    for cls in (0, 1):
+        members = [i for i in order if _label(volumes, i, primary) == cls]
+        if len(members) < MIN_SCANS_PER_CLASS:
+            raise NotEvaluableError(
+                f"{volumes.cache_dir.name}: {len(members)} labelled scan(s) with {primary}={cls}; a train/test split "
+                f"needs at least {MIN_SCANS_PER_CLASS} per class"
+            )
+        members = [members[k] for k in rng.permutation(len(members))]
+        # Rounded half up (Python's round() goes half-to-even), at least one, never all.
+        held_out = min(max(math.floor(len(members) * test_fraction + 0.5), 1), len(members) - 1)
+        test += members[:held_out]
+        train += members[held_out:]
+    return SiteSplit(train=tuple(sorted(train)), test=tuple(sorted(test)))

@@ -1,0 +1,185 @@
+"""One round's collection, shared by both phases: send, collect, vet, combine into a mean delta.
+
+Whatever a round exchanges (phase 1: the whole encoder; phase 2: the classifier's trainable
+part), ``collect_round`` turns the sites' replies into one combined delta over exactly the
+names of ``like``, by the configured path: secure aggregation (server/secagg.py: only the
+masked sum is seen), or plain vetted replies combined by FedAvg / a robust rule / central DP.
+What the delta does to the global model (FedAvg step, FedAdam) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from ctfed.common.config import ROBUST_STRATEGIES, RunConfig
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    REFUSAL_CODES,
+    SITE_KEY,
+    STATUS_AGGREGATED,
+    STATUS_FAILED,
+    STATUS_REFUSED,
+    STATUS_REJECTED,
+    STATUS_TIMEOUT,
+    UpdateRejected,
+    record_bytes,
+    record_to_state,
+    refusing_site,
+    update_norm,
+)
+from ctfed.server.aggregation import robust_combine
+from ctfed.server.central_dp import CentralDP
+from ctfed.server.results import SiteRoundRecord, site_record
+from ctfed.server.secagg import secure_round
+
+logger = logging.getLogger(__name__)
+
+
+def build_strategy(cfg: RunConfig) -> FedAvg:
+    """Flower's FedAvg samples the sites and takes the example-weighted mean for every
+    strategy; what differs (robust combination, FedAdam's step) is in server/aggregation.py."""
+    return FedAvg(
+        fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.federation.min_sites,
+        min_available_nodes=cfg.federation.min_sites,
+    )
+
+
+def _site_id(reply: Message, known_sites: dict[int, str]) -> str:
+    """The site id a reply carries; error replies carry none, so use what the node said before."""
+    node = reply.metadata.src_node_id
+    if reply.has_content():
+        site = reply.content.config_records.get(SITE_KEY)
+        if site and "site-id" in site:
+            known_sites[node] = str(site["site-id"])
+    return known_sites.get(node, f"node-{node}")
+
+
+def vet_replies(
+    replies: list[Message],
+    expected: Mapping[str, torch.Tensor],
+    max_norm: float,
+    known_sites: dict[int, str] | None = None,
+) -> tuple[list[Message], list[SiteRoundRecord]]:
+    """Keep replies whose updates are usable; record every site's outcome either way."""
+    known_sites = {} if known_sites is None else known_sites
+    accepted: list[Message] = []
+    records: list[SiteRoundRecord] = []
+    for reply in replies:
+        site = _site_id(reply, known_sites)
+        if reply.has_error():
+            reason = reply.error.reason or ""
+            if reply.error.code in REFUSAL_CODES:
+                site = refusing_site(reason) or site
+                logger.warning("site %s refused this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_REFUSED, reason=reason))
+            else:
+                logger.warning("site %s failed this round: %s", site, reason)
+                records.append(SiteRoundRecord(site=site, status=STATUS_FAILED, reason=reason))
+            continue
+        try:
+            update = record_to_state(reply.content[ARRAYS_KEY], expected=expected)
+            norm = update_norm(update)
+            if norm > max_norm:
+                raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
+        except (UpdateRejected, KeyError) as err:
+            logger.warning("rejected the update of site %s: %s", site, err)
+            records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
+            continue
+        accepted.append(reply)
+        records.append(
+            site_record(
+                site, STATUS_AGGREGATED, reply.content.metric_records.get(METRICS_KEY, {}),
+                bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
+            )
+        )
+    records.sort(key=lambda record: record.site)
+    return accepted, records
+
+
+def missing_records(messages: list[Message], replies: list[Message], known_sites: dict[int, str]) -> list[SiteRoundRecord]:
+    """A record for every sampled node that did not answer in time (named if seen before)."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return [
+        SiteRoundRecord(site=known_sites.get(node, f"node-{node}"), status=STATUS_TIMEOUT, reason="no reply before federation.round_timeout_s")
+        for node in (m.metadata.dst_node_id for m in messages)
+        if node not in answered
+    ]
+
+
+def sample_rate(grid: Grid, messages: list[Message]) -> float:
+    """Sites asked this round / sites available: the sampling rate central DP accounts for."""
+    return len(messages) / max(len(list(grid.get_node_ids())), len(messages))
+
+
+@dataclass
+class RoundOutcome:
+    """What a round's sites produced: the combined delta over ``like``'s names (None: the
+    global model stays as it is, ``reason`` says why) and every site's record."""
+
+    mean_delta: dict[str, torch.Tensor] | None
+    sites: list[SiteRoundRecord]
+    secure_aggregation: bool
+    reason: str = ""
+    central_noise_std: float | None = None
+
+
+def collect_round(
+    grid: Grid,
+    messages: list[Message],
+    like: Mapping[str, torch.Tensor],
+    cfg: RunConfig,
+    strategy: FedAvg,
+    server_round: int,
+    known_sites: dict[int, str],
+    central: CentralDP | None,
+) -> RoundOutcome:
+    """Send ``messages`` and combine the sites' deltas of ``like``'s names (see the module docstring)."""
+    rate = sample_rate(grid, messages)
+    sent = {int(m.metadata.dst_node_id): record_bytes(m.content[ARRAYS_KEY]) for m in messages}
+    if cfg.secagg.enabled:
+        result = secure_round(grid, messages, dict(like), cfg, server_round, known_sites, central is not None)
+        mean_delta, noise_std = result.mean_delta, None
+        if mean_delta is not None and central is not None:
+            # Sites clipped before masking and weigh 1 each: the unmasked mean is the uniform
+            # mean the noise is calibrated for.
+            mean_delta, noise_std = central.noise_mean(mean_delta, result.included_sites, server_round, rate)
+        return RoundOutcome(mean_delta, result.sites, True, result.reason, noise_std)
+
+    max_update_norm = cfg.federation.max_update_norm
+    if central is not None:
+        max_update_norm = central.max_update_norm(max_update_norm)
+    replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
+    accepted, site_records = vet_replies(replies, like, max_update_norm, known_sites)
+    sent_by_site = {known_sites[node]: size for node, size in sent.items() if node in known_sites}
+    for record in site_records:
+        record.bytes_sent = sent_by_site.get(record.site, 0)
+    missing = missing_records(messages, replies, known_sites)
+    if missing:
+        logger.warning(
+            "round %d: no reply within %.0f s from %s",
+            server_round, cfg.federation.round_timeout_s, ", ".join(r.site for r in missing),
+        )
+        site_records = sorted(site_records + missing, key=lambda record: record.site)
+
+    if len(accepted) < cfg.federation.min_sites:
+        reason = f"only {len(accepted)} usable updates (need federation.min_sites={cfg.federation.min_sites})"
+        return RoundOutcome(None, site_records, False, reason)
+    if cfg.federation.strategy in ROBUST_STRATEGIES:
+        updates = [record_to_state(r.content[ARRAYS_KEY], expected=like) for r in accepted]
+        return RoundOutcome(robust_combine(cfg.federation.strategy, updates, cfg.federation), site_records, False)
+    if central is None:
+        aggregated, _ = strategy.aggregate_train(server_round, accepted)
+        return RoundOutcome(record_to_state(aggregated, expected=like), site_records, False)
+    updates = [record_to_state(r.content[ARRAYS_KEY], expected=like) for r in accepted]
+    noisy_mean, noise_std = central.aggregate(updates, server_round, rate)
+    return RoundOutcome(noisy_mean, site_records, False, central_noise_std=noise_std)

@@ -1,0 +1,212 @@
+"""Phase 2: federated progressive-freezing fine-tuning of the pretrained encoder.
+
+After the last SSL round the coordinator builds a classifier (the global encoder plus a new
+head from ``finetune.seed``) and runs ``federation.finetune_rounds`` rounds on it. Each round
+follows ``common/finetune.FederatedFreezingSchedule``: linear probe first, then the top
+blocks unfreeze top-down, each group at its discriminative LR.
+
+What travels: a site's first phase-2 round (or the first after it missed one) gets the whole
+classifier and the digest of it; afterwards it gets only the round's trainable parameters
+(head + unfrozen blocks) and completes them from the classifier it holds (client/
+finetune_round.py). Replies are always the trainable parameters' deltas only, so bytes per
+round shrink with the frozen part; results.json records them with the round's plan.
+Aggregation is the phase-1 machinery (server/collect.py) over the trainable subset: weighted
+FedAvg (weights: a site's labelled training scans), secure aggregation, central DP, robust
+rules, FedAdam (its moments restart at the phase boundary).
+
+Checkpoints continue the round numbering (``global_round_NNNN``, card kind
+``global-classifier``); a resumed run in phase 2 rebuilds the classifier from the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ctfed.common.checkpoint import state_digest
+from ctfed.common.config import RunConfig
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    BASE_DIGEST_KEY,
+    CONFIG_KEY,
+    FINETUNE_PHASE,
+    FULL_STATE_KEY,
+    MIN_SITES_KEY,
+    PHASE_KEY,
+    SECURE_AGGREGATION_KEY,
+    configs_to_record,
+    finetune_to_record,
+    record_bytes,
+    state_to_record,
+)
+from ctfed.common.finetune import (
+    Classifier,
+    FederatedFreezingSchedule,
+    FinetuneRoundPlan,
+    build_classifier,
+    trainable_names,
+)
+from ctfed.server.aggregation import GlobalUpdate
+from ctfed.server.central_dp import CentralDP
+from ctfed.server.collect import build_strategy, collect_round
+from ctfed.server.results import GLOBAL_CLASSIFIER_KIND, ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
+
+logger = logging.getLogger(__name__)
+
+
+def phase_two_classifier(cfg: RunConfig, recorder: RunRecorder, global_state: dict[str, torch.Tensor]) -> Classifier:
+    """The classifier phase 2 continues from: a new one on the pretrained encoder at the phase
+    boundary, or the last phase-2 checkpoint's when a resumed run is already in phase 2."""
+    num_outputs = cfg.finetune.num_outputs
+    if recorder.last_round <= cfg.federation.rounds:
+        return build_classifier(cfg.model, num_outputs, encoder_state=global_state, seed=cfg.finetune.seed)
+    classifier = build_classifier(cfg.model, num_outputs, seed=cfg.finetune.seed)
+    try:
+        classifier.load_state_dict(global_state, strict=True)
+    except RuntimeError as err:
+        raise ResumeError(
+            f"round {recorder.last_round} is a phase-2 round, but its checkpoint is not a classifier with "
+            f"{num_outputs} output(s) (finetune.label_names): {err}"
+        ) from None
+    return classifier
+
+
+class BaseHolders:
+    """Which node holds which whole classifier (by digest), so it can be sent only the trainable part.
+
+    A node counts as holding what it was last sent in full once it has trained on it; one
+    that failed, refused or went silent is sent the whole classifier again. A restarted
+    coordinator (resume) knows of no holder.
+    """
+
+    def __init__(self) -> None:
+        self.digests: dict[int, str] = {}
+
+    def messages(
+        self,
+        node_ids: list[int],
+        state: dict[str, torch.Tensor],
+        trainable: dict[str, torch.Tensor],
+        instructions: ConfigRecord,
+    ) -> tuple[list[Message], dict[int, str]]:
+        """One train message per node, and the digest each one's base will have."""
+        partial = state_to_record(trainable)
+        full: ArrayRecord | None = None
+        digest = ""
+        messages: list[Message] = []
+        sent_digests: dict[int, str] = {}
+        for node in node_ids:
+            held = self.digests.get(node)
+            if held is None:
+                if full is None:
+                    full, digest = state_to_record(state), state_digest(state)
+                arrays, extra = full, {FULL_STATE_KEY: True, BASE_DIGEST_KEY: digest}
+            else:
+                arrays, extra = partial, {FULL_STATE_KEY: False, BASE_DIGEST_KEY: held}
+            sent_digests[node] = str(extra[BASE_DIGEST_KEY])
+            config = ConfigRecord({**dict(instructions.items()), **extra})
+            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages, sent_digests
+
+    def update(self, sent_digests: dict[int, str], sites: list[SiteRoundRecord], known_sites: dict[int, str]) -> None:
+        """Keep the nodes that trained this round (their reply had metrics); forget the others."""
+        trained = {record.site for record in sites if record.loss is not None}
+        for node, digest in sent_digests.items():
+            if known_sites.get(node) in trained:
+                self.digests[node] = digest
+            else:
+                self.digests.pop(node, None)
+
+
+def _instructions(cfg: RunConfig, plan: FinetuneRoundPlan, local_steps: int) -> ConfigRecord:
+    return configs_to_record(
+        cfg.model, cfg.train, cfg.privacy,
+        **{
+            PHASE_KEY: FINETUNE_PHASE,
+            MIN_SITES_KEY: cfg.federation.min_sites,
+            SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
+            **finetune_to_record(cfg.finetune, plan, local_steps),
+        },
+    )
+
+
+def run_finetune_rounds(
+    grid: Grid,
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    global_state: dict[str, torch.Tensor],
+    central: CentralDP | None,
+    known_sites: dict[int, str],
+) -> dict[str, torch.Tensor]:
+    """Phase 2 after ``recorder.last_round`` up to the last phase-2 round; returns the classifier state."""
+    pretrain_rounds = cfg.federation.rounds
+    total = pretrain_rounds + cfg.federation.finetune_rounds
+    local_steps = cfg.finetune.local_steps or cfg.train.local_steps
+    classifier = phase_two_classifier(cfg, recorder, global_state)
+    schedule = FederatedFreezingSchedule(cfg.finetune, classifier.num_blocks, cfg.federation.finetune_rounds, local_steps)
+    # FedAdam's phase-1 moments belong to the encoder's SSL objective: phase 2 starts afresh.
+    in_phase_two = recorder.last_round > pretrain_rounds
+    updater = GlobalUpdate(cfg.federation, recorder.strategy_state if in_phase_two else None)
+    strategy = build_strategy(cfg)
+    holders = BaseHolders()
+    state = {name: tensor.detach().clone() for name, tensor in classifier.state_dict().items()}
+    for server_round in range(max(recorder.last_round, pretrain_rounds) + 1, total + 1):
+        started = time.perf_counter()
+        plan = schedule.plan(server_round - pretrain_rounds)
+        classifier.set_trainable(plan.blocks, stem=plan.stem)
+        trainable = {name: state[name] for name in trainable_names(classifier)}
+        instructions = _instructions(cfg, plan, local_steps)
+        sampled = strategy.configure_train(server_round, ArrayRecord(), instructions, grid)
+        node_ids = [int(m.metadata.dst_node_id) for m in sampled]
+        messages, sent_digests = holders.messages(node_ids, state, trainable, instructions)
+        logger.info(
+            "[round %d/%d] fine-tune (%s, trainable blocks %s, %d trainable values) sent to %d sites",
+            server_round, total, plan.stage, list(plan.blocks), sum(t.numel() for t in trainable.values()), len(messages),
+        )
+        outcome = collect_round(grid, messages, trainable, cfg, strategy, server_round, known_sites, central)
+        holders.update(sent_digests, outcome.sites, known_sites)
+        if outcome.mean_delta is None:
+            logger.error("round %d: not aggregated (%s); the global classifier is unchanged", server_round, outcome.reason)
+        else:
+            state.update(updater.apply(trainable, outcome.mean_delta))
+        if central is not None:
+            recorder.central_privacy_ledger = central.ledger.to_dict()
+        checkpoint = recorder.save_global(
+            server_round, state, updater.state(), kind=GLOBAL_CLASSIFIER_KIND,
+            label_names=list(cfg.finetune.label_names), finetune_stage=plan.stage, trainable_blocks=list(plan.blocks),
+        )
+        recorder.add_round(
+            RoundRecord(
+                round=server_round,
+                sites=outcome.sites,
+                aggregated=outcome.mean_delta is not None,
+                bytes_sent_per_site=max((record_bytes(m.content[ARRAYS_KEY]) for m in messages), default=0),
+                seconds=time.perf_counter() - started,
+                checkpoint=checkpoint.name,
+                central_epsilon=central.epsilon() if central is not None else None,
+                central_noise_std=outcome.central_noise_std,
+                secure_aggregation=outcome.secure_aggregation,
+                reason=outcome.reason,
+                phase=FINETUNE_PHASE,
+                finetune_stage=plan.stage,
+                trainable_blocks=list(plan.blocks),
+                trainable_parameters=sum(t.numel() for t in trainable.values()),
+            )
+        )
+        scores = ", ".join(_site_summary(s) for s in outcome.sites if s.loss is not None)
+        logger.info("[round %d/%d] done in %.1f s; %s", server_round, total, time.perf_counter() - started, scores or "n/a")
+    return state
+
+
+def _site_summary(record: SiteRoundRecord) -> str:
+    """``site loss 0.69 auroc 0.75`` (first task's AUROC) for the round's log line."""
+    text = f"{record.site} loss {record.loss:.4f}"
+    if record.evaluation:
+        task, metrics = next(iter(record.evaluation.items()))
+        text += f" {task} auroc {metrics.get('auroc', {}).get('value', float('nan')):.3f}"
+    return text

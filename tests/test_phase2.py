@@ -1,0 +1,359 @@
+"""Phase 2: federated progressive-freezing fine-tuning after SSL pretraining.
+
+Units: the round schedule (what trains in which round, with which LRs), the site's reply
+(only the trainable parameters' deltas), the reply metrics. Then a run of the real round
+loop and ClientApp in process (plain path, resume across the phase boundary), and one tiny
+real Flower simulation with secure aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from ctfed.common.checkpoint import load_checkpoint, state_digest
+from ctfed.common.cli import main
+from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, load_run_config
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    BASE_DIGEST_KEY,
+    CONFIG_KEY,
+    FINETUNE_PHASE,
+    FULL_STATE_KEY,
+    METRICS_KEY,
+    NO_LABELS_REFUSED_CODE,
+    PHASE_KEY,
+    POLICY_REFUSED_CODE,
+    SERVER_ROUND_KEY,
+    configs_to_record,
+    evaluation_to_metrics,
+    finetune_to_record,
+    metrics_to_evaluation,
+    record_to_finetune,
+    state_to_record,
+)
+from ctfed.common.finetune import (
+    FULL_PHASE,
+    LINEAR_PROBE_PHASE,
+    PROBE_PHASE,
+    PROGRESSIVE_PHASE,
+    FederatedFreezingSchedule,
+    Finetuner,
+    build_classifier,
+    param_groups,
+    state_nbytes,
+    trainable_names,
+)
+
+TINY = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
+
+
+# --- the schedule ----------------------------------------------------------------------------
+
+
+def test_schedule_probes_first_then_unfreezes_top_down() -> None:
+    cfg = FinetuneConfig(probe_steps=10, stage_steps=20, unfreeze_fractions=[0.1, 0.3, 0.6])
+    schedule = FederatedFreezingSchedule(cfg, num_blocks=12, rounds=10, local_steps=5)
+    plans = [schedule.plan(r) for r in range(1, 11)]
+    # A third of the rounds (probe_steps / total) is the linear probe.
+    assert schedule.probe_rounds == 3
+    assert [p.stage for p in plans] == [PROBE_PHASE] * 3 + [PROGRESSIVE_PHASE] * 7
+    assert all(p.blocks == () for p in plans[:3])
+    # Stage 1 has 7 rounds; block 11 trains from the round its 10% falls in, 10 from 30%, 9 from 60%.
+    assert [p.blocks for p in plans[3:]] == [(11,), (11,), (11, 10), (11, 10), (11, 10, 9), (11, 10, 9), (11, 10, 9)]
+    assert not any(p.stem for p in plans)
+    # The trainable set only grows, so a site holding the phase-2 start needs only the trainable part.
+    for earlier, later in zip(plans, plans[1:]):
+        assert set(earlier.blocks) <= set(later.blocks)
+    # Each stage is one OneCycle curve over its rounds x local steps.
+    assert [(p.schedule_start, p.schedule_total) for p in plans[:3]] == [(0, 15), (5, 15), (10, 15)]
+    assert [p.schedule_start for p in plans[3:]] == [0, 5, 10, 15, 20, 25, 30] and plans[3].schedule_total == 35
+
+
+def test_schedule_edge_cases_and_other_modes() -> None:
+    cfg = FinetuneConfig(probe_steps=1, stage_steps=100)
+    two = FederatedFreezingSchedule(cfg, num_blocks=4, rounds=2, local_steps=1)
+    assert [two.plan(r).stage for r in (1, 2)] == [PROBE_PHASE, PROGRESSIVE_PHASE]  # at least one round each
+    only_stage = FederatedFreezingSchedule(FinetuneConfig(probe_steps=0, stage_steps=5), 4, 3, 1)
+    assert only_stage.probe_rounds == 0 and only_stage.plan(1).stage == PROGRESSIVE_PHASE
+    probe = FederatedFreezingSchedule(FinetuneConfig(mode="linear_probe"), 4, 3, 2)
+    assert {(p.stage, p.blocks, p.stem) for p in map(probe.plan, (1, 2, 3))} == {(LINEAR_PROBE_PHASE, (), False)}
+    full = FederatedFreezingSchedule(FinetuneConfig(mode="full"), 3, 2, 2).plan(2)
+    assert full.stage == FULL_PHASE and full.blocks == (2, 1, 0) and full.stem and full.schedule_start == 2
+    with pytest.raises(ValueError, match="phase-2 round"):
+        two.plan(3)
+
+
+def test_round_trains_the_planned_blocks_at_their_discriminative_lrs() -> None:
+    cfg = FinetuneConfig(label_names=["any"], unfreeze_fractions=[0.1, 0.3, 0.6], block_lrs=[5e-4, 2.5e-4, 1e-4], batch_size=2)
+    plan = FederatedFreezingSchedule(cfg, TINY.num_layers, rounds=4, local_steps=2).plan(4)
+    assert plan.blocks == (3, 2, 1)
+    classifier = build_classifier(TINY, 1, seed=0)
+    data = [(torch.rand(3, 32, 32, 32), torch.tensor([float(i % 2)])) for i in range(4)]
+    before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
+    Finetuner(classifier, cfg, data).fit_round(plan, steps=2)
+    changed = {n for n, p in classifier.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("head.", "encoder.blocks.3.", "encoder.blocks.2.", "encoder.blocks.1.", "encoder.norm.")) for n in changed)
+    assert not any(n.startswith(("encoder.blocks.0.", "encoder.patch_embedding.", "encoder.cls_token")) for n in changed)
+    lrs = {g["name"]: g["lr"] for g in param_groups(classifier, cfg, include_backbone=False)}
+    assert lrs == {"head": 1e-3, "block3": 5e-4, "block2": 2.5e-4, "block1": 1e-4}
+
+
+# --- the site's reply --------------------------------------------------------------------------
+
+
+def _site_context(cache_dir: Path, state_dir: Path) -> Context:
+    return Context(
+        run_id=1, node_id=1, state=RecordDict(), run_config={},
+        node_config={"data-path": str(cache_dir), "site-id": "site_x", "state-dir": str(state_dir)},
+    )
+
+
+def _finetune_message(model: ModelConfig, finetune: FinetuneConfig, plan, arrays: ArrayRecord, full: bool, digest: str) -> Message:  # noqa: ANN001
+    from ctfed.common.config import TrainConfig
+
+    config = configs_to_record(
+        model, TrainConfig(), None,
+        **{PHASE_KEY: FINETUNE_PHASE, SERVER_ROUND_KEY: 2, FULL_STATE_KEY: full, BASE_DIGEST_KEY: digest,
+           **finetune_to_record(finetune, plan, 2)},
+    )
+    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.fixture()
+def labelled_cache(tmp_path: Path) -> Path:
+    """A tiny site cache with 3 positive and 3 negative scans for label "any"."""
+    import numpy as np
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    series = []
+    for index, label in enumerate([0, 1, 0, 1, 1, 0]):
+        np.save(root / f"s{index}.npy", np.random.default_rng(index).random((3, 32, 32, 32)).astype(np.float16))
+        series.append({"key": f"s{index}", "file": f"s{index}.npy", "content_hash": f"h{index}", "label": {"any": label}})
+    (root / "manifest.json").write_text(json.dumps({"series": series}))
+    return root
+
+
+def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: Path) -> None:
+    from ctfed.client.app import train
+    from ctfed.simulations.inprocess import InProcessGrid
+
+    InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
+    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
+    schedule = FederatedFreezingSchedule(finetune, TINY.num_layers, rounds=3, local_steps=2)
+    context = _site_context(labelled_cache, tmp_path / "state")
+    classifier = build_classifier(TINY, 1, seed=0)
+    state = classifier.state_dict()
+    digest = state_digest(state)
+
+    sizes = []
+    for server_round, full in ((1, True), (2, False), (3, False)):
+        plan = schedule.plan(server_round)
+        classifier.set_trainable(plan.blocks, stem=plan.stem)
+        expected = trainable_names(classifier)
+        sent = state if full else {n: state[n] for n in expected}
+        reply = train(_finetune_message(TINY, finetune, plan, state_to_record(sent), full, digest), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        delta = reply.content[ARRAYS_KEY].to_torch_state_dict()
+        assert sorted(delta) == expected  # names set == trainable names, in the agreed order
+        sizes.append(state_nbytes(delta))
+        metrics = reply.content[METRICS_KEY]
+        evaluation = metrics_to_evaluation(metrics)
+        assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+        assert all(math.isfinite(v["value"]) for v in evaluation["any"].values())
+        assert metrics["num-examples"] == 2  # 2 of 3 per class held out (half, rounded up): 2 train
+    assert sizes[0] < sizes[1] <= sizes[2] < state_nbytes(state)  # the frozen part never travels back
+
+    # A partial classifier for a base the site does not hold: an error, not a guess.
+    stranger = _site_context(labelled_cache, tmp_path / "state2")
+    plan = schedule.plan(2)
+    classifier.set_trainable(plan.blocks)
+    partial = {n: state[n] for n in trainable_names(classifier)}
+    with pytest.raises(RuntimeError, match="does not hold"):
+        train(_finetune_message(TINY, finetune, plan, state_to_record(partial), False, digest), stranger)
+
+
+def test_site_without_labels_refuses_phase_two(labelled_cache: Path, tmp_path: Path) -> None:
+    from ctfed.client.app import train
+    from ctfed.client.policy import write_policy_file
+    from ctfed.common.config import SitePolicy
+    from ctfed.simulations.inprocess import InProcessGrid
+
+    InProcessGrid({}, [])
+    manifest = labelled_cache / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for entry in data["series"]:
+        entry["label"] = None
+    manifest.write_text(json.dumps(data))
+    finetune = FinetuneConfig(label_names=["any"])
+    plan = FederatedFreezingSchedule(finetune, TINY.num_layers, 2, 2).plan(1)
+    state = build_classifier(TINY, 1).state_dict()
+    message = _finetune_message(TINY, finetune, plan, state_to_record(state), True, state_digest(state))
+    reply = train(message, _site_context(labelled_cache, tmp_path / "state"))
+    assert reply.has_error() and reply.error.code == NO_LABELS_REFUSED_CODE
+    assert "site site_x refuses: no usable labels" in reply.error.reason
+
+    # policy.allowed_phases is honoured before anything is read.
+    policy_file = write_policy_file(SitePolicy(allowed_phases=["pretrain"]), tmp_path / "policy")
+    context = _site_context(labelled_cache, tmp_path / "state3")
+    context.node_config["policy-file"] = str(policy_file)
+    reply = train(message, context)
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE and "allowed_phases" in reply.error.reason
+
+
+def test_instructions_and_metrics_round_trip() -> None:
+    finetune = FinetuneConfig(label_names=["any", "ich"], local_steps=3)
+    plan = FederatedFreezingSchedule(finetune, 12, 6, 3).plan(5)
+    record = ConfigRecord(finetune_to_record(finetune, plan, 3))
+    assert record_to_finetune(record) == (finetune, plan, 3)
+    evaluation = {"any": {"auroc": {"value": 0.5, "low": 0.2, "high": 0.9}}, "ich": {"f1": {"value": 1.0, "low": 1.0, "high": 1.0}}}
+    assert metrics_to_evaluation(evaluation_to_metrics(evaluation)) == evaluation
+
+
+def test_config_refuses_what_phase_two_cannot_do() -> None:
+    cfg = load_run_config(["federation.finetune_rounds=2"])
+    assert cfg.finetune.label_names == ["any"]  # a column of the synthetic labels.csv
+    with pytest.raises(ConfigError, match="privacy.mode=local"):
+        load_run_config(["federation.finetune_rounds=2", "privacy.mode=local"])
+    with pytest.raises(ConfigError, match="fedprox"):
+        load_run_config(["federation.finetune_rounds=2", "federation.strategy=fedprox", "train.proximal_mu=0.01"])
+    with pytest.raises(ConfigError, match="finetune_rounds"):
+        load_run_config(["federation.finetune_rounds=-1"])
+
+
+# --- the round loop in process: resume across the phase boundary -------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctfed.simulations.simulate import synthesize_and_prepare
+
+    root = tmp_path_factory.mktemp("sites")
+    # site_0 holds 3 positives and 2 negatives, site_1 4 and 2: both can be split.
+    synthesize_and_prepare(load_run_config(["synth.sites=2", "synth.scans_per_site_list=[5,6]"]), root)
+    return root / "cache"
+
+
+def _in_process_run(caches: Path, run_dir: Path, resume: bool = False):  # noqa: ANN202
+    """1 SSL round + 3 phase-2 rounds of the real round loop and ClientApp (fresh sites)."""
+    from ctfed.client.app import train
+    from ctfed.server.rounds import run_federation
+    from ctfed.simulations.inprocess import InProcessGrid
+
+    cfg = load_run_config(
+        ["federation.rounds=1", "federation.finetune_rounds=3", "train.local_steps=1", "finetune.eval_n_boot=5",
+         "secagg.enabled=false"]
+    )
+    nodes = [1, 2]
+    contexts = {
+        n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
+                   run_config={"data-dir": str(caches), "run-dir": str(run_dir)})
+        for i, n in enumerate(nodes)
+    }
+    return run_federation(InProcessGrid({"train": train}, nodes, contexts=contexts), cfg, run_dir, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_caches: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    return run_dir, _in_process_run(synthetic_caches, run_dir)
+
+
+@pytest.mark.parametrize("cut_after", [1, 3])  # at the phase boundary, and inside phase 2
+def test_resume_across_the_phase_boundary(synthetic_caches: Path, straight_run, tmp_path: Path, cut_after: int) -> None:  # noqa: ANN001
+    import shutil
+
+    straight_dir, straight = straight_run
+    assert [(r.round, r.phase) for r in straight.rounds] == [(1, "pretrain"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
+
+    # A crash after round `cut_after`: later checkpoints never verify, so resume drops those rounds.
+    cut_dir = tmp_path / "cut"
+    shutil.copytree(straight_dir, cut_dir)
+    for late in range(cut_after + 1, 5):
+        (cut_dir / "checkpoints" / f"global_round_{late:04d}.safetensors").unlink()
+    resumed = _in_process_run(synthetic_caches, cut_dir, resume=True)
+    assert [(r.round, r.phase) for r in resumed.rounds] == [(r.round, r.phase) for r in straight.rounds]
+    # New sites hold no classifier: the first resumed round sends the whole one again.
+    first = next(r for r in resumed.rounds if r.round == cut_after + 1)
+    assert first.bytes_sent_per_site == straight.rounds[1].bytes_sent_per_site
+    final_straight, _, card = load_checkpoint(straight_dir / "checkpoints" / "global_round_0004.safetensors")
+    final_resumed, _, _ = load_checkpoint(cut_dir / "checkpoints" / "global_round_0004.safetensors")
+    assert card["kind"] == "global-classifier"
+    for name, tensor in final_straight.items():
+        torch.testing.assert_close(final_resumed[name], tensor, msg=name)
+
+
+# --- one tiny real Flower simulation -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phase_two_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    code = main(
+        [
+            "simulate",
+            f"output_dir={out}",
+            "run_name=p2",
+            "synth.sites=2",
+            "synth.scans_per_site_list=[5,6]",
+            "federation.rounds=1",
+            "federation.finetune_rounds=3",
+            "train.local_steps=1",
+            "finetune.local_steps=2",
+            "finetune.eval_n_boot=10",
+            # Secure aggregation (the default) of 2 sites needs a threshold of 2.
+            "secagg.num_shares=3",
+            "secagg.reconstruction_threshold=2",
+        ]
+    )
+    assert code == 0
+    return out / "p2"
+
+
+@pytest.mark.slow
+def test_simulation_runs_pretraining_then_finetuning(phase_two_run: Path) -> None:
+    results = json.loads((phase_two_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [(r["round"], r["phase"]) for r in rounds] == [(1, "pretrain"), (2, "finetune"), (3, "finetune"), (4, "finetune")]
+    assert all(r["aggregated"] and r["secure_aggregation"] for r in rounds), [r["reason"] for r in rounds]
+    probe, *unfrozen = rounds[1:]
+    assert probe["finetune_stage"] == "probe" and probe["trainable_blocks"] == []
+    assert all(r["finetune_stage"] == "progressive" and r["trainable_blocks"] == [1] for r in unfrozen)
+    for record in rounds[1:]:
+        for site in record["sites"]:
+            assert site["status"] == "aggregated"
+            metrics = site["evaluation"]["any"]
+            assert set(metrics) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+            assert all(math.isfinite(m["value"]) for m in metrics.values()), metrics
+    # Only trainable parameters travel back: the probe round's replies are far smaller.
+    for site in ("site_0", "site_1"):
+        received = [next(s["bytes_received"] for s in r["sites"] if s["site"] == site) for r in rounds[1:]]
+        assert received[0] < received[1] and received[0] < received[2], received
+    assert probe["trainable_parameters"] < unfrozen[0]["trainable_parameters"]
+    # After the first phase-2 round a site gets only the trainable part, not the whole classifier.
+    assert unfrozen[1]["bytes_sent_per_site"] < probe["bytes_sent_per_site"]
+
+
+@pytest.mark.slow
+def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path) -> None:
+    checkpoints = phase_two_run / "checkpoints"
+    encoder, _, encoder_card = load_checkpoint(checkpoints / "global_round_0001.safetensors")
+    final, model_cfg, card = load_checkpoint(checkpoints / "global_round_0004.safetensors")
+    after_probe, _, _ = load_checkpoint(checkpoints / "global_round_0002.safetensors")
+    assert encoder_card["kind"] == "global-encoder" and card["kind"] == "global-classifier"
+    classifier = build_classifier(model_cfg, 1)
+    classifier.load_state_dict(final)  # a complete, loadable classifier
+    frozen = [n for n in encoder if not n.startswith(("blocks.1.", "norm."))]
+    for name in frozen:  # the stem and block 0 never unfroze
+        assert torch.equal(final[f"encoder.{name}"], encoder[name]), name
+    for name in encoder:  # the probe round trained the head only
+        assert torch.equal(after_probe[f"encoder.{name}"], encoder[name]), name
+    assert not torch.equal(after_probe["head.weight"], final["head.weight"])
+    assert not torch.equal(final["encoder.blocks.1.mlp.linear1.weight"], encoder["blocks.1.mlp.linear1.weight"])
