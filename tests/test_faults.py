@@ -100,6 +100,30 @@ def test_resume_falls_back_to_the_last_verified_checkpoint(tmp_path: Path) -> No
         RunRecorder.resume(tmp_path / "empty", cfg)
 
 
+def test_resume_continues_the_privacy_ledger_of_the_checkpoint_it_resumes_from(tmp_path: Path) -> None:
+    from ctfed.common.dp import LedgerEntry, PrivacyLedger
+
+    cfg = load_run_config(["federation.rounds=3", "privacy.mode=central", "secagg.enabled=false"])
+    recorder = RunRecorder(tmp_path, cfg)
+    state = initial_encoder_state(cfg)
+    ledger = PrivacyLedger()
+    recorder.save_global(0, state)
+    for number in (1, 2):
+        ledger.record(LedgerEntry(round=number, noise_multiplier=1.0, sample_rate=1.0, steps=1))
+        recorder.central_privacy_ledger = ledger.to_dict()
+        recorder.save_global(number, state)
+        recorder.add_round(_round(number))
+    # Round 2's card is gone: the run continues from round 1, with round 1's epsilon.
+    (tmp_path / "checkpoints" / "global_round_0002.json").unlink()
+    resumed, _ = RunRecorder.resume(tmp_path, cfg)
+    restored = PrivacyLedger.from_dict(resumed.central_privacy_ledger)
+    assert [e.round for e in restored.entries] == [1]
+    one_round = PrivacyLedger()
+    one_round.record(LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=1.0, steps=1))
+    assert one_round.epsilon(1e-5) > 0
+    assert restored.epsilon(1e-5) == pytest.approx(one_round.epsilon(1e-5))
+
+
 @pytest.mark.slow
 def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
