@@ -54,6 +54,7 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB), for capacity planning."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
+
 app = ClientApp()
 
 
