@@ -16,7 +16,6 @@ outgoing message, refusals included, is written to the site's audit log (``clien
 from __future__ import annotations
 
 import logging
-import resource
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -28,6 +27,7 @@ from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
 from ctfed.client.train import LocalTrainer
 from ctfed.common.logs import console_logging
+from ctfed.common.processes import peak_rss_mb
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -48,11 +48,6 @@ from ctfed.common.exchange import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB), for capacity planning."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 app = ClientApp()

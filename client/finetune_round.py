@@ -29,6 +29,7 @@ from ctfed.common.checkpoint import state_digest
 from ctfed.common.config import FinetuneConfig, ModelConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
+    PEAK_RSS_KEY,
     BASE_DIGEST_KEY,
     CONFIG_KEY,
     FULL_STATE_KEY,
@@ -52,6 +53,7 @@ from ctfed.common.exchange import (
 from ctfed.common.finetune import Classifier, FinetuneRoundPlan, Finetuner, build_classifier, trainable_names, trainable_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
 from ctfed.common.metrics import evaluation_dict
+from ctfed.common.processes import peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
             "round-seconds": time.perf_counter() - started,
             "bytes-sent": sent_bytes,
             TRAINABLE_PARAMETERS_KEY: int(fit.trainable_params[-1]),
+            PEAK_RSS_KEY: peak_rss_mb(),
             **evaluation_to_metrics(evaluation),
             **privacy_metrics,
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -242,3 +243,8 @@ def start_logged(command: list[str], env: dict[str, str], log_file: Path, *, ech
 
     threading.Thread(target=_copy, name=f"log-{Path(command[0]).name}", daemon=True).start()
     return process
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB), for capacity planning."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -7,6 +7,9 @@
   and making crops (goal: < 10% at the default model size).
 * Secure aggregation: SecAgg+ round time / plain round time for 5 sites at ~10M and ~86M
   parameters (simulations/secagg_bench.py), alone and with a local training round added.
+* Federation: round overhead over local training, bytes per round in each phase, peak
+  memory of a site process, round time against the number of sites
+  (simulations/federation_bench.py, real simulated federations).
 
 Absolute times on a shared 2-core machine are noisy; the ratios, measured back to back in
 one run (median of repeats), are the figures to compare. Results go to a JSON file and a
@@ -29,6 +32,7 @@ from ctfed.common.config import load_run_config
 from ctfed.common.dicom import load_series, scan
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes, prepare
+from ctfed.simulations.federation_bench import bench_federation, print_federation
 from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
 from ctfed.simulations.synth import PROFILES, write_scan
 
@@ -140,7 +144,15 @@ def run(args: argparse.Namespace) -> int:
         loader = bench_loader_share(work, model, steps=3 if quick else 2)
     print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
     secagg = bench_secagg(loader, sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
-    results = {"mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg}
+    print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
+        federation = bench_federation(
+            Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
+            local_steps=2 if quick else 8,
+        )
+    results = {
+        "mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg, "federation": federation,
+    }
     write_json_atomic(args.out, results)
 
     print()
@@ -160,5 +172,6 @@ def run(args: argparse.Namespace) -> int:
               f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
               f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
     print(f"  ({secagg['training_note']})")
+    print_federation(federation)
     print(f"results: {args.out}")
     return 0

@@ -23,3 +23,13 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     for entry in secagg:
         assert entry["secure_round_s"] > 0 and entry["plain_round_s"] > 0 and entry["ratio_with_training"] > 0
         assert entry["max_abs_diff_secure_vs_plain"] < 1e-6
+    federation = results["federation"]
+    phases = [r["phase"] for r in federation["rounds"]]
+    assert phases == ["pretrain", "pretrain", "finetune", "finetune", "finetune"]
+    pretrain_bytes = federation["rounds"][0]["bytes_from_site"]
+    probe_bytes = federation["rounds"][2]["bytes_from_site"]
+    assert 0 < probe_bytes < pretrain_bytes  # only the head travels in the probe round
+    assert all(r["overhead_ratio"] and r["overhead_ratio"] > 0 for r in federation["rounds"])
+    assert all(r["peak_rss_mb"] > 50 for r in federation["rounds"])
+    assert [s["sites"] for s in federation["scaling"]] == [2, 4]
+    assert all(s["round_s"] > 0 for s in federation["scaling"])

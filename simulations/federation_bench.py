@@ -1,0 +1,88 @@
+"""``ctfed bench`` figures that need a whole federation: cost per round, bytes, memory, scaling.
+
+Each measurement is a real ``ctfed simulate`` run (Flower's simulation engine, secure
+aggregation on, as a user runs it) read back from its results.json:
+
+* Federation overhead: a round's wall time against the local training it contains, with
+  the sites that can train at once on this machine (Ray runs one site per core) taken into
+  account: ``round_s / (sum of site training s / sites in parallel)``.
+* Bytes per round per site, phase 1 (SSL, whole encoder) against phase 2's probe and
+  progressive rounds (trainable parameters only).
+* Peak resident memory of a site process.
+* Scaling: round time against the number of sites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from ctfed.common.cli import main as ctfed_main
+
+
+def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]:
+    code = ctfed_main(["simulate", f"output_dir={work}", f"run_name={name}", *overrides])
+    results_path = work / name / "results.json"
+    if code != 0 or not results_path.is_file():
+        raise RuntimeError(f"benchmark federation {name} failed (code {code}); see {work / name / 'federation.log'}")
+    return json.loads(results_path.read_text())
+
+
+def _round_figures(record: dict[str, Any], parallel: int) -> dict[str, Any]:
+    sites = [s for s in record["sites"] if s.get("train_seconds") is not None]
+    train = [s["train_seconds"] for s in sites]
+    ideal = sum(train) / min(parallel, max(len(train), 1)) if train else float("nan")
+    return {
+        "round": record["round"],
+        "phase": record.get("phase", "pretrain"),
+        "round_s": record["seconds"],
+        "site_train_s_sum": sum(train),
+        "overhead_ratio": record["seconds"] / ideal if train and ideal > 0 else None,
+        "bytes_from_site": statistics.median(s["bytes_received"] for s in record["sites"]) if record["sites"] else 0,
+        "bytes_to_site": statistics.median(s.get("bytes_sent", 0) for s in record["sites"]) if record["sites"] else 0,
+        "peak_rss_mb": max((s["peak_rss_mb"] for s in sites if s.get("peak_rss_mb")), default=None),
+    }
+
+
+def bench_federation(work: Path, model: str, site_counts: Sequence[int], local_steps: int) -> dict[str, Any]:
+    """Phase 1 + 2 on three hospitals of different sizes, then phase 1 alone per site count."""
+    parallel = os.cpu_count() or 1
+    common = [f"model={model}", f"train.local_steps={local_steps}"]
+    phases = _simulate(
+        work, "phases",
+        [*common, "synth.scans_per_site_list=[16,8,16]", "federation.rounds=2", "federation.finetune_rounds=3"],
+    )
+    # Round 1 includes starting Ray's workers; the steady state is the rounds after it.
+    rounds = [_round_figures(r, parallel) for r in phases["rounds"]]
+    scaling = []
+    for count in site_counts:
+        # Thresholds every site count can meet, so a small federation is still secure.
+        shares = max(3, min(count, 5))
+        run = _simulate(
+            work, f"sites{count}",
+            [*common, f"synth.sites={count}", "synth.scans_per_site=2", "federation.rounds=2",
+             f"secagg.num_shares={shares}", f"secagg.reconstruction_threshold={shares // 2 + 1}",
+             "federation.min_sites=2"],
+        )
+        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]
+        scaling.append({"sites": count, "round_s": statistics.mean(r["round_s"] for r in steady)})
+    return {"model": model, "cores": parallel, "rounds": rounds, "scaling": scaling}
+
+
+def print_federation(figures: dict[str, Any]) -> None:
+    print(f"federation ({figures['model']}, {figures['cores']} cores, secure aggregation on):")
+    for r in figures["rounds"]:
+        overhead = f"{r['overhead_ratio']:.2f}" if r["overhead_ratio"] else "-"
+        peak = f"{r['peak_rss_mb']:.0f} MB" if r["peak_rss_mb"] else "-"
+        print(
+            f"  round {r['round']} ({r['phase']:<8}): {r['round_s']:.1f} s, overhead x{overhead} (goal <= 1.10), "
+            f"{r['bytes_from_site'] / 1024:.1f} KiB from / {r['bytes_to_site'] / 1024:.1f} KiB to each site, peak {peak}"
+        )
+    print("  scaling: " + ", ".join(f"{s['sites']} sites {s['round_s']:.1f} s/round" for s in figures["scaling"]))
+    print(
+        "  (overhead = round time / the site training it contains, with one site per core; with a tiny model a "
+        "round's few-second fixed cost dominates, so read the full mode's figures)"
+    )
