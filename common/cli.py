@@ -29,7 +29,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("pretrain", "ctfed.client.pretrain_cli", "self-supervised pretraining on one cache, no federation"),
     Subcommand("simulate", "ctfed.simulations.simulate", "run a federation on this machine (Flower simulation)"),
     Subcommand("report", "ctfed.simulations.report_cli", "re-render a run folder's report.md and plots from results.json"),
-    Subcommand("bench", "ctfed.simulations.bench", "benchmarks: DICOM ingest vs SimpleITK, data loader share"),
+    Subcommand("bench", "ctfed.simulations.bench", "benchmarks: ingest, data loader, secure aggregation, federation cost"),
     Subcommand("certs", "ctfed.server.certs_cli", "make the federation's CA, SuperLink certificate and per-site keys"),
     Subcommand("server", "ctfed.server.deploy_cli", "start the coordinator's SuperLink (TLS, node authentication)"),
     Subcommand("site", "ctfed.client.site_cli", "start this hospital's SuperNode from a site.yaml"),
