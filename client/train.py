@@ -264,14 +264,7 @@ class LocalTrainer:
             student_in, teacher_in = self._views(volumes)
             data_seconds += time.perf_counter() - data_started
 
-            if self.mim_enabled:
-                dino, mim = self._dino_and_mim(student_in, teacher_in, mask_generator)
-                loss = cfg.dino_weight * dino + cfg.mim_weight * mim
-            else:
-                with torch.no_grad():
-                    teacher_out = self.teacher(teacher_in)
-                dino, mim = self.loss_fn(self.student(student_in), teacher_out), None
-                loss = cfg.dino_weight * dino
+            loss, dino, mim, _ = self._ssl_loss(student_in, teacher_in, mask_generator)
             if cfg.proximal_mu > 0:
                 loss = loss + self._proximal_term()
             self._check_finite(loss, dino, mim, round_index, local_step, step)
@@ -336,15 +329,9 @@ class LocalTrainer:
                 batch = volumes.shape[0]
                 crop_rows = torch.arange(student_in.shape[0]) % batch
                 row_maps = [crop_rows]
-                if self.mim_enabled:
-                    dino, mim, patch_rows = self._dino_and_mim(student_in, teacher_in, mask_generator, with_rows=True)
-                    loss = cfg.dino_weight * dino + cfg.mim_weight * mim
+                loss, dino, mim, patch_rows = self._ssl_loss(student_in, teacher_in, mask_generator, with_rows=True)
+                if patch_rows is not None:
                     row_maps.append(torch.cat([crop_rows, patch_rows % batch]))
-                else:
-                    with torch.no_grad():
-                        teacher_out = self.teacher(teacher_in)
-                    dino, mim = self.loss_fn(self.student(student_in), teacher_out), None
-                    loss = cfg.dino_weight * dino
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
                 # The losses are means over the batch; their per-volume gradients are those of
                 # batch x loss, so clipping bounds each volume whatever the batch size.
@@ -394,6 +381,26 @@ class LocalTrainer:
                 f"(global step {step}, lr {self.lr_schedule(step):.3g}); lower train.lr or "
                 "raise train.warmup_steps"
             )
+
+    def _ssl_loss(
+        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weighted loss, DINO loss, iBOT loss or None, patch rows or None) of one batch.
+
+        ``with_rows`` (DP-SGD) also returns which student row each masked patch token came
+        from, so per-row gradients can be folded back to their volume.
+        """
+        cfg = self.train_cfg
+        if self.mim_enabled:
+            if with_rows:
+                dino, mim, patch_rows = self._dino_and_mim(student_in, teacher_in, generator, with_rows=True)
+            else:
+                (dino, mim), patch_rows = self._dino_and_mim(student_in, teacher_in, generator), None
+            return cfg.dino_weight * dino + cfg.mim_weight * mim, dino, mim, patch_rows
+        with torch.no_grad():
+            teacher_out = self.teacher(teacher_in)
+        dino = self.loss_fn(self.student(student_in), teacher_out)
+        return cfg.dino_weight * dino, dino, None, None
 
     def _dino_and_mim(
         self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
