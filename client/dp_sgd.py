@@ -24,6 +24,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from ctfed.common.config import LocalDPConfig
+from ctfed.common.model import register_dp_grad_samplers
 
 
 class VolumeDPSGD:
@@ -40,6 +41,7 @@ class VolumeDPSGD:
         self.dp = dp
         self.sample_rate = sample_rate
         self.num_volumes = num_volumes
+        register_dp_grad_samplers()
         # Hooks go onto the student's own submodules; the student keeps its plain interface.
         # "sum": per-row gradients of the loss as given; the trainer passes a per-volume sum.
         self.grad_sample_module = GradSampleModule(student, loss_reduction="sum")

@@ -42,17 +42,20 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ctfed.client.dp_sgd import VolumeDPSGD
 from ctfed.client.ledger import local_sample_rate
 from ctfed.common.config import LocalDPConfig, ModelConfig, TrainConfig
 from ctfed.common.masking import sample_masks
 from ctfed.common.model import SSLModel, build_teacher
 from ctfed.common.ssl import DINOLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+
+if TYPE_CHECKING:
+    from ctfed.client.dp_sgd import VolumeDPSGD
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,9 @@ class LocalTrainer:
 
         self.dp: VolumeDPSGD | None = None
         if dp is not None:
+            # Imported here: Opacus costs seconds at import, paid only by DP-SGD rounds.
+            from ctfed.client.dp_sgd import VolumeDPSGD
+
             num_volumes = len(dataset)  # type: ignore[arg-type]
             self.dp = VolumeDPSGD(
                 self.student, self.optimizer, dp, local_sample_rate(train_cfg.batch_size, num_volumes), num_volumes

@@ -23,7 +23,6 @@ import logging
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
-from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from ctfed.common.config import ModelConfig
@@ -81,23 +80,31 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, F.normalize(self.weight, dim=1))
 
 
-@register_grad_sampler(ClsToken)
-def _cls_token_grad_sample(
-    layer: ClsToken, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    # Each sample's gradient for the token is the gradient at its own position 0.
-    return {layer.token: backprops[:, :1, :].unsqueeze(1)} if layer.token.requires_grad else {}
+def register_dp_grad_samplers() -> None:
+    """Teach Opacus the per-sample gradients of the token layers (idempotent).
 
+    Called by DP-SGD before it wraps a model, not at import: importing Opacus costs
+    seconds, and every Flower ClientApp message of a deployed site starts a new process
+    that would pay it even in rounds without DP.
+    """
+    from opacus.grad_sample import register_grad_sampler
 
-@register_grad_sampler(MaskToken)
-def _mask_token_grad_sample(
-    layer: MaskToken, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    if not layer.token.requires_grad:
-        return {}
-    mask = activations[1].unsqueeze(-1).to(backprops.dtype)
-    # The token is shared by every masked position, so its gradient is their sum.
-    return {layer.token: (backprops * mask).sum(dim=1)[:, None, None, :]}
+    @register_grad_sampler(ClsToken)
+    def _cls_token_grad_sample(
+        layer: ClsToken, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        # Each sample's gradient for the token is the gradient at its own position 0.
+        return {layer.token: backprops[:, :1, :].unsqueeze(1)} if layer.token.requires_grad else {}
+
+    @register_grad_sampler(MaskToken)
+    def _mask_token_grad_sample(
+        layer: MaskToken, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        if not layer.token.requires_grad:
+            return {}
+        mask = activations[1].unsqueeze(-1).to(backprops.dtype)
+        # The token is shared by every masked position, so its gradient is their sum.
+        return {layer.token: (backprops * mask).sum(dim=1)[:, None, None, :]}
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:

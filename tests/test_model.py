@@ -8,7 +8,14 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctfed.common.config import ModelConfig
-from ctfed.common.model import DINOHead, SSLModel, ViTEncoder, build_teacher, count_parameters
+from ctfed.common.model import (
+    DINOHead,
+    SSLModel,
+    ViTEncoder,
+    build_teacher,
+    count_parameters,
+    register_dp_grad_samplers,
+)
 
 CFG = ModelConfig()
 N = CFG.tokens_per_side**3
@@ -95,6 +102,7 @@ def test_opacus_per_sample_gradients_match_per_sample_backward() -> None:
     mask = torch.rand(3, N, generator=torch.Generator().manual_seed(1)) < 0.3
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
+    register_dp_grad_samplers()
     gsm = GradSampleModule(model, loss_reduction="sum")
     gsm(x, mask).pow(2).sum().backward()
     missing = [n for n, p in trainable.items() if getattr(p, "grad_sample", None) is None]
@@ -116,6 +124,7 @@ def test_privacy_engine_makes_tiny_model_private_and_steps() -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loader = DataLoader(TensorDataset(_volumes(4)), batch_size=2)
+    register_dp_grad_samplers()
     private_model, optimizer, loader = PrivacyEngine().make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.5,
         max_grad_norm=1.0, poisson_sampling=False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from ctfed.common.config import (
     TrainConfig,
 )
 from ctfed.common.dp import (
+    RDP_ORDERS,
     LedgerEntry,
     PrivacyLedger,
     add_gaussian_noise,
@@ -297,3 +300,15 @@ def test_central_accountant_matches_opacus_rdp() -> None:
     resumed = CentralDP(cfg, ledger=PrivacyLedger.from_dict(central.ledger.to_dict()))
     assert resumed.epsilon() == central.epsilon()
     assert central.max_update_norm(100.0) == pytest.approx(1.0001)
+
+
+def test_rdp_orders_are_opacus_defaults() -> None:
+    assert RDP_ORDERS == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def test_site_processes_import_opacus_only_for_dp_rounds() -> None:
+    # Every ClientApp message of a deployed site starts a new process; Opacus costs
+    # seconds at import, so only a DP-SGD round may load it.
+    probe = "import sys, ctfed.client.app, ctfed.server.app; print(sorted(m for m in sys.modules if m.startswith('opacus')))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
