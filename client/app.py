@@ -26,6 +26,7 @@ from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
 from ctfed.client.train import LocalTrainer
+from ctfed.common.data_summary import site_data_metrics
 from ctfed.common.logs import console_logging
 from ctfed.common.processes import peak_rss_mb
 from ctfed.common.exchange import (
@@ -98,6 +99,8 @@ def train(msg: Message, context: Context) -> Message:
             "round-seconds": time.perf_counter() - started,
             "bytes-sent": sent_bytes,
             PEAK_RSS_KEY: peak_rss_mb(),
+            # Aggregate counts and ranges for the model card's data summary (no identifiers).
+            **site_data_metrics(site.dataset),
             **privacy_metrics,
         }
     )

@@ -16,6 +16,7 @@ import torch
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import save_checkpoint
 from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.data_summary import card_data_summary, site_data_metrics
 from ctfed.common.preprocess import CachedVolumes
 
 
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = CachedVolumes(args.cache)
     trainer = LocalTrainer(cfg.model, cfg.train, dataset, seed=cfg.train.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    # One site, named generically: a cache folder's name may be anything the site chose.
+    data_summary = card_data_summary({"local": site_data_metrics(dataset)}, dataset.preprocessing)
     started = time.perf_counter()
     for round_index in range(cfg.federation.rounds):
         result = trainer.train_round(round_index)
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             round=round_index + 1,
             kind="local-encoder",
             losses=result.losses,
+            data_summary=data_summary,
         )
         print(
             f"round {round_index + 1}/{cfg.federation.rounds}: loss {result.losses[0]:.4f} -> "

@@ -650,6 +650,9 @@ class CompareConfig:
     knn_k: int = 3
     # Local-only pretraining at every site, or only at the smallest one.
     local_only_all_sites: bool = True
+    # One more federation with the other train.teacher_on_new_global policy ("reset" vs
+    # "keep"), evaluated like the federated arm: compare.md's "Teacher policy" section.
+    teacher_policies: bool = False
     # Verdict targets in AUROC: pretrained must beat scratch, federated must beat local-only at
     # the smallest site, by more than these; centralized may lead federated by at most this.
     target_gain_over_scratch: float = 0.0

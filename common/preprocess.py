@@ -65,7 +65,7 @@ class PrepareSummary:
     report: Path
 
 
-def _plan(cfg: PreprocessConfig) -> dict[str, Any]:
+def preprocessing_plan(cfg: PreprocessConfig) -> dict[str, Any]:
     return {
         "orientation": "RAS",
         "spacing_mm": cfg.spacing_mm,
@@ -222,7 +222,7 @@ def prepare(
         raise FileNotFoundError(f"input folder does not exist: {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     secret = site_secret(output_dir)
-    plan = _plan(cfg)
+    plan = preprocessing_plan(cfg)
     manifest_path = output_dir / MANIFEST
     previous = _load_manifest(manifest_path, plan)
     labels = read_labels(labels_csv, secret) if labels_csv is not None else {}

@@ -179,6 +179,7 @@ def run_finetune_rounds(
         checkpoint = recorder.save_global(
             server_round, state, updater.state(), kind=GLOBAL_CLASSIFIER_KIND,
             label_names=list(cfg.finetune.label_names), finetune_stage=plan.stage, trainable_blocks=list(plan.blocks),
+            data_summary=recorder.data_summary(),
         )
         recorder.add_round(
             RoundRecord(

@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.config import RunConfig
+from ctfed.common.data_summary import card_data_summary, data_metrics_from
+from ctfed.common.preprocess import preprocessing_plan
 from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
 from ctfed.common.fileio import write_json_atomic
 from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
@@ -61,6 +63,8 @@ class SiteRoundRecord:
     # Phase 2: the site's fine-tuned model of this round on its held-out scans,
     # {task: {metric: {value, low, high}}} (AUROC, AP, balanced accuracy, F1).
     evaluation: dict[str, dict[str, dict[str, float]]] | None = None
+    # Phase 1: the site's data summary metrics (common/data_summary.py: counts and ranges only).
+    data: dict[str, Any] | None = None
 
 
 def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: Any) -> SiteRoundRecord:
@@ -87,6 +91,7 @@ def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: An
         epsilon=number(EPSILON_KEY),
         peak_rss_mb=number(PEAK_RSS_KEY),
         evaluation=metrics_to_evaluation(metrics),
+        data=data_metrics_from(metrics) or None,
         **fields,
     )
 
@@ -222,6 +227,17 @@ class RunRecorder:
             checkpoints / f"{GLOBAL_PREFIX}{server_round:04d}", state, self.cfg.model,
             round=server_round, kind=kind, **card, **extra,
         )
+
+    def data_summary(self, current: Sequence[SiteRoundRecord] = ()) -> dict[str, Any] | None:
+        """The card's data summary: each site's latest reported data metrics (this round's
+        ``current`` first, then earlier rounds); None before any site reported."""
+        latest: dict[str, dict[str, Any]] = {}
+        for site in [*current, *(s for r in reversed(self.rounds) for s in r.sites)]:
+            if site.data and site.site not in latest:
+                latest[site.site] = site.data
+        if not latest:
+            return None
+        return card_data_summary(latest, {"as_configured": preprocessing_plan(self.cfg.preprocess)})
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

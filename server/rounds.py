@@ -106,7 +106,9 @@ def run_pretraining(
             global_state = updater.apply(global_state, outcome.mean_delta)
         if central is not None:
             recorder.central_privacy_ledger = central.ledger.to_dict()
-        checkpoint = recorder.save_global(server_round, global_state, updater.state())
+        checkpoint = recorder.save_global(
+            server_round, global_state, updater.state(), data_summary=recorder.data_summary(outcome.sites)
+        )
         recorder.add_round(
             RoundRecord(
                 round=server_round,

@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 COMPARE_JSON = "compare.json"
 ENCODER_DIR = Path("compare") / "encoders"
+# The second federation of the teacher-policy comparison, under the run folder.
+TEACHER_ARM_DIR = Path("arms")
+TEACHER_POLICIES = ("reset", "keep")
 FORMAT = 1
 # Key of the one encoder every site shares (all arms but local-only), and of pooled metrics.
 SHARED = "shared"
@@ -285,6 +288,73 @@ def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> t
     return downstream, representation
 
 
+# ----------------------------------------------------------------------------- teacher policy
+
+
+def other_teacher_policy(policy: str) -> str:
+    return next(p for p in TEACHER_POLICIES if p != policy)
+
+
+def ssl_loss_per_round(run_dir: Path) -> dict[str, Any]:
+    """Mean local-step SSL loss per pretraining round: per site and averaged over sites."""
+    pretraining = [r for r in load_results(run_dir).rounds if r.phase == PRETRAIN_PHASE]
+    per_site: dict[str, list[float]] = {}
+    for record in pretraining:
+        for site in record.sites:
+            if site.losses:
+                per_site.setdefault(site.site, []).append(sum(site.losses) / len(site.losses))
+    rounds = len(pretraining)
+    mean = [
+        sum(values[r] for values in per_site.values() if len(values) > r) / max(sum(len(v) > r for v in per_site.values()), 1)
+        for r in range(rounds)
+    ]
+    return {"mean": mean, "sites": per_site}
+
+
+def _policy_entry(policy: str, run_dir: Path, study_dir: Path, pretrained: Pretrained, downstream: dict[str, Any], representation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "policy": policy,
+        "run_dir": run_dir.relative_to(study_dir).as_posix() if run_dir != study_dir else ".",
+        "steps_per_model": pretrained.steps_per_model,
+        "seconds": pretrained.seconds,
+        "ssl_loss_per_round": ssl_loss_per_round(run_dir),
+        "downstream": downstream,
+        "representation": representation,
+    }
+
+
+def compare_teacher_policies(cfg: RunConfig, run_dir: Path, data_dir: Path, sites: list[Site], record: "CompareRecord") -> bool:
+    """Run the federation again with the other teacher policy on the same sites, seeds and budget
+    and put both policies side by side in compare.json (``teacher_policies``); False if it failed.
+
+    The policy of ``cfg`` is the federated arm already evaluated; the other one runs in
+    ``<run>/arms/teacher_<policy>/`` through the same simulation path as ``ctfed simulate``.
+    """
+    from ctfed.common.config import save_run_config
+    from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
+    from ctfed.simulations.sweep import arm_config
+
+    base_policy = cfg.train.teacher_on_new_global
+    other = other_teacher_policy(base_policy)
+    federated = record.data["arms"][Arm.federated.value]
+    base_pretrained = pretrain_federated(cfg, run_dir, sites, initial_encoder_state(cfg))
+    entries = {base_policy: _policy_entry(base_policy, run_dir, run_dir, base_pretrained, federated["downstream"], federated["representation"])}
+    arm_dir = run_dir / TEACHER_ARM_DIR / f"teacher_{other}"
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    other_cfg = arm_config(cfg, [f"train.teacher_on_new_global={other}"])
+    config_path = arm_dir / CONFIG_NAME
+    save_run_config(other_cfg, config_path)
+    if run_federation_simulation(other_cfg, arm_dir, config_path, data_dir) != 0:
+        print(f"ctfed simulate: compare: the federation with teacher policy '{other}' failed; see {arm_dir}")
+        return False
+    pretrained = pretrain_federated(other_cfg, arm_dir, sites, initial_encoder_state(other_cfg))
+    downstream, representation = evaluate_arm(other_cfg, sites, pretrained)
+    entries[other] = _policy_entry(other, arm_dir, run_dir, pretrained, downstream, representation)
+    record.data["teacher_policies"] = {"base": base_policy, "policies": entries}
+    record.write()
+    return True
+
+
 # ----------------------------------------------------------------------------- compare.json
 
 
@@ -406,6 +476,11 @@ def run_comparison(cfg: RunConfig, run_dir: Path, data_dir: Path) -> int:
         downstream, representation = evaluate_arm(cfg, sites, pretrained)
         record.add_arm(arm, pretrained, downstream, representation, time.perf_counter() - downstream_started)
     check_budgets(record.data)
+    if cfg.compare.teacher_policies:
+        other = other_teacher_policy(cfg.train.teacher_on_new_global)
+        print(f"[compare] teacher policy: the federation again with train.teacher_on_new_global={other}")
+        if not compare_teacher_policies(cfg, run_dir, data_dir, sites, record):
+            return 1
     record.finish(judge(record.data))
     report = render_compare_report(run_dir)
     print(console_summary(record.data))

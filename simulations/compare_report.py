@@ -23,6 +23,7 @@ from ctfed.simulations.report import PLOTS_DIR, _empty, _fmt_seconds, _save, _ta
 COMPARE_MD = "compare.md"
 AUROC_PLOT = "compare_auroc.png"
 LOSS_PLOT = "compare_pretraining_loss.png"
+TEACHER_PLOT = "compare_teacher_policy_loss.png"
 # CI half-width (AUROC) a full-size run should reach for a verdict to be worth stating.
 TARGET_HALF_WIDTH = 0.05
 # Below this many held-out scans a bootstrap CI is itself unreliable (a handful of distinct
@@ -254,6 +255,87 @@ def _plot_losses(data: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_teacher_losses(policies: dict[str, Any], path: Path) -> None:
+    """SSL loss per round (mean of a site's local steps) under each teacher policy."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.set_title("SSL loss per round by teacher policy (train.teacher_on_new_global)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean local-step loss")
+    for (policy, entry), colour in zip(policies.items(), ("tab:blue", "tab:red")):
+        losses = entry["ssl_loss_per_round"]
+        rounds = range(1, len(losses["mean"]) + 1)
+        ax.plot(rounds, losses["mean"], "-o", color=colour, label=f"{policy} (mean over sites)")
+        for site, values in sorted(losses["sites"].items()):
+            ax.plot(range(1, len(values) + 1), values, ":", color=colour, alpha=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def teacher_policy_difference(data: dict[str, Any]) -> dict[str, float] | None:
+    """Pooled AUROC(other policy) - AUROC(base policy), paired on the same test scans (primary mode)."""
+    section = data.get("teacher_policies")
+    if not section:
+        return None
+    base = section["base"]
+    other = next(p for p in section["policies"] if p != base)
+    mode = data["primary_mode"]
+    evaluable = [s for s, info in data["sites"].items() if info["evaluable"]]
+    held = []
+    for policy in (other, base):
+        results = section["policies"][policy]["downstream"][mode]
+        if any(site not in results for site in evaluable):
+            return None
+        held.append((
+            np.concatenate([np.asarray(results[s]["labels"])[:, 0] for s in evaluable]),
+            np.concatenate([np.asarray(results[s]["probs"])[:, 0] for s in evaluable]),
+        ))
+    if not np.array_equal(held[0][0], held[1][0]):
+        raise CompareReportError("teacher policies were tested on different scans")
+    diff = paired_auroc_difference(held[0][0], held[0][1], held[1][1], int(data["compare_config"]["n_boot"]), int(data["seeds"]["bootstrap"]))
+    return {"of": f"{other} - {base}", **diff}
+
+
+def _teacher_lines(data: dict[str, Any], plot: Path | None, run_dir: Path) -> list[str]:
+    section = data.get("teacher_policies")
+    if not section:
+        return []
+    task, mode = data["task"], data["primary_mode"]
+    lines = [
+        "## Teacher policy",
+        "",
+        "The same federation (sites, seeds, budget) with each `train.teacher_on_new_global`: `reset` copies the new "
+        "global student into a site's EMA teacher every round, `keep` lets the site's teacher carry its EMA across "
+        f"rounds. Base run: `{section['base']}`. Loss: mean of the local steps of a round, averaged over sites; "
+        "kNN and std (share of the uniform spread) averaged over sites; AUROC pooled, fine-tuning "
+        f"`{mode}`.",
+        "",
+    ]
+    rows = []
+    for policy, entry in section["policies"].items():
+        monitors = entry["representation"].values()
+        knn = np.mean([m["knn_accuracy"] for m in monitors]) if monitors else math.nan
+        spread = np.mean([m["embedding_std"] / m["uniform_std"] for m in monitors]) if monitors else math.nan
+        pooled = entry["downstream"][mode].get(POOLED)
+        rows.append([
+            f"`{policy}`",
+            " → ".join(f"{x:.3f}" for x in entry["ssl_loss_per_round"]["mean"]),
+            f"{knn:.3f}",
+            f"{spread:.3f}",
+            _ci(pooled["metrics"][task]["auroc"]) if pooled else "–",
+            f"`{entry['run_dir']}`",
+        ])
+    lines += _table(["policy", "SSL loss per round", "kNN accuracy", "std / uniform", "pooled AUROC", "run"], rows) + [""]
+    diff = teacher_policy_difference(data)
+    if diff is not None:
+        lines += [f"Paired pooled AUROC difference {diff['of']}: {_ci(diff, signed=True)}.", ""]
+    if plot is not None:
+        lines += [f"![SSL loss per round by teacher policy]({plot.relative_to(run_dir).as_posix()})", ""]
+    return lines
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -357,6 +439,9 @@ def _lines(data: dict[str, Any], run_dir: Path, plots: list[tuple[str, Path]]) -
             "",
         ]
 
+    teacher_plot = run_dir / PLOTS_DIR / TEACHER_PLOT
+    lines += _teacher_lines(data, teacher_plot if teacher_plot.is_file() else None, run_dir)
+
     lines += ["## Plots", ""]
     lines += [f"![{caption}]({p.relative_to(run_dir).as_posix()})\n" for caption, p in plots]
     return lines
@@ -370,6 +455,8 @@ def render_compare_report(run_dir: Path) -> Path:
     _plot_auroc(data, plots_dir / AUROC_PLOT)
     _plot_losses(data, plots_dir / LOSS_PLOT)
     plots = [("AUROC per arm and site", plots_dir / AUROC_PLOT), ("Pretraining loss per arm", plots_dir / LOSS_PLOT)]
+    if data.get("teacher_policies"):
+        _plot_teacher_losses(data["teacher_policies"]["policies"], plots_dir / TEACHER_PLOT)
     report = run_dir / COMPARE_MD
     report.write_text("\n".join(_lines(data, run_dir, plots)))
     return report

@@ -94,6 +94,8 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "compare.finetune.stage_steps=2",
             "compare.baseline_modes=[]",
             "compare.n_boot=50",
+            # A second federation costs ~20 s; the teacher section is tested from this run's data below.
+            "compare.teacher_policies=false",
             # Secure aggregation of 2 sites needs a threshold of 2 (the default is 3).
             "secagg.num_shares=3",
             "secagg.reconstruction_threshold=2",
@@ -186,3 +188,36 @@ def test_a_study_cut_short_still_reports_its_finished_arms(compare_run: Path, tm
     report = (partial / COMPARE_MD).read_text()
     assert "Status **running**" in report and "| federated |" in report and "| scratch |" not in report
     assert "Not judged yet" in report
+
+
+def test_teacher_policy_section_reports_both_policies(compare_run: Path, tmp_path: Path) -> None:
+    """compare.md's teacher-policy table, paired difference and loss plot, from a teacher_policies
+    section built out of this run's federation (the second federation is exercised by preset=compare)."""
+    import copy
+
+    from ctfed.simulations.compare import ssl_loss_per_round
+    from ctfed.simulations.compare_report import TEACHER_PLOT, render_compare_report, teacher_policy_difference
+
+    run = tmp_path / "cmp"
+    shutil.copytree(compare_run, run, ignore=shutil.ignore_patterns("dicom", "cache", ".flwr", "tensorboard"))
+    data = json.loads((run / COMPARE_JSON).read_text())
+    losses = ssl_loss_per_round(run)
+    assert len(losses["mean"]) == 1 and set(losses["sites"]) == {"site_0", "site_1"}
+    federated = data["arms"][Arm.federated.value]
+    entry = {"run_dir": ".", "steps_per_model": 2, "seconds": 1.0, "ssl_loss_per_round": losses,
+             "downstream": federated["downstream"], "representation": federated["representation"]}
+    keep = copy.deepcopy(entry) | {"policy": "keep", "run_dir": "arms/teacher_keep"}
+    # Flip the keep policy's scores at every site: its AUROC becomes 1 - reset's.
+    for site in keep["downstream"][data["primary_mode"]].values():
+        if "probs" in site:
+            site["probs"] = [[1.0 - p[0]] for p in site["probs"]]
+    data["teacher_policies"] = {"base": "reset", "policies": {"reset": entry | {"policy": "reset"}, "keep": keep}}
+    (run / COMPARE_JSON).write_text(json.dumps(data))
+    diff = teacher_policy_difference(data)
+    pooled = federated["downstream"][data["primary_mode"]]["pooled"]["metrics"][data["task"]]["auroc"]["value"]
+    assert diff is not None and diff["of"] == "keep - reset"
+    assert diff["value"] == pytest.approx((1.0 - pooled) - pooled)
+    report = render_compare_report(run).read_text()
+    assert "## Teacher policy" in report and "`keep`" in report and "`reset`" in report
+    assert "Paired pooled AUROC difference keep - reset" in report
+    assert (run / "plots" / TEACHER_PLOT).is_file() and f"plots/{TEACHER_PLOT}" in report

@@ -164,3 +164,37 @@ def test_cli_synth_and_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str
     empty.mkdir()
     assert main(["prepare", "--input", str(empty), "--output", str(tmp_path / "c2"), "--no-progress"]) != 0
     assert "no usable CT series" in capsys.readouterr().err
+
+
+def test_pretrain_card_has_a_data_summary_without_identifiers(federation: list[Path], tmp_path: Path) -> None:
+    """`ctfed pretrain`'s model card summarises the data in numbers; nothing planted in the
+    DICOM headers (or any UID, series key or folder name) reaches it."""
+    site = tmp_path / "input"
+    shutil.copytree(federation[0], site)
+    planted = {"ZZPHINAME123", "ZZPID98765", "ZZACC55555", "ZZHOSPITAL777"}
+    identifiers = set(planted)
+    for path in (p for p in site.rglob("*") if p.is_file() and p.name != "labels.csv"):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.InstitutionName = sorted(planted)
+        ds.save_as(path)
+        identifiers |= {str(ds.get(k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        identifiers |= set(path.relative_to(site).parts[:-1])
+    cache = tmp_path / "cache"
+    summary = prepare(site, cache, _cfg(), labels_csv=site / "labels.csv", progress=False)
+    volumes = CachedVolumes(cache)
+    identifiers |= {e["key"] for e in volumes.entries} | {e["study_key"] for e in volumes.entries}
+    out = tmp_path / "pretrain"
+    assert main(["pretrain", "--cache", str(cache), "--out", str(out), "federation.rounds=1", "train.local_steps=1"]) == 0
+
+    card_text = (out / "local_round_0001.json").read_text()
+    data = json.loads(card_text)["data_summary"]
+    assert data["sites"] == 1 and data["scans"] == summary.accepted == len(volumes)
+    assert data["scans_per_site"] == {"local": len(volumes)}
+    spacings = [e["spacing_zyx_mm"] for e in volumes.entries]
+    assert data["spacing_zyx_mm"]["min"] == [min(axis) for axis in zip(*spacings)]
+    assert data["slices"]["max"] == max(e["slice_count"] for e in volumes.entries)
+    positives = sum(1 for label in volumes.labels if label and label["any"] > 0)
+    assert data["labels"]["labelled_scans"] == len(volumes) and data["labels"]["any"]["positive"] == positives
+    assert data["preprocessing"]["output_size"] == volumes.preprocessing["output_size"]
+    for identifier in (i for i in identifiers if len(i) >= 6):
+        assert identifier not in card_text, f"{identifier!r} in the model card"

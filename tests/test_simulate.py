@@ -36,6 +36,20 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "e2e"
 
 
+def test_global_card_summarises_the_sites_data(finished_run: Path) -> None:
+    """Every site reports aggregate counts in its round metrics; the coordinator's card combines them
+    (identifiers: see test_no_patient_identifier_leaves_the_dicom_folder, which reads the cards too)."""
+    card = json.loads((finished_run / "checkpoints" / "global_round_0002.json").read_text())
+    data = card["data_summary"]
+    caches = {site.name: json.loads((site / "manifest.json").read_text()) for site in (finished_run / "cache").iterdir()}
+    assert data["sites"] == 3
+    assert data["scans_per_site"] == {name: len(m["series"]) for name, m in caches.items()}
+    assert data["scans"] == sum(data["scans_per_site"].values())
+    assert data["labels"]["labelled_scans"] == data["scans"] and 0 <= data["labels"]["any"]["prevalence"] <= 1
+    assert data["preprocessing"]["as_configured"]["output_size"] == caches["site_0"]["preprocessing"]["output_size"]
+    assert "data_summary" not in json.loads((finished_run / "checkpoints" / "global_round_0000.json").read_text())
+
+
 def test_every_site_trained_every_round(finished_run: Path) -> None:
     results = json.loads((finished_run / "results.json").read_text())
     assert results["status"] == "completed"
