@@ -100,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
             "bytes-sent": sent_bytes,
             PEAK_RSS_KEY: peak_rss_mb(),
             # Aggregate counts and ranges for the model card's data summary (no identifiers).
-            **site_data_metrics(site.dataset),
+            **(site_data_metrics(site.dataset) if privacy_round.policy.share_data_summary else {}),
             **privacy_metrics,
         }
     )

@@ -452,6 +452,10 @@ class SitePolicy:
     allowed_models: list[str] = field(default_factory=list)
     max_hidden_size: int = 0
     max_layers: int = 0
+    # Send the model card's data summary (scan count, slice and spacing ranges, positives per
+    # label) with each SSL round's metrics. Counts only, never an identifier; but they travel
+    # in clear and outside any DP guarantee, so a site may keep them.
+    share_data_summary: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.allowed_phases) - set(PHASES))

@@ -14,12 +14,13 @@ from typing import Any
 
 from ctfed.common.preprocess import CachedVolumes
 
-DATA_PREFIX = "data-"
-SCANS_KEY = "data-scans"
-LABELLED_KEY = "data-labelled"
-POSITIVE_PREFIX = "data-positive-"
-SLICES_KEYS = ("data-slices-min", "data-slices-max")
-SPACING_KEYS = ("data-spacing-min-mm", "data-spacing-max-mm")
+# Not "data-": the round metrics already carry "data-seconds" (loader time).
+DATA_PREFIX = "data-summary-"
+SCANS_KEY = DATA_PREFIX + "scans"
+LABELLED_KEY = DATA_PREFIX + "labelled"
+POSITIVE_PREFIX = DATA_PREFIX + "positive-"
+SLICES_KEYS = (DATA_PREFIX + "slices-min", DATA_PREFIX + "slices-max")
+SPACING_KEYS = (DATA_PREFIX + "spacing-min-mm", DATA_PREFIX + "spacing-max-mm")
 
 
 def site_data_metrics(volumes: CachedVolumes) -> dict[str, int | float | list[float]]:

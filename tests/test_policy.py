@@ -33,6 +33,7 @@ from ctfed.common.config import (
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    METRICS_KEY,
     MIN_SITES_KEY,
     PHASE_KEY,
     POLICY_REFUSED_CODE,
@@ -177,3 +178,30 @@ def test_simulation_site_policies_config() -> None:
     assert cfg.simulation.policy_for("site_0") == SitePolicy()
     with pytest.raises(ConfigError, match="twice"):
         load_run_config(["simulation.site_policies=[{site:a},{site:a}]"])
+
+
+def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ctfed.common.config import load_run_config
+    from ctfed.common.data_summary import DATA_PREFIX, SCANS_KEY
+    from ctfed.common.preprocess import prepare
+    from ctfed.simulations.synth import synthesize_federation
+
+    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    (site_dicom,) = synthesize_federation(tmp_path / "dicom", sites=1, scans_per_site=2, seed=0)
+    cache = tmp_path / "cache"
+    prepare(site_dicom, cache, load_run_config().preprocess, progress=False)
+    state_dir = tmp_path / "state"
+    context = Context(
+        run_id=5, node_id=1, state=RecordDict(), run_config={},
+        node_config={"data-path": str(cache), "site-id": "hospital-a", "state-dir": str(state_dir),
+                     POLICY_FILE_KEY: str(write_policy_file(SitePolicy(), state_dir))},
+    )
+    shared = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
+    assert shared[SCANS_KEY] == 2
+
+    write_policy_file(SitePolicy(share_data_summary=False), state_dir)
+    kept = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
+    assert "loss" in kept and not [key for key in kept if key.startswith(DATA_PREFIX)]
