@@ -75,6 +75,10 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+# Quick mode (the test of ``ctfed bench``): the reference, one float format, 32-bit SecAgg+.
+QUICK_VARIANTS = ("float32", "float16", "secagg-32bit")
+
+
 def _round_one_update(run_dir: Path) -> dict[str, torch.Tensor]:
     start = load_checkpoint(run_dir / CHECKPOINT_DIR / f"{GLOBAL_PREFIX}0000.safetensors")[0]
     after = load_checkpoint(run_dir / CHECKPOINT_DIR / f"{GLOBAL_PREFIX}0001.safetensors")[0]
@@ -136,6 +140,18 @@ def bench_transport(
             "rounds": len(results["rounds"]),
         })
     return {"model": model, "sites": 2, "rounds": rounds, "finetune_rounds": finetune_rounds, "variants": rows}
+
+
+def run_transport_bench(quick: bool) -> dict[str, Any]:
+    """``ctfed bench``'s transport section; quick: three variants, two SSL rounds and one
+    fine-tune round (the probe) of one local step each, on the tiny model."""
+    import tempfile
+
+    print("transport: fp32 vs float16/bfloat16 updates, SecAgg+ 64 vs 32 bits (in-process federations) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ctfed-bench-transport-") as tmp:
+        if quick:
+            return bench_transport(Path(tmp), "tiny", rounds=2, finetune_rounds=1, local_steps=1, variants=QUICK_VARIANTS)
+        return bench_transport(Path(tmp), "small", rounds=3, finetune_rounds=3, local_steps=4)
 
 
 def print_transport(figures: dict[str, Any]) -> None:
