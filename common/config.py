@@ -831,6 +831,13 @@ class RunConfig:
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
         self._check_strategy()
+        simulated_sites = self._simulated_sites()
+        if self.secagg.enabled and simulated_sites and simulated_sites > self.secagg.max_sites:
+            raise ConfigError(
+                f"{simulated_sites} simulated sites exceed secagg.max_sites={self.secagg.max_sites}, which the "
+                "quantisation bound is sized for; raise secagg.max_sites (with modulus_bits=32, lower "
+                "quantization_range to fit)"
+            )
         if self.federation.transport is not Transport.float32 and self.secagg.enabled:
             raise ConfigError(
                 f"federation.transport={self.federation.transport.value} compresses the plain path's updates; with "
@@ -851,6 +858,14 @@ class RunConfig:
             if beyond:
                 raise ConfigError(f"simulation.faults name sites {beyond}, but synth.sites is {self.synth.sites}")
 
+
+    def _simulated_sites(self) -> int:
+        """Sites ``ctfed simulate`` will run, when the config alone says (0: not known here)."""
+        if self.simulation.data_dir:
+            return 0
+        if self.split.enabled:
+            return 0 if self.split.method is SplitMethod.by_site else self.split.sites
+        return self.synth.sites
 
     def _check_finetune_rounds(self) -> None:
         if not self.federation.finetune_rounds:

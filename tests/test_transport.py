@@ -138,6 +138,9 @@ def test_transport_and_secagg_32bit_config_rules() -> None:
         SecAggConfig(modulus_bits=32, quantization_range=2 * fits)
     cfg = load_run_config(secagg_32bit_overrides(sites=8, max_weight=64))
     assert cfg.secagg.modulus_bits == 32 and cfg.secagg.quantization_range == 2**22
+    # The bound holds for max_sites; a simulation with more sites is refused up front.
+    with pytest.raises(ConfigError, match="9 simulated sites exceed secagg.max_sites=8"):
+        load_run_config([*secagg_32bit_overrides(sites=8, max_weight=64), "synth.sites=9"])
 
 
 def _tiny_caches(root: Path, sites: int = 2, scans: int = 2) -> Path:
