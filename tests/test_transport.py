@@ -115,14 +115,15 @@ def test_a_site_sending_another_format_or_shape_is_rejected_with_a_reason() -> N
     assert by_site["site-2"].status == STATUS_REJECTED and "shape (95,)" in by_site["site-2"].reason
     assert by_site["site-3"].status == STATUS_AGGREGATED
     # A bfloat16 round's wire format is int16 bit patterns: float16 is not accepted for it.
-    reply = Message(RecordDict({ARRAYS_KEY: encode_update(_deltas()[3], Transport.float16)}), dst_node_id=3, message_type="train")
-    accepted, records = vet_replies([_as_reply(reply)], _like(), 1e3, transport=Transport.bfloat16)
+    reply = _reply_with(encode_update(_deltas()[3], Transport.float16))
+    accepted, records = vet_replies([reply], _like(), 1e3, transport=Transport.bfloat16)
     assert not accepted and "arrived as float16" in records[0].reason
 
 
-def _as_reply(message: Message) -> Message:
-    grid = InProcessGrid({"train": lambda msg, ctx: Message(content=message.content, reply_to=msg)}, [3])
-    return list(grid.send_and_receive([message]))[0]
+def _reply_with(update) -> Message:
+    """A site's reply carrying ``update`` (through the in-process Grid, as a real reply)."""
+    grid = InProcessGrid({"train": lambda msg, ctx: Message(content=RecordDict({ARRAYS_KEY: update}), reply_to=msg)}, [3])
+    return list(grid.send_and_receive([Message(RecordDict(), dst_node_id=3, message_type="train")]))[0]
 
 
 def test_transport_and_secagg_32bit_config_rules() -> None:
@@ -181,3 +182,14 @@ def test_real_sites_send_bfloat16_and_audit_what_they_sent(tmp_path: Path) -> No
     assert sum(fp32_norms.values()) > 0
     for parameter in entry["parameters"]:
         assert abs(parameter["l2_norm"] - fp32_norms[parameter["name"]]) <= 2.0**-8 * fp32_norms[parameter["name"]] + 1e-12
+
+
+def test_injected_faults_corrupt_the_values_of_a_compressed_update() -> None:
+    from ctfed.common.config import FaultKind
+    from ctfed.simulations.faults import _corrupt_update
+
+    for kind, reason in ((FaultKind.huge_update, "exceeds federation.max_update_norm"), (FaultKind.nan_update, "NaN")):
+        reply = _reply_with(encode_update(_deltas()[3], Transport.bfloat16))
+        _corrupt_update(reply, kind, Transport.bfloat16)
+        accepted, records = vet_replies([reply], _like(), 1e3, transport=Transport.bfloat16)
+        assert not accepted and reason in records[0].reason
