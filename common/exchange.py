@@ -148,12 +148,15 @@ def transported_values(record: ArrayRecord, transport: Transport) -> dict[str, t
     """The float32 values an update record of format ``transport`` carries (UpdateRejected
     when an array has another dtype)."""
     wire = wire_dtype(transport)
+    wire_name = str(wire).removeprefix("torch.")
+    if transport is Transport.bfloat16:
+        wire_name += " (bfloat16 bits)"
     received = record.to_torch_state_dict()
     for name, tensor in received.items():
         if tensor.dtype != wire:
             raise UpdateRejected(
                 f"'{name}' arrived as {str(tensor.dtype).removeprefix('torch.')}; federation.transport="
-                f"{transport.value} sends {str(wire).removeprefix('torch.')}"
+                f"{transport.value} sends {wire_name}"
             )
     if transport is Transport.bfloat16:
         return {name: t.view(torch.bfloat16).float() for name, t in received.items()}
