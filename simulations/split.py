@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -210,6 +211,10 @@ def split_pool(cfg: SplitConfig, run_dir: Path) -> Path:
     labels = [label_of(entry, cfg.label) for entry in pool.entries]
     parts = partition(labels, cfg, pool.origins)
     out = run_dir / SPLIT_DIR
+    if out.exists():
+        # Views of an earlier attempt in this run folder (no results yet): a stale site
+        # folder would otherwise become one more simulated site.
+        shutil.rmtree(out)
     for site, members in parts.items():
         (out / site).mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / site / MANIFEST, {

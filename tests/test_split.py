@@ -104,6 +104,9 @@ def test_views_reference_the_pooled_volumes_without_copying(tmp_path: Path) -> N
     assert summary["scans"] == 14 and len(summary["sites"]) == 3
     assert sum(site["labels"]["(none)"] for site in summary["sites"]) == 2  # unlabelled scans are their own class
     assert "| site | scans | any=(none) | any=0 | any=1 |" in (views / "split.md").read_text()
+    # Splitting again into fewer sites leaves no stale site behind.
+    split_pool(SplitConfig(pooled_cache=cfg.pooled_cache, method=SplitMethod.iid, sites=2), tmp_path / "run")
+    assert len(list(views.glob(f"*/{MANIFEST}"))) == 2
 
 
 def test_by_site_keeps_the_origin_sites_and_skips_duplicates_and_missing_volumes(tmp_path: Path) -> None:
