@@ -45,7 +45,6 @@ from ctfed.common.exchange import (
     record_to_configs,
     record_to_state,
     state_delta,
-    state_to_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
 
-    update = state_to_record(privacy_round.clip(state_delta(trainer.encoder_state(), global_state)))
+    update = privacy_round.outgoing_update(state_delta(trainer.encoder_state(), global_state))
     privacy_metrics = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(

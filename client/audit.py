@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 from flwr.app import ArrayRecord
 
-from ctfed.common.exchange import payload_sha256, record_bytes
+from ctfed.common.config import Transport
+from ctfed.common.exchange import payload_sha256, record_bytes, transported_values
 from ctfed.common.fileio import write_json_atomic
 
 AUDIT_FILE = "audit.jsonl"
@@ -43,6 +44,8 @@ ENTRY_KEYS = frozenset(
     {"time", "run_id", "round", "kind", "site", "parameters", "payload_sha256", "bytes", "metrics", "dp", "reason", "prev_sha256"}
 )
 PARAMETER_KEYS = frozenset({"name", "shape", "dtype", "l2_norm"})
+# The one optional key: the float format of a plain-path update (federation.transport).
+TRANSPORT_FIELD = "transport"
 
 
 class AuditLogError(ValueError):
@@ -73,10 +76,18 @@ def _last_line(handle: Any) -> bytes | None:
     return data[:-1] if data.endswith(b"\n") else data
 
 
-def describe_arrays(arrays: ArrayRecord | None) -> list[dict[str, Any]]:
-    """Name, shape, dtype and L2 norm of every tensor in a record."""
+def describe_arrays(arrays: ArrayRecord | None, transport: Transport | None = None) -> list[dict[str, Any]]:
+    """Name, shape, dtype and L2 norm of every tensor in a record. With a ``transport``
+    (an update in that float format), the dtype is the format and the norm that of the
+    values it carries (bfloat16 travels as int16 bit patterns)."""
     if arrays is None:
         return []
+    if transport is not None:
+        values = transported_values(arrays, transport)
+        return [
+            {"name": name, "shape": list(t.shape), "dtype": transport.value, "l2_norm": float(t.double().pow(2).sum().sqrt())}
+            for name, t in values.items()
+        ]
     described = []
     for name, tensor in arrays.to_torch_state_dict().items():
         norm = float(tensor.detach().double().pow(2).sum().sqrt()) if tensor.is_floating_point() else None
@@ -105,8 +116,10 @@ class AuditLog:
         metrics: Mapping[str, Any] | None = None,
         dp: Mapping[str, Any] | None = None,
         reason: str = "",
+        transport: Transport | None = None,
     ) -> dict[str, Any]:
-        """Write one entry for an outgoing message; returns the entry as written."""
+        """Write one entry for an outgoing message; returns the entry as written. An update
+        sent in a float format (``federation.transport``) records it as ``transport``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -114,12 +127,13 @@ class AuditLog:
             "round": int(server_round),
             "kind": kind,
             "site": site_id,
-            "parameters": describe_arrays(arrays),
+            "parameters": describe_arrays(arrays, transport),
             "payload_sha256": payload_sha256(arrays, metrics),
             "bytes": record_bytes(arrays) if arrays is not None else 0,
             "metrics": dict(metrics or {}),
             "dp": dict(dp or {}),
             "reason": reason,
+            **({} if transport is None else {TRANSPORT_FIELD: transport.value}),
         }
         with open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -170,7 +184,7 @@ def verify_audit_log(path: Path) -> int:
                 entry = json.loads(line)
             except json.JSONDecodeError as err:
                 raise AuditLogError(f"{path}:{number}: not JSON ({err})") from None
-            if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
+            if not isinstance(entry, dict) or set(entry) - {TRANSPORT_FIELD} != ENTRY_KEYS:
                 found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
                 raise AuditLogError(f"{path}:{number}: unexpected entry keys {found}")
             for parameter in entry["parameters"]:

@@ -140,7 +140,7 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
     evaluation = evaluation_dict(labels, probs, finetune.label_names, finetune.eval_n_boot, finetune.split_seed)
 
     # Only what trained travels; its names are exactly the plan's trainable set.
-    update = state_to_record(privacy_round.clip(state_delta(trainable_state(classifier), start)))
+    update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))
     privacy_metrics = privacy_round.after_training(0)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(

@@ -7,8 +7,9 @@
    planned steps, from its ledger, against ``policy.max_epsilon`` (raises RoundRefused);
 3. training, with ``local_dp`` handed to LocalTrainer;
 4. ``after_training()`` - records the steps taken in the ledger, returns reply metrics;
-5. ``clip()`` - central DP only: the delta is clipped to ``privacy.central.clip_norm``
-   before it goes anywhere (plain or secure aggregation);
+5. ``outgoing_update()`` - ``clip()`` (central DP only: the delta is clipped to
+   ``privacy.central.clip_norm`` before it goes anywhere, plain or secure aggregation), then
+   the cast to the round's ``federation.transport`` float format (plain path only);
 6. ``audit_reply()`` / ``refuse()`` - every outgoing message is written to the audit log.
 """
 
@@ -23,7 +24,7 @@ from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, Audit
 from ctfed.client.ledger import load_site_ledger, planned_local_entry, save_site_ledger
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
 from ctfed.client.site import SiteIdentity
-from ctfed.common.config import LocalDPConfig, PrivacyMode, SitePolicy, TrainConfig
+from ctfed.common.config import LocalDPConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
@@ -32,8 +33,10 @@ from ctfed.common.exchange import (
     POLICY_REFUSED_CODE,
     SECURE_AGGREGATION_KEY,
     SERVER_ROUND_KEY,
+    encode_update,
     record_to_privacy,
     refusal_reason,
+    transport_from_instructions,
 )
 
 
@@ -126,12 +129,26 @@ class SitePrivacyRound:
             )
         return summary
 
+    @property
+    def secure(self) -> bool:
+        return bool(self.instructions.get(SECURE_AGGREGATION_KEY, False))
+
+    @property
+    def transport(self) -> Transport:
+        """The update's float format on the wire. A secure round quantises the float32
+        delta the site keeps, so the plain-path format does not apply to it."""
+        return Transport.float32 if self.secure else transport_from_instructions(self.instructions)
+
+    def outgoing_update(self, delta: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The reply's update: clipped (central DP), then cast to the round's transport format."""
+        return encode_update(self.clip(delta), self.transport)
+
     def audit_reply(self, update: ArrayRecord, metrics: Mapping[str, Any]) -> None:
-        held = bool(self.instructions.get(SECURE_AGGREGATION_KEY, False))
+        held = self.secure
         self.audit.append(
             kind=KIND_TRAIN_REPLY, run_id=self.run_id, server_round=self.server_round,
             site_id=self.identity.site_id, arrays=update, metrics=metrics,
-            dp=self.dp_summary(metrics.get(EPSILON_KEY)),
+            dp=self.dp_summary(metrics.get(EPSILON_KEY)), transport=None if held else self.transport,
             # With secure aggregation the update described here stays at the site; only its
             # masked form leaves it (the secagg-masked_input entry of this round).
             reason="update held for secure aggregation; sent masked only" if held else "",

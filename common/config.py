@@ -322,6 +322,16 @@ class FinetuneConfig:
         return self.probe_steps + self.stage_steps
 
 
+class Transport(str, enum.Enum):
+    """Float format of the plain path's update on the wire (sites cast, the coordinator
+    upcasts to float32 before aggregating). Secure aggregation sends quantised integers
+    instead; its size is ``secagg.modulus_bits``."""
+
+    float32 = "float32"
+    float16 = "float16"  # half the bytes; 11-bit mantissa, values beyond 65504 overflow
+    bfloat16 = "bfloat16"  # half the bytes; float32's range, 8-bit mantissa
+
+
 @dataclass
 class FederationConfig:
     """Rounds and aggregation run by the coordinator."""
@@ -345,6 +355,8 @@ class FederationConfig:
     server_tau: float = 1e-3
     # trimmed_mean: fraction of the site values dropped at each end, per coordinate.
     trim_fraction: float = 0.2
+    # Plain path (secagg.enabled=false): float format of each site's update on the wire.
+    transport: Transport = Transport.float32
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -526,13 +538,26 @@ class SecAggConfig:
         # stay inside (-2**(bits-1), 2**(bits-1)) or it wraps and the mean is garbage.
         worst_sum = self.max_sites * self.max_weight * (self.quantization_range // 2)
         if worst_sum >= 2 ** (self.modulus_bits - 1):
+            fits = self.largest_quantization_range()
+            advice = (
+                f"the largest quantization_range that fits is {fits} (2**{fits.bit_length() - 1}, a step of "
+                f"{2 * self.clipping_range / fits:.2g})" if fits else "no quantization_range fits"
+            )
             raise ConfigError(
                 f"secagg: max_sites * max_weight * quantization_range / 2 = {worst_sum} does not fit in "
-                f"a signed {self.modulus_bits}-bit sum (limit 2**{self.modulus_bits - 1}); lower "
-                "quantization_range, max_weight or max_sites, or use modulus_bits=64"
+                f"a signed {self.modulus_bits}-bit sum (limit 2**{self.modulus_bits - 1}); with max_sites="
+                f"{self.max_sites} and max_weight={self.max_weight}, {advice}; lower quantization_range, "
+                "max_weight or max_sites, or use modulus_bits=64"
             )
         if not self.stage_timeout_s > 0:
             raise ConfigError("secagg.stage_timeout_s must be > 0")
+
+    def largest_quantization_range(self) -> int:
+        """The largest power-of-two quantization_range whose worst-case signed sum fits in
+        ``modulus_bits`` with ``max_sites`` sites of weight ``max_weight`` (0: none does)."""
+        half = (2 ** (self.modulus_bits - 1) - 1) // (self.max_sites * self.max_weight)
+        # quantization_range / 2 may be at most ``half``: the largest power of two below it, doubled.
+        return 0 if half < 1 else 2 ** half.bit_length()
 
 
 @dataclass
@@ -625,6 +650,59 @@ class SimulationConfig:
             if named.site == site_id:
                 return SitePolicy(**{f.name: getattr(named, f.name) for f in fields(SitePolicy)})
         return self.site_policy
+
+
+class SplitMethod(str, enum.Enum):
+    """How ``split`` divides a pooled cache into simulated sites."""
+
+    iid = "iid"  # a seeded shuffle cut into near-equal parts
+    dirichlet = "dirichlet"  # label skew: per class, site shares ~ Dir(alpha) (Hsu et al. 2019)
+    by_site = "by_site"  # the natural split: each entry stays with the site it came from
+
+
+@dataclass
+class SplitConfig:
+    """Simulated sites cut from one pooled prepared cache (``split.pooled_cache``).
+
+    The pool is either one cache (``<dir>/manifest.json``, e.g. ``ctfed prepare`` on a whole
+    archive) or a folder of caches (``<dir>/<site>/manifest.json``), whose entries then carry
+    their origin site (needed by ``by_site``). Each simulated site gets a manifest view in
+    the run folder that points at the pooled volumes; nothing is copied.
+    """
+
+    # Empty: no split (synthesise hospitals, or simulation.data_dir).
+    pooled_cache: str = ""
+    method: SplitMethod = SplitMethod.iid
+    # Simulated sites for iid and dirichlet; by_site takes them from the pool (0, or their number).
+    sites: int = 4
+    # Dirichlet concentration: small -> each site sees few classes, large -> close to iid.
+    alpha: float = 0.5
+    # Manifest label column the Dirichlet split skews (entries without it form their own class).
+    label: str = "any"
+    seed: int = 0
+    # Fewest scans a site may get; a Dirichlet draw that leaves a site below it is redrawn.
+    min_scans: int = 2
+    # Dirichlet redraws before giving up with an error that says what to change.
+    max_draws: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ConfigError(f"split.alpha must be > 0, got {self.alpha}")
+        if self.min_scans < 1:
+            raise ConfigError(f"split.min_scans must be >= 1, got {self.min_scans}")
+        if self.max_draws < 1:
+            raise ConfigError(f"split.max_draws must be >= 1, got {self.max_draws}")
+        if self.method is SplitMethod.by_site:
+            if self.sites < 0:
+                raise ConfigError(f"split.sites must be >= 0 for by_site (0: one per origin site), got {self.sites}")
+        elif self.sites < 1:
+            raise ConfigError(f"split.sites must be >= 1 for split.method={self.method.value}, got {self.sites}")
+        if not self.label.strip():
+            raise ConfigError("split.label must name a manifest label column, e.g. 'any'")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pooled_cache)
 
 
 def _synthetic_finetune() -> FinetuneConfig:
@@ -733,6 +811,8 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Sites cut from one pooled cache (empty split.pooled_cache: off).
+    split: SplitConfig = field(default_factory=SplitConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # Phase 2 (federation.finetune_rounds > 0): the downstream task and its recipe. Label
@@ -758,12 +838,41 @@ class RunConfig:
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
         self._check_strategy()
+        simulated_sites = self._simulated_sites()
+        if self.secagg.enabled and simulated_sites and simulated_sites > self.secagg.max_sites:
+            raise ConfigError(
+                f"{simulated_sites} simulated sites exceed secagg.max_sites={self.secagg.max_sites}, which the "
+                "quantisation bound is sized for; raise secagg.max_sites (with modulus_bits=32, lower "
+                "quantization_range to fit)"
+            )
+        if self.federation.transport is not Transport.float32 and self.secagg.enabled:
+            raise ConfigError(
+                f"federation.transport={self.federation.transport.value} compresses the plain path's updates; with "
+                "secure aggregation the sites send quantised integers: use secagg.modulus_bits=32 to halve them "
+                "(or secagg.enabled=false)"
+            )
         self._check_finetune_rounds()
-        if not self.simulation.data_dir:
+        if self.split.enabled and self.simulation.data_dir:
+            raise ConfigError(
+                "split.pooled_cache and simulation.data_dir both name the sites' data; set one of them"
+            )
+        if self.split.enabled and self.split.method is not SplitMethod.by_site:
+            beyond = sorted({f.site for f in self.simulation.faults if f.site >= self.split.sites})
+            if beyond:
+                raise ConfigError(f"simulation.faults name sites {beyond}, but split.sites is {self.split.sites}")
+        elif not self.simulation.data_dir and not self.split.enabled:
             beyond = sorted({f.site for f in self.simulation.faults if f.site >= self.synth.sites})
             if beyond:
                 raise ConfigError(f"simulation.faults name sites {beyond}, but synth.sites is {self.synth.sites}")
 
+
+    def _simulated_sites(self) -> int:
+        """Sites ``ctfed simulate`` will run, when the config alone says (0: not known here)."""
+        if self.simulation.data_dir:
+            return 0
+        if self.split.enabled:
+            return 0 if self.split.method is SplitMethod.by_site else self.split.sites
+        return self.synth.sites
 
     def _check_finetune_rounds(self) -> None:
         if not self.federation.finetune_rounds:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, PrivacyConfig, TrainConfig, to_section
+from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, PrivacyConfig, TrainConfig, Transport, to_section
 from ctfed.common.finetune import FinetuneRoundPlan
 
 # Record keys shared by both sides; one definition so a rename cannot split them.
@@ -38,6 +38,8 @@ PHASE_KEY = "run.phase"
 MIN_SITES_KEY = "federation.min_sites"
 # Whether the coordinator aggregates this round with secure aggregation.
 SECURE_AGGREGATION_KEY = "federation.secure_aggregation"
+# Float format of a plain-path update on the wire (common.config.Transport).
+TRANSPORT_KEY = "federation.transport"
 PRETRAIN_PHASE = "pretrain"
 FINETUNE_PHASE = "finetune"  # federated progressive-freezing fine-tuning (phase 2)
 
@@ -96,10 +98,72 @@ def record_to_state(
 ) -> dict[str, torch.Tensor]:
     """Unpack and validate received weights.
 
-    With ``expected`` (the receiver's own state dict), names, shapes and dtypes must match
+    With ``expected`` (the receiver's own state dict), names and shapes must match
     exactly; every floating tensor must be finite. Raises UpdateRejected otherwise.
     """
-    state = record.to_torch_state_dict()
+    return _checked(record.to_torch_state_dict(), expected)
+
+
+# numpy, which Flower's arrays are, has no bfloat16: its 16 bits travel as int16.
+_WIRE_DTYPES = {
+    Transport.float32: torch.float32,
+    Transport.float16: torch.float16,
+    Transport.bfloat16: torch.int16,
+}
+
+
+def wire_dtype(transport: Transport) -> torch.dtype:
+    """The dtype a ``transport`` update's arrays have in the message."""
+    return _WIRE_DTYPES[transport]
+
+
+def transport_from_instructions(instructions: Mapping[str, Any]) -> Transport:
+    """The round's update format (float32 from a coordinator that does not say)."""
+    value = str(instructions.get(TRANSPORT_KEY, Transport.float32.value))
+    try:
+        return Transport(value)
+    except ValueError:
+        raise ConfigError(
+            f"unknown {TRANSPORT_KEY} '{value}' in the instructions; expected one of {[t.value for t in Transport]}"
+        ) from None
+
+
+def encode_update(delta: Mapping[str, torch.Tensor], transport: Transport) -> ArrayRecord:
+    """A site's update as sent: each tensor cast to the transport's float format."""
+    if transport is Transport.bfloat16:
+        return state_to_record({name: t.to(torch.bfloat16).view(torch.int16) for name, t in delta.items()})
+    return state_to_record({name: t.to(wire_dtype(transport)) for name, t in delta.items()})
+
+
+def decode_update(
+    record: ArrayRecord, expected: Mapping[str, torch.Tensor], transport: Transport
+) -> dict[str, torch.Tensor]:
+    """A received update, vetted and upcast to float32 for aggregation: every array must
+    have the round's wire dtype (a site that sends another format is rejected, not
+    converted), names and shapes those of ``expected``, and every value be finite."""
+    return _checked(transported_values(record, transport), expected)
+
+
+def transported_values(record: ArrayRecord, transport: Transport) -> dict[str, torch.Tensor]:
+    """The float32 values an update record of format ``transport`` carries (UpdateRejected
+    when an array has another dtype)."""
+    wire = wire_dtype(transport)
+    wire_name = str(wire).removeprefix("torch.")
+    if transport is Transport.bfloat16:
+        wire_name += " (bfloat16 bits)"
+    received = record.to_torch_state_dict()
+    for name, tensor in received.items():
+        if tensor.dtype != wire:
+            raise UpdateRejected(
+                f"'{name}' arrived as {str(tensor.dtype).removeprefix('torch.')}; federation.transport="
+                f"{transport.value} sends {wire_name}"
+            )
+    if transport is Transport.bfloat16:
+        return {name: t.view(torch.bfloat16).float() for name, t in received.items()}
+    return {name: t.float() for name, t in received.items()}
+
+
+def _checked(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     if expected is not None:
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -52,6 +52,12 @@ AXES = "C,z(inferior->superior),y(posterior->anterior),x(left->right)"
 # labels.csv key columns: a study UID for DICOM, the path under the input folder for NIfTI.
 STUDY_COLUMNS = ("StudyInstanceUID", "study_uid")
 NIFTI_FILE_COLUMN = "file"
+# A manifest *view* (simulations/split.py: one simulated site cut from a pooled cache) names
+# the folder its entries' files live in, so the volumes are referenced, never copied.
+VOLUMES_DIR_FIELD = "volumes_dir"
+# Where a run folder keeps those views, and the split's summary (results.json "data_split").
+SPLIT_DIR = "split"
+SPLIT_SUMMARY = "split.json"
 
 
 @dataclass
@@ -345,6 +351,15 @@ def _report(plan: dict[str, Any], entries: dict[str, dict[str, Any]], rejected: 
     return "\n".join(lines) + "\n"
 
 
+def volume_path(volumes_dir: Path, entry: dict[str, Any], manifest: Path) -> Path:
+    """Where an entry's volume lives: its ``file`` under ``volumes_dir``, which it may not leave
+    (a manifest must not make a site read files outside its cache or pool)."""
+    name = Path(str(entry.get("file", "")))
+    if not name.parts or name.is_absolute() or ".." in name.parts:
+        raise ValueError(f"{manifest}: entry {entry.get('key', '?')} has file '{name}'; expected a path inside the cache")
+    return volumes_dir / name
+
+
 class CachedVolumes(torch.utils.data.Dataset):
     """The prepared volumes of one site as float32 tensors (C, S, S, S)."""
 
@@ -361,10 +376,12 @@ class CachedVolumes(torch.utils.data.Dataset):
             raise ValueError(f"the cache in {self.cache_dir} holds no series (see its {REPORT})")
         self.preprocessing: dict[str, Any] = data.get("preprocessing", {})
         self.labels: list[dict[str, Any] | None] = [e.get("label") for e in self.entries]
+        volumes_dir = Path(data[VOLUMES_DIR_FIELD]) if data.get(VOLUMES_DIR_FIELD) else self.cache_dir
+        self.volume_paths = [volume_path(volumes_dir, entry, manifest) for entry in self.entries]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        array = np.load(self.cache_dir / self.entries[index]["file"], mmap_mode="r")
+        array = np.load(self.volume_paths[index], mmap_mode="r")
         return torch.from_numpy(np.asarray(array, dtype=np.float32))

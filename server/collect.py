@@ -18,7 +18,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ctfed.common.config import ROBUST_STRATEGIES, RunConfig
+from ctfed.common.config import ROBUST_STRATEGIES, RunConfig, Transport
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -30,9 +30,11 @@ from ctfed.common.exchange import (
     STATUS_REJECTED,
     STATUS_TIMEOUT,
     UpdateRejected,
+    decode_update,
     record_bytes,
     record_to_state,
     refusing_site,
+    state_to_record,
     update_norm,
 )
 from ctfed.server.aggregation import robust_combine
@@ -69,8 +71,12 @@ def vet_replies(
     expected: Mapping[str, torch.Tensor],
     max_norm: float,
     known_sites: dict[int, str] | None = None,
+    transport: Transport = Transport.float32,
 ) -> tuple[list[Message], list[SiteRoundRecord]]:
-    """Keep replies whose updates are usable; record every site's outcome either way."""
+    """Keep replies whose updates are usable; record every site's outcome either way.
+
+    An update must arrive in the round's ``transport`` format; an accepted reply's arrays
+    are replaced by their float32 form, so every combination rule downstream sees float32."""
     known_sites = {} if known_sites is None else known_sites
     accepted: list[Message] = []
     records: list[SiteRoundRecord] = []
@@ -87,7 +93,8 @@ def vet_replies(
                 records.append(SiteRoundRecord(site=site, status=STATUS_FAILED, reason=reason))
             continue
         try:
-            update = record_to_state(reply.content[ARRAYS_KEY], expected=expected)
+            sent = reply.content[ARRAYS_KEY]
+            update = decode_update(sent, expected, transport)
             norm = update_norm(update)
             if norm > max_norm:
                 raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
@@ -95,11 +102,12 @@ def vet_replies(
             logger.warning("rejected the update of site %s: %s", site, err)
             records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
             continue
+        reply.content[ARRAYS_KEY] = state_to_record(update)
         accepted.append(reply)
         records.append(
             site_record(
                 site, STATUS_AGGREGATED, reply.content.metric_records.get(METRICS_KEY, {}),
-                bytes_received=record_bytes(reply.content[ARRAYS_KEY]),
+                bytes_received=record_bytes(sent),
             )
         )
     records.sort(key=lambda record: record.site)
@@ -159,7 +167,7 @@ def collect_round(
     if central is not None:
         max_update_norm = central.max_update_norm(max_update_norm)
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-    accepted, site_records = vet_replies(replies, like, max_update_norm, known_sites)
+    accepted, site_records = vet_replies(replies, like, max_update_norm, known_sites, cfg.federation.transport)
     sent_by_site = {known_sites[node]: size for node, size in sent.items() if node in known_sites}
     for record in site_records:
         record.bytes_sent = sent_by_site.get(record.site, 0)

@@ -38,6 +38,7 @@ from ctfed.common.exchange import (
     MIN_SITES_KEY,
     PHASE_KEY,
     SECURE_AGGREGATION_KEY,
+    TRANSPORT_KEY,
     configs_to_record,
     finetune_to_record,
     record_bytes,
@@ -130,6 +131,7 @@ def _instructions(cfg: RunConfig, plan: FinetuneRoundPlan, local_steps: int) -> 
             PHASE_KEY: FINETUNE_PHASE,
             MIN_SITES_KEY: cfg.federation.min_sites,
             SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
+            TRANSPORT_KEY: cfg.federation.transport.value,
             **finetune_to_record(cfg.finetune, plan, local_steps),
         },
     )

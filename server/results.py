@@ -23,6 +23,7 @@ from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
 from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
 from ctfed.common.fileio import write_json_atomic
+from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY
 from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
 
 RESULTS_NAME = "results.json"
@@ -145,6 +146,9 @@ class RunRecorder:
         # Strategy state to continue from (set by ``resume``; FedAdam's moments).
         self.strategy_state: dict[str, torch.Tensor] = {}
         self._tensorboard: TensorBoardLog | None = None  # opened with the first new round
+        # A simulation on sites cut from a pooled cache: how they were cut (simulations/split.py).
+        split_summary = run_dir / SPLIT_DIR / SPLIT_SUMMARY
+        self.data_split: dict[str, Any] | None = json.loads(split_summary.read_text()) if split_summary.is_file() else None
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -262,6 +266,7 @@ class RunRecorder:
             "secure_aggregation": self.cfg.secagg.enabled,
             "rounds": [asdict(r) for r in self.rounds],
             **({} if self.central_privacy_ledger is None else {"central_privacy_ledger": self.central_privacy_ledger}),
+            **({} if self.data_split is None else {"data_split": self.data_split}),
         }
 
     def _write(self) -> None:

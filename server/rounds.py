@@ -25,6 +25,7 @@ from ctfed.common.exchange import (
     PHASE_KEY,
     PRETRAIN_PHASE,
     SECURE_AGGREGATION_KEY,
+    TRANSPORT_KEY,
     configs_to_record,
     record_bytes,
     state_to_record,
@@ -93,6 +94,7 @@ def run_pretraining(
                 PHASE_KEY: PRETRAIN_PHASE,
                 MIN_SITES_KEY: cfg.federation.min_sites,
                 SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
+                TRANSPORT_KEY: cfg.federation.transport.value,
             },
         )
         arrays = state_to_record(global_state)

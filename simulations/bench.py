@@ -7,6 +7,8 @@
   and making crops (goal: < 10% at the default model size).
 * Secure aggregation: SecAgg+ round time / plain round time for 5 sites at ~10M and ~86M
   parameters (simulations/secagg_bench.py), alone and with a local training round added.
+* Transport: fp32 against float16/bfloat16 updates and SecAgg+ at 64 vs 32 bits, bytes per
+  round per phase and the effect on the aggregate and the loss (simulations/transport_bench.py).
 * Federation: round overhead over local training, bytes per round in each phase, peak
   memory of a site process, round time against the number of sites
   (simulations/federation_bench.py, real simulated federations).
@@ -35,6 +37,7 @@ from ctfed.common.preprocess import CachedVolumes, prepare
 from ctfed.simulations.federation_bench import bench_federation, print_federation
 from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
 from ctfed.simulations.synth import PROFILES, write_scan
+from ctfed.simulations.transport_bench import print_transport, run_transport_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,8 +153,10 @@ def run(args: argparse.Namespace) -> int:
             Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
             local_steps=2 if quick else 8,
         )
+    transport = run_transport_bench(quick)
     results = {
         "mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg, "federation": federation,
+        "transport": transport,
     }
     write_json_atomic(args.out, results)
 
@@ -173,5 +178,6 @@ def run(args: argparse.Namespace) -> int:
               f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
     print(f"  ({secagg['training_note']})")
     print_federation(federation)
+    print_transport(transport)
     print(f"results: {args.out}")
     return 0

@@ -20,8 +20,15 @@ from flwr.clientapp import ClientApp
 from ctfed.client.app import train as site_train
 from ctfed.client.secagg import register_secagg
 from ctfed.client.site import PARTITION_ID_KEY
-from ctfed.common.config import FaultConfig, FaultKind, read_run_config
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, state_to_record
+from ctfed.common.config import FaultConfig, FaultKind, Transport, read_run_config
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    SECURE_AGGREGATION_KEY,
+    encode_update,
+    transport_from_instructions,
+    transported_values,
+)
 from ctfed.server.app import RUN_CONFIG_FILE_KEY
 
 logger = logging.getLogger(__name__)
@@ -45,15 +52,16 @@ def active_fault(faults: list[FaultConfig], site: int, server_round: int) -> Fau
     return None
 
 
-def _corrupt_update(reply: Message, kind: FaultKind) -> None:
-    state = reply.content[ARRAYS_KEY].to_torch_state_dict()
+def _corrupt_update(reply: Message, kind: FaultKind, transport: Transport = Transport.float32) -> None:
+    # Corrupt the values, then send them in the round's format as the real site would.
+    state = transported_values(reply.content[ARRAYS_KEY], transport)
     if kind is FaultKind.nan_update:
         first = next(name for name, t in state.items() if t.is_floating_point())
         state[first] = state[first].clone()
         state[first].view(-1)[0] = float("nan")
     else:
         state = {name: t * HUGE_FACTOR if t.is_floating_point() else t for name, t in state.items()}
-    reply.content[ARRAYS_KEY] = state_to_record(state)
+    reply.content[ARRAYS_KEY] = encode_update(state, transport)
 
 
 @app.train()
@@ -71,7 +79,8 @@ def train(msg: Message, context: Context) -> Message:
         return site_train(msg, context)
     reply = site_train(msg, context)
     with torch.no_grad():
-        _corrupt_update(reply, fault.kind)
+        secure = bool(msg.content[CONFIG_KEY].get(SECURE_AGGREGATION_KEY, False))
+        _corrupt_update(reply, fault.kind, Transport.float32 if secure else transport_from_instructions(msg.content[CONFIG_KEY]))
     return reply
 
 

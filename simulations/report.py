@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from ctfed.common.config import ConfigError, to_run_config
 from ctfed.common.model import SSLModel, count_parameters
 from ctfed.server.results import CHECKPOINT_DIR, RESULTS_NAME, RoundRecord, SiteRoundRecord
+from ctfed.simulations.split import split_markdown
 
 REPORT_NAME = "report.md"
 PLOTS_DIR = "plots"
@@ -56,6 +57,8 @@ class RunResults:
     rounds: list[RoundRecord]
     # Rounds after which the run was resumed (results.json "resumes"; empty if never stopped).
     resumed_after: tuple[int, ...] = ()
+    # Sites cut from a pooled cache: the split's summary (results.json "data_split").
+    data_split: dict[str, Any] | None = None
 
     @property
     def sites(self) -> list[str]:
@@ -134,6 +137,7 @@ def _parse_results(raw: Any) -> RunResults:
             _expect(_expect(entry, dict, "resumes[]")["after_round"], int, "resumes[].after_round")
             for entry in _expect(raw.get("resumes", []), list, "resumes")
         ),
+        data_split=_expect(raw["data_split"], dict, "data_split") if raw.get("data_split") is not None else None,
     )
 
 
@@ -470,6 +474,8 @@ def _problem_lines(results: RunResults) -> list[str]:
 def render_markdown(run_dir: Path, results: RunResults, config: dict[str, Any], plots: list[tuple[str, Path]]) -> str:
     """The report text; plot links are relative so the run folder can be moved or shared."""
     lines = _summary_lines(run_dir, results, config)
+    if results.data_split is not None:
+        lines += split_markdown(results.data_split)
     lines += ["## Plots", ""]
     lines += [f"![{caption}]({path.relative_to(run_dir).as_posix()})\n" for caption, path in plots]
     lines += ["## Rounds", ""]

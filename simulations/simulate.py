@@ -1,7 +1,8 @@
 """``ctfed simulate``: a whole federation on one machine.
 
 Steps: resolve the Hydra config -> make the run folder -> synthesise and prepare site
-caches (unless ``simulation.data_dir`` points at prepared ones) -> run the same
+caches (unless ``simulation.data_dir`` points at prepared ones, or ``split.pooled_cache``
+at one pooled cache to cut into sites, simulations/split.py) -> run the same
 ServerApp/ClientApp a deployment runs, in Flower's simulation engine -> summarise.
 """
 
@@ -17,13 +18,14 @@ from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
 from ctfed.client.site import DATA_DIR_KEY, SITES_DIR, site_cache_dirs
 from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config, save_run_config, to_run_config
 from ctfed.common.fileio import write_json_atomic
-from ctfed.common.preprocess import prepare
+from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
 from ctfed.server.results import RESULTS_NAME
 from ctfed.simulations.engine import SimulationError, run_app
 from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
 from ctfed.simulations.report import console_table, load_results, render_report
+from ctfed.simulations.split import SPLIT_REPORT, split_pool
 from ctfed.simulations.synth import synthesize_federation
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,18 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     return cache_root
 
 
+def split_and_report(cfg: RunConfig, run_dir: Path) -> Path:
+    """Cut the pooled cache into the simulated sites' manifest views (simulations/split.py)."""
+    print(f"[1/3] splitting the pooled cache {cfg.split.pooled_cache} ({cfg.split.method.value}) into sites")
+    data_dir = split_pool(cfg.split, run_dir)
+    summary = json.loads((data_dir / SPLIT_SUMMARY).read_text())
+    for site in summary["sites"]:
+        mix = ", ".join(f"{cfg.split.label}={label}: {n}" for label, n in site["labels"].items())
+        print(f"      {site['site']}: {site['scans']} scans ({mix})")
+    print(f"[2/3] (nothing to prepare; label skew {summary['label_skew']:.3f}, see {data_dir / SPLIT_REPORT})")
+    return data_dir
+
+
 def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     """The stopped run's own config, with ``key=value`` overrides (e.g. more rounds) on top."""
     from omegaconf import OmegaConf
@@ -99,7 +113,11 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
 
 def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
-    data_dir = Path(cfg.simulation.data_dir).resolve() if cfg.simulation.data_dir else run_dir / "cache"
+    if cfg.simulation.data_dir:
+        data_dir = Path(cfg.simulation.data_dir).resolve()
+    else:
+        # A resumed split run keeps the sites it was cut into: the views are not redrawn.
+        data_dir = run_dir / (SPLIT_DIR if cfg.split.enabled else "cache")
     site_cache_dirs(data_dir)  # raises a clear error if the caches are gone
     return data_dir
 
@@ -197,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             data_dir = Path(cfg.simulation.data_dir).resolve()
             print(f"[1/3] using prepared site caches under {data_dir}")
             print("[2/3] (nothing to prepare)")
+        elif cfg.split.enabled:
+            data_dir = split_and_report(cfg, run_dir)
         else:
             data_dir = synthesize_and_prepare(cfg, run_dir)
     code = run_federation_simulation(cfg, run_dir, config_path, data_dir, resume)

@@ -33,3 +33,11 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert all(r["peak_rss_mb"] > 50 for r in federation["rounds"])
     assert [s["sites"] for s in federation["scaling"]] == [2, 4]
     assert all(s["round_s"] > 0 for s in federation["scaling"])
+    transport = {row["variant"]: row for row in results["transport"]["variants"]}
+    assert list(transport) == ["float32", "float16", "secagg-32bit"]
+    fp32, fp16 = transport["float32"]["bytes_from_site"], transport["float16"]["bytes_from_site"]
+    assert set(fp32) == {"pretrain", "finetune-probe"}
+    assert 0.45 < fp16["pretrain"] / fp32["pretrain"] < 0.55  # measured from the received messages
+    assert 0 < transport["float16"]["relative_error_vs_float32"] < 1e-2
+    assert 0 < transport["secagg-32bit"]["relative_error_vs_float32"] < 1e-2
+    assert all(row["aggregated_rounds"] == row["rounds"] == 3 for row in transport.values())
