@@ -52,7 +52,7 @@ from ctfed.client.ledger import local_sample_rate
 from ctfed.common.config import LocalDPConfig, ModelConfig, TrainConfig
 from ctfed.common.masking import sample_masks
 from ctfed.common.model import SSLModel, build_teacher
-from ctfed.common.ssl import DINOLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+from ctfed.common.ssl import DINOLoss, KoLeoLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
 
 if TYPE_CHECKING:
     from ctfed.client.dp_sgd import VolumeDPSGD
@@ -79,6 +79,7 @@ class RoundResult:
     seconds: float
     dino_losses: list[float] = field(default_factory=list)  # per local step, unweighted
     mim_losses: list[float] = field(default_factory=list)  # per local step, unweighted; empty if MIM is off
+    koleo_losses: list[float] = field(default_factory=list)  # per local step, unweighted; empty if KoLeo is off
     # Time spent reading volumes and making crops: the data loader's share of the round.
     data_seconds: float = 0.0
     # DP-SGD only: optimizer steps taken (each one accounted, empty batches included).
@@ -115,6 +116,7 @@ class LocalTrainer:
         self.teacher = build_teacher(self.student).eval()
         self.student.train()
         self._teacher_synced = False
+        self._warned_koleo = False
         self._proximal_reference: dict[str, torch.Tensor] | None = None  # FedProx: the global weights
 
         self.multicrop = MultiCrop3D(
@@ -142,8 +144,14 @@ class LocalTrainer:
             weight_decay=train_cfg.weight_decay,
         )
 
+        self.koleo_loss = KoLeoLoss()
         self.dp: VolumeDPSGD | None = None
         if dp is not None:
+            if train_cfg.koleo_weight > 0:
+                raise ValueError(
+                    "train.koleo_weight > 0 cannot run under local DP-SGD: KoLeo couples the volumes of a batch, "
+                    "so no per-volume gradient exists to clip; set train.koleo_weight=0"
+                )
             # Imported here: Opacus costs seconds at import, paid only by DP-SGD rounds.
             from ctfed.client.dp_sgd import VolumeDPSGD
 
@@ -260,6 +268,7 @@ class LocalTrainer:
         losses: list[float] = []
         dino_losses: list[float] = []
         mim_losses: list[float] = []
+        koleo_losses: list[float] = []
         num_examples = 0
         data_seconds = 0.0
         for local_step in range(cfg.local_steps):
@@ -270,7 +279,7 @@ class LocalTrainer:
             student_in, teacher_in = self._views(volumes)
             data_seconds += time.perf_counter() - data_started
 
-            loss, dino, mim, _ = self._ssl_loss(student_in, teacher_in, mask_generator)
+            loss, dino, mim, koleo, _ = self._ssl_loss(student_in, teacher_in, mask_generator)
             if cfg.proximal_mu > 0:
                 loss = loss + self._proximal_term()
             self._check_finite(loss, dino, mim, round_index, local_step, step)
@@ -289,6 +298,8 @@ class LocalTrainer:
             dino_losses.append(dino.item())
             if mim is not None:
                 mim_losses.append(mim.item())
+            if koleo is not None:
+                koleo_losses.append(koleo.item())
             num_examples += volumes.shape[0]
 
         seconds = time.perf_counter() - started
@@ -303,6 +314,7 @@ class LocalTrainer:
             seconds=seconds,
             dino_losses=dino_losses,
             mim_losses=mim_losses,
+            koleo_losses=koleo_losses,
             data_seconds=data_seconds,
         )
 
@@ -335,7 +347,7 @@ class LocalTrainer:
                 batch = volumes.shape[0]
                 crop_rows = torch.arange(student_in.shape[0]) % batch
                 row_maps = [crop_rows]
-                loss, dino, mim, patch_rows = self._ssl_loss(student_in, teacher_in, mask_generator, with_rows=True)
+                loss, dino, mim, _, patch_rows = self._ssl_loss(student_in, teacher_in, mask_generator, with_rows=True)
                 if patch_rows is not None:
                     row_maps.append(torch.cat([crop_rows, patch_rows % batch]))
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
@@ -390,28 +402,46 @@ class LocalTrainer:
 
     def _ssl_loss(
         self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(weighted loss, DINO loss, iBOT loss or None, patch rows or None) of one batch.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(weighted loss, DINO loss, iBOT loss or None, KoLeo or None, patch rows or None) of one batch.
 
         ``with_rows`` (DP-SGD) also returns which student row each masked patch token came
         from, so per-row gradients can be folded back to their volume.
         """
         cfg = self.train_cfg
+        global_rows = teacher_in.shape[0]
         if self.mim_enabled:
-            if with_rows:
-                dino, mim, patch_rows = self._dino_and_mim(student_in, teacher_in, generator, with_rows=True)
-            else:
-                (dino, mim), patch_rows = self._dino_and_mim(student_in, teacher_in, generator), None
-            return cfg.dino_weight * dino + cfg.mim_weight * mim, dino, mim, patch_rows
-        with torch.no_grad():
-            teacher_out = self.teacher(teacher_in)
-        dino = self.loss_fn(self.student(student_in), teacher_out)
-        return cfg.dino_weight * dino, dino, None, None
+            dino, mim, student_cls, patch_rows = self._dino_and_mim(student_in, teacher_in, generator)
+            loss = cfg.dino_weight * dino + cfg.mim_weight * mim
+        else:
+            with torch.no_grad():
+                teacher_out = self.teacher(teacher_in)
+            student_cls = self.student.encoder.cls_features(student_in)
+            dino, mim, patch_rows = self.loss_fn(self.student.head(student_cls), teacher_out), None, None
+            loss = cfg.dino_weight * dino
+        koleo = None
+        if cfg.koleo_weight > 0:
+            koleo = self._koleo(student_cls[:global_rows])
+            loss = loss + cfg.koleo_weight * koleo
+        return loss, dino, mim, koleo, patch_rows if with_rows else None
+
+    def _koleo(self, global_cls: torch.Tensor) -> torch.Tensor:
+        """KoLeo of the student's global-crop CLS embeddings, within each crop (DINOv2)."""
+        per_crop = global_cls.chunk(2)
+        if per_crop[0].shape[0] < 2:
+            # A site smaller than one batch: no neighbour to push away from.
+            if not self._warned_koleo:
+                logger.warning("KoLeo term skipped: a batch of %d volume(s) has no neighbours", per_crop[0].shape[0])
+                self._warned_koleo = True
+            return global_cls.sum() * 0.0
+        return torch.stack([self.koleo_loss(crop) for crop in per_crop]).sum()
 
     def _dino_and_mim(
-        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        """DINO on CLS and iBOT on masked patch tokens; only the student's global crops are masked."""
+        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(DINO loss, iBOT loss, student CLS embeddings, patch rows): DINO on CLS, iBOT on
+        masked patch tokens; only the student's global crops are masked. ``patch_rows`` says
+        which student row each masked patch token came from (``select.nonzero()`` order)."""
         cfg = self.train_cfg
         grid = self.model_cfg.tokens_per_side
         global_masks = sample_masks(
@@ -421,13 +451,12 @@ class LocalTrainer:
         student_mask = torch.cat([global_masks, global_masks.new_zeros(local_rows, grid**3)])
         with torch.no_grad():
             teacher_cls, teacher_patches = self.teacher.forward_with_patches(teacher_in, None, global_masks)
-        student_cls, student_patches = self.student.forward_with_patches(student_in, student_mask, global_masks)
+        student_cls, student_patches, student_embeddings = self.student.forward_with_patches(
+            student_in, student_mask, global_masks, return_cls_embeddings=True
+        )
         dino = self.loss_fn(student_cls, teacher_cls)
         mim = self.ibot_loss(student_patches, teacher_patches, global_masks)
-        if with_rows:
-            # Which student row each selected patch token came from (select.nonzero() order).
-            return dino, mim, global_masks.nonzero()[:, 0].cpu()
-        return dino, mim
+        return dino, mim, student_embeddings, global_masks.nonzero()[:, 0].cpu()
 
     def _apply_schedules(self, step: int) -> None:
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)

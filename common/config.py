@@ -186,6 +186,10 @@ class TrainConfig:
     # FedProx: mu/2 * ||w - w_global||^2 on the student encoder keeps a site near the
     # global model when site data differ (0: off; federation.strategy=fedprox needs > 0).
     proximal_mu: float = 0.0
+    # DINOv2's KoLeo spreading term on the student's global-crop CLS embeddings (per crop,
+    # within the batch): total += koleo_weight * KoLeo. 0: off. It needs batch_size >= 2 and
+    # couples the volumes of a batch, so local DP-SGD (per-volume gradients) refuses it.
+    koleo_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:
@@ -236,6 +240,10 @@ class TrainConfig:
             raise ConfigError("train.freeze_last_layer_steps and train.teacher_temp_warmup_steps must be >= 0")
         if self.teacher_temp_warmup <= 0:
             raise ConfigError("train.teacher_temp_warmup must be > 0")
+        if self.koleo_weight < 0:
+            raise ConfigError(f"train.koleo_weight must be >= 0, got {self.koleo_weight}")
+        if self.koleo_weight > 0 and self.batch_size < 2:
+            raise ConfigError("train.koleo_weight > 0 needs train.batch_size >= 2 (a nearest neighbour in the batch)")
 
 
 # How much of the pretrained encoder a downstream fine-tune may change:
@@ -901,6 +909,12 @@ class RunConfig:
             raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0 (e.g. 0.01)")
         if self.train.proximal_mu > 0 and self.privacy.mode is PrivacyMode.local:
             raise ConfigError("train.proximal_mu is not available with local DP-SGD (per-volume clipping)")
+        if self.train.koleo_weight > 0 and self.privacy.mode is PrivacyMode.local:
+            raise ConfigError(
+                "train.koleo_weight > 0 is not available with local DP-SGD: KoLeo couples the volumes of a batch "
+                "(each is pushed from its nearest neighbour), so there is no per-volume gradient to clip; "
+                "set train.koleo_weight=0 with privacy.mode=local"
+            )
 
 
 def register_configs() -> None:

@@ -217,15 +217,16 @@ class SSLModel(nn.Module):
         return self.head(self.encoder.cls_features(x, mask))
 
     def forward_with_patches(
-        self, x: torch.Tensor, mask: torch.Tensor | None, select: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, mask: torch.Tensor | None, select: torch.Tensor, return_cls_embeddings: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """CLS logits (B, K) and head logits (M, K) of the patch tokens ``select`` picks.
 
         ``select`` (B', N) bool addresses the first B' samples (the global crops) and its
         M True entries come out in ``select.nonzero()`` order. The head is shared by CLS and
         patch tokens (iBOT's and DINOv2's default) and runs once on both, only on the
         selected tokens: the full patch grid through a 65,536-prototype head would dominate
-        the cost. Returns a tuple, so DP-SGD (Opacus) should wrap ``forward`` instead.
+        the cost. ``return_cls_embeddings`` adds the CLS embeddings (B, hidden) the head saw
+        (for KoLeo). Returns a tuple, so DP-SGD (Opacus) should wrap ``forward`` instead.
         """
         if select.dtype != torch.bool or select.ndim != 2 or select.shape[0] > x.shape[0]:
             raise ValueError(
@@ -234,6 +235,8 @@ class SSLModel(nn.Module):
         tokens = self.encoder(x, mask)
         patches = tokens[: select.shape[0], 1:][select]
         logits = self.head(torch.cat([tokens[:, 0], patches]))
+        if return_cls_embeddings:
+            return logits[: x.shape[0]], logits[x.shape[0] :], tokens[:, 0]
         return logits[: x.shape[0]], logits[x.shape[0] :]
 
 

@@ -130,6 +130,36 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimator as a spreading term (Sablayrolles et al. 2019,
+    used by DINOv2 on the student's CLS tokens, ``dinov2/loss/koleo_loss.py``).
+
+    ``-mean_i log(min_{j != i} ||x_i - x_j||)`` over L2-normalised rows: minimising it pushes
+    every embedding away from its nearest neighbour in the batch. DINO alone cannot do that
+    when the encoder already maps every scan to nearly one point (a fresh tiny ViT does), so
+    the teacher's target carries no information about the input.
+
+    It couples the rows of a batch (a row's gradient depends on its neighbour), so it has no
+    per-sample gradient and cannot run under per-volume DP-SGD.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError(f"KoLeoLoss needs (B >= 2, D) features, got shape {tuple(features.shape)}")
+        x = F.normalize(features.float(), dim=-1, eps=self.eps)
+        with torch.no_grad():
+            # On the unit sphere the nearest neighbour has the largest dot product.
+            dots = x @ x.T
+            dots.fill_diagonal_(-2.0)
+            nearest = dots.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nearest], eps=self.eps)
+        return -torch.log(distances + self.eps).mean()
+
+
 @torch.no_grad()
 def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctfed.common.ssl import DINOLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+from ctfed.common.ssl import DINOLoss, KoLeoLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
 
 
 def test_dino_loss_identical_views_equals_teacher_entropy() -> None:
@@ -172,3 +172,35 @@ def test_ibot_loss_rejects_mismatched_rows() -> None:
         loss_fn(torch.randn(2, 3), torch.randn(2, 3), mask)
     with pytest.raises(ValueError, match="bool"):
         loss_fn(torch.randn(1, 3), torch.randn(1, 3), mask.float())
+
+
+def test_koleo_known_value_on_crafted_points() -> None:
+    # Rows are normalised first (the scale must not matter). On the unit circle at 0, 90 and
+    # 180 degrees: a and c each have b at distance sqrt(2) as nearest neighbour, b has both
+    # at sqrt(2); so the loss is -log(sqrt(2)) whatever the third point's tie-break.
+    points = torch.tensor([[3.0, 0.0], [0.0, 0.5], [-2.0, 0.0]])
+    assert KoLeoLoss()(points).item() == pytest.approx(-math.log(math.sqrt(2.0)), rel=1e-6)
+    # Two close points and one far: the close pair dominates with -log(their distance).
+    angle = 0.1
+    points = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)], [-1.0, 0.0]])
+    close = 2 * math.sin(angle / 2)
+    far = 2 * math.sin((math.pi - angle) / 2)
+    expected = -(2 * math.log(close) + math.log(far)) / 3
+    assert KoLeoLoss()(points).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_gradient_pushes_nearest_neighbours_apart() -> None:
+    torch.manual_seed(0)
+    points = torch.randn(6, 8)
+    points[1] = points[0] + 0.01 * torch.randn(8)  # a near-duplicate pair
+    x = points.clone().requires_grad_(True)
+    KoLeoLoss()(x).backward()
+    stepped = torch.nn.functional.normalize(x.detach() - 0.5 * x.grad, dim=-1)
+    before = torch.nn.functional.normalize(points, dim=-1)
+    assert torch.dist(stepped[0], stepped[1]) > torch.dist(before[0], before[1])
+    assert KoLeoLoss()(x.detach() - 0.5 * x.grad) < KoLeoLoss()(points)
+
+
+def test_koleo_needs_two_rows() -> None:
+    with pytest.raises(ValueError, match="B >= 2"):
+        KoLeoLoss()(torch.randn(1, 4))

@@ -229,3 +229,28 @@ def test_cache_larger_than_model_input_trains() -> None:
     trainer = LocalTrainer(MODEL, cfg, Volumes(count=2, size=48), seed=0)
     result = trainer.train_round(0)
     assert all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.parametrize("mim_weight", [0.0, 1.0])
+def test_koleo_adds_its_weighted_term_to_the_loss(mim_weight: float) -> None:
+    plain = _trainer(mim_weight=mim_weight).train_round(0)
+    assert plain.koleo_losses == []
+    result = _trainer(mim_weight=mim_weight, koleo_weight=0.1, batch_size=3).train_round(0)
+    assert len(result.koleo_losses) == 2 and all(math.isfinite(k) for k in result.koleo_losses)
+    mims = result.mim_losses or [0.0] * 2
+    expected = [d + mim_weight * m + 0.1 * k for d, m, k in zip(result.dino_losses, mims, result.koleo_losses)]
+    assert result.losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_is_refused_with_batch_of_one_and_under_local_dp() -> None:
+    from ctfed.common.config import LocalDPConfig, load_run_config
+
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        TrainConfig(koleo_weight=0.1, batch_size=1)
+    with pytest.raises(ConfigError, match="koleo_weight must be >= 0"):
+        TrainConfig(koleo_weight=-1.0)
+    with pytest.raises(ConfigError, match="koleo_weight > 0 is not available with local DP-SGD"):
+        load_run_config(["train.koleo_weight=0.1", "privacy.mode=local"])
+    cfg = TrainConfig(local_steps=1, koleo_weight=0.1)
+    with pytest.raises(ValueError, match="no per-volume gradient"):
+        LocalTrainer(MODEL, cfg, Volumes(), dp=LocalDPConfig())
