@@ -127,16 +127,16 @@ class SeriesTieBreak(str, enum.Enum):
 
 
 # Head-CT reconstruction kernels and descriptions worth training on, best first: brain /
-# soft-tissue kernels (Siemens H20-H45, Hr/Jr/Qr 2x-4x, GE STANDARD/SOFT, Canon FC1x-FC2x,
+# soft-tissue kernels (Siemens H/J/Q 2x-4x with or without r, GE STANDARD/SOFT, Canon FC1x-FC2x,
 # Philips UA-UC). Case-insensitive regular expressions, matched with re.search.
 def _preferred_series_patterns() -> list[str]:
-    return [r"brain", r"soft", r"\b(?:H[2-4]\d|[HJQ]r[2-4]\d)", r"standard|\bstd\b", r"\bFC[12]\d", r"\bU[ABC]\b", r"head"]
+    return [r"brain", r"soft", r"\b[HJQ]r?[2-4]\d", r"standard|\bstd\b", r"\bFC[12]\d", r"\bU[ABC]\b", r"head"]
 
 
 # Kernels and descriptions for bone and lung (sharp, noisy, wrong texture for brain windows)
 # and derived reformats; a series matching one is taken only if its study has nothing else.
 def _excluded_series_patterns() -> list[str]:
-    return [r"bone", r"lung", r"sharp", r"edge", r"\b(?:H[6-9]\d|[HJQBY]r[6-9]\d)", r"\bFC[3-8]\d", r"\bY[A-D]\b",
+    return [r"bone", r"lung", r"sharp", r"edge", r"\b[BHJQ]r?[6-9]\d", r"\bFC[3-8]\d", r"\bY[A-D]\b",
             r"\bmip\b", r"\bmpr\b", r"\bcor(?:onal)?\b", r"\bsag(?:ittal)?\b"]
 
 
