@@ -89,7 +89,7 @@ def content_hash(files: list[Path]) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def _import_transforms() -> None:
+def import_transforms() -> None:
     """Import MONAI's transforms (seconds): lazily, and once before forking workers."""
     import monai.data  # noqa: F401
     import monai.transforms  # noqa: F401
@@ -210,6 +210,17 @@ def _process(job: _Job) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _worker_init() -> None:
     # Workers split the cores between them; more torch threads each only oversubscribe them.
     # With forked workers this is also what keeps torch out of OpenMP regions the parent's
@@ -226,15 +237,19 @@ def _job_runner(workers: int, first_round: int) -> Iterator[_Runner]:
 
     Workers are forked on Linux: a spawned worker first re-imports torch and MONAI, seconds
     per worker, which made 2 workers slower than 1 on small sites. Fewer jobs than workers
-    get fewer workers, and one job needs no pool at all.
+    get fewer workers, and one job needs no pool at all. Each worker, and the caller when
+    there is no pool, runs torch on one thread: ``workers`` is the number of cores prepare
+    uses. The tensors of one series are too small to gain from more threads, and on a busy
+    machine the extra threads only contend (a 2-core machine under load: 3x slower).
     """
     processes = min(workers, first_round)
     if processes <= 1:
-        yield lambda jobs: ((job, tag, _process(job)) for job, tag in jobs)
+        with _torch_threads(1):
+            yield lambda jobs: ((job, tag, _process(job)) for job, tag in jobs)
         return
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     if method == "fork":
-        _import_transforms()  # inherited by every worker instead of imported by each
+        import_transforms()  # inherited by every worker instead of imported by each
     context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_worker_init) as pool:
         def run(jobs: list[tuple[_Job, Any]]) -> Iterator[tuple[_Job, Any, dict[str, Any]]]:
