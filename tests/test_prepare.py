@@ -168,6 +168,8 @@ def test_cli_synth_and_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert all(label is not None for label in CachedVolumes(cache).labels)  # <input>/labels.csv by default
     assert main(args) == 0
     assert "unchanged (cached) 2" in capsys.readouterr().out
+    assert main(args + ["--slice-gap-tolerance", "1.5"]) == 2
+    assert "would accept missing slices" in capsys.readouterr().err
     assert main(["prepare", "--input", str(tmp_path / "nope"), "--output", str(cache)]) != 0
     assert "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"
