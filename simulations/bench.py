@@ -38,10 +38,15 @@ from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
 from ctfed.simulations.synth import PROFILES, write_scan
 
 
+PARTS = ("ingest", "loader", "secagg", "federation")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small series and the tiny model (about a minute)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (secagg needs loader's step time and runs it too)")
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -143,32 +148,36 @@ def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...]) -> dict[str, An
 
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
+    parts = set(args.only) | ({"loader"} if "secagg" in args.only else set())
+    results: dict[str, Any] = {"mode": "quick" if quick else "full"}
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-") as tmp:
         work = Path(tmp)
-        print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader ...", flush=True)
-        ingest = bench_ingest(
-            work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
-        )
-        model = "tiny" if quick else "vit_b"
-        print(f"loader share of a training step ({model}) ...", flush=True)
-        loader = bench_loader_share(work, model, steps=3 if quick else 2)
-    print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
-    secagg = bench_secagg(loader, sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
-    print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
-        federation = bench_federation(
-            Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
-            local_steps=2 if quick else 8,
-        )
-    results = {
-        "mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg, "federation": federation,
-    }
+        if "ingest" in parts:
+            print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader, prepare with 1 and 2 workers ...", flush=True)
+            results["ingest"] = bench_ingest(
+                work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
+            )
+        if "loader" in parts:
+            model = "tiny" if quick else "vit_b"
+            print(f"loader share of a training step ({model}) ...", flush=True)
+            results["loader"] = bench_loader_share(work, model, steps=3 if quick else 2)
+    if "secagg" in parts:
+        print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
+        results["secagg"] = bench_secagg(results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
+    if "federation" in parts:
+        print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
+            results["federation"] = bench_federation(
+                Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
+                local_steps=2 if quick else 8,
+            )
     write_json_atomic(args.out, results)
 
     print()
-    if "skipped" in ingest:
+    ingest = results.get("ingest")
+    if ingest is not None and "skipped" in ingest:
         print(f"ingest: skipped ({ingest['skipped']})")
-    else:
+    elif ingest is not None:
         z, y, x = ingest["series_shape_zyx"]
         print(f"ingest of a {z}x{y}x{x} series: ctfed {ingest['ctfed_load_series_s']:.3f} s, "
               f"SimpleITK {ingest['simpleitk_s']:.3f} s -> ratio {ingest['ratio_simpleitk_over_ctfed']:.2f} (goal >= 1.0)")
@@ -176,14 +185,20 @@ def run(args: argparse.Namespace) -> int:
               f"{ingest['series_per_s_2_workers']:.2f} with 2 -> ratio 2/1 workers "
               f"{ingest['prepare_speedup_2_over_1_workers']:.2f} ({ingest['cpus']} CPUs, load average "
               f"{ingest['load_average_1min']:g} during the run)")
-    print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
-          f"-> share {loader['loader_share']:.1%} (goal < 10%)")
-    for entry in secagg["sizes"]:
-        print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
-              f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
-              f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
-              f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
-    print(f"  ({secagg['training_note']})")
-    print_federation(federation)
+    if "loader" in results:
+        loader = results["loader"]
+        print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
+              f"-> share {loader['loader_share']:.1%} (goal < 10%)")
+    if "secagg" in results:
+        secagg = results["secagg"]
+        for entry in secagg["sizes"]:
+            print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
+                  f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
+                  f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
+                  f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| "
+                  f"{entry['max_abs_diff_secure_vs_plain']:.1e}")
+        print(f"  ({secagg['training_note']})")
+    if "federation" in results:
+        print_federation(results["federation"])
     print(f"results: {args.out}")
     return 0

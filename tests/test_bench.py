@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from ctfed.common.cli import main
 
 
@@ -33,3 +35,14 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert all(r["peak_rss_mb"] > 50 for r in federation["rounds"])
     assert [s["sites"] for s in federation["scaling"]] == [2, 4]
     assert all(s["round_s"] > 0 for s in federation["scaling"])
+
+
+def test_bench_only_ingest_prints_the_worker_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--only", "ingest", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"mode", "ingest"}
+    assert results["ingest"]["series"] == 8 and results["ingest"]["cpus"] >= 1
+    printed = capsys.readouterr().out
+    assert "series/s with 1 worker" in printed and "ratio 2/1 workers" in printed
+    assert "loader" not in printed
