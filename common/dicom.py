@@ -1,8 +1,10 @@
 """Reading a hospital's DICOM export into HU volumes, defensively.
 
 ``scan`` walks any folder tree (extension-less files, nested folders, junk) reading headers
-only, and keeps CT image series; everything else is recorded as a ``Rejection`` whose
-``ref`` is a keyed hash (folder and file names at hospitals often contain patient names).
+only, and keeps CT image series whose transfer syntax an installed decoder reads; everything
+else is recorded as a ``Rejection`` whose ``ref`` is a keyed hash (folder and file names at
+hospitals often contain patient names). ``rank_study_series`` orders the series of each
+study for ``prepare``, which by default caches only the best one that loads.
 ``load_series`` turns one series into a ``CTVolume`` in exact HU with geometry taken from
 ImagePositionPatient/ImageOrientationPatient -- slices ordered along the slice normal,
 spacing from positions rather than SliceThickness, duplicates dropped, missing slices and
