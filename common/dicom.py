@@ -32,6 +32,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from scipy.ndimage import affine_transform
 
@@ -282,7 +283,7 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
             multiframe=any(int(d.get("NumberOfFrames") or 1) > 1 for _, d in members),
             console_path=members[0][0].parent.relative_to(root).as_posix(),
             description=str(first.get("SeriesDescription") or ""),
-            kernel="\\".join(map(str, kernel)) if isinstance(kernel, (list, pydicom.multival.MultiValue)) else str(kernel or ""),
+            kernel=_text(kernel),
             slice_thickness_mm=_positive_float(thickness),
             images=sum(int(d.get("NumberOfFrames") or 1) for _, d in members),
         ))
@@ -296,6 +297,15 @@ def _shared_item(ds: Dataset, sequence: str, keyword: str) -> object:
     if groups and sequence in groups[0] and groups[0][sequence]:
         return groups[0][sequence][0].get(keyword)
     return None
+
+
+def _text(value: object) -> str:
+    """A header value as one string (ConvolutionKernel may be multi-valued, e.g. "Hr38" + "3")."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(map(str, value))
+    return str(value)
 
 
 def _positive_float(value: object) -> float | None:
