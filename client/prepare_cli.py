@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctfed.common.config import PreprocessConfig
+from ctfed.common.config import ConfigError, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, default=defaults.spacing_mm, help="isotropic mm (default %(default)s)")
     parser.add_argument("--gantry-tilt", choices=("resample", "reject"), default=defaults.gantry_tilt,
                         help="what to do with gantry-tilted series (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="processes (default %(default)s)")
+    parser.add_argument("--slice-gap-tolerance", type=float, default=defaults.slice_gap_tolerance,
+                        help="allowed deviation of a slice gap from the median, as a fraction (default %(default)s)")
+    parser.add_argument("--slice-gap-tolerance-mm", type=float, default=defaults.slice_gap_tolerance_mm,
+                        help="... or in mm, whichever is larger (default %(default)s)")
+    parser.add_argument("--all-series", action="store_true",
+                        help="cache every usable series of a study, not only the preferred one "
+                             "(preprocess.series_selection; duplicates over-weight a study)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="processes, one core each (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -33,8 +41,15 @@ def run(args: argparse.Namespace) -> int:
     if labels is not None and not labels.is_file():
         print(f"ctfed prepare: labels file does not exist: {labels}", file=sys.stderr)
         return 1
-    cfg = PreprocessConfig(spacing_mm=args.spacing, output_size=args.size, gantry_tilt=args.gantry_tilt,
-                           workers=args.workers)
+    try:
+        cfg = PreprocessConfig(
+            spacing_mm=args.spacing, output_size=args.size, gantry_tilt=args.gantry_tilt, workers=args.workers,
+            slice_gap_tolerance=args.slice_gap_tolerance, slice_gap_tolerance_mm=args.slice_gap_tolerance_mm,
+            series_selection=SeriesSelectionConfig(per_study=SeriesPerStudy.all if args.all_series else SeriesPerStudy.one),
+        )
+    except ConfigError as err:
+        print(f"ctfed prepare: {err}", file=sys.stderr)
+        return 2
     from ctfed.common.preprocess import prepare
 
     summary = prepare(args.input, args.output, cfg, labels_csv=labels, progress=not args.no_progress)

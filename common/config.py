@@ -112,6 +112,69 @@ class ModelConfig:
         return self.image_size // self.patch_size
 
 
+class SeriesPerStudy(str, enum.Enum):
+    """How many CT series of one study ``prepare`` caches."""
+
+    one = "one"  # the best-ranked series (preprocess.series_selection), the others rejected with why
+    all = "all"  # every usable series (duplicates over-weight the study and share its label)
+
+
+class SeriesTieBreak(str, enum.Enum):
+    """Among series of equal pattern rank: which one ``prepare`` prefers."""
+
+    thinnest = "thinnest"  # smallest SliceThickness, then most slices
+    most_slices = "most_slices"  # most slices, then smallest SliceThickness
+
+
+# Head-CT reconstruction kernels and descriptions worth training on, best first: brain /
+# soft-tissue kernels (Siemens H/J/Q 2x-4x with or without r, GE STANDARD/SOFT, Canon FC1x-FC2x,
+# Philips UA-UC). Case-insensitive regular expressions, matched with re.search.
+def _preferred_series_patterns() -> list[str]:
+    return [r"brain", r"soft", r"\b[HJQ]r?[2-4]\d", r"standard|\bstd\b", r"\bFC[12]\d", r"\bU[ABC]\b", r"head"]
+
+
+# Kernels and descriptions for bone and lung (sharp, noisy, wrong texture for brain windows)
+# and derived reformats; a series matching one is taken only if its study has nothing else.
+def _excluded_series_patterns() -> list[str]:
+    return [r"bone", r"lung", r"sharp", r"edge", r"\b[BHJQ]r?[6-9]\d", r"\bFC[3-8]\d", r"\bY[A-D]\b",
+            r"\bmip\b", r"\bmpr\b", r"\bcor(?:onal)?\b", r"\bsag(?:ittal)?\b"]
+
+
+@dataclass
+class SeriesSelectionConfig:
+    """Which CT series of a study ``prepare`` keeps when a study holds several.
+
+    Hospitals reconstruct one acquisition several ways (thin bone kernel, thick soft-tissue
+    kernel, reformats) and sometimes repeat a series. Caching them all over-weights the study
+    and, because they share the study's label, lets one patient sit in both the training and
+    the held-out part of a split. So by default one series per study is kept: the one whose
+    SeriesDescription or ConvolutionKernel matches the earliest ``preferred`` pattern, series
+    matching an ``excluded`` pattern last (excluded wins over preferred), then ``tie_break``.
+    If the chosen series cannot be loaded, the next one is tried.
+    """
+
+    per_study: SeriesPerStudy = SeriesPerStudy.one
+    preferred: list[str] = field(default_factory=_preferred_series_patterns)
+    excluded: list[str] = field(default_factory=_excluded_series_patterns)
+    tie_break: SeriesTieBreak = SeriesTieBreak.thinnest
+
+    def __post_init__(self) -> None:
+        # OmegaConf hands over the enum; direct construction may pass the value string.
+        try:
+            self.per_study = SeriesPerStudy(self.per_study)
+            self.tie_break = SeriesTieBreak(self.tie_break)
+        except ValueError as err:
+            raise ConfigError(f"preprocess.series_selection: {err}") from None
+        for name in ("preferred", "excluded"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(
+                        f"preprocess.series_selection.{name}: {pattern!r} is not a regular expression ({err})"
+                    ) from None
+
+
 @dataclass
 class PreprocessConfig:
     """How a HU volume becomes a cached, training-ready tensor (defaults: FM-CT)."""
@@ -124,6 +187,13 @@ class PreprocessConfig:
     windows: list[WindowConfig] = field(default_factory=_fm_ct_windows)
     # Gantry-tilted stacks: "resample" them onto an orthogonal grid, or "reject".
     gantry_tilt: str = "resample"
+    # A slice gap that deviates from the series' median gap by more than
+    # max(slice_gap_tolerance x median, slice_gap_tolerance_mm) means missing or irregular
+    # slices, and the series is rejected: resampling across it would invent anatomy. The mm
+    # term covers positions rounded in the header (thin slices, few decimals).
+    slice_gap_tolerance: float = 0.1
+    slice_gap_tolerance_mm: float = 0.0
+    series_selection: SeriesSelectionConfig = field(default_factory=SeriesSelectionConfig)
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -137,6 +207,18 @@ class PreprocessConfig:
             raise ConfigError("preprocess.windows must list at least one window")
         if self.workers < 1:
             raise ConfigError("preprocess.workers must be >= 1")
+        if not 0 <= self.slice_gap_tolerance < 1:
+            raise ConfigError(
+                f"preprocess.slice_gap_tolerance must be in [0, 1) (a fraction of the median slice gap; 1 or more "
+                f"would accept missing slices), got {self.slice_gap_tolerance}"
+            )
+        if self.slice_gap_tolerance_mm < 0:
+            raise ConfigError(f"preprocess.slice_gap_tolerance_mm must be >= 0, got {self.slice_gap_tolerance_mm}")
+        if self.slice_gap_tolerance == 0 and self.slice_gap_tolerance_mm == 0:
+            raise ConfigError(
+                "preprocess.slice_gap_tolerance and slice_gap_tolerance_mm are both 0: header rounding alone "
+                "would reject every series"
+            )
 
 
 @dataclass

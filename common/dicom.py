@@ -1,8 +1,10 @@
 """Reading a hospital's DICOM export into HU volumes, defensively.
 
 ``scan`` walks any folder tree (extension-less files, nested folders, junk) reading headers
-only, and keeps CT image series; everything else is recorded as a ``Rejection`` whose
-``ref`` is a keyed hash (folder and file names at hospitals often contain patient names).
+only, and keeps CT image series whose transfer syntax an installed decoder reads; everything
+else is recorded as a ``Rejection`` whose ``ref`` is a keyed hash (folder and file names at
+hospitals often contain patient names). ``rank_study_series`` orders the series of each
+study for ``prepare``, which by default caches only the best one that loads.
 ``load_series`` turns one series into a ``CTVolume`` in exact HU with geometry taken from
 ImagePositionPatient/ImageOrientationPatient -- slices ordered along the slice normal,
 spacing from positions rather than SliceThickness, duplicates dropped, missing slices and
@@ -15,8 +17,10 @@ patient, so callers may log or store them as they are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 import secrets
 import warnings
 from collections import defaultdict
@@ -28,8 +32,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from scipy.ndimage import affine_transform
 
+from ctfed.common.config import SeriesPerStudy, SeriesSelectionConfig, SeriesTieBreak
 from ctfed.common.privacy import pseudonym
 
 logger = logging.getLogger(__name__)
@@ -100,6 +107,12 @@ class SeriesRef:
     transfer_syntax: str
     multiframe: bool
     console_path: str = field(repr=False, default="")
+    # Free text from the header, for series selection only: matched against configured
+    # patterns in memory; only the matching pattern may ever be written.
+    description: str = field(repr=False, default="")
+    kernel: str = field(repr=False, default="")
+    slice_thickness_mm: float | None = None
+    images: int = 0
 
 
 @dataclass
@@ -150,6 +163,34 @@ def _sop_class(ds: Dataset) -> str:
     return str(sop or "")
 
 
+@functools.lru_cache(maxsize=None)
+def undecodable_reason(transfer_syntax: str) -> str | None:
+    """Why pixel data in ``transfer_syntax`` cannot be decoded here, or None if it can.
+
+    Checked at scan time from the header, so a series in a syntax no installed pydicom
+    plugin handles is reported once, by name, instead of failing slice by slice later.
+    """
+    from pydicom.pixels import get_decoder
+
+    with _quiet_pydicom():
+        uid = UID(transfer_syntax)
+        valid = uid.is_valid
+    if not valid:
+        return f"transfer syntax {transfer_syntax[:64]!r} is not a valid UID"
+    if not uid.is_transfer_syntax:
+        return f"unknown transfer syntax {uid} (no pixel data decoder exists for it)"
+    if not uid.is_compressed:
+        return None  # native (incl. deflated) pixel data: pydicom reads it itself
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"transfer syntax {uid.name} ({uid}): pydicom has no pixel data decoder for it"
+    if decoder.is_available:
+        return None
+    missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+    return f"transfer syntax {uid.name} ({uid}): no installed pixel data decoder (needs {missing})"
+
+
 def _classify(path: Path) -> tuple[Dataset | None, str | None]:
     """Read a header; return (dataset, None) for a usable CT image or (None, reason)."""
     try:
@@ -178,6 +219,9 @@ def _classify(path: Path) -> tuple[Dataset | None, str | None]:
         if "LOCALIZER" in image_type:
             return None, "localizer / scout image"
         syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+        undecodable = undecodable_reason(syntax)
+        if undecodable is not None:
+            return None, undecodable
         if syntax in NATIVE_SYNTAXES:
             frames = int(ds.get("NumberOfFrames") or 1)
             expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * frames
@@ -227,6 +271,8 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
     for uid, members in files.items():
         first = members[0][1]
         syntax = str(getattr(first.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))
+        kernel = first.get("ConvolutionKernel") or _shared_item(first, "CTReconstructionSequence", "ConvolutionKernel")
+        thickness = first.get("SliceThickness") or _shared_item(first, "PixelMeasuresSequence", "SliceThickness")
         series.append(SeriesRef(
             series_uid=uid,
             study_uid=str(first.get("StudyInstanceUID", "")),
@@ -236,9 +282,89 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
             transfer_syntax=syntax,
             multiframe=any(int(d.get("NumberOfFrames") or 1) > 1 for _, d in members),
             console_path=members[0][0].parent.relative_to(root).as_posix(),
+            description=str(first.get("SeriesDescription") or ""),
+            kernel=_text(kernel),
+            slice_thickness_mm=_positive_float(thickness),
+            images=sum(int(d.get("NumberOfFrames") or 1) for _, d in members),
         ))
     logger.info("scan: %d CT series, %d NIfTI files, %d rejected entries", len(series), len(nifti), len(rejected))
     return ScanResult(series=series, rejected=rejected, nifti=nifti)
+
+
+def _shared_item(ds: Dataset, sequence: str, keyword: str) -> object:
+    """``keyword`` from an enhanced object's shared functional groups, if there."""
+    groups = ds.get("SharedFunctionalGroupsSequence")
+    if groups and sequence in groups[0] and groups[0][sequence]:
+        return groups[0][sequence][0].get(keyword)
+    return None
+
+
+def _text(value: object) -> str:
+    """A header value as one string (ConvolutionKernel may be multi-valued, e.g. "Hr38" + "3")."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(map(str, value))
+    return str(value)
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """The ranking of one study's series: ``ranked[0]`` is tried first."""
+
+    ranked: list[SeriesRef]
+    # Why each series ranks where it does (pattern text from the config, never header text).
+    why: dict[str, str]
+
+
+def _match(patterns: Sequence[str], ref: SeriesRef) -> str | None:
+    for pattern in patterns:
+        if re.search(pattern, ref.description, re.IGNORECASE) or re.search(pattern, ref.kernel, re.IGNORECASE):
+            return pattern
+    return None
+
+
+def rank_study_series(series: Sequence[SeriesRef], cfg: SeriesSelectionConfig) -> list[SeriesChoice]:
+    """Group CT series by study and rank each study's series per ``cfg`` (best first).
+
+    With ``per_study=all`` every series is its own choice. Series of a study without a
+    StudyInstanceUID cannot be grouped, so each stands alone.
+    """
+    if cfg.per_study == SeriesPerStudy.all:
+        return [SeriesChoice([ref], {ref.series_uid: "all series kept (series_selection.per_study=all)"}) for ref in series]
+    studies: dict[str, list[SeriesRef]] = defaultdict(list)
+    for ref in series:
+        studies[ref.study_uid or f"no-study:{ref.series_uid}"].append(ref)
+    choices = []
+    for members in studies.values():
+        why: dict[str, str] = {}
+        keys = {}
+        for ref in members:
+            excluded = _match(cfg.excluded, ref)
+            preferred = _match(cfg.preferred, ref)
+            if excluded is not None:
+                rank, why[ref.series_uid] = len(cfg.preferred) + 1, f"matches excluded pattern {excluded!r}"
+            elif preferred is not None:
+                rank, why[ref.series_uid] = list(cfg.preferred).index(preferred), f"matches preferred pattern {preferred!r}"
+            else:
+                rank, why[ref.series_uid] = len(cfg.preferred), "matches no configured pattern"
+            thickness = ref.slice_thickness_mm if ref.slice_thickness_mm is not None else float("inf")
+            if ref.slice_thickness_mm is not None:
+                why[ref.series_uid] += f", {ref.slice_thickness_mm:g} mm slices"
+            why[ref.series_uid] += f", {ref.images} images"
+            order = (thickness, -ref.images) if cfg.tie_break == SeriesTieBreak.thinnest else (-ref.images, thickness)
+            # The UID last only makes the order deterministic; it is never shown.
+            keys[ref.series_uid] = (rank, *order, ref.series_uid)
+        choices.append(SeriesChoice(sorted(members, key=lambda r: keys[r.series_uid]), why))
+    return choices
 
 
 def _safe_series_uid(path: Path, reason: str) -> str | None:
@@ -286,11 +412,18 @@ def _padding(ds: Dataset) -> tuple[float, float] | None:
 
 
 def _read_pixels(ds: Dataset) -> np.ndarray:
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2"))
+    undecodable = undecodable_reason(syntax)
+    if undecodable is not None:
+        raise DicomError(undecodable)
     try:
         with _quiet_pydicom():
             return np.asarray(ds.pixel_array)
     except Exception as err:  # noqa: BLE001 - decoders raise anything; report class only
-        raise DicomError(f"pixel data could not be decoded ({type(err).__name__}; truncated or unsupported)") from None
+        name = UID(syntax).name if UID(syntax).is_transfer_syntax else syntax[:64]
+        raise DicomError(
+            f"pixel data could not be decoded ({type(err).__name__}; truncated or unsupported; transfer syntax {name})"
+        ) from None
 
 
 def _slices_from_file(path: Path) -> list[_Slice]:
@@ -357,14 +490,16 @@ def load_series(
     *,
     gantry_tilt: str = "resample",
     spacing_tolerance: float = 0.1,
+    spacing_tolerance_mm: float = 0.0,
 ) -> CTVolume:
     """Load one CT series as HU on an orthogonal grid.
 
     ``source`` is a ``SeriesRef``, a list of slice files in any order, a single (possibly
     enhanced multi-frame) file, or a folder holding exactly one CT series. Slices sharing a
     position are de-duplicated (first kept, with a warning). Slice gaps that differ from the
-    median by more than ``spacing_tolerance`` (relative) mean missing or irregular slices and
-    raise ``DicomError``: interpolating over them would silently invent anatomy. Gantry-
+    median by more than max(``spacing_tolerance`` x median, ``spacing_tolerance_mm``) mean
+    missing or irregular slices and raise ``DicomError``: interpolating over them would
+    silently invent anatomy. Gantry-
     tilted stacks are resampled onto the orthogonal grid (``"resample"``) or refused
     (``"reject"``).
     """
@@ -409,12 +544,15 @@ def load_series(
     projected = np.array([s.position @ normal for s in slices])
     gaps = np.diff(projected)
     dz = float(np.median(gaps))
-    irregular = np.abs(gaps - dz) > spacing_tolerance * dz
+    allowed_mm = max(spacing_tolerance * dz, spacing_tolerance_mm)
+    irregular = np.abs(gaps - dz) > allowed_mm
     if irregular.any():
         missing = int(np.sum(np.maximum(np.rint(gaps[irregular] / dz) - 1, 0)))
+        worst = float(np.abs(gaps - dz).max())
         raise DicomError(
             f"irregular slice spacing: {int(irregular.sum())} gap(s) deviate from the median {dz:.3f} mm "
-            f"by more than {spacing_tolerance:.0%} (about {missing} missing slice(s))"
+            f"by up to {worst:.3f} mm, more than the tolerance of {allowed_mm:.3f} mm "
+            f"(max of {spacing_tolerance:.0%} and {spacing_tolerance_mm:g} mm; about {missing} missing slice(s))"
         )
 
     dy, dx = slices[0].pixel_spacing

@@ -13,12 +13,15 @@ nothing from the DICOM header that identifies a patient is ever written or logge
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfed.common.config import PreprocessConfig
+from ctfed.common.config import PreprocessConfig, SeriesPerStudy
 from ctfed.common.dicom import (
     AIR_HU,
     CTVolume,
     DicomError,
     Rejection,
+    SeriesRef,
     load_series,
+    rank_study_series,
     scan,
     series_key,
     study_key,
@@ -90,6 +95,12 @@ def content_hash(files: list[Path]) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
+def import_transforms() -> None:
+    """Import MONAI's transforms (seconds): lazily, and once before forking workers."""
+    import monai.data  # noqa: F401
+    import monai.transforms  # noqa: F401
+
+
 def volume_to_tensor(volume: CTVolume, cfg: PreprocessConfig) -> np.ndarray:
     """Apply the FM-CT transform chain (MONAI) to a HU volume; float16 (C, S, S, S)."""
     from monai.data import MetaTensor
@@ -122,6 +133,37 @@ def volume_to_tensor(volume: CTVolume, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(0, 3, 2, 1)).astype(np.float16)
 
 
+class _StudyCandidates:
+    """One study's ranked series during ``prepare``: which one is cached, which are left."""
+
+    def __init__(self, ranked: list[SeriesRef], why: dict[str, str]) -> None:
+        self.ranked = list(ranked)
+        self.remaining = list(ranked)
+        self.why = why
+        self.chosen: str | None = None  # key of the series cached for this study
+
+    @property
+    def settled(self) -> bool:
+        return self.chosen is not None or not self.remaining
+
+    def not_chosen(self, secret: bytes) -> list[Rejection]:
+        """Rejections for the series left untried because another of the study was cached.
+
+        Only keys and the configured patterns appear: descriptions are free text that
+        may hold a name."""
+        if self.chosen is None:
+            return []
+        chosen = next(r for r in self.ranked if series_key(secret, r.series_uid) == self.chosen)
+        return [
+            Rejection(
+                f"series:{series_key(secret, ref.series_uid)}",
+                f"another series of the same study was preferred: series:{self.chosen} "
+                f"({self.why[chosen.series_uid]}); this one {self.why[ref.series_uid]}",
+            )
+            for ref in self.remaining
+        ]
+
+
 @dataclass
 class _Job:
     key: str
@@ -140,7 +182,12 @@ def _process(job: _Job) -> dict[str, Any]:
         if job.nifti:
             volume = load_nifti(job.files[0])
         else:
-            volume = load_series(job.files, gantry_tilt=job.cfg.gantry_tilt)
+            volume = load_series(
+                job.files,
+                gantry_tilt=job.cfg.gantry_tilt,
+                spacing_tolerance=job.cfg.slice_gap_tolerance,
+                spacing_tolerance_mm=job.cfg.slice_gap_tolerance_mm,
+            )
         tensor = volume_to_tensor(volume, job.cfg)
     except DicomError as err:
         return {"rejected": str(err)}
@@ -167,6 +214,57 @@ def _process(job: _Job) -> dict[str, Any]:
         "label": job.label,
         "source": "nifti" if job.nifti else "dicom",
     }
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _worker_init() -> None:
+    # Workers split the cores between them; more torch threads each only oversubscribe them.
+    # With forked workers this is also what keeps torch out of OpenMP regions the parent's
+    # thread pool may have left unusable (PyTorch's DataLoader workers do the same).
+    torch.set_num_threads(1)
+
+
+_Runner = Callable[[list[tuple["_Job", Any]]], Iterator[tuple["_Job", Any, dict[str, Any]]]]
+
+
+@contextlib.contextmanager
+def _job_runner(workers: int, first_round: int) -> Iterator[_Runner]:
+    """A function that processes jobs and yields (job, tag, result) as each one finishes.
+
+    Workers are forked on Linux: a spawned worker first re-imports torch and MONAI, seconds
+    per worker, which made 2 workers slower than 1 on small sites. Fewer jobs than workers
+    get fewer workers, and one job needs no pool at all. Each worker, and the caller when
+    there is no pool, runs torch on one thread: ``workers`` is the number of cores prepare
+    uses; parallelism comes from more workers. (Measured on a busy 2-core machine: the
+    transform chain of a series took 6x longer on torch's default 2 threads than on 1.)
+    """
+    processes = min(workers, first_round)
+    if processes <= 1:
+        with _torch_threads(1):
+            yield lambda jobs: ((job, tag, _process(job)) for job, tag in jobs)
+        return
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if method == "fork":
+        import_transforms()  # inherited by every worker instead of imported by each
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_worker_init) as pool:
+        def run(jobs: list[tuple[_Job, Any]]) -> Iterator[tuple[_Job, Any, dict[str, Any]]]:
+            futures = {pool.submit(_process, job): (job, tag) for job, tag in jobs}
+            for future in as_completed(futures):
+                job, tag = futures[future]
+                yield job, tag, future.result()
+
+        yield run
 
 
 def read_labels(path: Path, secret: bytes) -> dict[str, dict[str, Any]]:
@@ -236,39 +334,7 @@ def prepare(
     found = scan(input_dir, secret)
     rejected: list[Rejection] = list(found.rejected)
     entries: dict[str, dict[str, Any]] = {}
-    jobs: list[_Job] = []
     cached = 0
-    for ref in found.series:
-        key = series_key(secret, ref.series_uid)
-        try:
-            digest = content_hash(ref.files)
-        except OSError as err:
-            rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
-            continue
-        study = study_key(secret, ref.study_uid)
-        old = previous.get(key)
-        if old and old.get("content_hash") == digest and (output_dir / old["file"]).exists():
-            old["label"] = labels.get(study, old.get("label")) if labels else old.get("label")
-            entries[key] = old
-            cached += 1
-            logger.debug("series %s unchanged; using the cache", key)
-            continue
-        jobs.append(_Job(key, ref.files, digest, output_dir, cfg, labels.get(study), study))
-    for path in found.nifti:
-        # A NIfTI file is its own study: its key stands for both, and labels name its path.
-        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
-        try:
-            digest = content_hash([path])
-        except OSError as err:
-            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
-            continue
-        old = previous.get(key)
-        if old and old.get("content_hash") == digest and (output_dir / old["file"]).exists():
-            old["label"] = labels.get(key, old.get("label")) if labels else old.get("label")
-            entries[key] = old
-            cached += 1
-            continue
-        jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
 
     def write_manifest() -> None:
         write_json_atomic(manifest_path, {
@@ -278,41 +344,115 @@ def prepare(
             "rejected": [asdict(r) for r in rejected],
         })
 
-    def record(job: _Job, result: dict[str, Any]) -> None:
+    def reuse(key: str, digest: str, label_key: str) -> bool:
+        """Take an unchanged series from the previous manifest (labels may have changed)."""
+        nonlocal cached
+        old = previous.get(key)
+        if not (old and old.get("content_hash") == digest and (output_dir / old["file"]).exists()):
+            return False
+        old["label"] = labels.get(label_key, old.get("label")) if labels else old.get("label")
+        entries[key] = old
+        cached += 1
+        logger.debug("series %s unchanged; using the cache", key)
+        return True
+
+    # One job per study and round: its best remaining series. A study whose series fails to
+    # load gets its next-ranked series in the following round.
+    studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
+    nifti_jobs: list[_Job] = []
+    for path in found.nifti:
+        # A NIfTI file is its own study: its key stands for both, and labels name its path.
+        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
+        try:
+            digest = content_hash([path])
+        except OSError as err:
+            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
+            continue
+        if not reuse(key, digest, key):
+            nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
+
+    def next_jobs() -> list[tuple[_Job, _StudyCandidates | None]]:
+        jobs: list[tuple[_Job, _StudyCandidates | None]] = []
+        for study in studies:
+            while study.remaining and study.chosen is None:
+                ref = study.remaining.pop(0)
+                key = series_key(secret, ref.series_uid)
+                try:
+                    digest = content_hash(ref.files)
+                except OSError as err:
+                    rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
+                    continue
+                study_ref = study_key(secret, ref.study_uid)
+                if reuse(key, digest, study_ref):
+                    study.chosen = key
+                    continue
+                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
+                break
+        return jobs
+
+    def record(job: _Job, study: _StudyCandidates | None, result: dict[str, Any]) -> None:
         if "rejected" in result:
             rejected.append(Rejection(f"series:{job.key}", result["rejected"]))
             logger.warning("series %s rejected: %s", job.key, result["rejected"])
         else:
             entries[job.key] = result
+            if study is not None:
+                study.chosen = job.key
             logger.debug("series %s cached as %s", job.key, result["file"])
         write_manifest()
 
     write_manifest()
-    bar = tqdm(total=len(jobs), desc="prepare", unit="series", disable=not progress)
-    if cfg.workers > 1 and len(jobs) > 1:
-        # spawn: forking a process that already runs torch threads can deadlock.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
-            futures = {pool.submit(_process, job): job for job in jobs}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-                bar.update()
-    else:
-        for job in jobs:
-            record(job, _process(job))
-            bar.update()
+    bar = tqdm(total=len(studies) + len(nifti_jobs), desc="prepare", unit="study", disable=not progress)
+    first: list[tuple[_Job, _StudyCandidates | None]] = [(job, None) for job in nifti_jobs] + next_jobs()
+    with _job_runner(cfg.workers, len(first)) as run_jobs:
+        round_jobs = first
+        while round_jobs:
+            for job, study, result in run_jobs(round_jobs):
+                record(job, study, result)
+                if study is None or study.settled:
+                    bar.update()
+            round_jobs = next_jobs()
+    bar.update(bar.total - bar.n)  # studies taken unchanged from the cache
     bar.close()
+    for study in studies:
+        rejected.extend(study.not_chosen(secret))
 
     write_manifest()
     report_path = output_dir / REPORT
-    report_path.write_text(_report(plan, entries, rejected, cached))
+    report_path.write_text(_report(plan, entries, rejected, cached, _acceptance(cfg)))
     accepted = len(entries) - cached
     logger.info("prepare: %d new, %d cached, %d rejected", accepted, cached, len(rejected))
     return PrepareSummary(accepted=accepted, cached=cached, rejected=len(rejected),
                           manifest=manifest_path, report=report_path)
 
 
-def _report(plan: dict[str, Any], entries: dict[str, dict[str, Any]], rejected: list[Rejection], cached: int) -> str:
+def _acceptance(cfg: PreprocessConfig) -> list[str]:
+    """Report lines for the settings that decide which series are cached (not how)."""
+    selection = cfg.series_selection
+    if selection.per_study == SeriesPerStudy.all:
+        chosen = "- series per study: all usable series"
+    else:
+        chosen = (
+            "- series per study: one; preferred patterns (best first): "
+            + ", ".join(f"`{p}`" for p in selection.preferred)
+            + "; excluded (taken only if nothing else loads): "
+            + ", ".join(f"`{p}`" for p in selection.excluded)
+            + f"; then {selection.tie_break.value.replace('_', ' ')}"
+        )
+    return [
+        chosen,
+        f"- slice gaps may deviate from the median by max({cfg.slice_gap_tolerance:.0%}, "
+        f"{cfg.slice_gap_tolerance_mm:g} mm); larger deviations reject the series",
+    ]
+
+
+def _report(
+    plan: dict[str, Any],
+    entries: dict[str, dict[str, Any]],
+    rejected: list[Rejection],
+    cached: int,
+    acceptance: list[str] | None = None,
+) -> str:
     """Human-readable account of the cache, in the spirit of nnU-Net's plans file."""
     lines = [
         "# Site preprocessing report",
@@ -329,6 +469,7 @@ def _report(plan: dict[str, Any], entries: dict[str, dict[str, Any]], rejected: 
         + ", ".join(f"{w['name']} (L{w['level']:g}/W{w['width']:g})" for w in plan["windows"]),
         f"5. resize to {plan['output_size']}^3 (trilinear, anti-aliased), store {plan['dtype']} ({plan['axes']})",
         f"- gantry-tilted series: {plan['gantry_tilt']}",
+        *(acceptance or []),
         "",
         "## Series",
         "",

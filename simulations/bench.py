@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import tempfile
 import time
@@ -33,17 +34,22 @@ from ctfed.client.train import LocalTrainer
 from ctfed.common.config import load_run_config
 from ctfed.common.dicom import load_series, scan
 from ctfed.common.fileio import write_json_atomic
-from ctfed.common.preprocess import CachedVolumes, prepare
+from ctfed.common.preprocess import CachedVolumes, import_transforms, prepare
 from ctfed.simulations.federation_bench import bench_federation, print_federation
 from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
 from ctfed.simulations.synth import PROFILES, write_scan
 from ctfed.simulations.transport_bench import print_transport, run_transport_bench
 
 
+PARTS = ("ingest", "loader", "secagg", "federation", "transport")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small series and the tiny model (about a minute)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (secagg needs loader's step time and runs it too)")
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -76,15 +82,24 @@ def bench_ingest(work: Path, matrix: int, slices: int, scans: int, repeats: int)
     ctfed_s = _median_seconds(lambda: load_series(series[0]), repeats)
     sitk_s = _median_seconds(lambda: _sitk_read(folder), repeats)
 
-    cfg = load_run_config().preprocess
-    throughput = {}
-    for workers in (1, 2):
-        out = work / f"cache-{workers}w"
-        started = time.perf_counter()
-        prepare(site_dir, out, replace(cfg, workers=workers, output_size=64), progress=False)
-        throughput[f"series_per_s_{workers}_workers"] = len(series) / (time.perf_counter() - started)
+    cfg = replace(load_run_config().preprocess, output_size=64)
+    # Import MONAI's transforms now, or the first timed configuration pays for it.
+    import_transforms()
+    # 1 and 2 workers alternate, so a change in other users' load hits both alike; a fresh
+    # cache folder each time, so every run processes every series.
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    for repeat in range(repeats):
+        for workers in (1, 2):
+            started = time.perf_counter()
+            prepare(site_dir, work / f"cache-{workers}w-{repeat}", replace(cfg, workers=workers), progress=False)
+            seconds[workers].append(time.perf_counter() - started)
+    throughput = {f"series_per_s_{w}_workers": len(series) / statistics.median(t) for w, t in seconds.items()}
     return {
         "series_shape_zyx": [slices, matrix, matrix],
+        "series": len(series),
+        "cpus": os.cpu_count(),
+        # Other users' load on a shared machine caps what a second worker can gain.
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "ctfed_load_series_s": ctfed_s,
         "simpleitk_s": sitk_s,
         "ratio_simpleitk_over_ctfed": sitk_s / ctfed_s,
@@ -136,48 +151,61 @@ def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...]) -> dict[str, An
 
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
+    parts = set(args.only) | ({"loader"} if "secagg" in args.only else set())
+    results: dict[str, Any] = {"mode": "quick" if quick else "full"}
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-") as tmp:
         work = Path(tmp)
-        print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader ...", flush=True)
-        ingest = bench_ingest(
-            work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
-        )
-        model = "tiny" if quick else "vit_b"
-        print(f"loader share of a training step ({model}) ...", flush=True)
-        loader = bench_loader_share(work, model, steps=3 if quick else 2)
-    print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
-    secagg = bench_secagg(loader, sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
-    print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
-        federation = bench_federation(
-            Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
-            local_steps=2 if quick else 8,
-        )
-    transport = run_transport_bench(quick)
-    results = {
-        "mode": "quick" if quick else "full", "ingest": ingest, "loader": loader, "secagg": secagg, "federation": federation,
-        "transport": transport,
-    }
+        if "ingest" in parts:
+            print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader, prepare with 1 and 2 workers ...", flush=True)
+            results["ingest"] = bench_ingest(
+                work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
+            )
+        if "loader" in parts:
+            model = "tiny" if quick else "vit_b"
+            print(f"loader share of a training step ({model}) ...", flush=True)
+            results["loader"] = bench_loader_share(work, model, steps=3 if quick else 2)
+    if "secagg" in parts:
+        print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
+        results["secagg"] = bench_secagg(results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
+    if "federation" in parts:
+        print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
+            results["federation"] = bench_federation(
+                Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
+                local_steps=2 if quick else 8,
+            )
+    if "transport" in parts:
+        results["transport"] = run_transport_bench(quick)
     write_json_atomic(args.out, results)
 
     print()
-    if "skipped" in ingest:
+    ingest = results.get("ingest")
+    if ingest is not None and "skipped" in ingest:
         print(f"ingest: skipped ({ingest['skipped']})")
-    else:
+    elif ingest is not None:
         z, y, x = ingest["series_shape_zyx"]
         print(f"ingest of a {z}x{y}x{x} series: ctfed {ingest['ctfed_load_series_s']:.3f} s, "
               f"SimpleITK {ingest['simpleitk_s']:.3f} s -> ratio {ingest['ratio_simpleitk_over_ctfed']:.2f} (goal >= 1.0)")
-        print(f"prepare: {ingest['series_per_s_1_workers']:.2f} series/s with 1 worker, "
-              f"{ingest['series_per_s_2_workers']:.2f} with 2 -> x{ingest['prepare_speedup_2_over_1_workers']:.2f}")
-    print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
-          f"-> share {loader['loader_share']:.1%} (goal < 10%)")
-    for entry in secagg["sizes"]:
-        print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
-              f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
-              f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
-              f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
-    print(f"  ({secagg['training_note']})")
-    print_federation(federation)
-    print_transport(transport)
+        print(f"prepare ({ingest['series']} series): {ingest['series_per_s_1_workers']:.2f} series/s with 1 worker, "
+              f"{ingest['series_per_s_2_workers']:.2f} with 2 -> ratio 2/1 workers "
+              f"{ingest['prepare_speedup_2_over_1_workers']:.2f} ({ingest['cpus']} CPUs, load average "
+              f"{ingest['load_average_1min']:g} during the run)")
+    if "loader" in results:
+        loader = results["loader"]
+        print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
+              f"-> share {loader['loader_share']:.1%} (goal < 10%)")
+    if "secagg" in results:
+        secagg = results["secagg"]
+        for entry in secagg["sizes"]:
+            print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
+                  f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
+                  f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
+                  f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| "
+                  f"{entry['max_abs_diff_secure_vs_plain']:.1e}")
+        print(f"  ({secagg['training_note']})")
+    if "federation" in results:
+        print_federation(results["federation"])
+    if "transport" in results:
+        print_transport(results["transport"])
     print(f"results: {args.out}")
     return 0

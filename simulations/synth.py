@@ -2,11 +2,14 @@
 
 Each site has a ``SiteProfile`` that fixes what a real site would vary: slice thickness and
 pixel spacing, matrix size, noise and kernel sharpness, how often findings occur, gantry
-tilt, transfer syntax (uncompressed, RLE, JPEG 2000), signed or unsigned storage with its
+tilt, transfer syntax (uncompressed, RLE, JPEG 2000; any syntax pydicom has an encoder
+for, e.g. JPEG-LS with pyjpegls installed), signed or unsigned storage with its
 rescale intercept, a padding value outside the field-of-view circle, and the folder layout
 (flat ``.dcm`` files, or extension-less files under patient-named folders). Every series
 carries fake but realistic-looking identifiers, so the privacy guarantees of ``prepare`` are
-exercised, and each site also holds a localizer series that ``prepare`` must skip.
+exercised, and each site also holds a localizer series that ``prepare`` must skip. A study
+may get further ``Reconstruction`` series of the same acquisition (a thin bone-kernel series
+beside the soft-tissue one, as scanners write them) for ``prepare``'s series selection.
 
 Everything -- pixels, identifiers and UIDs -- is a function of the seed, so two runs with
 the same seed write byte-identical files.
@@ -81,6 +84,25 @@ PROFILES: tuple[SiteProfile, ...] = (
 
 PADDING_VALUE = -2000
 SLOPE = 1.0
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """Another series of the same acquisition: same study, patient and anatomy, other kernel.
+
+    Slices cover the same z range as the profile's series at ``slice_thickness_mm``; a sharper
+    kernel is a smaller ``blur_sigma``.
+    """
+
+    series_number: int
+    kernel: str
+    slice_thickness_mm: float
+    blur_sigma: float
+    description: str = ""  # default: "HEAD <thickness>mm <kernel>"
+
+
+BONE_RECONSTRUCTION = Reconstruction(series_number=3, kernel="H70h", slice_thickness_mm=0.75, blur_sigma=0.2,
+                                     description="HEAD BONE 0.75mm")
 
 
 def site_profile(index: int) -> SiteProfile:
@@ -203,6 +225,23 @@ def _series_path(site_dir: Path, profile: SiteProfile, patient: _Patient, scan: 
     return site_dir / f"study{scan:03d}_series{series_number}" / f"CT{instance:05d}.dcm"
 
 
+def _check_encoder(syntax: UID) -> None:
+    """Fail before writing anything if pydicom cannot encode ``syntax`` here."""
+    if syntax == ExplicitVRLittleEndian:
+        return
+    from pydicom.pixels import get_encoder
+
+    try:
+        encoder = get_encoder(syntax)
+    except NotImplementedError:
+        raise ValueError(f"cannot write {syntax.name}: pydicom has no pixel data encoder for it") from None
+    if not encoder.is_available:
+        raise ValueError(
+            f"cannot write {syntax.name}: no pixel data encoder installed (needs "
+            f"{'; '.join(encoder.missing_dependencies) or 'an encoder plugin'})"
+        )
+
+
 def _save(ds: Dataset, path: Path, profile: SiteProfile) -> None:
     if profile.transfer_syntax != ExplicitVRLittleEndian:
         # Keep the deterministic SOPInstanceUID (pydicom would otherwise mint a new one).
@@ -211,18 +250,35 @@ def _save(ds: Dataset, path: Path, profile: SiteProfile) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_scan(site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int) -> tuple[UID, list[str]]:
-    """Write one axial head-CT series; return its StudyInstanceUID and its findings."""
+def write_scan(
+    site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int, reconstruction: Reconstruction | None = None
+) -> tuple[UID, list[str]]:
+    """Write one axial head-CT series; return its StudyInstanceUID and its findings.
+
+    With ``reconstruction``, write that series of the same study instead (same patient,
+    anatomy and findings; its own series UID, kernel and slices).
+    """
+    _check_encoder(profile.transfer_syntax)
     rng = np.random.default_rng([seed, site, scan])
     patient = _fake_patient(rng, site)
     findings = _pick_findings(rng, profile.prevalence)
     study_uid = _uid(seed, site, scan, "study")
-    series_uid = _uid(seed, site, scan, "series")
+    uid_parts: tuple[object, ...] = () if reconstruction is None else (reconstruction.series_number,)
+    series_uid = _uid(seed, site, scan, "series", *uid_parts)
     z0 = float(rng.uniform(-80.0, -40.0))
-    row, col, positions = _slice_geometry(profile, z0)
     fov = profile.matrix * profile.pixel_spacing_mm
     extent = (fov, fov * np.cos(np.deg2rad(profile.gantry_tilt_deg)), profile.slices * profile.slice_thickness_mm)
     head = HeadModel.random(rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings)
+    series_number = 2
+    description = f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
+    if reconstruction is not None:
+        # The same z range at the reconstruction's slice thickness, with its kernel.
+        series_number = reconstruction.series_number
+        slices = max(3, round(profile.slices * profile.slice_thickness_mm / reconstruction.slice_thickness_mm))
+        profile = replace(profile, slices=slices, slice_thickness_mm=reconstruction.slice_thickness_mm,
+                          kernel=reconstruction.kernel, blur_sigma=reconstruction.blur_sigma)
+        description = reconstruction.description or f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
+    row, col, positions = _slice_geometry(profile, z0)
 
     grid = np.arange(profile.matrix, dtype=np.float64) * profile.pixel_spacing_mm
     plane = grid[None, :, None] * row + grid[:, None, None] * col  # (y, x, 3)
@@ -235,12 +291,11 @@ def write_scan(site_dir: Path, profile: SiteProfile, site: int, scan: int, seed:
         outside = (yy - centre) ** 2 + (xx - centre) ** 2 > (profile.matrix / 2.0) ** 2
         stored[:, outside] = PADDING_VALUE
 
-    series_number = 2
     for k in range(profile.slices):
         instance = k + 1
-        ds = _base_dataset(patient, profile, study_uid, series_uid, _uid(seed, site, scan, "sop", k))
+        ds = _base_dataset(patient, profile, study_uid, series_uid, _uid(seed, site, scan, "sop", *uid_parts, k))
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SeriesDescription = f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
+        ds.SeriesDescription = description
         ds.SeriesNumber = series_number
         ds.InstanceNumber = instance
         ds.FrameOfReferenceUID = _uid(seed, site, scan, "for")
@@ -281,13 +336,20 @@ def write_localizer(site_dir: Path, profile: SiteProfile, site: int, seed: int) 
     _save(ds, _series_path(site_dir, profile, patient, 999, 1, 1), profile)
 
 
-def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int | Sequence[int], seed: int) -> list[Path]:
+def synthesize_federation(
+    out_dir: Path,
+    sites: int,
+    scans_per_site: int | Sequence[int],
+    seed: int,
+    reconstructions: Sequence[Reconstruction] = (),
+) -> list[Path]:
     """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
 
     ``scans_per_site`` is one count for every site, or one count per site (sites of different
     sizes). A scan's pixels and labels depend only on (seed, site, scan), so a larger site
     holds the scans of a smaller one plus more. Each site folder holds its DICOM files, one
     localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
+    Each study also gets one series per entry of ``reconstructions`` (one labels row per study).
     """
     counts = [scans_per_site] * sites if isinstance(scans_per_site, int) else list(scans_per_site)
     if sites < 1 or len(counts) != sites or min(counts) < 1:
@@ -300,6 +362,8 @@ def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int | Seque
         rows = []
         for scan in range(site_scans):
             study_uid, findings = write_scan(site_dir, profile, site, scan, seed)
+            for reconstruction in reconstructions:
+                write_scan(site_dir, profile, site, scan, seed, reconstruction)
             rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
         write_localizer(site_dir, profile, site, seed)
         with open(site_dir / "labels.csv", "w", newline="") as handle:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from ctfed.common.cli import main
 
 
@@ -41,3 +43,14 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert 0 < transport["float16"]["relative_error_vs_float32"] < 1e-2
     assert 0 < transport["secagg-32bit"]["relative_error_vs_float32"] < 1e-2
     assert all(row["aggregated_rounds"] == row["rounds"] == 3 for row in transport.values())
+
+
+def test_bench_only_ingest_prints_the_worker_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--only", "ingest", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"mode", "ingest"}
+    assert results["ingest"]["series"] == 8 and results["ingest"]["cpus"] >= 1
+    printed = capsys.readouterr().out
+    assert "series/s with 1 worker" in printed and "ratio 2/1 workers" in printed
+    assert "loader" not in printed

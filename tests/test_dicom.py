@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import data_store
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from ctfed.common.dicom import DicomError, load_series, scan
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.synth import PROFILES, synthesize_federation, write_scan
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -208,3 +221,157 @@ def test_unusable_series_raise_dicom_error(federation: list[Path], tmp_path: Pat
     odd.save_as(tmp_path / "odd")
     with pytest.raises(DicomError, match="orientations"):
         load_series(files + [tmp_path / "odd"])
+
+
+# ---------------------------------------------------------------------------------------
+# Real-world samples shipped by pydicom-data and pydicom (the test extra installs both).
+# ---------------------------------------------------------------------------------------
+
+SAMPLES = Path(data_store.__file__).parent / "data"
+
+
+def _as_series(sample: Path, folder: Path, count: int = 3) -> list[Path]:
+    """``count`` copies of a single-slice sample stacked along its slice normal.
+
+    The pixel data is copied byte for byte (still compressed), so the series tests exactly
+    the sample's codestream; only the slice position and the instance UID change.
+    """
+    folder.mkdir(parents=True)
+    ds = pydicom.dcmread(sample)
+    orientation = np.array(ds.ImageOrientationPatient, float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    origin = np.array(ds.ImagePositionPatient, float)
+    paths = []
+    for k in range(count):
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin + 2.0 * k * normal]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[sample.name, str(k)])
+        paths.append(folder / f"slice{k}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def _stored_hu(sample: Path) -> np.ndarray:
+    """The sample's HU as the header defines them, read independently of ctfed."""
+    ds = pydicom.dcmread(sample)
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_jpeg2000_ct_sample_decodes_to_its_uncompressed_twin(tmp_path: Path) -> None:
+    j2k = load_series(_as_series(SAMPLES / "693_J2KR.dcm", tmp_path / "j2k"))
+    plain = load_series(_as_series(SAMPLES / "693_UNCR.dcm", tmp_path / "plain"))
+    assert str(pydicom.dcmread(tmp_path / "j2k" / "slice0.dcm").file_meta.TransferSyntaxUID) == JPEG2000Lossless
+    np.testing.assert_array_equal(j2k.hu, plain.hu)
+    reference = _stored_hu(SAMPLES / "693_UNCR.dcm")
+    padding = pydicom.dcmread(SAMPLES / "693_UNCR.dcm").PixelPaddingValue  # -2000 stored: outside the FOV
+    stored = pydicom.dcmread(SAMPLES / "693_UNCR.dcm").pixel_array
+    assert (stored == padding).any()
+    np.testing.assert_array_equal(j2k.hu[1][stored != padding], reference[stored != padding])
+    assert np.all(j2k.hu[1][stored == padding] == -1024.0)
+    assert j2k.spacing_zyx == pytest.approx((2.0, 0.478516, 0.478516))
+
+
+# The sample's own header carries a malformed UID (hence its name); pydicom warns on reading it.
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_jpeg_lossless_ct_sample_matches_simpleitk(tmp_path: Path) -> None:
+    sample = SAMPLES / "bad_sequence.dcm"  # JPEG Lossless, Process 14 SV1, 12-bit unsigned
+    assert str(pydicom.dcmread(sample, stop_before_pixels=True).file_meta.TransferSyntaxUID) == JPEGLosslessSV1
+    volume = load_series(_as_series(sample, tmp_path / "series"))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(sample)))[0].astype(np.float32)
+    assert reference.min() < -900 and reference.max() > 1000  # air to bone, in HU
+    for plane in volume.hu:
+        np.testing.assert_array_equal(plane, reference)
+    np.testing.assert_array_equal(volume.hu[0], _stored_hu(sample))
+
+
+def test_enhanced_ct_sample_frames_keep_the_files_geometry(tmp_path: Path) -> None:
+    """eCT_Supplemental: Enhanced CT, 2 frames 10 mm apart, orientation and HU rescale in the
+    shared functional groups, positions per frame; rows run towards patient right (-x)."""
+    sample = SAMPLES / "eCT_Supplemental.dcm"
+    first = tmp_path / "study" / "part1.dcm"
+    first.parent.mkdir()
+    shutil.copy(sample, first)
+    found = scan(tmp_path)
+    assert not found.rejected and len(found.series) == 1
+    assert found.series[0].multiframe and found.series[0].images == 2
+    with pytest.raises(DicomError, match="only 2 distinct slice position"):
+        load_series(first)  # two frames are not a volume
+    # The same series continued by a second multi-frame file 20 mm further along -z.
+    ds = pydicom.dcmread(sample)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        position[2] = float(position[2]) - 20.0
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["eCT part 2"])
+    ds.save_as(tmp_path / "study" / "part2.dcm")
+    found = scan(tmp_path)
+    assert len(found.series) == 1 and found.series[0].images == 4
+    volume = load_series(found.series[0])
+
+    frames = pydicom.dcmread(sample).pixel_array.astype(np.float32) - 1024.0  # slope 1, intercept -1024
+    assert volume.hu.shape == (4, 512, 512)
+    assert volume.spacing_zyx == pytest.approx((10.0, 0.388672, 0.388672))
+    # Normal = row x column = (-1,0,0) x (0,1,0) = (0,0,-1): the slice at z=-149 comes first.
+    np.testing.assert_allclose(volume.direction, [[-1, 0, 0], [0, 1, 0], [0, 0, -1]], atol=1e-6)
+    assert volume.origin == pytest.approx((99.5, -301.5, -149.0))
+    for index, frame in enumerate((1, 0, 1, 0)):
+        np.testing.assert_array_equal(volume.hu[index], frames[frame])
+
+
+def test_non_ct_samples_are_rejected_with_a_reason(tmp_path: Path) -> None:
+    for source in (SAMPLES / "emri_small_jpeg_ls_lossless.dcm", Path(get_testdata_file("MR_small.dcm")),
+                   Path(get_testdata_file("CT_small.dcm"))):
+        folder = tmp_path / source.stem
+        folder.mkdir()
+        shutil.copy(source, folder / "image")
+    found = scan(tmp_path)
+    assert len(found.series) == 1  # CT_small
+    assert found.series[0].transfer_syntax == ExplicitVRLittleEndian
+    assert sorted(r.reason for r in found.rejected) == ["modality 'MR' is not CT"] * 2
+
+
+def test_jpeg_ls_series_matches_uncompressed_and_simpleitk(tmp_path: Path) -> None:
+    """JPEG-LS lossless, written by pyjpegls through synth; decoded by the runtime plugin."""
+    for index, base in enumerate(PROFILES[:2]):  # unsigned 12-bit, and signed with padding
+        profile = replace(base, matrix=48, slices=6, transfer_syntax=JPEGLSLossless)
+        write_scan(tmp_path / f"jls{index}", profile, site=index, scan=0, seed=4)
+        write_scan(tmp_path / f"plain{index}", replace(profile, transfer_syntax=ExplicitVRLittleEndian),
+                   site=index, scan=0, seed=4)
+        jls_files = _only_series(tmp_path / f"jls{index}")
+        assert str(pydicom.dcmread(jls_files[0]).file_meta.TransferSyntaxUID) == JPEGLSLossless
+        # pyjpegls is a test dependency only: the runtime's pylibjpeg-libjpeg must decode it alike.
+        np.testing.assert_array_equal(
+            pixel_array(jls_files[0], decoding_plugin="pylibjpeg"), pixel_array(jls_files[0], decoding_plugin="pyjpegls")
+        )
+        volume = load_series(jls_files)
+        np.testing.assert_array_equal(volume.hu, load_series(_only_series(tmp_path / f"plain{index}")).hu)
+        reference = sitk.GetArrayFromImage(_sitk_read(jls_files)).astype(np.float32)
+        padded = reference <= -2000  # SimpleITK leaves PixelPaddingValue as stored
+        np.testing.assert_array_equal(volume.hu[~padded], reference[~padded])
+        assert padded.any() == (index == 1)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "reason"),
+    [
+        # A standard syntax pydicom knows but has no decoder for.
+        ("1.2.840.10008.1.2.4.100", r"MPEG2 Main Profile / Main Level \(1\.2\.840\.10008\.1\.2\.4\.100\): pydicom has no "
+                                    r"pixel data decoder"),
+        # A vendor's private syntax (or one newer than the installed pydicom, e.g. JPEG XL).
+        ("1.2.826.0.1.3680043.9.7433.9.1", r"unknown transfer syntax 1\.2\.826\.0\.1\.3680043\.9\.7433\.9\.1"),
+    ],
+)
+def test_series_in_an_undecodable_transfer_syntax_is_rejected_by_name(
+    federation: list[Path], tmp_path: Path, syntax: str, reason: str
+) -> None:
+    files = _only_series(federation[0])
+    for path in files[:5]:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(tmp_path / path.name, implicit_vr=False, little_endian=True)
+    found = scan(tmp_path)
+    assert not found.series
+    assert len(found.rejected) == 1 and found.rejected[0].ref.startswith("series:")
+    assert re.search(reason, found.rejected[0].reason) and found.rejected[0].reason.endswith("(5 files)")
+    with pytest.raises(DicomError, match=reason):
+        load_series(sorted(tmp_path.iterdir()))

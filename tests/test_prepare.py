@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -11,11 +12,20 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ctfed.common.cli import main
-from ctfed.common.config import PreprocessConfig
+from ctfed.common.config import (
+    ConfigError,
+    PreprocessConfig,
+    SeriesPerStudy,
+    SeriesSelectionConfig,
+    SeriesTieBreak,
+    load_run_config,
+)
+from ctfed.common.dicom import SeriesRef, rank_study_series
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.synth import BONE_RECONSTRUCTION, synthesize_federation
 
 SIZE = 16
 
@@ -158,6 +168,8 @@ def test_cli_synth_and_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert all(label is not None for label in CachedVolumes(cache).labels)  # <input>/labels.csv by default
     assert main(args) == 0
     assert "unchanged (cached) 2" in capsys.readouterr().out
+    assert main(args + ["--slice-gap-tolerance", "1.5"]) == 2
+    assert "would accept missing slices" in capsys.readouterr().err
     assert main(["prepare", "--input", str(tmp_path / "nope"), "--output", str(cache)]) != 0
     assert "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"
@@ -198,3 +210,132 @@ def test_pretrain_card_has_a_data_summary_without_identifiers(federation: list[P
     assert data["preprocessing"]["output_size"] == volumes.preprocessing["output_size"]
     for identifier in (i for i in identifiers if len(i) >= 6):
         assert identifier not in card_text, f"{identifier!r} in the model card"
+
+
+@pytest.fixture(scope="module")
+def two_series_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two studies, each written twice: the 1 mm soft-tissue series and a 0.75 mm bone-kernel one."""
+    root = tmp_path_factory.mktemp("recon")
+    return synthesize_federation(root, sites=1, scans_per_site=2, seed=6, reconstructions=[BONE_RECONSTRUCTION])[0]
+
+
+def _manifest(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())
+
+
+def test_one_series_per_study_prefers_the_soft_tissue_kernel(two_series_site: Path, tmp_path: Path) -> None:
+    summary = prepare(two_series_site, tmp_path, _cfg(), labels_csv=two_series_site / "labels.csv", progress=False)
+    assert (summary.accepted, summary.rejected) == (2, 3)  # 2 bone series + the localizer
+    manifest = _manifest(tmp_path)
+    assert len({e["study_key"] for e in manifest["series"]}) == 2
+    assert all(e["slice_count"] == 40 and e["spacing_zyx_mm"][0] == pytest.approx(1.0) for e in manifest["series"])
+    chosen = {e["key"] for e in manifest["series"]}
+    passed_over = [r for r in manifest["rejected"] if r["reason"].startswith("another series of the same study")]
+    assert len(passed_over) == 2
+    for rejection in passed_over:
+        reason = rejection["reason"]
+        assert reason.split("preferred: series:")[1].split(" ")[0] in chosen
+        assert "preferred pattern" in reason and "this one matches excluded pattern 'bone'" in reason
+        assert "0.75 mm slices, 53 images" in reason
+    # Only configured pattern text reaches the outputs, never the series' own description.
+    for path in (tmp_path / "manifest.json", tmp_path / "report.md"):
+        text = path.read_text()
+        assert "HEAD BONE" not in text and "H70h" not in text and "Hr38h" not in text
+    assert "another series of the same study was preferred" in (tmp_path / "report.md").read_text()
+    # The study's label goes with the one series kept for it.
+    labels = {row["StudyInstanceUID"]: row["any"] for row in csv.DictReader(open(two_series_site / "labels.csv"))}
+    assert sorted(str(e["label"]["any"]) for e in manifest["series"]) == sorted(labels.values())
+
+    # all: both reconstructions of each study, sharing its key and label.
+    everything = prepare(two_series_site, tmp_path / "all", _cfg(series_selection=SeriesSelectionConfig(per_study="all")),
+                         labels_csv=two_series_site / "labels.csv", progress=False)
+    assert (everything.accepted, everything.rejected) == (4, 1)
+    by_study: dict[str, list[dict]] = {}
+    for entry in _manifest(tmp_path / "all")["series"]:
+        by_study.setdefault(entry["study_key"], []).append(entry)
+    assert sorted(len(v) for v in by_study.values()) == [2, 2]
+    assert all(v[0]["label"] == v[1]["label"] for v in by_study.values())
+
+
+def test_next_series_of_the_study_is_cached_when_the_preferred_one_fails(two_series_site: Path, tmp_path: Path) -> None:
+    site = tmp_path / "input"
+    shutil.copytree(two_series_site, site)
+    soft = sorted((site / "study000_series2").iterdir())
+    soft[20].unlink()  # a missing slice: the soft-tissue series of study 0 cannot be used
+    summary = prepare(site, tmp_path / "cache", _cfg(), progress=False)
+    assert summary.accepted == 2
+    entries = _manifest(tmp_path / "cache")["series"]
+    assert sorted(e["slice_count"] for e in entries) == [40, 53]  # study 0 falls back to its bone series
+    reasons = [r["reason"] for r in _manifest(tmp_path / "cache")["rejected"]]
+    assert sum("irregular slice spacing" in r for r in reasons) == 1
+    assert sum(r.startswith("another series of the same study") for r in reasons) == 1  # study 1's bone series
+
+
+def _ref(uid: str, study: str, description: str, kernel: str, thickness: float | None, images: int) -> SeriesRef:
+    return SeriesRef(series_uid=uid, study_uid=study, files=[], rows=8, columns=8, transfer_syntax=ExplicitVRLittleEndian,
+                     multiframe=False, description=description, kernel=kernel, slice_thickness_mm=thickness, images=images)
+
+
+def test_series_ranking_patterns_then_tie_break() -> None:
+    thin = _ref("1", "A", "HEAD 0.5", "J30s", 0.5, 20)
+    many = _ref("2", "A", "HEAD 1.0", "J30s", 1.0, 40)
+    bone = _ref("3", "A", "HEAD 0.5", "J70h", 0.5, 400)
+    soft = _ref("4", "A", "Soft tissue BONE", "FC26", 5.0, 30)  # excluded wins over preferred
+    alone = _ref("5", "", "HEAD", "J70h", 1.0, 40)  # no study UID: cannot be grouped
+    default = SeriesSelectionConfig()
+    [choice, single] = rank_study_series([bone, soft, many, thin, alone], default)
+    assert [r.series_uid for r in choice.ranked] == ["1", "2", "3", "4"]
+    assert choice.why["1"] == r"matches preferred pattern '\\b[HJQ]r?[2-4]\\d', 0.5 mm slices, 20 images"
+    assert choice.why["4"].startswith("matches excluded pattern 'bone'")
+    assert [r.series_uid for r in single.ranked] == ["5"]
+    most = SeriesSelectionConfig(tie_break="most_slices")
+    assert [r.series_uid for r in rank_study_series([thin, many, bone], most)[0].ranked] == ["2", "1", "3"]
+    blind = SeriesSelectionConfig(preferred=[], excluded=[])
+    assert [r.series_uid for r in rank_study_series([thin, many, bone], blind)[0].ranked] == ["3", "1", "2"]
+    assert choice.why["1"] != rank_study_series([thin], blind)[0].why["1"]
+    assert rank_study_series([thin, many], blind)[0].why["1"].startswith("matches no configured pattern")
+    assert len(rank_study_series([thin, many, bone], SeriesSelectionConfig(per_study="all"))) == 3
+
+
+def test_slice_gap_tolerance_from_the_config(federation: list[Path], tmp_path: Path) -> None:
+    site = tmp_path / "input"
+    shutil.copytree(federation[0], site)
+    files = sorted((site / "study000_series2").iterdir())
+    ds = pydicom.dcmread(files[10])
+    ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 0.15  # gaps of 1.15 and 0.85 mm
+    ds.save_as(files[10])
+    strict = prepare(site, tmp_path / "strict", _cfg(), progress=False)  # 10% of 1 mm
+    assert strict.accepted == 1
+    reasons = [r["reason"] for r in _manifest(tmp_path / "strict")["rejected"]]
+    assert any("irregular slice spacing" in r and "0.150 mm" in r for r in reasons), reasons
+    loose = prepare(site, tmp_path / "loose", _cfg(slice_gap_tolerance=0.05, slice_gap_tolerance_mm=0.2), progress=False)
+    assert loose.accepted == 2
+    assert "max(5%, 0.2 mm)" in (tmp_path / "loose" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"slice_gap_tolerance": 1.0}, "would accept missing slices"),
+        ({"slice_gap_tolerance_mm": -0.1}, "slice_gap_tolerance_mm must be >= 0"),
+        ({"slice_gap_tolerance": 0.0}, "both 0"),
+        ({"series_selection": {"preferred": ["(unclosed"]}}, "not a regular expression"),
+        ({"series_selection": {"per_study": "some"}}, "'some' is not a valid SeriesPerStudy"),
+    ],
+)
+def test_acceptance_settings_are_validated(kwargs: dict, message: str) -> None:
+    if "series_selection" in kwargs:
+        with pytest.raises(ConfigError, match=message):
+            SeriesSelectionConfig(**kwargs["series_selection"])
+    else:
+        with pytest.raises(ConfigError, match=message):
+            PreprocessConfig(**kwargs)
+
+
+def test_series_selection_from_hydra_overrides() -> None:
+    cfg = load_run_config(["preprocess.series_selection.per_study=all", "preprocess.series_selection.tie_break=most_slices",
+                           "preprocess.slice_gap_tolerance_mm=0.3"]).preprocess
+    assert cfg.series_selection.per_study == SeriesPerStudy.all
+    assert cfg.series_selection.tie_break == SeriesTieBreak.most_slices
+    assert cfg.slice_gap_tolerance_mm == 0.3
+    assert load_run_config().preprocess.series_selection.per_study == SeriesPerStudy.one

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.uid import JPEGLosslessSV1
 
 from ctfed.simulations.phantom import FINDINGS, head_phantom
-from ctfed.simulations.synth import LABEL_COLUMNS, synthesize_federation
+from ctfed.simulations.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, PROFILES, synthesize_federation, write_scan
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -84,3 +86,27 @@ def test_sites_differ_and_are_valid_dicom(tmp_path: Path) -> None:
 def test_rejects_bad_counts(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         synthesize_federation(tmp_path, 0, 1, 0)
+
+
+def test_reconstruction_is_another_series_of_the_same_study(tmp_path: Path) -> None:
+    site = synthesize_federation(tmp_path, sites=1, scans_per_site=1, seed=2, reconstructions=[BONE_RECONSTRUCTION])[0]
+    series = _series_files(site)
+    assert len(series) == 2
+    heads = {uid: pydicom.dcmread(files[0], stop_before_pixels=True) for uid, files in series.items()}
+    assert len({str(h.StudyInstanceUID) for h in heads.values()}) == 1
+    assert len({str(h.PatientID) for h in heads.values()}) == 1
+    by_kernel = {str(h.ConvolutionKernel): (h, len(series[uid])) for uid, h in heads.items()}
+    assert set(by_kernel) == {"Hr38h", "H70h"}
+    bone, bone_slices = by_kernel["H70h"]
+    assert bone.SeriesDescription == "HEAD BONE 0.75mm" and float(bone.SliceThickness) == 0.75
+    assert bone_slices == 53 and by_kernel["Hr38h"][1] == 40  # the same 40 mm of head
+    with open(site / "labels.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 1  # one row per study
+
+
+def test_syntax_without_an_encoder_fails_before_writing(tmp_path: Path) -> None:
+    # pydicom cannot encode JPEG Lossless (Process 14); pydicom-data's CT sample covers decoding.
+    profile = replace(PROFILES[0], transfer_syntax=JPEGLosslessSV1)
+    with pytest.raises(ValueError, match="cannot write JPEG Lossless.*no pixel data encoder"):
+        write_scan(tmp_path, profile, site=0, scan=0, seed=0)
+    assert not any(tmp_path.iterdir())
