@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
+
 from ctfed.common.cli import main
+from ctfed.simulations.federation_bench import encoder_parameters
+
+
+def _positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
 
 
 def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
@@ -33,3 +41,31 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert all(r["peak_rss_mb"] > 50 for r in federation["rounds"])
     assert [s["sites"] for s in federation["scaling"]] == [2, 4]
     assert all(s["round_s"] > 0 for s in federation["scaling"])
+
+    # Ours vs stock Flower SecAgg+ vs plain, in one Flower simulation at the tiny encoder's size.
+    [stock] = results["secagg_vs_stock"]
+    assert stock["model"] == "tiny" and stock["params"] == encoder_parameters("tiny") and stock["sites"] == 5
+    assert _positive(stock["plain_round_s"], stock["ours_round_s"], stock["stock_round_s"])
+    assert stock["ratio_ours_over_plain"] == pytest.approx(stock["ours_round_s"] / stock["plain_round_s"])
+    assert stock["ratio_stock_over_plain"] == pytest.approx(stock["stock_round_s"] / stock["plain_round_s"])
+    assert stock["ratio_ours_over_stock"] == pytest.approx(stock["ours_round_s"] / stock["stock_round_s"])
+    assert all(len(times) == stock["rounds"] for times in stock["rounds_s"].values())
+    assert 1 <= stock["ratio_ours_over_plain_with_training"] < stock["ratio_ours_over_plain"]
+    assert stock["max_abs_diff_ours_vs_plain"] < stock["ours_error_bound"]
+    assert stock["max_abs_diff_stock_vs_plain"] < stock["stock_error_bound"]
+
+    # Round time, bytes and memory against the model size (quick: the tiny point, reused from
+    # the 2-site run of the site-count series).
+    [tiny] = results["federation_model_scaling"]
+    assert tiny["model"] == "tiny" and tiny["params"] == encoder_parameters("tiny") and tiny["sites"] == 2
+    assert _positive(tiny["round_s"], tiny["site_train_s"], tiny["bytes_from_site"], tiny["bytes_to_site"])
+    assert tiny["round_s"] == pytest.approx(federation["scaling"][0]["round_s"])
+    assert tiny["peak_rss_mb"] > 50
+    # A secure-aggregation upload is 8 bytes per value (64-bit masks) plus protocol messages.
+    assert 8 * tiny["params"] <= tiny["bytes_from_site"] < 9 * tiny["params"]
+
+    run_seconds = results["run_seconds"]
+    parts = {"ingest", "loader", "secagg", "secagg_vs_stock", "federation", "federation_model_scaling"}
+    assert set(run_seconds) == parts | {"total"}
+    assert _positive(*run_seconds.values())
+    assert sum(run_seconds[p] for p in parts) <= run_seconds["total"]
