@@ -44,7 +44,8 @@ from ctfed.common.exchange import (
     record_to_state,
     state_to_record,
 )
-from ctfed.common.secagg import aggregation_error_bound
+from ctfed.common.secagg import aggregation_error_bound, effective_num_shares
+from ctfed.simulations.secagg_bench import _synthetic_state as synthetic_state
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,6 @@ class _Outcome:
     error: str = ""
 
 
-def _global_state(num_params: int) -> dict[str, torch.Tensor]:
-    from ctfed.simulations.secagg_bench import _synthetic_state
-
-    return _synthetic_state(num_params)
-
-
 def _wait_for_nodes(grid: Any, sites: int) -> list[int]:
     deadline = time.monotonic() + _NODE_WAIT_S
     while True:
@@ -175,12 +170,25 @@ def _timed_strategy(global_state: dict[str, torch.Tensor], sites: int, outcome: 
     )
 
 
-def build_server_app(num_params: int, sites: int, rounds: int, cfg: RunConfig, outcome: _Outcome) -> Any:
+def stock_workflow(cfg: RunConfig, sites: int) -> Any:
+    """Flower's SecAgg+ with our neighbourhood size, threshold and clipping range."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    return SecAggPlusWorkflow(
+        num_shares=effective_num_shares(cfg.secagg.num_shares, sites),
+        reconstruction_threshold=cfg.secagg.reconstruction_threshold,
+        max_weight=float(max(site_weight(p) for p in range(sites))),
+        clipping_range=cfg.secagg.clipping_range,
+    )
+
+
+def build_server_app(
+    num_params: int, sites: int, rounds: int, cfg: RunConfig, workflow: Any, outcome: _Outcome
+) -> Any:
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow import DefaultWorkflow
     from flwr.serverapp import Grid, ServerApp
 
-    from ctfed.common import secagg as sa
     from ctfed.server.collect import build_strategy, vet_replies
     from ctfed.server.secagg import secure_round
 
@@ -207,7 +215,7 @@ def build_server_app(num_params: int, sites: int, rounds: int, cfg: RunConfig, o
         nodes = _wait_for_nodes(grid, sites)
         if len(nodes) != sites:
             raise RuntimeError(f"{len(nodes)} of {sites} simulated sites registered")
-        global_state = _global_state(num_params)
+        global_state = synthetic_state(num_params)
         strategy = build_strategy(cfg)
 
         def plain_round(server_round: int) -> list[np.ndarray]:
@@ -234,12 +242,6 @@ def build_server_app(num_params: int, sites: int, rounds: int, cfg: RunConfig, o
         legacy = LegacyContext(
             context, config=ServerConfig(num_rounds=rounds), strategy=_timed_strategy(global_state, sites, outcome)
         )
-        workflow = SecAggPlusWorkflow(
-            num_shares=sa.effective_num_shares(cfg.secagg.num_shares, sites),
-            reconstruction_threshold=cfg.secagg.reconstruction_threshold,
-            max_weight=float(max(site_weight(p) for p in range(sites))),
-            clipping_range=cfg.secagg.clipping_range,
-        )
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
         if len(outcome.stock_s) != rounds:
             raise RuntimeError(f"stock SecAgg+ completed {len(outcome.stock_s)} of {rounds} rounds (see Flower's log)")
@@ -251,13 +253,13 @@ def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) for x, y in zip(a, b))
 
 
-def stock_error_bound(sites: int, clipping_range: float, quantization_range: int, max_weight: float) -> float:
-    """Per value, |stock SecAgg+ mean - plain weighted mean|: each site's weighted value is
-    rounded to a grid of step 2c/Q (error < one step), and the sum is divided by the total
-    weight / max_weight."""
+def stock_error_bound(sites: int, workflow: Any) -> float:
+    """Per value, |stock SecAgg+ mean - plain weighted mean|: each site's value times
+    weight / max_weight is rounded to a grid of step 2c/Q (error < one step), and the sum is
+    divided by the total weight / max_weight."""
     weights = [site_weight(p) for p in range(sites)]
-    step = 2 * clipping_range / quantization_range
-    return sites * step * max_weight / sum(weights)
+    step = 2 * workflow.clipping_range / workflow.quantization_range
+    return sites * step * workflow.max_weight / sum(weights)
 
 
 def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict[str, Any]:
@@ -268,7 +270,8 @@ def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict
     cfg.federation.min_sites = 2
     cfg.federation.max_update_norm = 1e9  # synthetic updates; the norm check is timed, not tested
     outcome = _Outcome()
-    server_app = build_server_app(num_params, sites, rounds, cfg, outcome)
+    workflow = stock_workflow(cfg, sites)
+    server_app = build_server_app(num_params, sites, rounds, cfg, workflow, outcome)
     # Flower logs every stage of every round, and warns that run_simulation is deprecated and
     # that the legacy FedAvg has no metrics function; the benchmark prints its own summary.
     flwr_logger = logging.getLogger("flwr")
@@ -290,8 +293,6 @@ def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict
         raise RuntimeError(f"stock SecAgg+ comparison failed: {outcome.error or 'a path produced no round'}")
 
     plain, ours, stock = (statistics.median(x) for x in (outcome.plain_s, outcome.ours_s, outcome.stock_s))
-    max_weight = float(max(site_weight(p) for p in range(sites)))
-    stock_quantization = 4194304  # SecAggPlusWorkflow's default, which the benchmark keeps
     return {
         "params": num_params,
         "sites": sites,
@@ -309,6 +310,8 @@ def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict
         "max_abs_diff_stock_vs_plain": _max_abs_diff(outcome.stock_mean, outcome.plain_mean),
         # float32 rounding of values around 1e-3 is ~1e-10, far above our 1.8e-12 grid step
         "ours_error_bound": aggregation_error_bound(cfg.secagg) + 1e-9,
-        "stock_error_bound": stock_error_bound(sites, cfg.secagg.clipping_range, stock_quantization, max_weight) + 1e-9,
+        "stock_error_bound": stock_error_bound(sites, workflow) + 1e-9,
+        "stock_quantization_range": workflow.quantization_range,
+        "stock_modulus_range": workflow.modulus_range,
         "simulation_wall_s": wall,
     }
