@@ -17,12 +17,15 @@ aggregation on, as a user runs it) read back from its results.json:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from ctfed.common.cli import main as ctfed_main
+
+logger = logging.getLogger(__name__)
 
 
 def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -123,7 +126,15 @@ def bench_model_scaling(work: Path, models: Sequence[str], sites: int, local_ste
     parallel = os.cpu_count() or 1
     rows = []
     for model in models:
-        run = _scaling_run(work, model, sites, local_steps)
+        try:
+            run = _scaling_run(work, model, sites, local_steps)
+        except RuntimeError as err:
+            # A ViT-B federation can run out of memory on a small machine (Ray kills a site's
+            # worker); the sizes that did run are still worth their row.
+            logger.error("model-size benchmark at %s failed: %s", model, err)
+            rows.append({"model": model, "params": encoder_parameters(model), "sites": sites,
+                         "local_steps": local_steps, "error": str(err)})
+            continue
         steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1 starts Ray's workers
         peaks = [r["peak_rss_mb"] for r in steady if r["peak_rss_mb"]]
         rows.append({
@@ -145,6 +156,9 @@ def print_model_scaling(rows: Sequence[dict[str, Any]]) -> None:
         return
     print(f"federation vs model size ({rows[0]['sites']} sites, {rows[0]['local_steps']} local steps, secure aggregation on):")
     for row in rows:
+        if "error" in row:
+            print(f"  {row['model']:<6} {row['params'] / 1e6:6.2f}M params: failed ({row['error']})")
+            continue
         peak = f"{row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] else "-"
         print(
             f"  {row['model']:<6} {row['params'] / 1e6:6.2f}M params: {row['round_s']:.1f} s/round "

@@ -69,3 +69,23 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert set(run_seconds) == parts | {"total"}
     assert _positive(*run_seconds.values())
     assert sum(run_seconds[p] for p in parts) <= run_seconds["total"]
+
+
+def test_model_scaling_keeps_the_sizes_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A federation that fails at one model size (ViT-B out of memory) leaves a row with the reason."""
+    from ctfed.simulations import federation_bench
+
+    site = {"train_seconds": 2.0, "bytes_received": 1000, "bytes_sent": 500, "peak_rss_mb": 300.0}
+    record = {"round": 2, "seconds": 3.0, "sites": [site, site]}
+
+    def simulate(work: Path, name: str, overrides: list[str]) -> dict:
+        if "model=vit_b" in overrides:
+            raise RuntimeError(f"benchmark federation {name} failed (code 1)")
+        return {"rounds": [{**record, "round": 1, "seconds": 30.0}, record]}
+
+    monkeypatch.setattr(federation_bench, "_simulate", simulate)
+    tiny, vit_b = federation_bench.bench_model_scaling(tmp_path, ("tiny", "vit_b"), sites=2, local_steps=2)
+    assert tiny["round_s"] == 3.0 and tiny["site_train_s"] == 2.0 and tiny["bytes_from_site"] == 1000
+    assert "error" not in tiny
+    assert vit_b["model"] == "vit_b" and "failed" in vit_b["error"] and vit_b["params"] > 80_000_000
+    federation_bench.print_model_scaling([tiny, vit_b])
