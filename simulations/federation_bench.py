@@ -11,7 +11,8 @@ aggregation on, as a user runs it) read back from its results.json:
 * Peak resident memory of a site process.
 * Scaling: round time against the number of sites.
 * Scaling with the model: round time, bytes per round and peak site memory against the
-  encoder size (``conf/model/*.yaml``), with the sites and steps of the site-count runs.
+  encoder size (``conf/model/*.yaml``), 2 sites and 2 local steps; a run it shares with the
+  site-count series (same model, sites and steps) is run once.
 """
 
 from __future__ import annotations
