@@ -9,9 +9,15 @@
   parameters (simulations/secagg_bench.py), alone and with a local training round added.
 * Transport: fp32 against float16/bfloat16 updates and SecAgg+ at 64 vs 32 bits, bytes per
   round per phase and the effect on the aggregate and the loss (simulations/transport_bench.py).
+* SecAgg+ against stock Flower: plain, our SecAgg+ and Flower's SecAggPlusWorkflow +
+  secaggplus_mod in one Flower simulation, same sites and update size
+  (simulations/stock_secagg_bench.py).
 * Federation: round overhead over local training, bytes per round in each phase, peak
-  memory of a site process, round time against the number of sites
-  (simulations/federation_bench.py, real simulated federations).
+  memory of a site process, round time against the number of sites and against the model
+  size (simulations/federation_bench.py, real simulated federations).
+
+The run time of each part and of the whole run is printed and kept in the JSON
+(``run_seconds``), so the cost of the full mode is on record.
 
 Absolute times on a shared 2-core machine are noisy; the ratios, measured back to back in
 one run (median of repeats), are the figures to compare. Results go to a JSON file and a
@@ -35,21 +41,31 @@ from ctfed.common.config import load_run_config
 from ctfed.common.dicom import load_series, scan
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes, import_transforms, prepare
-from ctfed.simulations.federation_bench import bench_federation, print_federation
+from ctfed.simulations.federation_bench import (
+    bench_federation,
+    bench_model_scaling,
+    encoder_parameters,
+    print_federation,
+    print_model_scaling,
+)
 from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
+from ctfed.simulations.stock_secagg_bench import bench_stock_secagg
 from ctfed.simulations.synth import PROFILES, write_scan
 from ctfed.simulations.transport_bench import print_transport, run_transport_bench
 
 
-PARTS = ("ingest", "loader", "secagg", "federation", "transport")
+PARTS = ("ingest", "loader", "secagg", "secagg_vs_stock", "federation", "federation_model_scaling", "transport")
+_NEED_LOADER = {"secagg", "secagg_vs_stock"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small series and the tiny model (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="small series and the tiny model (a few minutes)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="run only these parts (secagg needs loader's step time and runs it too)")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, metavar="PART",
+        help=f"run only these parts ({', '.join(PARTS)}); loader comes with the secagg parts, which use its step time",
+    )
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -149,40 +165,130 @@ def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...]) -> dict[str, An
     return {"sizes": entries, "training_note": note}
 
 
+def _training_round_s(loader: dict[str, Any], params: int) -> float:
+    """A local training round at ``params`` parameters, scaled linearly from ``loader``'s measured step."""
+    cfg = load_run_config([f"model={loader['model']}"])
+    return loader["step_s"] * cfg.train.local_steps * params / encoder_parameters(loader["model"])
+
+
+def bench_stock_comparison(loader: dict[str, Any], models: tuple[str, ...], rounds: int) -> list[dict[str, Any]]:
+    """Plain vs our SecAgg+ vs stock Flower SecAgg+, at each model's encoder size, 5 sites."""
+    entries = []
+    for model in models:
+        entry = bench_stock_secagg(encoder_parameters(model), sites=5, rounds=rounds)
+        entry["model"] = model
+        train_s = _training_round_s(loader, entry["params"])
+        entry["train_round_s"] = train_s
+        entry["ratio_ours_over_plain_with_training"] = (train_s + entry["ours_round_s"]) / (train_s + entry["plain_round_s"])
+        entry["ratio_stock_over_plain_with_training"] = (train_s + entry["stock_round_s"]) / (train_s + entry["plain_round_s"])
+        entries.append(entry)
+    return entries
+
+
+def print_stock_comparison(entries: list[dict[str, Any]]) -> None:
+    for e in entries:
+        print(
+            f"secagg vs stock Flower, {e['sites']} sites, {e['params'] / 1e6:.2f}M params ({e['model']}), per round "
+            f"(Flower simulation, aggregation only): plain {e['plain_round_s']:.2f} s, ours {e['ours_round_s']:.2f} s, "
+            f"stock {e['stock_round_s']:.2f} s -> ours/plain {e['ratio_ours_over_plain']:.2f}, "
+            f"stock/plain {e['ratio_stock_over_plain']:.2f}, ours/stock {e['ratio_ours_over_stock']:.2f}"
+        )
+        print(
+            f"  with a {e['train_round_s']:.1f} s local training round: ours/plain "
+            f"{e['ratio_ours_over_plain_with_training']:.3f}, stock/plain {e['ratio_stock_over_plain_with_training']:.3f} "
+            f"(goal <= 1.15); max |mean - plain mean|: ours {e['max_abs_diff_ours_vs_plain']:.1e} "
+            f"(bound {e['ours_error_bound']:.1e}), stock {e['max_abs_diff_stock_vs_plain']:.1e} (bound {e['stock_error_bound']:.1e})"
+        )
+
+
+class _PartTimer:
+    """Wall time of each part of the run, for the record of what the full mode costs."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        # Called after each part: a full run takes long, and what it measured must survive an interruption.
+        self.checkpoint: Callable[[], None] | None = None
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.parts[name] = time.perf_counter() - started
+            if self.checkpoint is not None:
+                self.checkpoint()
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
-    parts = set(args.only) | ({"loader"} if "secagg" in args.only else set())
+    parts = set(args.only or PARTS)
+    if parts & _NEED_LOADER:
+        parts.add("loader")
+    timed = _PartTimer()
     results: dict[str, Any] = {"mode": "quick" if quick else "full"}
+
+    def save() -> None:
+        results["run_seconds"] = {"total": timed.total(), **timed.parts}
+        write_json_atomic(args.out, results)
+
+    timed.checkpoint = save
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-") as tmp:
         work = Path(tmp)
         if "ingest" in parts:
             print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader, prepare with 1 and 2 workers ...", flush=True)
-            results["ingest"] = bench_ingest(
+            results["ingest"] = timed("ingest", lambda: bench_ingest(
                 work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
-            )
+            ))
         if "loader" in parts:
             model = "tiny" if quick else "vit_b"
             print(f"loader share of a training step ({model}) ...", flush=True)
-            results["loader"] = bench_loader_share(work, model, steps=3 if quick else 2)
+            results["loader"] = timed("loader", lambda: bench_loader_share(work, model, steps=3 if quick else 2))
     if "secagg" in parts:
         print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
-        results["secagg"] = bench_secagg(results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000))
-    if "federation" in parts:
-        print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
-            results["federation"] = bench_federation(
-                Path(tmp), "tiny" if quick else "small", site_counts=(2, 4) if quick else (2, 4, 8, 16),
-                local_steps=2 if quick else 8,
-            )
+        results["secagg"] = timed("secagg", lambda: bench_secagg(
+            results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000)
+        ))
+    if "secagg_vs_stock" in parts:
+        print("secure aggregation: ours vs stock Flower SecAgg+ vs plain, one Flower simulation per size ...", flush=True)
+        # Not ViT-B: its 89M values took over 9 GB in the coordinator and 5 GB per Ray worker
+        # (five sites' cached updates, stock FedAvg's float64 copies) on a 23 GB machine.
+        results["secagg_vs_stock"] = timed("secagg_vs_stock", lambda: bench_stock_comparison(
+            results["loader"], models=("tiny",) if quick else ("tiny", "small"), rounds=2 if quick else 3
+        ))
+    fed_model, fed_steps = ("tiny", 2) if quick else ("small", 8)
+    with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
+        if "federation" in parts:
+            print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
+            results["federation"] = timed("federation", lambda: bench_federation(
+                Path(tmp), fed_model, site_counts=(2, 4) if quick else (2, 4, 8, 16), local_steps=fed_steps,
+            ))
+        if "federation_model_scaling" in parts:
+            # 2 local steps at every size: 8 ViT-B steps take over 10 minutes per round here. The
+            # quick mode reuses the federation part's 2-site run as its one point; a small-model
+            # federation would add a minute and a half.
+            print("federation: round time, bytes and memory vs model size (real simulations) ...", flush=True)
+            results["federation_model_scaling"] = timed("federation_model_scaling", lambda: bench_model_scaling(
+                Path(tmp), ("tiny",) if quick else ("tiny", "small", "vit_b"), sites=2, local_steps=2,
+            ))
     if "transport" in parts:
-        results["transport"] = run_transport_bench(quick)
-    write_json_atomic(args.out, results)
+        print("transport: fp32 vs float16/bfloat16 updates, SecAgg+ at 64 vs 32 bits ...", flush=True)
+        results["transport"] = timed("transport", lambda: run_transport_bench(quick))
+    save()
+    print_results(results)
+    print(f"results: {args.out}")
+    return 0
 
+
+def print_results(results: dict[str, Any]) -> None:
     print()
     ingest = results.get("ingest")
-    if ingest is not None and "skipped" in ingest:
+    if ingest and "skipped" in ingest:
         print(f"ingest: skipped ({ingest['skipped']})")
-    elif ingest is not None:
+    elif ingest:
         z, y, x = ingest["series_shape_zyx"]
         print(f"ingest of a {z}x{y}x{x} series: ctfed {ingest['ctfed_load_series_s']:.3f} s, "
               f"SimpleITK {ingest['simpleitk_s']:.3f} s -> ratio {ingest['ratio_simpleitk_over_ctfed']:.2f} (goal >= 1.0)")
@@ -190,22 +296,24 @@ def run(args: argparse.Namespace) -> int:
               f"{ingest['series_per_s_2_workers']:.2f} with 2 -> ratio 2/1 workers "
               f"{ingest['prepare_speedup_2_over_1_workers']:.2f} ({ingest['cpus']} CPUs, load average "
               f"{ingest['load_average_1min']:g} during the run)")
-    if "loader" in results:
-        loader = results["loader"]
+    if loader := results.get("loader"):
         print(f"loader ({loader['model']}): {loader['loader_s_per_step']:.3f} s of a {loader['step_s']:.3f} s step "
               f"-> share {loader['loader_share']:.1%} (goal < 10%)")
-    if "secagg" in results:
-        secagg = results["secagg"]
+    if secagg := results.get("secagg"):
         for entry in secagg["sizes"]:
             print(f"secagg, 5 sites, {entry['params'] / 1e6:.1f}M params: SecAgg+ {entry['secure_round_s']:.2f} s, "
                   f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
                   f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
-                  f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| "
-                  f"{entry['max_abs_diff_secure_vs_plain']:.1e}")
+                  f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
         print(f"  ({secagg['training_note']})")
+    if "secagg_vs_stock" in results:
+        print_stock_comparison(results["secagg_vs_stock"])
     if "federation" in results:
         print_federation(results["federation"])
+    if "federation_model_scaling" in results:
+        print_model_scaling(results["federation_model_scaling"])
     if "transport" in results:
         print_transport(results["transport"])
-    print(f"results: {args.out}")
-    return 0
+    timing = results["run_seconds"]
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items() if name != "total")
+    print(f"run time ({results['mode']} mode): {timing['total'] / 60:.1f} min ({parts})")

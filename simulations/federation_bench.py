@@ -10,17 +10,23 @@ aggregation on, as a user runs it) read back from its results.json:
   progressive rounds (trainable parameters only).
 * Peak resident memory of a site process.
 * Scaling: round time against the number of sites.
+* Scaling with the model: round time, bytes per round and peak site memory against the
+  encoder size (``conf/model/*.yaml``), 2 sites and 2 local steps; a run it shares with the
+  site-count series (same model, sites and steps) is run once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
 from ctfed.common.cli import main as ctfed_main
+
+logger = logging.getLogger(__name__)
 
 
 def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -29,6 +35,29 @@ def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]
     if code != 0 or not results_path.is_file():
         raise RuntimeError(f"benchmark federation {name} failed (code {code}); see {work / name / 'federation.log'}")
     return json.loads(results_path.read_text())
+
+
+# Runs of the scaling federation, by (model, sites, local steps): the site-count and the
+# model-size series share a point, which is run once.
+_scaling_runs: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _scaling_run(work: Path, model: str, sites: int, local_steps: int) -> dict[str, Any]:
+    """Phase 1 alone, 2 rounds, 2 scans per site; shares and threshold any site count can meet."""
+    key = (model, sites, local_steps)
+    if key not in _scaling_runs or not (work / _scaling_name(*key) / "results.json").is_file():
+        shares = max(3, min(sites, 5))
+        _scaling_runs[key] = _simulate(
+            work, _scaling_name(*key),
+            [f"model={model}", f"train.local_steps={local_steps}", f"synth.sites={sites}", "synth.scans_per_site=2",
+             "federation.rounds=2", f"secagg.num_shares={shares}", f"secagg.reconstruction_threshold={shares // 2 + 1}",
+             "federation.min_sites=2"],
+        )
+    return _scaling_runs[key]
+
+
+def _scaling_name(model: str, sites: int, local_steps: int) -> str:
+    return f"scale-{model}-{sites}sites-{local_steps}steps"
 
 
 def _round_figures(record: dict[str, Any], parallel: int) -> dict[str, Any]:
@@ -59,14 +88,7 @@ def bench_federation(work: Path, model: str, site_counts: Sequence[int], local_s
     rounds = [_round_figures(r, parallel) for r in phases["rounds"]]
     scaling = []
     for count in site_counts:
-        # Thresholds every site count can meet, so a small federation is still secure.
-        shares = max(3, min(count, 5))
-        run = _simulate(
-            work, f"sites{count}",
-            [*common, f"synth.sites={count}", "synth.scans_per_site=2", "federation.rounds=2",
-             f"secagg.num_shares={shares}", f"secagg.reconstruction_threshold={shares // 2 + 1}",
-             "federation.min_sites=2"],
-        )
+        run = _scaling_run(work, model, count, local_steps)
         steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]
         scaling.append({"sites": count, "round_s": statistics.mean(r["round_s"] for r in steady)})
     return {"model": model, "cores": parallel, "rounds": rounds, "scaling": scaling}
@@ -86,3 +108,61 @@ def print_federation(figures: dict[str, Any]) -> None:
         "  (overhead = round time / the site training it contains, with one site per core; with a tiny model a "
         "round's few-second fixed cost dominates, so read the full mode's figures)"
     )
+
+
+def encoder_parameters(model: str) -> int:
+    """Values in the encoder's state dict (what a site's update carries), without allocating it."""
+    import torch
+
+    from ctfed.common.config import load_run_config
+    from ctfed.common.model import ViTEncoder
+
+    with torch.device("meta"):
+        encoder = ViTEncoder(load_run_config([f"model={model}"]).model)
+    return sum(t.numel() for t in encoder.state_dict().values())
+
+
+def bench_model_scaling(work: Path, models: Sequence[str], sites: int, local_steps: int) -> list[dict[str, Any]]:
+    """Phase-1 round time, bytes per round per site and peak site memory for each encoder size."""
+    parallel = os.cpu_count() or 1
+    rows = []
+    for model in models:
+        try:
+            run = _scaling_run(work, model, sites, local_steps)
+        except RuntimeError as err:
+            # A ViT-B federation can run out of memory on a small machine (Ray kills a site's
+            # worker); the sizes that did run are still worth their row.
+            logger.error("model-size benchmark at %s failed: %s", model, err)
+            rows.append({"model": model, "params": encoder_parameters(model), "sites": sites,
+                         "local_steps": local_steps, "error": str(err)})
+            continue
+        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1 starts Ray's workers
+        peaks = [r["peak_rss_mb"] for r in steady if r["peak_rss_mb"]]
+        rows.append({
+            "model": model,
+            "params": encoder_parameters(model),
+            "sites": sites,
+            "local_steps": local_steps,
+            "round_s": statistics.mean(r["round_s"] for r in steady),
+            "site_train_s": statistics.mean(r["site_train_s_sum"] for r in steady) / sites,
+            "bytes_from_site": statistics.mean(r["bytes_from_site"] for r in steady),
+            "bytes_to_site": statistics.mean(r["bytes_to_site"] for r in steady),
+            "peak_rss_mb": max(peaks) if peaks else None,
+        })
+    return rows
+
+
+def print_model_scaling(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print(f"federation vs model size ({rows[0]['sites']} sites, {rows[0]['local_steps']} local steps, secure aggregation on):")
+    for row in rows:
+        if "error" in row:
+            print(f"  {row['model']:<6} {row['params'] / 1e6:6.2f}M params: failed ({row['error']})")
+            continue
+        peak = f"{row['peak_rss_mb']:.0f} MB" if row["peak_rss_mb"] else "-"
+        print(
+            f"  {row['model']:<6} {row['params'] / 1e6:6.2f}M params: {row['round_s']:.1f} s/round "
+            f"(site training {row['site_train_s']:.1f} s), {row['bytes_from_site'] / 2**20:.1f} MiB from / "
+            f"{row['bytes_to_site'] / 2**20:.1f} MiB to each site, peak site {peak}"
+        )

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from ctfed.common.cli import main
+from ctfed.simulations.federation_bench import encoder_parameters
+
+
+def _positive(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
 
 
 def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
@@ -44,12 +50,60 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert 0 < transport["secagg-32bit"]["relative_error_vs_float32"] < 1e-2
     assert all(row["aggregated_rounds"] == row["rounds"] == 3 for row in transport.values())
 
+    # Ours vs stock Flower SecAgg+ vs plain, in one Flower simulation at the tiny encoder's size.
+    [stock] = results["secagg_vs_stock"]
+    assert stock["model"] == "tiny" and stock["params"] == encoder_parameters("tiny") and stock["sites"] == 5
+    assert _positive(stock["plain_round_s"], stock["ours_round_s"], stock["stock_round_s"])
+    assert stock["ratio_ours_over_plain"] == pytest.approx(stock["ours_round_s"] / stock["plain_round_s"])
+    assert stock["ratio_stock_over_plain"] == pytest.approx(stock["stock_round_s"] / stock["plain_round_s"])
+    assert stock["ratio_ours_over_stock"] == pytest.approx(stock["ours_round_s"] / stock["stock_round_s"])
+    assert all(len(times) == stock["rounds"] for times in stock["rounds_s"].values())
+    assert 1 <= stock["ratio_ours_over_plain_with_training"] < stock["ratio_ours_over_plain"]
+    assert stock["max_abs_diff_ours_vs_plain"] < stock["ours_error_bound"]
+    assert stock["max_abs_diff_stock_vs_plain"] < stock["stock_error_bound"]
+
+    # Round time, bytes and memory against the model size (quick: the tiny point, reused from
+    # the 2-site run of the site-count series).
+    [tiny] = results["federation_model_scaling"]
+    assert tiny["model"] == "tiny" and tiny["params"] == encoder_parameters("tiny") and tiny["sites"] == 2
+    assert _positive(tiny["round_s"], tiny["site_train_s"], tiny["bytes_from_site"], tiny["bytes_to_site"])
+    assert tiny["round_s"] == pytest.approx(federation["scaling"][0]["round_s"])
+    assert tiny["peak_rss_mb"] > 50
+    # A secure-aggregation upload is 8 bytes per value (64-bit masks) plus protocol messages.
+    assert 8 * tiny["params"] <= tiny["bytes_from_site"] < 9 * tiny["params"]
+
+    run_seconds = results["run_seconds"]
+    parts = {"ingest", "loader", "secagg", "secagg_vs_stock", "federation", "federation_model_scaling", "transport"}
+    assert set(run_seconds) == parts | {"total"}
+    assert _positive(*run_seconds.values())
+    assert sum(run_seconds[p] for p in parts) <= run_seconds["total"]
+
+
+def test_model_scaling_keeps_the_sizes_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A federation that fails at one model size (ViT-B out of memory) leaves a row with the reason."""
+    from ctfed.simulations import federation_bench
+
+    site = {"train_seconds": 2.0, "bytes_received": 1000, "bytes_sent": 500, "peak_rss_mb": 300.0}
+    record = {"round": 2, "seconds": 3.0, "sites": [site, site]}
+
+    def simulate(work: Path, name: str, overrides: list[str]) -> dict:
+        if "model=vit_b" in overrides:
+            raise RuntimeError(f"benchmark federation {name} failed (code 1)")
+        return {"rounds": [{**record, "round": 1, "seconds": 30.0}, record]}
+
+    monkeypatch.setattr(federation_bench, "_simulate", simulate)
+    tiny, vit_b = federation_bench.bench_model_scaling(tmp_path, ("tiny", "vit_b"), sites=2, local_steps=2)
+    assert tiny["round_s"] == 3.0 and tiny["site_train_s"] == 2.0 and tiny["bytes_from_site"] == 1000
+    assert "error" not in tiny
+    assert vit_b["model"] == "vit_b" and "failed" in vit_b["error"] and vit_b["params"] > 80_000_000
+    federation_bench.print_model_scaling([tiny, vit_b])
+
 
 def test_bench_only_ingest_prints_the_worker_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--only", "ingest", "--repeats", "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results) == {"mode", "ingest"}
+    assert set(results) == {"mode", "ingest", "run_seconds"}
     assert results["ingest"]["series"] == 8 and results["ingest"]["cpus"] >= 1
     printed = capsys.readouterr().out
     assert "series/s with 1 worker" in printed and "ratio 2/1 workers" in printed
