@@ -275,7 +275,6 @@ def run(args: argparse.Namespace) -> int:
                 Path(tmp), ("tiny",) if quick else ("tiny", "small", "vit_b"), sites=2, local_steps=2,
             ))
     if "transport" in parts:
-        print("transport: fp32 vs float16/bfloat16 updates, SecAgg+ at 64 vs 32 bits ...", flush=True)
         results["transport"] = timed("transport", lambda: run_transport_bench(quick))
     save()
     print_results(results)
