@@ -211,8 +211,13 @@ def _save(ds: Dataset, path: Path, profile: SiteProfile) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_scan(site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int) -> tuple[UID, list[str]]:
-    """Write one axial head-CT series; return its StudyInstanceUID and its findings."""
+def write_scan(
+    site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int, finding_scale: float = 1.0
+) -> tuple[UID, list[str]]:
+    """Write one axial head-CT series; return its StudyInstanceUID and its findings.
+
+    ``finding_scale``: ``HeadModel.random`` (1.0: realistic finding sizes).
+    """
     rng = np.random.default_rng([seed, site, scan])
     patient = _fake_patient(rng, site)
     findings = _pick_findings(rng, profile.prevalence)
@@ -222,7 +227,9 @@ def write_scan(site_dir: Path, profile: SiteProfile, site: int, scan: int, seed:
     row, col, positions = _slice_geometry(profile, z0)
     fov = profile.matrix * profile.pixel_spacing_mm
     extent = (fov, fov * np.cos(np.deg2rad(profile.gantry_tilt_deg)), profile.slices * profile.slice_thickness_mm)
-    head = HeadModel.random(rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings)
+    head = HeadModel.random(
+        rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings, finding_scale
+    )
 
     grid = np.arange(profile.matrix, dtype=np.float64) * profile.pixel_spacing_mm
     plane = grid[None, :, None] * row + grid[:, None, None] * col  # (y, x, 3)
@@ -281,13 +288,16 @@ def write_localizer(site_dir: Path, profile: SiteProfile, site: int, seed: int) 
     _save(ds, _series_path(site_dir, profile, patient, 999, 1, 1), profile)
 
 
-def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int | Sequence[int], seed: int) -> list[Path]:
+def synthesize_federation(
+    out_dir: Path, sites: int, scans_per_site: int | Sequence[int], seed: int, finding_scale: float = 1.0
+) -> list[Path]:
     """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
 
     ``scans_per_site`` is one count for every site, or one count per site (sites of different
     sizes). A scan's pixels and labels depend only on (seed, site, scan), so a larger site
     holds the scans of a smaller one plus more. Each site folder holds its DICOM files, one
     localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
+    ``finding_scale`` enlarges every finding (``HeadModel.random``) and changes nothing else.
     """
     counts = [scans_per_site] * sites if isinstance(scans_per_site, int) else list(scans_per_site)
     if sites < 1 or len(counts) != sites or min(counts) < 1:
@@ -299,7 +309,7 @@ def synthesize_federation(out_dir: Path, sites: int, scans_per_site: int | Seque
         site_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for scan in range(site_scans):
-            study_uid, findings = write_scan(site_dir, profile, site, scan, seed)
+            study_uid, findings = write_scan(site_dir, profile, site, scan, seed, finding_scale)
             rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
         write_localizer(site_dir, profile, site, seed)
         with open(site_dir / "labels.csv", "w", newline="") as handle:
