@@ -70,11 +70,21 @@ class HeadModel:
         extent_xyz: Sequence[float],
         centre_xyz: Sequence[float],
         findings: Sequence[str] = (),
+        finding_scale: float = 1.0,
     ) -> "HeadModel":
-        """Draw a head that fills most of a field of view of ``extent_xyz`` mm."""
+        """Draw a head that fills most of a field of view of ``extent_xyz`` mm.
+
+        ``finding_scale`` multiplies every finding's thickness (haematoma radii, the width of
+        subdural/epidural collections, the sulcal blood lines; blood-filled ventricles dilate);
+        1.0 keeps the realistic sizes. Larger findings survive resampling to the coarse grids
+        of a small model (``synth.finding_scale``). It draws the same random numbers whatever
+        its value, so a scaled hospital holds the same heads, labels and identifiers.
+        """
         unknown = set(findings) - set(FINDINGS)
         if unknown:
             raise ValueError(f"unknown findings {sorted(unknown)}; known: {', '.join(FINDINGS)}")
+        if finding_scale <= 0:
+            raise ValueError(f"finding_scale must be > 0, got {finding_scale}")
         extent = np.asarray(extent_xyz, dtype=float)
         fill = np.array([0.36, 0.42, 0.5]) * rng.uniform(0.92, 1.05, size=3)
         semi_axes = extent * fill
@@ -86,19 +96,28 @@ class HeadModel:
             hu = float(rng.uniform(60.0, 80.0))
             if name == "intraparenchymal":
                 where = rng.uniform([-0.4, -0.4, -0.3], [0.4, 0.4, 0.4])
-                params[name] = {"centre": where, "radius": rng.uniform(0.08, 0.16, 3), "hu": hu}
+                params[name] = {"centre": where, "radius": finding_scale * rng.uniform(0.08, 0.16, 3), "hu": hu}
             elif name in ("subdural", "epidural"):
                 direction = np.array([side, rng.uniform(-0.5, 0.5), rng.uniform(-0.2, 0.6)])
                 params[name] = {
                     "direction": direction / np.linalg.norm(direction),
-                    "width": float(rng.uniform(0.05, 0.09)),
+                    "width": finding_scale * float(rng.uniform(0.05, 0.09)),
                     "extent": float(rng.uniform(0.5, 0.8) if name == "subdural" else rng.uniform(0.3, 0.45)),
                     "hu": hu,
                 }
             elif name == "subarachnoid":
-                params[name] = {"side": -side, "frequency": float(rng.uniform(9, 14)), "hu": hu - 5.0}
+                params[name] = {
+                    "side": -side,
+                    "frequency": float(rng.uniform(9, 14)),
+                    # |sin sin| below this marks a sulcus: the lines' share of the cortical band.
+                    "line_width": min(0.12 * finding_scale, 1.0),
+                    "hu": hu - 5.0,
+                }
             elif name == "intraventricular":
-                params[name] = {"level": float(rng.uniform(0.0, 0.05)), "hu": hu}
+                # The ventricles are too narrow to hold a thicker layer, so a larger scale
+                # dilates the blood-filled ventricles (as with the hydrocephalus that often
+                # accompanies intraventricular haemorrhage).
+                params[name] = {"level": float(rng.uniform(0.0, 0.05)), "dilation": finding_scale, "hu": hu}
         return cls(
             centre=centre,
             semi_axes=semi_axes,
@@ -142,11 +161,11 @@ class HeadModel:
         return hu
 
     @staticmethod
-    def _ventricles(u: np.ndarray) -> np.ndarray:
+    def _ventricles(u: np.ndarray, dilation: float = 1.0) -> np.ndarray:
         """Two lateral ventricles either side of the midline."""
         mask = np.zeros(u.shape[:-1], dtype=bool)
         for side in (-1.0, 1.0):
-            d = (u - np.array([0.13 * side, 0.0, 0.12])) / np.array([0.08, 0.3, 0.14])
+            d = (u - np.array([0.13 * side, 0.0, 0.12])) / (dilation * np.array([0.08, 0.3, 0.14]))
             mask |= np.sum(d * d, axis=-1) <= 1.0
         return mask
 
@@ -178,11 +197,13 @@ class HeadModel:
             # Thin bright lines in the cortical band along sulci on one hemisphere.
             band = brain & (rho > 0.78 * inner) & (u[..., 0] * p["side"] > 0.1)
             f = p["frequency"]
-            sulci = np.abs(np.sin(f * u[..., 1]) * np.sin(f * u[..., 2])) < 0.12
+            sulci = np.abs(np.sin(f * u[..., 1]) * np.sin(f * u[..., 2])) < p["line_width"]
             return band & sulci
         if name == "intraventricular":
             # Blood layers in the dependent (posterior, patient supine) part of the ventricle.
-            return ventricles & brain & (u[..., 1] < -p["level"])
+            dilation = float(p.get("dilation", 1.0))
+            filled = ventricles if dilation == 1.0 else HeadModel._ventricles(u, dilation)
+            return filled & brain & (u[..., 1] < -p["level"])
         raise ValueError(f"unknown finding {name!r}")
 
 
@@ -193,6 +214,7 @@ def head_phantom(
     findings: Sequence[str] = (),
     noise_sd: float = 0.0,
     blur_sigma: float = 0.0,
+    finding_scale: float = 1.0,
 ) -> np.ndarray:
     """A whole-head volume on an axis-aligned grid (float32 HU, z,y,x) -- for quick looks.
 
@@ -203,7 +225,7 @@ def head_phantom(
     shape = np.asarray(shape_zyx)
     spacing = np.asarray(spacing_zyx, float)
     extent_xyz = (shape * spacing)[::-1]
-    head = HeadModel.random(rng, extent_xyz, extent_xyz / 2.0, findings)
+    head = HeadModel.random(rng, extent_xyz, extent_xyz / 2.0, findings, finding_scale)
     z, y, x = (np.arange(n, dtype=np.float32) * s + s / 2 for n, s in zip(shape, spacing))
     points = np.stack(np.meshgrid(x, y, z, indexing="ij"), axis=-1).transpose(2, 1, 0, 3)
     return scanner_effects(head.hu_at(points), rng, noise_sd, blur_sigma)

@@ -251,12 +251,19 @@ def _save(ds: Dataset, path: Path, profile: SiteProfile) -> None:
 
 
 def write_scan(
-    site_dir: Path, profile: SiteProfile, site: int, scan: int, seed: int, reconstruction: Reconstruction | None = None
+    site_dir: Path,
+    profile: SiteProfile,
+    site: int,
+    scan: int,
+    seed: int,
+    reconstruction: Reconstruction | None = None,
+    finding_scale: float = 1.0,
 ) -> tuple[UID, list[str]]:
     """Write one axial head-CT series; return its StudyInstanceUID and its findings.
 
     With ``reconstruction``, write that series of the same study instead (same patient,
-    anatomy and findings; its own series UID, kernel and slices).
+    anatomy and findings; its own series UID, kernel and slices). ``finding_scale``:
+    ``HeadModel.random`` (1.0: realistic finding sizes).
     """
     _check_encoder(profile.transfer_syntax)
     rng = np.random.default_rng([seed, site, scan])
@@ -268,7 +275,9 @@ def write_scan(
     z0 = float(rng.uniform(-80.0, -40.0))
     fov = profile.matrix * profile.pixel_spacing_mm
     extent = (fov, fov * np.cos(np.deg2rad(profile.gantry_tilt_deg)), profile.slices * profile.slice_thickness_mm)
-    head = HeadModel.random(rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings)
+    head = HeadModel.random(
+        rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings, finding_scale
+    )
     series_number = 2
     description = f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
     if reconstruction is not None:
@@ -342,6 +351,7 @@ def synthesize_federation(
     scans_per_site: int | Sequence[int],
     seed: int,
     reconstructions: Sequence[Reconstruction] = (),
+    finding_scale: float = 1.0,
 ) -> list[Path]:
     """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
 
@@ -350,6 +360,7 @@ def synthesize_federation(
     holds the scans of a smaller one plus more. Each site folder holds its DICOM files, one
     localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
     Each study also gets one series per entry of ``reconstructions`` (one labels row per study).
+    ``finding_scale`` enlarges every finding (``HeadModel.random``) and changes nothing else.
     """
     counts = [scans_per_site] * sites if isinstance(scans_per_site, int) else list(scans_per_site)
     if sites < 1 or len(counts) != sites or min(counts) < 1:
@@ -361,9 +372,9 @@ def synthesize_federation(
         site_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for scan in range(site_scans):
-            study_uid, findings = write_scan(site_dir, profile, site, scan, seed)
+            study_uid, findings = write_scan(site_dir, profile, site, scan, seed, finding_scale=finding_scale)
             for reconstruction in reconstructions:
-                write_scan(site_dir, profile, site, scan, seed, reconstruction)
+                write_scan(site_dir, profile, site, scan, seed, reconstruction, finding_scale=finding_scale)
             rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
         write_localizer(site_dir, profile, site, seed)
         with open(site_dir / "labels.csv", "w", newline="") as handle:

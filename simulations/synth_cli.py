@@ -15,18 +15,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scans-per-site", type=int, default=defaults.scans_per_site,
                         help="head-CT series per hospital (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="same seed, same files (default %(default)s)")
+    parser.add_argument("--finding-scale", type=float, default=defaults.finding_scale,
+                        help="finding size multiplier; 1.0 = realistic sizes (default %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write site_<k>/ folders into")
 
 
 def run(args: argparse.Namespace) -> int:
     # Validates the counts with the same rules as the config file.
-    cfg = SynthConfig(sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed)
+    cfg = SynthConfig(
+        sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed, finding_scale=args.finding_scale
+    )
     from ctfed.simulations.synth import site_profile, synthesize_federation
 
     # The JPEG 2000 encoder logs one INFO line per tile; that is noise here.
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
 
-    site_dirs = synthesize_federation(args.out, cfg.sites, cfg.scans_per_site, cfg.seed)
+    site_dirs = synthesize_federation(args.out, cfg.sites, cfg.scans_per_site, cfg.seed, cfg.finding_scale)
     for index, site_dir in enumerate(site_dirs):
         profile = site_profile(index)
         files = sum(1 for p in site_dir.rglob("*") if p.is_file() and p.name != "labels.csv")

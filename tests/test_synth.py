@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEGLosslessSV1
 
+from ctfed.common.config import ConfigError, load_run_config
 from ctfed.simulations.phantom import FINDINGS, head_phantom
 from ctfed.simulations.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, PROFILES, synthesize_federation, write_scan
 
@@ -110,3 +111,39 @@ def test_syntax_without_an_encoder_fails_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot write JPEG Lossless.*no pixel data encoder"):
         write_scan(tmp_path, profile, site=0, scan=0, seed=0)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("scale", ["0", "-1.5"])
+def test_finding_scale_must_be_positive(scale: str) -> None:
+    with pytest.raises(ConfigError, match="synth.finding_scale"):
+        load_run_config([f"synth.finding_scale={scale}"])
+
+
+def test_compare_preset_enlarges_findings_and_defaults_stay_realistic() -> None:
+    assert load_run_config().synth.finding_scale == 1.0
+    assert load_run_config(["preset=quick"]).synth.finding_scale == 1.0
+    assert load_run_config(["preset=compare"]).synth.finding_scale > 1.0
+
+
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_larger_finding_scale_puts_more_voxels_in_the_blood_range(finding: str) -> None:
+    """Same seed, same head: only the finding grows (32^3, noise-free so counts are exact)."""
+
+    def blood_voxels(scale: float) -> int:
+        hu = head_phantom((32, 32, 32), (5.0, 5.0, 5.0), np.random.default_rng(3), [finding], finding_scale=scale)
+        return int(np.count_nonzero((hu >= 55.0) & (hu <= 80.0)))
+
+    healthy = head_phantom((32, 32, 32), (5.0, 5.0, 5.0), np.random.default_rng(3))
+    assert np.count_nonzero((healthy >= 55.0) & (healthy <= 80.0)) == 0
+    realistic, enlarged = blood_voxels(1.0), blood_voxels(3.0)
+    assert enlarged >= 2 * max(realistic, 1), (finding, realistic, enlarged)
+
+
+def test_finding_scale_keeps_labels_and_identifiers(tmp_path: Path) -> None:
+    plain = synthesize_federation(tmp_path / "plain", 1, 1, seed=5)[0]
+    scaled = synthesize_federation(tmp_path / "scaled", 1, 1, seed=5, finding_scale=3.0)[0]
+    assert (plain / "labels.csv").read_text() == (scaled / "labels.csv").read_text()
+    first = sorted(p for p in plain.rglob("*.dcm"))[0]
+    a = pydicom.dcmread(first)
+    b = pydicom.dcmread(scaled / first.relative_to(plain))
+    assert (a.PatientID, a.SOPInstanceUID) == (b.PatientID, b.SOPInstanceUID)
