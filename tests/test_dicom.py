@@ -375,3 +375,38 @@ def test_series_in_an_undecodable_transfer_syntax_is_rejected_by_name(
     assert re.search(reason, found.rejected[0].reason) and found.rejected[0].reason.endswith("(5 files)")
     with pytest.raises(DicomError, match=reason):
         load_series(sorted(tmp_path.iterdir()))
+
+
+def test_series_written_by_simpleitk_gdcm_reads_back_exactly(tmp_path: Path) -> None:
+    """A CT series written by another tool (SimpleITK's GDCM ImageSeriesWriter, its own UIDs,
+    tag layout and rescale) loads with the HU, spacing and origin it was written with."""
+    rng = np.random.default_rng(7)
+    hu = rng.integers(-1024, 2000, size=(6, 20, 24), dtype=np.int16)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.8, 2.5))  # x, y, z
+    image.SetOrigin((-12.0, -30.5, 40.0))
+    series_uid = generate_uid()
+    shared = {
+        "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series_uid,
+        "0020|000d": generate_uid(), "0020|0037": "1\\0\\0\\0\\1\\0", "0008|103e": "written by GDCM",
+        "0028|1052": "0", "0028|1053": "1",
+    }
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")  # the file names have no extension to choose it by
+    writer.KeepOriginalImageUIDOn()
+    order = [3, 0, 5, 1, 4, 2]  # files named out of slice order
+    for name_index, z in enumerate(order):
+        plane = image[:, :, z]
+        for tag, value in shared.items():
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
+        plane.SetMetaData("0020|0013", str(z + 1))
+        plane.SetMetaData("0008|0018", generate_uid())
+        writer.SetFileName(str(tmp_path / f"IM{name_index:04d}"))
+        writer.Execute(plane)
+
+    [series] = scan(tmp_path).series
+    volume = load_series(series.files)
+    np.testing.assert_array_equal(volume.hu, hu.astype(volume.hu.dtype))
+    np.testing.assert_allclose(volume.spacing_zyx, (2.5, 0.8, 0.7), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(volume.origin, dtype=float), (-12.0, -30.5, 40.0), atol=1e-4)
