@@ -50,7 +50,9 @@ def probe_auroc(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
 
 def measure(out: Path, synth: SynthConfig, size: int, label: str) -> dict[str, float]:
     """Synthesize, prepare at ``size``^3 and probe; returns the probe AUROCs and counts."""
-    site_dirs = synthesize_federation(out / "dicom", synth.sites, synth.scan_counts, synth.seed, synth.finding_scale)
+    site_dirs = synthesize_federation(
+        out / "dicom", synth.sites, synth.scan_counts, synth.seed, finding_scale=synth.finding_scale
+    )
     volumes, labels = [], []
     for site_dir in site_dirs:
         cache = out / "cache" / site_dir.name

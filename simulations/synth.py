@@ -350,6 +350,7 @@ def synthesize_federation(
     sites: int,
     scans_per_site: int | Sequence[int],
     seed: int,
+    *,
     reconstructions: Sequence[Reconstruction] = (),
     finding_scale: float = 1.0,
 ) -> list[Path]:

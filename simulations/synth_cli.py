@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # The JPEG 2000 encoder logs one INFO line per tile; that is noise here.
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
 
-    site_dirs = synthesize_federation(args.out, cfg.sites, cfg.scans_per_site, cfg.seed, cfg.finding_scale)
+    site_dirs = synthesize_federation(args.out, cfg.sites, cfg.scans_per_site, cfg.seed, finding_scale=cfg.finding_scale)
     for index, site_dir in enumerate(site_dirs):
         profile = site_profile(index)
         files = sum(1 for p in site_dir.rglob("*") if p.is_file() and p.name != "labels.csv")
