@@ -156,7 +156,7 @@ class AuditLog:
         if previous is None:
             return 0
         try:
-            head = json.loads(self.head_path.read_text())
+            head = json.loads(self.head_path.read_text(encoding="utf-8"))
             if head.get("last_sha256") == _line_hash(previous):
                 return int(head["lines"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -198,7 +198,7 @@ def verify_audit_log(path: Path) -> int:
             hashes.append(expected)
     head_path = path.with_name(path.name + HEAD_SUFFIX)
     if head_path.is_file():
-        head = json.loads(head_path.read_text())
+        head = json.loads(head_path.read_text(encoding="utf-8"))
         lines, last = int(head["lines"]), str(head["last_sha256"])
         if lines > len(hashes):
             raise AuditLogError(f"{path}: {len(hashes)} entries, but its head recorded {lines}: the log was cut short")

@@ -117,7 +117,7 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {path} not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
 

@@ -57,7 +57,7 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig
     card_path = weights.with_suffix(CARD_SUFFIX)
     if not weights.is_file() or not card_path.is_file():
         raise FileNotFoundError(f"checkpoint needs both {weights} and {card_path}")
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     try:
         state = load_file(str(weights))
     except SafetensorError as err:  # truncated or overwritten file

@@ -1084,7 +1084,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 def save_run_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), encoding="utf-8")
 
 
 def read_run_config(path: Path) -> RunConfig:

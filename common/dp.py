@@ -106,7 +106,7 @@ class PrivacyLedger:
         if not path.exists():
             return cls()
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError, KeyError) as err:
             # Never start again from zero silently: that would reset the privacy spend.
             raise ValueError(f"privacy ledger {path} is unreadable ({err}); restore it from a backup") from None

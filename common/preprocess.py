@@ -269,7 +269,8 @@ def _job_runner(workers: int, first_round: int) -> Iterator[_Runner]:
 
 def read_labels(path: Path, secret: bytes) -> dict[str, dict[str, Any]]:
     """labels.csv (StudyInstanceUID, or ``file`` for NIfTI, + label columns) -> {study key: {column: value}}."""
-    with open(path, newline="") as handle:
+    # utf-8-sig: spreadsheet programs often save CSV with a byte-order mark before the header.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             raise ValueError(f"labels file {path} is empty")
@@ -303,7 +304,7 @@ def _load_manifest(path: Path, plan: dict[str, Any]) -> dict[str, dict[str, Any]
     if not path.exists():
         return {}
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, OSError):
         logger.warning("existing manifest is unreadable; rebuilding the cache")
         return {}
@@ -419,7 +420,7 @@ def prepare(
 
     write_manifest()
     report_path = output_dir / REPORT
-    report_path.write_text(_report(plan, entries, rejected, cached, _acceptance(cfg)))
+    report_path.write_text(_report(plan, entries, rejected, cached, _acceptance(cfg)), encoding="utf-8")
     accepted = len(entries) - cached
     logger.info("prepare: %d new, %d cached, %d rejected", accepted, cached, len(rejected))
     return PrepareSummary(accepted=accepted, cached=cached, rejected=len(rejected),
@@ -511,7 +512,7 @@ class CachedVolumes(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"no {MANIFEST} in {self.cache_dir}; run `ctfed prepare --input <dicom> --output {self.cache_dir}`"
             )
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text(encoding="utf-8"))
         self.entries: list[dict[str, Any]] = data.get("series", [])
         if not self.entries:
             raise ValueError(f"the cache in {self.cache_dir} holds no series (see its {REPORT})")

@@ -115,7 +115,7 @@ def descendant_pids(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
@@ -161,7 +161,7 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOU
 
 def _is_zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
 
@@ -209,7 +209,7 @@ def write_connection(
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{root_certificates.resolve()}"')
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def start_logged(command: list[str], env: dict[str, str], log_file: Path, *, echo: bool) -> subprocess.Popen:

@@ -148,7 +148,7 @@ class RunRecorder:
         self._tensorboard: TensorBoardLog | None = None  # opened with the first new round
         # A simulation on sites cut from a pooled cache: how they were cut (simulations/split.py).
         split_summary = run_dir / SPLIT_DIR / SPLIT_SUMMARY
-        self.data_split: dict[str, Any] | None = json.loads(split_summary.read_text()) if split_summary.is_file() else None
+        self.data_split: dict[str, Any] | None = json.loads(split_summary.read_text(encoding="utf-8")) if split_summary.is_file() else None
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -168,7 +168,7 @@ class RunRecorder:
         if not results_path.is_file():
             raise ResumeError(f"nothing to resume: {results_path} does not exist")
         try:
-            saved = json.loads(results_path.read_text())
+            saved = json.loads(results_path.read_text(encoding="utf-8"))
             rounds = [RoundRecord.from_dict(r) for r in saved["rounds"]]
         except (ValueError, KeyError, TypeError) as err:
             raise ResumeError(f"{results_path} is not a ctfed results file: {err}") from None

@@ -46,7 +46,7 @@ def load_compare(run_dir: Path) -> dict[str, Any]:
     path = run_dir / COMPARE_JSON
     if not path.is_file():
         raise CompareReportError(f"{path} not found; run `ctfed simulate preset=compare` first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -458,7 +458,7 @@ def render_compare_report(run_dir: Path) -> Path:
     if data.get("teacher_policies"):
         _plot_teacher_losses(data["teacher_policies"]["policies"], plots_dir / TEACHER_PLOT)
     report = run_dir / COMPARE_MD
-    report.write_text("\n".join(_lines(data, run_dir, plots)))
+    report.write_text("\n".join(_lines(data, run_dir, plots)), encoding="utf-8")
     return report
 
 

@@ -104,7 +104,7 @@ def run_app(
             "--federation-config", federation,
         ]
         logger.debug("running: %s", " ".join(command))
-        with log_path.open("w") as log:
+        with log_path.open("w", encoding="utf-8") as log:
             process = subprocess.Popen(
                 command,
                 env=offline_env(flwr_home),

@@ -34,7 +34,7 @@ def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]
     results_path = work / name / "results.json"
     if code != 0 or not results_path.is_file():
         raise RuntimeError(f"benchmark federation {name} failed (code {code}); see {work / name / 'federation.log'}")
-    return json.loads(results_path.read_text())
+    return json.loads(results_path.read_text(encoding="utf-8"))
 
 
 # Runs of the scaling federation, by (model, sites, local steps): the site-count and the

@@ -63,5 +63,5 @@ def write_app(folder: Path, client_app: str = CLIENT_APP) -> Path:
         *(f"{key} = {toml_value(value)}" for key, value in config.items()),
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder

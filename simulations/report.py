@@ -72,7 +72,7 @@ def load_results(run_dir: Path) -> RunResults:
     if not path.is_file():
         raise ReportError(f"{path} not found; is {run_dir} a ctfed run folder?")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReportError(f"{path} cannot be read as JSON: {err}") from None
     try:
@@ -497,7 +497,7 @@ def render_report(run_dir: Path) -> Path:
     config = _read_config(run_dir, results)
     plots = render_plots(results, run_dir / PLOTS_DIR)
     report = run_dir / REPORT_NAME
-    report.write_text(render_markdown(run_dir, results, config, plots))
+    report.write_text(render_markdown(run_dir, results, config, plots), encoding="utf-8")
     return report
 
 

@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
 
     sweep = args.run_dir / SWEEP_NAME
     if sweep.is_file():  # a sweep (the privacy preset): its table and plot too
-        print(render_sweep_report(args.run_dir, json.loads(sweep.read_text())))
+        print(render_sweep_report(args.run_dir, json.loads(sweep.read_text(encoding="utf-8"))))
     return 0

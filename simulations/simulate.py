@@ -89,7 +89,7 @@ def split_and_report(cfg: RunConfig, run_dir: Path) -> Path:
     """Cut the pooled cache into the simulated sites' manifest views (simulations/split.py)."""
     print(f"[1/3] splitting the pooled cache {cfg.split.pooled_cache} ({cfg.split.method.value}) into sites")
     data_dir = split_pool(cfg.split, run_dir)
-    summary = json.loads((data_dir / SPLIT_SUMMARY).read_text())
+    summary = json.loads((data_dir / SPLIT_SUMMARY).read_text(encoding="utf-8"))
     for site in summary["sites"]:
         mix = ", ".join(f"{cfg.split.label}={label}: {n}" for label, n in site["labels"].items())
         print(f"      {site['site']}: {site['scans']} scans ({mix})")
@@ -173,7 +173,7 @@ def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, 
         print(f"ctfed simulate: {err}")
         return 1
     results_path = run_dir / RESULTS_NAME
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     if results.get("status") != "completed":
         print(f"ctfed simulate: the federation ended without completing; see {run_dir / 'federation.log'}")
         return 1

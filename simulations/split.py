@@ -57,7 +57,7 @@ class Pool:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"split.pooled_cache: cannot read {path} ({type(err).__name__})") from None
     if data.get("format") != FORMAT or not isinstance(data.get("series"), list):
@@ -239,7 +239,7 @@ def split_pool(cfg: SplitConfig, run_dir: Path) -> Path:
         "skipped": pool.skipped,
     }
     write_json_atomic(out / SPLIT_SUMMARY, summary)
-    (out / SPLIT_REPORT).write_text("\n".join(split_markdown(summary)) + "\n")
+    (out / SPLIT_REPORT).write_text("\n".join(split_markdown(summary)) + "\n", encoding="utf-8")
     return out
 
 

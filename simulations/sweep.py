@@ -173,7 +173,7 @@ def render_sweep_report(run_dir: Path, data: dict[str, Any]) -> Path:
             "",
         ]
     path = run_dir / SWEEP_REPORT
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 

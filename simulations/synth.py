@@ -378,7 +378,7 @@ def synthesize_federation(
                 write_scan(site_dir, profile, site, scan, seed, reconstruction, finding_scale=finding_scale)
             rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
         write_localizer(site_dir, profile, site, seed)
-        with open(site_dir / "labels.csv", "w", newline="") as handle:
+        with open(site_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow([LABELS_KEY_COLUMN, *LABEL_COLUMNS])
             writer.writerows(rows)

@@ -54,7 +54,7 @@ def run_inprocess(cfg: RunConfig, data_dir: Path, run_dir: Path) -> dict[str, An
         for index, node in enumerate(node_ids)
     }
     run_federation(InProcessGrid(handlers, node_ids, contexts=contexts), cfg, run_dir)
-    return json.loads((run_dir / RESULTS_NAME).read_text())
+    return json.loads((run_dir / RESULTS_NAME).read_text(encoding="utf-8"))
 
 
 def secagg_32bit_overrides(sites: int, max_weight: int) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import random
 import re
 import shutil
@@ -377,7 +378,7 @@ def test_series_in_an_undecodable_transfer_syntax_is_rejected_by_name(
         load_series(sorted(tmp_path.iterdir()))
 
 
-def test_series_written_by_simpleitk_gdcm_reads_back_exactly(tmp_path: Path) -> None:
+def test_series_written_by_simpleitk_gdcm_reads_back_exactly(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A CT series written by another tool (SimpleITK's GDCM ImageSeriesWriter, its own UIDs,
     tag layout and rescale) loads with the HU, spacing and origin it was written with."""
     rng = np.random.default_rng(7)
@@ -395,6 +396,10 @@ def test_series_written_by_simpleitk_gdcm_reads_back_exactly(tmp_path: Path) -> 
     writer.SetImageIO("GDCMImageIO")  # the file names have no extension to choose it by
     writer.KeepOriginalImageUIDOn()
     order = [3, 0, 5, 1, 4, 2]  # files named out of slice order
+    # GDCM's writer switches the process's C locale to "C", which would turn Python's default
+    # text encoding to ASCII for every later test; put it back.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    request.addfinalizer(lambda: locale.setlocale(locale.LC_ALL, saved_locale))
     for name_index, z in enumerate(order):
         plane = image[:, :, z]
         for tag, value in shared.items():

@@ -224,3 +224,25 @@ def test_console_table_lists_every_site_round(completed: Path) -> None:
     assert len(table) == 1 + 8  # header, 3 + 3 + 2 site rounds
     assert "2.5000 -> 2.1000" in table[1] and "452.8 KiB" in table[1]
     assert table[3].split()[:3] == ["1", "site_2", "failed"]
+
+
+def test_text_outputs_are_utf8_under_an_ascii_locale(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Reports hold "→" and "±"; a site or container running with LANG=C must still write them
+    (Python's default text encoding is then ASCII)."""
+    import locale
+
+    from ctfed.common.fileio import write_text_atomic
+    from ctfed.common.preprocess import read_labels
+
+    saved = locale.setlocale(locale.LC_ALL)
+    request.addfinalizer(lambda: locale.setlocale(locale.LC_ALL, saved))
+    locale.setlocale(locale.LC_ALL, "C")
+    assert locale.getpreferredencoding(False).lower() in {"ansi_x3.4-1968", "ascii", "us-ascii"}
+    write_text_atomic(tmp_path / "report.md", "loss 1.0 → 0.5 ± 0.1\n")
+    assert (tmp_path / "report.md").read_bytes().decode("utf-8") == "loss 1.0 → 0.5 ± 0.1\n"
+
+    # A labels.csv saved by a spreadsheet program: UTF-8 with a byte-order mark.
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeffStudyInstanceUID,any\n1.2.3,1\n".encode("utf-8"))
+    [(key, values)] = read_labels(labels, b"secret").items()
+    assert values["any"] == 1 and "1.2.3" not in key
