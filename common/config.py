@@ -21,6 +21,8 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ctfed.common.fileio import write_text_atomic
+
 CONFIG_MODULE = "ctfed.conf"
 
 
@@ -1084,7 +1086,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 
 def save_run_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), encoding="utf-8")
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def read_run_config(path: Path) -> RunConfig:

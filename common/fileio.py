@@ -14,7 +14,8 @@ def write_json_atomic(path: Path, payload: Any, indent: int = 2) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a sibling temporary file, then rename it over ``path``."""
+    """Write text as UTF-8, whatever the locale, to a sibling temporary file, then rename it
+    over ``path`` (a reader never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -44,7 +44,7 @@ from ctfed.common.dicom import (
     series_key,
     study_key,
 )
-from ctfed.common.fileio import write_json_atomic
+from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.nifti import load_nifti, nifti_key
 from ctfed.common.privacy import site_secret
 
@@ -420,7 +420,7 @@ def prepare(
 
     write_manifest()
     report_path = output_dir / REPORT
-    report_path.write_text(_report(plan, entries, rejected, cached, _acceptance(cfg)), encoding="utf-8")
+    write_text_atomic(report_path, _report(plan, entries, rejected, cached, _acceptance(cfg)))
     accepted = len(entries) - cached
     logger.info("prepare: %d new, %d cached, %d rejected", accepted, cached, len(rejected))
     return PrepareSummary(accepted=accepted, cached=cached, rejected=len(rejected),

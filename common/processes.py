@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ctfed.common.fileio import write_text_atomic
+
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
@@ -209,7 +211,7 @@ def write_connection(
         lines.append("insecure = true")
     else:
         lines.append(f'root-certificates = "{root_certificates.resolve()}"')
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(flwr_home / "config.toml", "\n".join(lines) + "\n")
 
 
 def start_logged(command: list[str], env: dict[str, str], log_file: Path, *, echo: bool) -> subprocess.Popen:

@@ -148,7 +148,9 @@ class RunRecorder:
         self._tensorboard: TensorBoardLog | None = None  # opened with the first new round
         # A simulation on sites cut from a pooled cache: how they were cut (simulations/split.py).
         split_summary = run_dir / SPLIT_DIR / SPLIT_SUMMARY
-        self.data_split: dict[str, Any] | None = json.loads(split_summary.read_text(encoding="utf-8")) if split_summary.is_file() else None
+        self.data_split: dict[str, Any] | None = (
+            json.loads(split_summary.read_text(encoding="utf-8")) if split_summary.is_file() else None
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         self._write()
 

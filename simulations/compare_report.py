@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ctfed.common.fileio import write_text_atomic
 from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
 from ctfed.simulations.downstream import paired_auroc_difference
 from ctfed.simulations.report import PLOTS_DIR, _empty, _fmt_seconds, _save, _table
@@ -458,7 +459,7 @@ def render_compare_report(run_dir: Path) -> Path:
     if data.get("teacher_policies"):
         _plot_teacher_losses(data["teacher_policies"]["policies"], plots_dir / TEACHER_PLOT)
     report = run_dir / COMPARE_MD
-    report.write_text("\n".join(_lines(data, run_dir, plots)), encoding="utf-8")
+    write_text_atomic(report, "\n".join(_lines(data, run_dir, plots)))
     return report
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ctfed.client.policy import SITE_POLICIES_FILE_KEY
 from ctfed.client.site import DATA_DIR_KEY
 from ctfed.common.exchange import RUN_DIR_KEY
+from ctfed.common.fileio import write_text_atomic
 from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
 
 SERVER_APP = "ctfed.server.app:app"
@@ -63,5 +64,5 @@ def write_app(folder: Path, client_app: str = CLIENT_APP) -> Path:
         *(f"{key} = {toml_value(value)}" for key, value in config.items()),
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(folder / "pyproject.toml", "\n".join(lines) + "\n")
     return folder

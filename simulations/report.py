@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from ctfed.common.config import ConfigError, to_run_config
+from ctfed.common.fileio import write_text_atomic
 from ctfed.common.model import SSLModel, count_parameters
 from ctfed.server.results import CHECKPOINT_DIR, RESULTS_NAME, RoundRecord, SiteRoundRecord
 from ctfed.simulations.split import split_markdown
@@ -497,7 +498,7 @@ def render_report(run_dir: Path) -> Path:
     config = _read_config(run_dir, results)
     plots = render_plots(results, run_dir / PLOTS_DIR)
     report = run_dir / REPORT_NAME
-    report.write_text(render_markdown(run_dir, results, config, plots), encoding="utf-8")
+    write_text_atomic(report, render_markdown(run_dir, results, config, plots))
     return report
 
 

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ctfed.common.config import SITE_ID_RULE, ConfigError, SplitConfig, SplitMethod
-from ctfed.common.fileio import write_json_atomic
+from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.preprocess import FORMAT, MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, VOLUMES_DIR_FIELD, volume_path
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def split_pool(cfg: SplitConfig, run_dir: Path) -> Path:
         "skipped": pool.skipped,
     }
     write_json_atomic(out / SPLIT_SUMMARY, summary)
-    (out / SPLIT_REPORT).write_text("\n".join(split_markdown(summary)) + "\n", encoding="utf-8")
+    write_text_atomic(out / SPLIT_REPORT, "\n".join(split_markdown(summary)) + "\n")
     return out
 
 

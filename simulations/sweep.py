@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ctfed.common.config import ConfigError, RunConfig, save_run_config, to_run_config
-from ctfed.common.fileio import write_json_atomic
+from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.simulations.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
@@ -173,7 +173,7 @@ def render_sweep_report(run_dir: Path, data: dict[str, Any]) -> Path:
             "",
         ]
     path = run_dir / SWEEP_REPORT
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
