@@ -9,11 +9,25 @@ from pathlib import Path
 import pytest
 
 from ctfed.common.cli import main
-from ctfed.simulations.federation_bench import encoder_parameters
+from ctfed.simulations.federation_bench import best_schedule_seconds, encoder_parameters
 
 
 def _positive(*values: float) -> bool:
     return all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_best_schedule_packs_whole_site_trainings() -> None:
+    # 3 equal sites on 2 cores: two side by side, then the third (not 1.5 trainings).
+    assert best_schedule_seconds([10.0, 10.0, 10.0], 2) == 20.0
+    assert best_schedule_seconds([10.0] * 4, 2) == 20.0
+    # One long site bounds the round however many cores there are.
+    assert best_schedule_seconds([30.0, 5.0, 5.0], 2) == 30.0
+    assert best_schedule_seconds([7.0, 3.0], 8) == 7.0
+    assert best_schedule_seconds([4.0, 3.0, 2.0, 1.0], 1) == 10.0
+    # Longest first gives 6+1 | 5+2 = 7; placing them in the given order would give 2+1+6 | 5 = 9.
+    assert best_schedule_seconds([2.0, 5.0, 1.0, 6.0], 2) == 7.0
+    with pytest.raises(ValueError):
+        best_schedule_seconds([1.0], 0)
 
 
 def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
@@ -40,7 +54,8 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
     assert all(r["overhead_ratio"] and r["overhead_ratio"] > 0 for r in federation["rounds"])
     assert all(r["peak_rss_mb"] > 50 for r in federation["rounds"])
     assert [s["sites"] for s in federation["scaling"]] == [2, 4]
-    assert all(s["round_s"] > 0 for s in federation["scaling"])
+    assert all(s["round_s"] > 0 and s["overhead_ratio"] > 0 and s["peak_rss_mb"] > 50 for s in federation["scaling"])
+    assert all(r["best_schedule_s"] <= r["site_train_s_sum"] for r in federation["rounds"])
     transport = {row["variant"]: row for row in results["transport"]["variants"]}
     assert list(transport) == ["float32", "float16", "secagg-32bit"]
     fp32, fp16 = transport["float32"]["bytes_from_site"], transport["float16"]["bytes_from_site"]
@@ -108,3 +123,33 @@ def test_bench_only_ingest_prints_the_worker_ratio(tmp_path: Path, capsys: pytes
     printed = capsys.readouterr().out
     assert "series/s with 1 worker" in printed and "ratio 2/1 workers" in printed
     assert "loader" not in printed
+
+
+def test_model_scaling_retries_one_site_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A size that Ray cannot fit with sites side by side is retried with one site at a time."""
+    from ctfed.simulations import federation_bench
+
+    monkeypatch.setattr(federation_bench.os, "cpu_count", lambda: 2)
+    calls: list[list[str]] = []
+
+    def fake_simulate(work: Path, name: str, overrides: list[str]) -> dict:
+        calls.append(overrides)
+        if "simulation.client_cpus=1" in overrides:
+            raise RuntimeError("a site's worker was killed (out of memory)")
+        site = {"train_seconds": 10.0, "bytes_received": 800, "bytes_sent": 400, "peak_rss_mb": 900.0}
+        return {"rounds": [{"round": r, "seconds": 21.0, "sites": [site, site]} for r in (1, 2)]}
+
+    monkeypatch.setattr(federation_bench, "_simulate", fake_simulate)
+    [row] = federation_bench.bench_model_scaling(tmp_path, ["tiny"], sites=2, local_steps=2)
+    assert [o[-1] for o in calls] == ["simulation.client_cpus=1", "simulation.client_cpus=2"]
+    assert row["sites_in_parallel"] == 1
+    assert "2 site(s) at once" in row["failed_attempts"][0] and "out of memory" in row["failed_attempts"][0]
+    assert row["round_s"] == 21.0 and row["peak_rss_mb"] == 900.0
+
+    # Both attempts failing keeps an error row instead of ending the benchmark.
+    def always_killed(work: Path, name: str, overrides: list[str]) -> dict:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(federation_bench, "_simulate", always_killed)
+    [failed] = federation_bench.bench_model_scaling(tmp_path / "again", ["small"], sites=2, local_steps=2)
+    assert failed["model"] == "small" and failed["error"].count("killed") == 2
