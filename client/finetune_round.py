@@ -87,7 +87,7 @@ def global_classifier(
 ) -> Classifier:
     """The round's global classifier, with the plan's trainable set; stores a whole one as the base."""
     instructions = msg.content[CONFIG_KEY]
-    classifier = build_classifier(model_cfg, finetune.num_outputs, seed=finetune.seed)
+    classifier = build_classifier(model_cfg, finetune.num_outputs, seed=finetune.seed, pooling=finetune.pooling)
     classifier.set_trainable(plan.blocks, stem=plan.stem)
     reference = classifier.state_dict()
     digest = str(instructions[BASE_DIGEST_KEY])

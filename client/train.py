@@ -6,14 +6,18 @@ Losses: ``train.dino_weight`` x DINO on the CLS token over all crop pairs, plus
 crop. The DINO head is shared by both losses (iBOT/DINOv2 default), so no extra head has to
 be kept or sent; the iBOT loss has its own centre. ``mim_weight = 0`` is plain DINO, step for
 step as before masking existed (the mask token then stays frozen and out of the optimizer).
+``train.mim_objective=mae`` swaps iBOT for MAE's loss: the same masked global crops go
+through the student once, and a small decoder (``MAEDecoder``, local like the head, no
+teacher) reconstructs the masked patches' normalised voxels.
 
 What travels and what stays:
 
 * ``encoder_state()`` - the student encoder only - is what the site sends and what the
   coordinator averages (``SSLModel.encoder`` keys).
-* ``local_state()`` - student head, the whole teacher (encoder + head), the DINO and iBOT
-  centres and the AdamW moments - stays at the site between rounds. The ClientApp builds a new
-  ``LocalTrainer`` every round, so without it the head, centre and optimizer would restart.
+* ``local_state()`` - student head, MAE decoder (if any), the whole teacher (encoder + head),
+  the DINO and iBOT centres and the AdamW moments - stays at the site between rounds. The
+  ClientApp builds a new ``LocalTrainer`` every round, so without it the head, decoder,
+  centre and optimizer would restart.
 
 Teacher policy (``train.teacher_on_new_global``):
 
@@ -49,10 +53,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctfed.client.ledger import local_sample_rate
-from ctfed.common.config import LocalDPConfig, ModelConfig, TrainConfig
+from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, TrainConfig
 from ctfed.common.masking import sample_masks
 from ctfed.common.model import SSLModel, build_teacher
-from ctfed.common.ssl import DINOLoss, KoLeoLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+from ctfed.common.ssl import (
+    DINOLoss,
+    KoLeoLoss,
+    MAELoss,
+    MultiCrop3D,
+    cosine_schedule,
+    iBOTPatchLoss,
+    update_teacher,
+)
 
 if TYPE_CHECKING:
     from ctfed.client.dp_sgd import VolumeDPSGD
@@ -60,6 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEAD_PREFIX = "head."
+DECODER_PREFIX = "mae_decoder."
 TEACHER_PREFIX = "teacher."
 CENTER_KEY = "loss.center"
 IBOT_CENTER_KEY = "ibot_loss.center"
@@ -106,10 +119,11 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.seed = seed
 
+        self.mim_enabled = train_cfg.mim_weight > 0
+        self.mae = self.mim_enabled and train_cfg.mim_objective is MIMObjective.mae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
-            self.student = SSLModel(model_cfg).to(self.device)
-        self.mim_enabled = train_cfg.mim_weight > 0
+            self.student = SSLModel(model_cfg, mae_decoder=self.mae).to(self.device)
         # Without MIM the mask token is never used; frozen, it stays out of the optimizer and
         # of DP-SGD (which needs a gradient for every trainable parameter).
         self.student.encoder.mask_token.requires_grad_(self.mim_enabled)
@@ -132,6 +146,8 @@ class LocalTrainer:
         self.ibot_loss = iBOTPatchLoss(
             model_cfg.head_prototypes, train_cfg.student_temp, train_cfg.teacher_temp, train_cfg.center_momentum
         ).to(self.device)
+        self.mae_loss = MAELoss(model_cfg.patch_size, train_cfg.mae_norm_pix_loss)
+        self._mim_name = "MAE" if self.mae else "iBOT"
 
         self._param_names = [n for n, p in self.student.named_parameters() if p.requires_grad]
         params = dict(self.student.named_parameters())
@@ -204,8 +220,10 @@ class LocalTrainer:
         return {k: v.detach().cpu().clone() for k, v in self.student.encoder.state_dict().items()}
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """Head, teacher, DINO and iBOT centres and AdamW moments: what stays at the site."""
+        """Head, MAE decoder, teacher, DINO and iBOT centres and AdamW moments: what stays at the site."""
         state = {HEAD_PREFIX + k: v for k, v in self.student.head.state_dict().items()}
+        if self.student.decoder is not None:
+            state.update({DECODER_PREFIX + k: v for k, v in self.student.decoder.state_dict().items()})
         state.update({TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()})
         state[CENTER_KEY] = self.loss_fn.center
         state[IBOT_CENTER_KEY] = self.ibot_loss.center
@@ -218,9 +236,11 @@ class LocalTrainer:
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what ``local_state`` returned last round (AdamW moments are optional)."""
         head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        decoder = {k[len(DECODER_PREFIX) :]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
         teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
         optim = {k[len(OPTIMIZER_PREFIX) :]: v for k, v in state.items() if k.startswith(OPTIMIZER_PREFIX)}
         unknown = set(state) - {HEAD_PREFIX + k for k in head} - {TEACHER_PREFIX + k for k in teacher}
+        unknown -= {DECODER_PREFIX + k for k in decoder}
         centres = ((CENTER_KEY, self.loss_fn.center), (IBOT_CENTER_KEY, self.ibot_loss.center))
         unknown -= {OPTIMIZER_PREFIX + k for k in optim} | {key for key, _ in centres}
         missing = [key for key, _ in centres if key not in state]
@@ -228,8 +248,15 @@ class LocalTrainer:
             raise ValueError(
                 f"not a LocalTrainer local state: unknown keys {sorted(unknown)[:5]}, missing keys {missing}"
             )
+        if bool(decoder) != (self.student.decoder is not None):
+            raise ValueError(
+                "local state was saved with a different train.mim_objective: "
+                + ("it has no MAE decoder" if self.student.decoder is not None else "it holds an MAE decoder")
+            )
         try:
             self.student.head.load_state_dict(head, strict=True)
+            if self.student.decoder is not None:
+                self.student.decoder.load_state_dict(decoder, strict=True)
             self.teacher.load_state_dict(teacher, strict=True)
         except RuntimeError as err:
             raise ValueError(f"local state does not fit this site's model config: {err}") from None
@@ -292,7 +319,7 @@ class LocalTrainer:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            update_teacher(self.student, self.teacher, self.momentum_schedule(step))
+            self._update_teacher(step)
 
             losses.append(loss.item())
             dino_losses.append(dino.item())
@@ -306,7 +333,7 @@ class LocalTrainer:
         logger.info(
             "round %d: %d steps, %d volumes, loss %.4f -> %.4f%s, %.1fs",
             round_index, cfg.local_steps, num_examples, losses[0], losses[-1],
-            f" (iBOT {mim_losses[0]:.4f} -> {mim_losses[-1]:.4f})" if mim_losses else "", seconds,
+            f" ({self._mim_name} {mim_losses[0]:.4f} -> {mim_losses[-1]:.4f})" if mim_losses else "", seconds,
         )
         return RoundResult(
             losses=losses,
@@ -346,7 +373,8 @@ class LocalTrainer:
                 data_seconds += time.perf_counter() - data_started
                 batch = volumes.shape[0]
                 crop_rows = torch.arange(student_in.shape[0]) % batch
-                row_maps = [crop_rows]
+                # The encoder and DINO head see every crop; MAE's decoder only the global ones.
+                row_maps = [crop_rows, crop_rows[: teacher_in.shape[0]]]
                 loss, dino, mim, _, patch_rows = self._ssl_loss(student_in, teacher_in, mask_generator, with_rows=True)
                 if patch_rows is not None:
                     row_maps.append(torch.cat([crop_rows, patch_rows % batch]))
@@ -369,7 +397,7 @@ class LocalTrainer:
                 for param in self.student.head.last_layer.parameters():
                     param.grad = None
             self.optimizer.step()
-            update_teacher(self.student, self.teacher, self.momentum_schedule(step))
+            self._update_teacher(step)
 
         seconds = time.perf_counter() - started
         logger.info(
@@ -393,7 +421,7 @@ class LocalTrainer:
         self, loss: torch.Tensor, dino: torch.Tensor, mim: torch.Tensor | None, round_index: int, local_step: int, step: int
     ) -> None:
         if not torch.isfinite(loss):
-            parts = f"DINO {dino.item():.4g}" + ("" if mim is None else f", iBOT {mim.item():.4g}")
+            parts = f"DINO {dino.item():.4g}" + ("" if mim is None else f", {self._mim_name} {mim.item():.4g}")
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} ({parts}) at round {round_index}, local step {local_step} "
                 f"(global step {step}, lr {self.lr_schedule(step):.3g}); lower train.lr or "
@@ -403,14 +431,18 @@ class LocalTrainer:
     def _ssl_loss(
         self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator, with_rows: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(weighted loss, DINO loss, iBOT loss or None, KoLeo or None, patch rows or None) of one batch.
+        """(weighted loss, DINO loss, MIM loss or None, KoLeo or None, patch rows or None) of one batch.
 
         ``with_rows`` (DP-SGD) also returns which student row each masked patch token came
         from, so per-row gradients can be folded back to their volume.
         """
         cfg = self.train_cfg
         global_rows = teacher_in.shape[0]
-        if self.mim_enabled:
+        if self.mae:
+            dino, mim, student_cls = self._dino_and_mae(student_in, teacher_in, generator)
+            patch_rows = None
+            loss = cfg.dino_weight * dino + cfg.mim_weight * mim
+        elif self.mim_enabled:
             dino, mim, student_cls, patch_rows = self._dino_and_mim(student_in, teacher_in, generator)
             loss = cfg.dino_weight * dino + cfg.mim_weight * mim
         else:
@@ -457,6 +489,32 @@ class LocalTrainer:
         dino = self.loss_fn(student_cls, teacher_cls)
         mim = self.ibot_loss(student_patches, teacher_patches, global_masks)
         return dino, mim, student_embeddings, global_masks.nonzero()[:, 0].cpu()
+
+    def _dino_and_mae(
+        self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(DINO loss, MAE loss, student CLS embeddings): DINO on CLS, and the decoder
+        reconstructs the masked patches of the student's global crops from the same pass."""
+        cfg = self.train_cfg
+        grid = self.model_cfg.tokens_per_side
+        global_rows = teacher_in.shape[0]
+        global_masks = sample_masks(global_rows, grid, cfg.mask_ratio, cfg.mask_probability, generator).to(self.device)
+        student_mask = torch.cat([global_masks, global_masks.new_zeros(student_in.shape[0] - global_rows, grid**3)])
+        with torch.no_grad():
+            teacher_cls = self.teacher(teacher_in)
+        tokens = self.student.encoder(student_in, student_mask)
+        dino = self.loss_fn(self.student.head(tokens[:, 0]), teacher_cls)
+        assert self.student.decoder is not None
+        reconstruction = self.student.decoder(tokens[:global_rows, 1:])
+        # The target is the global crop as the teacher saw it: unmasked (masking acts on tokens).
+        mim = self.mae_loss(reconstruction, teacher_in, global_masks)
+        return dino, mim, tokens[:, 0]
+
+    def _update_teacher(self, step: int) -> None:
+        """EMA of the student's encoder and DINO head (MAE's decoder has no teacher)."""
+        momentum = self.momentum_schedule(step)
+        update_teacher(self.student.encoder, self.teacher.encoder, momentum)
+        update_teacher(self.student.head, self.teacher.head, momentum)
 
     def _apply_schedules(self, step: int) -> None:
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)

@@ -87,6 +87,11 @@ class ModelConfig:
     head_hidden: int = 64
     head_bottleneck: int = 32
     head_prototypes: int = 128
+    # MAE's reconstruction decoder (only built with train.mim_objective=mae): a narrower
+    # transformer over the encoder's patch tokens that predicts each patch's voxels.
+    decoder_hidden: int = 48
+    decoder_layers: int = 1
+    decoder_heads: int = 3
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -105,9 +110,15 @@ class ModelConfig:
                 f"model.hidden_size ({self.hidden_size}) must be divisible by 6 "
                 "(3D sin-cos position embedding)"
             )
-        for name in ("num_layers", "mlp_dim", "head_hidden", "head_bottleneck", "head_prototypes"):
+        for name in ("num_layers", "mlp_dim", "head_hidden", "head_bottleneck", "head_prototypes",
+                     "decoder_hidden", "decoder_layers", "decoder_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be > 0")
+        if self.decoder_hidden % self.decoder_heads or self.decoder_hidden % 6:
+            raise ConfigError(
+                f"model.decoder_hidden ({self.decoder_hidden}) must be divisible by model.decoder_heads "
+                f"({self.decoder_heads}) and by 6 (3D sin-cos position embedding)"
+            )
 
     @property
     def tokens_per_side(self) -> int:
@@ -223,6 +234,16 @@ class PreprocessConfig:
             )
 
 
+class MIMObjective(str, enum.Enum):
+    """What the student learns from its masked patch tokens (train.mim_objective)."""
+
+    # iBOT / DINOv2: predict the teacher's prototype distribution for the same, unmasked patch.
+    ibot = "ibot"
+    # MAE's loss: a small decoder reconstructs the masked patches' voxels (normalised per
+    # patch); masked tokens enter the encoder as the mask token, as in iBOT and SimMIM.
+    mae = "mae"
+
+
 @dataclass
 class TrainConfig:
     """Local self-supervised training at a site (one federated round)."""
@@ -252,10 +273,14 @@ class TrainConfig:
     # What a site's EMA teacher encoder does when a new global encoder arrives:
     # "reset" copies the global student into it, "keep" keeps the site's own EMA.
     teacher_on_new_global: str = "reset"
-    # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * iBOT (masked patch tokens).
-    # mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
+    # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * MIM (masked patch tokens, by
+    # mim_objective). mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
     dino_weight: float = 1.0
     mim_weight: float = 1.0
+    mim_objective: MIMObjective = MIMObjective.ibot
+    # MAE: reconstruct each patch normalised by its own mean and std (MAE's norm_pix_loss,
+    # which gives better features than raw voxels).
+    mae_norm_pix_loss: bool = True
     # iBOT/DINOv2 masking of the student's global crops: this fraction of them is masked,
     # each at a ratio drawn from [low, high]; the others (and all local crops) stay whole.
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
@@ -337,6 +362,14 @@ class TrainConfig:
 FINETUNE_MODES = ("progressive", "full", "linear_probe")
 
 
+class FeaturePooling(str, enum.Enum):
+    """Which of the encoder's output tokens the fine-tuning head reads (finetune.pooling)."""
+
+    cls = "cls"  # the CLS token, what DINO trains
+    mean_patch = "mean_patch"  # the mean of the patch tokens (MAE's fine-tuning default)
+    cls_mean_patch = "cls_mean_patch"  # both, concatenated (DINOv2's linear evaluation)
+
+
 @dataclass
 class FinetuneConfig:
     """Supervised fine-tuning of a pretrained encoder with progressive freezing.
@@ -362,6 +395,9 @@ class FinetuneConfig:
     batch_size: int = 4
     # One sigmoid output per name (1 name: binary task; K names: multi-label).
     label_names: list[str] = field(default_factory=lambda: ["label"])
+    # The head's input: a local finding moves a few patch tokens, which the CLS token of an
+    # encoder pretrained without DINO (MAE alone) does not summarise.
+    pooling: FeaturePooling = FeaturePooling.cls
     seed: int = 0
     # Federated phase 2 only (``federation.finetune_rounds``); the split of the standalone
     # compare study is ``compare.test_fraction`` / ``compare.split_seed``.

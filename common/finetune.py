@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ctfed.common.config import FinetuneConfig, ModelConfig
+from ctfed.common.checkpoint import load_checkpoint
+from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.model import INIT_STD, ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -42,14 +45,16 @@ _MIN_ONECYCLE_STEPS = 2
 
 
 class Classifier(nn.Module):
-    """Linear head on the encoder's CLS features: K logits for K binary (sigmoid) tasks."""
+    """Linear head on the encoder's pooled features (``pooling``): K logits for K binary (sigmoid) tasks."""
 
-    def __init__(self, encoder: ViTEncoder, num_outputs: int) -> None:
+    def __init__(self, encoder: ViTEncoder, num_outputs: int, pooling: FeaturePooling = FeaturePooling.cls) -> None:
         super().__init__()
         if num_outputs < 1:
             raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
         self.encoder = encoder
-        self.head = nn.Linear(encoder.hidden_size, num_outputs)
+        self.pooling = FeaturePooling(pooling)
+        width = 2 * encoder.hidden_size if self.pooling is FeaturePooling.cls_mean_patch else encoder.hidden_size
+        self.head = nn.Linear(width, num_outputs)
         nn.init.trunc_normal_(self.head.weight, std=INIT_STD)
         nn.init.zeros_(self.head.bias)
         # Parameters the encoder itself marks trainable (not the fixed position table or
@@ -66,8 +71,18 @@ class Classifier(nn.Module):
     def num_blocks(self) -> int:
         return len(self.encoder.blocks)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: (B, hidden), or (B, 2 * hidden) for ``cls_mean_patch``."""
+        if self.pooling is FeaturePooling.cls:
+            return self.encoder.cls_features(x)
+        tokens = self.encoder(x)
+        mean_patch = tokens[:, 1:].mean(dim=1)
+        if self.pooling is FeaturePooling.mean_patch:
+            return mean_patch
+        return torch.cat([tokens[:, 0], mean_patch], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder.cls_features(x))
+        return self.head(self.features(x))
 
     def set_trainable(self, blocks: Sequence[int], stem: bool = False) -> None:
         """Train the head, the given encoder blocks and (if ``stem``) the patch embedding and CLS token.
@@ -106,6 +121,7 @@ def build_classifier(
     num_outputs: int,
     encoder_state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    pooling: FeaturePooling = FeaturePooling.cls,
 ) -> Classifier:
     """A classifier on a pretrained encoder (``encoder_state``) or a fresh one (from scratch)."""
     with torch.random.fork_rng(devices=[]):
@@ -116,7 +132,26 @@ def build_classifier(
                 encoder.load_state_dict(encoder_state, strict=True)
             except RuntimeError as err:
                 raise ValueError(f"encoder state does not fit the model config: {err}") from None
-        return Classifier(encoder, num_outputs)
+        return Classifier(encoder, num_outputs, pooling)
+
+
+CLASSIFIER_KIND_SUFFIX = "classifier"
+
+
+def load_classifier(weights: Path) -> tuple[Classifier, dict[str, Any]]:
+    """A saved classifier (``ctfed finetune``'s, a federation's phase-2 ``global_round_NNNN``)
+    rebuilt from its card (model, label names, pooling) with its weights; and the card."""
+    state, model_cfg, card = load_checkpoint(weights)
+    kind = str(card.get("kind", ""))
+    if not kind.endswith(CLASSIFIER_KIND_SUFFIX) or "label_names" not in card:
+        raise ValueError(f"{weights} is a '{kind}' checkpoint, not a classifier with label names")
+    pooling = FeaturePooling(card.get("pooling", FeaturePooling.cls.value))
+    classifier = build_classifier(model_cfg, len(card["label_names"]), pooling=pooling)
+    try:
+        classifier.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the classifier its card describes: {err}") from None
+    return classifier, card
 
 
 @dataclass(frozen=True)
@@ -320,12 +355,13 @@ class Finetuner:
             return [(name, steps) for name, steps in phases if steps]
         return [(cfg.mode, cfg.total_steps)]
 
-    def fit(self) -> FinetuneResult:
+    def fit(self, on_step: Callable[[str, float], None] | None = None) -> FinetuneResult:
+        """Spend the mode's whole budget; ``on_step(phase, loss)`` after every step (progress)."""
         result = FinetuneResult()
         batches = self._batches()
         self.classifier.train()
         for phase, steps in self.phases():
-            self._run_phase(phase, steps, batches, result)
+            self._run_phase(phase, steps, batches, result, on_step)
         logger.info(
             "fine-tune (%s): %d steps, loss %.4f -> %.4f",
             self.cfg.mode, len(result.losses), result.losses[0], result.losses[-1],
@@ -386,7 +422,14 @@ class Finetuner:
             )
         return optimizer, scheduler
 
-    def _run_phase(self, phase: str, steps: int, batches: Iterator, result: FinetuneResult) -> None:
+    def _run_phase(
+        self,
+        phase: str,
+        steps: int,
+        batches: Iterator,
+        result: FinetuneResult,
+        on_step: Callable[[str, float], None] | None = None,
+    ) -> None:
         schedule = FreezingSchedule(self.classifier.num_blocks, tuple(self.cfg.unfreeze_fractions))
         if phase == FULL_PHASE:
             self.classifier.set_trainable(range(self.classifier.num_blocks), stem=True)
@@ -402,6 +445,8 @@ class Finetuner:
                     self.classifier.set_trainable(blocks)
                     logger.info("step %d of stage 1: training blocks %s", step, list(blocks))
             self._step(optimizer, scheduler, batches, phase, step, result)
+            if on_step is not None:
+                on_step(phase, result.losses[-1])
 
     def _step(
         self,

@@ -23,6 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
 
 from ctfed.common.config import ModelConfig
@@ -201,16 +202,51 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
-class SSLModel(nn.Module):
-    """The student: encoder (federated) + DINO head (stays at the site).
+class MAEDecoder(nn.Module):
+    """MAE's decoder: the encoder's patch tokens (B, N, hidden) -> each patch's voxels (B, N, C * p^3).
 
-    The head serves both losses: DINO on the CLS token and iBOT on masked patch tokens.
+    As in MAE, narrower than the encoder, with its own fixed sin-cos positions. The encoder
+    here keeps masked patches as mask tokens (iBOT, SimMIM) instead of dropping them, so
+    the decoder sees the whole grid and needs no mask tokens of its own.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        grid = cfg.tokens_per_side
+        self.embed = nn.Linear(cfg.hidden_size, cfg.decoder_hidden)
+        # Fixed, so a buffer outside the state dict: nothing to send, train or restore.
+        positions = build_sincos_position_embedding([grid] * 3, cfg.decoder_hidden, spatial_dims=3)
+        self.register_buffer("position_embeddings", positions.detach().clone(), persistent=False)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.decoder_hidden, 4 * cfg.decoder_hidden, cfg.decoder_heads)
+            for _ in range(cfg.decoder_layers)
+        )
+        for block in self.blocks:
+            block.norm_cross_attn.requires_grad_(False)  # unused, as in the encoder
+        self.norm = nn.LayerNorm(cfg.decoder_hidden)
+        self.predict = nn.Linear(cfg.decoder_hidden, cfg.in_channels * cfg.patch_size**3)
+        self.apply(_init_linear_and_norm)
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(patch_tokens) + self.position_embeddings.to(patch_tokens.dtype)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.predict(self.norm(tokens))
+
+
+class SSLModel(nn.Module):
+    """The student: encoder (federated) + DINO head (stays at the site), and with
+    ``mae_decoder`` MAE's reconstruction decoder (stays at the site too).
+
+    The DINO head serves DINO on the CLS token and, with the iBOT objective, the masked
+    patch tokens as well.
+    """
+
+    def __init__(self, cfg: ModelConfig, mae_decoder: bool = False) -> None:
+        super().__init__()
         self.encoder = ViTEncoder(cfg)
         self.head = DINOHead(cfg.hidden_size, cfg.head_hidden, cfg.head_bottleneck, cfg.head_prototypes)
+        self.decoder = MAEDecoder(cfg) if mae_decoder else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prototype logits (B, head_prototypes) from the CLS embedding."""
@@ -241,8 +277,12 @@ class SSLModel(nn.Module):
 
 
 def build_teacher(student: SSLModel) -> SSLModel:
-    """A frozen copy of the student, to be updated only by EMA."""
-    teacher = copy.deepcopy(student)
+    """A frozen copy of the student (without MAE's decoder, which has no teacher), to be updated only by EMA."""
+    decoder, student.decoder = student.decoder, None
+    try:
+        teacher = copy.deepcopy(student)
+    finally:
+        student.decoder = decoder
     teacher.requires_grad_(False)
     return teacher
 

@@ -1,4 +1,4 @@
-"""Self-distillation pieces: DINO and iBOT losses, teacher EMA, schedules, 3D multi-crop.
+"""Self-distillation pieces: DINO, iBOT and MAE losses, teacher EMA, schedules, 3D multi-crop.
 
 Follows the DINO reference implementation (facebookresearch/dino) unit by unit, for one
 process: the centre is not all-reduced, and all crops share one size (FM-CT resizes local
@@ -128,6 +128,50 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
         """EMA of the teacher's mean output over masked tokens (DINOv2's choice)."""
         batch_center = teacher_masked.mean(dim=0, keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def patchify(volumes: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, S, S, S) -> (B, N, C * p^3): each patch's voxels, channel-major, in the
+    encoder's token order (the conv patch grid's depth, height, width raster)."""
+    if volumes.ndim != 5 or any(side % patch_size for side in volumes.shape[2:]):
+        raise ValueError(f"volumes must be (B, C, S, S, S) with S a multiple of {patch_size}, got {tuple(volumes.shape)}")
+    batch, channels, depth, height, width = volumes.shape
+    grid = (depth // patch_size, height // patch_size, width // patch_size)
+    patches = volumes.reshape(batch, channels, grid[0], patch_size, grid[1], patch_size, grid[2], patch_size)
+    patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return patches.reshape(batch, grid[0] * grid[1] * grid[2], channels * patch_size**3)
+
+
+class MAELoss(nn.Module):
+    """MAE's reconstruction loss: mean squared error over the masked patches only.
+
+    With ``norm_pix`` (MAE's ``norm_pix_loss``) each target patch is standardised by its own
+    mean and (population) std first, so a flat patch cannot be matched by predicting the
+    mean intensity of the scan. Averaged over all masked patches of the batch, as MAE does.
+    """
+
+    def __init__(self, patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm_pix = norm_pix
+        self.eps = eps
+
+    def forward(self, prediction: torch.Tensor, volumes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``prediction`` (B, N, C * p^3) from the decoder, ``volumes`` the unmasked input (B, C, S, S, S)."""
+        target = patchify(volumes, self.patch_size).detach()
+        if mask.dtype != torch.bool or mask.shape != target.shape[:2] or prediction.shape != target.shape:
+            raise ValueError(
+                f"expected prediction {tuple(target.shape)} and a bool mask {tuple(target.shape[:2])}, got "
+                f"{tuple(prediction.shape)} and {mask.dtype} {tuple(mask.shape)}"
+            )
+        if not mask.any():
+            return prediction.sum() * 0.0  # no masked patch: zero, with every parameter still in the graph
+        if self.norm_pix:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True, correction=0)
+            target = (target - mean) / (var + self.eps).sqrt()
+        per_patch = (prediction - target).pow(2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
 
 
 class KoLeoLoss(nn.Module):

@@ -64,8 +64,10 @@ def phase_two_classifier(cfg: RunConfig, recorder: RunRecorder, global_state: di
     boundary, or the last phase-2 checkpoint's when a resumed run is already in phase 2."""
     num_outputs = cfg.finetune.num_outputs
     if recorder.last_round <= cfg.federation.rounds:
-        return build_classifier(cfg.model, num_outputs, encoder_state=global_state, seed=cfg.finetune.seed)
-    classifier = build_classifier(cfg.model, num_outputs, seed=cfg.finetune.seed)
+        return build_classifier(
+            cfg.model, num_outputs, encoder_state=global_state, seed=cfg.finetune.seed, pooling=cfg.finetune.pooling
+        )
+    classifier = build_classifier(cfg.model, num_outputs, seed=cfg.finetune.seed, pooling=cfg.finetune.pooling)
     try:
         classifier.load_state_dict(global_state, strict=True)
     except RuntimeError as err:
@@ -180,7 +182,8 @@ def run_finetune_rounds(
             recorder.central_privacy_ledger = central.ledger.to_dict()
         checkpoint = recorder.save_global(
             server_round, state, updater.state(), kind=GLOBAL_CLASSIFIER_KIND,
-            label_names=list(cfg.finetune.label_names), finetune_stage=plan.stage, trainable_blocks=list(plan.blocks),
+            label_names=list(cfg.finetune.label_names), pooling=cfg.finetune.pooling.value,
+            finetune_stage=plan.stage, trainable_blocks=list(plan.blocks),
             data_summary=recorder.data_summary(),
         )
         recorder.add_round(

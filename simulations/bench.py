@@ -202,18 +202,20 @@ def print_stock_comparison(entries: list[dict[str, Any]]) -> None:
 
 
 class _PartTimer:
-    """Wall time of each part of the run, for the record of what the full mode costs."""
+    """Runs each part, keeps its figures under its name in ``results`` and its wall time, for
+    the record of what the full mode costs."""
 
-    def __init__(self) -> None:
+    def __init__(self, results: dict[str, Any]) -> None:
         self.started = time.perf_counter()
+        self.results = results
         self.parts: dict[str, float] = {}
         # Called after each part: a full run takes long, and what it measured must survive an interruption.
         self.checkpoint: Callable[[], None] | None = None
 
-    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+    def __call__(self, name: str, fn: Callable[[], Any]) -> None:
         started = time.perf_counter()
         try:
-            return fn()
+            self.results[name] = fn()
         finally:
             self.parts[name] = time.perf_counter() - started
             if self.checkpoint is not None:
@@ -228,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
     parts = set(args.only or PARTS)
     if parts & _NEED_LOADER:
         parts.add("loader")
-    timed = _PartTimer()
     results: dict[str, Any] = {"mode": "quick" if quick else "full"}
+    timed = _PartTimer(results)
 
     def save() -> None:
         results["run_seconds"] = {"total": timed.total(), **timed.parts}
@@ -240,30 +242,30 @@ def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         if "ingest" in parts:
             print("ingest: ctfed load_series vs SimpleITK ImageSeriesReader, prepare with 1 and 2 workers ...", flush=True)
-            results["ingest"] = timed("ingest", lambda: bench_ingest(
+            timed("ingest", lambda: bench_ingest(
                 work, matrix=128 if quick else 512, slices=32 if quick else 128, scans=8, repeats=args.repeats
             ))
         if "loader" in parts:
             model = "tiny" if quick else "vit_b"
             print(f"loader share of a training step ({model}) ...", flush=True)
-            results["loader"] = timed("loader", lambda: bench_loader_share(work, model, steps=3 if quick else 2))
+            timed("loader", lambda: bench_loader_share(work, model, steps=3 if quick else 2))
     if "secagg" in parts:
         print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
-        results["secagg"] = timed("secagg", lambda: bench_secagg(
+        timed("secagg", lambda: bench_secagg(
             results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000)
         ))
     if "secagg_vs_stock" in parts:
         print("secure aggregation: ours vs stock Flower SecAgg+ vs plain, one Flower simulation per size ...", flush=True)
         # Not ViT-B: its 89M values took over 9 GB in the coordinator and 5 GB per Ray worker
         # (five sites' cached updates, stock FedAvg's float64 copies) on a 23 GB machine.
-        results["secagg_vs_stock"] = timed("secagg_vs_stock", lambda: bench_stock_comparison(
+        timed("secagg_vs_stock", lambda: bench_stock_comparison(
             results["loader"], models=("tiny",) if quick else ("tiny", "small"), rounds=2 if quick else 3
         ))
     fed_model, fed_steps = ("tiny", 2) if quick else ("small", 8)
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
         if "federation" in parts:
             print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
-            results["federation"] = timed("federation", lambda: bench_federation(
+            timed("federation", lambda: bench_federation(
                 Path(tmp), fed_model, site_counts=(2, 4) if quick else (2, 4, 8, 16), local_steps=fed_steps,
             ))
         if "federation_model_scaling" in parts:
@@ -271,11 +273,11 @@ def run(args: argparse.Namespace) -> int:
             # quick mode reuses the federation part's 2-site run as its one point; a small-model
             # federation would add a minute and a half.
             print("federation: round time, bytes and memory vs model size (real simulations) ...", flush=True)
-            results["federation_model_scaling"] = timed("federation_model_scaling", lambda: bench_model_scaling(
+            timed("federation_model_scaling", lambda: bench_model_scaling(
                 Path(tmp), ("tiny",) if quick else ("tiny", "small", "vit_b"), sites=2, local_steps=2,
             ))
     if "transport" in parts:
-        results["transport"] = timed("transport", lambda: run_transport_bench(quick))
+        timed("transport", lambda: run_transport_bench(quick))
     save()
     print_results(results)
     print(f"results: {args.out}")

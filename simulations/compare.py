@@ -282,7 +282,7 @@ def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> t
             downstream[mode][POOLED] = {"metrics": metrics}
             print(f"      {mode:<12} {POOLED:<10} {_fmt_auroc(metrics, task)}")
     representation = {
-        site.name: representation_monitor(cfg.model, encoder, train, test, compare.knn_k)
+        site.name: representation_monitor(cfg.model, encoder, train, test, compare.knn_k, compare.finetune.pooling)
         for site, train, test, encoder in evaluated
     }
     return downstream, representation

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctfed.common.config import FinetuneConfig, ModelConfig
+from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.finetune import Finetuner, build_classifier
 from ctfed.common.labelled import LabelledScans
 from ctfed.common.metrics import (
@@ -59,7 +59,7 @@ def finetune_and_predict(
     arm starts its fine-tune from the same head and sees the same batches.
     """
     cfg = replace(finetune_cfg, mode=mode)
-    classifier = build_classifier(model_cfg, cfg.num_outputs, encoder_state, seed=cfg.seed)
+    classifier = build_classifier(model_cfg, cfg.num_outputs, encoder_state, seed=cfg.seed, pooling=cfg.pooling)
     finetuner = Finetuner(classifier, cfg, train)
     fit = finetuner.fit()
     probs, labels = finetuner.predict(test)
@@ -81,22 +81,33 @@ def pool(predictions: Sequence[Predictions]) -> Predictions:
 
 
 @torch.no_grad()
-def cls_features(model_cfg: ModelConfig, encoder_state: Mapping[str, torch.Tensor], scans: LabelledScans) -> np.ndarray:
-    """The encoder's CLS features (N, D) of every scan, in eval mode."""
-    encoder = build_classifier(model_cfg, 1, encoder_state).encoder.eval()
-    return np.stack([encoder.cls_features(scans[i][0][None])[0].numpy() for i in range(len(scans))])
+def encoder_features(
+    model_cfg: ModelConfig,
+    encoder_state: Mapping[str, torch.Tensor],
+    scans: LabelledScans,
+    pooling: FeaturePooling = FeaturePooling.cls,
+) -> np.ndarray:
+    """The features (N, D) a fine-tuning head with ``pooling`` would read, of every scan, in eval mode."""
+    classifier = build_classifier(model_cfg, 1, encoder_state, pooling=pooling).eval()
+    return np.stack([classifier.features(scans[i][0][None])[0].numpy() for i in range(len(scans))])
 
 
 def representation_monitor(
-    model_cfg: ModelConfig, encoder_state: Mapping[str, torch.Tensor], train: LabelledScans, test: LabelledScans, k: int
+    model_cfg: ModelConfig,
+    encoder_state: Mapping[str, torch.Tensor],
+    train: LabelledScans,
+    test: LabelledScans,
+    k: int,
+    pooling: FeaturePooling = FeaturePooling.cls,
 ) -> dict[str, float]:
-    """kNN accuracy (primary label) on the held-out scans and the features' spread.
+    """kNN accuracy (primary label) on the held-out scans and the spread of the features
+    the fine-tuning head reads (``pooling``).
 
     ``embedding_std`` near 0 means collapse; features spread over the sphere give about
     ``uniform_std`` = 1/sqrt(D).
     """
-    train_feats = cls_features(model_cfg, encoder_state, train)
-    test_feats = cls_features(model_cfg, encoder_state, test)
+    train_feats = encoder_features(model_cfg, encoder_state, train, pooling)
+    test_feats = encoder_features(model_cfg, encoder_state, test, pooling)
     k = min(k, len(train))
     return {
         "knn_accuracy": knn_accuracy(train_feats, train.labels[:, 0], test_feats, test.labels[:, 0], k=k),

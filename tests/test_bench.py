@@ -16,6 +16,25 @@ def _positive(*values: float) -> bool:
     return all(math.isfinite(v) and v > 0 for v in values)
 
 
+def test_each_part_is_on_record_before_the_next_starts() -> None:
+    """A long full run that is interrupted keeps what the finished parts measured."""
+    from ctfed.simulations.bench import _PartTimer
+
+    results: dict = {"mode": "full"}
+    saved: list[dict] = []
+    timed = _PartTimer(results)
+    timed.checkpoint = lambda: saved.append(dict(results))
+    timed("ingest", lambda: {"ratio": 1.5})
+    assert saved == [{"mode": "full", "ingest": {"ratio": 1.5}}]
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        timed("loader", interrupted)
+    assert saved[-1] == {"mode": "full", "ingest": {"ratio": 1.5}} and set(timed.parts) == {"ingest", "loader"}
+
+
 def test_best_schedule_packs_whole_site_trainings() -> None:
     # 3 equal sites on 2 cores: two side by side, then the third (not 1.5 trainings).
     assert best_schedule_seconds([10.0, 10.0, 10.0], 2) == 20.0

@@ -8,6 +8,7 @@ import pytest
 
 from ctfed.common.config import (
     ConfigError,
+    MIMObjective,
     RunConfig,
     Strategy,
     load_run_config,
@@ -68,6 +69,8 @@ def test_unknown_preset_lists_available_ones() -> None:
         ("federation.fraction_train=1.5", "fraction_train"),
         ("preprocess.output_size=24", "smaller than model.image_size"),
         ("train.global_crop_scale=[0.9,0.1]", "global_crop_scale"),
+        ("train.mim_objective=mim", "mim_objective"),
+        ("model.decoder_heads=5", "decoder_hidden"),
     ],
 )
 def test_value_rules(override: str, fragment: str) -> None:
@@ -76,7 +79,9 @@ def test_value_rules(override: str, fragment: str) -> None:
 
 
 def test_saved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_run_config(["federation.rounds=4", "model=small"])
+    cfg = load_run_config(["federation.rounds=4", "model=small", "train.mim_objective=mae"])
+    assert cfg.train.mim_objective is MIMObjective.mae
+    assert (cfg.model.decoder_hidden, cfg.model.decoder_layers) == (192, 2)
     path = tmp_path / "config.yaml"
     save_run_config(cfg, path)
     assert read_run_config(path) == cfg

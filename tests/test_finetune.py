@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig
+from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.finetune import (
     Classifier,
     Finetuner,
@@ -137,6 +137,26 @@ def test_progressive_finetune_reduces_loss_on_separable_task() -> None:
     probs, labels = tuner.predict(Bright(8, seed=1))
     assert probs.shape == labels.shape == (8, 1)
     assert ((probs > 0.5) == (labels > 0.5)).mean() >= 0.75
+
+
+def test_pooling_picks_the_tokens_the_head_reads() -> None:
+    torch.manual_seed(0)
+    volumes = Bright(3).volumes
+    heads = {pooling: build_classifier(TINY, 2, seed=0, pooling=pooling).eval() for pooling in FeaturePooling}
+    tokens = heads[FeaturePooling.cls].encoder(volumes)  # same seed: the same encoder in every classifier
+    with torch.no_grad():
+        assert torch.allclose(heads[FeaturePooling.cls].features(volumes), tokens[:, 0], atol=1e-6)
+        assert torch.allclose(heads[FeaturePooling.mean_patch].features(volumes), tokens[:, 1:].mean(1), atol=1e-6)
+        both = heads[FeaturePooling.cls_mean_patch].features(volumes)
+        assert both.shape == (3, 2 * TINY.hidden_size)
+        assert torch.allclose(both, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1), atol=1e-6)
+    assert heads[FeaturePooling.cls_mean_patch].head.in_features == 2 * TINY.hidden_size
+    assert heads[FeaturePooling.cls_mean_patch](volumes).shape == (3, 2)
+    # Mean pooling trains like CLS does (the separable task is learnt).
+    cfg = FinetuneConfig(probe_steps=10, stage_steps=20, batch_size=4, head_lr=1e-2, seed=0, pooling=FeaturePooling.mean_patch)
+    tuner = Finetuner(build_classifier(TINY, 1, seed=0, pooling=cfg.pooling), cfg, Bright())
+    losses = tuner.fit().losses
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
 
 
 def test_modes_differ_as_expected() -> None:

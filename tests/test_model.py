@@ -95,6 +95,20 @@ def test_teacher_is_frozen_copy(model: SSLModel) -> None:
         assert s.data_ptr() != t.data_ptr()
 
 
+def test_mae_decoder_predicts_every_patch_and_has_no_teacher() -> None:
+    torch.manual_seed(0)
+    student = SSLModel(CFG, mae_decoder=True)
+    assert student.decoder is not None
+    tokens = student.encoder(_volumes(2))
+    prediction = student.decoder(tokens[:, 1:])
+    assert prediction.shape == (2, N, CFG.in_channels * CFG.patch_size**3)
+    # The fixed positions are not weights: nothing to send or restore.
+    assert not any("position" in key for key in student.decoder.state_dict())
+    teacher = build_teacher(student)
+    assert teacher.decoder is None and student.decoder is not None
+    assert set(teacher.state_dict()) == {k for k in student.state_dict() if not k.startswith("decoder.")}
+
+
 def test_opacus_per_sample_gradients_match_per_sample_backward() -> None:
     torch.manual_seed(0)
     model = SSLModel(CFG)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, load_run_config
+from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, load_run_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BASE_DIGEST_KEY,
@@ -45,6 +45,7 @@ from ctfed.common.finetune import (
     FederatedFreezingSchedule,
     Finetuner,
     build_classifier,
+    load_classifier,
     param_groups,
     state_nbytes,
     trainable_names,
@@ -350,6 +351,9 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
     assert encoder_card["kind"] == "global-encoder" and card["kind"] == "global-classifier"
     classifier = build_classifier(model_cfg, 1)
     classifier.load_state_dict(final)  # a complete, loadable classifier
+    loaded, _ = load_classifier(checkpoints / "global_round_0004.safetensors")  # rebuilt from its card alone
+    assert card["pooling"] == "cls" and loaded.pooling is FeaturePooling.cls
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in final.items())
     frozen = [n for n in encoder if not n.startswith(("blocks.1.", "norm."))]
     for name in frozen:  # the stem and block 0 never unfroze
         assert torch.equal(final[f"encoder.{name}"], encoder[name]), name

@@ -21,6 +21,7 @@ from ctfed.client.train import LocalTrainer
 from ctfed.common.config import (
     CentralDPConfig,
     LocalDPConfig,
+    MIMObjective,
     ModelConfig,
     PrivacyConfig,
     PrivacyMode,
@@ -100,13 +101,15 @@ def test_secure_rng_is_not_reproducible_from_the_seed() -> None:
     assert _max_diff(first.encoder_state(), second.encoder_state()) > 0
 
 
-@pytest.mark.parametrize("mim_weight", [0.0, 1.0])
-def test_per_volume_clipping_bounds_each_volume(mim_weight: float) -> None:
+@pytest.mark.parametrize(("mim_weight", "mim_objective"), [(0.0, "ibot"), (1.0, "ibot"), (1.0, "mae")])
+def test_per_volume_clipping_bounds_each_volume(mim_weight: float, mim_objective: str) -> None:
     clip = 1e-3
     trainer = _dp_trainer(
         dp=LocalDPConfig(noise_multiplier=1e-6, max_grad_norm=clip), mim_weight=mim_weight, mask_probability=1.0,
-        local_steps=3,
+        local_steps=3, mim_objective=MIMObjective(mim_objective),
     )
+    # MAE's decoder (global crops only) gets per-volume gradients like the rest.
+    assert (trainer.student.decoder is not None) == (mim_objective == "mae")
     assert trainer.dp is not None
     seen: list[tuple[int, list[float], float]] = []
     original = trainer.dp.clip_and_noise

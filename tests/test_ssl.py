@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ctfed.common.ssl import DINOLoss, KoLeoLoss, MultiCrop3D, cosine_schedule, iBOTPatchLoss, update_teacher
+from ctfed.common.ssl import (
+    DINOLoss,
+    KoLeoLoss,
+    MAELoss,
+    MultiCrop3D,
+    cosine_schedule,
+    iBOTPatchLoss,
+    patchify,
+    update_teacher,
+)
 
 
 def test_dino_loss_identical_views_equals_teacher_entropy() -> None:
@@ -204,3 +213,48 @@ def test_koleo_gradient_pushes_nearest_neighbours_apart() -> None:
 def test_koleo_needs_two_rows() -> None:
     with pytest.raises(ValueError, match="B >= 2"):
         KoLeoLoss()(torch.randn(1, 4))
+
+
+def test_patchify_follows_the_encoders_token_order() -> None:
+    """Patch n of ``patchify`` is what the conv patch embedding turns into token n."""
+    torch.manual_seed(0)
+    volumes = torch.rand(2, 3, 16, 8, 24)
+    patches = patchify(volumes, 8)
+    assert patches.shape == (2, 2 * 1 * 3, 3 * 8**3)
+    # A conv of all-ones per channel sums each patch: flattened, it is the encoder's token order.
+    conv = torch.nn.Conv3d(3, 3, kernel_size=8, stride=8, groups=3, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    sums = conv(volumes).flatten(2).transpose(1, 2)  # (B, N, C)
+    assert torch.allclose(patches.reshape(2, 6, 3, 8**3).sum(-1), sums, atol=1e-4)
+    # Within a patch: channel-major, then the voxels in raster order.
+    assert torch.equal(patches[1, 4].reshape(3, 8, 8, 8), volumes[1, :, 8:16, 0:8, 8:16])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        patchify(torch.rand(1, 3, 12, 8, 8), 8)
+
+
+def test_mae_loss_counts_masked_patches_only_and_normalises_each_patch() -> None:
+    torch.manual_seed(0)
+    volumes = torch.rand(2, 1, 8, 8, 8) * 5 + 3
+    loss_fn = MAELoss(patch_size=4, norm_pix=True, eps=0.0)
+    target = patchify(volumes, 4)
+    normalised = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True, correction=0)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, [1, 5]] = True
+    mask[1, 2] = True
+    # Exact on the masked patches, garbage elsewhere: zero loss.
+    prediction = torch.where(mask.unsqueeze(-1), normalised, torch.full_like(normalised, 100.0))
+    assert float(loss_fn(prediction, volumes, mask)) == pytest.approx(0.0, abs=1e-10)
+    # Predicting zeros misses a standardised patch by exactly its variance, 1, per voxel.
+    assert float(loss_fn(torch.zeros_like(target), volumes, mask)) == pytest.approx(1.0, abs=1e-5)
+    # Raw voxels: the mean squared error over the 3 masked patches.
+    raw = MAELoss(patch_size=4, norm_pix=False)(torch.zeros_like(target), volumes, mask)
+    assert float(raw) == pytest.approx(float(target[mask].pow(2).mean()), rel=1e-6)
+
+
+def test_mae_loss_without_masked_patches_is_zero_and_keeps_the_graph() -> None:
+    prediction = torch.rand(2, 8, 64, requires_grad=True)
+    loss = MAELoss(patch_size=4)(prediction, torch.rand(2, 1, 8, 8, 8), torch.zeros(2, 8, dtype=torch.bool))
+    loss.backward()
+    assert float(loss) == 0.0 and prediction.grad is not None and not prediction.grad.any()
+    with pytest.raises(ValueError, match="bool mask"):
+        MAELoss(patch_size=4)(prediction, torch.rand(2, 1, 8, 8, 8), torch.zeros(2, 7, dtype=torch.bool))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ctfed.client.train import CENTER_KEY, IBOT_CENTER_KEY, LocalTrainer, NonFiniteLossError
-from ctfed.common.config import ConfigError, ModelConfig, TrainConfig
+from ctfed.client.train import CENTER_KEY, DECODER_PREFIX, IBOT_CENTER_KEY, LocalTrainer, NonFiniteLossError
+from ctfed.common.config import ConfigError, MIMObjective, ModelConfig, TrainConfig
 
 MODEL = ModelConfig()
 
@@ -212,6 +212,68 @@ def test_mim_local_state_round_trips_and_requires_ibot_centre() -> None:
         fresh.load_local_state({k: v for k, v in state.items() if k != IBOT_CENTER_KEY})
 
 
+def test_mae_objective_reconstructs_masked_patches_with_a_local_decoder() -> None:
+    trainer = _trainer(mim_objective=MIMObjective.mae, mask_probability=1.0, mask_ratio=[0.5, 0.75])
+    decoder = trainer.student.decoder
+    assert decoder is not None and trainer.teacher.decoder is None  # no EMA decoder
+    decoder_start = {k: v.clone() for k, v in decoder.state_dict().items()}
+    teacher_start = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    token = trainer.student.encoder.mask_token.token.detach().clone()
+    result = trainer.train_round(0)
+    assert len(result.mim_losses) == len(result.dino_losses) == 2
+    assert result.losses == pytest.approx([d + m for d, m in zip(result.dino_losses, result.mim_losses)], rel=1e-5)
+    # Standardised patches: predicting nothing scores about 1; an untrained decoder is near it.
+    assert all(0.3 < m < 3.0 for m in result.mim_losses)
+    assert not _states_equal(decoder.state_dict(), decoder_start)
+    assert not torch.equal(trainer.student.encoder.mask_token.token, token)
+    assert not _states_equal(trainer.teacher.state_dict(), teacher_start)  # the EMA still runs
+    # The decoder stays at the site: not in what is sent, in what is kept, and it round-trips.
+    assert not any("decoder" in key for key in trainer.encoder_state())
+    state = trainer.local_state()
+    assert any(key.startswith(DECODER_PREFIX) for key in state)
+    fresh = _trainer(mim_objective=MIMObjective.mae)
+    fresh.load_local_state(state)
+    assert _states_equal(fresh.local_state(), state)
+    with pytest.raises(ValueError, match="mim_objective"):
+        _trainer().load_local_state(state)
+    with pytest.raises(ValueError, match="mim_objective"):
+        fresh.load_local_state(_trainer().local_state())
+
+
+class Ramps(Dataset):
+    """Linear intensity ramps in random directions: a masked patch's normalised voxels are
+    predictable from the visible ones (the same ramp), unlike noise."""
+
+    def __init__(self, count: int = 6, seed: int = 0, size: int = MODEL.image_size) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
+        ramps = []
+        for _ in range(count):
+            ramp = (torch.randn(3, 1, 1, 1, generator=generator) * grid).sum(0)
+            ramps.append(((ramp - ramp.min()) / (ramp.max() - ramp.min())).expand(MODEL.in_channels, -1, -1, -1))
+        self.volumes = torch.stack(ramps)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.volumes[index]
+
+
+def test_mae_reconstruction_improves_with_training() -> None:
+    trainer = LocalTrainer(
+        MODEL,
+        TrainConfig(local_steps=10, schedule_rounds=3, lr=2e-3, dino_weight=0.0, mim_objective=MIMObjective.mae,
+                    mask_probability=1.0),
+        Ramps(),
+        seed=0,
+    )
+    first = trainer.train_round(0).mim_losses
+    trainer.train_round(1)
+    last = trainer.train_round(2).mim_losses
+    assert sum(last) / len(last) < 0.95 * sum(first) / len(first)
+
+
 def test_train_config_validates_mim_fields() -> None:
     with pytest.raises(ConfigError, match="mask_ratio"):
         TrainConfig(mask_ratio=[0.5, 0.1])
@@ -221,6 +283,10 @@ def test_train_config_validates_mim_fields() -> None:
         TrainConfig(dino_weight=0.0, mim_weight=0.0)
     with pytest.raises(ConfigError, match="mim_weight"):
         TrainConfig(mim_weight=-1.0)
+    with pytest.raises(ConfigError, match="decoder_hidden"):
+        ModelConfig(decoder_hidden=50)
+    with pytest.raises(ConfigError, match="decoder_layers"):
+        ModelConfig(decoder_layers=0)
 
 
 def test_cache_larger_than_model_input_trains() -> None:
