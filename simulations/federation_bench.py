@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,8 +36,42 @@ def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]
     code = ctfed_main(["simulate", f"output_dir={work}", f"run_name={name}", *overrides])
     results_path = work / name / "results.json"
     if code != 0 or not results_path.is_file():
-        raise RuntimeError(f"benchmark federation {name} failed (code {code}); see {work / name / 'federation.log'}")
+        log = work / name / "federation.log"
+        # The work folder is temporary: the reason goes into the results, not just a path.
+        raise RuntimeError(f"benchmark federation {name} failed (code {code}): {failure_reason(log)}")
     return json.loads(results_path.read_text(encoding="utf-8"))
+
+
+_RAY_OOM = re.compile(r"Memory on the node \(IP: [^)]*\) was ([\d.]+GB / [\d.]+GB)")
+_RAY_TOP_USERS = re.compile(r"Top 10 memory users: PID\tMEM\(GB\)\tCOMMAND, (.*?)(?:, Refer|$)")
+_CTFED_ERROR = re.compile(r"ERROR ctfed\.[\w.]+: (.+)")
+
+
+def _program(command: str) -> str:
+    """``ctfed bench`` for ``/path/.venv/bin/python .venv/bin/ctfed bench --out ...``."""
+    words = [w for w in command.split() if not Path(w).name.startswith("python")]
+    if not words:
+        return command.strip()
+    name = Path(words[0]).name
+    return f"{name} {words[1]}" if len(words) > 1 and not words[1].startswith(("-", "/", ".")) else name
+
+
+def failure_reason(log: Path) -> str:
+    """Why a simulated federation failed, from its log: Ray's out-of-memory kill with the
+    largest processes, else the last error ctfed logged."""
+    if not log.is_file():
+        return f"no log at {log}"
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if oom := _RAY_OOM.search(text):
+        users = _RAY_TOP_USERS.search(text)
+        top = ""
+        if users:
+            entries = [entry.split("\t") for entry in users.group(1).split(", ")]
+            largest = [f"{_program(command)} {gb} GB" for _, gb, command in (e for e in entries if len(e) == 3)][:3]
+            top = "; largest processes: " + ", ".join(largest)
+        return f"Ray killed a site process: the machine's memory reached {oom.group(1)}{top}"
+    errors = _CTFED_ERROR.findall(text)
+    return errors[-1] if errors else f"see {log}"
 
 
 # Runs of the scaling federation, by (model, sites, local steps, cores per site): the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,58 @@ def test_model_scaling_retries_one_site_at_a_time(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(federation_bench, "_simulate", always_killed)
     [failed] = federation_bench.bench_model_scaling(tmp_path / "again", ["small"], sites=2, local_steps=2)
     assert failed["model"] == "small" and failed["error"].count("killed") == 2
+
+
+_HEAP_SCENARIO = """
+import ctypes, sys
+from ctfed.simulations.bench import release_memory
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+# 64 KiB blocks come from the heap (below glibc's mmap threshold); the last one stays in use,
+# so freeing the others cannot shrink the heap from its top.
+blocks = [libc.malloc(64 * 1024) for _ in range(4000)]
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+for block in blocks[:-1]:
+    libc.free(block)
+held = rss_mb()
+release_memory()
+print(held, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_memory_returns_freed_heap_to_the_os() -> None:
+    """What one bench part freed must not stay in this process for the next part's site processes."""
+    done = subprocess.run([sys.executable, "-c", _HEAP_SCENARIO], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    held, after = map(float, done.stdout.split())
+    assert held - after > 150  # of the ~250 MB freed but held by the heap
+
+
+def test_a_failed_federation_says_why_without_its_temporary_log(tmp_path: Path) -> None:
+    from ctfed.simulations.federation_bench import failure_reason
+
+    log = tmp_path / "federation.log"
+    log.write_text(
+        "17:19:10 ERROR ctfed.server.rounds: round 1: not aggregated (site_1 failed)\n"
+        "ray.exceptions.OutOfMemoryError: 1 worker(s) were killed due to the node running low on memory. "
+        "Memory on the node (IP: 192.0.2.2, ID: ab12) was 22.42GB / 23.54GB (0.952313), which exceeds the memory "
+        "usage threshold of 0.950000; Top 10 memory users: PID\tMEM(GB)\tCOMMAND, 15544\t6.16\tray::ClientAppActor, "
+        "4954\t5.77\t/x/.venv/bin/python .venv/bin/ctfed bench --out b.json, 15180\t5.75\t/x/.venv/bin/python "
+        "/x/.venv/bin/flwr-simulation --runtime-api-address 1..., 16551\t0.18\t/x/python pytest, Refer to the docs\n"
+    )
+    assert failure_reason(log) == (
+        "Ray killed a site process: the machine's memory reached 22.42GB / 23.54GB; largest processes: "
+        "ray::ClientAppActor 6.16 GB, ctfed bench 5.77 GB, flwr-simulation 5.75 GB"
+    )
+    log.write_text("17:19:10 ERROR ctfed.server.rounds: round 1: not aggregated (site_1 failed)\n")
+    assert failure_reason(log) == "round 1: not aggregated (site_1 failed)"
+    assert "no log" in failure_reason(tmp_path / "missing.log")
