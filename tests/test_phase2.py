@@ -343,6 +343,28 @@ def test_simulation_runs_pretraining_then_finetuning(phase_two_run: Path) -> Non
 
 
 @pytest.mark.slow
+def test_every_ssl_round_records_each_sites_representation_monitor(phase_two_run: Path) -> None:
+    rounds = json.loads((phase_two_run / "results.json").read_text())["rounds"]
+    for record in rounds:
+        for site in record["sites"]:
+            monitor = site["monitor"]
+            if record["phase"] == "finetune":
+                assert monitor is None
+                continue
+            # Phase 2's split: site_0 (3 positives, 2 negatives) trains on 2 scans, site_1 (4, 2) on 3;
+            # monitor.knn_k=3 is capped at those.
+            assert (monitor["scans"], monitor["k"]) == {"site_0": (5, 2), "site_1": (6, 3)}[site["site"]], monitor
+            assert 0.0 <= monitor["knn_accuracy"] <= 1.0
+            assert math.isfinite(monitor["embedding_std"]) and 0.0 <= monitor["embedding_std"] < 1.0
+            assert monitor["uniform_std"] == pytest.approx(1 / math.sqrt(load_run_config().model.hidden_size))
+            assert site["monitor_seconds"] > 0 and site["train_seconds"] > 0
+    report = (phase_two_run / "report.md").read_text()
+    assert "## Representation monitor" in report and "| 1 | " in report
+    assert (phase_two_run / "plots" / "monitor.png").is_file()
+    assert "representation monitor of the encoder sent (global_round_0000)" in (phase_two_run / "federation.log").read_text()
+
+
+@pytest.mark.slow
 def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path) -> None:
     checkpoints = phase_two_run / "checkpoints"
     encoder, _, encoder_card = load_checkpoint(checkpoints / "global_round_0001.safetensors")
