@@ -290,6 +290,15 @@ def test_resume_across_the_phase_boundary(synthetic_caches: Path, straight_run, 
         torch.testing.assert_close(final_resumed[name], tensor, msg=name)
 
 
+def test_plain_path_records_the_monitor_of_ssl_rounds_only(straight_run) -> None:  # noqa: ANN001
+    _, recorder = straight_run
+    pretrain, *finetune = recorder.rounds
+    assert not pretrain.secure_aggregation
+    assert {s.site: (s.monitor["scans"], s.monitor["k"]) for s in pretrain.sites} == {"site_0": (5, 2), "site_1": (6, 3)}
+    assert all(s.monitor_seconds > 0 for s in pretrain.sites)
+    assert all(s.monitor is None for r in finetune for s in r.sites)
+
+
 # --- one tiny real Flower simulation -----------------------------------------------------------
 
 
