@@ -9,7 +9,8 @@ head, EMA teacher, loss centre) stays in the node's ``context.state`` between ro
 
 Order of a round, so that nothing is read that a refused round should not touch: the site's
 policy is checked against the instructions first (``client/policy.py``), then the cache is
-opened and the privacy budget checked (``client/privacy_round.py``), then training. Every
+opened and the privacy budget checked (``client/privacy_round.py``), then the representation
+monitor of the received global encoder (``client/monitor_round.py``), then training. Every
 outgoing message, refusals included, is written to the site's audit log (``client/audit.py``).
 """
 
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from ctfed.client.finetune_round import finetune_train
+from ctfed.client.monitor_round import monitor_metrics
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
@@ -80,6 +82,8 @@ def train(msg: Message, context: Context) -> Message:
         trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.encoder_state())
     trainer.set_global_encoder(global_state)
+    # Before training, on the encoder every site received (client/monitor_round.py).
+    monitor = monitor_metrics(site, instructions, model_cfg, global_state) if privacy_round.policy.share_monitor else {}
 
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
@@ -100,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
             PEAK_RSS_KEY: peak_rss_mb(),
             # Aggregate counts and ranges for the model card's data summary (no identifiers).
             **(site_data_metrics(site.dataset) if privacy_round.policy.share_data_summary else {}),
+            # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
+            **monitor,
             **privacy_metrics,
         }
     )

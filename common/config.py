@@ -450,6 +450,37 @@ class FinetuneConfig:
         return self.probe_steps + self.stage_steps
 
 
+# A monitor split needs one scan of each class in the training and in the held-out part.
+MIN_MONITOR_SCANS = 4
+
+
+@dataclass
+class MonitorConfig:
+    """Representation monitor of every phase-1 round (common/monitor.py).
+
+    Before local training each site with labelled scans scores the global encoder it received:
+    kNN accuracy of its held-out scans (the phase-2 split, ``finetune.test_fraction`` /
+    ``split_seed``) against its training scans, on the features the fine-tuning head would
+    read (``finetune.pooling``), and their spread (feature-collapse check). Sites send the
+    numbers as reply metrics; a site's ``policy.share_monitor: false`` keeps them.
+    """
+
+    enabled: bool = True
+    knn_k: int = 3
+    # At most this many labelled scans per site and round (a deterministic stratified subset of
+    # the split): the monitor costs one encoder forward pass per scan, every round.
+    max_scans: int = 64
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:
+            raise ConfigError(f"monitor.knn_k must be >= 1, got {self.knn_k}")
+        if self.max_scans < MIN_MONITOR_SCANS:
+            raise ConfigError(
+                f"monitor.max_scans must be >= {MIN_MONITOR_SCANS} (one scan per class in the training and the "
+                f"held-out part), got {self.max_scans}"
+            )
+
+
 class Transport(str, enum.Enum):
     """Float format of the plain path's update on the wire (sites cast, the coordinator
     upcasts to float32 before aggregating). Secure aggregation sends quantised integers
@@ -596,6 +627,10 @@ class SitePolicy:
     # label) with each SSL round's metrics. Counts only, never an identifier; but they travel
     # in clear and outside any DP guarantee, so a site may keep them.
     share_data_summary: bool = True
+    # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
+    # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
+    # statistics of labelled scans, in clear and outside any DP guarantee, like the summary.
+    share_monitor: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.allowed_phases) - set(PHASES))
@@ -953,6 +988,9 @@ class RunConfig:
     # Phase 2 (federation.finetune_rounds > 0): the downstream task and its recipe. Label
     # names are columns of the sites' labels.csv (the synthetic hospitals: findings and "any").
     finetune: FinetuneConfig = field(default_factory=_synthetic_finetune)
+    # Phase 1: each site's kNN / feature-spread monitor of the global encoder, every round
+    # (its split and features follow ``finetune``: label_names, test_fraction, split_seed, pooling).
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
     run_name: str = ""

@@ -17,7 +17,16 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, PrivacyConfig, TrainConfig, Transport, to_section
+from ctfed.common.config import (
+    ConfigError,
+    FinetuneConfig,
+    ModelConfig,
+    MonitorConfig,
+    PrivacyConfig,
+    TrainConfig,
+    Transport,
+    to_section,
+)
 from ctfed.common.finetune import FinetuneRoundPlan
 
 # Record keys shared by both sides; one definition so a rename cannot split them.
@@ -42,6 +51,10 @@ SECURE_AGGREGATION_KEY = "federation.secure_aggregation"
 TRANSPORT_KEY = "federation.transport"
 PRETRAIN_PHASE = "pretrain"
 FINETUNE_PHASE = "finetune"  # federated progressive-freezing fine-tuning (phase 2)
+
+# Phase-1 round instructions: the representation monitor's settings travel as ``monitor.*``,
+# and (when enabled) the ``finetune.*`` recipe whose split and pooling it follows.
+MONITOR_SECTION = "monitor"
 
 # Phase-2 round instructions: the fine-tuning recipe travels flattened as ``finetune.*``;
 # the coordinator's plan for the round as the keys below (common/finetune.FinetuneRoundPlan).
@@ -343,6 +356,30 @@ def record_to_finetune(record: Mapping[str, Any]) -> tuple[FinetuneConfig, Finet
     if local_steps < 1:
         raise ConfigError(f"phase-2 instructions ask for {local_steps} local steps")
     return finetune, plan, local_steps
+
+
+def monitor_to_record(monitor: MonitorConfig, finetune: FinetuneConfig) -> dict[str, Any]:
+    """Phase-1 instruction entries for the representation monitor: ``monitor.*``, plus the
+    ``finetune.*`` recipe (label names, split, pooling) when the monitor is on."""
+    flat: dict[str, Any] = {}
+    _flatten(MONITOR_SECTION, monitor, flat)
+    if monitor.enabled:
+        _flatten(FINETUNE_SECTION, finetune, flat)
+    return flat
+
+
+def record_to_monitor(record: Mapping[str, Any]) -> tuple[MonitorConfig, FinetuneConfig] | None:
+    """The monitor's settings and the recipe it follows from phase-1 instructions; None when the
+    coordinator sent none or switched the monitor off."""
+    section = _section(record, MONITOR_SECTION)
+    if not section:
+        return None
+    monitor = to_section(MonitorConfig, section)
+    if not monitor.enabled:
+        return None
+    finetune = to_section(FinetuneConfig, _section(record, FINETUNE_SECTION))
+    _check_finite(finetune, FINETUNE_SECTION)
+    return monitor, finetune
 
 
 def evaluation_to_metrics(evaluation: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:

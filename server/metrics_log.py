@@ -40,7 +40,8 @@ def write_csv(path: Path, rounds: Sequence[RoundRecord]) -> None:
 
 
 class TensorBoardLog:
-    """Scalars per round: the weighted loss, and per site loss, epsilon and bytes."""
+    """Scalars per round: the weighted loss, and per site loss, epsilon, bytes and the
+    representation monitor (kNN accuracy, spread / uniform spread)."""
 
     def __init__(self, folder: Path, first_round: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
@@ -64,6 +65,10 @@ class TensorBoardLog:
             if site.epsilon is not None:
                 self.writer.add_scalar(f"privacy/epsilon/{site.site}", site.epsilon, step)
             self.writer.add_scalar(f"bytes_received/{site.site}", site.bytes_received, step)
+            if site.monitor:
+                self.writer.add_scalar(f"monitor/knn_accuracy/{site.site}", site.monitor["knn_accuracy"], step)
+                spread = site.monitor["embedding_std"] / site.monitor["uniform_std"]
+                self.writer.add_scalar(f"monitor/std_over_uniform/{site.site}", spread, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
 from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
 from ctfed.common.fileio import write_json_atomic
+from ctfed.common.monitor import SECONDS_KEY as MONITOR_SECONDS_KEY, monitor_from_metrics
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY
 from ctfed.server.metrics_log import CSV_NAME, TENSORBOARD_DIR, TensorBoardLog, write_csv
 
@@ -66,6 +67,12 @@ class SiteRoundRecord:
     evaluation: dict[str, dict[str, dict[str, float]]] | None = None
     # Phase 1: the site's data summary metrics (common/data_summary.py: counts and ranges only).
     data: dict[str, Any] | None = None
+    # Phase 1: the representation monitor of the global encoder the site received this round,
+    # on its labelled scans before local training (common/monitor.py): {knn_accuracy,
+    # embedding_std, uniform_std, scans, k}; None when the site has no split labels, its
+    # policy keeps the numbers, or monitor.enabled is false. Its seconds are not in train_seconds.
+    monitor: dict[str, float | int] | None = None
+    monitor_seconds: float | None = None
 
 
 def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: Any) -> SiteRoundRecord:
@@ -93,8 +100,21 @@ def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: An
         peak_rss_mb=number(PEAK_RSS_KEY),
         evaluation=metrics_to_evaluation(metrics),
         data=data_metrics_from(metrics) or None,
+        monitor=monitor_from_metrics(metrics),
+        monitor_seconds=number(MONITOR_SECONDS_KEY),
         **fields,
     )
+
+
+def monitor_summary(sites: Sequence[SiteRoundRecord]) -> str:
+    """One log line: each site's kNN accuracy and feature spread against the uniform spread."""
+    parts = [
+        f"{s.site} kNN {s.monitor['knn_accuracy']:.3f} std/uniform {s.monitor['embedding_std'] / s.monitor['uniform_std']:.3f} "
+        f"({s.monitor['scans']} scans)"
+        for s in sites
+        if s.monitor
+    ]
+    return "; ".join(parts) or "no site reported one"
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ctfed.common.exchange import (
     SECURE_AGGREGATION_KEY,
     TRANSPORT_KEY,
     configs_to_record,
+    monitor_to_record,
     record_bytes,
     state_to_record,
 )
@@ -35,7 +36,7 @@ from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round
 from ctfed.server.finetune_rounds import run_finetune_rounds
-from ctfed.server.results import RoundRecord, RunRecorder
+from ctfed.server.results import RoundRecord, RunRecorder, monitor_summary
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def run_pretraining(
                 MIN_SITES_KEY: cfg.federation.min_sites,
                 SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
                 TRANSPORT_KEY: cfg.federation.transport.value,
+                **monitor_to_record(cfg.monitor, cfg.finetune),
             },
         )
         arrays = state_to_record(global_state)
@@ -127,4 +129,9 @@ def run_pretraining(
         )
         losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in outcome.sites if s.loss is not None)
         logger.info("[round %d/%d] done in %.1f s; loss per site: %s", server_round, total, time.perf_counter() - started, losses or "n/a")
+        if cfg.monitor.enabled:
+            logger.info(
+                "[round %d/%d] representation monitor of the encoder sent (global_round_%04d): %s",
+                server_round, total, server_round - 1, monitor_summary(outcome.sites),
+            )
     return global_state

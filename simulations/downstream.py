@@ -7,8 +7,9 @@ same held-out scans with the same fine-tuning recipe:
   (``common/labelled.py``, shared with the federated phase 2);
 * fine-tuning with ``common/finetune.Finetuner`` (progressive freezing by default) and
   prediction on the held-out scans; metrics with bootstrap CIs come from ``common/metrics``;
-* a representation monitor that needs no training: kNN accuracy of the encoder's CLS features
-  and their spread (a collapsed encoder maps every scan to one point);
+* a representation monitor that needs no training (``common/monitor.py``, which every
+  phase-1 round also runs at each site): kNN accuracy of the features the head reads and their
+  spread (a collapsed encoder maps every scan to one point);
 * a paired bootstrap of the AUROC difference between two arms on the same test scans.
 
 The self-supervised arms pretrain on every scan of a site, held-out ones included, but never
@@ -28,12 +29,8 @@ from torch.utils.data import Dataset
 from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.finetune import Finetuner, build_classifier
 from ctfed.common.labelled import LabelledScans
-from ctfed.common.metrics import (
-    embedding_std,
-    evaluation_dict,
-    knn_accuracy,
-    roc_auc,
-)
+from ctfed.common.metrics import evaluation_dict, roc_auc
+from ctfed.common.monitor import representation_monitor as common_representation_monitor
 
 
 @dataclass
@@ -80,18 +77,6 @@ def pool(predictions: Sequence[Predictions]) -> Predictions:
     )
 
 
-@torch.no_grad()
-def encoder_features(
-    model_cfg: ModelConfig,
-    encoder_state: Mapping[str, torch.Tensor],
-    scans: LabelledScans,
-    pooling: FeaturePooling = FeaturePooling.cls,
-) -> np.ndarray:
-    """The features (N, D) a fine-tuning head with ``pooling`` would read, of every scan, in eval mode."""
-    classifier = build_classifier(model_cfg, 1, encoder_state, pooling=pooling).eval()
-    return np.stack([classifier.features(scans[i][0][None])[0].numpy() for i in range(len(scans))])
-
-
 def representation_monitor(
     model_cfg: ModelConfig,
     encoder_state: Mapping[str, torch.Tensor],
@@ -100,20 +85,15 @@ def representation_monitor(
     k: int,
     pooling: FeaturePooling = FeaturePooling.cls,
 ) -> dict[str, float]:
-    """kNN accuracy (primary label) on the held-out scans and the spread of the features
-    the fine-tuning head reads (``pooling``).
-
-    ``embedding_std`` near 0 means collapse; features spread over the sphere give about
-    ``uniform_std`` = 1/sqrt(D).
-    """
-    train_feats = encoder_features(model_cfg, encoder_state, train, pooling)
-    test_feats = encoder_features(model_cfg, encoder_state, test, pooling)
-    k = min(k, len(train))
+    """``common.monitor.representation_monitor`` in compare.json's form: kNN accuracy (primary
+    label) on the held-out scans, ``knn_k``, and the spread of the features the fine-tuning head
+    reads against ``uniform_std`` = 1/sqrt(D) (near 0: collapse)."""
+    result = common_representation_monitor(model_cfg, encoder_state, train, test, k, pooling)
     return {
-        "knn_accuracy": knn_accuracy(train_feats, train.labels[:, 0], test_feats, test.labels[:, 0], k=k),
-        "knn_k": k,
-        "embedding_std": embedding_std(np.concatenate([train_feats, test_feats])),
-        "uniform_std": 1.0 / math.sqrt(train_feats.shape[1]),
+        "knn_accuracy": result.knn_accuracy,
+        "knn_k": result.k,
+        "embedding_std": result.embedding_std,
+        "uniform_std": result.uniform_std,
     }
 
 

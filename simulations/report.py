@@ -39,6 +39,7 @@ CONFIG_NAME = "config.yaml"  # as ``ctfed simulate`` writes it; deployed runs ma
 LOSS_STEPS_PLOT = "loss_per_step.png"
 LOSS_ROUNDS_PLOT = "loss_per_round.png"
 BYTES_PLOT = "bytes_per_round.png"
+MONITOR_PLOT = "monitor.png"
 
 _DPI = 110
 _MAX_ROUND_LABELS = 20  # beyond this many rounds, label only every k-th boundary
@@ -65,6 +66,11 @@ class RunResults:
     def sites(self) -> list[str]:
         """Every site seen in any round, sorted, so colours and rows are stable across renders."""
         return sorted({s.site for r in self.rounds for s in r.sites})
+
+    @property
+    def monitored_rounds(self) -> list[RoundRecord]:
+        """Rounds in which at least one site reported the representation monitor."""
+        return [r for r in self.rounds if any(s.monitor for s in r.sites)]
 
 
 def load_results(run_dir: Path) -> RunResults:
@@ -111,7 +117,14 @@ def _parse_site(raw: Any, where: str) -> SiteRoundRecord:
         _expect(getattr(site, name), _OPTIONAL_NUMBER, f"{where}.{name}")
     for step, loss in enumerate(_expect(site.losses, list, f"{where}.losses")):
         _expect(loss, _NUMBER, f"{where}.losses[{step}]")
+    _expect(site.monitor_seconds, _OPTIONAL_NUMBER, f"{where}.monitor_seconds")
+    if _expect(site.monitor, (dict, type(None)), f"{where}.monitor") is not None:
+        for name in _MONITOR_FIELDS:
+            _expect(site.monitor.get(name), _NUMBER, f"{where}.monitor.{name}")
     return site
+
+
+_MONITOR_FIELDS = ("knn_accuracy", "embedding_std", "uniform_std", "scans", "k")
 
 
 def _parse_round(raw: Any, where: str) -> RoundRecord:
@@ -359,6 +372,34 @@ def _plot_bytes(axes: tuple[Axes, Axes], results: RunResults, colours: dict[str,
         sent_ax.legend(title="site", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
+def _spread(site: SiteRoundRecord) -> float:
+    """Feature spread as a share of the spread of features uniform on the sphere."""
+    assert site.monitor is not None
+    return site.monitor["embedding_std"] / site.monitor["uniform_std"] if site.monitor["uniform_std"] else math.nan
+
+
+def _plot_monitor(axes: tuple[Axes, Axes], results: RunResults, colours: dict[str, Any]) -> None:
+    """Each site's monitor of the encoder it received, per round: one line per site."""
+    knn_ax, spread_ax = axes
+    knn_ax.set_title("kNN accuracy of held-out labelled scans (global encoder, before local training)")
+    knn_ax.set_ylabel("kNN accuracy")
+    knn_ax.set_ylim(-0.05, 1.05)
+    spread_ax.set_title("Feature spread: embedding_std / uniform_std (0: collapsed, 1: uniform on the sphere)")
+    spread_ax.set_ylabel("std / uniform")
+    spread_ax.set_xlabel("round")
+    monitored = results.monitored_rounds
+    for site in results.sites:
+        points = [(r.round, s) for r in monitored for s in r.sites if s.site == site and s.monitor]
+        if not points:
+            continue
+        rounds = [x for x, _ in points]
+        knn_ax.plot(rounds, [s.monitor["knn_accuracy"] for _, s in points], marker="o", markersize=4, color=colours[site], label=site)  # type: ignore[index]
+        spread_ax.plot(rounds, [_spread(s) for _, s in points], marker="o", markersize=4, color=colours[site], label=site)
+    spread_ax.set_ylim(bottom=0)
+    spread_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    knn_ax.legend(title="site", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def _save(fig: Figure, path: Path) -> None:
     # The Agg canvas directly (no pyplot): no global backend state, no GUI, safe in threads.
     FigureCanvasAgg(fig)
@@ -366,7 +407,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def render_plots(results: RunResults, plots_dir: Path) -> list[tuple[str, Path]]:
-    """Write the three PNGs; returns (caption, path) pairs in report order."""
+    """Write the PNGs (the monitor's only when a site reported it); returns (caption, path) pairs in report order."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     colours = _site_colours(results.sites)
 
@@ -378,12 +419,19 @@ def render_plots(results: RunResults, plots_dir: Path) -> list[tuple[str, Path]]
     sent_ax, received_ax = traffic.subplots(2, 1, sharex=True)
     _plot_bytes((sent_ax, received_ax), results, colours)
 
-    written = []
-    for caption, fig, name in (
+    figures = [
         ("Loss per local step", steps, LOSS_STEPS_PLOT),
         ("Last-step loss per round", rounds, LOSS_ROUNDS_PLOT),
         ("Bytes per round", traffic, BYTES_PLOT),
-    ):
+    ]
+    if results.monitored_rounds:
+        monitor = Figure(figsize=(9, 6), layout="constrained")
+        knn_ax, spread_ax = monitor.subplots(2, 1, sharex=True)
+        _plot_monitor((knn_ax, spread_ax), results, colours)
+        figures.append(("Representation monitor per round", monitor, MONITOR_PLOT))
+
+    written = []
+    for caption, fig, name in figures:
         _save(fig, plots_dir / name)
         written.append((caption, plots_dir / name))
     return written
@@ -462,6 +510,37 @@ def _round_lines(record: RoundRecord) -> list[str]:
     ]
 
 
+def _monitor_lines(results: RunResults) -> list[str]:
+    """Round x site: kNN accuracy and feature spread of the global encoder each site received."""
+    monitored = results.monitored_rounds
+    if not monitored:
+        return []
+    sites = [site for site in results.sites if any(s.site == site and s.monitor for r in monitored for s in r.sites)]
+    rows = []
+    for record in monitored:
+        cells = {s.site: s for s in record.sites if s.monitor}
+        rows.append(
+            [str(record.round)]
+            + [
+                f"{cells[site].monitor['knn_accuracy']:.3f} · {_spread(cells[site]):.3f}" if site in cells else "–"  # type: ignore[index]
+                for site in sites
+            ]
+        )
+    latest = {s.site: s.monitor for r in monitored for s in r.sites if s.monitor}
+    used = ", ".join(f"{site} {latest[site]['scans']} scans (k={latest[site]['k']})" for site in sites)
+    return [
+        "## Representation monitor",
+        "",
+        "Each site scores the global encoder it received, before local training (round 1: the initial "
+        "encoder): kNN accuracy of its held-out labelled scans (phase 2's split) against its training "
+        "scans · feature spread, `embedding_std` / `uniform_std` (near 0: collapsed features; 1: spread "
+        f"uniformly over the sphere). Scans used (latest round): {used}.",
+        "",
+        *_table(["Round", *sites], rows),
+        "",
+    ]
+
+
 def _problem_lines(results: RunResults) -> list[str]:
     problems = [
         f"- Round {r.round}, {_inline(s.site)}, {s.status}: {_inline(s.reason) or 'no reason given'}"
@@ -479,6 +558,7 @@ def render_markdown(run_dir: Path, results: RunResults, config: dict[str, Any], 
         lines += split_markdown(results.data_split)
     lines += ["## Plots", ""]
     lines += [f"![{caption}]({path.relative_to(run_dir).as_posix()})\n" for caption, path in plots]
+    lines += _monitor_lines(results)
     lines += ["## Rounds", ""]
     if not results.rounds:
         lines += ["No round has finished yet.", ""]

@@ -290,6 +290,15 @@ def test_resume_across_the_phase_boundary(synthetic_caches: Path, straight_run, 
         torch.testing.assert_close(final_resumed[name], tensor, msg=name)
 
 
+def test_plain_path_records_the_monitor_of_ssl_rounds_only(straight_run) -> None:  # noqa: ANN001
+    _, recorder = straight_run
+    pretrain, *finetune = recorder.rounds
+    assert not pretrain.secure_aggregation
+    assert {s.site: (s.monitor["scans"], s.monitor["k"]) for s in pretrain.sites} == {"site_0": (5, 2), "site_1": (6, 3)}
+    assert all(s.monitor_seconds > 0 for s in pretrain.sites)
+    assert all(s.monitor is None for r in finetune for s in r.sites)
+
+
 # --- one tiny real Flower simulation -----------------------------------------------------------
 
 
@@ -340,6 +349,28 @@ def test_simulation_runs_pretraining_then_finetuning(phase_two_run: Path) -> Non
     assert probe["trainable_parameters"] < unfrozen[0]["trainable_parameters"]
     # After the first phase-2 round a site gets only the trainable part, not the whole classifier.
     assert unfrozen[1]["bytes_sent_per_site"] < probe["bytes_sent_per_site"]
+
+
+@pytest.mark.slow
+def test_every_ssl_round_records_each_sites_representation_monitor(phase_two_run: Path) -> None:
+    rounds = json.loads((phase_two_run / "results.json").read_text())["rounds"]
+    for record in rounds:
+        for site in record["sites"]:
+            monitor = site["monitor"]
+            if record["phase"] == "finetune":
+                assert monitor is None
+                continue
+            # Phase 2's split: site_0 (3 positives, 2 negatives) trains on 2 scans, site_1 (4, 2) on 3;
+            # monitor.knn_k=3 is capped at those.
+            assert (monitor["scans"], monitor["k"]) == {"site_0": (5, 2), "site_1": (6, 3)}[site["site"]], monitor
+            assert 0.0 <= monitor["knn_accuracy"] <= 1.0
+            assert math.isfinite(monitor["embedding_std"]) and 0.0 <= monitor["embedding_std"] < 1.0
+            assert monitor["uniform_std"] == pytest.approx(1 / math.sqrt(load_run_config().model.hidden_size))
+            assert site["monitor_seconds"] > 0 and site["train_seconds"] > 0
+    report = (phase_two_run / "report.md").read_text()
+    assert "## Representation monitor" in report and "| 1 | " in report
+    assert (phase_two_run / "plots" / "monitor.png").is_file()
+    assert "representation monitor of the encoder sent (global_round_0000)" in (phase_two_run / "federation.log").read_text()
 
 
 @pytest.mark.slow

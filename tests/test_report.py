@@ -21,6 +21,7 @@ from ctfed.simulations.report import (
     BYTES_PLOT,
     LOSS_ROUNDS_PLOT,
     LOSS_STEPS_PLOT,
+    MONITOR_PLOT,
     PLOTS_DIR,
     REPORT_NAME,
     ReportError,
@@ -117,6 +118,31 @@ def test_report_and_valid_pngs_are_written(completed: Path) -> None:
         assert f"]({PLOTS_DIR}/{path.name})" in text, "plots must be embedded with relative links"
 
 
+def test_monitor_table_and_plot_only_when_sites_reported_it(completed: Path, tmp_path: Path, cfg: RunConfig) -> None:
+    text = render_report(completed).read_text()
+    assert "Representation monitor" not in text and not (completed / PLOTS_DIR / MONITOR_PLOT).exists()
+
+    def monitored(site: str, knn: float, std: float) -> SiteRoundRecord:
+        record = trained(site, [2.0, 1.5])
+        record.monitor = {"knn_accuracy": knn, "embedding_std": std, "uniform_std": 0.125, "scans": 6, "k": 2}
+        return record
+
+    rounds = [
+        round_record(1, [monitored("site_0", 0.5, 0.0125), monitored("site_1", 0.75, 0.025)]),
+        round_record(2, [monitored("site_0", 0.25, 0.05), trained("site_1", [1.4, 1.3])]),
+    ]
+    run = record_run(tmp_path / "monitored", rounds, cfg)
+    text = render_report(run).read_text()
+    section = text[text.index("## Representation monitor") : text.index("## Rounds")]
+    assert "| Round | site_0 | site_1 |" in section
+    assert "| 1 | 0.500 · 0.100 | 0.750 · 0.200 |" in section  # kNN · std / uniform
+    assert "| 2 | 0.250 · 0.400 | – |" in section  # site_1 sent none in round 2
+    assert "site_0 6 scans (k=2)" in section
+    png = run / PLOTS_DIR / MONITOR_PLOT
+    assert f"]({PLOTS_DIR}/{MONITOR_PLOT})" in text and png.read_bytes().startswith(PNG_SIGNATURE)
+    assert imread(png).std() > 0
+
+
 def test_summary_names_status_sites_rounds_and_model(completed: Path, cfg: RunConfig) -> None:
     text = render_report(completed).read_text()
     assert "| Status | completed |" in text
@@ -208,6 +234,12 @@ def test_cli_fails_clearly_without_results(tmp_path: Path, capsys: pytest.Captur
             '[{"site": "a", "status": "aggregated", "loss": "low"}], "aggregated": true, '
             '"bytes_sent_per_site": 1, "seconds": 1.0, "checkpoint": ""}]}',
             "rounds[0].sites[0].loss",
+        ),
+        (
+            '{"status": "completed", "config": {}, "wall_seconds": 1.0, "rounds": [{"round": 1, "sites": '
+            '[{"site": "a", "status": "aggregated", "monitor": {"knn_accuracy": 0.5}}], "aggregated": true, '
+            '"bytes_sent_per_site": 1, "seconds": 1.0, "checkpoint": ""}]}',
+            "rounds[0].sites[0].monitor.embedding_std",
         ),
     ],
 )

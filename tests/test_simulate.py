@@ -67,6 +67,14 @@ def test_every_site_trained_every_round(finished_run: Path) -> None:
             assert site["bytes_received"] == record["bytes_sent_per_site"] > 0
 
 
+def test_sites_whose_labels_cannot_be_split_send_no_monitor(finished_run: Path) -> None:
+    """2 scans a site: never 2 of each class, so no site has a monitor split; the rounds go on."""
+    results = json.loads((finished_run / "results.json").read_text())
+    assert all(s["monitor"] is None and s["status"] == "aggregated" for r in results["rounds"] for s in r["sites"])
+    assert "Representation monitor" not in (finished_run / "report.md").read_text()
+    assert not (finished_run / "plots" / "monitor.png").exists()
+
+
 def test_only_encoder_weights_travel(finished_run: Path) -> None:
     results = json.loads((finished_run / "results.json").read_text())
     cfg = read_run_config(finished_run / "config.yaml")
