@@ -236,6 +236,9 @@ class _PartTimer:
                 self.checkpoint()
             release_memory()
 
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
 
 def release_memory() -> None:
     """Hand freed memory back to the OS. The in-process parts (a ViT-B training step, SecAgg+
@@ -248,9 +251,6 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             pass
-
-    def total(self) -> float:
-        return time.perf_counter() - self.started
 
 
 def run(args: argparse.Namespace) -> int:

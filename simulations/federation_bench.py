@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 def _simulate(work: Path, name: str, overrides: Sequence[str]) -> dict[str, Any]:
-    code = ctfed_main(["simulate", f"output_dir={work}", f"run_name={name}", *overrides])
+    # The representation monitor is evaluation, not federation cost: off, so a round is
+    # training plus what the federation adds.
+    code = ctfed_main(["simulate", f"output_dir={work}", f"run_name={name}", "monitor.enabled=false", *overrides])
     results_path = work / name / "results.json"
     if code != 0 or not results_path.is_file():
         log = work / name / "federation.log"
