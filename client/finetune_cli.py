@@ -37,7 +37,9 @@ ENCODER_KIND_SUFFIX = "encoder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", required=True, type=Path, help="a prepared cache folder with labels (ctfed prepare --labels)")
+    parser.add_argument(
+        "--cache", required=True, type=Path, help="a prepared cache folder with labels (ctfed prepare --labels)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder for the classifier checkpoint and its card")
     parser.add_argument(
         "--encoder", type=Path,
@@ -96,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot split the cache's labelled scans: {err}") from None
     train = LabelledScans(dataset, split.train, finetune.label_names, cfg.model.image_size)
     test = LabelledScans(dataset, split.test, finetune.label_names, cfg.model.image_size)
-    classifier = build_classifier(cfg.model, finetune.num_outputs, encoder_state, seed=finetune.seed, pooling=finetune.pooling)
+    classifier = build_classifier(
+        cfg.model, finetune.num_outputs, encoder_state, seed=finetune.seed, pooling=finetune.pooling
+    )
     finetuner = Finetuner(classifier, finetune, train)
     plan = ", ".join(f"{phase} {steps} steps" for phase, steps in finetuner.phases())
     print(

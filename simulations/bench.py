@@ -64,7 +64,8 @@ _NEED_LOADER = {"secagg", "secagg_vs_stock"}
 
 def model_sizes() -> list[str]:
     """The encoder presets, conf/model/*.yaml."""
-    return sorted(p.name.removesuffix(".yaml") for p in files("ctfed.conf").joinpath("model").iterdir() if p.name.endswith(".yaml"))
+    presets = files("ctfed.conf").joinpath("model").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in presets if p.name.endswith(".yaml"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
