@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -22,6 +22,7 @@ from ctfed.common.config import ROBUST_STRATEGIES, RunConfig, Transport
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     METRICS_KEY,
+    NUM_EXAMPLES_KEY,
     REFUSAL_CODES,
     SITE_KEY,
     STATUS_AGGREGATED,
@@ -54,6 +55,20 @@ def build_strategy(cfg: RunConfig) -> FedAvg:
         min_train_nodes=cfg.federation.min_sites,
         min_available_nodes=cfg.federation.min_sites,
     )
+
+
+def _arrays_and_weights(replies: list[Message]) -> list[Message]:
+    """What FedAvg needs of each accepted reply: its arrays and its example count.
+
+    Flower refuses to aggregate replies whose MetricRecords have different keys, and sites
+    legitimately report different metrics (a site whose labels cannot be split sends no
+    representation monitor; a site's policy may keep its data summary). Every site's metrics
+    are already in its SiteRoundRecord, so the strategy gets only the weight.
+    """
+    for reply in replies:
+        metrics = reply.content.metric_records[METRICS_KEY]
+        reply.content[METRICS_KEY] = MetricRecord({NUM_EXAMPLES_KEY: metrics[NUM_EXAMPLES_KEY]})
+    return replies
 
 
 def _site_id(reply: Message, known_sites: dict[int, str]) -> str:
@@ -98,6 +113,10 @@ def vet_replies(
             norm = update_norm(update)
             if norm > max_norm:
                 raise UpdateRejected(f"update norm {norm:.3g} exceeds federation.max_update_norm={max_norm:g}")
+            examples = reply.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY)
+            if isinstance(examples, bool) or not isinstance(examples, (int, float)) or not examples > 0:
+                # FedAvg weighs by it: without a positive count the update cannot be combined.
+                raise UpdateRejected(f"reply carries no positive '{NUM_EXAMPLES_KEY}' metric (got {examples!r})")
         except (UpdateRejected, KeyError) as err:
             logger.warning("rejected the update of site %s: %s", site, err)
             records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
@@ -186,7 +205,7 @@ def collect_round(
         updates = [record_to_state(r.content[ARRAYS_KEY], expected=like) for r in accepted]
         return RoundOutcome(robust_combine(cfg.federation.strategy, updates, cfg.federation), site_records, False)
     if central is None:
-        aggregated, _ = strategy.aggregate_train(server_round, accepted)
+        aggregated, _ = strategy.aggregate_train(server_round, _arrays_and_weights(accepted))
         return RoundOutcome(record_to_state(aggregated, expected=like), site_records, False)
     updates = [record_to_state(r.content[ARRAYS_KEY], expected=like) for r in accepted]
     noisy_mean, noise_std = central.aggregate(updates, server_round, rate)

@@ -104,6 +104,40 @@ def test_compressed_updates_are_half_the_bytes_on_the_wire() -> None:
             assert 2 * values <= sizes[transport][site] < 0.55 * fp32
 
 
+def test_sites_reporting_different_metrics_still_aggregate() -> None:
+    """Flower's FedAvg refuses MetricRecords with different keys; sites legitimately differ
+    (one sends a representation monitor, another cannot split its labels). The coordinator
+    hands the strategy only the weights, and keeps every site's metrics in its record."""
+    deltas = _deltas()
+
+    def train(msg: Message, context: object) -> Message:
+        node = msg.metadata.dst_node_id
+        metrics = {NUM_EXAMPLES_KEY: EXAMPLES[node], "loss": 1.0, "loss-first": 1.0, "losses": [1.0]}
+        if node == 1:
+            metrics["monitor-knn-accuracy"] = 0.75
+        if node == 3:
+            metrics[NUM_EXAMPLES_KEY] = 0  # nothing to weigh by: rejected, not a crash
+        content = RecordDict({
+            ARRAYS_KEY: encode_update(deltas[node], Transport.float32),
+            METRICS_KEY: MetricRecord(metrics),
+            SITE_KEY: ConfigRecord({"site-id": f"site-{node}"}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    cfg = load_run_config(["secagg.enabled=false"])
+    grid = InProcessGrid({"train": train}, NODES)
+    strategy = build_strategy(cfg)
+    messages = list(strategy.configure_train(1, state_to_record(_like()), ConfigRecord({"server-round": 1}), grid))
+    outcome = collect_round(grid, messages, _like(), cfg, strategy, 1, {}, None)
+    by_site = {s.site: s for s in outcome.sites}
+    assert by_site["site-3"].status == STATUS_REJECTED and "num-examples" in by_site["site-3"].reason
+    assert outcome.mean_delta is not None
+    total = EXAMPLES[1] + EXAMPLES[2]
+    for name, got in outcome.mean_delta.items():
+        expected = (deltas[1][name] * EXAMPLES[1] + deltas[2][name] * EXAMPLES[2]) / total
+        torch.testing.assert_close(got, expected)
+
+
 def test_a_site_sending_another_format_or_shape_is_rejected_with_a_reason() -> None:
     def wrong_shape(delta: dict[str, torch.Tensor]):
         return encode_update({**delta, "blocks.0.bias": torch.zeros(95)}, Transport.float16)
