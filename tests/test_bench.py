@@ -229,3 +229,12 @@ def test_a_failed_federation_says_why_without_its_temporary_log(tmp_path: Path) 
     log.write_text("17:19:10 ERROR ctfed.server.rounds: round 1: not aggregated (site_1 failed)\n")
     assert failure_reason(log) == "round 1: not aggregated (site_1 failed)"
     assert "no log" in failure_reason(tmp_path / "missing.log")
+
+
+def test_model_sizes_are_the_model_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    from ctfed.simulations.bench import model_sizes
+
+    assert {"tiny", "small", "vit_b"} <= set(model_sizes())
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", "federation_model_scaling", "--models", "vit_huge"])
+    assert "invalid choice: 'vit_huge'" in capsys.readouterr().err
