@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         kind=CLASSIFIER_KIND,
         label_names=list(finetune.label_names),
         pooling=finetune.pooling.value,
-        finetune=_plain(finetune),
+        finetune=asdict(finetune),
         encoder=source,
         train_scans=len(train),
         test_scans=len(test),
@@ -143,10 +143,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {task}: {cells}")
     print(f"done in {time.perf_counter() - started:.0f} s; classifier {weights} (card {weights.with_suffix('.json')})")
     return 0
-
-
-def _plain(finetune: Any) -> dict[str, Any]:
-    """The fine-tuning config as JSON values (enums by value)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(finetune), enum_to_str=True)  # type: ignore[return-value]

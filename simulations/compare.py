@@ -41,7 +41,8 @@ from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
-from ctfed.simulations.downstream import Predictions, finetune_and_predict, pool, representation_monitor, score
+from ctfed.common.monitor import representation_monitor
+from ctfed.simulations.downstream import Predictions, finetune_and_predict, monitor_entry, pool, score
 from ctfed.simulations.report import load_results
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,9 @@ def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> t
             downstream[mode][POOLED] = {"metrics": metrics}
             print(f"      {mode:<12} {POOLED:<10} {_fmt_auroc(metrics, task)}")
     representation = {
-        site.name: representation_monitor(cfg.model, encoder, train, test, compare.knn_k, compare.finetune.pooling)
+        site.name: monitor_entry(
+            representation_monitor(cfg.model, encoder, train, test, compare.knn_k, compare.finetune.pooling)
+        )
         for site, train, test, encoder in evaluated
     }
     return downstream, representation

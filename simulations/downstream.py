@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
+from ctfed.common.config import FinetuneConfig, ModelConfig
 from ctfed.common.finetune import Finetuner, build_classifier
-from ctfed.common.labelled import LabelledScans
 from ctfed.common.metrics import evaluation_dict, roc_auc
-from ctfed.common.monitor import representation_monitor as common_representation_monitor
+from ctfed.common.monitor import MonitorResult
 
 
 @dataclass
@@ -77,18 +76,10 @@ def pool(predictions: Sequence[Predictions]) -> Predictions:
     )
 
 
-def representation_monitor(
-    model_cfg: ModelConfig,
-    encoder_state: Mapping[str, torch.Tensor],
-    train: LabelledScans,
-    test: LabelledScans,
-    k: int,
-    pooling: FeaturePooling = FeaturePooling.cls,
-) -> dict[str, float]:
-    """``common.monitor.representation_monitor`` in compare.json's form: kNN accuracy (primary
-    label) on the held-out scans, ``knn_k``, and the spread of the features the fine-tuning head
-    reads against ``uniform_std`` = 1/sqrt(D) (near 0: collapse)."""
-    result = common_representation_monitor(model_cfg, encoder_state, train, test, k, pooling)
+def monitor_entry(result: MonitorResult) -> dict[str, float]:
+    """A ``common.monitor`` result in compare.json's form: kNN accuracy (primary label) on the
+    held-out scans, ``knn_k``, and the spread of the features the fine-tuning head reads
+    against ``uniform_std`` = 1/sqrt(D) (near 0: collapse)."""
     return {
         "knn_accuracy": result.knn_accuracy,
         "knn_k": result.k,

@@ -108,7 +108,6 @@ def measure(data: TuningSet, seed: int) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
 def encoder_probe(data: TuningSet, overrides: list[str], steps: int, seed: int) -> dict[str, float]:
     """Pretrain one centralized encoder on the pooled tuning set for ``steps`` steps (the
     compare preset plus ``overrides``), then probe the features of every pooling; with their
@@ -119,8 +118,7 @@ def encoder_probe(data: TuningSet, overrides: list[str], steps: int, seed: int) 
         cfg.model, replace(cfg.train, local_steps=max(steps, 1), schedule_rounds=1), ConcatDataset(data.caches), seed=0
     )
     if steps:
-        with torch.enable_grad():
-            trainer.train_round(0)
+        trainer.train_round(0)
     row: dict[str, float] = {}
     for pooling in FeaturePooling:
         features = encoder_features(cfg.model, trainer.encoder_state(), _Scans(data.volumes), pooling)

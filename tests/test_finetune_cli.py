@@ -44,6 +44,7 @@ def test_finetune_from_a_pretrained_encoder(labelled: tuple[Path, Path], tmp_pat
     assert card["kind"] == "local-classifier" and card["label_names"] == ["any"]
     assert classifier.pooling is FeaturePooling.cls_mean_patch and classifier.head.in_features == 96
     assert card["encoder"] == {"kind": "local-encoder", "sha256": encoder_card["sha256"], "round": 1}
+    assert card["finetune"]["pooling"] == "cls_mean_patch" and card["finetune"]["probe_steps"] == 2
     volumes = CachedVolumes(cache)
     assert card["train_scans"] + card["test_scans"] == len(volumes) and card["steps"] == 5 == len(card["losses"])
     auroc = card["evaluation"]["any"]["auroc"]
