@@ -322,3 +322,33 @@ def test_koleo_is_refused_with_batch_of_one_and_under_local_dp() -> None:
     cfg = TrainConfig(local_steps=1, koleo_weight=0.1)
     with pytest.raises(ValueError, match="no per-volume gradient"):
         LocalTrainer(MODEL, cfg, Volumes(), dp=LocalDPConfig())
+
+
+def test_lr_scales_with_the_batch_and_warms_up_by_default() -> None:
+    """DINO's linear scaling rule and warm-ups are on by default: at a site's small batch an
+    unscaled, cold-started 5e-4 reaches the teacher's input-independent target in a few steps."""
+    cfg = TrainConfig(local_steps=10, schedule_rounds=10, batch_size=4)
+    trainer = LocalTrainer(MODEL, cfg, Volumes(), seed=0)
+    assert cfg.scaled_lr == pytest.approx(5e-4 * 4 / 256)
+    warmup = cfg.fraction_steps(cfg.warmup_fraction)
+    assert warmup == 10
+    lrs = [trainer.lr_schedule(step) for step in range(100)]
+    assert lrs[0] == 0.0 and lrs[warmup] == pytest.approx(cfg.scaled_lr) == max(lrs)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1]))
+    assert trainer.freeze_last_layer_steps == 1
+    temps = [trainer.teacher_temp_schedule(step) for step in (0, 15, 30, 99)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    trainer._apply_schedules(warmup)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([cfg.scaled_lr] * 2)
+
+
+def test_a_cache_unlike_the_models_inputs_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class OtherWindows(Volumes):
+        channel_stats = {"mean": [0.9, 0.25, 0.2], "std": [0.05, 0.3, 0.19], "volumes": 5}
+
+    with caplog.at_level("WARNING", logger="ctfed.client.train"):
+        LocalTrainer(MODEL, TrainConfig(), Volumes(), seed=0)
+    assert "does not look like" not in caplog.text
+    with caplog.at_level("WARNING", logger="ctfed.client.train"):
+        LocalTrainer(MODEL, TrainConfig(), OtherWindows(), seed=0)
+    assert "does not look like" in caplog.text and "channel 0" in caplog.text and "channel 1" not in caplog.text
