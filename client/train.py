@@ -68,7 +68,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctfed.client.ledger import local_sample_rate
-from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, TrainConfig
+from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, Precision, TrainConfig
+from ctfed.common.device import autocast, check_precision, resolve_device
 from ctfed.common.masking import random_keep, sample_masks
 from ctfed.common.model import SSLModel, build_teacher
 from ctfed.common.preprocess import input_stats_mismatch
@@ -116,6 +117,45 @@ class RoundResult:
     dp_steps: int = 0
 
 
+class _ShuffledBatches:
+    """Batches of (position in the round, volume index), shuffled epoch after epoch without
+    end; batches stay full unless the whole site holds fewer volumes than one batch."""
+
+    def __init__(self, num_volumes: int, batch_size: int, seed: int) -> None:
+        self.num_volumes, self.batch_size, self.seed = num_volumes, batch_size, seed
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        position = 0
+        while True:
+            order = torch.randperm(self.num_volumes, generator=generator).tolist()
+            full = len(order) - len(order) % self.batch_size if len(order) >= self.batch_size else len(order)
+            for start in range(0, full, self.batch_size):
+                batch = order[start : start + self.batch_size]
+                yield [(position + k, index) for k, index in enumerate(batch)]
+                position += len(batch)
+
+
+class _CropViews(Dataset):
+    """(position, volume index) -> that volume's multi-crop views (crops, C, S, S, S), drawn
+    from a generator seeded by (round's crop seed, position)."""
+
+    def __init__(self, dataset: Dataset, multicrop: MultiCrop3D, seed: np.random.SeedSequence) -> None:
+        self.dataset, self.multicrop, self.seed = dataset, multicrop, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        position, index = item
+        volume = self.dataset[index]
+        if not isinstance(volume, torch.Tensor) or volume.ndim != 4:
+            shape = tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__
+            raise ValueError(f"dataset must yield volumes (C, S, S, S), got {shape}")
+        self.multicrop.reseed(np.random.SeedSequence(self.seed.entropy, spawn_key=(*self.seed.spawn_key, position)))
+        return torch.stack(self.multicrop(volume))
+
+
 class LocalTrainer:
     """DINO student/teacher training on one site's cached volumes (C, S, S, S) in [0, 1]."""
 
@@ -124,17 +164,32 @@ class LocalTrainer:
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         dataset: Dataset,
-        device: str = "cpu",
+        device: str | None = None,
         seed: int = 0,
         dp: LocalDPConfig | None = None,
     ) -> None:
+        """``device`` (auto, cpu, cuda, cuda:N) overrides ``train.device``: a site pins its GPU."""
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the site's dataset is empty; prepare its cache first")
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.dataset = dataset
-        self.device = torch.device(device)
+        self.device = resolve_device(device or train_cfg.device)
+        check_precision(train_cfg.precision, self.device)
         self.seed = seed
+        if dp is not None:
+            unsupported = [
+                name for name, on in (
+                    (f"train.precision={train_cfg.precision.value}", train_cfg.precision is not Precision.fp32),
+                    ("train.activation_checkpointing=true", train_cfg.activation_checkpointing),
+                    (f"train.accumulation_steps={train_cfg.accumulation_steps}", train_cfg.accumulation_steps > 1),
+                ) if on
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)} cannot run under local DP-SGD: per-volume clipping needs fp32 "
+                    "per-sample gradients of one pass over one Poisson batch per step"
+                )
 
         mismatch = input_stats_mismatch(
             getattr(dataset, "channel_stats", None), model_cfg.input_mean, model_cfg.input_std
@@ -149,6 +204,7 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
             self.student = SSLModel(model_cfg, mae_decoder=self.mae).to(self.device)
+        self.student.encoder.activation_checkpointing = train_cfg.activation_checkpointing
         # Only iBOT uses the encoder's mask token (MAE drops masked patches instead); unused,
         # it is frozen, so it stays out of the optimizer and of DP-SGD.
         self.student.encoder.mask_token.requires_grad_(self.mim_enabled and not self.mae)
@@ -186,6 +242,8 @@ class LocalTrainer:
         )
 
         self.koleo_loss = KoLeoLoss()
+        # fp16's small range needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler("cuda") if train_cfg.precision is Precision.fp16 else None
         self.dp: VolumeDPSGD | None = None
         if dp is not None:
             if train_cfg.koleo_weight > 0:
@@ -315,48 +373,65 @@ class LocalTrainer:
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
         # the ClientApp builds a fresh trainer every round. (The first two children do not
         # depend on how many are spawned, so crops and order match the pre-MIM trainer.)
+        # Every volume draw's crops come from (crop seed, its position in the round), so they
+        # are the same whichever loader process makes them.
         crop_seed, order_seed, mask_seed, noise_seed = np.random.SeedSequence([self.seed, round_index]).spawn(4)
-        self.multicrop.reseed(crop_seed)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
+        order = int(order_seed.generate_state(1)[0])
         if self.dp is not None:
             self.dp.reseed(int(noise_seed.generate_state(1)[0]))
-            batches = self._dp_batches(int(order_seed.generate_state(1)[0]))
+            batches = self._dp_batches(order, crop_seed)
         else:
-            batches = self._batches(int(order_seed.generate_state(1)[0]))
+            batches = self._batches(order, crop_seed)
 
         result = RoundResult(losses=[], num_examples=0, seconds=0.0, dp_steps=cfg.local_steps if self.dp else 0)
+        micro = cfg.accumulation_steps
         for local_step in range(cfg.local_steps):
             step = round_index * cfg.local_steps + local_step
             self._apply_schedules(step)
-            data_started = time.perf_counter()
-            volumes = next(batches)
-            if volumes is not None:
-                student_in, teacher_in = self._views(volumes)
-            result.data_seconds += time.perf_counter() - data_started
-            if volumes is None:  # an empty Poisson batch: the step is noise only, as DP-SGD's analysis assumes
-                assert self.dp is not None
-                self.dp.empty_step_gradients()
+            if self.dp is not None:
+                self.dp.zero_grad()
             else:
-                batch = volumes.shape[0]
-                loss, dino, mim, koleo, patch_rows = self._ssl_loss(
-                    student_in, teacher_in, mask_generator, with_rows=self.dp is not None
-                )
+                self.optimizer.zero_grad(set_to_none=True)
+            parts: list[tuple[float, float, float | None, float | None]] = []
+            for _ in range(micro):
+                data_started = time.perf_counter()
+                views = next(batches)
+                if views is not None:
+                    student_in, teacher_in = self._views(views)
+                result.data_seconds += time.perf_counter() - data_started
+                if views is None:  # an empty Poisson batch: the step is noise only, as DP-SGD's analysis assumes
+                    assert self.dp is not None
+                    self.dp.empty_step_gradients()
+                    continue
+                batch = views.shape[0]
+                with autocast(self.device, cfg.precision):
+                    loss, dino, mim, koleo, patch_rows = self._ssl_loss(
+                        student_in, teacher_in, mask_generator, with_rows=self.dp is not None
+                    )
                 if cfg.proximal_mu > 0 and self.dp is None:
                     loss = loss + self._proximal_term()
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
-                self._backward(loss, batch, student_in.shape[0], teacher_in.shape[0], patch_rows)
-                result.losses.append(loss.item())
-                result.dino_losses.append(dino.item())
-                if mim is not None:
-                    result.mim_losses.append(mim.item())
-                if koleo is not None:
-                    result.koleo_losses.append(koleo.item())
+                self._backward(loss / micro, batch, student_in.shape[0], teacher_in.shape[0], patch_rows)
+                parts.append((loss.item(), dino.item(), None if mim is None else mim.item(),
+                              None if koleo is None else koleo.item()))
                 result.num_examples += batch
             self._finish_gradients(step)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self._update_teacher(step)
             if self.dp is not None:
                 self._update_dp_centres(step)
+            if parts:  # per optimiser step: the mean over its micro-batches
+                result.losses.append(sum(p[0] for p in parts) / len(parts))
+                result.dino_losses.append(sum(p[1] for p in parts) / len(parts))
+                if parts[0][2] is not None:
+                    result.mim_losses.append(sum(p[2] for p in parts) / len(parts))  # type: ignore[misc]
+                if parts[0][3] is not None:
+                    result.koleo_losses.append(sum(p[3] for p in parts) / len(parts))  # type: ignore[misc]
 
         result.seconds = time.perf_counter() - started
         self._log_round(round_index, result)
@@ -369,10 +444,8 @@ class LocalTrainer:
     ) -> None:
         """Gradients of one batch: autograd's (plain) or per-volume sums of per-row ones (DP-SGD)."""
         if self.dp is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             return
-        self.dp.zero_grad()
         # Student rows are crop-major (row r is volume r % batch), in one pass or, for MAE,
         # two (masked global crops, whole local crops), whose per-row gradients Opacus sums
         # row by row; the head also sees iBOT's selected patch tokens after the CLS rows.
@@ -397,6 +470,8 @@ class LocalTrainer:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
         if self.dp is None and self.train_cfg.grad_clip > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
 
     @torch.no_grad()
@@ -545,35 +620,40 @@ class LocalTrainer:
         self.loss_fn.teacher_temp = teacher_temp
         self.ibot_loss.teacher_temp = teacher_temp
 
-    def _batches(self, seed: int) -> Iterator[torch.Tensor | None]:
-        """Shuffled batches of volumes, epoch after epoch, for as many steps as asked."""
-        generator = torch.Generator().manual_seed(seed)
-        batch_size = self.train_cfg.batch_size
+    def _batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor]:
+        """Micro-batches of multi-crop views (B, crops, C, S, S, S): shuffled volumes, epoch after
+        epoch, cropped in ``train.loader_workers`` processes ahead of the step (pinned for a GPU)."""
+        workers = self.train_cfg.loader_workers
         loader = DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=generator,
-            # Keep batches full unless the whole site holds fewer volumes than one batch.
-            drop_last=len(self.dataset) >= batch_size,  # type: ignore[arg-type]
+            _CropViews(self.dataset, self.multicrop, crop_seed),
+            batch_sampler=_ShuffledBatches(len(self.dataset), self.train_cfg.batch_size, order_seed),  # type: ignore[arg-type]
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
         )
-        while True:
-            yield from loader
+        yield from loader
 
-    def _dp_batches(self, seed: int) -> Iterator[torch.Tensor | None]:
-        """DP-SGD's Poisson-sampled batches (None where a batch came out empty)."""
+    def _dp_batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor | None]:
+        """DP-SGD's Poisson-sampled batches of views (None where a batch came out empty), made
+        in this process: a batch's size is random, and an empty one has nothing to collate."""
         assert self.dp is not None
-        for indices in self.dp.poisson_batches(seed):
-            yield torch.stack([self.dataset[i] for i in indices]) if indices else None
+        if self.train_cfg.loader_workers:
+            logger.info("local DP-SGD makes its crops in the training process (train.loader_workers ignored)")
+        views = _CropViews(self.dataset, self.multicrop, crop_seed)
+        position = 0
+        for indices in self.dp.poisson_batches(order_seed):
+            items = [(position + k, index) for k, index in enumerate(indices)]
+            position += len(items)
+            yield torch.stack([views[item] for item in items]) if items else None
 
-    def _views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop-major student input (all crops) and teacher input (the 2 global crops)."""
-        if volumes.ndim != 5:
-            raise ValueError(f"dataset must yield volumes (C, S, S, S), got a batch of shape {tuple(volumes.shape)}")
-        per_volume = [self.multicrop(volume) for volume in volumes]
-        views = [torch.stack([crops[v] for crops in per_volume]) for v in range(self.multicrop.num_crops)]
-        student_in = torch.cat(views).to(self.device)
-        return student_in, student_in[: 2 * volumes.shape[0]]
+    def _views(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop-major student input (all crops; row r is volume r % B) and teacher input (the
+        2 global crops), on the training device."""
+        batch, crops = views.shape[:2]
+        student_in = views.transpose(0, 1).reshape(batch * crops, *views.shape[2:])
+        student_in = student_in.to(self.device, non_blocking=True)
+        return student_in, student_in[: 2 * batch]
 
     def _load_optimizer_state(self, flat: Mapping[str, torch.Tensor]) -> None:
         params = dict(self.student.named_parameters())

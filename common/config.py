@@ -260,6 +260,22 @@ class MIMObjective(str, enum.Enum):
     mae = "mae"
 
 
+class Precision(str, enum.Enum):
+    """Compute precision of the training forward passes (weights and optimiser stay fp32)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16: float32's range, no scaler needed; CPU and GPU
+    fp16 = "fp16"  # autocast to float16 with a gradient scaler; GPU only
+
+
+_DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def valid_device_spec(spec: str) -> bool:
+    """auto, cpu, cuda or cuda:N (common/device.py resolves it)."""
+    return bool(_DEVICE_SPEC.match(spec))
+
+
 @dataclass
 class TrainConfig:
     """Local self-supervised training at a site (one federated round)."""
@@ -324,6 +340,22 @@ class TrainConfig:
     # many public synthetic head volumes (common/reference.py), not on the site's scans, so
     # they cost no privacy (client/train.py says why).
     dp_center_volumes: int = 8
+    # Where the site trains: auto (the first CUDA device if one is visible, else the CPU), cpu,
+    # cuda or cuda:N. A site's node config `device` overrides it (the hospital picks the GPU).
+    device: str = "auto"
+    # fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast + gradient scaler, GPU only).
+    # Local DP-SGD runs in fp32 only: Opacus' per-sample gradients are not checked under autocast.
+    precision: Precision = Precision.fp32
+    # Recompute each transformer block's activations in the backward pass instead of keeping
+    # them: less memory for more compute (not under local DP-SGD, whose hooks see every forward).
+    activation_checkpointing: bool = False
+    # Micro-batches of batch_size per optimiser step: the optimiser batch is their product (the
+    # LR scales with it) while memory holds one micro-batch. Not under local DP-SGD (its Poisson
+    # batches are the privacy unit of a step).
+    accumulation_steps: int = 1
+    # Worker processes that read volumes and make the crops ahead of the training step (0: the
+    # training process does it). The crops of a seed are the same whatever the count.
+    loader_workers: int = 0
     # FedProx: mu/2 * ||w - w_global||^2 on the student encoder keeps a site near the
     # global model when site data differ (0: off; federation.strategy=fedprox needs > 0).
     proximal_mu: float = 0.0
@@ -366,6 +398,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1] (a share of the schedule), got {getattr(self, name)}")
         if not 0.0 <= self.mae_mask_ratio < 1.0:
             raise ConfigError(f"train.mae_mask_ratio must be in [0, 1), got {self.mae_mask_ratio}")
+        if not valid_device_spec(self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.accumulation_steps < 1 or self.loader_workers < 0:
+            raise ConfigError(
+                f"train.accumulation_steps must be >= 1 and train.loader_workers >= 0, got "
+                f"{self.accumulation_steps} and {self.loader_workers}"
+            )
         if self.dp_center_volumes < 1:
             raise ConfigError(f"train.dp_center_volumes must be >= 1, got {self.dp_center_volumes}")
         if self.schedule_rounds < 0:
@@ -397,13 +436,18 @@ class TrainConfig:
         return max(self.schedule_rounds, 1) * self.local_steps
 
     @property
+    def optimizer_batch(self) -> int:
+        """Volumes per optimiser step (micro-batch x accumulation steps)."""
+        return self.batch_size * self.accumulation_steps
+
+    @property
     def scaled_lr(self) -> float:
-        """The peak learning rate AdamW runs at (linear scaling with the batch)."""
-        return self.lr * self.batch_size / self.lr_reference_batch
+        """The peak learning rate AdamW runs at (linear scaling with the optimiser batch)."""
+        return self.lr * self.optimizer_batch / self.lr_reference_batch
 
     @property
     def scaled_min_lr(self) -> float:
-        return self.min_lr * self.batch_size / self.lr_reference_batch
+        return self.min_lr * self.optimizer_batch / self.lr_reference_batch
 
     def fraction_steps(self, fraction: float) -> int:
         """A share of the schedule horizon in whole global steps."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ctfed.common.config import ModelConfig
 
@@ -167,6 +168,7 @@ class ViTEncoder(nn.Module):
         )
         self.mask_token = MaskToken(cfg.hidden_size)
         self.cls_token = ClsToken(cfg.hidden_size)
+        self.activation_checkpointing = False
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.hidden_size, cfg.mlp_dim, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_layers)
         )
@@ -219,8 +221,10 @@ class ViTEncoder(nn.Module):
                 raise ValueError(f"keep must be a (B, V) long tensor, got {keep.dtype} {tuple(keep.shape)}")
             tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         tokens = self.cls_token(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens)
+            # Recomputed in the backward pass instead of kept (train.activation_checkpointing).
+            tokens = checkpoint(block, tokens, use_reentrant=False) if recompute else block(tokens)
         return self.norm(tokens)
 
     def cls_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,6 +30,8 @@ TARGET_HALF_WIDTH = 0.05
 # Below this many held-out scans a bootstrap CI is itself unreliable (a handful of distinct
 # resamples), so a verdict is reported but never called evidence.
 MIN_EVIDENCE_TEST_SCANS = 100
+# Where a verdict that is too small to conclude sends the reader.
+STUDY_POINTER = "docs/studies.md says which study can answer it, and what it has given so far"
 # Feature spread below this share of the uniform spread: the encoder maps a site's scans to
 # nearly one point, and fine-tuned scores reflect the head rather than the pretraining.
 COLLAPSE_FRACTION = 0.1
@@ -153,6 +155,14 @@ def verdict_text(v: dict[str, Any]) -> str:
         f"{diff['of']} = {_ci(diff, signed=True)} (paired bootstrap, {v['n_test']} held-out scans, "
         f"{v['n_positive']} positive). Target: {diff['of']} {v['kind']} {v['target']:+.3f}."
     )
+    if not v["evidence"]:
+        # A verdict needs a test set that can answer: "missed by" on a CI that spans most of
+        # [-1, 1] would read as a finding.
+        return (
+            f"{numbers} **Too small to conclude**: {v['n_test']} held-out scans give a CI half-width of "
+            f"±{_half_width(v):.2f} (evidence needs >= {MIN_EVIDENCE_TEST_SCANS} scans and ±{TARGET_HALF_WIDTH:.2f}); "
+            f"this smoke-test size shows the pipeline, not the answer ({STUDY_POINTER})."
+        )
     if v["met"] and v["ci_clears_target"]:
         outcome = "**Met**; the whole 95% CI is on the target's side."
     elif v["met"]:
@@ -162,10 +172,6 @@ def verdict_text(v: dict[str, Any]) -> str:
         outcome = f"**Missed by {v['missed_by']:.3f} AUROC**; the 95% CI {'still covers' if covers else 'excludes'} the target."
     if diff["low"] == diff["high"]:
         outcome += " The CI has zero width: both arms rank the held-out scans the same way in every resample."
-    if not v["evidence"]:
-        outcome += (
-            f" With {v['n_test']} held-out scans (CI half-width ±{_half_width(v):.2f}) this is not evidence either way."
-        )
     return f"{numbers} {outcome}"
 
 
@@ -471,9 +477,11 @@ def console_summary(data: dict[str, Any]) -> str:
         results = data["arms"][arm.value]["downstream"].get(mode, {})
         lines.append(f"{arm.value:<12} {_cell(results, POOLED, task)}")
     for v in data.get("verdicts", []):
-        status = "met" if v["met"] else f"missed by {v['missed_by']:.3f}"
-        evidence = "" if v["evidence"] else f" (not evidence: {v['n_test']} test scans)"
-        lines.append(f"{v['key']:<28} {v['difference']['of']} = {_ci(v['difference'], signed=True)}: {status}{evidence}")
+        if not v["evidence"]:
+            status = f"too small to conclude ({v['n_test']} test scans, ±{_half_width(v):.2f})"
+        else:
+            status = "met" if v["met"] else f"missed by {v['missed_by']:.3f}"
+        lines.append(f"{v['key']:<28} {v['difference']['of']} = {_ci(v['difference'], signed=True)}: {status}")
     collapsed = collapsed_pairs(data)
     if collapsed:
         lines.append(f"warning: collapsed encoder features in {len(collapsed)} arm/site pairs (see compare.md)")

@@ -167,7 +167,7 @@ def test_report_and_plots_exist(compare_run: Path) -> None:
     report = (compare_run / COMPARE_MD).read_text()
     for arm in Arm:
         assert f"| {arm.value} |" in report
-    assert "## Verdicts" in report and "not evidence" in report
+    assert "## Verdicts" in report and "Too small to conclude" in report and "Missed by" not in report
     for plot in (AUROC_PLOT, LOSS_PLOT):
         path = compare_run / PLOTS_DIR / plot
         assert path.read_bytes().startswith(PNG_SIGNATURE)
@@ -221,3 +221,21 @@ def test_teacher_policy_section_reports_both_policies(compare_run: Path, tmp_pat
     assert "## Teacher policy" in report and "`keep`" in report and "`reset`" in report
     assert "Paired pooled AUROC difference keep - reset" in report
     assert (run / "plots" / TEACHER_PLOT).is_file() and f"plots/{TEACHER_PLOT}" in report
+
+
+def test_a_verdict_on_too_few_test_scans_says_too_small_to_conclude() -> None:
+    from ctfed.simulations.compare_report import verdict_text
+
+    def verdict(n_test: int, low: float, high: float) -> dict:
+        return {
+            "a": {"arm": "federated", "mode": "progressive", "auroc": {"value": 0.6, "low": 0.5, "high": 0.7}},
+            "b": {"arm": "scratch", "mode": "progressive", "auroc": {"value": 0.62, "low": 0.52, "high": 0.72}},
+            "difference": {"of": "federated - scratch", "value": -0.02, "low": low, "high": high},
+            "target": 0.05, "kind": "more than", "met": False, "ci_clears_target": False, "missed_by": 0.07,
+            "n_test": n_test, "n_positive": n_test // 2, "evidence": n_test >= 100 and (high - low) / 2 <= 0.05,
+        }
+
+    small = verdict_text(verdict(22, -0.4, 0.35))
+    assert "Too small to conclude" in small and "Missed by" not in small and "docs/studies.md" in small
+    large = verdict_text(verdict(400, -0.06, 0.02))
+    assert "Missed by 0.070" in large and "Too small" not in large

@@ -72,7 +72,8 @@ def test_fedadam_state_survives_a_checkpoint_and_resume(tmp_path: Path) -> None:
 def test_fedprox_keeps_a_site_closer_to_the_global_model() -> None:
     distances = {}
     for mu in (0.0, 50.0):
-        trainer = _trainer(proximal_mu=mu, lr=5e-3)
+        # Unscaled LR and no warm-up: the second step must start away from the global model.
+        trainer = _trainer(proximal_mu=mu, lr=5e-3, lr_reference_batch=2, warmup_fraction=0.0)
         start = trainer.encoder_state()
         trainer.set_global_encoder(start)
         if mu:

@@ -265,7 +265,7 @@ class Ramps(Dataset):
 def test_mae_reconstruction_improves_with_training() -> None:
     trainer = LocalTrainer(
         MODEL,
-        TrainConfig(local_steps=10, schedule_rounds=3, lr=2e-3, lr_reference_batch=2, dino_weight=0.0,
+        TrainConfig(local_steps=15, schedule_rounds=3, lr=4e-3, lr_reference_batch=2, dino_weight=0.0,
                     mim_objective=MIMObjective.mae),
         Ramps(),
         seed=0,
