@@ -51,6 +51,10 @@ from ctfed.common.exchange import (
 
 logger = logging.getLogger(__name__)
 
+# Node config key with which a site pins its training device (auto, cpu, cuda, cuda:N) over
+# the coordinator's train.device.
+DEVICE_NODE_KEY = "device"
+
 
 app = ClientApp()
 
@@ -76,7 +80,8 @@ def train(msg: Message, context: Context) -> Message:
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
     trainer = LocalTrainer(
-        model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp
+        model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp,
+        device=str(context.node_config.get(DEVICE_NODE_KEY, "")) or None,  # the hospital's pin wins
     )
     if LOCAL_STATE_KEY in context.state:
         trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())

@@ -1,0 +1,81 @@
+"""LocalTrainer where hospitals train: device choice, mixed precision, activation checkpointing,
+gradient accumulation and crop workers. Each option must leave the training it speeds up or
+shrinks the same, within a stated tolerance, on the CPU paths CI can run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctfed.client.train import LocalTrainer
+from ctfed.common.config import ConfigError, LocalDPConfig, Precision, TrainConfig
+from ctfed.common.device import resolve_device
+from test_train import MODEL, Volumes  # pytest puts tests/ on sys.path (no package)
+
+
+def _run(volumes: int = 6, **train: object) -> tuple[list[float], dict[str, torch.Tensor]]:
+    values: dict[str, object] = dict(local_steps=2, schedule_rounds=2, device="cpu")
+    values.update(train)
+    cfg = TrainConfig(**values)  # type: ignore[arg-type]
+    trainer = LocalTrainer(MODEL, cfg, Volumes(count=volumes), seed=1)
+    result = trainer.train_round(0)
+    return result.losses, trainer.encoder_state()
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_device_choice_is_resolved_or_a_clear_error() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="train.device"):
+        TrainConfig(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            resolve_device("cuda:0")
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            LocalTrainer(MODEL, TrainConfig(precision=Precision.fp16), Volumes(), device="cpu")
+
+
+def test_bf16_autocast_gives_the_fp32_loss_within_tolerance() -> None:
+    fp32_losses, fp32_state = _run()
+    bf16_losses, bf16_state = _run(precision=Precision.bf16)
+    # bfloat16 keeps 8 mantissa bits: about 0.4% per rounding, a few % after a forward pass.
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.05)
+    assert all(t.dtype == torch.float32 for t in bf16_state.values())  # weights stay fp32
+    assert _max_diff(bf16_state, fp32_state) < 0.05
+
+
+def test_activation_checkpointing_changes_memory_not_the_result() -> None:
+    plain_losses, plain_state = _run()
+    ckpt_losses, ckpt_state = _run(activation_checkpointing=True)
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert _max_diff(ckpt_state, plain_state) < 1e-5
+
+
+def test_accumulated_micro_batches_equal_one_large_batch() -> None:
+    # Frozen centre and no masking: then nothing but the batch split differs (the centre's
+    # EMA and the masks are drawn per micro-batch, by design).
+    same = dict(mim_weight=0.0, center_momentum=1.0, local_steps=1, warmup_fraction=0.0)
+    big_losses, big_state = _run(batch_size=4, **same)
+    acc_losses, acc_state = _run(batch_size=2, accumulation_steps=2, **same)
+    assert acc_losses == pytest.approx(big_losses, rel=1e-5)
+    assert _max_diff(acc_state, big_state) < 1e-6
+    assert TrainConfig(batch_size=2, accumulation_steps=4).scaled_lr == pytest.approx(5e-4 * 8 / 256)
+
+
+def test_crop_workers_make_the_same_crops_for_a_seed() -> None:
+    in_process, in_state = _run()
+    workers, worker_state = _run(loader_workers=2)
+    # Same draws; a worker resizes crops on one thread, the trainer on several: float noise only.
+    assert workers == pytest.approx(in_process, rel=1e-6)
+    assert _max_diff(worker_state, in_state) < 1e-6
+
+
+def test_local_dp_refuses_what_opacus_cannot_clip() -> None:
+    for option in (dict(precision=Precision.bf16), dict(activation_checkpointing=True), dict(accumulation_steps=2)):
+        with pytest.raises(ValueError, match="cannot run under local DP-SGD"):
+            LocalTrainer(MODEL, TrainConfig(**option), Volumes(), device="cpu", dp=LocalDPConfig())  # type: ignore[arg-type]
