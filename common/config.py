@@ -895,6 +895,10 @@ class SimulationConfig:
     # Empty: synthesise ``synth.sites`` hospitals and prepare them inside the run folder.
     data_dir: str = ""
     client_cpus: int = 1
+    # GPU share of each simulated site (Flower's client-resources.num-gpus; Ray packs sites
+    # onto GPUs by it): 0.5 runs two sites per GPU. 0: CPU only. With train.device=auto a site
+    # that gets a share trains on its GPU.
+    client_gpus: float = 0.0
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
     # Injected site failures; any entry switches the simulated sites to the fault-injecting
@@ -908,6 +912,11 @@ class SimulationConfig:
     site_policies: list[NamedSitePolicy] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.client_cpus < 1 or self.client_gpus < 0:
+            raise ConfigError(
+                f"simulation.client_cpus must be >= 1 and simulation.client_gpus >= 0, got "
+                f"{self.client_cpus} and {self.client_gpus}"
+            )
         names = [p.site for p in self.site_policies]
         if any(not name for name in names):
             raise ConfigError("simulation.site_policies: every entry needs 'site' (the site id)")

@@ -80,6 +80,13 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
         stop_process_group(process)
 
 
+def federation_config(num_sites: int, client_cpus: int, client_gpus: float = 0.0) -> str:
+    """``flwr run --federation-config``: how many simulated sites, and what each may use
+    (Ray packs sites onto the machine's CPUs and GPUs by it)."""
+    config = f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus}"
+    return config + (f" client-resources-num-gpus={client_gpus:g}" if client_gpus > 0 else "")
+
+
 def run_app(
     app_dir: Path,
     run_config: Mapping[str, object],
@@ -88,6 +95,7 @@ def run_app(
     flwr_home: Path,
     timeout_s: float,
     log_path: Path,
+    client_gpus: float = 0.0,
 ) -> None:
     """Run the Flower app at ``app_dir`` with ``num_sites`` simulated SuperNodes.
 
@@ -95,7 +103,7 @@ def run_app(
     Raises SimulationError if the run fails or exceeds ``timeout_s``.
     """
     overrides = [arg for key, value in run_config.items() for arg in ("--run-config", f"{key}={toml_value(value)}")]
-    federation = f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus}"
+    federation = federation_config(num_sites, client_cpus, client_gpus)
     with simulation_superlink(flwr_home) as connection:
         command = [
             _flower_tool("flwr"), "run", str(app_dir), connection,

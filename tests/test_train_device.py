@@ -79,3 +79,14 @@ def test_local_dp_refuses_what_opacus_cannot_clip() -> None:
     for option in (dict(precision=Precision.bf16), dict(activation_checkpointing=True), dict(accumulation_steps=2)):
         with pytest.raises(ValueError, match="cannot run under local DP-SGD"):
             LocalTrainer(MODEL, TrainConfig(**option), Volumes(), device="cpu", dp=LocalDPConfig())  # type: ignore[arg-type]
+
+
+def test_simulated_sites_can_share_a_gpu() -> None:
+    from ctfed.common.config import load_run_config
+    from ctfed.simulations.engine import federation_config
+
+    assert federation_config(3, 1) == "num-supernodes=3 client-resources-num-cpus=1"
+    assert federation_config(3, 1, 0.33) == "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.33"
+    assert load_run_config(["simulation.client_gpus=0.5"]).simulation.client_gpus == 0.5
+    with pytest.raises(ConfigError, match="client_gpus"):
+        load_run_config(["simulation.client_gpus=-1"])
