@@ -27,6 +27,7 @@ from ctfed.common.processes import (
     flower_tool,
     free_port,
     offline_env,
+    require_free_port,
     run_in_foreground,
     start_logged,
 )
@@ -89,6 +90,8 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
     state.mkdir(parents=True, exist_ok=True)
     # The ClientApp reads the policy from here (node config ``policy-file``) every round.
     write_policy_file(cfg.policy, state)
+    if cfg.runtime_port:
+        require_free_port("127.0.0.1", cfg.runtime_port, "this SuperNode's Runtime API (site.runtime_port)")
     port = cfg.runtime_port or free_port()
     log_file = state / LOG_FILE
     process = start_logged(supernode_command(cfg, port), offline_env(state / FLWR_HOME), log_file, echo=echo)

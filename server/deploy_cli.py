@@ -33,6 +33,7 @@ from ctfed.common.processes import (
     flower_tool,
     free_port,
     offline_env,
+    require_free_port,
     run_in_foreground,
     start_logged,
     stop_process_group,
@@ -142,6 +143,10 @@ def start_superlink(settings: SuperLinkSettings, *, echo: bool = False) -> Runni
         insecure=settings.insecure,
     )
     state.mkdir(parents=True, exist_ok=True)
+    if settings.port:
+        # Before anything starts or is written: a SuperLink already on this port (an
+        # earlier 'ctfed server' still running, say) is named instead of half-started over.
+        require_free_port(settings.host, settings.port, "the SuperLink (--port)")
     port = settings.port or free_port()
     flwr_home = state / FLWR_HOME
     host = _local_host(settings.host)
