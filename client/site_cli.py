@@ -12,6 +12,7 @@ in its node config (``client/site.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -34,6 +35,10 @@ from ctfed.common.processes import (
 
 LOG_FILE = "supernode.log"
 FLWR_HOME = "flwr-home"
+# What Flower 1.41's SuperNode logs when the SuperLink refuses to activate its key
+# (ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED): no SuperNode is registered with that public
+# key (or one with the same key is connected already). It then exits.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,35 @@ class RunningSuperNode:
     site_id: str
     log_file: Path
     runtime_port: int
+    log_offset: int = 0  # where this process's output starts in ``log_file`` (appended)
+
+
+def site_key_fingerprint(cfg: SiteConfig) -> str:
+    """The OpenSSH fingerprint of this site's public key (``ssh-keygen -lf <site>.pub``)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    from ctfed.common.certs import key_fingerprint
+
+    key = load_ssh_private_key(Path(cfg.private_key).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)  # check_files made sure
+    return key_fingerprint(key.public_key())
+
+
+def exit_diagnosis(cfg: SiteConfig, node: RunningSuperNode) -> str | None:
+    """Why the SuperNode exited, in the site's terms, when its log says (None: it does not)."""
+    with contextlib.suppress(OSError):
+        with node.log_file.open("rb") as log:
+            log.seek(node.log_offset)
+            output = log.read().decode(errors="replace")
+        if ACTIVATION_REFUSED in output:
+            return (
+                f"this site's key is not registered with the coordinator (key fingerprint "
+                f"{site_key_fingerprint(cfg)}): the SuperLink refused to activate it. Send {cfg.site_id}.pub "
+                f"to the coordinator to register ('ctfed server --state STATE --register {cfg.site_id}.pub'); "
+                "if it is registered, another SuperNode with this key is connected already"
+            )
+    return None
 
 
 def _toml_string(value: str) -> str:
@@ -94,8 +128,9 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
         require_free_port("127.0.0.1", cfg.runtime_port, "this SuperNode's Runtime API (site.runtime_port)")
     port = cfg.runtime_port or free_port()
     log_file = state / LOG_FILE
+    offset = log_file.stat().st_size if log_file.is_file() else 0
     process = start_logged(supernode_command(cfg, port), offline_env(state / FLWR_HOME), log_file, echo=echo)
-    return RunningSuperNode(process=process, site_id=cfg.site_id, log_file=log_file, runtime_port=port)
+    return RunningSuperNode(process=process, site_id=cfg.site_id, log_file=log_file, runtime_port=port, log_offset=offset)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +163,15 @@ def run(args: argparse.Namespace) -> int:
     except ProcessError as err:
         print(f"ctfed site: {err}", file=sys.stderr)
         return 1
-    print(f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} (log {node.log_file}); Ctrl-C stops it")
+    print(
+        f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} with key {site_key_fingerprint(cfg)} "
+        f"(log {node.log_file}); Ctrl-C stops it"
+    )
     code = run_in_foreground(node.process)
     if code not in (0, 130, 143):
+        diagnosis = exit_diagnosis(cfg, node)
+        if diagnosis:
+            print(f"ctfed site: {cfg.site_id}: {diagnosis}", file=sys.stderr)
         print(f"ctfed site: the SuperNode exited with code {code}; see {node.log_file}", file=sys.stderr)
     return code
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ctfed.common.certs import CertPaths
+from ctfed.common.certs import SITES_DIR, CertPaths
 from ctfed.common.config import ConfigError
 from ctfed.common.processes import (
     ProcessError,
@@ -97,8 +97,14 @@ def _local_host(bind_host: str) -> str:
 def superlink_command(settings: SuperLinkSettings, port: int) -> list[str]:
     """The ``flower-superlink`` command line for these settings (TLS and node auth unless insecure)."""
     state = settings.state_dir
+    flower_tool("flower-superlink")  # the same installation must provide it (clear error if not)
+    # Flower's SuperLink in this interpreter, with site keys named by fingerprint and site
+    # instead of PEM in its logs (server/superlink_main.py).
+    launcher = [sys.executable, "-m", "ctfed.server.superlink_main"]
+    if settings.certs_dir is not None:
+        launcher += ["--site-keys", str(CertPaths(settings.certs_dir).root / SITES_DIR)]
     command = [
-        flower_tool("flower-superlink"),
+        *launcher, "--",
         "--host", settings.host,
         "--port", str(port),
         "--database", str(state / STATE_DB),

@@ -86,7 +86,7 @@ def test_killed_server_takes_its_superlink_and_a_busy_port_is_named(tmp_path: Pa
     started: list[int] = []
     try:
         _wait_for(tmp_path / "server.out", "SuperLink ready", server)
-        superlink = _child_named(server, "flower-superlink")
+        superlink = _child_named(server, "superlink_main")
         started = [superlink, *descendant_pids(superlink)]
 
         # A second coordinator on the same port: one line naming the holder, nothing started.
@@ -95,7 +95,7 @@ def test_killed_server_takes_its_superlink_and_a_busy_port_is_named(tmp_path: Pa
         lines = (tmp_path / "second.out").read_text().strip().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"ctfed server: port {port} is already in use by pid {superlink} (")
-        assert "flower-superlink" in lines[0]
+        assert "ctfed.server.superlink_main" in lines[0]
         assert "SuperLink ready" not in lines[0]
 
         os.kill(server.pid, signal.SIGKILL)  # the wrapper only, no chance to clean up
