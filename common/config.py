@@ -1203,8 +1203,10 @@ class SiteConfig:
     # Local port of the SuperNode's Runtime API (127.0.0.1 only). 0: any free port, so
     # several SuperNodes can share one machine.
     runtime_port: int = 0
-    # Give up reconnecting to the SuperLink after this many seconds (0: keep trying).
-    max_wait_s: float = 0.0
+    # Give up (exit with the reason) when the SuperLink cannot be reached for this many
+    # seconds: long enough for a coordinator restart, short enough that a wrong address does
+    # not retry forever. 0: keep trying (e.g. under a supervisor that must never see an exit).
+    max_wait_s: float = 600.0
     # What this site takes part in; checked against every round's instructions.
     policy: SitePolicy = field(default_factory=SitePolicy)
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -186,14 +187,57 @@ def wait_healthy(
             with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
-        except ssl.SSLCertVerificationError as err:
-            # Waiting longer will not fix a certificate the CA does not vouch for.
-            raise error(f"{what} on {url} presents a certificate that does not verify: {err.verify_message}") from None
         except OSError as err:
+            # urlopen wraps the TLS error in a URLError; waiting longer will not fix a
+            # certificate the CA does not vouch for.
+            cause = getattr(err, "reason", err)
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise error(f"{what} on {url} presents a certificate that does not verify: {cause.verify_message}") from None
             last_error = str(err)
         time.sleep(0.3)
     detail = f" (last error: {last_error})" if last_error else ""
     raise error(f"{what} did not become ready in {timeout_s:.0f} s{detail}; see {log_file}")
+
+
+def probe_superlink(address: str, ca_file: Path | None, timeout_s: float = 10.0) -> str:
+    """Connect once to the SuperLink at ``host:port``: TCP, the TLS handshake verified
+    against ``ca_file`` (None: plain HTTP) for that host name, then ``/health``.
+
+    Returns a one-line description of what answered; raises ProcessError naming what is
+    wrong (nothing listening, no answer, a certificate the CA does not vouch for or that
+    does not name the host, something that is not a SuperLink). One bounded attempt.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    scheme, context = "http", None
+    if ca_file is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=str(ca_file))
+    url = f"{scheme}://{address}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
+            status = response.status
+    except urllib.error.HTTPError as err:
+        raise ProcessError(f"{address} answers over verified TLS but /health says HTTP {err.code}: not a SuperLink?") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)  # urlopen wraps socket and TLS errors in URLError
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise ProcessError(
+                f"the TLS certificate of {address} does not verify against {ca_file}: {reason.verify_message} "
+                "(a CA certificate from another coordinator, or a server certificate without this host name)"
+            ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise ProcessError(f"the TLS handshake with {address} failed ({reason}): is it a SuperLink with TLS?") from None
+        if isinstance(reason, ConnectionRefusedError):
+            raise ProcessError(f"nothing listens on {address} (connection refused): a wrong port, or the SuperLink is not running") from None
+        if isinstance(reason, socket.gaierror):
+            raise ProcessError(f"cannot resolve the host name '{host}' of {address}: {reason.strerror}") from None
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            raise ProcessError(f"no answer from {address} within {timeout_s:.0f} s: a firewall, or a wrong host or port") from None
+        raise ProcessError(f"cannot reach {address}: {reason}") from None
+    if status != 200:
+        raise ProcessError(f"{address} answered /health with HTTP {status}: not a ready SuperLink")
+    tls = f"TLS verified against {ca_file}" if ca_file is not None else "no TLS"
+    return f"SuperLink answering on {address} ({tls})"
 
 
 def descendant_pids(pid: int) -> list[int]:
