@@ -320,10 +320,8 @@ class RunRecorder:
                 f"the run config's model differs from the checkpoint's ({weights.name}); resume with the run's own config"
             )
         if changes:
-            logger.warning(
-                "resume %s config changes:\n%s", "accepts (override) these" if override_config else "takes the round counts of these",
-                describe_changes(changes),
-            )
+            what = "config changes accepted by override" if override_config else "new round counts"
+            logger.warning("resume after round %d, %s:\n%s", last, what, describe_changes(changes))
         resumed = {
             "after_round": last, "checkpoint_sha256": card["sha256"], "time": time.time(),
             "config_changes": changes, "config_override": override_config,

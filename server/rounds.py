@@ -55,16 +55,18 @@ def dropout_tolerance(cfg: RunConfig, sites: int) -> int:
     neighbourhood (fixed after training, from the sites that trained) to keep
     ``reconstruction_threshold`` live members when sites drop after that.
     """
-    floor = cfg.federation.min_sites
     if not cfg.secagg.enabled:
-        return max(0, sites - floor)
-    threshold = cfg.secagg.reconstruction_threshold
-    floor = max(floor, threshold)
+        return max(0, sites - cfg.federation.min_sites)
+    return _secure_tolerance(cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold, cfg.federation.min_sites, sites)
+
+
+def _secure_tolerance(num_shares: int, threshold: int, min_sites: int, sites: int) -> int:
+    floor = max(min_sites, threshold)
 
     def survives(dropped: int) -> bool:
         left = sites - dropped
-        at_training = left >= floor and effective_num_shares(cfg.secagg.num_shares, left) >= threshold
-        later = effective_num_shares(cfg.secagg.num_shares, sites) - dropped >= threshold
+        at_training = left >= floor and effective_num_shares(num_shares, left) >= threshold
+        later = effective_num_shares(num_shares, sites) - dropped >= threshold
         return at_training and later
 
     tolerated = 0
@@ -73,14 +75,18 @@ def dropout_tolerance(cfg: RunConfig, sites: int) -> int:
     return tolerated
 
 
+# The smallest SecAgg+ neighbourhood the config allows (a strict-majority threshold of 3).
+TOLERANT_SHARES, TOLERANT_THRESHOLD = 3, 2
+
+
 def dropout_warning(cfg: RunConfig, sites: int) -> str | None:
     """A warning when secure aggregation with ``sites`` sites tolerates no dropout (None: it does)."""
     if not cfg.secagg.enabled or sites < 1 or dropout_tolerance(cfg, sites):
         return None
     sa = cfg.secagg
     advice = "more sites"
-    if sites >= 3 and sites >= cfg.federation.min_sites + 1:
-        advice = "secagg.num_shares=3 secagg.reconstruction_threshold=2, or more sites"
+    if _secure_tolerance(TOLERANT_SHARES, TOLERANT_THRESHOLD, cfg.federation.min_sites, sites):
+        advice = f"secagg.num_shares={TOLERANT_SHARES} secagg.reconstruction_threshold={TOLERANT_THRESHOLD}, or more sites"
     return (
         f"secure aggregation over {sites} sites tolerates no dropout (secagg.num_shares={sa.num_shares}, "
         f"reconstruction_threshold={sa.reconstruction_threshold}, federation.min_sites={cfg.federation.min_sites}): "
