@@ -198,6 +198,8 @@ def run_federation_simulation(
     results_path = run_dir / RESULTS_NAME
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     if results.get("status") != "completed":
+        if results.get("status") == "failed":  # stopped with a reason: its rounds are worth a report
+            print(f"report:      {render_report(run_dir)}")
         reason = results.get("reason") or "it did not finish"
         print(f"ctfed simulate: the federation ended {results.get('status', 'without results')}: {reason}; see {run_dir / 'federation.log'}")
         return 1

@@ -215,3 +215,4 @@ def test_a_simulation_that_aggregates_nothing_exits_non_zero_with_the_reason(
     assert "1 consecutive rounds aggregated nothing (federation.max_failed_rounds=1)" in results["reason"]
     assert results["reason"] in out
     assert [(r["round"], r["aggregated"]) for r in results["rounds"]] == [(1, False)]
+    assert "| Status | failed |" in (tmp_path / "stalled" / "report.md").read_text()
