@@ -12,6 +12,7 @@ in its node config (``client/site.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -21,18 +22,30 @@ from pathlib import Path
 from ctfed.client.audit import AUDIT_FILE, AuditLogError, verify_audit_log
 from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
 from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
-from ctfed.common.config import SiteConfig, read_site_config
+from ctfed.common.config import ConfigError, SiteConfig, read_site_config
 from ctfed.common.processes import (
     ProcessError,
     flower_tool,
     free_port,
     offline_env,
+    probe_superlink,
+    require_free_port,
     run_in_foreground,
     start_logged,
 )
 
 LOG_FILE = "supernode.log"
+CHECK_TIMEOUT_S = 10.0  # --check: one connection attempt to the SuperLink, at most this long
+# ``ctfed certs`` writes this comment, then the site id, into each site's public key file.
+SITE_KEY_COMMENT_PREFIX = "ctfed-site-"
 FLWR_HOME = "flwr-home"
+# What Flower 1.41's SuperNode logs when the SuperLink refuses to activate its key
+# (ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED): no SuperNode is registered with that public
+# key (or one with the same key is connected already). It then exits.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# ... when it stops retrying after site.max_wait_s, and when the TLS handshake fails.
+GAVE_UP = "Giving up reconnection"
+TLS_FAILED = "SSL/TLS handshake error detected"
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,94 @@ class RunningSuperNode:
     site_id: str
     log_file: Path
     runtime_port: int
+    log_offset: int = 0  # where this process's output starts in ``log_file`` (appended)
+
+
+def site_key_fingerprint(cfg: SiteConfig) -> str:
+    """The OpenSSH fingerprint of this site's public key (``ssh-keygen -lf <site>.pub``)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    from ctfed.common.certs import key_fingerprint
+
+    key = load_ssh_private_key(Path(cfg.private_key).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)  # check_files made sure
+    return key_fingerprint(key.public_key())
+
+
+def _site_named_by(public_key_file: Path) -> str:
+    """The site a ``ctfed certs`` public key names (its comment ``ctfed-site-<id>``), else its stem."""
+    with contextlib.suppress(OSError, IndexError):
+        comment = public_key_file.read_text(encoding="utf-8").split()[2]
+        if comment.startswith(SITE_KEY_COMMENT_PREFIX):
+            return comment.removeprefix(SITE_KEY_COMMENT_PREFIX)
+    return public_key_file.stem
+
+
+def check_key_owner(cfg: SiteConfig) -> str:
+    """Refuse another site's key under this ``site_id``, as far as the files beside it tell.
+
+    ``ctfed certs`` writes ``<site>.key`` beside ``<site>.pub``, whose comment names the
+    site. A public key there that matches the private key and names another site, or a
+    ``<site_id>.pub`` that does not match it, is a ConfigError; with no public key beside it
+    the fingerprint is all there is (the coordinator registered a fingerprint per site).
+    Returns a line saying what was found.
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from ctfed.common.certs import public_key_file_fingerprint
+
+    key_path = Path(cfg.private_key)
+    fingerprint = site_key_fingerprint(cfg)
+    owner: tuple[str, Path] | None = None
+    for public in sorted(key_path.parent.glob("*.pub")):
+        try:
+            matches = public_key_file_fingerprint(public) == fingerprint
+        except (ValueError, OSError, UnsupportedAlgorithm):
+            continue
+        site = _site_named_by(public)
+        if matches and site != cfg.site_id:
+            raise ConfigError(
+                f"site.private_key {key_path} is site {site}'s key ({public} holds its public key, {fingerprint}), "
+                f"not site_id {cfg.site_id}'s: the coordinator would take this SuperNode for {site}; "
+                f"use {cfg.site_id}'s own key from 'ctfed certs'"
+            )
+        if not matches and public.stem == cfg.site_id:
+            raise ConfigError(
+                f"site.private_key {key_path} ({fingerprint}) does not belong to {public}, "
+                f"the public key of site {cfg.site_id}: use the {cfg.site_id}.key that came with it"
+            )
+        if matches:
+            owner = (site, public)
+    if owner is None:
+        return f"key {fingerprint} (no public key beside it names its site; the coordinator must have registered this one)"
+    return f"key {fingerprint} is site {owner[0]}'s ({owner[1].name})"
+
+
+def exit_diagnosis(cfg: SiteConfig, node: RunningSuperNode) -> str | None:
+    """Why the SuperNode exited, in the site's terms, when its log says (None: it does not)."""
+    with contextlib.suppress(OSError):
+        with node.log_file.open("rb") as log:
+            log.seek(node.log_offset)
+            output = log.read().decode(errors="replace")
+        if ACTIVATION_REFUSED in output:
+            return (
+                f"this site's key is not registered with the coordinator (key fingerprint "
+                f"{site_key_fingerprint(cfg)}): the SuperLink refused to activate it. Send {cfg.site_id}.pub "
+                f"to the coordinator to register ('ctfed server --state STATE --register {cfg.site_id}.pub'); "
+                "if it is registered, another SuperNode with this key is connected already"
+            )
+        if TLS_FAILED in output:
+            return (
+                f"the TLS handshake with {cfg.superlink} failed: site.ca_cert {cfg.ca_cert} does not vouch for its "
+                "certificate (another coordinator's CA?), or it names another host; 'ctfed site --check' tells which"
+            )
+        if GAVE_UP in output:
+            return (
+                f"could not reach the SuperLink at {cfg.superlink} for site.max_wait_s={cfg.max_wait_s:g} s and gave up "
+                "(a wrong host or port, or the coordinator is down); 'ctfed site --check' tests the connection"
+            )
+    return None
 
 
 def _toml_string(value: str) -> str:
@@ -85,19 +186,30 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
     Raises ConfigError before starting anything if the cache or a key is missing.
     """
     cfg.check_files()
+    check_key_owner(cfg)
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
     # The ClientApp reads the policy from here (node config ``policy-file``) every round.
     write_policy_file(cfg.policy, state)
+    if cfg.runtime_port:
+        require_free_port("127.0.0.1", cfg.runtime_port, "this SuperNode's Runtime API (site.runtime_port)")
     port = cfg.runtime_port or free_port()
     log_file = state / LOG_FILE
+    offset = log_file.stat().st_size if log_file.is_file() else 0
     process = start_logged(supernode_command(cfg, port), offline_env(state / FLWR_HOME), log_file, echo=echo)
-    return RunningSuperNode(process=process, site_id=cfg.site_id, log_file=log_file, runtime_port=port)
+    return RunningSuperNode(process=process, site_id=cfg.site_id, log_file=log_file, runtime_port=port, log_offset=offset)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the site's YAML file (example: conf/site.yaml)")
-    parser.add_argument("--check", action="store_true", help="validate the config and files, print the command, start nothing")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=(
+            "validate the config, files and key (another site's key is refused), print the command, connect once "
+            "to the SuperLink (TLS verified against ca_cert); start nothing"
+        ),
+    )
     parser.add_argument(
         "--verify-audit", action="store_true", help="check the hash chain of this site's audit log and exit"
     )
@@ -118,16 +230,27 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         cfg.check_files()
         print(shlex.join(supernode_command(cfg, cfg.runtime_port or free_port())))
-        print(f"ctfed site: {cfg.site_id}: configuration and files OK")
+        print(f"ctfed site: {cfg.site_id}: configuration and files OK; {check_key_owner(cfg)}")
+        try:
+            print(f"ctfed site: {cfg.site_id}: {probe_superlink(cfg.superlink, Path(cfg.ca_cert), CHECK_TIMEOUT_S)}")
+        except ProcessError as err:
+            print(f"ctfed site: {cfg.site_id}: connection check FAILED: {err}", file=sys.stderr)
+            return 1
         return 0
     try:
         node = start_supernode(cfg, echo=True)
     except ProcessError as err:
         print(f"ctfed site: {err}", file=sys.stderr)
         return 1
-    print(f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} (log {node.log_file}); Ctrl-C stops it")
+    print(
+        f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} with key {site_key_fingerprint(cfg)} "
+        f"(log {node.log_file}); Ctrl-C stops it"
+    )
     code = run_in_foreground(node.process)
     if code not in (0, 130, 143):
+        diagnosis = exit_diagnosis(cfg, node)
+        if diagnosis:
+            print(f"ctfed site: {cfg.site_id}: {diagnosis}", file=sys.stderr)
         print(f"ctfed site: the SuperNode exited with code {code}; see {node.log_file}", file=sys.stderr)
     return code
 

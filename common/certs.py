@@ -326,3 +326,22 @@ def server_cert_hosts(cert_file: Path) -> list[str]:
     cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)
+
+
+def key_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """OpenSSH's fingerprint of a site key, ``SHA256:<base64>``: what ``ssh-keygen -lf
+    <site>.pub`` prints, so coordinator and site IT can compare it with standard tools."""
+    import base64
+    import hashlib
+
+    blob = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def public_key_file_fingerprint(path: Path) -> str:
+    """The fingerprint of an OpenSSH public key file (``<site>.pub``)."""
+    key = serialization.load_ssh_public_key(path.read_bytes())
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{path} is not an EC public key")
+    return key_fingerprint(key)

@@ -615,10 +615,16 @@ class FederationConfig:
     trim_fraction: float = 0.2
     # Plain path (secagg.enabled=false): float format of each site's update on the wire.
     transport: Transport = Transport.float32
+    # Stop the run (status "failed", non-zero exit) after this many consecutive rounds that
+    # aggregated nothing: the sites would go on training for a model that never changes.
+    # 3 rides out a site restarting; 0: never stop.
+    max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError("federation.rounds must be >= 1")
+        if self.max_failed_rounds < 0:
+            raise ConfigError(f"federation.max_failed_rounds must be >= 0 (0: never stop), got {self.max_failed_rounds}")
         if self.finetune_rounds < 0:
             raise ConfigError(f"federation.finetune_rounds must be >= 0 (0: no phase 2), got {self.finetune_rounds}")
         if self.server_lr <= 0 or self.server_tau <= 0:
@@ -1305,8 +1311,10 @@ class SiteConfig:
     # Local port of the SuperNode's Runtime API (127.0.0.1 only). 0: any free port, so
     # several SuperNodes can share one machine.
     runtime_port: int = 0
-    # Give up reconnecting to the SuperLink after this many seconds (0: keep trying).
-    max_wait_s: float = 0.0
+    # Give up (exit with the reason) when the SuperLink cannot be reached for this many
+    # seconds: long enough for a coordinator restart, short enough that a wrong address does
+    # not retry forever. 0: keep trying (e.g. under a supervisor that must never see an exit).
+    max_wait_s: float = 600.0
     # What this site takes part in; checked against every round's instructions.
     policy: SitePolicy = field(default_factory=SitePolicy)
 

@@ -1,8 +1,11 @@
 """The coordinator's Flower ServerApp.
 
 ``ctfed simulate`` passes a resolved run config file and a run folder through the run
-config; ``flwr run .`` without them uses the built-in defaults (conf/simulate.yaml) with
-``num-server-rounds`` and ``local-steps`` from ``[tool.flwr.app.config]``.
+config; ``flwr run .`` without them uses the built-in defaults (conf/simulate.yaml).
+``num-server-rounds`` and ``local-steps`` in ``[tool.flwr.app.config]`` override
+``federation.rounds`` and ``train.local_steps`` of the defaults (0: keep them); with a
+``run-config-file`` that file is the one source of truth, and a value that contradicts it
+is an error naming both.
 """
 
 from __future__ import annotations
@@ -14,31 +17,58 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ctfed.common.config import RunConfig, load_run_config, read_run_config
+from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.logs import console_logging
 from ctfed.server.rounds import run_federation
 
 RUN_CONFIG_FILE_KEY = "run-config-file"
 RESUME_KEY = "resume"
+# With ``resume``: accept a submitted config that differs from the run's saved one in more
+# than the round counts (the changes are recorded in results.json ``resumes``).
+RESUME_OVERRIDE_KEY = "resume-override"
+ROUNDS_KEY = "num-server-rounds"
+LOCAL_STEPS_KEY = "local-steps"
+# Run-config keys that set a config value, and the value they set.
+SHORTHAND_KEYS = {ROUNDS_KEY: "federation.rounds", LOCAL_STEPS_KEY: "train.local_steps"}
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
 
+def _shorthand_values(run_config: dict) -> dict[str, int]:
+    """The non-zero ``num-server-rounds`` / ``local-steps`` of the run config, by config key."""
+    values = {}
+    for key, dotted in SHORTHAND_KEYS.items():
+        raw = run_config.get(key, 0)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise ConfigError(f"run config {key}={raw!r} must be a whole number >= 0 (0: the config's {dotted})")
+        if raw:
+            values[dotted] = raw
+    return values
+
+
 def config_from_context(context: Context) -> tuple[RunConfig, Path]:
-    run_config = context.run_config
+    run_config = dict(context.run_config)
     config_file = str(run_config.get(RUN_CONFIG_FILE_KEY, ""))
+    shorthands = _shorthand_values(run_config)
     if config_file:
         cfg = read_run_config(Path(config_file))
+        current = {"federation.rounds": cfg.federation.rounds, "train.local_steps": cfg.train.local_steps}
+        conflicts = [
+            f"{key}={shorthands[dotted]} but {dotted}={current[dotted]} in {config_file}"
+            for key, dotted in SHORTHAND_KEYS.items()
+            if dotted in shorthands and shorthands[dotted] != current[dotted]
+        ]
+        if conflicts:
+            raise ConfigError(
+                "conflicting run config: " + "; ".join(conflicts)
+                + f". With {RUN_CONFIG_FILE_KEY} the file decides: set the value there and leave "
+                + " and ".join(SHORTHAND_KEYS) + " out (or equal to it)"
+            )
     else:
-        cfg = load_run_config(
-            [
-                f"federation.rounds={int(run_config.get('num-server-rounds', 2))}",
-                f"train.local_steps={int(run_config.get('local-steps', 2))}",
-            ]
-        )
+        cfg = load_run_config([f"{dotted}={value}" for dotted, value in shorthands.items()])
     run_dir = str(run_config.get(RUN_DIR_KEY, ""))
     if not run_dir:
         run_dir = str(Path(cfg.output_dir).resolve() / time.strftime("flwr-run-%Y%m%d-%H%M%S"))
@@ -50,5 +80,10 @@ def main(grid: Grid, context: Context) -> None:
     console_logging()
     cfg, run_dir = config_from_context(context)
     resume = bool(context.run_config.get(RESUME_KEY, False))
-    recorder = run_federation(grid, cfg, run_dir, resume=resume)
+    override = bool(context.run_config.get(RESUME_OVERRIDE_KEY, False))
+    if override and not resume:
+        raise ConfigError(f"{RESUME_OVERRIDE_KEY}=true applies to a resume; set {RESUME_KEY}=true with it")
+    # A run that stops early (FederationStopped) raises out of here: Flower then marks it
+    # failed with the reason, and results.json holds status "failed" and the reason.
+    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override)
     logger.info("results: %s", recorder.results_path)

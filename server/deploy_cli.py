@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ctfed.common.certs import CertPaths
+from ctfed.common.certs import SITES_DIR, CertPaths
 from ctfed.common.config import ConfigError
 from ctfed.common.processes import (
     ProcessError,
     flower_tool,
     free_port,
     offline_env,
+    require_free_port,
     run_in_foreground,
     start_logged,
     stop_process_group,
@@ -96,8 +97,14 @@ def _local_host(bind_host: str) -> str:
 def superlink_command(settings: SuperLinkSettings, port: int) -> list[str]:
     """The ``flower-superlink`` command line for these settings (TLS and node auth unless insecure)."""
     state = settings.state_dir
+    flower_tool("flower-superlink")  # the same installation must provide it (clear error if not)
+    # Flower's SuperLink in this interpreter, with site keys named by fingerprint and site
+    # instead of PEM in its logs (server/superlink_main.py).
+    launcher = [sys.executable, "-m", "ctfed.server.superlink_main"]
+    if settings.certs_dir is not None:
+        launcher += ["--site-keys", str(CertPaths(settings.certs_dir).root / SITES_DIR)]
     command = [
-        flower_tool("flower-superlink"),
+        *launcher, "--",
         "--host", settings.host,
         "--port", str(port),
         "--database", str(state / STATE_DB),
@@ -142,6 +149,10 @@ def start_superlink(settings: SuperLinkSettings, *, echo: bool = False) -> Runni
         insecure=settings.insecure,
     )
     state.mkdir(parents=True, exist_ok=True)
+    if settings.port:
+        # Before anything starts or is written: a SuperLink already on this port (an
+        # earlier 'ctfed server' still running, say) is named instead of half-started over.
+        require_free_port(settings.host, settings.port, "the SuperLink (--port)")
     port = settings.port or free_port()
     flwr_home = state / FLWR_HOME
     host = _local_host(settings.host)

@@ -206,6 +206,7 @@ def run_finetune_rounds(
         )
         scores = ", ".join(_site_summary(s) for s in outcome.sites if s.loss is not None)
         logger.info("[round %d/%d] done in %.1f s; %s", server_round, total, time.perf_counter() - started, scores or "n/a")
+        recorder.stop_if_stalled(cfg.federation.max_failed_rounds)
     return state
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
-from ctfed.common.config import RunConfig
+from ctfed.common.config import RunConfig, to_run_config
 from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
 from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
@@ -40,6 +40,106 @@ logger = logging.getLogger(__name__)
 
 class ResumeError(RuntimeError):
     """A run folder that cannot be continued; the message says why."""
+
+
+class FederationStopped(RuntimeError):
+    """The run stopped before completing (results.json: status "failed"); the message says why."""
+
+
+# What a resubmission may change without an override: how many rounds the run has.
+ROUND_COUNT_KEYS = ("federation.rounds", "federation.finetune_rounds")
+# ``train.schedule_rounds`` 0 resolves to ``federation.rounds``: a resubmission with more
+# rounds resolves it anew, but the run keeps the schedule it was started with.
+DERIVED_SCHEDULE_KEY = "train.schedule_rounds"
+OVERRIDE_HINT = "resume-override=true in the run config, or 'ctfed simulate --resume RUN --override-config'"
+
+
+def config_values(cfg: RunConfig) -> dict[str, Any]:
+    """The config as dotted keys -> values, as results.json holds it (lists stay whole)."""
+
+    def flatten(prefix: str, node: Any) -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, value in node.items() for k, v in flatten(f"{prefix}.{key}" if prefix else str(key), value).items()}
+
+    return flatten("", OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+
+
+def config_changes(saved: RunConfig, submitted: RunConfig) -> dict[str, dict[str, Any]]:
+    """Every dotted key whose value differs, ``{key: {"from": saved, "to": submitted}}``.
+
+    A ``train.schedule_rounds`` that each side derived from its own ``federation.rounds``
+    is not a change: it is the round count's shadow (and the run keeps its saved one).
+    """
+    old, new = config_values(saved), config_values(submitted)
+    changes = {
+        key: {"from": old.get(key), "to": new.get(key)}
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    }
+    if (
+        DERIVED_SCHEDULE_KEY in changes
+        and saved.train.schedule_rounds == saved.federation.rounds
+        and submitted.train.schedule_rounds == submitted.federation.rounds
+    ):
+        del changes[DERIVED_SCHEDULE_KEY]
+    return changes
+
+
+def describe_changes(changes: Mapping[str, Mapping[str, Any]]) -> str:
+    return "\n".join(f"  {key}: {change['from']!r} -> {change['to']!r}" for key, change in changes.items())
+
+
+def resumed_config(
+    saved: RunConfig, submitted: RunConfig, override: bool = False, last_round: int = 0
+) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+    """The config a resumed run continues with, and what the submission changed.
+
+    Without ``override`` that is the run's saved config with only the submission's round
+    counts: a difference in anything else (secure aggregation, privacy, noise...) would
+    silently change a running federation, so it raises ResumeError listing each change.
+    With ``override`` the submission is taken as it is. The model can never change (the
+    checkpoint is that model), nor the SSL round count once phase 2 has begun.
+    """
+    changes = config_changes(saved, submitted)
+    model = {key: change for key, change in changes.items() if key.startswith("model.")}
+    if model:
+        raise ResumeError(
+            "the run config's model differs from the checkpoint's run; a resumed run keeps its model:\n"
+            + describe_changes(model)
+        )
+    if last_round > saved.federation.rounds and "federation.rounds" in changes:
+        raise ResumeError(
+            f"the run is in phase 2 (after round {last_round}; its SSL phase was federation.rounds="
+            f"{saved.federation.rounds}): federation.rounds can no longer change"
+        )
+    if override:
+        return submitted, changes
+    refused = {key: change for key, change in changes.items() if key not in ROUND_COUNT_KEYS}
+    if refused:
+        raise ResumeError(
+            "the submitted config differs from the run's saved config (results.json) in:\n"
+            + describe_changes(refused)
+            + "\nA resumed run continues with its saved config; only "
+            + " and ".join(ROUND_COUNT_KEYS)
+            + f" may change. Resubmit with the run's own config, or accept these changes with {OVERRIDE_HINT}."
+        )
+    federation = replace(
+        saved.federation, rounds=submitted.federation.rounds, finetune_rounds=submitted.federation.finetune_rounds
+    )
+    return replace(saved, federation=federation), changes
+
+
+def saved_run_config(run_dir: Path) -> RunConfig:
+    """The config a run folder's results.json records (ResumeError when there is none)."""
+    results_path = run_dir / RESULTS_NAME
+    if not results_path.is_file():
+        raise ResumeError(f"nothing to resume: {results_path} does not exist")
+    try:
+        raw = json.loads(results_path.read_text(encoding="utf-8"))["config"]
+        return to_run_config(raw)
+    except (ValueError, KeyError, TypeError) as err:  # ConfigError is a ValueError
+        raise ResumeError(f"{results_path} holds no usable run config: {err}") from None
 
 
 @dataclass
@@ -161,6 +261,9 @@ class RunRecorder:
         self.earlier_wall_seconds = earlier_wall_seconds  # spent before the last resume
         self.resumes: list[dict[str, Any]] = list(resumes)
         self.status = "running"
+        self.reason = ""  # why a run that stopped early did not complete
+        # Rounds after this one are this process's: consecutive failures count from here.
+        self.session_first_round = self.last_round + 1
         # Central DP: the coordinator's privacy ledger (PrivacyLedger.to_dict), kept current.
         self.central_privacy_ledger: dict[str, Any] | None = None
         # Strategy state to continue from (set by ``resume``; FedAdam's moments).
@@ -179,16 +282,20 @@ class RunRecorder:
         return self.rounds[-1].round if self.rounds else 0
 
     @classmethod
-    def resume(cls, run_dir: Path, cfg: RunConfig) -> tuple["RunRecorder", dict[str, torch.Tensor]]:
+    def resume(
+        cls, run_dir: Path, cfg: RunConfig, override_config: bool = False
+    ) -> tuple["RunRecorder", dict[str, torch.Tensor]]:
         """Continue a run folder after its last round with a verified checkpoint.
 
         Rounds recorded after that checkpoint (a crash between writing results and the
         checkpoint cannot produce one, but a hand-edited folder can) are dropped, so the
-        results always describe the model the run continues from.
+        results always describe the model the run continues from. The run continues with
+        its saved config (``resumed_config``: ``cfg`` may change the round counts only,
+        unless ``override_config``); ``recorder.cfg`` is the config to run with, and the
+        resume's entry in ``resumes`` records what the submission changed.
         """
+        saved_cfg = saved_run_config(run_dir)
         results_path = run_dir / RESULTS_NAME
-        if not results_path.is_file():
-            raise ResumeError(f"nothing to resume: {results_path} does not exist")
         try:
             saved = json.loads(results_path.read_text(encoding="utf-8"))
             rounds = [RoundRecord.from_dict(r) for r in saved["rounds"]]
@@ -207,11 +314,18 @@ class RunRecorder:
                     raise ResumeError(f"no usable checkpoint in {run_dir / CHECKPOINT_DIR}: {err}") from None
                 logger.warning("round %d's checkpoint is unusable (%s); resuming from the round before", last, err)
                 rounds.pop()
+        cfg, changes = resumed_config(saved_cfg, cfg, override_config, last_round=last)
         if model_cfg != cfg.model:
             raise ResumeError(
                 f"the run config's model differs from the checkpoint's ({weights.name}); resume with the run's own config"
             )
-        resumed = {"after_round": last, "checkpoint_sha256": card["sha256"], "time": time.time()}
+        if changes:
+            what = "config changes accepted by override" if override_config else "new round counts"
+            logger.warning("resume after round %d, %s:\n%s", last, what, describe_changes(changes))
+        resumed = {
+            "after_round": last, "checkpoint_sha256": card["sha256"], "time": time.time(),
+            "config_changes": changes, "config_override": override_config,
+        }
         recorder = cls(
             run_dir,
             cfg,
@@ -273,15 +387,38 @@ class RunRecorder:
             self._tensorboard = TensorBoardLog(self.run_dir / TENSORBOARD_DIR, first_round=record.round)
         self._tensorboard.add(record)
 
-    def finish(self) -> None:
-        self.status = "completed"
+    def finish(self, status: str = "completed", reason: str = "") -> None:
+        """Mark the run ended: ``completed``, or ``failed`` with the reason it stopped."""
+        self.status, self.reason = status, reason
         self._write()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
+    def stop_if_stalled(self, max_failed_rounds: int) -> None:
+        """Raise FederationStopped after ``max_failed_rounds`` consecutive rounds (0: never)
+        that aggregated nothing: the global model has not moved, and more rounds of the same
+        federation would not move it either (e.g. secure aggregation that tolerates no dropout)."""
+        streak = self.failed_streak()
+        if max_failed_rounds and streak >= max_failed_rounds:
+            last = self.rounds[-1]
+            raise FederationStopped(
+                f"stopped after round {last.round}: {streak} consecutive rounds aggregated nothing "
+                f"(federation.max_failed_rounds={max_failed_rounds}); last reason: {last.reason or 'unknown'}"
+            )
+
+    def failed_streak(self) -> int:
+        """Consecutive rounds at the end, run by this process, that aggregated nothing."""
+        streak = 0
+        for record in reversed(self.rounds):
+            if record.round < self.session_first_round or record.aggregated:
+                break
+            streak += 1
+        return streak
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            **({"reason": self.reason} if self.reason else {}),
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
             "wall_seconds": self.earlier_wall_seconds + time.time() - self.started,
             "resumes": self.resumes,

@@ -32,11 +32,12 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.common.model import ViTEncoder
+from ctfed.common.secagg import effective_num_shares
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round
 from ctfed.server.finetune_rounds import run_finetune_rounds
-from ctfed.server.results import RoundRecord, RunRecorder, monitor_summary
+from ctfed.server.results import FederationStopped, RoundRecord, RunRecorder, monitor_summary
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,67 @@ def initial_encoder_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in ViTEncoder(cfg.model).state_dict().items()}
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> RunRecorder:
+def dropout_tolerance(cfg: RunConfig, sites: int) -> int:
+    """How many of ``sites`` may drop out of a round, at any stage, and it still aggregates.
+
+    Plain path: down to ``federation.min_sites``. Secure aggregation also needs every site's
+    neighbourhood (fixed after training, from the sites that trained) to keep
+    ``reconstruction_threshold`` live members when sites drop after that.
+    """
+    if not cfg.secagg.enabled:
+        return max(0, sites - cfg.federation.min_sites)
+    return _secure_tolerance(cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold, cfg.federation.min_sites, sites)
+
+
+def _secure_tolerance(num_shares: int, threshold: int, min_sites: int, sites: int) -> int:
+    floor = max(min_sites, threshold)
+
+    def survives(dropped: int) -> bool:
+        left = sites - dropped
+        at_training = left >= floor and effective_num_shares(num_shares, left) >= threshold
+        later = effective_num_shares(num_shares, sites) - dropped >= threshold
+        return at_training and later
+
+    tolerated = 0
+    while tolerated < sites and survives(tolerated + 1):
+        tolerated += 1
+    return tolerated
+
+
+# The smallest SecAgg+ neighbourhood the config allows (a strict-majority threshold of 3).
+TOLERANT_SHARES, TOLERANT_THRESHOLD = 3, 2
+
+
+def dropout_warning(cfg: RunConfig, sites: int) -> str | None:
+    """A warning when secure aggregation with ``sites`` sites tolerates no dropout (None: it does)."""
+    if not cfg.secagg.enabled or sites < 1 or dropout_tolerance(cfg, sites):
+        return None
+    sa = cfg.secagg
+    advice = "more sites"
+    if _secure_tolerance(TOLERANT_SHARES, TOLERANT_THRESHOLD, cfg.federation.min_sites, sites):
+        advice = f"secagg.num_shares={TOLERANT_SHARES} secagg.reconstruction_threshold={TOLERANT_THRESHOLD}, or more sites"
+    return (
+        f"secure aggregation over {sites} sites tolerates no dropout (secagg.num_shares={sa.num_shares}, "
+        f"reconstruction_threshold={sa.reconstruction_threshold}, federation.min_sites={cfg.federation.min_sites}): "
+        f"a round any site drops out of aggregates nothing; use {advice}"
+    )
+
+
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, override_config: bool = False
+) -> RunRecorder:
     """Run phase 1 and then phase 2 (if any); returns the recorder holding the results.
 
     With ``resume`` the run folder's last completed round is the starting point: its
     checkpoint becomes the global model (an encoder in phase 1, a classifier in phase 2)
-    and the round counter continues after it.
+    and the round counter continues after it, with the run's saved config (``cfg`` may
+    change the round counts only, unless ``override_config``; server/results.py).
+    After ``federation.max_failed_rounds`` consecutive rounds that aggregate nothing the
+    run ends "failed" with the reason in results.json, and FederationStopped is raised.
     """
     if resume:
-        recorder, global_state = RunRecorder.resume(run_dir, cfg)
+        recorder, global_state = RunRecorder.resume(run_dir, cfg, override_config=override_config)
+        cfg = recorder.cfg
         logger.info("resuming %s after round %d", run_dir, recorder.last_round)
     else:
         recorder = RunRecorder(run_dir, cfg)
@@ -67,10 +120,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         central = CentralDP(cfg.privacy.central, ledger=PrivacyLedger.from_dict(saved) if saved else None)
         recorder.central_privacy_ledger = central.ledger.to_dict()
     known_sites: dict[int, str] = {}
-    if recorder.last_round < cfg.federation.rounds:
-        global_state = run_pretraining(grid, cfg, recorder, global_state, central, known_sites)
-    if cfg.federation.finetune_rounds:
-        run_finetune_rounds(grid, cfg, recorder, global_state, central, known_sites)
+    try:
+        if recorder.last_round < cfg.federation.rounds:
+            global_state = run_pretraining(grid, cfg, recorder, global_state, central, known_sites)
+        if cfg.federation.finetune_rounds:
+            run_finetune_rounds(grid, cfg, recorder, global_state, central, known_sites)
+    except FederationStopped as err:
+        logger.error("the federation stopped: %s", err)
+        recorder.finish("failed", str(err))
+        raise
     recorder.finish()
     return recorder
 
@@ -102,6 +160,9 @@ def run_pretraining(
         arrays = state_to_record(global_state)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
+        warning = dropout_warning(cfg, len(messages)) if server_round == recorder.session_first_round else None
+        if warning:
+            logger.warning(warning)
         outcome = collect_round(grid, messages, global_state, cfg, strategy, server_round, known_sites, central)
         if outcome.mean_delta is None:
             logger.error("round %d: not aggregated (%s); the global encoder is unchanged", server_round, outcome.reason)
@@ -134,4 +195,5 @@ def run_pretraining(
                 "[round %d/%d] representation monitor of the encoder sent (global_round_%04d): %s",
                 server_round, total, server_round - 1, monitor_summary(outcome.sites),
             )
+        recorder.stop_if_stalled(cfg.federation.max_failed_rounds)
     return global_state

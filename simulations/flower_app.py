@@ -15,7 +15,7 @@ from ctfed.client.policy import SITE_POLICIES_FILE_KEY
 from ctfed.client.site import DATA_DIR_KEY
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.fileio import write_text_atomic
-from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
+from ctfed.server.app import LOCAL_STEPS_KEY, RESUME_KEY, RESUME_OVERRIDE_KEY, ROUNDS_KEY, RUN_CONFIG_FILE_KEY
 
 SERVER_APP = "ctfed.server.app:app"
 CLIENT_APP = "ctfed.client.app:app"
@@ -25,10 +25,11 @@ APP_FOLDER = "app"
 # Defaults of every run-config key the apps read, as in the repository's pyproject.toml.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {
     RUN_CONFIG_FILE_KEY: "",
-    "num-server-rounds": 2,
-    "local-steps": 2,
+    ROUNDS_KEY: 0,
+    LOCAL_STEPS_KEY: 0,
     RUN_DIR_KEY: "",
     RESUME_KEY: False,
+    RESUME_OVERRIDE_KEY: False,
     DATA_DIR_KEY: "",
     SITE_POLICIES_FILE_KEY: "",
 }

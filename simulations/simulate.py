@@ -20,8 +20,9 @@ from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_ru
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
 from ctfed.common.exchange import RUN_DIR_KEY
-from ctfed.server.app import RESUME_KEY, RUN_CONFIG_FILE_KEY
-from ctfed.server.results import RESULTS_NAME
+from ctfed.server.app import RESUME_KEY, RESUME_OVERRIDE_KEY, RUN_CONFIG_FILE_KEY
+from ctfed.server.results import RESULTS_NAME, ResumeError, resumed_config, saved_run_config
+from ctfed.server.rounds import dropout_warning
 from ctfed.simulations.engine import SimulationError, run_app
 from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
 from ctfed.simulations.report import console_table, load_results, render_report
@@ -45,7 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue a stopped run from its last completed round (its config.yaml; overrides may raise federation.rounds)",
+        help="continue a stopped run from its last completed round with its saved config (overrides may change "
+        "federation.rounds / federation.finetune_rounds only, unless --override-config)",
+    )
+    parser.add_argument(
+        "--override-config",
+        action="store_true",
+        help="with --resume: accept overrides beyond the round counts (recorded in results.json 'resumes')",
     )
 
 
@@ -97,21 +104,31 @@ def split_and_report(cfg: RunConfig, run_dir: Path) -> Path:
     return data_dir
 
 
-def _resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The stopped run's own config, with ``key=value`` overrides (e.g. more rounds) on top."""
+def _resume_config(run_dir: Path, overrides: list[str], override_config: bool = False) -> RunConfig:
+    """The stopped run's own config, with ``key=value`` overrides (e.g. more rounds) on top.
+
+    Checked here, before anything is written, by the rule the ServerApp applies again
+    (server/results.py ``resumed_config``): overrides beyond the round counts are refused,
+    with the differences listed, unless ``override_config``.
+    """
     from omegaconf import OmegaConf
 
     saved_path = run_dir / CONFIG_NAME
     saved = read_run_config(saved_path)
-    if not overrides:
-        return saved
+    cfg = saved
+    if overrides:
+        try:
+            cfg = to_run_config(OmegaConf.merge(OmegaConf.load(saved_path), OmegaConf.from_dotlist(overrides)))
+        except ValueError as err:  # OmegaConf's dotlist parser
+            raise ConfigError(f"invalid override: {err}") from None
+        if cfg.model != saved.model:
+            raise ConfigError("a resumed run keeps its model; model overrides are not allowed with --resume")
     try:
-        cfg = to_run_config(OmegaConf.merge(OmegaConf.load(saved_path), OmegaConf.from_dotlist(overrides)))
-    except ValueError as err:  # OmegaConf's dotlist parser
-        raise ConfigError(f"invalid override: {err}") from None
-    if cfg.model != saved.model:
-        raise ConfigError("a resumed run keeps its model; model overrides are not allowed with --resume")
-    return cfg
+        # results.json holds what the run ran with; config.yaml is only this command's copy.
+        resumed, _ = resumed_config(saved_run_config(run_dir), cfg, override_config)
+    except ResumeError as err:
+        raise ConfigError(f"cannot resume {run_dir}: {err}") from None
+    return resumed
 
 
 def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
@@ -135,7 +152,9 @@ def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> P
     return path
 
 
-def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, data_dir: Path, resume: bool = False) -> int:
+def run_federation_simulation(
+    cfg: RunConfig, run_dir: Path, config_path: Path, data_dir: Path, resume: bool = False, override_config: bool = False
+) -> int:
     """Run the federation of ``cfg`` on the site caches under ``data_dir`` in Flower's
     simulation engine, then print its table and write its report; 0 when every round
     aggregated. The run folder must exist and hold ``config_path``."""
@@ -148,6 +167,7 @@ def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, 
         RUN_DIR_KEY: str(run_dir),
         DATA_DIR_KEY: str(data_dir),
         RESUME_KEY: resume,
+        RESUME_OVERRIDE_KEY: override_config,
         SITE_POLICIES_FILE_KEY: str(policies_path),
     }
     client_app = CLIENT_APP
@@ -159,6 +179,9 @@ def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, 
     app_dir = write_app(run_dir / APP_FOLDER, client_app)
 
     print(f"[3/3] federated pretraining: {num_sites} sites, {cfg.federation.rounds} rounds (Flower simulation engine)")
+    warning = dropout_warning(cfg, num_sites)
+    if warning:
+        print(f"      WARNING: {warning}")
     try:
         run_app(
             app_dir,
@@ -176,7 +199,10 @@ def run_federation_simulation(cfg: RunConfig, run_dir: Path, config_path: Path, 
     results_path = run_dir / RESULTS_NAME
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     if results.get("status") != "completed":
-        print(f"ctfed simulate: the federation ended without completing; see {run_dir / 'federation.log'}")
+        if results.get("status") == "failed":  # stopped with a reason: its rounds are worth a report
+            print(f"report:      {render_report(run_dir)}")
+        reason = results.get("reason") or "it did not finish"
+        print(f"ctfed simulate: the federation ended {results.get('status', 'without results')}: {reason}; see {run_dir / 'federation.log'}")
         return 1
     print(console_table(load_results(run_dir)))
     # Rendered before the round check below: a report is most useful when rounds failed.
@@ -193,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume is not None
     if resume:
         run_dir = args.resume.resolve()
-        cfg = _resume_config(run_dir, args.overrides)
+        cfg = _resume_config(run_dir, args.overrides, args.override_config)
+    elif args.override_config:
+        raise ConfigError("--override-config applies to --resume RUN_DIR only")
     else:
         cfg = load_run_config(args.overrides)
     if args.show_config:
@@ -222,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir = split_and_report(cfg, run_dir)
         else:
             data_dir = synthesize_and_prepare(cfg, run_dir)
-    code = run_federation_simulation(cfg, run_dir, config_path, data_dir, resume)
+    code = run_federation_simulation(cfg, run_dir, config_path, data_dir, resume, resume and args.override_config)
     if code:
         return code
     print(f"done in {time.perf_counter() - started:.0f} s")

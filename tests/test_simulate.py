@@ -149,7 +149,8 @@ def test_flwr_run_defaults_come_from_pyproject(tmp_path: Path) -> None:
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cfg, run_dir = config_from_context(context)
     assert cfg.federation.rounds == 4
-    assert cfg.train.local_steps == app_config["local-steps"]
+    assert app_config["local-steps"] == 0  # 0: the config's own
+    assert cfg.train.local_steps == load_run_config().train.local_steps
     assert cfg.model == load_run_config().model
     assert run_dir == tmp_path / "run"
 
