@@ -18,8 +18,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
-from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY
+from ctfed.client.site import SITE_ID_KEY, identify_site
 from ctfed.common.certs import ensure_federation_signing_keys
+from ctfed.common.config import ConfigError
 
 Handler = Callable[[Message, Context], Message]
 
@@ -41,8 +42,8 @@ class InProcessGrid:
     seconds_by_node_type: dict[tuple[int, str], float] = field(default_factory=dict)
     run_id: int = 1
     # Where the sites' signing keys and roster are written (None: a temporary folder that
-    # lives as long as the grid). A node's site id is its node config's site-id, else its
-    # cache folder's name, else ``site-<node id>``.
+    # lives as long as the grid). A node's site id is its node config's site-id, else the one
+    # ``identify_site`` finds, else ``site-<node id>``.
     auth_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -67,8 +68,13 @@ class InProcessGrid:
         site_ids: dict[int, str] = {}
         for node_id in self.node_ids:
             config = self.contexts[node_id].node_config
-            data_path = str(config.get(DATA_PATH_KEY, ""))
-            site_ids[node_id] = str(config.get(SITE_ID_KEY) or (Path(data_path).name if data_path else f"site-{node_id}"))
+            site_id = str(config.get(SITE_ID_KEY, ""))
+            if not site_id:
+                try:
+                    site_id = identify_site(self.contexts[node_id]).site_id
+                except ConfigError:  # a scripted site without data: named after its node
+                    site_id = f"site-{node_id}"
+            site_ids[node_id] = site_id
         roster, keys = ensure_federation_signing_keys(self.auth_dir, sorted(set(site_ids.values())))
         for node_id, site_id in site_ids.items():
             config = self.contexts[node_id].node_config

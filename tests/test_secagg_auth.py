@@ -393,12 +393,10 @@ def test_an_abort_is_audited_with_its_reason(tmp_path: Path) -> None:
     from ctfed.client.audit import AUDIT_FILE, verify_audit_log
     from ctfed.client.site import DATA_PATH_KEY, STATE_DIR_KEY
 
-    state_dir = tmp_path / "state"
-
     def prepare(grid: AttackingGrid) -> None:
-        grid.contexts[VICTIM].node_config.update({DATA_PATH_KEY: str(tmp_path / "site-7"), STATE_DIR_KEY: str(state_dir)})
-        kind = SHARE_KEYS
-        grid.handlers[kind] = site_secagg._audited(sa.STAGE_SHARE_KEYS, grid.handlers[kind])
+        for node, context in grid.contexts.items():
+            context.node_config.update({DATA_PATH_KEY: str(tmp_path / f"site-{node}"), STATE_DIR_KEY: str(tmp_path / f"state-{node}")})
+        grid.handlers[SHARE_KEYS] = site_secagg._audited(sa.STAGE_SHARE_KEYS, grid.handlers[SHARE_KEYS])
 
     def rewrite(kind: str, node: int, content: RecordDict) -> RecordDict:
         if kind == SHARE_KEYS and node == VICTIM:
@@ -407,8 +405,10 @@ def test_an_abort_is_audited_with_its_reason(tmp_path: Path) -> None:
             return _with_payload(content, payload)
         return content
 
-    _attack(rewrite, tmp_path, prepare=prepare)
-    path = state_dir / AUDIT_FILE
+    _, grid = _attack(rewrite, tmp_path, prepare=prepare)
+    assert not grid.replies[(3, SHARE_KEYS)].has_error()  # an honest neighbour's reply is audited as usual
+    assert json.loads((tmp_path / "state-3" / AUDIT_FILE).read_text())["kind"] == f"secagg-{sa.STAGE_SHARE_KEYS}"
+    path = tmp_path / f"state-{VICTIM}" / AUDIT_FILE
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert verify_audit_log(path) == 1
     assert entries[0]["kind"] == "secagg-abort" and entries[0]["round"] == 1
