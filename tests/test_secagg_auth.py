@@ -39,6 +39,7 @@ from ctfed.common.exchange import (
     SERVER_ROUND_KEY,
     SITE_KEY,
     configs_to_record,
+    record_to_state,
     state_to_record,
 )
 from ctfed.server.secagg import secure_round
@@ -103,13 +104,17 @@ def _local_train(grid_ref: list[AttackingGrid]):
     return train
 
 
-def _attack(rewrite: Rewrite | None, tmp_path: Path, secagg: SecAggConfig | None = None, nodes=NODES, prepare=None):
+def _attack(
+    rewrite: Rewrite | None, tmp_path: Path, secagg: SecAggConfig | None = None, nodes=NODES, prepare=None, run_id: int = 1
+):
     """One secure round of the real coordinator code with ``rewrite`` in the middle."""
     cfg = RunConfig()
     cfg.secagg = secagg or SecAggConfig(num_shares=5)
     cfg.federation.min_sites = 2
     grid_ref: list[AttackingGrid] = []
-    grid = AttackingGrid(site_secagg.stage_handlers(_local_train(grid_ref)), list(nodes), auth_dir=tmp_path / "keys", rewrite=rewrite)
+    grid = AttackingGrid(
+        site_secagg.stage_handlers(_local_train(grid_ref)), list(nodes), auth_dir=tmp_path / "keys", rewrite=rewrite, run_id=run_id
+    )
     grid_ref.append(grid)
     if prepare is not None:
         prepare(grid)
@@ -203,6 +208,41 @@ def test_forged_neighbour_advertisements_end_the_round_at_the_victim(attack: str
     # The honest neighbours are untouched by the attack on the victim's view.
     for node in set(NODES) - {VICTIM}:
         assert not grid.replies[(node, SHARE_KEYS)].has_error()
+
+
+def test_an_advertisement_replayed_from_another_run_is_refused(tmp_path: Path) -> None:
+    """Same sites, keys, round, model and instructions: only the run id differs."""
+    _, earlier = _attack(None, tmp_path, run_id=1)
+    old = dict(earlier.replies[(11, TRAIN)].content[sa.PROTOCOL_KEY].items())
+    fields = {sa.K_PK1_LIST: sa.K_PK1, sa.K_PK2_LIST: sa.K_PK2, sa.K_SIGNATURES: sa.K_SIGNATURE}
+
+    def rewrite(kind: str, node: int, content: RecordDict) -> RecordDict:
+        if kind == SHARE_KEYS and node == VICTIM:
+            payload = _payload(content)
+            index = payload[sa.K_NODE_IDS].index(11)
+            for key, field_name in fields.items():
+                payload[key] = [old[field_name] if i == index else v for i, v in enumerate(payload[key])]
+            return _with_payload(content, payload)
+        return content
+
+    _, grid = _attack(rewrite, tmp_path, run_id=2)
+    assert "not signed by that site's roster key for this run" in grid.refusal(VICTIM, SHARE_KEYS)
+
+
+def test_phase_two_model_hash_is_the_same_for_a_whole_or_a_partial_classifier() -> None:
+    """Phase 2 sends some sites the whole classifier and others only its trainable part over
+    the base they hold; both must commit to the same model, and a stale base must not."""
+    torch.manual_seed(1)
+    current = {"stem.weight": torch.randn(8, 4), "head.weight": torch.randn(3, 8), "head.bias": torch.randn(3)}
+    previous = {**current, "head.weight": torch.randn(3, 8)}  # last round's global: the head has moved since
+    trainable = {name: current[name] for name in ("head.weight", "head.bias")}
+    received_whole = state_to_record(current)
+    held_base = state_to_record(record_to_state(state_to_record(previous)))  # as finetune_round stores it
+    whole = sa.arrays_sha256([state_to_record(record_to_state(received_whole)), received_whole])
+    partial = sa.arrays_sha256([held_base, state_to_record(trainable)])
+    assert whole == partial == sa.arrays_sha256([state_to_record(current)])
+    stale = {**trainable, "head.bias": trainable["head.bias"] + 1e-3}
+    assert sa.arrays_sha256([held_base, state_to_record(stale)]) != whole
 
 
 def test_an_honest_round_verifies_and_aggregates(tmp_path: Path) -> None:
