@@ -453,3 +453,34 @@ def test_an_abort_is_audited_with_its_reason(tmp_path: Path) -> None:
     assert verify_audit_log(path) == 1
     assert entries[0]["kind"] == "secagg-abort" and entries[0]["round"] == 1
     assert entries[0]["reason"].startswith("secagg_share_keys: ") and "unsigned" in entries[0]["reason"]
+
+
+def test_a_site_makes_its_own_signing_key_and_pins_the_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctfed.client.site_cli import node_config
+    from ctfed.common.certs import check_site_signing
+    from ctfed.common.cli import main
+    from ctfed.common.config import read_site_config
+
+    yaml = tmp_path / "site.yaml"
+    yaml.write_text(
+        "site_id: hospital-a\ndata_path: cache\nsuperlink: fl.example.org:8000\nca_cert: ca.crt\nprivate_key: a.key\n"
+        "signing_key: keys/sign.key\nroster: roster.yaml\n"
+    )
+    assert main(["site", "--config", str(yaml), "--make-signing-key"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith('hospital-a: "ssh-ed25519 ')
+    key_file = tmp_path / "keys" / "sign.key"
+    assert key_file.stat().st_mode & 0o077 == 0
+    assert main(["site", "--config", str(yaml), "--make-signing-key"]) == 1  # never silently replaced
+    assert "exists" in capsys.readouterr().err
+
+    (tmp_path / "roster.yaml").write_text(line + "\n")
+    cfg = read_site_config(yaml)
+    check_site_signing(cfg.site_id, cfg.signing_key, cfg.roster)
+    config = node_config(cfg)
+    assert f'{site_secagg.SIGNING_KEY_KEY}="{key_file}"' in config
+    assert f'{site_secagg.ROSTER_KEY}="{tmp_path / "roster.yaml"}"' in config
+    with pytest.raises(ConfigError, match="does not list this site"):
+        check_site_signing("hospital-b", cfg.signing_key, cfg.roster)
+    with pytest.raises(ConfigError, match="go together"):
+        check_site_signing(cfg.site_id, cfg.signing_key, "")
