@@ -132,6 +132,18 @@ def test_site_config_is_checked_before_starting(tmp_path: Path, caches: list[Pat
         read_site_config(tmp_path / "partial.yaml")
     # Relative paths follow the YAML file, not the working directory.
     assert read_site_config(good).state_path == tmp_path / "a" / "state"
+    # Secure aggregation's signing key and roster are checked together.
+    roster = _signing_keys(tmp_path, ("hospital-a",))
+    folder = tmp_path / "hospital-a"
+    signed = _write_site_yaml(folder, "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key, roster)
+    read_site_config(signed).check_files()
+    with pytest.raises(ConfigError, match="does not list this site"):
+        read_site_config(signed, ["site_id=hospital-b"]).check_files()
+    with pytest.raises(ConfigError, match="go together"):
+        read_site_config(signed, ["roster=''"]).check_files()
+    (folder / "keys" / "signing.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        read_site_config(signed).check_files()
 
 
 def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list[Path]) -> None:
