@@ -22,7 +22,7 @@ from ctfed.client.audit import AUDIT_FILE, AuditLogError, verify_audit_log
 from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
 from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
 from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
-from ctfed.common.certs import make_signing_key
+from ctfed.common.certs import make_signing_key, make_supernode_key
 from ctfed.common.config import ConfigError, SiteConfig, read_site_config
 from ctfed.common.processes import (
     ProcessError,
@@ -111,7 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--make-signing-key", action="store_true",
         help="make this site's secure-aggregation signing key at site.signing_key and print the roster line to share",
     )
-    parser.add_argument("--force", action="store_true", help="with --make-signing-key: replace an existing key")
+    parser.add_argument(
+        "--make-keys", action="store_true",
+        help="make this site's keys here: the SuperNode auth key at site.private_key (+ .pub for the coordinator) "
+        "and the signing key; only public keys leave the site",
+    )
+    parser.add_argument("--force", action="store_true", help="with --make-keys/--make-signing-key: replace existing keys")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. runtime_port=9095")
 
 
@@ -126,7 +131,17 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"ctfed site: {cfg.site_id}: audit log {path} intact, {entries} outgoing messages")
         return 0
-    if args.make_signing_key:
+    if args.make_keys:
+        try:
+            public = make_supernode_key(Path(cfg.private_key), cfg.site_id, force=args.force)
+        except ConfigError as err:
+            print(f"ctfed site: {err}", file=sys.stderr)
+            return 1
+        print(f"ctfed site: {cfg.site_id}: SuperNode auth key written to {cfg.private_key} (mode 0600, stays here)")
+        print(f"Send {public} to the coordinator ('ctfed server --state STATE --register {public.name}').")
+        if not cfg.signing_key:
+            return 0
+    if args.make_signing_key or args.make_keys:
         if not cfg.signing_key:
             print("ctfed site: set site.signing_key (e.g. keys/<site>.sign.key) in the config first", file=sys.stderr)
             return 1

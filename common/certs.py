@@ -242,6 +242,20 @@ def site_key_pair(site_id: str) -> tuple[bytes, bytes]:
     return private, public + f" ctfed-site-{site_id}\n".encode()
 
 
+def make_supernode_key(private_key: Path, site_id: str, force: bool = False) -> Path:
+    """A site's SuperNode auth key made AT the site (issue #12 point 12): the private key at
+    ``private_key`` (0600), its OpenSSH public key beside it (``.pub``), which is all the
+    coordinator receives (``ctfed server --register KEY.pub``). Returns the public key's path."""
+    public_key = private_key.with_suffix(".pub")
+    existing = [p for p in (private_key, public_key) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} exists; the SuperLink knows its public key (pass --force to replace it)")
+    private, public = site_key_pair(validate_site_id(site_id))
+    _write_private(private_key, private)
+    _write_public(public_key, public)
+    return public_key
+
+
 def _load_ca(paths: CertPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())

@@ -484,3 +484,24 @@ def test_a_site_makes_its_own_signing_key_and_pins_the_roster(tmp_path: Path, ca
         check_site_signing("hospital-b", cfg.signing_key, cfg.roster)
     with pytest.raises(ConfigError, match="go together"):
         check_site_signing(cfg.site_id, cfg.signing_key, "")
+
+
+def test_a_site_makes_its_supernode_and_signing_keys_itself(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue #12 point 12: only public keys leave the site."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from ctfed.common.cli import main
+
+    yaml = tmp_path / "site.yaml"
+    yaml.write_text(
+        "site_id: hospital-a\ndata_path: cache\nsuperlink: fl.example.org:8000\nca_cert: ca.crt\nprivate_key: keys/a.key\n"
+        "signing_key: keys/sign.key\nroster: roster.yaml\n"
+    )
+    assert main(["site", "--config", str(yaml), "--make-keys"]) == 0
+    out = capsys.readouterr().out
+    private, public = tmp_path / "keys" / "a.key", tmp_path / "keys" / "a.pub"
+    assert private.stat().st_mode & 0o077 == 0 and (tmp_path / "keys" / "sign.key").stat().st_mode & 0o077 == 0
+    assert load_ssh_private_key(private.read_bytes(), None).public_key() == load_ssh_public_key(public.read_bytes())
+    assert str(public) in out and 'hospital-a: "ssh-ed25519 ' in out
+    assert main(["site", "--config", str(yaml), "--make-keys"]) == 1  # keys the SuperLink knows are never replaced silently
+    assert "exists" in capsys.readouterr().err
