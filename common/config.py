@@ -673,9 +673,9 @@ class SecAggConfig:
     ``reconstruction_threshold`` of them can rebuild its masks if it drops out, and
     fewer learn nothing. Against a coordinator that deviates from the protocol the
     threshold must exceed 2/3 of the neighbourhood (Bonawitz et al. 2017), which sites
-    enforce themselves (``SitePolicy.min_secagg_threshold_fraction``). Deltas are clipped to +-``clipping_range`` per value and
-    quantised to ``quantization_range`` steps over [-c, c]; sums are taken modulo
-    2**``modulus_bits``.
+    enforce themselves (``SitePolicy.min_secagg_threshold_fraction``). Deltas are clipped
+    to +-``clipping_range`` per value and quantised to ``quantization_range`` steps over
+    [-c, c]; sums are taken modulo 2**``modulus_bits``.
     """
 
     enabled: bool = True
