@@ -161,10 +161,11 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
 def _now() -> dt.datetime:
@@ -256,8 +257,14 @@ def make_supernode_key(private_key: Path, site_id: str, force: bool = False) -> 
     return public_key
 
 
-def _load_ca(paths: CertPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+def _load_ca(paths: CertPaths, passphrase: bytes | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=passphrase)
+    except TypeError:  # encrypted without a passphrase given, or a passphrase for a plain key
+        state = "is passphrase-protected: give its passphrase" if passphrase is None else "is not encrypted: give no passphrase"
+        raise ConfigError(f"{paths.ca_key} {state} (ctfed certs --ca-passphrase-env VAR)") from None
+    except ValueError:
+        raise ConfigError(f"{paths.ca_key}: wrong passphrase, or not a PEM private key") from None
     cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise ConfigError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
@@ -270,6 +277,7 @@ def generate(
     hosts: Sequence[str] = (),
     force: bool = False,
     ca_name: str = "ctfed federation CA",
+    ca_passphrase: bytes | None = None,
 ) -> CertReport:
     """Issue (or extend) a federation's CA, SuperLink certificate and site auth keys.
 
@@ -277,6 +285,8 @@ def generate(
     sites later, an existing server certificate is kept, and a site whose key exists is an
     error (its SuperNode still holds the old key). With ``force`` everything named is
     re-issued, which means every site must receive the new ``ca.crt`` and its new key.
+    With ``ca_passphrase`` a new CA key is written encrypted with it (an existing one is
+    opened with it), so a copied ``ca.key`` alone cannot issue certificates.
     """
     site_ids = [validate_site_id(s) for s in sites]
     duplicates = sorted({s for s in site_ids if site_ids.count(s) > 1})
@@ -309,11 +319,11 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     if new_ca:
         ca_key, ca_cert = _make_ca(ca_name)
-        _write_private(paths.ca_key, _pem_key(ca_key))
+        _write_private(paths.ca_key, _pem_key(ca_key, ca_passphrase))
         _write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         report.written += [paths.ca_cert, paths.ca_key]
     else:
-        ca_key, ca_cert = _load_ca(paths)
+        ca_key, ca_cert = _load_ca(paths, ca_passphrase)
         report.reused += [paths.ca_cert, paths.ca_key]
 
     if new_ca or force or not server_exists:
