@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ctfed.client.audit import AUDIT_FILE, AuditLogError, verify_audit_log
 from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
+from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
 from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
+from ctfed.common.certs import make_signing_key, make_supernode_key
 from ctfed.common.config import ConfigError, SiteConfig, read_site_config
 from ctfed.common.processes import (
     ProcessError,
@@ -151,13 +153,17 @@ def _toml_string(value: str) -> str:
 
 
 def node_config(cfg: SiteConfig) -> str:
-    """The ``--node-config`` string: cache, site id, state folder and policy file."""
+    """The ``--node-config`` string: cache, site id, state folder, policy file, signing key and roster."""
     values = {
         DATA_PATH_KEY: cfg.data_path,
         SITE_ID_KEY: cfg.site_id,
         STATE_DIR_KEY: str(cfg.state_path),
         POLICY_FILE_KEY: str(cfg.state_path / POLICY_FILE),
     }
+    # Secure aggregation's signing key and the roster pinned here (client/secagg.py); without
+    # them the site refuses secure-aggregation rounds.
+    if cfg.signing_key and cfg.roster:
+        values.update({SIGNING_KEY_KEY: cfg.signing_key, ROSTER_KEY: cfg.roster})
     return " ".join(f"{key}={_toml_string(value)}" for key, value in values.items())
 
 
@@ -213,6 +219,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify-audit", action="store_true", help="check the hash chain of this site's audit log and exit"
     )
+    parser.add_argument(
+        "--make-signing-key", action="store_true",
+        help="make this site's secure-aggregation signing key at site.signing_key and print the roster line to share",
+    )
+    parser.add_argument(
+        "--make-keys", action="store_true",
+        help="make this site's keys here: the SuperNode auth key at site.private_key (+ .pub for the coordinator) "
+        "and the signing key; only public keys leave the site",
+    )
+    parser.add_argument("--force", action="store_true", help="with --make-keys/--make-signing-key: replace existing keys")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. runtime_port=9095")
 
 
@@ -226,6 +242,29 @@ def run(args: argparse.Namespace) -> int:
             print(f"ctfed site: {cfg.site_id}: audit log BROKEN: {err}", file=sys.stderr)
             return 1
         print(f"ctfed site: {cfg.site_id}: audit log {path} intact, {entries} outgoing messages")
+        return 0
+    if args.make_keys:
+        try:
+            public = make_supernode_key(Path(cfg.private_key), cfg.site_id, force=args.force)
+        except ConfigError as err:
+            print(f"ctfed site: {err}", file=sys.stderr)
+            return 1
+        print(f"ctfed site: {cfg.site_id}: SuperNode auth key written to {cfg.private_key} (mode 0600, stays here)")
+        print(f"Send {public} to the coordinator ('ctfed server --state STATE --register {public.name}').")
+        if not cfg.signing_key:
+            return 0
+    if args.make_signing_key or args.make_keys:
+        if not cfg.signing_key:
+            print("ctfed site: set site.signing_key (e.g. keys/<site>.sign.key) in the config first", file=sys.stderr)
+            return 1
+        try:
+            line = make_signing_key(Path(cfg.signing_key), force=args.force)
+        except ConfigError as err:
+            print(f"ctfed site: {err}", file=sys.stderr)
+            return 1
+        print(f"ctfed site: {cfg.site_id}: signing key written to {cfg.signing_key} (keep it here, mode 0600)")
+        print("Add this line to the federation roster and have every hospital check it out of band:")
+        print(f'{cfg.site_id}: "{line}"')
         return 0
     if args.check:
         cfg.check_files()

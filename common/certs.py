@@ -30,11 +30,12 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ctfed.common.config import SITE_ID_RULE, ConfigError
@@ -160,10 +161,11 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
 def _now() -> dt.datetime:
@@ -241,8 +243,28 @@ def site_key_pair(site_id: str) -> tuple[bytes, bytes]:
     return private, public + f" ctfed-site-{site_id}\n".encode()
 
 
-def _load_ca(paths: CertPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+def make_supernode_key(private_key: Path, site_id: str, force: bool = False) -> Path:
+    """A site's SuperNode auth key made AT the site (issue #12 point 12): the private key at
+    ``private_key`` (0600), its OpenSSH public key beside it (``.pub``), which is all the
+    coordinator receives (``ctfed server --register KEY.pub``). Returns the public key's path."""
+    public_key = private_key.with_suffix(".pub")
+    existing = [p for p in (private_key, public_key) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} exists; the SuperLink knows its public key (pass --force to replace it)")
+    private, public = site_key_pair(validate_site_id(site_id))
+    _write_private(private_key, private)
+    _write_public(public_key, public)
+    return public_key
+
+
+def _load_ca(paths: CertPaths, passphrase: bytes | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=passphrase)
+    except TypeError:  # encrypted without a passphrase given, or a passphrase for a plain key
+        state = "is passphrase-protected: give its passphrase" if passphrase is None else "is not encrypted: give no passphrase"
+        raise ConfigError(f"{paths.ca_key} {state} (ctfed certs --ca-passphrase-env VAR)") from None
+    except ValueError:
+        raise ConfigError(f"{paths.ca_key}: wrong passphrase, or not a PEM private key") from None
     cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise ConfigError(f"{paths.ca_key} does not belong to {paths.ca_cert}")
@@ -255,6 +277,7 @@ def generate(
     hosts: Sequence[str] = (),
     force: bool = False,
     ca_name: str = "ctfed federation CA",
+    ca_passphrase: bytes | None = None,
 ) -> CertReport:
     """Issue (or extend) a federation's CA, SuperLink certificate and site auth keys.
 
@@ -262,6 +285,8 @@ def generate(
     sites later, an existing server certificate is kept, and a site whose key exists is an
     error (its SuperNode still holds the old key). With ``force`` everything named is
     re-issued, which means every site must receive the new ``ca.crt`` and its new key.
+    With ``ca_passphrase`` a new CA key is written encrypted with it (an existing one is
+    opened with it), so a copied ``ca.key`` alone cannot issue certificates.
     """
     site_ids = [validate_site_id(s) for s in sites]
     duplicates = sorted({s for s in site_ids if site_ids.count(s) > 1})
@@ -294,11 +319,11 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     if new_ca:
         ca_key, ca_cert = _make_ca(ca_name)
-        _write_private(paths.ca_key, _pem_key(ca_key))
+        _write_private(paths.ca_key, _pem_key(ca_key, ca_passphrase))
         _write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         report.written += [paths.ca_cert, paths.ca_key]
     else:
-        ca_key, ca_cert = _load_ca(paths)
+        ca_key, ca_cert = _load_ca(paths, ca_passphrase)
         report.reused += [paths.ca_cert, paths.ca_key]
 
     if new_ca or force or not server_exists:
@@ -345,3 +370,123 @@ def public_key_file_fingerprint(path: Path) -> str:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(f"{path} is not an EC public key")
     return key_fingerprint(key)
+
+
+# --- secure-aggregation signing keys and the roster (issue #12) -----------------------------
+#
+# Each site holds a long-term Ed25519 signing key and a *roster*: site id -> signing public
+# key of every site in the federation, pinned at the hospital. A site signs its SecAgg key
+# advertisement and the survivor set it is given, and verifies its neighbours against the
+# roster, so a coordinator cannot substitute or invent neighbours. The key is made at the
+# site (``ctfed site --make-signing-key``): whoever makes a site's signing key can
+# impersonate it, so the coordinator must not. The roster is assembled from the sites'
+# public lines and checked by each hospital out of band (fingerprints, not the coordinator's
+# word). Files: the private key as PKCS#8 PEM (0600); the roster as YAML
+# ``site-id: "ssh-ed25519 AAAA..."`` (OpenSSH public key lines, as Flower's trusted entities).
+
+ROSTER_FILE = "roster.yaml"
+SIGNING_KEY_FILE = "signing.key"
+
+
+def signing_public_line(key: ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey) -> str:
+    """The OpenSSH public key line (``ssh-ed25519 AAAA...``) of a signing key."""
+    public = key.public_key() if isinstance(key, ed25519.Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def make_signing_key(path: Path, force: bool = False) -> str:
+    """Write a fresh Ed25519 signing key to ``path`` (0600); returns its public key line."""
+    if path.exists() and not force:
+        raise ConfigError(f"signing key {path} exists; its public key is in the roster (pass --force to replace it)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write_private(path, _pem_key(key))
+    return signing_public_line(key)
+
+
+def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    """A site's signing key; ConfigError naming the problem (missing, readable by others, wrong type)."""
+    if not path.is_file():
+        raise ConfigError(f"signing key {path} not found; make one with 'ctfed site --config site.yaml --make-signing-key'")
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"signing key {path} is readable by others; run 'chmod 600 {path}'")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"signing key {path} is not an unencrypted PEM private key ({err})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"signing key {path} is not an Ed25519 key")
+    return key
+
+
+def write_roster(path: Path, entries: Mapping[str, str]) -> None:
+    """Write a roster (site id -> public key line), sorted by site id."""
+    for site_id, line in entries.items():
+        validate_site_id(site_id)
+        _parse_roster_key(line, site_id, path)
+    header = "# ctfed federation roster: site id -> Ed25519 signing public key (check each one out of band)\n"
+    body = "".join(f'{site_id}: "{entries[site_id].strip()}"\n' for site_id in sorted(entries))
+    _write_public(path, (header + body).encode())
+
+
+def _parse_roster_key(line: str, site_id: str, path: Path) -> ed25519.Ed25519PublicKey:
+    try:
+        key = serialization.load_ssh_public_key(str(line).strip().encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"roster {path}: the key of site '{site_id}' is not an OpenSSH public key line ({err})") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ConfigError(f"roster {path}: the key of site '{site_id}' is not an ssh-ed25519 key")
+    return key
+
+
+def load_roster(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
+    """Site id -> signing public key; ConfigError for a missing file, a bad entry or a key
+    listed for two sites (one site could then sign as another)."""
+    import yaml  # PyYAML (an OmegaConf dependency)
+
+    if not path.is_file():
+        raise ConfigError(f"roster {path} not found")
+    try:
+        table = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"roster {path} is not valid YAML: {err}") from None
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"roster {path} must map site ids to 'ssh-ed25519 ...' public keys")
+    roster: dict[str, ed25519.Ed25519PublicKey] = {}
+    seen: dict[bytes, str] = {}
+    for site_id, line in table.items():
+        validate_site_id(str(site_id))
+        key = _parse_roster_key(str(line), str(site_id), path)
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if raw in seen:
+            raise ConfigError(f"roster {path}: sites '{seen[raw]}' and '{site_id}' have the same key")
+        seen[raw] = str(site_id)
+        roster[str(site_id)] = key
+    return roster
+
+
+def check_site_signing(site_id: str, signing_key: str, roster: str) -> None:
+    """A site's signing key and roster belong together: both given, and the roster lists the
+    site under its own public key (so its neighbours can verify it)."""
+    if not signing_key or not roster:
+        raise ConfigError("site.signing_key and site.roster go together: set both (or neither, and take no part in secure aggregation)")
+    key = load_signing_key(Path(signing_key))
+    table = load_roster(Path(roster))
+    if site_id not in table:
+        raise ConfigError(f"roster {roster} does not list this site ('{site_id}')")
+    if signing_public_line(table[site_id]) != signing_public_line(key):
+        raise ConfigError(f"roster {roster} lists another key for '{site_id}' than site.signing_key {signing_key}")
+
+
+def ensure_federation_signing_keys(folder: Path, site_ids: Sequence[str]) -> tuple[Path, dict[str, Path]]:
+    """Signing keys for sites simulated on one machine, and their roster: ``folder/<site>.key``
+    (kept if present, so a resumed run keeps its keys) and ``folder/roster.yaml``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys: dict[str, Path] = {}
+    entries: dict[str, str] = {}
+    for site_id in site_ids:
+        path = folder / f"{validate_site_id(site_id)}.key"
+        entries[site_id] = signing_public_line(load_signing_key(path)) if path.exists() else make_signing_key(path)
+        keys[site_id] = path
+    roster = folder / ROSTER_FILE
+    write_roster(roster, entries)
+    return roster, keys

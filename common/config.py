@@ -736,6 +736,11 @@ class SitePolicy:
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
     # statistics of labelled scans, in clear and outside any DP guarantee, like the summary.
     share_monitor: bool = True
+    # Secure aggregation floor: reveal nothing unless the coordinator's reconstruction
+    # threshold t exceeds this fraction of the site's neighbourhood n (t > f * n). Bonawitz
+    # et al. need t > 2n/3 against a coordinator colluding with up to n/3 sites; at or below
+    # n/2 a coordinator can tell two halves different survivor lists and rebuild both secrets.
+    min_secagg_threshold_fraction: float = 2 / 3
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.allowed_phases) - set(PHASES))
@@ -750,6 +755,11 @@ class SitePolicy:
         for name in ("max_local_steps", "max_hidden_size", "max_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not 0.5 <= self.min_secagg_threshold_fraction < 1:
+            raise ConfigError(
+                "policy.min_secagg_threshold_fraction must be in [0.5, 1) (a threshold at or below half the "
+                f"neighbourhood lets a coordinator rebuild both of a site's secrets), got {self.min_secagg_threshold_fraction}"
+            )
 
 
 
@@ -766,14 +776,19 @@ class SecAggConfig:
     With ``enabled`` the coordinator only ever sees the sum of masked, quantised site
     deltas. ``num_shares`` is a site's neighbourhood size (itself included); any
     ``reconstruction_threshold`` of them can rebuild its masks if it drops out, and
-    fewer learn nothing. Deltas are clipped to +-``clipping_range`` per value and
-    quantised to ``quantization_range`` steps over [-c, c]; sums are taken modulo
-    2**``modulus_bits``.
+    fewer learn nothing. Against a coordinator that deviates from the protocol the
+    threshold must exceed 2/3 of the neighbourhood (Bonawitz et al. 2017), which sites
+    enforce themselves (``SitePolicy.min_secagg_threshold_fraction``). Deltas are clipped
+    to +-``clipping_range`` per value and quantised to ``quantization_range`` steps over
+    [-c, c]; sums are taken modulo 2**``modulus_bits``.
     """
 
     enabled: bool = True
     num_shares: int = 5
-    reconstruction_threshold: int = 3
+    # 0: the smallest integer above 2/3 of each round's neighbourhood size n (4 of 5, 3 of 3
+    # or 4, 2 of 2), so n - t neighbours may drop out. An explicit value is used as given;
+    # sites refuse a round whose threshold is not above their floor (2/3 of n by default).
+    reconstruction_threshold: int = 0
     clipping_range: float = 1.0
     quantization_range: int = 2**40
     modulus_bits: int = 64
@@ -787,12 +802,16 @@ class SecAggConfig:
     def __post_init__(self) -> None:
         if self.num_shares < 3:
             raise ConfigError(f"secagg.num_shares must be >= 3, got {self.num_shares}")
-        # Below a strict majority, a server could tell one half of a site's neighbours that
-        # the site dropped and the other half that it survived, and rebuild both secrets.
-        if not self.num_shares / 2 < self.reconstruction_threshold <= self.num_shares:
+        # A strict majority is the least that stops a coordinator telling one half of a
+        # site's neighbours it dropped and the other half it survived. It is NOT enough
+        # against a coordinator that deviates: that needs t > 2n/3 of the round's actual
+        # neighbourhood n (Bonawitz et al. 2017), which each site checks itself before it
+        # reveals anything (SitePolicy.min_secagg_threshold_fraction); the default (0) is
+        # always above 2n/3.
+        if self.reconstruction_threshold and not self.num_shares / 2 < self.reconstruction_threshold <= self.num_shares:
             raise ConfigError(
                 f"secagg.reconstruction_threshold ({self.reconstruction_threshold}) must be more than half "
-                f"of secagg.num_shares ({self.num_shares}) and at most num_shares"
+                f"of secagg.num_shares ({self.num_shares}) and at most num_shares (0: above 2/3, automatic)"
             )
         if not self.clipping_range > 0:
             raise ConfigError("secagg.clipping_range must be > 0")
@@ -1305,6 +1324,14 @@ class SiteConfig:
     ca_cert: str = MISSING
     # This site's SuperNode auth key (OpenSSH EC private key from ``ctfed certs``).
     private_key: str = MISSING
+    # This site's long-term secure-aggregation signing key (Ed25519, PEM; made AT the site by
+    # ``ctfed site --make-signing-key``). It signs the site's key advertisements and survivor
+    # sets. Empty: the site cannot authenticate itself and refuses secure-aggregation rounds.
+    signing_key: str = ""
+    # The federation roster pinned at this hospital: site id -> Ed25519 signing public key of
+    # every site (YAML). Neighbours are verified against it, never against what the
+    # coordinator forwards. Empty: the site refuses secure-aggregation rounds.
+    roster: str = ""
     # Folder for the SuperNode's log, Flower home, privacy ledger and audit log (the site's
     # state folder). Empty: ``<data_path>/../.ctfed-site-<site_id>``.
     state_dir: str = ""
@@ -1343,7 +1370,7 @@ class SiteConfig:
 
     def resolve_paths(self, base: Path) -> None:
         """Make relative paths absolute against ``base`` (the config file's folder)."""
-        for name in ("data_path", "ca_cert", "private_key", "state_dir"):
+        for name in ("data_path", "ca_cert", "private_key", "state_dir", "signing_key", "roster"):
             value = str(getattr(self, name))
             if value:
                 setattr(self, name, str((base / Path(value).expanduser()).resolve()))
@@ -1390,6 +1417,10 @@ class SiteConfig:
             raise ConfigError(f"site.private_key {key_path}: Flower needs an EC (NIST curve) key")
         if key_path.stat().st_mode & 0o077:
             raise ConfigError(f"site.private_key {key_path} is readable by others; run 'chmod 600 {key_path}'")
+        if self.signing_key or self.roster:
+            from ctfed.common.certs import check_site_signing  # keys module: only when checking
+
+            check_site_signing(self.site_id, self.signing_key, self.roster)
 
 
 def read_site_config(path: Path, overrides: Sequence[str] = ()) -> SiteConfig:

@@ -21,6 +21,7 @@ rounding of the result). Values outside the range are clipped, counted, and repo
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -30,7 +31,7 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ctfed.common.config import SecAggConfig
 
@@ -40,8 +41,12 @@ from ctfed.common.config import SecAggConfig
 STAGE_TRAIN = "secagg_train"
 STAGE_SHARE_KEYS = "secagg_share_keys"
 STAGE_MASKED_INPUT = "secagg_masked_input"
+STAGE_CONSISTENCY = "secagg_consistency"
 STAGE_UNMASK = "secagg_unmask"
-STAGES = (STAGE_TRAIN, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+STAGES = (STAGE_TRAIN, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_CONSISTENCY, STAGE_UNMASK)
+
+# Bound into every signature, so a signature of one protocol (or version) means nothing in another.
+PROTOCOL_VERSION = "ctfed-secagg/2"
 
 
 def message_type(stage: str) -> str:
@@ -83,6 +88,17 @@ K_SK1_OWNERS = "sk1-owners"
 K_SK1_SHARES = "sk1-shares"
 K_CLIPPED = "clipped-values"
 K_WEIGHT_CAPPED = "weight-capped"
+# Signed key advertisement (stage a reply; lists of them forwarded in stage b).
+K_SITE_ID = "site-id"
+K_MODEL_HASH = "model-sha256"
+K_INSTRUCTIONS_HASH = "instructions-sha256"
+K_SIGNATURE = "signature"
+K_SITE_IDS = "site-ids"
+K_MODEL_HASHES = "model-sha256-list"
+K_INSTRUCTIONS_HASHES = "instructions-sha256-list"
+K_SIGNATURES = "signatures"
+# Consistency round: the signers of the survivor set and their signatures (stage e).
+K_SIGNERS = "signers"
 
 # Purposes bound into mask keys and nonces, so no two masks ever share a keystream.
 PURPOSE_SELF = b"self-mask"
@@ -333,3 +349,78 @@ def payload_bytes(content: RecordDict) -> int:
             for item in items:
                 total += len(item) if isinstance(item, (bytes, str)) else 8
     return total
+
+
+# --- authentication: what sites sign (Bonawitz et al. 2017, the malicious-server variant) ----
+
+
+def default_threshold(neighbourhood: int) -> int:
+    """The smallest threshold above 2/3 of a neighbourhood (t > 2n/3)."""
+    return 2 * neighbourhood // 3 + 1
+
+
+def round_threshold(configured: int, neighbourhood: int) -> int:
+    """This round's reconstruction threshold: the configured one, or (0) above 2n/3."""
+    return configured if configured else default_threshold(neighbourhood)
+
+
+def threshold_meets_floor(threshold: int, neighbourhood: int, fraction: float) -> bool:
+    """A site's floor: the threshold must exceed ``fraction`` of its neighbourhood."""
+    return threshold > fraction * neighbourhood
+
+
+def _fields(*values: bytes | str | int) -> bytes:
+    """Unambiguous concatenation: each field length-prefixed, strings UTF-8, ints decimal."""
+    out = []
+    for value in values:
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        out.append(len(raw).to_bytes(4, "big") + raw)
+    return b"".join(out)
+
+
+def advertisement_message(
+    run_id: int, server_round: int, node_id: int, site_id: str, pk1: bytes, pk2: bytes, model_hash: str, instructions_hash: str
+) -> bytes:
+    """What a site signs in stage (a): who it is (site and node), its two public keys, and
+    the model and instructions it received, for this run and round only."""
+    return _fields(
+        PROTOCOL_VERSION, "advertise", int(run_id), int(server_round), int(node_id), site_id, pk1, pk2,
+        model_hash, instructions_hash,
+    )
+
+
+def consistency_message(run_id: int, server_round: int, node_id: int, survivors: list[int]) -> bytes:
+    """What a site signs in the consistency round: the survivor set it was given."""
+    return _fields(PROTOCOL_VERSION, "consistency", int(run_id), int(server_round), int(node_id), *sorted(int(n) for n in survivors))
+
+
+def arrays_sha256(records: list[ArrayRecord]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of arrays, in name order; a later record's
+    array replaces an earlier one of the same name (a held base overlaid with what arrived)."""
+    arrays = {}
+    for record in records:
+        arrays.update(record.items())
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        digest.update(_fields(name, str(array.dtype), str(tuple(array.shape)), array.data))
+    return digest.hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def instructions_sha256(records: list[ConfigRecord], exclude: frozenset[str] = frozenset()) -> str:
+    """SHA-256 of the round's instructions and protocol parameters: every key and value in a
+    canonical JSON form; ``exclude`` names keys that legitimately differ between sites."""
+    merged: dict[str, object] = {}
+    for index, record in enumerate(records):
+        for key, value in record.items():
+            if key not in exclude:
+                merged[f"{index}:{key}"] = _canonical(value)
+    return hashlib.sha256(json.dumps(merged, sort_keys=True, allow_nan=True).encode()).hexdigest()

@@ -8,9 +8,11 @@ ships each ``sites/<site>/`` folder to that hospital and keeps the rest. See
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ctfed.common.certs import DEFAULT_HOSTS, generate
+from ctfed.common.config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +23,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"names/IPs the sites use to reach the SuperLink (added to {', '.join(DEFAULT_HOSTS)})",
     )
     parser.add_argument("--force", action="store_true", help="re-issue files that already exist (sites then need new ones)")
+    parser.add_argument(
+        "--ca-passphrase-env", metavar="VAR",
+        help="encrypt a new CA key with the passphrase in environment variable VAR (and open an existing one with it); "
+        "an environment variable keeps it out of the command line and shell history",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = generate(args.out, args.sites, hosts=args.host, force=args.force)
+    passphrase = None
+    if args.ca_passphrase_env:
+        value = os.environ.get(args.ca_passphrase_env, "")
+        if not value:
+            raise ConfigError(f"--ca-passphrase-env {args.ca_passphrase_env}: that environment variable is not set or empty")
+        passphrase = value.encode()
+    report = generate(args.out, args.sites, hosts=args.host, force=args.force, ca_passphrase=passphrase)
     paths = report.paths
     for path in report.written:
         print(f"wrote   {path}")

@@ -1,17 +1,23 @@
 """The coordinator's side of secure aggregation: one SecAgg+ round over ``grid.send_and_receive``.
 
 Stages (sites' handlers in client/secagg.py, maths in common/secagg.py):
-(a) train: sites train, keep their delta, reply metrics and two public keys;
-(b) share keys: each site gets its neighbours' public keys, replies encrypted shares;
+(a) train: sites train, keep their delta, reply metrics and a signed advertisement (two
+    public keys, site id, model and instruction hashes);
+(b) share keys: each site gets its neighbours' advertisements as they were signed and the
+    round's threshold, verifies them against its own roster, replies encrypted shares;
 (c) masked input: shares are routed to their addressees, sites reply masked vectors,
     which the coordinator only ever adds up;
-(d) unmask: sites get their neighbours' survivor/dropped lists and reply shares; the
-    coordinator rebuilds survivors' self-mask seeds and dropped sites' pairwise keys,
-    removes those masks from the sum and divides by the summed weights.
+(d) consistency: every site that sent a masked input gets the survivor set (those sites)
+    and replies its signature over it (Bonawitz et al. 2017);
+(e) unmask: sites get their neighbours' signatures and reply shares; the coordinator
+    rebuilds survivors' self-mask seeds and dropped sites' pairwise keys, removes those
+    masks from the sum and divides by the summed weights.
 
+The coordinator verifies nothing of the signatures: it is the party they protect against.
+Sites refuse at (b), (d) or (e) when their checks fail (the reason is in the round record).
 A site may drop at any stage. While every surviving site (and every site dropped after
-(b)) still has ``reconstruction_threshold`` live neighbours, the round completes with the
-sites whose masked input arrived; otherwise it is not aggregated and says why.
+(b)) still has ``threshold`` live neighbours, the round completes with the sites whose
+masked input arrived; otherwise it is not aggregated and says why.
 """
 
 from __future__ import annotations
@@ -50,6 +56,15 @@ logger = logging.getLogger(__name__)
 # Transient states of a site within one secure round; the record gets a STATUS_* value.
 _PENDING = "pending"
 _INCLUDED = "included"  # its masked input is in the sum, but it went silent at unmask
+
+
+# Stage (b) list -> the advertisement field it forwards.
+_ADVERT_LISTS = {
+    sa.K_SITE_IDS: sa.K_SITE_ID,
+    sa.K_MODEL_HASHES: sa.K_MODEL_HASH,
+    sa.K_INSTRUCTIONS_HASHES: sa.K_INSTRUCTIONS_HASH,
+    sa.K_SIGNATURES: sa.K_SIGNATURE,
+}
 
 
 class RoundAborted(RuntimeError):
@@ -106,7 +121,8 @@ class SecureRound:
         self.pk1: dict[int, bytes] = {}
         self.pk2: dict[int, bytes] = {}
         self.neighbours: dict[int, list[int]] = {}
-        self.threshold = self.sa_cfg.reconstruction_threshold
+        self.adverts: dict[int, ConfigRecord] = {}  # the signed advertisements, forwarded as they came
+        self.threshold = 0  # set once the neighbourhood size is known (after training)
         self.masked_sum: np.ndarray | None = None
 
     # -- messaging ---------------------------------------------------------------------------
@@ -149,6 +165,11 @@ class SecureRound:
         site.status, site.reason = STATUS_FAILED, reason
         logger.warning("round %d: site %s left the round: %s", self.round, site.site, reason)
 
+    def _keep_included(self, node_id: int) -> None:
+        """A site that left after its masked input was summed: its input stays in the sum."""
+        site = self.sites[node_id]
+        site.status, site.reason = _INCLUDED, f"{site.reason or 'left the round'}; its input is in the sum"
+
     def _require_live_neighbours(self, alive: set[int], owners: set[int], stage: str) -> None:
         for owner in owners:
             live = len(set(self.neighbours[owner]) & alive)
@@ -164,7 +185,6 @@ class SecureRound:
         params = ConfigRecord(
             {
                 sa.P_ROUND: self.round,
-                sa.P_THRESHOLD: self.threshold,
                 sa.P_CLIPPING: float(self.sa_cfg.clipping_range),
                 sa.P_QUANTIZATION: int(self.sa_cfg.quantization_range),
                 sa.P_MODULUS_BITS: int(self.sa_cfg.modulus_bits),
@@ -192,10 +212,12 @@ class SecureRound:
                 continue
             seen_keys |= {pk1, pk2}
             self.pk1[node_id], self.pk2[node_id] = pk1, pk2
+            self.adverts[node_id] = keys
         alive = set(self.pk1)
         if len(alive) > self.sa_cfg.max_sites:
             raise RoundAborted(f"{len(alive)} sites exceed secagg.max_sites={self.sa_cfg.max_sites} (the sum could wrap)")
         shares = sa.effective_num_shares(self.sa_cfg.num_shares, len(alive))
+        self.threshold = sa.round_threshold(self.sa_cfg.reconstruction_threshold, shares)
         if len(alive) < max(self.threshold, self.cfg.federation.min_sites) or shares < self.threshold:
             raise RoundAborted(
                 f"{len(alive)} sites trained; secure aggregation needs at least "
@@ -218,6 +240,11 @@ class SecureRound:
                             sa.K_NODE_IDS: ids,
                             sa.K_PK1_LIST: [self.pk1[n] for n in ids],
                             sa.K_PK2_LIST: [self.pk2[n] for n in ids],
+                            sa.P_THRESHOLD: self.threshold,
+                            **{
+                                key: [self.adverts[n].get(field, b"" if field == sa.K_SIGNATURE else "") for n in ids]
+                                for key, field in _ADVERT_LISTS.items()
+                            },
                         }
                     )
                 }
@@ -269,21 +296,36 @@ class SecureRound:
             included.add(node_id)
         return included
 
+    def consistency(self, included: set[int]) -> dict[int, bytes]:
+        """Stage (d): every site that sent a masked input signs the survivor set (those sites)."""
+        survivors = sorted(included)
+        contents = {
+            node_id: RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: self.round, sa.K_SURVIVORS: survivors})})
+            for node_id in included
+        }
+        replies = self._exchange(sa.STAGE_CONSISTENCY, contents, self.sa_cfg.stage_timeout_s)
+        return {node_id: cast(bytes, content[sa.PROTOCOL_KEY][sa.K_SIGNATURE]) for node_id, content in replies.items()}
+
     def unmask(self, masked: set[int], included: set[int]) -> np.ndarray:
         """Remove every remaining mask from the sum; ``masked`` completed (b), ``included`` (c)."""
         dropped = masked - included
         # Needed: each included site's seed and each dropped site's sk1, from live neighbours.
         self._require_live_neighbours(included, included | dropped, sa.STAGE_MASKED_INPUT)
+        signatures = self.consistency(included)
+        # Only sites that signed go on to reveal shares; the others' inputs stay in the sum.
+        self._require_live_neighbours(set(signatures), included | dropped, sa.STAGE_CONSISTENCY)
+        for node_id in included - signatures.keys():
+            self._keep_included(node_id)
         contents = {}
-        for node_id in included:
-            hood = set(self.neighbours[node_id])
+        for node_id in signatures:
+            signers = [n for n in self.neighbours[node_id] if n in signatures]
             contents[node_id] = RecordDict(
                 {
                     sa.PROTOCOL_KEY: ConfigRecord(
                         {
                             sa.P_ROUND: self.round,
-                            sa.K_SURVIVORS: sorted(hood & included),
-                            sa.K_DROPPED: sorted(hood & dropped),
+                            sa.K_SIGNERS: signers,
+                            sa.K_SIGNATURES: [signatures[n] for n in signers],
                         }
                     )
                 }
@@ -301,9 +343,8 @@ class SecureRound:
                 if int(owner) in sk1_shares and int(owner) in hood:
                     sk1_shares[int(owner)].append(share)
         # Sites that dropped here still had their masked input summed: they stay included.
-        for node_id in included - replies.keys():
-            site = self.sites[node_id]
-            site.status = _INCLUDED
+        for node_id in signatures.keys() - replies.keys():
+            self._keep_included(node_id)
         assert self.masked_sum is not None
         total = self.masked_sum
         for owner, shares in {**seed_shares, **sk1_shares}.items():
@@ -354,7 +395,7 @@ class SecureRound:
             return SecureRoundResult(None, self._records(), reason=reason)
         for node_id in included:
             site = self.sites[node_id]
-            note = "dropped at unmask; its input is in the sum" if site.status == _INCLUDED else ""
+            note = site.reason if site.status == _INCLUDED else ""
             site.status, site.reason = STATUS_AGGREGATED, note
         delta = sa.unflatten_state(mean, self.like)
         logger.info(

@@ -341,6 +341,8 @@ def print_results(results: dict[str, Any]) -> None:
                   f"plain {entry['plain_round_s']:.2f} s (aggregation only, sites in parallel) -> ratio "
                   f"{entry['ratio_secure_over_plain']:.2f}; with a {entry['train_round_s']:.1f} s local training round "
                   f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
+            print(f"  authentication (signatures, roster checks, model hash) {entry['authentication_per_site_s'] * 1e3:.1f} ms "
+                  f"per site; consistency stage {entry['consistency_stage_s'] * 1e3:.1f} ms (slowest site)")
         print(f"  ({secagg['training_note']})")
     if "secagg_vs_stock" in results:
         print_stock_comparison(results["secagg_vs_stock"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctfed.client.policy import SITE_POLICIES_FILE_KEY
+from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.fileio import write_text_atomic
@@ -32,6 +33,7 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     RESUME_OVERRIDE_KEY: False,
     DATA_DIR_KEY: "",
     SITE_POLICIES_FILE_KEY: "",
+    SIGNING_KEYS_DIR_KEY: "",
 }
 
 

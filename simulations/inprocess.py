@@ -1,17 +1,26 @@
 """A Grid that delivers messages to site handlers in this process (no Flower runtime).
 
 Tests and ``ctfed bench`` use it to run the coordinator's real round code against the
-sites' real stage handlers, with per-site ``Context``s and scripted dropouts.
+sites' real stage handlers, with per-site ``Context``s and scripted dropouts. Like a
+deployment, every site gets a secure-aggregation signing key and the federation's roster in
+its node config (``auth_dir``; a temporary folder by default).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
+from ctfed.client.site import SITE_ID_KEY, identify_site
+from ctfed.common.certs import ensure_federation_signing_keys
+from ctfed.common.config import ConfigError
 
 Handler = Callable[[Message, Context], Message]
 
@@ -32,6 +41,10 @@ class InProcessGrid:
     contexts: dict[int, Context] = field(default_factory=dict)
     seconds_by_node_type: dict[tuple[int, str], float] = field(default_factory=dict)
     run_id: int = 1
+    # Where the sites' signing keys and roster are written (None: a temporary folder that
+    # lives as long as the grid). A node's site id is its node config's site-id, else the one
+    # ``identify_site`` finds, else ``site-<node id>``.
+    auth_dir: Path | None = None
 
     def __post_init__(self) -> None:
         # Outside a Flower process nothing has set who "we" are; Message() needs it.
@@ -46,6 +59,28 @@ class InProcessGrid:
                 Context(run_id=self.run_id, node_id=node_id, node_config={"partition-id": self.node_ids.index(node_id)}, state=RecordDict(), run_config={}),
             )
         self._stopped: set[int] = set()
+        self._give_keys()
+
+    def _give_keys(self) -> None:
+        if self.auth_dir is None:
+            self._auth_tmp = tempfile.TemporaryDirectory(prefix="ctfed-secagg-keys-")
+            self.auth_dir = Path(self._auth_tmp.name)
+        site_ids: dict[int, str] = {}
+        for node_id in self.node_ids:
+            config = self.contexts[node_id].node_config
+            site_id = str(config.get(SITE_ID_KEY, ""))
+            if not site_id:
+                try:
+                    site_id = identify_site(self.contexts[node_id]).site_id
+                except ConfigError:  # a scripted site without data: named after its node
+                    site_id = f"site-{node_id}"
+            site_ids[node_id] = site_id
+        roster, keys = ensure_federation_signing_keys(self.auth_dir, sorted(set(site_ids.values())))
+        for node_id, site_id in site_ids.items():
+            config = self.contexts[node_id].node_config
+            config.setdefault(SITE_ID_KEY, site_id)
+            config.setdefault(SIGNING_KEY_KEY, str(keys[site_id]))
+            config.setdefault(ROSTER_KEY, str(roster))
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)

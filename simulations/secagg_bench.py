@@ -5,7 +5,8 @@ Both paths run the coordinator's real code (``server/rounds.py`` vetting + Flowe
 the same site deltas. "Training" is a stub that replies a fixed delta, so what is timed is
 exactly what aggregation adds: serialisation, vetting and averaging on the plain path;
 quantisation, key agreement, Shamir shares, ChaCha20 masks and unmasking on the secure
-one. Sites run one after another here; real sites run in parallel, so the figure to
+one, with its defences against a malicious coordinator (signed advertisements checked
+against a roster, model/instruction hashes, the consistency round), reported apart too. Sites run one after another here; real sites run in parallel, so the figure to
 compare is the parallel equivalent: coordinator time + the slowest site in each stage.
 """
 
@@ -59,6 +60,32 @@ def _stub_train(deltas: dict[int, dict[str, torch.Tensor]]):
     return train
 
 
+def authentication_cost(state: dict[str, torch.Tensor], sites: int) -> dict[str, float]:
+    """What the malicious-coordinator defences add at one site per round (issue #12): the
+    model hash over the arrays it received, two Ed25519 signatures (advertisement, survivor
+    set) and up to 2 * sites verifications; the instructions hash is negligible beside them.
+    Signatures cover hashes and keys, never the update vector."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ctfed.common import secagg as sa
+
+    record = state_to_record(state)
+    started = time.perf_counter()
+    model_hash = sa.arrays_sha256([record])
+    hash_s = time.perf_counter() - started
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key()
+    advert = sa.advertisement_message(1, 1, 1, "site-1", b"k" * 97, b"k" * 97, model_hash, model_hash)
+    survivors = sa.consistency_message(1, 1, 1, list(range(sites)))
+    started = time.perf_counter()
+    signatures = [key.sign(advert), key.sign(survivors)]
+    for _ in range(sites):
+        public.verify(signatures[0], advert)
+        public.verify(signatures[1], survivors)
+    sign_verify_s = time.perf_counter() - started
+    return {"model_hash_s": hash_s, "sign_verify_s": sign_verify_s, "per_site_s": hash_s + sign_verify_s}
+
+
 def _parallel_equivalent(wall: float, grid: InProcessGrid) -> float:
     return wall - grid.serial_seconds() + grid.parallel_seconds()
 
@@ -102,6 +129,7 @@ def bench_secagg_size(num_params: int, sites: int = 5) -> dict[str, Any]:
         per_stage[kind] = max(per_stage.get(kind, 0.0), seconds)
     del result, grid, deltas
     gc.collect()
+    auth = authentication_cost(global_state, sites)
     return {
         "params": num_params,
         "sites": sites,
@@ -113,6 +141,10 @@ def bench_secagg_size(num_params: int, sites: int = 5) -> dict[str, Any]:
         "slowest_site_per_stage_s": per_stage,
         "max_abs_diff_secure_vs_plain": max_diff,
         "modulus_bits": cfg.secagg.modulus_bits,
+        # Signatures, roster checks and the consistency round (slowest site in that stage).
+        "authentication_per_site_s": auth["per_site_s"],
+        "authentication": auth,
+        "consistency_stage_s": per_stage.get("train.secagg_consistency", 0.0),
     }
 
 

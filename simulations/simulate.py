@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
+from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY, SITES_DIR, site_cache_dirs
+from ctfed.common.certs import ensure_federation_signing_keys
 from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config, save_run_config, to_run_config
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
@@ -32,6 +34,7 @@ from ctfed.simulations.synth import synthesize_federation
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.yaml"
+SIGNING_KEYS_DIR = "secagg-keys"  # in the run folder: the simulated sites' signing keys and roster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +164,9 @@ def run_federation_simulation(
     site_ids = [cache.name for cache in site_cache_dirs(data_dir)]
     num_sites = len(site_ids)
     policies_path = write_site_policies(cfg, run_dir, site_ids)
+    # One machine plays every hospital: it makes their signing keys and the roster they pin.
+    keys_dir = run_dir / SIGNING_KEYS_DIR
+    ensure_federation_signing_keys(keys_dir, site_ids)
 
     run_config: dict[str, object] = {
         RUN_CONFIG_FILE_KEY: str(config_path),
@@ -169,6 +175,7 @@ def run_federation_simulation(
         RESUME_KEY: resume,
         RESUME_OVERRIDE_KEY: override_config,
         SITE_POLICIES_FILE_KEY: str(policies_path),
+        SIGNING_KEYS_DIR_KEY: str(keys_dir),
     }
     client_app = CLIENT_APP
     if cfg.simulation.faults:

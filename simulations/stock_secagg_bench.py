@@ -25,9 +25,12 @@ the plain mean within each one's quantisation bound.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +47,8 @@ from ctfed.common.exchange import (
     record_to_state,
     state_to_record,
 )
-from ctfed.common.secagg import aggregation_error_bound, effective_num_shares
+from ctfed.common.certs import ensure_federation_signing_keys
+from ctfed.common.secagg import aggregation_error_bound, effective_num_shares, round_threshold
 from ctfed.simulations.secagg_bench import _synthetic_state as synthetic_state
 
 logger = logging.getLogger(__name__)
@@ -106,6 +110,32 @@ def stock_fit(msg: Message, context: Context) -> Message:
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
+def _bench_keys_dir() -> Path:
+    """The simulated sites' signing keys and roster: a fixed folder, because the ClientApps
+    run in Ray worker processes that share nothing with the caller but the file system."""
+    return Path(tempfile.gettempdir()) / f"ctfed-stock-bench-keys-{os.getuid()}"
+
+
+def _bench_site_id(context: Context) -> str:
+    return f"site-{_partition(context)}"
+
+
+def _with_signing_keys(handler: Any) -> Any:
+    """Our SecAgg+ authenticates sites: point each simulated node at its key and the roster."""
+    from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
+    from ctfed.client.site import SITE_ID_KEY
+    from ctfed.common.certs import ROSTER_FILE
+
+    def with_keys(msg: Message, context: Context) -> Message:
+        site_id, keys = _bench_site_id(context), _bench_keys_dir()
+        context.node_config.update(
+            {SITE_ID_KEY: site_id, SIGNING_KEY_KEY: str(keys / f"{site_id}.key"), ROSTER_KEY: str(keys / ROSTER_FILE)}
+        )
+        return handler(msg, context)
+
+    return with_keys
+
+
 def build_client_app() -> Any:
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
@@ -116,7 +146,7 @@ def build_client_app() -> Any:
     app = ClientApp()
     app.train(PLAIN_ACTION)(plain_train)
     for stage, handler in zip(sa.STAGES, stage_handlers(plain_train).values()):
-        app.train(stage)(handler)
+        app.train(stage)(_with_signing_keys(handler))
     app.train(mods=[secaggplus_mod])(stock_fit)
     return app
 
@@ -174,9 +204,10 @@ def stock_workflow(cfg: RunConfig, sites: int) -> Any:
     """Flower's SecAgg+ with our neighbourhood size, threshold and clipping range."""
     from flwr.server.workflow import SecAggPlusWorkflow
 
+    shares = effective_num_shares(cfg.secagg.num_shares, sites)
     return SecAggPlusWorkflow(
-        num_shares=effective_num_shares(cfg.secagg.num_shares, sites),
-        reconstruction_threshold=cfg.secagg.reconstruction_threshold,
+        num_shares=shares,
+        reconstruction_threshold=round_threshold(cfg.secagg.reconstruction_threshold, shares),
         max_weight=float(max(site_weight(p) for p in range(sites))),
         clipping_range=cfg.secagg.clipping_range,
     )
@@ -270,6 +301,7 @@ def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict
     cfg.federation.min_sites = 2
     cfg.federation.max_update_norm = 1e9  # synthetic updates; the norm check is timed, not tested
     outcome = _Outcome()
+    ensure_federation_signing_keys(_bench_keys_dir(), [f"site-{index}" for index in range(sites)])
     workflow = stock_workflow(cfg, sites)
     server_app = build_server_app(num_params, sites, rounds, cfg, workflow, outcome)
     # Flower logs every stage of every round, and warns that run_simulation is deprecated and
@@ -298,7 +330,7 @@ def bench_stock_secagg(num_params: int, sites: int = 5, rounds: int = 3) -> dict
         "sites": sites,
         "rounds": rounds,
         "num_shares": cfg.secagg.num_shares,
-        "reconstruction_threshold": cfg.secagg.reconstruction_threshold,
+        "reconstruction_threshold": round_threshold(cfg.secagg.reconstruction_threshold, effective_num_shares(cfg.secagg.num_shares, sites)),
         "plain_round_s": plain,
         "ours_round_s": ours,
         "stock_round_s": stock,

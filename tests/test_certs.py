@@ -80,3 +80,23 @@ def test_cli_prints_where_each_file_goes(tmp_path: Path, capsys: pytest.CaptureF
     assert "to hospital-a only" in out and "never share the .key" in out
     assert main(["certs", "--out", str(tmp_path / "pki"), "--sites", "hospital-a"]) != 0
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_ca_key_can_be_passphrase_protected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue #12 point 12: a copied ca.key alone cannot issue certificates."""
+    pki = tmp_path / "pki"
+    monkeypatch.setenv("CTFED_CA_PASSPHRASE", "correct horse")
+    assert main(["certs", "--out", str(pki), "--ca-passphrase-env", "CTFED_CA_PASSPHRASE"]) == 0
+    ca_key = (pki / "ca.key").read_bytes()
+    assert b"ENCRYPTED" in ca_key
+    with pytest.raises(TypeError):
+        load_pem_private_key(ca_key, password=None)
+    # Adding a site later needs the passphrase; without it or with a wrong one, a clear error.
+    with pytest.raises(ConfigError, match="passphrase-protected"):
+        generate(pki, ["hospital-b"])
+    with pytest.raises(ConfigError, match="wrong passphrase"):
+        generate(pki, ["hospital-b"], ca_passphrase=b"wrong")
+    assert main(["certs", "--out", str(pki), "--sites", "hospital-b", "--ca-passphrase-env", "CTFED_CA_PASSPHRASE"]) == 0
+    capsys.readouterr()
+    assert main(["certs", "--out", str(pki), "--ca-passphrase-env", "UNSET_VARIABLE_X"]) != 0
+    assert "not set" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ctfed.client.site_cli import RunningSuperNode, start_supernode
-from ctfed.common.certs import generate, public_key_file_fingerprint
+from ctfed.common.certs import generate, make_signing_key, public_key_file_fingerprint, write_roster
 from ctfed.common.config import ConfigError, load_run_config, read_site_config
 from ctfed.common.preprocess import prepare
 from ctfed.common.processes import flower_tool, offline_env, stop_process_group
@@ -54,10 +54,14 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return out
 
 
-def _write_site_yaml(folder: Path, site_id: str, cache: Path, superlink: str, ca: Path, key: Path) -> Path:
-    """A site.yaml like conf/site.yaml, with paths relative to it where they can be."""
+def _write_site_yaml(
+    folder: Path, site_id: str, cache: Path, superlink: str, ca: Path, key: Path, roster: Path | None = None
+) -> Path:
+    """A site.yaml like conf/site.yaml, with paths relative to it where they can be. With a
+    roster, the site's signing key is ``keys/signing.key`` in its folder (see _signing_keys)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "site.yaml"
+    signing = f"signing_key: keys/signing.key\nroster: {roster}\n" if roster is not None else ""
     path.write_text(
         f"site_id: {site_id}\n"
         f"data_path: {cache}\n"
@@ -65,9 +69,18 @@ def _write_site_yaml(folder: Path, site_id: str, cache: Path, superlink: str, ca
         f"ca_cert: {ca}\n"
         f"private_key: {key}\n"
         "state_dir: state\n"  # relative: resolved against the YAML's folder
-        "runtime_port: 0\n"
+        "runtime_port: 0\n" + signing
     )
     return path
+
+
+def _signing_keys(root: Path, sites: tuple[str, ...]) -> Path:
+    """Each hospital makes its own signing key in its folder; the roster of their public
+    lines is what every hospital pins (here one file for all)."""
+    lines = {site: make_signing_key(root / site / "keys" / "signing.key") for site in sites}
+    roster = root / "roster.yaml"
+    write_roster(roster, lines)
+    return roster
 
 
 def _leftover_processes(marker: str) -> list[str]:
@@ -120,6 +133,18 @@ def test_site_config_is_checked_before_starting(tmp_path: Path, caches: list[Pat
         read_site_config(tmp_path / "partial.yaml")
     # Relative paths follow the YAML file, not the working directory.
     assert read_site_config(good).state_path == tmp_path / "a" / "state"
+    # Secure aggregation's signing key and roster are checked together.
+    roster = _signing_keys(tmp_path, ("hospital-a",))
+    folder = tmp_path / "hospital-a"
+    signed = _write_site_yaml(folder, "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key, roster)
+    read_site_config(signed).check_files()
+    with pytest.raises(ConfigError, match="does not list this site"):
+        read_site_config(signed, ["site_id=hospital-b"]).check_files()
+    with pytest.raises(ConfigError, match="go together"):
+        read_site_config(signed, ["roster=''"]).check_files()
+    (folder / "keys" / "signing.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        read_site_config(signed).check_files()
 
 
 def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list[Path]) -> None:
@@ -138,9 +163,12 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             again = register_sites([certs.site(SITES[0]).public_key], link.flwr_home)
             assert again[0].status == "already registered"
 
+            roster = _signing_keys(tmp_path, SITES)
             for site_id, cache in zip(SITES, caches):
                 site = certs.site(site_id)
-                yaml = _write_site_yaml(tmp_path / site_id, site_id, cache, link.local_address, site.ca_cert, site.private_key)
+                yaml = _write_site_yaml(
+                    tmp_path / site_id, site_id, cache, link.local_address, site.ca_cert, site.private_key, roster
+                )
                 nodes.append(start_supernode(read_site_config(yaml)))
             intruder_keys = certs.site(INTRUDER)
             intruder_yaml = _write_site_yaml(
@@ -197,6 +225,10 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
                 assert sorted(s["site"] for s in record["sites"]) == sorted(SITES)
                 assert all(s["status"] == "aggregated" for s in record["sites"])
                 assert INTRUDER not in {s["site"] for s in record["sites"]}
+            # Every site verified its neighbours' signed advertisements and signed the survivor set.
+            for site_id in SITES:
+                kinds = [json.loads(line)["kind"] for line in (tmp_path / site_id / "state" / "audit.jsonl").read_text().splitlines()]
+                assert kinds.count("secagg-secagg_consistency") == 2 and "secagg-abort" not in kinds, kinds
     finally:
         for node in nodes:
             stop_process_group(node.process)

@@ -124,6 +124,10 @@ def test_config_rejects_a_sum_that_could_wrap_and_a_weak_threshold() -> None:
     SecAggConfig(modulus_bits=32, quantization_range=2**16, max_weight=1000, max_sites=16)
     with pytest.raises(ConfigError, match="more than half"):
         SecAggConfig(num_shares=6, reconstruction_threshold=3)
+    # The default threshold is above 2/3 of each round's neighbourhood, never a bare majority.
+    assert SecAggConfig().reconstruction_threshold == 0
+    assert [sa.round_threshold(0, n) for n in (2, 3, 4, 5, 6, 7)] == [2, 3, 3, 4, 5, 5]
+    assert all(3 * sa.round_threshold(0, n) > 2 * n for n in range(2, 40))
     with pytest.raises(ConfigError, match="32 or 64"):
         SecAggConfig(modulus_bits=16)
 
@@ -163,7 +167,7 @@ def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, captur
     deltas = deltas or {n: _site_delta(n, like) for n in node_ids}
     examples = examples or {n: 2 + i for i, n in enumerate(node_ids)}
     cfg = RunConfig()
-    cfg.secagg = secagg or SecAggConfig(num_shares=5, reconstruction_threshold=3)
+    cfg.secagg = secagg or SecAggConfig(num_shares=5)
     cfg.federation.min_sites = 2
     handlers = site_secagg.stage_handlers(_fake_local_train(deltas, examples))
     if capture is not None:
@@ -227,14 +231,15 @@ def test_protocol_without_dropouts_matches_plain_mean() -> None:
 
 
 def test_protocol_with_dropout_after_key_sharing_and_after_masked_input() -> None:
-    nodes = [11, 22, 33, 44, 55]
+    # 7 sites, all neighbours (threshold 5 > 2*7/3): two may drop out.
+    nodes = [11, 22, 33, 44, 55, 66, 77]
     after_keys, after_masked = 22, 44
     drop_at = {after_keys: sa.message_type(sa.STAGE_MASKED_INPUT), after_masked: sa.message_type(sa.STAGE_UNMASK)}
-    result, deltas, examples, cfg, _ = _run(nodes, drop_at=drop_at)
+    result, deltas, examples, cfg, _ = _run(nodes, drop_at=drop_at, secagg=SecAggConfig(num_shares=7))
     included = [n for n in nodes if n != after_keys]  # the site dropped at unmask had sent its input
     _assert_close_to_plain(result, included, deltas, examples, cfg)
     status = {s.site: s.status for s in result.sites}
-    assert status == {"site-11": "aggregated", "site-22": "dropped", "site-33": "aggregated", "site-44": "aggregated", "site-55": "aggregated"}
+    assert status == {f"site-{n}": "dropped" if n == after_keys else "aggregated" for n in nodes}
     assert "unmask" in {s.site: s.reason for s in result.sites}["site-44"]
 
 
@@ -244,8 +249,7 @@ def test_protocol_with_dropouts_at_training_and_share_keys_and_a_failing_site() 
     deltas = {n: _site_delta(n, like) for n in nodes}
     deltas[7] = {name: t.clone().fill_(float("nan")) for name, t in deltas[7].items()}  # refused locally
     drop_at = {1: "train.secagg_train", 2: sa.message_type(sa.STAGE_SHARE_KEYS)}
-    result, deltas, examples, cfg, _ = _run(nodes, drop_at=drop_at, deltas=deltas,
-                                           secagg=SecAggConfig(num_shares=5, reconstruction_threshold=3))
+    result, deltas, examples, cfg, _ = _run(nodes, drop_at=drop_at, deltas=deltas, secagg=SecAggConfig(num_shares=5))
     _assert_close_to_plain(result, [3, 4, 5, 6], deltas, examples, cfg)
     status = {s.site: (s.status, s.reason) for s in result.sites}
     # A site that fails or stays silent in stage (a) never told us its site id.
@@ -256,7 +260,7 @@ def test_protocol_with_dropouts_at_training_and_share_keys_and_a_failing_site() 
 def test_too_many_dropouts_leave_the_round_unaggregated_without_crashing() -> None:
     nodes = [1, 2, 3, 4]
     drop_at = {n: sa.message_type(sa.STAGE_UNMASK) for n in (2, 3)}
-    result, *_ = _run(nodes, drop_at=drop_at, secagg=SecAggConfig(num_shares=5, reconstruction_threshold=3))
+    result, *_ = _run(nodes, drop_at=drop_at, secagg=SecAggConfig(num_shares=5))
     assert result.mean_delta is None
     assert "live neighbours" in result.reason or "shares" in result.reason
     assert {s.status for s in result.sites} <= {"not-aggregated", "dropped"}
@@ -275,15 +279,16 @@ def test_clipped_values_are_warned_about_and_recorded(caplog: pytest.LogCaptureF
 
 def test_a_site_never_reveals_both_secrets_of_one_neighbour() -> None:
     nodes = [1, 2, 3]
-    cfg_sa = SecAggConfig(num_shares=3, reconstruction_threshold=2)
-    result, _, _, _, grid = _run(nodes, secagg=cfg_sa, drop_at={n: sa.message_type(sa.STAGE_UNMASK) for n in nodes})
+    result, _, _, _, grid = _run(nodes, secagg=SecAggConfig(num_shares=3), drop_at={n: sa.message_type(sa.STAGE_UNMASK) for n in nodes})
     assert result.mean_delta is None  # nobody answered the unmask stage
     context = grid.contexts[1]
+    # Survivor and dropped lists are the coordinator's word: the site ignores them and
+    # reveals only what the survivor set it signed implies, once enough neighbours signed it.
     request = Message(
         RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: 1, sa.K_SURVIVORS: [1, 2], sa.K_DROPPED: [2]})}),
         dst_node_id=1, message_type=sa.message_type(sa.STAGE_UNMASK),
     )
-    with pytest.raises(site_secagg.ProtocolViolation, match="both"):
+    with pytest.raises(site_secagg.ProtocolViolation, match="consistency check failed: 0 valid"):
         site_secagg.handle_unmask(request, context)
     with pytest.raises(site_secagg.ProtocolViolation, match="out of order"):
         site_secagg.handle_share_keys(
