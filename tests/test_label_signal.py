@@ -31,11 +31,16 @@ def test_encoder_probe_reports_every_pooling_before_and_after_pretraining() -> N
         if label:
             volume[:, 8:20, 8:20, 8:20] += 0.6
         volumes.append(volume)
-    data = TuningSet(caches=[_Volumes(volumes)], volumes=volumes, labels=labels)  # type: ignore[list-item]
+    # A second task with too few positives for 5 folds gets no row.
+    rare = np.zeros_like(labels)
+    rare[:3] = 1
+    data = TuningSet(caches=[_Volumes(volumes)], volumes=volumes, labels={"cube": labels, "rare": rare})  # type: ignore[list-item]
     untrained = encoder_probe(data, [], steps=0, seed=0)
     trained = encoder_probe(data, ["train.mim_objective=mae", "train.batch_size=4"], steps=2, seed=0)
-    for row in (untrained, trained):
+    for by_task in (untrained, trained):
+        assert set(by_task) == {"cube"}
+        row = by_task["cube"]
         assert set(row) == {p.value for p in FeaturePooling} | {f"{p.value}_spread" for p in FeaturePooling}
         assert all(0.0 <= row[p.value] <= 1.0 and row[f"{p.value}_spread"] > 0 for p in FeaturePooling)
-    assert untrained["mean_patch"] > 0.9  # the cube is plain to see
+    assert untrained["cube"]["mean_patch"] > 0.9  # the cube is plain to see
     assert trained != untrained  # two steps changed the encoder
