@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset, Dataset
 
 from ctfed.client.train import LocalTrainer
@@ -63,11 +65,35 @@ def window_histograms(volume: np.ndarray) -> np.ndarray:
     return np.concatenate(rows)
 
 
+class RowSpan(TransformerMixin, BaseEstimator):
+    """Coordinates in the span of the training rows (an orthonormal basis of it).
+
+    An L2-regularised linear model's weights lie in that span (representer theorem), and the
+    basis keeps their norm, so a logistic regression fits the same scores on these <= n
+    features as on the p raw ones: the raw-voxel probe (p = 3 x 32^3) gets hundreds of times
+    cheaper, and unchanged.
+    """
+
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> "RowSpan":
+        rows = np.asarray(features, dtype=np.float64)
+        # From the n x n Gram matrix: its eigenvectors U give the basis rows^T U / sqrt(eigenvalue).
+        eigenvalues, vectors = np.linalg.eigh(rows @ rows.T)
+        keep = eigenvalues > eigenvalues.max() * 1e-12
+        self.basis_ = rows.T @ (vectors[:, keep] / np.sqrt(eigenvalues[keep]))
+        return self
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(features, dtype=np.float64) @ self.basis_
+
+
 def probe_auroc(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
     """Out-of-fold AUROC of a standardised, L2-regularised logistic regression (5 folds)."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    probe = make_pipeline(StandardScaler(), RowSpan(), LogisticRegression(C=0.1, max_iter=2000))
     folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
-    scores = cross_val_predict(probe, features, labels, cv=folds, method="predict_proba")[:, 1]
+    # One BLAS thread: the fits are tiny (<= n features), and threads that spin-wait made them
+    # 10-40x slower on a loaded 2-core machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        scores = cross_val_predict(probe, features, labels, cv=folds, method="predict_proba")[:, 1]
     return float(roc_auc_score(labels, scores))
 
 
