@@ -10,9 +10,10 @@ tilt correction can then be checked against the truth.
 The head is sized to the scanner's field of view (``HeadModel.random`` takes the extent),
 so the tiny matrices used in tests still hold a whole head; absolute sizes are therefore
 not anatomical, only the tissue layout and HU values are. Sizes below are given in head
-units (the outer skull surface is the unit sphere) and, in brackets, in mm for a nominal
-head of about 180 mm front to back (semi-axes about 65, 76 and 90 mm, so 0.01 unit is
-0.65-0.9 mm); prepared at 32^3 one voxel is about 0.065 unit, at 64^3 about 0.033.
+units (the outer skull surface is the unit sphere) and, in brackets, for a nominal head in
+a 180 mm field of view (semi-axes about 61, 75 and 90 mm left-right, front-back and
+head-foot: 0.01 unit is 0.6-0.9 mm; brain about 1.36 l); prepared at 32^3 one voxel is about 0.065 unit, at 64^3 about 0.033. Volumes
+and shifts quoted were measured on that head at 96^3 (12 seeds, ``finding_scale`` 1).
 
 Normal tissue: air -1000, scalp 40, skull 1000-1500 at the tables and 450 less in the
 diploe, grey matter 34-37, white matter 27-30, CSF 5 HU.
@@ -23,35 +24,40 @@ Haemorrhages (``FINDINGS``; the ``any`` label means any of them), all 60-80 HU b
 subarachnoid (lines along one hemisphere's sulci), intraventricular (layering in the
 ventricles).
 
-Structural findings (``STRUCTURAL_FINDINGS``), none of them bright voxels; each has its
-own random stream of parameters, drawn whether the finding is present or not:
+Structural findings (``STRUCTURAL_FINDINGS``), none of them bright voxels. Their parameters
+come from a random stream of their own, drawn for all five whether present or not, so a
+structural finding changes nothing else in the head:
 
-- ``hydrocephalus``: lateral ventricles enlarged without blood, widths x 1.6-2.2, lengths
+- ``hydrocephalus``: lateral ventricles enlarged without blood: widths x 1.6-2.2, lengths
   x 1.2-1.4, heights x 1.3-1.6 (Evans index about 0.32-0.41 against 0.23 in the normal
-  head), their centres moved apart so the septum between them stays; CSF 5 HU.
-- ``mass_effect``: a mildly hyperdense mass (36-46 HU, radius 0.12-0.2 [8-16 mm]) in one
-  hemisphere inside a rim of vasogenic oedema (white matter minus 8-14 HU, about 15-22 HU,
-  out to 1.5 radii) that pushes both lateral ventricles across the midline by 0.07-0.15
-  (5-10 mm of midline shift, measured on the ventricles; the falx, 1-2 mm thick, is below
-  every simulation grid and not drawn) and compresses the ventricle on its own side to half
-  its width.
-- ``infarct``: an ischaemic, vascular-territory-like wedge -- a cone from a deep apex near
-  the basal ganglia out to the cortex, half-angle 0.25-0.4 rad (about 15-45 ml) -- where the
-  parenchyma is 10-20 HU darker than it would be (white matter about 7-20, grey matter about
-  14-27 HU, as in an early to subacute infarct); CSF and ventricles inside it stay CSF.
-- ``fracture``: a linear skull fracture: a slab 0.02-0.035 wide [1.3-3 mm] through the full
-  thickness of the skull, 0.25-0.5 rad long either side of its centre on the convexity,
-  in which bone is replaced by soft tissue and clot of 25-45 HU (below the blood range).
-- ``atrophy``: a smaller brain (its surface 0.05-0.1 [3-9 mm] inside the inner table, about
-  15-30% less brain volume) with the space filled by CSF, widened CSF-filled sulci through
-  the outer cortex of both hemispheres, and ventricles enlarged ex vacuo (widths x 1.25-1.5,
-  lengths and heights x 1.1-1.3).
+  head; ventricular volume x 3-4.7), their centres moved apart so that the septum between
+  them stays. CSF 5 HU; the brain outline is unchanged.
+- ``mass_effect``: a mildly hyperdense mass (36-46 HU, like a cellular tumour or a
+  meningioma; radius 0.12-0.2 [8-16 mm]) in one hemisphere, in a rim of vasogenic oedema
+  (white matter minus 8-14 HU, so 13-22 HU, out to 1.5 radii). It pushes both lateral
+  ventricles across the midline by 0.07-0.15 [4-9 mm] and squeezes the one on its side to
+  half its width: the ventricular system's centre moves 8-13 mm away from the mass. (The
+  falx, 1-2 mm thick, is below every simulation grid and not drawn; the ventricles carry
+  the midline.)
+- ``infarct``: an ischaemic, vascular-territory-like wedge: a cone from a deep apex near the
+  basal ganglia out through the cortex, half-angle 0.25-0.4 rad [about 12-25 ml], in which the
+  parenchyma is 10-20 HU darker than it would be (white matter about 7-20, grey matter
+  about 14-27 HU: an early to subacute infarct). CSF inside it stays CSF.
+- ``fracture``: a linear skull fracture: a slab 0.02-0.035 wide [1.2-3 mm] through the full
+  thickness of the skull along a great circle, 0.25-0.5 rad either side of its centre on
+  the convexity [3-9 cm long], in which bone is replaced by soft tissue and clot of
+  25-45 HU (below the blood range).
+- ``atrophy``: a smaller brain, its surface 0.03-0.07 [2-6 mm] inside the inner table with
+  CSF in the space, widened CSF-filled sulci through the outer cortex of both hemispheres,
+  and ventricles enlarged ex vacuo (widths x 1.25-1.5, lengths and heights x 1.1-1.3):
+  17-25% less parenchyma.
 
 ``finding_scale`` multiplies every finding's thickness -- haematoma radii and widths, the
 sulcal lines, the ventricles' dilation beyond normal, the mass's radius and midline shift,
-the infarct's half-angle, the fracture's width and the atrophy's brain-surface gap and
-sulcal width -- within caps that keep each inside the skull. 1.0 keeps the realistic sizes
-above; 3.0 (the compare preset) makes a fracture 1-1.6 voxels wide at 32^3.
+the infarct's half-angle, the fracture's width, the atrophy's brain-surface gap and sulcal
+width -- within caps that keep each inside the skull. 1.0 keeps the realistic sizes above,
+several of which (the fracture, normal ventricles, a thin subdural) are below a 32^3 voxel;
+at 3.0 (the compare preset) a fracture is 1-1.6 voxels wide at 32^3.
 """
 
 from __future__ import annotations
@@ -157,12 +163,12 @@ def _structural_parameters(rng: np.random.Generator, finding_scale: float) -> di
         "hu": float(rng.uniform(25.0, 45.0)),
     }
     params["atrophy"] = {
-        "gap": min(s * float(rng.uniform(0.03, 0.07)), 0.18),
+        "gap": min(s * float(rng.uniform(0.03, 0.07)), 0.12),
         "dilation": _scaled_dilation(rng.uniform([1.25, 1.1, 1.1], [1.5, 1.3, 1.3]), s),
         "frequency": float(rng.uniform(7.0, 11.0)),
         "phase": rng.uniform(0.0, 2.0 * np.pi, 2),
         # |sin sin| below this marks a widened sulcus: the sulci's share of the outer cortex.
-        "sulcal_width": min(0.08 * s, 0.4),
+        "sulcal_width": min(0.08 * s, 0.24),
     }
     return params
 
