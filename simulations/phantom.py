@@ -337,7 +337,9 @@ class HeadModel:
 
     def ventricle_shapes(self, dilation: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
         """(centre, semi-axes) of the two lateral ventricles, in head units, after this head's
-        hydrocephalus, atrophy and mass effect; ``dilation`` enlarges both about their centres."""
+        hydrocephalus, atrophy and mass effect; ``dilation`` (the blood-filled ventricles of a
+        scaled intraventricular haemorrhage) enlarges normal ventricles about their centres,
+        and enlarged ones only where it exceeds their own dilation (never both multiplied)."""
         widen = np.ones(3)
         for name in ("hydrocephalus", "atrophy"):
             if name in self.structural:
@@ -351,7 +353,7 @@ class HeadModel:
             if not np.all(widen == 1.0):
                 grown = np.array(VENTRICLE_SEMI_AXES) * widen
                 centre[0] += side * VENTRICLE_SPREAD * (grown[0] - VENTRICLE_SEMI_AXES[0])
-                semi = dilation * grown
+                semi = np.array(VENTRICLE_SEMI_AXES) * np.maximum(widen, dilation)
             if mass is not None:
                 # Both ventricles move away from the mass; the one on its side is squeezed.
                 centre[0] -= mass["side"] * mass["shift"]
