@@ -10,6 +10,9 @@ carries fake but realistic-looking identifiers, so the privacy guarantees of ``p
 exercised, and each site also holds a localizer series that ``prepare`` must skip. A study
 may get further ``Reconstruction`` series of the same acquisition (a thin bone-kernel series
 beside the soft-tissue one, as scanners write them) for ``prepare``'s series selection.
+Each site's ``labels.csv`` holds one 0/1 column per task (``LABEL_COLUMNS``): the haemorrhage
+types, ``any`` haemorrhage, and the structural findings of ``phantom.STRUCTURAL_FINDINGS``,
+whose prevalences are the ``synth.<finding>_prevalence`` knobs.
 
 Everything -- pixels, identifiers and UIDs -- is a function of the seed, so two runs with
 the same seed write byte-identical files.
