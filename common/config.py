@@ -861,12 +861,25 @@ class SynthConfig:
     # model's 32^3 input blur into the skull's rim or a few voxels; the compare preset
     # enlarges them so the labels are learnable at that size (README, "Comparing ...").
     finding_scale: float = 1.0
+    # Chance per scan of each structural finding (simulations/phantom.py: not bright voxels,
+    # each its own label column beside the haemorrhages and `any`), drawn independently of
+    # each other and of the haemorrhages (whose rate each site's profile sets). 0.3 gives
+    # every task positives and negatives at a few dozen scans; 0 leaves the pixels of a scan
+    # without that finding exactly as they were.
+    hydrocephalus_prevalence: float = 0.3
+    mass_effect_prevalence: float = 0.3
+    infarct_prevalence: float = 0.3
+    fracture_prevalence: float = 0.3
+    atrophy_prevalence: float = 0.3
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.scans_per_site < 1:
             raise ConfigError("synth.sites and synth.scans_per_site must be >= 1")
         if not self.finding_scale > 0:
             raise ConfigError(f"synth.finding_scale must be > 0 (1.0: realistic finding sizes), got {self.finding_scale}")
+        for name, prevalence in self.structural_prevalence.items():
+            if not 0.0 <= prevalence <= 1.0:
+                raise ConfigError(f"synth.{name}_prevalence must be in [0, 1] (a chance per scan), got {prevalence}")
         if self.scans_per_site_list:
             if len(self.scans_per_site_list) != self.sites:
                 raise ConfigError(
@@ -880,6 +893,17 @@ class SynthConfig:
     def scan_counts(self) -> list[int]:
         """Scans to write at each site, in site order."""
         return list(self.scans_per_site_list) or [self.scans_per_site] * self.sites
+
+    @property
+    def structural_prevalence(self) -> dict[str, float]:
+        """{structural finding: prevalence}, the names simulations/phantom.py uses."""
+        return {
+            "hydrocephalus": self.hydrocephalus_prevalence,
+            "mass_effect": self.mass_effect_prevalence,
+            "infarct": self.infarct_prevalence,
+            "fracture": self.fracture_prevalence,
+            "atrophy": self.atrophy_prevalence,
+        }
 
 
 class FaultKind(str, enum.Enum):

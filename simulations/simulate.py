@@ -76,7 +76,8 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     sizes = f"{counts[0]} scans each" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} scans"
     print(f"[1/3] writing {cfg.synth.sites} synthetic hospitals ({sizes}) to {dicom_root}")
     site_dirs = synthesize_federation(
-        dicom_root, cfg.synth.sites, counts, cfg.synth.seed, finding_scale=cfg.synth.finding_scale
+        dicom_root, cfg.synth.sites, counts, cfg.synth.seed, finding_scale=cfg.synth.finding_scale,
+        structural_prevalence=cfg.synth.structural_prevalence,
     )
     print(f"[2/3] preparing site caches in {cache_root}")
     for site_dir in site_dirs:

@@ -10,6 +10,9 @@ carries fake but realistic-looking identifiers, so the privacy guarantees of ``p
 exercised, and each site also holds a localizer series that ``prepare`` must skip. A study
 may get further ``Reconstruction`` series of the same acquisition (a thin bone-kernel series
 beside the soft-tissue one, as scanners write them) for ``prepare``'s series selection.
+Each site's ``labels.csv`` holds one 0/1 column per task (``LABEL_COLUMNS``): the haemorrhage
+types, ``any`` haemorrhage, and the structural findings of ``phantom.STRUCTURAL_FINDINGS``,
+whose prevalences are the ``synth.<finding>_prevalence`` knobs.
 
 Everything -- pixels, identifiers and UIDs -- is a function of the seed, so two runs with
 the same seed write byte-identical files.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,11 +38,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ctfed.simulations.phantom import FINDINGS, HeadModel, scanner_effects
+from ctfed.common.config import SynthConfig
+from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, HeadModel, scanner_effects
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS: tuple[str, ...] = FINDINGS + ("any",)
+# The haemorrhage types, ``any`` (any haemorrhage), then the structural findings.
+LABEL_COLUMNS: tuple[str, ...] = FINDINGS + ("any",) + STRUCTURAL_FINDINGS
 # labels.csv is keyed by the StudyInstanceUID; it stays in the site's input folder and
 # ``prepare`` translates it to pseudonymous study keys.
 LABELS_KEY_COLUMN = "StudyInstanceUID"
@@ -218,6 +223,65 @@ def _pick_findings(rng: np.random.Generator, prevalence: float) -> list[str]:
     return sorted(rng.choice(FINDINGS, size=count, replace=False).tolist())
 
 
+# Appended to (seed, site, scan) for the stream of structural findings: a stream of its own
+# keeps a scan's patient, pose, haemorrhages and noise whatever the structural prevalences.
+_STRUCTURAL_STREAM = 0x5354
+
+
+def structural_prevalence_of(prevalence: Mapping[str, float] | None) -> dict[str, float]:
+    """Every structural finding's prevalence: ``prevalence`` (names from
+    ``STRUCTURAL_FINDINGS``, missing ones 0) or, for None, the ``SynthConfig`` defaults."""
+    if prevalence is None:
+        return SynthConfig().structural_prevalence
+    unknown = set(prevalence) - set(STRUCTURAL_FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown structural findings {sorted(unknown)}; known: {', '.join(STRUCTURAL_FINDINGS)}")
+    bad = {name: p for name, p in prevalence.items() if not 0.0 <= p <= 1.0}
+    if bad:
+        raise ValueError(f"structural prevalences must be in [0, 1], got {bad}")
+    return {name: float(prevalence.get(name, 0.0)) for name in STRUCTURAL_FINDINGS}
+
+
+@dataclass(frozen=True)
+class _ScanDraw:
+    """What a scan's seed decides before its pixels: patient, findings and the random streams."""
+
+    rng: np.random.Generator
+    structural_rng: np.random.Generator
+    patient: _Patient
+    haemorrhages: list[str]
+    structural: list[str]
+
+
+def _draw_scan(seed: int, site: int, scan: int, profile: SiteProfile, prevalence: Mapping[str, float] | None) -> _ScanDraw:
+    rng = np.random.default_rng([seed, site, scan])
+    structural_rng = np.random.default_rng([seed, site, scan, _STRUCTURAL_STREAM])
+    patient = _fake_patient(rng, site)
+    haemorrhages = _pick_findings(rng, profile.prevalence)
+    # One draw per finding whether present or not: each prevalence knob moves only its label.
+    chances = structural_prevalence_of(prevalence)
+    draws = structural_rng.random(len(STRUCTURAL_FINDINGS))
+    structural = [name for name, draw in zip(STRUCTURAL_FINDINGS, draws) if draw < chances[name]]
+    return _ScanDraw(rng, structural_rng, patient, haemorrhages, structural)
+
+
+def label_row(findings: Sequence[str]) -> dict[str, int]:
+    """labels.csv's 0/1 columns (``LABEL_COLUMNS``) for a scan with these findings."""
+    row = {name: int(name in findings) for name in FINDINGS}
+    row["any"] = int(any(name in FINDINGS for name in findings))
+    row.update({name: int(name in findings) for name in STRUCTURAL_FINDINGS})
+    return row
+
+
+def scan_labels(
+    seed: int, site: int, scan: int, prevalence: Mapping[str, float] | None = None
+) -> dict[str, int]:
+    """The labels ``synthesize_federation`` gives scan ``scan`` of site ``site``, without
+    writing it (``prevalence``: the structural prevalences, as there)."""
+    draw = _draw_scan(seed, site, scan, site_profile(site), prevalence)
+    return label_row(draw.haemorrhages + draw.structural)
+
+
 def _series_path(site_dir: Path, profile: SiteProfile, patient: _Patient, scan: int, series_number: int, instance: int) -> Path:
     if profile.layout == "nested":
         folder = site_dir / patient.name.replace("^", "_") / patient.study_date.strftime("%Y%m%d") / f"SE{series_number}_{scan:03d}"
@@ -258,17 +322,20 @@ def write_scan(
     seed: int,
     reconstruction: Reconstruction | None = None,
     finding_scale: float = 1.0,
+    structural_prevalence: Mapping[str, float] | None = None,
 ) -> tuple[UID, list[str]]:
-    """Write one axial head-CT series; return its StudyInstanceUID and its findings.
+    """Write one axial head-CT series; return its StudyInstanceUID and its findings
+    (haemorrhages, then structural findings).
 
     With ``reconstruction``, write that series of the same study instead (same patient,
     anatomy and findings; its own series UID, kernel and slices). ``finding_scale``:
-    ``HeadModel.random`` (1.0: realistic finding sizes).
+    ``HeadModel.random`` (1.0: realistic finding sizes). ``structural_prevalence``: the
+    chance of each structural finding (``STRUCTURAL_FINDINGS``; None: ``SynthConfig``'s).
     """
     _check_encoder(profile.transfer_syntax)
-    rng = np.random.default_rng([seed, site, scan])
-    patient = _fake_patient(rng, site)
-    findings = _pick_findings(rng, profile.prevalence)
+    draw = _draw_scan(seed, site, scan, profile, structural_prevalence)
+    rng, patient = draw.rng, draw.patient
+    findings = draw.haemorrhages + draw.structural
     study_uid = _uid(seed, site, scan, "study")
     uid_parts: tuple[object, ...] = () if reconstruction is None else (reconstruction.series_number,)
     series_uid = _uid(seed, site, scan, "series", *uid_parts)
@@ -276,7 +343,8 @@ def write_scan(
     fov = profile.matrix * profile.pixel_spacing_mm
     extent = (fov, fov * np.cos(np.deg2rad(profile.gantry_tilt_deg)), profile.slices * profile.slice_thickness_mm)
     head = HeadModel.random(
-        rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings, finding_scale
+        rng, extent, (0.0, 0.0, z0 + (profile.slices - 1) * profile.slice_thickness_mm / 2), findings, finding_scale,
+        structural_rng=draw.structural_rng,
     )
     series_number = 2
     description = f"HEAD {profile.slice_thickness_mm:g}mm {profile.kernel}"
@@ -353,16 +421,22 @@ def synthesize_federation(
     *,
     reconstructions: Sequence[Reconstruction] = (),
     finding_scale: float = 1.0,
+    structural_prevalence: Mapping[str, float] | None = None,
 ) -> list[Path]:
     """Write ``sites`` hospitals under ``out_dir/site_<k>``; return their folders.
 
     ``scans_per_site`` is one count for every site, or one count per site (sites of different
     sizes). A scan's pixels and labels depend only on (seed, site, scan), so a larger site
     holds the scans of a smaller one plus more. Each site folder holds its DICOM files, one
-    localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per finding and ``any``).
+    localizer series and ``labels.csv`` (``StudyInstanceUID`` plus one 0/1 column per haemorrhage
+    type, ``any`` haemorrhage and one per structural finding: ``LABEL_COLUMNS``).
     Each study also gets one series per entry of ``reconstructions`` (one labels row per study).
     ``finding_scale`` enlarges every finding (``HeadModel.random``) and changes nothing else.
+    ``structural_prevalence``: each structural finding's chance per scan, independently
+    (``synth.<finding>_prevalence``; None: the ``SynthConfig`` defaults); a prevalence moves
+    only its own finding's labels and pixels.
     """
+    prevalence = structural_prevalence_of(structural_prevalence)
     counts = [scans_per_site] * sites if isinstance(scans_per_site, int) else list(scans_per_site)
     if sites < 1 or len(counts) != sites or min(counts) < 1:
         raise ValueError(f"need sites >= 1 and one scan count >= 1 per site, got {sites} sites and {scans_per_site}")
@@ -373,10 +447,13 @@ def synthesize_federation(
         site_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for scan in range(site_scans):
-            study_uid, findings = write_scan(site_dir, profile, site, scan, seed, finding_scale=finding_scale)
+            study_uid, findings = write_scan(site_dir, profile, site, scan, seed, finding_scale=finding_scale,
+                                             structural_prevalence=prevalence)
             for reconstruction in reconstructions:
-                write_scan(site_dir, profile, site, scan, seed, reconstruction, finding_scale=finding_scale)
-            rows.append([study_uid] + [int(name in findings) for name in FINDINGS] + [int(bool(findings))])
+                write_scan(site_dir, profile, site, scan, seed, reconstruction, finding_scale=finding_scale,
+                           structural_prevalence=prevalence)
+            labels = label_row(findings)
+            rows.append([study_uid] + [labels[name] for name in LABEL_COLUMNS])
         write_localizer(site_dir, profile, site, seed)
         with open(site_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)

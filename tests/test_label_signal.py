@@ -31,11 +31,43 @@ def test_encoder_probe_reports_every_pooling_before_and_after_pretraining() -> N
         if label:
             volume[:, 8:20, 8:20, 8:20] += 0.6
         volumes.append(volume)
-    data = TuningSet(caches=[_Volumes(volumes)], volumes=volumes, labels=labels)  # type: ignore[list-item]
+    # A second task with too few positives for 5 folds gets no row.
+    rare = np.zeros_like(labels)
+    rare[:3] = 1
+    data = TuningSet(caches=[_Volumes(volumes)], volumes=volumes, labels={"cube": labels, "rare": rare})  # type: ignore[list-item]
     untrained = encoder_probe(data, [], steps=0, seed=0)
     trained = encoder_probe(data, ["train.mim_objective=mae", "train.batch_size=4"], steps=2, seed=0)
-    for row in (untrained, trained):
+    for by_task in (untrained, trained):
+        assert set(by_task) == {"cube"}
+        row = by_task["cube"]
         assert set(row) == {p.value for p in FeaturePooling} | {f"{p.value}_spread" for p in FeaturePooling}
         assert all(0.0 <= row[p.value] <= 1.0 and row[f"{p.value}_spread"] > 0 for p in FeaturePooling)
-    assert untrained["mean_patch"] > 0.9  # the cube is plain to see
+    assert untrained["cube"]["mean_patch"] > 0.9  # the cube is plain to see
     assert trained != untrained  # two steps changed the encoder
+
+
+def test_model_free_probes_give_one_row_per_task(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The script end to end on a tiny tuning set (2 sites x 7 scans at 16^3): a table row and a
+    JSON row for every label column; tasks with under 5 scans of a class say why they have no AUROC."""
+    import json
+
+    from ctfed.simulations.label_signal import main
+    from ctfed.simulations.synth import LABEL_COLUMNS
+
+    out = tmp_path / "signal"
+    argv = ["--out", str(out), "--seed", "1", "--sites", "2", "--scans-per-site", "7", "--size", "16", "--finding-scale", "3"]
+    assert main(argv) == 0
+    report = json.loads((out / "label_signal.json").read_text())
+    (run,) = report["runs"]
+    rows = {row["task"]: row for row in run["model_free"]}
+    assert list(rows) == list(LABEL_COLUMNS) and report["tasks"] == list(LABEL_COLUMNS)
+    probed = [row for row in rows.values() if row["skipped"] is None]
+    assert {"any", "infarct", "fracture"} <= {row["task"] for row in probed}  # >= 5 of each class at this seed
+    for row in rows.values():
+        assert row["scans"] == 14
+        if row["skipped"] is None:
+            assert all(0.0 <= row[f] <= 1.0 for f in ("raw_voxels", "window_histograms"))
+        else:
+            assert row["raw_voxels"] is None and "5-fold CV needs >= 5 of each" in row["skipped"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == list(LABEL_COLUMNS)

@@ -13,8 +13,15 @@ import SimpleITK as sitk
 from pydicom.uid import JPEGLosslessSV1
 
 from ctfed.common.config import ConfigError, load_run_config
-from ctfed.simulations.phantom import FINDINGS, head_phantom
-from ctfed.simulations.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, PROFILES, synthesize_federation, write_scan
+from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, head_phantom
+from ctfed.simulations.synth import (
+    BONE_RECONSTRUCTION,
+    LABEL_COLUMNS,
+    PROFILES,
+    scan_labels,
+    synthesize_federation,
+    write_scan,
+)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -147,3 +154,97 @@ def test_finding_scale_keeps_labels_and_identifiers(tmp_path: Path) -> None:
     a = pydicom.dcmread(first)
     b = pydicom.dcmread(scaled / first.relative_to(plain))
     assert (a.PatientID, a.SOPInstanceUID) == (b.PatientID, b.SOPInstanceUID)
+
+
+def _labels(site_dir: Path) -> list[dict[str, str]]:
+    with open(site_dir / "labels.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _pixels(site_dir: Path) -> dict[str, bytes]:
+    """Pixel data of every image of the site's series, keyed by its path under ``site_dir``."""
+    return {
+        p.relative_to(site_dir).as_posix(): pydicom.dcmread(p).PixelData
+        for files in _series_files(site_dir).values()
+        for p in files
+    }
+
+
+def test_labels_csv_has_every_task_and_any_means_any_haemorrhage(tmp_path: Path) -> None:
+    site_dir = synthesize_federation(tmp_path, sites=1, scans_per_site=3, seed=1)[0]
+    rows = _labels(site_dir)
+    assert list(rows[0]) == ["StudyInstanceUID", *FINDINGS, "any", *STRUCTURAL_FINDINGS]
+    for scan, row in enumerate(rows):
+        assert {k: int(v) for k, v in row.items() if k != "StudyInstanceUID"} == scan_labels(1, 0, scan)
+        assert int(row["any"]) == max(int(row[name]) for name in FINDINGS)
+
+
+def test_every_task_has_positives_and_negatives_at_the_default_prevalence() -> None:
+    rows = [scan_labels(0, site, scan) for site in range(3) for scan in range(40)]
+    for task in STRUCTURAL_FINDINGS:
+        positives = sum(row[task] for row in rows)
+        assert 0.2 * len(rows) <= positives <= 0.4 * len(rows), (task, positives)  # default 0.3
+    for task in LABEL_COLUMNS:
+        assert 0 < sum(row[task] for row in rows) < len(rows), task
+    # Independent draws: all five structural findings together are rare, not the rule.
+    assert sum(all(row[t] for t in STRUCTURAL_FINDINGS) for row in rows) <= 3
+
+
+def test_the_seed_changes_every_scan_and_its_labels(tmp_path: Path) -> None:
+    a = synthesize_federation(tmp_path / "a", 1, 2, seed=7)[0]
+    b = synthesize_federation(tmp_path / "b", 1, 2, seed=8)[0]
+    pixels_a, pixels_b = _pixels(a), _pixels(b)
+    assert pixels_a.keys() == pixels_b.keys()
+    for scan in range(2):
+        # Same index, other seed: another head in every slice.
+        slices = [k for k in pixels_a if k.startswith(f"study{scan:03d}_")]
+        assert len(slices) == 40 and all(pixels_a[k] != pixels_b[k] for k in slices)
+    # Label draws: 60 scans per site under each seed do not share their label table.
+    for site in range(3):
+        draws = {seed: [scan_labels(seed, site, scan) for scan in range(60)] for seed in (7, 8)}
+        assert draws[7] != draws[8]
+        for task in ("any", *STRUCTURAL_FINDINGS):
+            assert [r[task] for r in draws[7]] != [r[task] for r in draws[8]], (site, task)
+
+
+def test_a_prevalence_moves_only_its_own_finding() -> None:
+    never = {name: 0.0 for name in STRUCTURAL_FINDINGS}
+    for scan in range(30):
+        base = scan_labels(2, 1, scan, never)
+        always = scan_labels(2, 1, scan, {**never, "infarct": 1.0})
+        assert always["infarct"] == 1 and base["infarct"] == 0
+        assert {k: v for k, v in always.items() if k != "infarct"} == {k: v for k, v in base.items() if k != "infarct"}
+
+
+def test_zero_prevalence_leaves_the_pixels_of_scans_without_that_finding(tmp_path: Path) -> None:
+    """A scan's pose, haemorrhages and noise do not depend on the structural draws."""
+    profile = PROFILES[1]  # the smallest series (64 x 64 x 24)
+    labels = [scan_labels(0, 1, scan) for scan in range(12)]
+    without = next(k for k, row in enumerate(labels) if not any(row[t] for t in STRUCTURAL_FINDINGS))
+    with_one = next(k for k, row in enumerate(labels) if any(row[t] for t in STRUCTURAL_FINDINGS))
+    for scan, same in ((without, True), (with_one, False)):
+        write_scan(tmp_path / "none", profile, site=1, scan=scan, seed=0, structural_prevalence={})
+        _, findings = write_scan(tmp_path / "default", profile, site=1, scan=scan, seed=0)
+        assert set(findings) & set(STRUCTURAL_FINDINGS) == ({t for t in STRUCTURAL_FINDINGS if labels[scan][t]})
+    none, default = _pixels(tmp_path / "none"), _pixels(tmp_path / "default")
+    assert none.keys() == default.keys()
+    changed = {k.split("/")[-2] for k in none if none[k] != default[k]}
+    assert len(changed) == 1 and f"SE2_{with_one:03d}" in changed
+
+
+def test_sites_of_different_sizes(tmp_path: Path) -> None:
+    cfg = load_run_config(["synth.sites=2", "synth.scans_per_site_list=[1,2]"]).synth
+    small, large = synthesize_federation(tmp_path, cfg.sites, cfg.scan_counts, cfg.seed)
+    assert [len(_series_files(d)) for d in (small, large)] == [1, 2]
+    assert [len(_labels(d)) for d in (small, large)] == [1, 2]
+
+
+@pytest.mark.parametrize("override", ["synth.infarct_prevalence=1.5", "synth.atrophy_prevalence=-0.1"])
+def test_prevalence_must_be_a_chance(override: str) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", "\\.") + " must be in \\[0, 1\\]"):
+        load_run_config([override])
+
+
+def test_unknown_structural_finding_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown structural findings \\['stroke'\\]"):
+        synthesize_federation(tmp_path, 1, 1, seed=0, structural_prevalence={"stroke": 0.5})
