@@ -263,9 +263,9 @@ class MultiCrop3D:
     flip is along spatial axis 2. ``voxel_mm`` is the cached voxel size (z, y, x) in mm
     (``site_voxel_mm``): a crop of ``side`` voxels resized to ``out_size`` has voxels
     ``side / out_size`` times that, which is what turns the blur's sigma from mm into voxels.
-    Rotations and scales act on the voxel grid; with the cache's anisotropic voxels (a head
-    is longer than it is tall, both resized to the same side) a 10 degree rotation is off
-    a physical rotation by a small shear, which is within the views' own randomness.
+    Rotations and scales act on the voxel grid; the cache's voxels are anisotropic (the head's
+    box is not a cube, and the cache resizes it to one), so a 10 degree rotation is off a
+    physical rotation by a small shear, well within the views' own randomness.
     Randomness comes from one ``numpy.random.RandomState`` (what MONAI transforms accept),
     so ``reseed`` makes the crops of a round reproducible.
     """
