@@ -374,10 +374,14 @@ class MultiCrop3D:
 
     def _augment(self, crop: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         view = self.spatial(crop)
-        view = self._blur(view, voxel_mm)
-        view = self.intensity(view)
-        # A window clips: no jitter or noise takes a value outside [0, 1].
-        return convert_to_tensor(view, track_meta=False, dtype=torch.float32).clamp_(0.0, 1.0)
+        view = convert_to_tensor(self._blur(view, voxel_mm), track_meta=False, dtype=torch.float32)
+        # Voxels the window clipped (air at -1000 HU in every window, bone in the brain window) lie
+        # far outside it: a few % of window jitter or a few HU of noise leave them clipped, as
+        # re-windowing the scan would. (Noise on air would also hand MAE's per-patch normalised
+        # target pure noise to reconstruct.)
+        below, above = view <= 0.0, view >= 1.0
+        view = convert_to_tensor(self.intensity(view), track_meta=False, dtype=torch.float32).clamp_(0.0, 1.0)
+        return view.masked_fill_(below, 0.0).masked_fill_(above, 1.0)
 
     def _blur(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config

@@ -242,6 +242,20 @@ def test_local_crops_blur_in_their_own_voxel_size() -> None:
     assert sigmas == [(4.0, 4.0, 4.0), (4.0, 4.0, 4.0), (2.0, 2.0, 2.0)]
 
 
+def test_window_jitter_and_noise_leave_clipped_voxels_clipped() -> None:
+    """Air (0 in every window) and bone in the brain window (1) lie far outside the window: jitter
+    and noise move only what the window shows, as re-windowing the scan would."""
+    volume = torch.full((1, 8, 8, 8), 0.5)
+    volume[:, :, :, :2] = 0.0
+    volume[:, :, :, -2:] = 1.0
+    intensity = AugmentConfig(**{**NO_VIEWS, "window_prob": 1.0, "noise_prob": 1.0})
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, seed=2, augment=intensity)
+    for _ in range(10):
+        for view in crops(volume):
+            assert torch.all(view[:, :, :, :2] == 0.0) and torch.all(view[:, :, :, -2:] == 1.0)
+            assert not torch.allclose(view[:, :, :, 2:-2], volume[:, :, :, 2:-2])
+
+
 def test_every_view_is_reproducible_from_its_seed() -> None:
     volume = torch.rand(3, 16, 16, 16)
     every_view = AugmentConfig(flip_lr_prob=0.5, affine_prob=1.0, window_prob=1.0, noise_prob=1.0, blur_prob=1.0)
