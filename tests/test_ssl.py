@@ -436,3 +436,23 @@ def test_mae_loss_without_masked_patches_is_zero_and_keeps_the_graph() -> None:
     assert float(loss) == 0.0 and prediction.grad is not None and not prediction.grad.any()
     with pytest.raises(ValueError, match="bool mask"):
         MAELoss(patch_size=4)(prediction, torch.rand(2, 1, 8, 8, 8), torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_a_sites_voxel_size_and_views_reach_its_trainer() -> None:
+    from ctfed.client.train import LocalTrainer
+    from ctfed.common.config import ModelConfig, TrainConfig
+
+    class Cache(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(3, 32, 32, 32)
+
+        def cached_voxel_mm(self) -> tuple[float, float, float]:
+            return (5.0, 6.0, 7.0)
+
+    train = TrainConfig(augment=AugmentConfig(rotate_degrees=5.0))
+    trainer = LocalTrainer(ModelConfig(), train, Cache())
+    assert trainer.multicrop.voxel_mm == (5.0, 6.0, 7.0) and trainer.multicrop.config is train.augment
+    assert MultiCrop3D.site_voxel_mm(torch.utils.data.TensorDataset(torch.zeros(1))) is None
