@@ -29,7 +29,22 @@ Teacher policy (``train.teacher_on_new_global``):
 
 Local differential privacy (``dp=`` a LocalDPConfig): every optimizer step is per-volume
 DP-SGD on Poisson-sampled batches (``client/dp_sgd.py``); ``train.grad_clip`` is then
-replaced by the per-volume clipping, and the DINO/iBOT centres stay frozen.
+replaced by the per-volume clipping. The only difference from a plain step is how the
+gradient is formed (``_backward`` / ``_finish_gradients``); the loop is one.
+
+Centring under DP-SGD. DINO's and iBOT's centres are means of the teacher's outputs over
+batches of scans: a cross-sample statistic of private data outside the per-volume clipping.
+Updated from the site's batches, each volume would steer every other volume's target, and
+DP-SGD's sensitivity argument (one volume changes the summed gradient by at most the clip
+norm) would no longer hold. Frozen at zero (as before), DINO runs without centring and
+collapses. So under DP the centres are EMAs (``train.center_momentum``, every step) of the
+teacher's outputs on public reference heads (``common/reference.py``: analytic heads with
+a prepared cache's window statistics, rebuilt from a seed at every site). The teacher is an
+EMA of the noised student, i.e. post-processing of DP-SGD's releases, and the reference
+heads are data-independent, so the centres are post-processing too: they cost no epsilon
+and the ledger's accounting of DP-SGD stays exact. (Their catch: they centre on the
+reference heads' output, not the site's scans; a site whose scans look unlike a head CT
+after preprocessing gets a biased centre, never a privacy loss.)
 
 Either way a site's first global encoder also initialises its teacher encoder; the teacher
 head is always the EMA of this site's student head (heads never leave the site).
@@ -54,8 +69,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctfed.client.ledger import local_sample_rate
 from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, TrainConfig
-from ctfed.common.masking import sample_masks
+from ctfed.common.masking import random_keep, sample_masks
 from ctfed.common.model import SSLModel, build_teacher
+from ctfed.common.preprocess import input_stats_mismatch
+from ctfed.common.reference import reference_heads
 from ctfed.common.ssl import (
     DINOLoss,
     KoLeoLoss,
@@ -119,14 +136,22 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.seed = seed
 
+        mismatch = input_stats_mismatch(
+            getattr(dataset, "channel_stats", None), model_cfg.input_mean, model_cfg.input_std
+        )
+        if mismatch:
+            logger.warning(
+                "this site's cache does not look like the inputs model.input_mean/input_std standardise "
+                "(%s): check its preprocessing (windows) against the federation's", mismatch,
+            )
         self.mim_enabled = train_cfg.mim_weight > 0
         self.mae = self.mim_enabled and train_cfg.mim_objective is MIMObjective.mae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
             self.student = SSLModel(model_cfg, mae_decoder=self.mae).to(self.device)
-        # Without MIM the mask token is never used; frozen, it stays out of the optimizer and
-        # of DP-SGD (which needs a gradient for every trainable parameter).
-        self.student.encoder.mask_token.requires_grad_(self.mim_enabled)
+        # Only iBOT uses the encoder's mask token (MAE drops masked patches instead); unused,
+        # it is frozen, so it stays out of the optimizer and of DP-SGD.
+        self.student.encoder.mask_token.requires_grad_(self.mim_enabled and not self.mae)
         self.teacher = build_teacher(self.student).eval()
         self.student.train()
         self._teacher_synced = False
@@ -157,7 +182,7 @@ class LocalTrainer:
         undecayed = [params[n] for n in self._param_names if params[n].ndim <= 1 or n.endswith(".bias")]
         self.optimizer = torch.optim.AdamW(
             [{"params": decayed, "apply_wd": True}, {"params": undecayed, "apply_wd": False, "weight_decay": 0.0}],
-            lr=train_cfg.lr,
+            lr=train_cfg.scaled_lr,
             weight_decay=train_cfg.weight_decay,
         )
 
@@ -176,19 +201,22 @@ class LocalTrainer:
             self.dp = VolumeDPSGD(
                 self.student, self.optimizer, dp, local_sample_rate(train_cfg.batch_size, num_volumes), num_volumes
             )
-            # The centres are statistics of raw (unclipped, unnoised) teacher outputs.
-            self.loss_fn.center_momentum = 1.0
-            self.ibot_loss.center_momentum = 1.0
+            # Centres from public reference heads, never from the site's batches (module docstring).
+            self.loss_fn.center_from_batch = False
+            self.ibot_loss.center_from_batch = False
+            self._reference = reference_heads(train_cfg.dp_center_volumes, model_cfg.image_size, seed=train_cfg.seed)
 
-        total_steps = max(train_cfg.schedule_rounds, 1) * train_cfg.local_steps
-        warmup = min(train_cfg.warmup_steps, total_steps)
-        self.lr_schedule = cosine_schedule(train_cfg.lr, train_cfg.min_lr, total_steps, warmup)
+        total_steps = train_cfg.schedule_steps
+        self.lr_schedule = cosine_schedule(
+            train_cfg.scaled_lr, train_cfg.scaled_min_lr, total_steps, train_cfg.fraction_steps(train_cfg.warmup_fraction)
+        )
         self.wd_schedule = cosine_schedule(train_cfg.weight_decay, train_cfg.weight_decay_end, total_steps)
         self.momentum_schedule = cosine_schedule(
             train_cfg.teacher_momentum, train_cfg.teacher_momentum_end, total_steps
         )
+        self.freeze_last_layer_steps = train_cfg.fraction_steps(train_cfg.freeze_last_layer_fraction)
         # Linear warm-up, then constant (a "cosine" from a value to itself).
-        temp_warmup = train_cfg.teacher_temp_warmup_steps
+        temp_warmup = train_cfg.fraction_steps(train_cfg.teacher_temp_warmup_fraction)
         self.teacher_temp_schedule = cosine_schedule(
             train_cfg.teacher_temp, train_cfg.teacher_temp, max(temp_warmup, 1), temp_warmup,
             start_warmup=train_cfg.teacher_temp_warmup,
@@ -275,7 +303,12 @@ class LocalTrainer:
     # -- training -------------------------------------------------------------------------
 
     def train_round(self, round_index: int) -> RoundResult:
-        """Run ``train.local_steps`` optimizer steps; schedules follow the global step."""
+        """Run ``train.local_steps`` optimizer steps; schedules follow the global step.
+
+        Plain and DP-SGD steps share this loop; they differ only in the batches (shuffled
+        vs Poisson-sampled), in how the gradient is formed (``_backward``,
+        ``_finish_gradients``) and in where the centres come from (``_update_dp_centres``).
+        """
         if round_index < 0:
             raise ValueError(f"round_index must be >= 0, got {round_index}")
         started = time.perf_counter()
@@ -287,135 +320,115 @@ class LocalTrainer:
         self.multicrop.reseed(crop_seed)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
         if self.dp is not None:
-            return self._train_round_dp(
-                round_index, started, int(order_seed.generate_state(1)[0]), int(noise_seed.generate_state(1)[0]),
-                mask_generator,
-            )
-        batches = self._batches(int(order_seed.generate_state(1)[0]))
+            self.dp.reseed(int(noise_seed.generate_state(1)[0]))
+            batches = self._dp_batches(int(order_seed.generate_state(1)[0]))
+        else:
+            batches = self._batches(int(order_seed.generate_state(1)[0]))
 
-        losses: list[float] = []
-        dino_losses: list[float] = []
-        mim_losses: list[float] = []
-        koleo_losses: list[float] = []
-        num_examples = 0
-        data_seconds = 0.0
+        result = RoundResult(losses=[], num_examples=0, seconds=0.0, dp_steps=cfg.local_steps if self.dp else 0)
         for local_step in range(cfg.local_steps):
             step = round_index * cfg.local_steps + local_step
             self._apply_schedules(step)
             data_started = time.perf_counter()
             volumes = next(batches)
-            student_in, teacher_in = self._views(volumes)
-            data_seconds += time.perf_counter() - data_started
-
-            loss, dino, mim, koleo, _ = self._ssl_loss(student_in, teacher_in, mask_generator)
-            if cfg.proximal_mu > 0:
-                loss = loss + self._proximal_term()
-            self._check_finite(loss, dino, mim, round_index, local_step, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if step < cfg.freeze_last_layer_steps:
-                # No gradient means AdamW skips the prototypes entirely (no decay, no moments).
-                for param in self.student.head.last_layer.parameters():
-                    param.grad = None
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self._update_teacher(step)
-
-            losses.append(loss.item())
-            dino_losses.append(dino.item())
-            if mim is not None:
-                mim_losses.append(mim.item())
-            if koleo is not None:
-                koleo_losses.append(koleo.item())
-            num_examples += volumes.shape[0]
-
-        seconds = time.perf_counter() - started
-        logger.info(
-            "round %d: %d steps, %d volumes, loss %.4f -> %.4f%s, %.1fs",
-            round_index, cfg.local_steps, num_examples, losses[0], losses[-1],
-            f" ({self._mim_name} {mim_losses[0]:.4f} -> {mim_losses[-1]:.4f})" if mim_losses else "", seconds,
-        )
-        return RoundResult(
-            losses=losses,
-            num_examples=num_examples,
-            seconds=seconds,
-            dino_losses=dino_losses,
-            mim_losses=mim_losses,
-            koleo_losses=koleo_losses,
-            data_seconds=data_seconds,
-        )
-
-    def _train_round_dp(
-        self, round_index: int, started: float, order_seed: int, noise_seed: int, mask_generator: torch.Generator
-    ) -> RoundResult:
-        """One round of per-volume DP-SGD on Poisson-sampled batches (see client/dp_sgd.py)."""
-        assert self.dp is not None
-        cfg = self.train_cfg
-        self.dp.reseed(noise_seed)
-        batches = self.dp.poisson_batches(order_seed)
-        losses: list[float] = []
-        dino_losses: list[float] = []
-        mim_losses: list[float] = []
-        num_examples = 0
-        data_seconds = 0.0
-        for local_step in range(cfg.local_steps):
-            step = round_index * cfg.local_steps + local_step
-            self._apply_schedules(step)
-            self.dp.zero_grad()
-            data_started = time.perf_counter()
-            indices = next(batches)
-            if not indices:
-                data_seconds += time.perf_counter() - data_started
+            if volumes is not None:
+                student_in, teacher_in = self._views(volumes)
+            result.data_seconds += time.perf_counter() - data_started
+            if volumes is None:  # an empty Poisson batch: the step is noise only, as DP-SGD's analysis assumes
+                assert self.dp is not None
                 self.dp.empty_step_gradients()
             else:
-                volumes = torch.stack([self.dataset[i] for i in indices])
-                student_in, teacher_in = self._views(volumes)
-                data_seconds += time.perf_counter() - data_started
                 batch = volumes.shape[0]
-                crop_rows = torch.arange(student_in.shape[0]) % batch
-                # The encoder and DINO head see every crop; MAE's decoder only the global ones.
-                row_maps = [crop_rows, crop_rows[: teacher_in.shape[0]]]
-                loss, dino, mim, _, patch_rows = self._ssl_loss(student_in, teacher_in, mask_generator, with_rows=True)
-                if patch_rows is not None:
-                    row_maps.append(torch.cat([crop_rows, patch_rows % batch]))
+                loss, dino, mim, koleo, patch_rows = self._ssl_loss(
+                    student_in, teacher_in, mask_generator, with_rows=self.dp is not None
+                )
+                if cfg.proximal_mu > 0 and self.dp is None:
+                    loss = loss + self._proximal_term()
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
-                # The losses are means over the batch; their per-volume gradients are those of
-                # batch x loss, so clipping bounds each volume whatever the batch size.
-                with warnings.catch_warnings():
-                    # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    (loss * batch).backward()
-                self.dp.fold_rows_to_volumes(row_maps, batch)
-                losses.append(loss.item())
-                dino_losses.append(dino.item())
+                self._backward(loss, batch, student_in.shape[0], teacher_in.shape[0], patch_rows)
+                result.losses.append(loss.item())
+                result.dino_losses.append(dino.item())
                 if mim is not None:
-                    mim_losses.append(mim.item())
-                num_examples += batch
-            if not self.dp.clip_and_noise():
-                raise RuntimeError("DP optimizer skipped a step; every step must be noised and accounted")
-            if step < cfg.freeze_last_layer_steps:
-                for param in self.student.head.last_layer.parameters():
-                    param.grad = None
+                    result.mim_losses.append(mim.item())
+                if koleo is not None:
+                    result.koleo_losses.append(koleo.item())
+                result.num_examples += batch
+            self._finish_gradients(step)
             self.optimizer.step()
             self._update_teacher(step)
+            if self.dp is not None:
+                self._update_dp_centres(step)
 
-        seconds = time.perf_counter() - started
-        logger.info(
-            "round %d (DP-SGD, noise %.3g, clip %.3g): %d steps, %d volumes, %.1fs",
-            round_index, self.dp.dp.noise_multiplier, self.dp.dp.max_grad_norm, cfg.local_steps, num_examples, seconds,
+        result.seconds = time.perf_counter() - started
+        self._log_round(round_index, result)
+        if not result.losses:  # DP-SGD: every Poisson batch came out empty, nothing was measured
+            result.losses, result.dino_losses = [math.nan], [math.nan]
+        return result
+
+    def _backward(
+        self, loss: torch.Tensor, batch: int, student_rows: int, teacher_rows: int, patch_rows: torch.Tensor | None
+    ) -> None:
+        """Gradients of one batch: autograd's (plain) or per-volume sums of per-row ones (DP-SGD)."""
+        if self.dp is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return
+        self.dp.zero_grad()
+        # Student rows are crop-major (row r is volume r % batch), in one pass or, for MAE,
+        # two (masked global crops, whole local crops), whose per-row gradients Opacus sums
+        # row by row; the head also sees iBOT's selected patch tokens after the CLS rows.
+        crop_rows = torch.arange(max(student_rows, 2 * teacher_rows)) % batch
+        row_maps = [crop_rows[:n] for n in {student_rows, teacher_rows, student_rows - teacher_rows} if n > 0]
+        if patch_rows is not None:
+            row_maps.append(torch.cat([crop_rows[:student_rows], patch_rows % batch]))
+        # The losses are means over the batch; their per-volume gradients are those of
+        # batch x loss, so clipping bounds each volume whatever the batch size.
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            (loss * batch).backward()
+        self.dp.fold_rows_to_volumes(row_maps, batch)
+
+    def _finish_gradients(self, step: int) -> None:
+        """Clip (per volume and noise, under DP-SGD) and keep the prototypes fixed early on."""
+        if self.dp is not None and not self.dp.clip_and_noise():
+            raise RuntimeError("DP optimizer skipped a step; every step must be noised and accounted")
+        if step < self.freeze_last_layer_steps:
+            # No gradient means AdamW skips the prototypes entirely (no decay, no moments).
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+        if self.dp is None and self.train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
+
+    @torch.no_grad()
+    def _update_dp_centres(self, step: int) -> None:
+        """DP-SGD: one EMA step of both centres on the teacher's outputs for two public
+        reference heads (round robin), their patch tokens subsampled like iBOT's masks."""
+        count = min(2, len(self._reference))
+        first = (2 * step) % len(self._reference)
+        heads = self._reference[[(first + i) % len(self._reference) for i in range(count)]].to(self.device)
+        if self.mim_enabled and not self.mae:
+            grid = self.model_cfg.tokens_per_side
+            generator = torch.Generator().manual_seed(step)
+            select = torch.rand(count, grid**3, generator=generator) < 0.5
+            select[:, 0] |= ~select.any(dim=1)  # at least one token per head
+            cls_logits, patch_logits = self.teacher.forward_with_patches(heads, None, select.to(self.device))
+            self.ibot_loss.update_center(patch_logits)
+        else:
+            cls_logits = self.teacher(heads)
+        self.loss_fn.update_center(cls_logits)
+
+    def _log_round(self, round_index: int, result: RoundResult) -> None:
+        cfg = self.train_cfg
+        mode = "" if self.dp is None else (
+            f" (DP-SGD, noise {self.dp.dp.noise_multiplier:.3g}, clip {self.dp.dp.max_grad_norm:.3g})"
         )
-        if not losses:  # every Poisson batch came out empty: nothing was measured
-            losses = [math.nan]
-            dino_losses = [math.nan]
-        return RoundResult(
-            losses=losses,
-            num_examples=num_examples,
-            seconds=seconds,
-            dino_losses=dino_losses,
-            mim_losses=mim_losses,
-            data_seconds=data_seconds,
-            dp_steps=cfg.local_steps,
+        losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
+        mim = result.mim_losses
+        logger.info(
+            "round %d%s: %d steps, %d volumes%s%s, %.1fs",
+            round_index, mode, cfg.local_steps, result.num_examples, losses,
+            f" ({self._mim_name} {mim[0]:.4f} -> {mim[-1]:.4f})" if mim else "", result.seconds,
         )
 
     def _check_finite(
@@ -494,22 +507,28 @@ class LocalTrainer:
     def _dino_and_mae(
         self, student_in: torch.Tensor, teacher_in: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(DINO loss, MAE loss, student CLS embeddings): DINO on CLS, and the decoder
-        reconstructs the masked patches of the student's global crops from the same pass."""
-        cfg = self.train_cfg
-        grid = self.model_cfg.tokens_per_side
+        """(DINO loss, MAE loss, student CLS embeddings): MAE's random masking of every global
+        crop at ``train.mae_mask_ratio``, with the masked patches dropped from the encoder (only
+        the visible ones enter the blocks); the decoder reconstructs them from the visible
+        tokens, and DINO reads the same pass's CLS. Local crops, if any, go whole through a
+        second pass (a different token count), rows kept crop-major."""
         global_rows = teacher_in.shape[0]
-        global_masks = sample_masks(global_rows, grid, cfg.mask_ratio, cfg.mask_probability, generator).to(self.device)
-        student_mask = torch.cat([global_masks, global_masks.new_zeros(student_in.shape[0] - global_rows, grid**3)])
+        keep, global_masks = random_keep(
+            global_rows, self.model_cfg.tokens_per_side**3, self.train_cfg.mae_mask_ratio, generator
+        )
+        keep, global_masks = keep.to(self.device), global_masks.to(self.device)
         with torch.no_grad():
             teacher_cls = self.teacher(teacher_in)
-        tokens = self.student.encoder(student_in, student_mask)
-        dino = self.loss_fn(self.student.head(tokens[:, 0]), teacher_cls)
+        visible = self.student.encoder(teacher_in, None, keep)
+        student_cls = visible[:, 0]
+        if student_in.shape[0] > global_rows:
+            student_cls = torch.cat([student_cls, self.student.encoder(student_in[global_rows:])[:, 0]])
+        dino = self.loss_fn(self.student.head(student_cls), teacher_cls)
         assert self.student.decoder is not None
-        reconstruction = self.student.decoder(tokens[:global_rows, 1:])
+        reconstruction = self.student.decoder(visible[:, 1:], keep)
         # The target is the global crop as the teacher saw it: unmasked (masking acts on tokens).
         mim = self.mae_loss(reconstruction, teacher_in, global_masks)
-        return dino, mim, tokens[:, 0]
+        return dino, mim, student_cls
 
     def _update_teacher(self, step: int) -> None:
         """EMA of the student's encoder and DINO head (MAE's decoder has no teacher)."""
@@ -527,7 +546,7 @@ class LocalTrainer:
         self.loss_fn.teacher_temp = teacher_temp
         self.ibot_loss.teacher_temp = teacher_temp
 
-    def _batches(self, seed: int) -> Iterator[torch.Tensor]:
+    def _batches(self, seed: int) -> Iterator[torch.Tensor | None]:
         """Shuffled batches of volumes, epoch after epoch, for as many steps as asked."""
         generator = torch.Generator().manual_seed(seed)
         batch_size = self.train_cfg.batch_size
@@ -541,6 +560,12 @@ class LocalTrainer:
         )
         while True:
             yield from loader
+
+    def _dp_batches(self, seed: int) -> Iterator[torch.Tensor | None]:
+        """DP-SGD's Poisson-sampled batches (None where a batch came out empty)."""
+        assert self.dp is not None
+        for indices in self.dp.poisson_batches(seed):
+            yield torch.stack([self.dataset[i] for i in indices]) if indices else None
 
     def _views(self, volumes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop-major student input (all crops) and teacher input (the 2 global crops)."""

@@ -64,4 +64,8 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig
         raise ValueError(f"checkpoint {weights} is unreadable: {err}") from None
     if state_digest(state) != card.get("sha256"):
         raise ValueError(f"checkpoint {weights} does not match the hash in its card")
-    return state, to_section(ModelConfig, card["model"]), card
+    model = dict(card["model"])
+    if "input_mean" not in model:  # written before the encoder standardised its inputs
+        channels = int(model.get("in_channels", 3))
+        model.update(input_mean=[0.0] * channels, input_std=[1.0] * channels)
+    return state, to_section(ModelConfig, model), card

@@ -92,8 +92,24 @@ class ModelConfig:
     decoder_hidden: int = 48
     decoder_layers: int = 1
     decoder_heads: int = 3
+    # Per-channel standardisation of the [0, 1] window channels, (x - mean) / std, as the
+    # encoder's first step (MAE/DINO standardise their inputs too). Without it the patch content
+    # is a fraction of the fixed sin-cos position table and the untrained encoder maps every scan
+    # to nearly the same features. Defaults: the brain/subdural/bone channels of head CT after
+    # FM-CT's preprocessing (measured on ctfed's synthetic heads; `ctfed prepare` records a
+    # cache's own figures in its manifest and warns the site when they are far from these).
+    # They belong to the model: checkpoints carry them, so fine-tuning and inference agree.
+    input_mean: list[float] = field(default_factory=lambda: [0.32, 0.25, 0.20])
+    input_std: list[float] = field(default_factory=lambda: [0.33, 0.30, 0.19])
 
     def __post_init__(self) -> None:
+        if len(self.input_mean) != self.in_channels or len(self.input_std) != self.in_channels:
+            raise ConfigError(
+                f"model.input_mean and model.input_std need one value per input channel "
+                f"(model.in_channels={self.in_channels}), got {list(self.input_mean)} and {list(self.input_std)}"
+            )
+        if any(not std > 0 for std in self.input_std):
+            raise ConfigError(f"model.input_std must be > 0 for every channel, got {list(self.input_std)}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size ({self.image_size}) must be a multiple of "
@@ -304,12 +320,18 @@ class TrainConfig:
 
     local_steps: int = 4
     batch_size: int = 2
+    # Base learning rate per lr_reference_batch volumes: AdamW runs at
+    # lr * batch_size / lr_reference_batch (DINO's linear scaling rule, 5e-4 per 256). At a
+    # site's small batches an unscaled 5e-4 lets the student reach the teacher's still
+    # input-independent target within a few steps.
     lr: float = 5e-4
+    lr_reference_batch: int = 256
     weight_decay: float = 0.04
     grad_clip: float = 3.0
     teacher_momentum: float = 0.994
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
+    # Teacher temperature after its warm-up (DINO's 0.07; sharper early, see teacher_temp_warmup).
+    teacher_temp: float = 0.07
     center_momentum: float = 0.9
     global_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     local_crop_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
@@ -320,8 +342,9 @@ class TrainConfig:
     min_lr: float = 1e-6
     weight_decay_end: float = 0.4
     teacher_momentum_end: float = 1.0
-    # Linear LR warm-up length in global steps.
-    warmup_steps: int = 0
+    # Linear LR warm-up over this share of the schedule horizon (schedule_rounds x local_steps;
+    # DINO: 10 of 100 epochs).
+    warmup_fraction: float = 0.1
     # Rounds the schedules span; 0: RunConfig fills in federation.rounds (one round if used alone).
     schedule_rounds: int = 0
     # What a site's EMA teacher encoder does when a new global encoder arrives:
@@ -335,17 +358,26 @@ class TrainConfig:
     # MAE: reconstruct each patch normalised by its own mean and std (MAE's norm_pix_loss,
     # which gives better features than raw voxels).
     mae_norm_pix_loss: bool = True
-    # iBOT/DINOv2 masking of the student's global crops: this fraction of them is masked,
-    # each at a ratio drawn from [low, high]; the others (and all local crops) stay whole.
+    # iBOT/DINOv2 block masking of the student's global crops (iBOT objective only): this
+    # fraction of them is masked, each at a ratio drawn from [low, high]; the others (and all
+    # local crops) stay whole.
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
-    # DINO keeps the prototypes fixed at first: a moving last layer early on lets the
-    # student chase a target that is still random (global steps; 0: off).
-    freeze_last_layer_steps: int = 0
-    # Teacher temperature warm-up: linear from teacher_temp_warmup to teacher_temp over
-    # this many global steps (0: off). A softer early teacher avoids early collapse.
+    # MAE objective: every global crop hides this share of its patches (random, MAE's 75%),
+    # and the encoder drops them (only visible tokens enter the blocks: cheaper per step).
+    mae_mask_ratio: float = 0.75
+    # DINO keeps the prototypes fixed at first: a moving last layer early on lets the student
+    # chase a target that is still random. Share of the schedule horizon (DINO: 1 of 100 epochs).
+    freeze_last_layer_fraction: float = 0.01
+    # Teacher temperature warm-up: linear from teacher_temp_warmup to teacher_temp over this
+    # share of the schedule horizon (DINO: 0.04 -> 0.07 over 30 epochs). A sharp early teacher
+    # keeps the student from the uniform output that centring alone would lead to.
     teacher_temp_warmup: float = 0.04
-    teacher_temp_warmup_steps: int = 0
+    teacher_temp_warmup_fraction: float = 0.3
+    # Local DP-SGD only: the DINO and iBOT centres are EMAs of the teacher's outputs on this
+    # many public synthetic head volumes (common/reference.py), not on the site's scans, so
+    # they cost no privacy (client/train.py says why).
+    dp_center_volumes: int = 8
     # FedProx: mu/2 * ||w - w_global||^2 on the student encoder keeps a site near the
     # global model when site data differ (0: off; federation.strategy=fedprox needs > 0).
     proximal_mu: float = 0.0
@@ -365,6 +397,8 @@ class TrainConfig:
             raise ConfigError("train.batch_size must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if self.lr_reference_batch < 1:
+            raise ConfigError(f"train.lr_reference_batch must be >= 1, got {self.lr_reference_batch}")
         if not 0.0 <= self.teacher_momentum <= 1.0:
             raise ConfigError("train.teacher_momentum must be in [0, 1]")
         for name in ("global_crop_scale", "local_crop_scale"):
@@ -383,8 +417,13 @@ class TrainConfig:
             raise ConfigError("train.student_temp and train.teacher_temp must be > 0")
         if not 0.0 <= self.center_momentum <= 1.0:
             raise ConfigError("train.center_momentum must be in [0, 1]")
-        if self.warmup_steps < 0:
-            raise ConfigError("train.warmup_steps must be >= 0")
+        for name in ("warmup_fraction", "freeze_last_layer_fraction", "teacher_temp_warmup_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1] (a share of the schedule), got {getattr(self, name)}")
+        if not 0.0 <= self.mae_mask_ratio < 1.0:
+            raise ConfigError(f"train.mae_mask_ratio must be in [0, 1), got {self.mae_mask_ratio}")
+        if self.dp_center_volumes < 1:
+            raise ConfigError(f"train.dp_center_volumes must be >= 1, got {self.dp_center_volumes}")
         if self.schedule_rounds < 0:
             raise ConfigError("train.schedule_rounds must be >= 0 (0: federation.rounds)")
         if self.teacher_on_new_global not in ("reset", "keep"):
@@ -401,14 +440,30 @@ class TrainConfig:
             )
         if not 0.0 <= self.mask_probability <= 1.0:
             raise ConfigError(f"train.mask_probability must be in [0, 1], got {self.mask_probability}")
-        if self.freeze_last_layer_steps < 0 or self.teacher_temp_warmup_steps < 0:
-            raise ConfigError("train.freeze_last_layer_steps and train.teacher_temp_warmup_steps must be >= 0")
         if self.teacher_temp_warmup <= 0:
             raise ConfigError("train.teacher_temp_warmup must be > 0")
         if self.koleo_weight < 0:
             raise ConfigError(f"train.koleo_weight must be >= 0, got {self.koleo_weight}")
         if self.koleo_weight > 0 and self.batch_size < 2:
             raise ConfigError("train.koleo_weight > 0 needs train.batch_size >= 2 (a nearest neighbour in the batch)")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The horizon every schedule spans, in global steps."""
+        return max(self.schedule_rounds, 1) * self.local_steps
+
+    @property
+    def scaled_lr(self) -> float:
+        """The peak learning rate AdamW runs at (linear scaling with the batch)."""
+        return self.lr * self.batch_size / self.lr_reference_batch
+
+    @property
+    def scaled_min_lr(self) -> float:
+        return self.min_lr * self.batch_size / self.lr_reference_batch
+
+    def fraction_steps(self, fraction: float) -> int:
+        """A share of the schedule horizon in whole global steps."""
+        return int(round(fraction * self.schedule_steps))
 
 
 # How much of the pretrained encoder a downstream fine-tune may change:

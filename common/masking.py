@@ -139,3 +139,26 @@ def sample_masks(
     for row, lo, hi in zip(rows, edges[:-1], edges[1:]):
         masks[row] = block_mask_3d(grid, _uniform(generator, lo, hi), generator, min_block, max_aspect)
     return masks
+
+
+def random_keep(
+    batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's random masking: every row hides exactly ``round(mask_ratio * num_patches)``
+    patches (at least one stays visible). Returns ``keep`` (B, V) long, the visible patch
+    indices in ascending order, and ``mask`` (B, N) bool, True where hidden.
+
+    The count is the same in every row, so the visible tokens of a batch form one tensor
+    and the encoder can drop the hidden ones (``ViTEncoder(keep=...)``).
+    """
+    if not 0 <= mask_ratio < 1 or num_patches < 1 or batch < 0:
+        raise ValueError(
+            f"random_keep needs 0 <= mask_ratio < 1, num_patches >= 1, batch >= 0; "
+            f"got {mask_ratio}, {num_patches}, {batch}"
+        )
+    visible = max(1, num_patches - round(mask_ratio * num_patches))
+    noise = torch.rand(batch, num_patches, generator=generator)
+    keep = noise.argsort(dim=1)[:, :visible].sort(dim=1).values
+    mask = torch.ones(batch, num_patches, dtype=torch.bool)
+    mask.scatter_(1, keep, False)
+    return keep, mask

@@ -62,6 +62,21 @@ class MaskToken(nn.Module):
         return torch.where(mask.unsqueeze(-1), self.token.to(tokens.dtype), tokens)
 
 
+class DroppedPatchFill(nn.Module):
+    """MAE's decoder input: (B, V) visible tokens scattered back onto the N-patch grid, every
+    dropped patch holding one learnable token. ``keep`` is positional, for Opacus' hooks."""
+
+    def __init__(self, hidden_size: int, num_patches: int) -> None:
+        super().__init__()
+        self.num_patches = num_patches
+        self.token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        nn.init.trunc_normal_(self.token, std=INIT_STD)
+
+    def forward(self, visible: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        grid = self.token.to(visible.dtype).expand(visible.shape[0], self.num_patches, -1)
+        return grid.scatter(1, keep.unsqueeze(-1).expand(-1, -1, visible.shape[-1]), visible)
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer whose weight rows are L2-normalised in every forward.
 
@@ -107,6 +122,16 @@ def register_dp_grad_samplers() -> None:
         # The token is shared by every masked position, so its gradient is their sum.
         return {layer.token: (backprops * mask).sum(dim=1)[:, None, None, :]}
 
+    @register_grad_sampler(DroppedPatchFill)
+    def _dropped_fill_grad_sample(
+        layer: DroppedPatchFill, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        if not layer.token.requires_grad:
+            return {}
+        dropped = torch.ones(backprops.shape[:2], dtype=backprops.dtype, device=backprops.device)
+        dropped.scatter_(1, activations[1], 0.0)
+        return {layer.token: (backprops * dropped.unsqueeze(-1)).sum(dim=1)[:, None, None, :]}
+
 
 def _init_linear_and_norm(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
@@ -147,15 +172,34 @@ class ViTEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.hidden_size)
         self.blocks.apply(_init_linear_and_norm)
+        # MAE's patch-embedding initialisation (the conv as one linear layer, Xavier-uniform):
+        # torch's default conv init gives patch content a third of the position table's size.
+        conv = self.patch_embedding.patch_embeddings
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(conv.bias)
+        # Fixed, from the model config: buffers outside the state dict, so nothing new travels.
+        shape = (1, cfg.in_channels, 1, 1, 1)
+        self.register_buffer("input_mean", torch.tensor(cfg.input_mean).view(shape), persistent=False)
+        self.register_buffer("input_std", torch.tensor(cfg.input_std).view(shape), persistent=False)
         for block in self.blocks:
             # MONAI always builds this LayerNorm but only uses it with cross-attention (off
             # here). A trainable parameter that never gets a gradient breaks DP-SGD, whose
             # optimizer expects a per-sample gradient for every trainable parameter.
             block.norm_cross_attn.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode volumes (B, C, S, S, S); ``mask`` (B, N) bool marks patches to hide."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Encode volumes (B, C, S, S, S) in [0, 1] (standardised here).
+
+        ``mask`` (B, N) bool swaps the marked patches for the mask token (iBOT). ``keep``
+        (B, V) long drops every other patch instead (MAE): only the V listed patch tokens,
+        with their positions, enter the blocks, and the output is (B, 1 + V, hidden) in
+        ``keep``'s order. Without ``keep`` it is the whole sequence (B, 1 + N, hidden): index 0
+        is CLS, then the patch tokens in the conv's (depth, height, width) raster order.
+        """
         embed = self.patch_embedding
+        x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         tokens = embed.patch_embeddings(x).flatten(2).transpose(1, 2)
         if tokens.shape[1] != self.num_patches:
             raise ValueError(
@@ -170,6 +214,10 @@ class ViTEncoder(nn.Module):
                 )
             tokens = self.mask_token(tokens, mask)
         tokens = embed.dropout(tokens + embed.position_embeddings)
+        if keep is not None:
+            if keep.dtype != torch.long or keep.ndim != 2 or keep.shape[0] != tokens.shape[0]:
+                raise ValueError(f"keep must be a (B, V) long tensor, got {keep.dtype} {tuple(keep.shape)}")
+            tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         tokens = self.cls_token(tokens)
         for block in self.blocks:
             tokens = block(tokens)
@@ -203,17 +251,18 @@ class DINOHead(nn.Module):
 
 
 class MAEDecoder(nn.Module):
-    """MAE's decoder: the encoder's patch tokens (B, N, hidden) -> each patch's voxels (B, N, C * p^3).
+    """MAE's decoder: the encoder's visible patch tokens -> every patch's voxels (B, N, C * p^3).
 
-    As in MAE, narrower than the encoder, with its own fixed sin-cos positions. The encoder
-    here keeps masked patches as mask tokens (iBOT, SimMIM) instead of dropping them, so
-    the decoder sees the whole grid and needs no mask tokens of its own.
+    As in MAE: narrower than the encoder, its own fixed sin-cos positions, and its own mask
+    token for the patches the encoder dropped (``keep`` lists the visible ones). Given the
+    whole grid (``keep`` None) it needs no mask token.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         grid = cfg.tokens_per_side
         self.embed = nn.Linear(cfg.hidden_size, cfg.decoder_hidden)
+        self.fill = DroppedPatchFill(cfg.decoder_hidden, grid**3)
         # Fixed, so a buffer outside the state dict: nothing to send, train or restore.
         positions = build_sincos_position_embedding([grid] * 3, cfg.decoder_hidden, spatial_dims=3)
         self.register_buffer("position_embeddings", positions.detach().clone(), persistent=False)
@@ -227,8 +276,11 @@ class MAEDecoder(nn.Module):
         self.predict = nn.Linear(cfg.decoder_hidden, cfg.in_channels * cfg.patch_size**3)
         self.apply(_init_linear_and_norm)
 
-    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(patch_tokens) + self.position_embeddings.to(patch_tokens.dtype)
+    def forward(self, patch_tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.embed(patch_tokens)
+        if keep is not None:
+            tokens = self.fill(tokens, keep)
+        tokens = tokens + self.position_embeddings.to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens)
         return self.predict(self.norm(tokens))

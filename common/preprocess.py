@@ -225,6 +225,10 @@ def _process(job: _Job) -> dict[str, Any]:
         "hu_min": round(float(hu.min()), 2),
         "hu_max": round(float(hu.max()), 2),
         "hu_mean": round(float(hu.mean()), 2),
+        # Per window channel: mean and mean square of the cached voxels, pooled into the
+        # manifest's channel_stats (what the model's input standardisation is checked against).
+        "channel_mean": [round(float(c.mean()), 6) for c in tensor.astype(np.float32)],
+        "channel_sq_mean": [round(float(np.square(c).mean()), 6) for c in tensor.astype(np.float32)],
         "slice_count": volume.slice_count,
         "notes": volume.warnings,
         "label": job.label,
@@ -354,10 +358,12 @@ def prepare(
     cached = 0
 
     def write_manifest() -> None:
+        series = [entries[k] for k in sorted(entries)]
         write_json_atomic(manifest_path, {
             "format": FORMAT,
             "preprocessing": plan,
-            "series": [entries[k] for k in sorted(entries)],
+            "channel_stats": channel_stats(series),
+            "series": series,
             "rejected": [asdict(r) for r in rejected],
         })
 
@@ -511,6 +517,34 @@ def _report(
     return "\n".join(lines) + "\n"
 
 
+def channel_stats(entries: list[dict[str, Any]]) -> dict[str, list[float]] | None:
+    """Per-channel mean and std over a cache's volumes (every volume weighs the same), from
+    the entries' channel means and mean squares; None if no entry has them (older caches)."""
+    rows = [e for e in entries if e.get("channel_mean") and e.get("channel_sq_mean")]
+    if not rows:
+        return None
+    mean = np.mean([e["channel_mean"] for e in rows], axis=0)
+    sq_mean = np.mean([e["channel_sq_mean"] for e in rows], axis=0)
+    std = np.sqrt(np.maximum(sq_mean - mean**2, 0.0))
+    return {"mean": [round(float(m), 4) for m in mean], "std": [round(float(v), 4) for v in std], "volumes": len(rows)}
+
+
+def input_stats_mismatch(
+    stats: dict[str, Any] | None, model_mean: list[float], model_std: list[float], tolerance: float = 0.5
+) -> str | None:
+    """Why a cache's channel statistics do not fit a model's input standardisation (a channel
+    mean more than ``tolerance`` model stds away, or a std off by more than a factor 2), else None."""
+    if not stats:
+        return None
+    if len(stats["mean"]) != len(model_mean):
+        return f"the cache has {len(stats['mean'])} channels, the model standardises {len(model_mean)}"
+    problems = []
+    for channel, (mean, std, m_mean, m_std) in enumerate(zip(stats["mean"], stats["std"], model_mean, model_std)):
+        if abs(mean - m_mean) > tolerance * m_std or not 0.5 <= std / m_std <= 2.0:
+            problems.append(f"channel {channel}: mean {mean:.3f} / std {std:.3f} vs the model's {m_mean:.3f} / {m_std:.3f}")
+    return "; ".join(problems) or None
+
+
 def volume_path(volumes_dir: Path, entry: dict[str, Any], manifest: Path) -> Path:
     """Where an entry's volume lives: its ``file`` under ``volumes_dir``, which it may not leave
     (a manifest must not make a site read files outside its cache or pool)."""
@@ -535,6 +569,7 @@ class CachedVolumes(torch.utils.data.Dataset):
         if not self.entries:
             raise ValueError(f"the cache in {self.cache_dir} holds no series (see its {REPORT})")
         self.preprocessing: dict[str, Any] = data.get("preprocessing", {})
+        self.channel_stats: dict[str, Any] | None = data.get("channel_stats") or channel_stats(self.entries)
         self.labels: list[dict[str, Any] | None] = [e.get("label") for e in self.entries]
         volumes_dir = Path(data[VOLUMES_DIR_FIELD]) if data.get(VOLUMES_DIR_FIELD) else self.cache_dir
         self.volume_paths = [volume_path(volumes_dir, entry, manifest) for entry in self.entries]

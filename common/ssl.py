@@ -53,6 +53,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.center_momentum = center_momentum
+        # False: the owner updates the centre itself (local DP-SGD: from public reference heads).
+        self.center_from_batch = True
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,8 @@ class DINOLoss(nn.Module):
                     continue
                 total = total + torch.sum(-target * F.log_softmax(view, dim=-1), dim=-1).mean()
                 pairs += 1
-        self.update_center(teacher_output)
+        if self.center_from_batch:
+            self.update_center(teacher_output)
         return total / pairs
 
     @torch.no_grad()
@@ -105,6 +108,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.center_momentum = center_momentum
+        self.center_from_batch = True  # as in DINOLoss
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
         per_token = torch.sum(-target * F.log_softmax(student_logits / self.student_temp, dim=-1), dim=-1)
         # Each masked token weighs 1 / (masked tokens of its sample): a per-sample mean.
         weights = (1.0 / mask.sum(dim=1).clamp(min=1)).unsqueeze(1).expand_as(mask)[mask]
-        self.update_center(teacher_logits)
+        if self.center_from_batch:
+            self.update_center(teacher_logits)
         return (per_token * weights).sum() / mask.shape[0]
 
     @torch.no_grad()

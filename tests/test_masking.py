@@ -90,3 +90,18 @@ def test_bad_arguments_are_clear_errors() -> None:
         sample_masks(2, 4, (0.5, 0.1))
     with pytest.raises(ValueError, match="mask_probability"):
         sample_masks(2, 4, (0.1, 0.5), 2.0)
+
+
+def test_random_keep_hides_the_same_count_in_every_row() -> None:
+    from ctfed.common.masking import random_keep
+
+    keep, mask = random_keep(5, 64, 0.75, torch.Generator().manual_seed(0))
+    assert keep.shape == (5, 16) and keep.dtype == torch.long and mask.shape == (5, 64)
+    assert (mask.sum(dim=1) == 48).all()
+    for row in range(5):
+        assert torch.equal(keep[row], (~mask[row]).nonzero().flatten())  # ascending, the visible ones
+    again, _ = random_keep(5, 64, 0.75, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)
+    assert random_keep(2, 8, 0.99)[0].shape == (2, 1)  # one patch always stays visible
+    with pytest.raises(ValueError, match="mask_ratio"):
+        random_keep(2, 8, 1.0)

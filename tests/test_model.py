@@ -174,3 +174,68 @@ def test_forward_with_patches_shares_the_head_between_cls_and_selected_tokens(mo
     assert patch_logits.shape == (int(select.sum()), CFG.head_prototypes)
     with pytest.raises(ValueError, match="select"):
         model.forward_with_patches(x, mask, torch.zeros(4, N, dtype=torch.bool))
+
+
+def test_dropping_patches_equals_attending_to_the_visible_ones_only() -> None:
+    """MAE's token dropping: with every patch kept the encoder is unchanged; with some
+    dropped, the decoder puts its own token where they were."""
+    from ctfed.common.masking import random_keep
+
+    torch.manual_seed(0)
+    student = SSLModel(CFG, mae_decoder=True).eval()
+    x = _volumes(2)
+    everything = torch.arange(N).expand(2, -1)
+    assert torch.allclose(student.encoder(x, None, everything), student.encoder(x), atol=1e-5)
+    assert student.decoder is not None
+    tokens = student.encoder(x)[:, 1:]
+    assert torch.allclose(student.decoder(tokens, everything), student.decoder(tokens), atol=1e-5)
+    keep, _ = random_keep(2, N, 0.75, torch.Generator().manual_seed(1))
+    visible = student.encoder(x, None, keep)
+    assert visible.shape == (2, 1 + keep.shape[1], CFG.hidden_size)
+    assert student.decoder(visible[:, 1:], keep).shape == (2, N, CFG.in_channels * CFG.patch_size**3)
+
+
+def _content_to_position(encoder: ViTEncoder, x: torch.Tensor) -> float:
+    """Across-scan RMS of the patch content over the RMS of the position table."""
+    with torch.no_grad():
+        embed = encoder.patch_embedding
+        content = embed.patch_embeddings((x - encoder.input_mean) / encoder.input_std).flatten(2)
+        return float(content.std(dim=0).pow(2).mean().sqrt() / embed.position_embeddings.pow(2).mean().sqrt())
+
+
+def test_standardised_inputs_make_content_comparable_to_position() -> None:
+    """At initialisation the patch content must not drown in the fixed sin-cos table, or every
+    scan gets nearly the same features (the defect: [0, 1] inputs and torch's conv init)."""
+    from ctfed.common.reference import reference_heads
+
+    heads = reference_heads(8, CFG.image_size, seed=3)
+    torch.manual_seed(0)
+    encoder = ViTEncoder(CFG)
+    assert _content_to_position(encoder, heads) > 0.4
+    # The inputs the encoder sees are standardised by the model's own statistics ...
+    shifted = ViTEncoder(ModelConfig(input_mean=[0.0] * 3, input_std=[1.0] * 3))
+    shifted.load_state_dict(encoder.state_dict())
+    std = torch.tensor(CFG.input_std).view(1, 3, 1, 1, 1)
+    mean = torch.tensor(CFG.input_mean).view(1, 3, 1, 1, 1)
+    assert torch.allclose(encoder(heads), shifted((heads - mean) / std), atol=1e-5)
+    # ... and without them (and with torch's default conv init) content is a tenth of position.
+    old = ViTEncoder(ModelConfig(input_mean=[0.0] * 3, input_std=[1.0] * 3))
+    torch.nn.Conv3d.reset_parameters(old.patch_embedding.patch_embeddings)
+    assert _content_to_position(old, heads) < 0.15
+    with pytest.raises(Exception, match="input_mean"):
+        ModelConfig(in_channels=1)
+
+
+def test_checkpoint_written_before_standardisation_loads_unstandardised(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
+
+    encoder = ViTEncoder(CFG)
+    weights = save_checkpoint(tmp_path / "old", encoder.state_dict(), CFG, kind="global-encoder")
+    card_path = weights.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    del card["model"]["input_mean"], card["model"]["input_std"]
+    card_path.write_text(json.dumps(card))
+    _, model, _ = load_checkpoint(weights)
+    assert model.input_mean == [0.0] * 3 and model.input_std == [1.0] * 3

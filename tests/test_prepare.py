@@ -181,6 +181,12 @@ def test_cached_volumes_dataset(federation: list[Path], tmp_path: Path) -> None:
     item = dataset[1]
     assert isinstance(item, torch.Tensor) and item.dtype == torch.float32
     assert item.shape == (3, SIZE, SIZE, SIZE)
+    # The manifest's per-channel statistics are those of the cached voxels (volumes weigh alike).
+    volumes = torch.stack([dataset[i] for i in range(len(dataset))])
+    stats = json.loads((tmp_path / "manifest.json").read_text())["channel_stats"]
+    assert stats == dataset.channel_stats and stats["volumes"] == 2
+    assert stats["mean"] == pytest.approx(volumes.mean(dim=(0, 2, 3, 4)).tolist(), abs=1e-3)
+    assert stats["std"] == pytest.approx(volumes.std(dim=(0, 2, 3, 4), correction=0).tolist(), abs=1e-3)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "manifest.json").write_text(json.dumps({"format": 1, "series": [], "rejected": []}))

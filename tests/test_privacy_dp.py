@@ -57,7 +57,8 @@ class RandomVolumes(Dataset):
 
 
 def _train_cfg(**overrides: object) -> TrainConfig:
-    values = dict(local_steps=2, batch_size=2, schedule_rounds=3, num_local_crops=1)
+    # lr_reference_batch = batch: the unscaled LR, so a step moves the weights well past float noise.
+    values = dict(local_steps=2, batch_size=2, schedule_rounds=3, num_local_crops=1, lr_reference_batch=2)
     values.update(overrides)
     return TrainConfig(**values)  # type: ignore[arg-type]
 
@@ -138,11 +139,28 @@ def test_per_volume_clipping_bounds_each_volume(mim_weight: float, mim_objective
         assert summed <= batch * clip * (1 + 1e-3)
 
 
-def test_dp_sgd_freezes_the_loss_centres() -> None:
+def test_dp_sgd_centres_move_but_never_read_the_sites_scans() -> None:
+    """DINO without centring collapses, so DP-SGD must centre; but a centre from the site's own
+    batches would couple every volume's target to every other volume, outside the clipping."""
     trainer = _dp_trainer()
     trainer.train_round(0)
-    assert torch.count_nonzero(trainer.loss_fn.center) == 0
-    assert torch.count_nonzero(trainer.ibot_loss.center) == 0
+    for center in (trainer.loss_fn.center, trainer.ibot_loss.center):
+        assert torch.count_nonzero(center) > 0 and torch.isfinite(center).all()
+    # The losses no longer update their centres from a batch under DP-SGD ...
+    before = trainer.loss_fn.center.clone()
+    ncrops = trainer.multicrop.num_crops
+    trainer.loss_fn(torch.randn(ncrops * 2, MODEL.head_prototypes), torch.randn(4, MODEL.head_prototypes) * 10)
+    assert torch.equal(trainer.loss_fn.center, before)
+    # ... and the centre step gives the same centres whatever the site holds: sites with other
+    # scans, the same teacher and centres, end up with identical centres.
+    other = LocalTrainer(MODEL, _train_cfg(), RandomVolumes(seed=99), seed=5, dp=LocalDPConfig())
+    other.teacher.load_state_dict(trainer.teacher.state_dict())
+    for mine, theirs in ((trainer.loss_fn, other.loss_fn), (trainer.ibot_loss, other.ibot_loss)):
+        theirs.center.copy_(mine.center)
+    trainer._update_dp_centres(7)
+    other._update_dp_centres(7)
+    assert torch.equal(trainer.loss_fn.center, other.loss_fn.center)
+    assert torch.equal(trainer.ibot_loss.center, other.ibot_loss.center)
 
 
 # -- site ledger, restarts, budget ----------------------------------------------------------

@@ -176,7 +176,8 @@ def test_loss_weights_scale_the_parts() -> None:
 
 
 def test_last_layer_stays_fixed_for_the_first_steps() -> None:
-    trainer = _trainer(freeze_last_layer_steps=3)  # local_steps = 2: rounds 0 and 1 overlap it
+    # 3 of the 6-step horizon (local_steps 2 x schedule_rounds 3): rounds 0 and 1 overlap it.
+    trainer = _trainer(freeze_last_layer_fraction=0.5)
     weight = trainer.student.head.last_layer.weight
     start = weight.detach().clone()
     mlp_start = trainer.student.head.mlp[0].weight.detach().clone()
@@ -188,16 +189,17 @@ def test_last_layer_stays_fixed_for_the_first_steps() -> None:
 
 
 def test_teacher_temperature_warms_up_over_global_steps() -> None:
-    trainer = _trainer(teacher_temp=0.04, teacher_temp_warmup=0.02, teacher_temp_warmup_steps=4)
+    # 4 of the 6-step horizon.
+    trainer = _trainer(teacher_temp=0.04, teacher_temp_warmup=0.02, teacher_temp_warmup_fraction=4 / 6)
     temps = []
     for step in range(6):
         trainer._apply_schedules(step)
         assert trainer.ibot_loss.teacher_temp == trainer.loss_fn.teacher_temp
         temps.append(trainer.loss_fn.teacher_temp)
     assert temps == pytest.approx([0.02, 0.025, 0.03, 0.035, 0.04, 0.04])
-    off = _trainer()
+    off = _trainer(teacher_temp_warmup_fraction=0.0)
     off._apply_schedules(0)
-    assert off.loss_fn.teacher_temp == pytest.approx(0.04)
+    assert off.loss_fn.teacher_temp == pytest.approx(0.07)
 
 
 def test_mim_local_state_round_trips_and_requires_ibot_centre() -> None:
@@ -213,19 +215,19 @@ def test_mim_local_state_round_trips_and_requires_ibot_centre() -> None:
 
 
 def test_mae_objective_reconstructs_masked_patches_with_a_local_decoder() -> None:
-    trainer = _trainer(mim_objective=MIMObjective.mae, mask_probability=1.0, mask_ratio=[0.5, 0.75])
+    trainer = _trainer(mim_objective=MIMObjective.mae)
     decoder = trainer.student.decoder
     assert decoder is not None and trainer.teacher.decoder is None  # no EMA decoder
     decoder_start = {k: v.clone() for k, v in decoder.state_dict().items()}
     teacher_start = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-    token = trainer.student.encoder.mask_token.token.detach().clone()
+    # MAE drops the masked patches: the encoder's mask token (iBOT's) is frozen and unused.
+    assert not trainer.student.encoder.mask_token.token.requires_grad
     result = trainer.train_round(0)
     assert len(result.mim_losses) == len(result.dino_losses) == 2
     assert result.losses == pytest.approx([d + m for d, m in zip(result.dino_losses, result.mim_losses)], rel=1e-5)
     # Standardised patches: predicting nothing scores about 1; an untrained decoder is near it.
     assert all(0.3 < m < 3.0 for m in result.mim_losses)
     assert not _states_equal(decoder.state_dict(), decoder_start)
-    assert not torch.equal(trainer.student.encoder.mask_token.token, token)
     assert not _states_equal(trainer.teacher.state_dict(), teacher_start)  # the EMA still runs
     # The decoder stays at the site: not in what is sent, in what is kept, and it round-trips.
     assert not any("decoder" in key for key in trainer.encoder_state())
@@ -266,8 +268,8 @@ def test_mae_reconstruction_improves_with_training() -> None:
     no_views = AugmentConfig(flip_lr_prob=0.0, affine_prob=0.0, window_prob=0.0, noise_prob=0.0, blur_prob=0.0)
     trainer = LocalTrainer(
         MODEL,
-        TrainConfig(local_steps=10, schedule_rounds=3, lr=2e-3, dino_weight=0.0, mim_objective=MIMObjective.mae,
-                    mask_probability=1.0, augment=no_views),
+        TrainConfig(local_steps=10, schedule_rounds=3, lr=2e-3, lr_reference_batch=2, dino_weight=0.0,
+                    mim_objective=MIMObjective.mae, augment=no_views),
         Ramps(),
         seed=0,
     )
@@ -323,3 +325,33 @@ def test_koleo_is_refused_with_batch_of_one_and_under_local_dp() -> None:
     cfg = TrainConfig(local_steps=1, koleo_weight=0.1)
     with pytest.raises(ValueError, match="no per-volume gradient"):
         LocalTrainer(MODEL, cfg, Volumes(), dp=LocalDPConfig())
+
+
+def test_lr_scales_with_the_batch_and_warms_up_by_default() -> None:
+    """DINO's linear scaling rule and warm-ups are on by default: at a site's small batch an
+    unscaled, cold-started 5e-4 reaches the teacher's input-independent target in a few steps."""
+    cfg = TrainConfig(local_steps=10, schedule_rounds=10, batch_size=4)
+    trainer = LocalTrainer(MODEL, cfg, Volumes(), seed=0)
+    assert cfg.scaled_lr == pytest.approx(5e-4 * 4 / 256)
+    warmup = cfg.fraction_steps(cfg.warmup_fraction)
+    assert warmup == 10
+    lrs = [trainer.lr_schedule(step) for step in range(100)]
+    assert lrs[0] == 0.0 and lrs[warmup] == pytest.approx(cfg.scaled_lr) == max(lrs)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1]))
+    assert trainer.freeze_last_layer_steps == 1
+    temps = [trainer.teacher_temp_schedule(step) for step in (0, 15, 30, 99)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    trainer._apply_schedules(warmup)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([cfg.scaled_lr] * 2)
+
+
+def test_a_cache_unlike_the_models_inputs_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    class OtherWindows(Volumes):
+        channel_stats = {"mean": [0.9, 0.25, 0.2], "std": [0.05, 0.3, 0.19], "volumes": 5}
+
+    with caplog.at_level("WARNING", logger="ctfed.client.train"):
+        LocalTrainer(MODEL, TrainConfig(), Volumes(), seed=0)
+    assert "does not look like" not in caplog.text
+    with caplog.at_level("WARNING", logger="ctfed.client.train"):
+        LocalTrainer(MODEL, TrainConfig(), OtherWindows(), seed=0)
+    assert "does not look like" in caplog.text and "channel 0" in caplog.text and "channel 1" not in caplog.text
