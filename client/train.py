@@ -215,7 +215,8 @@ class LocalTrainer:
         self._proximal_reference: dict[str, torch.Tensor] | None = None  # FedProx: the global weights
 
         self.multicrop = MultiCrop3D(
-            train_cfg.global_crop_scale, train_cfg.local_crop_scale, train_cfg.num_local_crops, model_cfg.image_size
+            train_cfg.global_crop_scale, train_cfg.local_crop_scale, train_cfg.num_local_crops, model_cfg.image_size,
+            augment=train_cfg.augment, voxel_mm=MultiCrop3D.site_voxel_mm(dataset),
         )
         self.loss_fn = DINOLoss(
             model_cfg.head_prototypes,

@@ -277,6 +277,60 @@ def valid_device_spec(spec: str) -> bool:
 
 
 @dataclass
+class AugmentConfig:
+    """Random views for self-supervised training (``common/ssl.py`` MultiCrop3D), chosen so
+    that no view removes what a head CT is read for: blood of 60-80 HU against 30-40 HU brain
+    must stay brighter than brain after any draw, and no view shows an anatomy no scanner
+    produces. Intensities are in window units ([0, 1] per channel); spatial sizes in mm, so
+    one config means the same physics at every cache and model size.
+    """
+
+    # Mirror left <-> right (the cache's x axis). A head is nearly symmetric and findings occur
+    # on either side; superior-inferior and anterior-posterior flips are never made (no scan
+    # presents a head upside down or back to front).
+    flip_lr_prob: float = 0.5
+    # MONAI RandAffine: rotation about each axis uniform in +-rotate_degrees (head positioning
+    # in the gantry varies by a few degrees) and per-axis scale in [1 - scale, 1 + scale]
+    # (head size varies about 10%). Outside the field of view is air (0 in every window).
+    affine_prob: float = 0.5
+    rotate_degrees: float = 10.0
+    scale: float = 0.1
+    # Window jitter, per channel: the window width scales by 1 / (1 + c) with c uniform in
+    # +-contrast (5% of 80 HU: 4 HU at the blood/brain step), the level moves by +-level_shift
+    # of the width (3%: 2.4 HU in the brain window). Each applies with window_prob.
+    window_prob: float = 0.8
+    contrast: float = 0.05
+    level_shift: float = 0.03
+    # Additive Gaussian noise, std uniform in [0, noise_std] window units (0.02: 1.6 HU in
+    # the brain window, below the 3-5 HU of a real soft-tissue kernel).
+    noise_prob: float = 0.5
+    noise_std: float = 0.02
+    # Gaussian blur with sigma uniform in blur_sigma_mm (physical, converted with each view's
+    # voxel size, which the cache's manifest records): [0.5, 1.5] mm is the spread between a
+    # sharp and a soft reconstruction kernel. Without a known voxel size it is skipped (logged).
+    blur_prob: float = 0.2
+    blur_sigma_mm: list[float] = field(default_factory=lambda: [0.5, 1.5])
+
+    def __post_init__(self) -> None:
+        # Written as `not (low <= x <= high)` so that NaN fails too.
+        for name in ("flip_lr_prob", "affine_prob", "window_prob", "noise_prob", "blur_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"train.augment.{name} must be a probability in [0, 1], got {value}")
+        # Upper bounds: beyond them a view no longer shows a plausible head CT.
+        limits = {"rotate_degrees": 45.0, "scale": 0.5, "contrast": 0.5, "level_shift": 0.5, "noise_std": 0.5}
+        for name, limit in limits.items():
+            value = getattr(self, name)
+            if not 0.0 <= value <= limit:
+                raise ConfigError(f"train.augment.{name} must be in [0, {limit:g}], got {value}")
+        sigma = list(self.blur_sigma_mm)
+        if len(sigma) != 2 or not 0.0 < sigma[0] <= sigma[1] <= 10.0:
+            raise ConfigError(
+                f"train.augment.blur_sigma_mm must be [low, high] mm with 0 < low <= high <= 10, got {sigma}"
+            )
+
+
+@dataclass
 class TrainConfig:
     """Local self-supervised training at a site (one federated round)."""
 
@@ -363,6 +417,8 @@ class TrainConfig:
     # within the batch): total += koleo_weight * KoLeo. 0: off. It needs batch_size >= 2 and
     # couples the volumes of a batch, so local DP-SGD (per-volume gradients) refuses it.
     koleo_weight: float = 0.0
+    # The random views of every crop (CT-appropriate; see AugmentConfig).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.local_steps < 1:

@@ -16,6 +16,14 @@ The final LayerNorm (``encoder.norm``) follows the top block: it normalises that
 output, so it unfreezes (and shares the LR) with it. The mask token is never used here and
 stays frozen. In a federation only ``trainable_state`` needs to travel: the more is frozen,
 the fewer bytes per round (and the less DP noise).
+
+The head reads standardised features (``FeatureStandardizer``: each feature dimension
+z-scored with the training split's mean and std, fitted by the Finetuner before it trains):
+pretrained features carry per-dimension offsets and scales that dwarf their variation across
+scans, and a linear head on them at the recipe's LR learns slowly or not at all. MAE's linear
+probe puts a non-affine BatchNorm there for the same reason; fixed statistics are used here
+instead, so training and evaluation see the same function at batch sizes of 2-4 and frozen
+parts never update anything in train mode.
 """
 
 from __future__ import annotations
@@ -44,8 +52,61 @@ logger = logging.getLogger(__name__)
 _MIN_ONECYCLE_STEPS = 2
 
 
+# Added to a feature's variance before the square root (BatchNorm's default eps): a dimension
+# that does not vary over the training scans is centred, not blown up.
+STANDARDIZER_EPS = 1e-5
+STANDARDIZER_PREFIX = "standardizer."
+
+
+class FeatureStandardizer(nn.Module):
+    """``(x - mean) / std`` per feature dimension, with statistics fitted on training scans.
+
+    The statistics are buffers, not parameters: no optimizer moves them, and a federated
+    phase-2 round sends trainable parameters only, so they never leave a site. In phase 2
+    every site fits them on its own training split at the start of each round (the choice
+    FedBN makes for normalisation statistics: nothing about a site's scans travels, and a
+    site's scanner offsets are removed where they arise); the coordinator's global classifier
+    therefore holds an unfitted standardiser, and a site that uses it fits it on its own
+    scans first (``Classifier.fit_standardizer``; no labels needed). Unfitted (``count`` 0)
+    it is the identity.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        # Scans the statistics come from (float32: checkpoints and records carry one dtype).
+        self.register_buffer("count", torch.zeros(1))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.count.item() > 0)
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> None:
+        """Statistics of ``features`` (N, D): mean and population std (+ eps) per dimension."""
+        if features.ndim != 2 or features.shape[1] != self.mean.shape[0] or features.shape[0] < 1:
+            raise ValueError(
+                f"standardiser needs (N >= 1, {self.mean.shape[0]}) features, got {tuple(features.shape)}"
+            )
+        features = features.detach().to(self.mean.dtype)
+        if not torch.isfinite(features).all():
+            raise ValueError("standardiser features are not all finite")
+        self.mean.copy_(features.mean(dim=0))
+        self.std.copy_((features.var(dim=0, correction=0) + STANDARDIZER_EPS).sqrt())
+        self.count.fill_(features.shape[0])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+
 class Classifier(nn.Module):
-    """Linear head on the encoder's pooled features (``pooling``): K logits for K binary (sigmoid) tasks."""
+    """Linear head on the encoder's pooled features (``pooling``), standardised
+    (``FeatureStandardizer``): K logits for K binary (sigmoid) tasks."""
 
     def __init__(self, encoder: ViTEncoder, num_outputs: int, pooling: FeaturePooling = FeaturePooling.cls) -> None:
         super().__init__()
@@ -54,6 +115,7 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.pooling = FeaturePooling(pooling)
         width = 2 * encoder.hidden_size if self.pooling is FeaturePooling.cls_mean_patch else encoder.hidden_size
+        self.standardizer = FeatureStandardizer(width)
         self.head = nn.Linear(width, num_outputs)
         nn.init.trunc_normal_(self.head.weight, std=INIT_STD)
         nn.init.zeros_(self.head.bias)
@@ -82,7 +144,23 @@ class Classifier(nn.Module):
         return torch.cat([tokens[:, 0], mean_patch], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.standardizer(self.features(x)))
+
+    @torch.no_grad()
+    def fit_standardizer(self, scans: Dataset, batch_size: int = 8) -> None:
+        """Fit the head's feature standardisation on ``scans`` (``scans[i][0]`` a volume; labels
+        unused), with the encoder as it is now, in eval mode."""
+        if len(scans) == 0:  # type: ignore[arg-type]
+            raise ValueError("cannot fit the feature standardisation on no scans")
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        features = []
+        for start in range(0, len(scans), batch_size):  # type: ignore[arg-type]
+            batch = [scans[i][0] for i in range(start, min(start + batch_size, len(scans)))]  # type: ignore[arg-type]
+            features.append(self.features(torch.stack(batch).to(device)).float())
+        self.standardizer.fit(torch.cat(features))
+        self.train(was_training)
 
     def set_trainable(self, blocks: Sequence[int], stem: bool = False) -> None:
         """Train the head, the given encoder blocks and (if ``stem``) the patch embedding and CLS token.
@@ -147,10 +225,21 @@ def load_classifier(weights: Path) -> tuple[Classifier, dict[str, Any]]:
         raise ValueError(f"{weights} is a '{kind}' checkpoint, not a classifier with label names")
     pooling = FeaturePooling(card.get("pooling", FeaturePooling.cls.value))
     classifier = build_classifier(model_cfg, len(card["label_names"]), pooling=pooling)
+    reference = classifier.state_dict()
+    absent = [name for name in reference if name not in state]
+    if absent and all(name.startswith(STANDARDIZER_PREFIX) for name in absent):
+        # Saved before the head standardised its features: its head reads them raw (identity).
+        logger.info("%s predates feature standardisation; its head reads the raw features", weights.name)
+        state = {**state, **{name: reference[name] for name in absent}}
     try:
         classifier.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{weights} does not fit the classifier its card describes: {err}") from None
+    if not classifier.standardizer.fitted and not absent:
+        logger.warning(
+            "%s has no feature statistics (a federated classifier's stay at the sites): fit them on this "
+            "site's scans with classifier.fit_standardizer(scans) before predicting", weights.name,
+        )
     return classifier, card
 
 
@@ -327,6 +416,9 @@ class FinetuneResult:
 class Finetuner:
     """Trains a Classifier on (volume (C, S, S, S), label (K,) or scalar) pairs per ``cfg.mode``.
 
+    ``fit`` and ``fit_round`` first fit the head's feature standardisation on the training
+    scans with the encoder as it starts; it then stays fixed while the head trains.
+
     All modes spend ``cfg.total_steps`` steps: "progressive" splits them into the probe stage
     and the unfreezing stage; "linear_probe" trains the head throughout; "full" trains every
     tunable weight throughout. Each phase has its own AdamW and OneCycle schedule (max LR per
@@ -358,6 +450,7 @@ class Finetuner:
     def fit(self, on_step: Callable[[str, float], None] | None = None) -> FinetuneResult:
         """Spend the mode's whole budget; ``on_step(phase, loss)`` after every step (progress)."""
         result = FinetuneResult()
+        self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
         for phase, steps in self.phases():
@@ -383,6 +476,8 @@ class Finetuner:
                 for _ in range(plan.schedule_start):
                     scheduler.step()
         result = FinetuneResult()
+        # This site's statistics of the encoder it received (never sent; see FeatureStandardizer).
+        self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
         for step in range(steps):

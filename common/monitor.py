@@ -2,9 +2,13 @@
 they have collapsed, without training anything.
 
 * kNN accuracy (primary label) of held-out labelled scans against the training labelled scans,
-  cosine similarity on the features a fine-tuning head would read (``finetune.pooling``);
-* the spread of those features, ``embedding_std`` of the L2-normalised features: 0 when every
-  scan maps to one point, about ``uniform_std`` = 1/sqrt(D) when they spread over the sphere.
+  cosine similarity on the features a fine-tuning head would read (``finetune.pooling``),
+  z-scored per dimension with the training scans' mean and std first, as the head's
+  ``FeatureStandardizer`` does (raw features put a constant offset and a few high-variance
+  dimensions into every cosine, which hides what varies with the label);
+* the spread of the raw features, ``embedding_std`` of the L2-normalised features: 0 when every
+  scan maps to one point, about ``uniform_std`` = 1/sqrt(D) when they spread over the sphere
+  (standardised features would hide a collapse: z-scoring blows any tiny spread up to 1).
 
 Used in every phase-1 round at each site on the global encoder it received, before local
 training (client/monitor_round.py; reply metrics ``monitor-*`` below, recorded by the
@@ -25,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
-from ctfed.common.finetune import build_classifier
+from ctfed.common.finetune import STANDARDIZER_EPS, build_classifier
 from ctfed.common.labelled import LabelledScans, SiteSplit, stratified_split
 from ctfed.common.metrics import embedding_std, knn_accuracy
 from ctfed.common.preprocess import CachedVolumes
@@ -109,13 +113,25 @@ def feature_monitor(
     rows) and the spread of all rows together."""
     train_features, test_features = np.asarray(train_features), np.asarray(test_features)
     k = min(k, len(train_features))
+    train_z, test_z = standardize_features(train_features, test_features)
     return MonitorResult(
-        knn_accuracy=knn_accuracy(train_features, train_labels, test_features, test_labels, k=k),
+        knn_accuracy=knn_accuracy(train_z, train_labels, test_z, test_labels, k=k),
         embedding_std=embedding_std(np.concatenate([train_features, test_features])),
         uniform_std=1.0 / math.sqrt(train_features.shape[1]),
         scans=len(train_features) + len(test_features),
         k=k,
     )
+
+
+def standardize_features(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``train`` and ``others`` z-scored per dimension with ``train``'s mean and (population) std;
+    the same statistics and eps as the fine-tuning head's ``FeatureStandardizer``."""
+    train = np.asarray(train, dtype=np.float64)
+    if train.ndim != 2 or train.shape[0] < 1:
+        raise ValueError(f"training features must be (N >= 1, D), got shape {train.shape}")
+    mean = train.mean(axis=0)
+    std = np.sqrt(train.var(axis=0) + STANDARDIZER_EPS)
+    return tuple((np.asarray(x, dtype=np.float64) - mean) / std for x in (train, *others))
 
 
 @torch.no_grad()

@@ -63,6 +63,9 @@ VOLUMES_DIR_FIELD = "volumes_dir"
 # Where a run folder keeps those views, and the split's summary (results.json "data_split").
 SPLIT_DIR = "split"
 SPLIT_SUMMARY = "split.json"
+# Per entry: the size (z, y, x) in mm of a cached voxel, for augmentations in mm. An entry of an
+# older cache without it is processed again by the next prepare.
+CACHED_VOXEL_FIELD = "cached_voxel_zyx_mm"
 
 
 @dataclass
@@ -103,6 +106,13 @@ def import_transforms() -> None:
 
 def volume_to_tensor(volume: CTVolume, cfg: PreprocessConfig) -> np.ndarray:
     """Apply the FM-CT transform chain (MONAI) to a HU volume; float16 (C, S, S, S)."""
+    return transform_volume(volume, cfg)[0]
+
+
+def transform_volume(volume: CTVolume, cfg: PreprocessConfig) -> tuple[np.ndarray, list[float]]:
+    """``volume_to_tensor``'s array and the size in mm (z, y, x) of one of its voxels: the head's
+    foreground box at ``spacing_mm`` resized to ``output_size`` per axis (so not 1 mm, and
+    not isotropic: a head is longer than it is wide)."""
     from monai.data import MetaTensor
     from monai.transforms import CropForeground, Orientation, Resize, ScaleIntensityRange, Spacing
 
@@ -129,8 +139,13 @@ def volume_to_tensor(volume: CTVolume, cfg: PreprocessConfig) -> np.ndarray:
     size = cfg.output_size
     resized = Resize(spatial_size=(size, size, size), mode="trilinear", anti_aliasing=True)(stacked)
     array = torch.as_tensor(resized).clamp_(0.0, 1.0).numpy()
+    # Resize maps the box's extent onto `size` voxels (trilinear, corners not aligned).
+    voxel_xyz_mm = [side * cfg.spacing_mm / size for side in stacked.shape[1:]]
     # (C, x, y, z) RAS -> (C, z, y, x), the numpy order used everywhere else.
-    return np.ascontiguousarray(array.transpose(0, 3, 2, 1)).astype(np.float16)
+    return (
+        np.ascontiguousarray(array.transpose(0, 3, 2, 1)).astype(np.float16),
+        [round(float(v), 4) for v in reversed(voxel_xyz_mm)],
+    )
 
 
 class _StudyCandidates:
@@ -188,7 +203,7 @@ def _process(job: _Job) -> dict[str, Any]:
                 spacing_tolerance=job.cfg.slice_gap_tolerance,
                 spacing_tolerance_mm=job.cfg.slice_gap_tolerance_mm,
             )
-        tensor = volume_to_tensor(volume, job.cfg)
+        tensor, cached_voxel_mm = transform_volume(volume, job.cfg)
     except DicomError as err:
         return {"rejected": str(err)}
     except Exception as err:  # noqa: BLE001 - one bad series must never stop a site's run
@@ -206,6 +221,7 @@ def _process(job: _Job) -> dict[str, Any]:
         "content_hash": job.digest,
         "shape_zyx": list(hu.shape),
         "spacing_zyx_mm": [round(float(s), 4) for s in volume.spacing_zyx],
+        CACHED_VOXEL_FIELD: cached_voxel_mm,
         "hu_min": round(float(hu.min()), 2),
         "hu_max": round(float(hu.max()), 2),
         "hu_mean": round(float(hu.mean()), 2),
@@ -356,6 +372,8 @@ def prepare(
         nonlocal cached
         old = previous.get(key)
         if not (old and old.get("content_hash") == digest and (output_dir / old["file"]).exists()):
+            return False
+        if CACHED_VOXEL_FIELD not in old:
             return False
         old["label"] = labels.get(label_key, old.get("label")) if labels else old.get("label")
         entries[key] = old
@@ -558,6 +576,15 @@ class CachedVolumes(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def cached_voxel_mm(self) -> tuple[float, float, float] | None:
+        """The median cached voxel size (z, y, x) in mm over the entries that record it (None if none
+        does): one size for the site's views, since heads differ in size by about 10%."""
+        sizes = [entry[CACHED_VOXEL_FIELD] for entry in self.entries if len(entry.get(CACHED_VOXEL_FIELD) or ()) == 3]
+        if not sizes:
+            return None
+        z, y, x = (float(v) for v in np.median(np.asarray(sizes, dtype=np.float64), axis=0))
+        return z, y, x
 
     def __getitem__(self, index: int) -> torch.Tensor:
         array = np.load(self.volume_paths[index], mmap_mode="r")

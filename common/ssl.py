@@ -15,9 +15,20 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandGaussianSmooth, RandShiftIntensity
+from monai.transforms import (
+    Compose,
+    GaussianSmooth,
+    RandAffine,
+    RandFlip,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    ShiftIntensity,
+)
 from monai.utils import convert_to_tensor
 from torch import nn
+
+from ctfed.common.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -249,12 +260,23 @@ def cosine_schedule(
 
 class MultiCrop3D:
     """Two global and ``num_local`` local random cubic crops of one volume, all resized to
-    ``out_size``^3 (equal token counts) and augmented independently.
+    ``out_size``^3 (equal token counts) and augmented independently with CT-appropriate
+    views (``AugmentConfig``), composed from MONAI transforms.
 
     ``global_scale`` / ``local_scale`` are [low, high] fractions of the volume's voxels.
+    Volumes are the cache's (C, z, y, x) with x running left -> right (RAS), so the only
+    flip is along spatial axis 2. ``voxel_mm`` is the cached voxel size (z, y, x) in mm
+    (``site_voxel_mm``): a crop of ``side`` voxels resized to ``out_size`` has voxels
+    ``side / out_size`` times that, which is what turns the blur's sigma from mm into voxels.
+    Rotations and scales act on the voxel grid; the cache's voxels are anisotropic (the head's
+    box is not a cube, and the cache resizes it to one), so a 10 degree rotation is off a
+    physical rotation by a small shear, well within the views' own randomness.
     Randomness comes from one ``numpy.random.RandomState`` (what MONAI transforms accept),
     so ``reseed`` makes the crops of a round reproducible.
     """
+
+    # The cache's (C, z, y, x) volumes: spatial axis 2 is x, left -> right (RAS).
+    LR_AXIS = 2
 
     def __init__(
         self,
@@ -263,6 +285,8 @@ class MultiCrop3D:
         num_local: int,
         out_size: int,
         seed: int = 0,
+        augment: AugmentConfig | None = None,
+        voxel_mm: Sequence[float] | None = None,
     ) -> None:
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -273,18 +297,49 @@ class MultiCrop3D:
         self.local_scale = tuple(local_scale)
         self.num_local = num_local
         self.out_size = out_size
-        # FM-CT's augmentations at cheap settings: small smoothing kernels, moderate odds.
-        self.augment = Compose(
+        self.voxel_mm = self._checked_voxel_mm(voxel_mm)
+        self.config = augment if augment is not None else AugmentConfig()
+        cfg = self.config
+        angle = math.radians(cfg.rotate_degrees)
+        self.spatial = Compose(
             [
-                RandFlip(prob=0.2, spatial_axis=0),
-                RandFlip(prob=0.2, spatial_axis=1),
-                RandFlip(prob=0.2, spatial_axis=2),
-                RandShiftIntensity(offsets=0.2, prob=0.5),
-                RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=0.2),
-                RandAdjustContrast(gamma=(0.2, 1.0), prob=0.2),
+                RandFlip(prob=cfg.flip_lr_prob, spatial_axis=self.LR_AXIS),
+                RandAffine(
+                    prob=cfg.affine_prob,
+                    rotate_range=(angle, angle, angle),
+                    scale_range=(cfg.scale, cfg.scale, cfg.scale),
+                    mode="bilinear",
+                    padding_mode="zeros",  # outside the field of view: air, 0 in every window
+                ),
             ]
         )
+        # Window jitter about the window's centre (0.5): width, then level, per channel.
+        self.intensity = Compose(
+            [
+                ShiftIntensity(-0.5),
+                RandScaleIntensity(factors=cfg.contrast, prob=cfg.window_prob, channel_wise=True),
+                ShiftIntensity(0.5),
+                RandShiftIntensity(offsets=cfg.level_shift, prob=cfg.window_prob, channel_wise=True),
+                RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std, sample_std=True),
+            ]
+        )
+        self._warned_no_voxel_size = False
         self.reseed(seed)
+
+    @staticmethod
+    def site_voxel_mm(dataset: object) -> tuple[float, float, float] | None:
+        """The cached voxel size (z, y, x) in mm a dataset reports (``CachedVolumes.cached_voxel_mm``), or None."""
+        report = getattr(dataset, "cached_voxel_mm", None)
+        return report() if callable(report) else None
+
+    @staticmethod
+    def _checked_voxel_mm(voxel_mm: Sequence[float] | None) -> tuple[float, float, float] | None:
+        if voxel_mm is None:
+            return None
+        values = tuple(float(v) for v in voxel_mm)
+        if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"voxel_mm must be 3 positive sizes (z, y, x) in mm, got {list(voxel_mm)}")
+        return values  # type: ignore[return-value]
 
     @property
     def num_crops(self) -> int:
@@ -292,15 +347,23 @@ class MultiCrop3D:
 
     def reseed(self, seed: int | np.random.SeedSequence) -> None:
         self.rng = np.random.RandomState(np.random.MT19937(seed))
-        self.augment.set_random_state(state=self.rng)
+        self.spatial.set_random_state(state=self.rng)
+        self.intensity.set_random_state(state=self.rng)
 
-    def __call__(self, volume: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, volume: torch.Tensor, voxel_mm: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """The crops of ``volume`` (C, z, y, x); ``voxel_mm`` overrides the site's voxel size for this volume."""
         if volume.ndim != 4:
             raise ValueError(f"MultiCrop3D expects one volume (C, D, H, W), got shape {tuple(volume.shape)}")
+        voxel = self._checked_voxel_mm(voxel_mm) if voxel_mm is not None else self.voxel_mm
         scales = [self.global_scale] * 2 + [self.local_scale] * self.num_local
-        return [self._augment(self._random_resized_crop(volume, scale)) for scale in scales]
+        crops = []
+        for scale in scales:
+            crop, sides = self._random_resized_crop(volume, scale)
+            crop_voxel = None if voxel is None else tuple(v * side / self.out_size for v, side in zip(voxel, sides))
+            crops.append(self._augment(crop, crop_voxel))
+        return crops
 
-    def _random_resized_crop(self, volume: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+    def _random_resized_crop(self, volume: torch.Tensor, scale: tuple[float, float]) -> tuple[torch.Tensor, list[int]]:
         fraction = self.rng.uniform(*scale)
         # A cube keeping `fraction` of the voxels: each side shrinks by the cube root.
         sides = [max(1, round(size * fraction ** (1 / 3))) for size in volume.shape[1:]]
@@ -312,7 +375,33 @@ class MultiCrop3D:
             starts[2] : starts[2] + sides[2],
         ]
         size = (self.out_size,) * 3
-        return F.interpolate(crop[None].float(), size=size, mode="trilinear", align_corners=False)[0]
+        return F.interpolate(crop[None].float(), size=size, mode="trilinear", align_corners=False)[0], sides
 
-    def _augment(self, crop: torch.Tensor) -> torch.Tensor:
-        return convert_to_tensor(self.augment(crop), track_meta=False, dtype=torch.float32)
+    def _augment(self, crop: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
+        view = self.spatial(crop)
+        view = convert_to_tensor(self._blur(view, voxel_mm), track_meta=False, dtype=torch.float32)
+        # Voxels the window clipped (air at -1000 HU in every window, bone in the brain window) lie
+        # far outside it: a few % of window jitter or a few HU of noise leave them clipped, as
+        # re-windowing the scan would. (Noise on air would also hand MAE's per-patch normalised
+        # target pure noise to reconstruct.)
+        below, above = view <= 0.0, view >= 1.0
+        view = convert_to_tensor(self.intensity(view), track_meta=False, dtype=torch.float32).clamp_(0.0, 1.0)
+        return view.masked_fill_(below, 0.0).masked_fill_(above, 1.0)
+
+    def _blur(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
+        cfg = self.config
+        # Both draws are made whether or not the blur applies, so the voxel size never
+        # changes the other random choices of a round.
+        apply = self.rng.uniform() < cfg.blur_prob
+        sigma_mm = self.rng.uniform(*cfg.blur_sigma_mm)
+        if not apply:
+            return view
+        if voxel_mm is None:
+            if not self._warned_no_voxel_size:
+                logger.warning(
+                    "augment: blur skipped, the volumes' voxel size is unknown (no cached_voxel_zyx_mm in the "
+                    "manifest; re-run prepare to record it)"
+                )
+                self._warned_no_voxel_size = True
+            return view
+        return GaussianSmooth(sigma=[sigma_mm / v for v in voxel_mm])(view)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from ctfed.common.checkpoint import save_checkpoint
+
 from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.finetune import (
+    CLASSIFIER_KIND_SUFFIX,
+    STANDARDIZER_PREFIX,
     Classifier,
     Finetuner,
     FreezingSchedule,
     build_classifier,
+    load_classifier,
     param_groups,
     state_nbytes,
     trainable_blocks,
@@ -199,3 +207,88 @@ def test_label_shape_and_config_errors() -> None:
         FinetuneConfig(mode="partial")
     with pytest.raises(ConfigError, match="label_names"):
         FinetuneConfig(label_names=["a", "a"])
+
+
+def _linear_probe(offset: float) -> tuple[Finetuner, list[float]]:
+    """A 30-step linear probe at the recipe's head LR (1e-3) on features shifted by ``offset``
+    (the final LayerNorm's bias: every feature dimension moves by it)."""
+    cfg = FinetuneConfig(mode="linear_probe", probe_steps=30, stage_steps=0, batch_size=4, seed=0)
+    assert cfg.head_lr == 1e-3
+    model = build_classifier(TINY, 1, seed=0)
+    with torch.no_grad():
+        model.encoder.norm.bias += offset
+    tuner = Finetuner(model, cfg, Bright(16))
+    return tuner, tuner.fit().losses
+
+
+def test_head_learns_despite_a_feature_offset_of_100() -> None:
+    """On raw features (before standardisation) this probe stayed at chance (held-out accuracy
+    0.5, first losses about 7.5 with the offset); standardised, the offset is gone exactly."""
+    shifted, losses = _linear_probe(100.0)
+    plain, plain_losses = _linear_probe(0.0)
+    assert sum(losses[-5:]) / 5 < 0.5
+    probs, labels = shifted.predict(Bright(16, seed=1))
+    assert ((probs > 0.5) == (labels > 0.5)).mean() >= 0.9
+    assert losses == pytest.approx(plain_losses, abs=1e-4)
+    assert probs == pytest.approx(plain.predict(Bright(16, seed=1))[0], abs=1e-4)
+
+
+def test_feature_statistics_come_from_the_training_scans_and_never_train() -> None:
+    dataset = Bright(8)
+    pretrained = build_classifier(TINY, 1, seed=0).encoder.state_dict()
+    model = build_classifier(TINY, 1, encoder_state=pretrained)
+    assert not model.standardizer.fitted
+    with torch.no_grad():
+        expected = build_classifier(TINY, 1, encoder_state=pretrained).eval().features(dataset.volumes)
+    # Mode full: every encoder weight changes, the statistics stay those of the starting encoder.
+    tuner = Finetuner(model, FinetuneConfig(mode="full", probe_steps=2, stage_steps=4, batch_size=4), dataset)
+    tuner.fit()
+    assert not torch.equal(model.encoder.norm.weight, pretrained["norm.weight"])
+    assert model.standardizer.count.item() == 8
+    assert torch.allclose(model.standardizer.mean, expected.mean(0), atol=1e-6)
+    assert torch.allclose(model.standardizer.std, (expected.var(0, correction=0) + 1e-5).sqrt(), atol=1e-6)
+    # Buffers: never trainable, so never in a phase-2 reply or an optimizer group.
+    assert not any(name.startswith(STANDARDIZER_PREFIX) for name, _ in model.named_parameters())
+    model.set_trainable(range(model.num_blocks), stem=True)
+    assert not any(name.startswith(STANDARDIZER_PREFIX) for name in trainable_state(model))
+    with pytest.raises(ValueError, match="standardiser"):
+        model.standardizer.fit(torch.full((2, TINY.hidden_size), float("nan")))
+
+
+def test_load_classifier_reproduces_the_outputs_exactly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = build_classifier(TINY, 2, seed=3, pooling=FeaturePooling.mean_patch)
+    cfg = FinetuneConfig(label_names=["a", "b"], probe_steps=2, stage_steps=2, batch_size=4, pooling=FeaturePooling.mean_patch)
+
+    class TwoTasks(Bright):
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            volume, label = super().__getitem__(index)
+            return volume, torch.stack([label, 1 - label]).float()
+
+    tuner = Finetuner(model, cfg, TwoTasks(8))
+    tuner.fit()
+    weights = save_checkpoint(
+        tmp_path / "classifier", model.state_dict(), TINY, kind=f"local-{CLASSIFIER_KIND_SUFFIX}",
+        label_names=["a", "b"], pooling=FeaturePooling.mean_patch.value,
+    )
+    loaded, card = load_classifier(weights)
+    assert loaded.standardizer.fitted and card["label_names"] == ["a", "b"]
+    volumes = Bright(4, seed=5).volumes
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(volumes), model.eval()(volumes))
+
+    # A checkpoint saved before the standardiser existed still loads; its head reads raw features.
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith(STANDARDIZER_PREFIX)}
+    weights = save_checkpoint(tmp_path / "old", old, TINY, kind=f"local-{CLASSIFIER_KIND_SUFFIX}",
+                              label_names=["a", "b"], pooling=FeaturePooling.mean_patch.value)
+    loaded, _ = load_classifier(weights)
+    assert not loaded.standardizer.fitted
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(volumes), model.head(model.features(volumes)))
+
+    # A classifier without statistics (a federation's global one) says how to get them.
+    unfitted = build_classifier(TINY, 1)
+    weights = save_checkpoint(tmp_path / "global", unfitted.state_dict(), TINY, kind=f"global-{CLASSIFIER_KIND_SUFFIX}",
+                              label_names=["a"], pooling="cls")
+    with caplog.at_level(logging.WARNING):
+        load_classifier(weights)
+    assert "fit_standardizer" in caplog.text

@@ -37,6 +37,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.finetune import build_classifier
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
+from ctfed.common.metrics import embedding_std, knn_accuracy
 from ctfed.common.model import ViTEncoder
 from ctfed.common.monitor import (
     KNN_ACCURACY_KEY,
@@ -48,6 +49,7 @@ from ctfed.common.monitor import (
     monitor_from_metrics,
     monitor_split,
     site_monitor,
+    standardize_features,
 )
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.results import monitor_summary, site_record
@@ -75,6 +77,28 @@ def test_knn_accuracy_and_spread_on_separable_features() -> None:
     assert 0.3 * result.uniform_std < result.embedding_std < result.uniform_std
     # k larger than the training rows is capped, not an error.
     assert feature_monitor(train[:2], [0, 1], test, test_y, k=5).k == 2
+
+
+def test_knn_votes_on_features_standardised_with_the_training_split() -> None:
+    """Four dimensions carry the label (+-0.5), two carry nuisance of std 10, all sit at an offset
+    of 100: raw cosine kNN follows the nuisance, z-scored it follows the label."""
+    rng = np.random.default_rng(2)
+
+    def scans(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 2, n)
+        signal = (labels[:, None] - 0.5) + 0.05 * rng.standard_normal((n, 4))
+        return 100.0 + np.concatenate([signal, 10.0 * rng.standard_normal((n, 2))], axis=1), labels
+
+    train, train_y = scans(40)
+    test, test_y = scans(40)
+    result = feature_monitor(train, train_y, test, test_y, k=3)
+    assert result.knn_accuracy >= 0.9
+    assert knn_accuracy(train, train_y, test, test_y, k=3) <= 0.75  # the raw features' vote
+    # The statistics are the training rows' only; the spread is the raw features' (collapse check).
+    train_z, test_z = standardize_features(train, test)
+    assert np.allclose(train_z.mean(0), 0.0, atol=1e-9) and np.allclose(train_z.std(0), 1.0, atol=1e-3)
+    assert np.allclose(test_z, (test - train.mean(0)) / np.sqrt(train.var(0) + 1e-5))
+    assert result.embedding_std == pytest.approx(embedding_std(np.concatenate([train, test])))
 
 
 def test_collapsed_features_have_no_spread_and_random_ones_the_uniform_spread() -> None:

@@ -42,6 +42,7 @@ from ctfed.common.finetune import (
     LINEAR_PROBE_PHASE,
     PROBE_PHASE,
     PROGRESSIVE_PHASE,
+    STANDARDIZER_PREFIX,
     FederatedFreezingSchedule,
     Finetuner,
     build_classifier,
@@ -163,6 +164,8 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         delta = reply.content[ARRAYS_KEY].to_torch_state_dict()
         assert sorted(delta) == expected  # names set == trainable names, in the agreed order
+        # The site's feature statistics (fitted on its training scans) are buffers: they stay at the site.
+        assert not any(name.startswith(STANDARDIZER_PREFIX) for name in delta)
         sizes.append(state_nbytes(delta))
         metrics = reply.content[METRICS_KEY]
         evaluation = metrics_to_evaluation(metrics)

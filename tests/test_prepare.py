@@ -59,6 +59,10 @@ def test_manifest_cache_and_rerun(federation: list[Path], tmp_path: Path) -> Non
         assert array.dtype == np.float16 and array.shape == (3, SIZE, SIZE, SIZE)
         assert array.min() >= 0.0 and array.max() <= 1.0
         assert array[2].max() > 0.5  # bone window sees the skull
+        # The head's box (at most the 40 x 45 x 45 mm field of view) over 16 voxels per axis.
+        assert all(0.0 < v <= extent / SIZE + 2.0 for v, extent in zip(entry["cached_voxel_zyx_mm"], (40.0, 45.1, 45.1)))
+    sizes = np.asarray([e["cached_voxel_zyx_mm"] for e in manifest["series"]])
+    assert CachedVolumes(tmp_path).cached_voxel_mm() == pytest.approx(tuple(np.median(sizes, axis=0)))
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npy")}
 
     again = prepare(site, tmp_path, _cfg(), labels_csv=site / "labels.csv", progress=False)
@@ -82,6 +86,34 @@ def test_output_orientation_is_ras_zyx() -> None:
     bone = out[2]
     z, y, x = np.unravel_index(np.argmax(bone), bone.shape)
     assert z >= SIZE // 2 and y < SIZE // 2 and x < SIZE // 2
+
+
+def test_cached_voxel_size_is_the_head_box_over_the_output_size() -> None:
+    """A 30 x 20 x 60 mm (z, y, x) block at 2 x 1 x 1.5 mm spacing, cached at 16^3 from 1 mm:
+    each cached voxel is the block's extent / 16 along its axis."""
+    from ctfed.common.dicom import CTVolume
+    from ctfed.common.preprocess import transform_volume
+
+    hu = np.full((15, 20, 40), 40.0, dtype=np.float32)  # all foreground
+    volume = CTVolume(hu=hu, spacing_zyx=(2.0, 1.0, 1.5), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    array, voxel_mm = transform_volume(volume, PreprocessConfig(output_size=SIZE))
+    assert array.shape == (3, SIZE, SIZE, SIZE)
+    # Resampling to 1 mm keeps the voxel centres' span: (n - 1) x spacing + 1 voxels.
+    assert voxel_mm == pytest.approx([29 / SIZE, 20 / SIZE, 59.5 / SIZE], abs=1.01 / SIZE)
+
+
+def test_an_older_cache_without_voxel_sizes_is_processed_again(federation: list[Path], tmp_path: Path) -> None:
+    site = federation[0]
+    prepare(site, tmp_path, _cfg(), progress=False)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["series"]:
+        del entry["cached_voxel_zyx_mm"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert CachedVolumes(tmp_path).cached_voxel_mm() is None
+    again = prepare(site, tmp_path, _cfg(), progress=False)
+    assert (again.accepted, again.cached) == (2, 0)
+    assert CachedVolumes(tmp_path).cached_voxel_mm() is not None
 
 
 def test_no_phi_in_any_output(federation: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

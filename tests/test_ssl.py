@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from ctfed.common.config import AugmentConfig, ConfigError, PreprocessConfig
+from ctfed.common.dicom import CTVolume
+from ctfed.common.preprocess import AXES, volume_to_tensor
 from ctfed.common.ssl import (
     DINOLoss,
     KoLeoLoss,
@@ -116,6 +119,181 @@ def test_multicrop_rejects_bad_inputs() -> None:
         MultiCrop3D([0.5, 1.0], [0.5, 0.2], num_local=2, out_size=16)
     with pytest.raises(ValueError, match="one volume"):
         MultiCrop3D([0.5, 1.0], [0.2, 0.5], num_local=2, out_size=16)(torch.rand(1, 3, 8, 8, 8))
+
+
+# Every view off: what a single augmentation is tested against.
+NO_VIEWS = dict(flip_lr_prob=0.0, affine_prob=0.0, window_prob=0.0, noise_prob=0.0, blur_prob=0.0)
+
+
+def _windowed(hu: np.ndarray) -> torch.Tensor:
+    """HU (z, y, x) -> the cache's three [0, 1] window channels (PreprocessConfig's FM-CT windows)."""
+    channels = [
+        np.clip((hu - (w.level - w.width / 2)) / w.width, 0.0, 1.0) for w in PreprocessConfig().windows
+    ]
+    return torch.from_numpy(np.stack(channels).astype(np.float32))
+
+
+def test_views_flip_left_right_only() -> None:
+    # Every voxel distinct, so any flip or other change shows.
+    volume = torch.linspace(0.0, 1.0, 3 * 8 * 8 * 8).reshape(3, 8, 8, 8)
+    mirrored = torch.flip(volume, dims=[1 + MultiCrop3D.LR_AXIS])
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], num_local=0, out_size=8, seed=3,
+                        augment=AugmentConfig(**{**NO_VIEWS, "flip_lr_prob": 0.5}))
+    seen = {"unchanged": 0, "left-right": 0}
+    for _ in range(100):
+        for view in crops(volume):
+            if torch.allclose(view, volume, atol=1e-6):
+                seen["unchanged"] += 1
+            elif torch.allclose(view, mirrored, atol=1e-6):
+                seen["left-right"] += 1
+            else:
+                pytest.fail("a view that is neither the volume nor its left-right mirror")
+    assert min(seen.values()) > 60, seen
+
+    # With every default view on (rotations, scales, window, noise, blur): a marker in the
+    # inferior posterior octant stays there in every draw, while left and right both occur.
+    marked = torch.zeros(3, 16, 16, 16)
+    marked[:, 2:6, 2:6, 2:6] = 1.0  # low z (inferior), low y (posterior), low x (left)
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], num_local=0, out_size=16, seed=4, voxel_mm=(6.0, 6.0, 6.0))
+    sides = set()
+    grid = torch.arange(16, dtype=torch.float32)
+    for _ in range(60):
+        for view in crops(marked):
+            weight = (view[0] > 0.5).float()
+            assert weight.sum() > 0
+            z, y, x = (float((weight.sum(dim=tuple(d for d in range(3) if d != axis)) * grid).sum() / weight.sum())
+                       for axis in range(3))
+            assert z < 7.5 and y < 7.5, f"the marker moved to z={z:.1f}, y={y:.1f}: an SI or AP flip"
+            sides.add("left" if x < 7.5 else "right")
+    assert sides == {"left", "right"}
+
+
+def test_the_left_right_flip_is_the_patients_left_right() -> None:
+    """The cache's RAS order (preprocess.AXES) puts left-right on the last axis: a marker on the
+    patient's left (LPS +x) comes out on the right after the flip, nothing else moves."""
+    assert AXES.split(",")[1 + MultiCrop3D.LR_AXIS] == "x(left->right)"
+    hu = np.full((20, 20, 20), 40.0, dtype=np.float32)
+    hu[4:8, 4:8, 14:18] = 2000.0  # LPS: low z (inferior), low y (anterior), high x (the patient's left)
+    volume = CTVolume(hu=hu, spacing_zyx=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    cached = torch.from_numpy(volume_to_tensor(volume, PreprocessConfig(output_size=16)).astype(np.float32))
+    flip = MultiCrop3D([1.0, 1.0], [1.0, 1.0], num_local=0, out_size=16,
+                       augment=AugmentConfig(**{**NO_VIEWS, "flip_lr_prob": 1.0}))
+    before = np.unravel_index(int(torch.argmax(cached[2])), (16, 16, 16))
+    after = np.unravel_index(int(torch.argmax(flip(cached)[0][2])), (16, 16, 16))
+    assert before[2] < 8 <= after[2]  # patient's left (low RAS x) -> right
+    assert before[:2] == after[:2]
+
+
+def test_blood_stays_brighter_than_brain_in_every_view() -> None:
+    """A 70 HU blob in 35 HU brain is 0.4375 brighter in the brain window (L40/W80). Over many
+    draws of the default views its core stays >= 0.35 (28 HU) above the surrounding brain.
+    (The former views failed this: gamma 0.2 left 0.13 of the step.)"""
+    size, centre = 32, 15.5
+    z, y, x = np.meshgrid(*(np.arange(size),) * 3, indexing="ij")
+    radius = np.sqrt((z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2)
+    hu = np.where(radius < 14, 35.0, -1000.0)  # brain in air
+    hu = np.where(radius < 6, 70.0, hu)  # the haematoma: 12 mm across at 2 mm voxels (96^3)
+    volume = _windowed(hu)[:1]  # the brain window
+    core = torch.from_numpy(radius < 3)
+    brain = torch.from_numpy((radius > 9) & (radius < 12))
+    margin = 28.0 / 80.0
+    assert float(volume[0][core].mean() - volume[0][brain].mean()) == pytest.approx(35.0 / 80.0)
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], num_local=0, out_size=size, seed=5, voxel_mm=(2.0, 2.0, 2.0))
+    steps = []
+    for _ in range(50):
+        for view in crops(volume):
+            steps.append(float(view[0][core].mean() - view[0][brain].mean()))
+    assert min(steps) >= margin, f"blood/brain step fell to {min(steps):.3f} (window units)"
+    assert max(steps) - min(steps) > 0.01  # the views did vary
+
+
+@pytest.mark.parametrize("voxel", [(6.0, 6.0, 6.0), (3.0, 3.0, 3.0), (3.0, 6.0, 6.0)])
+def test_blur_sigma_is_in_millimetres(voxel: tuple[float, float, float]) -> None:
+    """A point in a 192 mm head at 32^3 (6 mm voxels), 64^3 (3 mm) and an anisotropic grid:
+    a 6 mm blur spreads it by the same variance in mm^2 along every axis (a sigma in voxels
+    would give 4x the spread at 6 mm voxels)."""
+    shape = tuple(round(192 / v) for v in voxel)
+    volume = torch.zeros(1, *shape)
+    volume[0, shape[0] // 2, shape[1] // 2, shape[2] // 2] = 1.0
+    blur = AugmentConfig(**{**NO_VIEWS, "blur_prob": 1.0, "blur_sigma_mm": [6.0, 6.0]})
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], num_local=0, out_size=shape[0], augment=blur, voxel_mm=voxel)
+    if len(set(shape)) > 1:  # crops are cubes; the anisotropic grid goes through the blur alone
+        view = crops._blur(volume, voxel)
+    else:
+        view = crops(volume)[0]
+    weight = view[0] / view[0].sum()
+    for axis, size_mm in enumerate(voxel):
+        position = torch.arange(shape[axis], dtype=torch.float32) * size_mm
+        profile = weight.sum(dim=tuple(d for d in range(3) if d != axis))
+        mean = (profile * position).sum()
+        variance = (profile * (position - mean) ** 2).sum()
+        assert float(variance) == pytest.approx(36.0, rel=0.1), (axis, float(variance))
+
+
+def test_local_crops_blur_in_their_own_voxel_size() -> None:
+    """A local crop of half the side is resized to the same grid, so its voxels are half the size:
+    the same sigma in mm is twice as many of its voxels."""
+    augment = AugmentConfig(**{**NO_VIEWS, "blur_prob": 1.0, "blur_sigma_mm": [4.0, 4.0]})
+    crops = MultiCrop3D([1.0, 1.0], [0.125, 0.125], num_local=1, out_size=16, augment=augment, voxel_mm=(4.0, 4.0, 4.0))
+    sigmas = []
+    original = crops._blur
+    crops._blur = lambda view, voxel_mm: sigmas.append(voxel_mm) or original(view, voxel_mm)  # type: ignore[method-assign]
+    crops(torch.rand(1, 16, 16, 16))
+    assert sigmas == [(4.0, 4.0, 4.0), (4.0, 4.0, 4.0), (2.0, 2.0, 2.0)]
+
+
+def test_window_jitter_and_noise_leave_clipped_voxels_clipped() -> None:
+    """Air (0 in every window) and bone in the brain window (1) lie far outside the window: jitter
+    and noise move only what the window shows, as re-windowing the scan would."""
+    volume = torch.full((1, 8, 8, 8), 0.5)
+    volume[:, :, :, :2] = 0.0
+    volume[:, :, :, -2:] = 1.0
+    intensity = AugmentConfig(**{**NO_VIEWS, "window_prob": 1.0, "noise_prob": 1.0})
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, seed=2, augment=intensity)
+    for _ in range(10):
+        for view in crops(volume):
+            assert torch.all(view[:, :, :, :2] == 0.0) and torch.all(view[:, :, :, -2:] == 1.0)
+            assert not torch.allclose(view[:, :, :, 2:-2], volume[:, :, :, 2:-2])
+
+
+def test_every_view_is_reproducible_from_its_seed() -> None:
+    volume = torch.rand(3, 16, 16, 16)
+    every_view = AugmentConfig(flip_lr_prob=0.5, affine_prob=1.0, window_prob=1.0, noise_prob=1.0, blur_prob=1.0)
+
+    def crops(seed: int) -> list[torch.Tensor]:
+        return MultiCrop3D([0.5, 1.0], [0.2, 0.5], 2, 16, seed=seed, augment=every_view, voxel_mm=(5.0, 6.0, 5.5))(volume)
+
+    first = crops(11)
+    assert all(torch.equal(a, b) for a, b in zip(first, crops(11)))
+    assert not any(torch.equal(a, b) for a, b in zip(first, crops(12)))
+    assert all(float(c.min()) >= 0.0 and float(c.max()) <= 1.0 for c in first)
+
+
+def test_views_without_a_voxel_size_skip_the_blur_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    volume = torch.rand(1, 8, 8, 8)
+    augment = AugmentConfig(**{**NO_VIEWS, "blur_prob": 1.0})
+    with caplog.at_level("WARNING"):
+        views = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, augment=augment)(volume)
+    assert all(torch.allclose(v, volume, atol=1e-6) for v in views)
+    assert "blur skipped" in caplog.text
+    with pytest.raises(ValueError, match="voxel_mm"):
+        MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, voxel_mm=(1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"flip_lr_prob": 1.5}, "flip_lr_prob"),
+        ({"noise_prob": float("nan")}, "noise_prob"),
+        ({"rotate_degrees": 90.0}, "rotate_degrees"),
+        ({"contrast": -0.1}, "contrast"),
+        ({"blur_sigma_mm": [2.0, 1.0]}, "blur_sigma_mm"),
+        ({"blur_sigma_mm": [0.0, 1.0]}, "blur_sigma_mm"),
+    ],
+)
+def test_augment_config_is_validated(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AugmentConfig(**kwargs)
 
 
 def test_ibot_loss_known_value_per_sample_then_batch_mean() -> None:
@@ -258,3 +436,39 @@ def test_mae_loss_without_masked_patches_is_zero_and_keeps_the_graph() -> None:
     assert float(loss) == 0.0 and prediction.grad is not None and not prediction.grad.any()
     with pytest.raises(ValueError, match="bool mask"):
         MAELoss(patch_size=4)(prediction, torch.rand(2, 1, 8, 8, 8), torch.zeros(2, 7, dtype=torch.bool))
+
+
+def test_a_sites_voxel_size_and_views_reach_its_trainer() -> None:
+    from ctfed.client.train import LocalTrainer
+    from ctfed.common.config import ModelConfig, TrainConfig
+
+    class Cache(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(3, 32, 32, 32)
+
+        def cached_voxel_mm(self) -> tuple[float, float, float]:
+            return (5.0, 6.0, 7.0)
+
+    train = TrainConfig(augment=AugmentConfig(rotate_degrees=5.0))
+    trainer = LocalTrainer(ModelConfig(), train, Cache())
+    assert trainer.multicrop.voxel_mm == (5.0, 6.0, 7.0) and trainer.multicrop.config is train.augment
+    assert MultiCrop3D.site_voxel_mm(torch.utils.data.TensorDataset(torch.zeros(1))) is None
+
+
+def test_views_are_set_from_the_command_line_and_travel_to_the_sites() -> None:
+    from ctfed.common.config import load_run_config
+    from ctfed.common.exchange import configs_to_record, record_to_configs
+
+    cfg = load_run_config(["train.augment.rotate_degrees=15", "train.augment.blur_sigma_mm=[1.0,2.0]"])
+    assert cfg.train.augment.rotate_degrees == 15.0 and cfg.train.augment.blur_sigma_mm == [1.0, 2.0]
+    _, train = record_to_configs(configs_to_record(cfg.model, cfg.train))
+    assert train.augment == cfg.train.augment
+    with pytest.raises(ConfigError, match="rotate_degrees"):
+        load_run_config(["train.augment.rotate_degrees=90"])
+    record = configs_to_record(cfg.model, cfg.train)
+    record["train.augment.noise_std"] = float("nan")  # a coordinator cannot smuggle in a NaN
+    with pytest.raises(ConfigError, match="noise_std"):
+        record_to_configs(record)
