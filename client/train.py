@@ -351,8 +351,7 @@ class LocalTrainer:
         """One round of per-volume DP-SGD on Poisson-sampled batches (see client/dp_sgd.py)."""
         assert self.dp is not None
         cfg = self.train_cfg
-        self.dp.reseed(noise_seed)
-        batches = self.dp.poisson_batches(order_seed)
+        batches = self.dp.poisson_batches()  # CSPRNG: DP draws take no seed (client/dp_sgd.py)
         losses: list[float] = []
         dino_losses: list[float] = []
         mim_losses: list[float] = []
