@@ -32,7 +32,7 @@ from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
 from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
-from ctfed.common.config import LocalDPConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.config import ConfigError, LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
@@ -76,7 +76,13 @@ class SitePrivacyRound:
         self.audit = AuditLog(identity.state_dir / AUDIT_FILE)
         # Loading the policy is itself a check: a broken policy file is a ConfigError.
         self.policy: SitePolicy = load_site_policy(context.node_config, context.run_config, identity.site_id)
-        self.privacy = record_to_privacy(instructions)
+        # Instructions that do not parse (an unknown key such as a removed privacy.local.secure_rng,
+        # a value out of range) are a refusal by check_policy, written to the audit log.
+        self.instructions_error = ""
+        try:
+            self.privacy = record_to_privacy(instructions)
+        except ConfigError as err:
+            self.privacy, self.instructions_error = PrivacyConfig(), f"instructions: {err}"
         self.ledger: PrivacyLedger | None = None
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
@@ -86,10 +92,14 @@ class SitePrivacyRound:
         return self.privacy.local if self.privacy.mode is PrivacyMode.local else None
 
     def check_policy(self) -> None:
+        if self.instructions_error:
+            raise RoundRefused(POLICY_REFUSED_CODE, self.instructions_error)
         try:
             check_instructions(self.policy, self.instructions, secure_path=self.secure_path)
         except PolicyViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
+        except ConfigError as err:
+            raise RoundRefused(POLICY_REFUSED_CODE, f"instructions: {err}") from None
 
     def check_privacy_unit(self, entries: Sequence[Mapping[str, Any]]) -> None:
         """Local DP: refuse a cache where one person has several volumes (``privacy_unit``)."""

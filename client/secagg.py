@@ -35,7 +35,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from ctfed.client.audit import AUDIT_FILE, KIND_SECAGG_PREFIX, AuditLog
+from ctfed.client.audit import AUDIT_FILE, KIND_SECAGG_PREFIX, AuditLog, secagg_share_lists
 from ctfed.client.site import identify_site
 from ctfed.common import secagg as sa
 from ctfed.common.exchange import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, UpdateRejected, record_to_state, update_norm
@@ -271,6 +271,7 @@ def _audited(stage: str, handler: Handler) -> Handler:
                 site_id=identity.site_id,
                 arrays=masked,
                 metrics={"protocol-bytes": sa.payload_bytes(reply.content)},
+                shares=secagg_share_lists(stage, reply.content[sa.PROTOCOL_KEY], msg.content[sa.PROTOCOL_KEY]),
             )
         return reply
 
