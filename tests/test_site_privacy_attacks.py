@@ -100,16 +100,21 @@ def _instructions(
     return record
 
 
+def _global_encoder() -> dict[str, torch.Tensor]:
+    """The same global encoder in every message (an attacker replaying one round)."""
+    torch.manual_seed(0)
+    return ViTEncoder(MODEL).state_dict()
+
+
 def _plain(instructions: ConfigRecord) -> Message:
     """A plain ``train`` message: Flower routes it to the ClientApp's plain handler."""
-    encoder = ViTEncoder(MODEL).state_dict()
-    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: instructions})
+    content = RecordDict({ARRAYS_KEY: state_to_record(_global_encoder()), CONFIG_KEY: instructions})
     return Message(content, dst_node_id=1, message_type="train")
 
 
 def _secure_stage_a(instructions: ConfigRecord) -> tuple[Message, Any]:
     """Stage (a) of secure aggregation, and the site's real handler for it."""
-    encoder = ViTEncoder(MODEL).state_dict()
+    encoder = _global_encoder()
     params = ConfigRecord(
         {sa.P_ROUND: int(instructions[SERVER_ROUND_KEY]), sa.P_THRESHOLD: 2, sa.P_CLIPPING: 1.0,
          sa.P_QUANTIZATION: 2**20, sa.P_MODULUS_BITS: 64, sa.P_MAX_WEIGHT: 64, sa.P_MAX_NORM: 1e6}
