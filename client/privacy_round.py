@@ -86,6 +86,7 @@ class SitePrivacyRound:
         self.ledger: PrivacyLedger | None = None
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
+        self.epsilon_after: float | None = None
 
     @property
     def local_dp(self) -> LocalDPConfig | None:
@@ -157,8 +158,12 @@ class SitePrivacyRound:
         self.ledger.record(replace(self.planned, steps=steps))
         save_site_ledger(self.ledger, self.identity.state_dir, self.context, self.privacy.mode)
         # The site's own number, at its own delta; not the coordinator's.
-        metrics[EPSILON_KEY] = self.ledger.epsilon(self.policy.delta)
-        if self.privacy.mode is PrivacyMode.central:
+        self.epsilon_after = self.ledger.epsilon(self.policy.delta)
+        if self.privacy.mode is PrivacyMode.local:
+            metrics[EPSILON_KEY] = self.epsilon_after
+        else:
+            # Central: the coordinator keeps its own ledger (results.json's central_epsilon);
+            # the site's stricter one (sample rate 1) is in its audit log and state folder.
             metrics[CLIP_SCALE_KEY] = self.clip_scale
         return metrics
 
@@ -169,7 +174,8 @@ class SitePrivacyRound:
         clipped, self.clip_scale, _ = clip_update(delta, self.privacy.central.clip_norm)
         return clipped
 
-    def dp_summary(self, epsilon: float | None = None) -> dict[str, Any]:
+    def dp_summary(self) -> dict[str, Any]:
+        epsilon = self.epsilon_after
         summary: dict[str, Any] = {"mode": self.privacy.mode.value}
         if self.privacy.mode is PrivacyMode.local:
             summary.update(
@@ -207,7 +213,7 @@ class SitePrivacyRound:
         self.audit.append(
             kind=KIND_TRAIN_REPLY, run_id=self.run_id, server_round=self.server_round,
             site_id=self.identity.site_id, arrays=update, metrics=metrics,
-            dp=self.dp_summary(metrics.get(EPSILON_KEY)), transport=None if held else self.transport,
+            dp=self.dp_summary(), transport=None if held else self.transport,
             # With secure aggregation the update described here stays at the site; only its
             # masked form leaves it (the secagg-masked_input entry of this round).
             reason="update held for secure aggregation; sent masked only" if held else "update sent in clear (plain train path)",

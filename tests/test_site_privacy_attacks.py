@@ -238,17 +238,20 @@ def test_site_accounts_central_dp_itself_at_its_own_delta(tmp_path: Path, cache:
     budget = (epsilon_after(2) + epsilon_after(3)) / 2  # two rounds fit, the third does not
     state = tmp_path / "state"
     context = _context(state, cache, SitePolicy(require_dp=True, max_epsilon=budget, delta=1e-6))
-    reported = []
     for server_round in (1, 2):
         reply = client_train(_plain(_instructions(central, server_round=server_round)), context)
-        reported.append(float(reply.content[METRICS_KEY][EPSILON_KEY]))
-    assert reported == [pytest.approx(epsilon_after(1), rel=1e-9), pytest.approx(epsilon_after(2), rel=1e-9)]
+        # The coordinator keeps its own central ledger; the site's stays in its audit log.
+        assert not reply.has_error() and EPSILON_KEY not in reply.content[METRICS_KEY]
+    sent = [e["dp"] for e in _audit(state)]
+    assert [d["epsilon_after"] for d in sent] == [
+        pytest.approx(epsilon_after(1), rel=1e-9), pytest.approx(epsilon_after(2), rel=1e-9),
+    ]
     refused = client_train(_plain(_instructions(central, server_round=3)), context)
     assert refused.has_error() and refused.error.code == BUDGET_REFUSED_CODE
     assert "central DP ledger" in refused.error.reason
     ledger = PrivacyLedger.load(state / CENTRAL_LEDGER_FILE)
-    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [(2.0, 1.0, 1)] * len(reported)
-    assert _audit(state)[0]["dp"]["epsilon_delta"] == 1e-6
+    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [(2.0, 1.0, 1)] * 2
+    assert sent[0]["epsilon_delta"] == 1e-6 and sent[0]["delta"] == 0.5
 
 
 # -- point 9: the privacy unit under local DP ------------------------------------------------
