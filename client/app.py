@@ -102,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy_metrics = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(
-        {
+        privacy_round.reply_metrics({
             NUM_EXAMPLES_KEY: result.num_examples,
             "loss": float(result.losses[-1]),
             "loss-first": float(result.losses[0]),
@@ -117,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
             **monitor,
             **privacy_metrics,
-        }
+        })
     )
     logger.info(
         "site %s round %d: %d steps, loss %.4f -> %.4f, %d bytes sent",

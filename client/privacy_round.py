@@ -33,10 +33,10 @@ from ctfed.client.policy import PolicyViolation, check_instructions, load_site_p
 from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
 from ctfed.common.config import ConfigError, LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
-    CLIP_SCALE_KEY,
     EPSILON_KEY,
     POLICY_REFUSED_CODE,
     SERVER_ROUND_KEY,
@@ -161,11 +161,36 @@ class SitePrivacyRound:
         self.epsilon_after = self.ledger.epsilon(self.policy.delta)
         if self.privacy.mode is PrivacyMode.local:
             metrics[EPSILON_KEY] = self.epsilon_after
-        else:
-            # Central: the coordinator keeps its own ledger (results.json's central_epsilon);
-            # the site's stricter one (sample rate 1) is in its audit log and state folder.
-            metrics[CLIP_SCALE_KEY] = self.clip_scale
+        # Central: the coordinator keeps its own ledger (results.json's central_epsilon); the
+        # site's stricter one (sample rate 1) is in its audit log and state folder. The clip
+        # scale (clip_norm / the update's exact norm) stays in the audit log too.
         return metrics
+
+    def reply_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """What of a round's metrics may leave the site (issue #12, point 10, in part).
+
+        * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
+          positives count whose negatives (labelled - positive) are below it.
+        * Under DP (local or central) no per-step loss leaves: a step's loss is a figure of
+          the one or two volumes in its batch, outside any DP guarantee. ``losses`` and
+          ``loss-first`` are dropped and ``loss`` becomes the mean over the round's steps.
+        """
+        kept = dict(metrics)
+        floor = self.policy.min_reported_count
+        if floor:
+            labelled = kept.get(LABELLED_KEY)
+            for key in [k for k in kept if k in (SCANS_KEY, LABELLED_KEY) or k.startswith(POSITIVE_PREFIX)]:
+                value = int(kept[key])
+                small = value < floor
+                if key.startswith(POSITIVE_PREFIX) and isinstance(labelled, int):
+                    small = small or labelled - value < floor
+                if small:
+                    del kept[key]
+        if self.privacy.mode is not PrivacyMode.none and isinstance(kept.get("losses"), list) and kept["losses"]:
+            losses = [float(x) for x in kept.pop("losses")]
+            kept.pop("loss-first", None)
+            kept["loss"] = sum(losses) / len(losses)
+        return kept
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Central DP: bound this site's update; other modes send it as it is."""

@@ -637,6 +637,10 @@ class SitePolicy:
     # label) with each SSL round's metrics. Counts only, never an identifier; but they travel
     # in clear and outside any DP guarantee, so a site may keep them.
     share_data_summary: bool = True
+    # Counts of the data summary below this (scans, labelled scans, positives per label, and
+    # positives whose negatives are below it) are not sent: small cells single people out.
+    # 0 sends every count.
+    min_reported_count: int = 5
     # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
     # statistics of labelled scans, in clear and outside any DP guarantee, like the summary.
@@ -662,7 +666,7 @@ class SitePolicy:
                 "policy.require_dp needs a bound on the privacy it accepts: set policy.max_epsilon, "
                 "policy.max_round_epsilon or policy.min_noise_multiplier (any noise at all would meet it otherwise)"
             )
-        for name in ("max_local_steps", "max_hidden_size", "max_layers"):
+        for name in ("max_local_steps", "max_hidden_size", "max_layers", "min_reported_count"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 

@@ -217,6 +217,12 @@ def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, mon
         node_config={"data-path": str(cache), "site-id": "hospital-a", "state-dir": str(state_dir),
                      POLICY_FILE_KEY: str(write_policy_file(SitePolicy(), state_dir))},
     )
+    # Two scans is a small cell: by default (min_reported_count 5) no count of this site leaves it.
+    suppressed = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
+    assert SCANS_KEY not in suppressed and not [key for key in suppressed if key.startswith(DATA_PREFIX + "positive-")]
+    assert DATA_PREFIX + "slices-min" in suppressed  # ranges are not counts
+
+    write_policy_file(SitePolicy(min_reported_count=0), state_dir)
     shared = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
     assert shared[SCANS_KEY] == 2
 

@@ -254,6 +254,23 @@ def test_site_accounts_central_dp_itself_at_its_own_delta(tmp_path: Path, cache:
     assert sent[0]["epsilon_delta"] == 1e-6 and sent[0]["delta"] == 0.5
 
 
+def test_under_dp_no_per_step_loss_or_clip_scale_leaves_the_site(tmp_path: Path, cache: Path) -> None:
+    """Point 10, in part: a step's loss is a figure of the one or two volumes in its batch, and
+    central DP's clip scale is clip_norm over the update's exact norm."""
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0, clip_norm=1e-6))
+    state = tmp_path / "state"
+    train = TrainConfig(local_steps=2, batch_size=2, num_local_crops=1)
+    instructions = configs_to_record(
+        MODEL, train, central, **{PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: False, SERVER_ROUND_KEY: 1}
+    )
+    reply = client_train(_plain(instructions), _context(state, cache, SitePolicy()))
+    sent = reply.content[METRICS_KEY]
+    assert "losses" not in sent and "loss-first" not in sent and "dp-clip-scale" not in sent
+    assert "loss" in sent  # the round's mean over its steps
+    (entry,) = _audit(state)
+    assert 0 < entry["dp"]["clip_scale"] < 1  # the site still knows, in its own log
+
+
 # -- point 9: the privacy unit under local DP ------------------------------------------------
 
 
