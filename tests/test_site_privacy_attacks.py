@@ -271,6 +271,49 @@ def test_under_dp_no_per_step_loss_or_clip_scale_leaves_the_site(tmp_path: Path,
     assert 0 < entry["dp"]["clip_scale"] < 1  # the site still knows, in its own log
 
 
+def _labelled_cache(root: Path) -> Path:
+    """A tiny labelled cache (3 positive, 3 negative scans for "any"), one study per scan."""
+    import numpy as np
+
+    root.mkdir()
+    series = []
+    for index, label in enumerate([0, 1, 0, 1, 1, 0]):
+        np.save(root / f"s{index}.npy", np.random.default_rng(index).random((3, 32, 32, 32)).astype(np.float16))
+        series.append({"key": f"s{index}", "study_key": f"t{index}", "file": f"s{index}.npy", "label": {"any": label}})
+    (root / MANIFEST).write_text(json.dumps({"series": series}))
+    return root
+
+
+def test_phase_two_central_rounds_are_accounted_and_budgeted(tmp_path: Path) -> None:
+    from ctfed.common.checkpoint import state_digest
+    from ctfed.common.config import FinetuneConfig
+    from ctfed.common.exchange import BASE_DIGEST_KEY, FINETUNE_PHASE, FULL_STATE_KEY, finetune_to_record
+    from ctfed.common.finetune import FederatedFreezingSchedule, build_classifier
+
+    tiny = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
+    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
+    plan = FederatedFreezingSchedule(finetune, tiny.num_layers, rounds=3, local_steps=1).plan(1)
+    state = build_classifier(tiny, 1, seed=0).state_dict()
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0))
+    config = configs_to_record(
+        tiny, TrainConfig(), central,
+        **{PHASE_KEY: FINETUNE_PHASE, SERVER_ROUND_KEY: 1, FULL_STATE_KEY: True, BASE_DIGEST_KEY: state_digest(state),
+           **finetune_to_record(finetune, plan, 1)},
+    )
+    message = lambda: Message(  # noqa: E731
+        RecordDict({ARRAYS_KEY: state_to_record(state), CONFIG_KEY: config}), dst_node_id=1, message_type="train"
+    )
+    cache_dir = _labelled_cache(tmp_path / "cache")
+    state_dir = tmp_path / "state"
+    reply = client_train(message(), _context(state_dir, cache_dir, SitePolicy(require_dp=True, max_epsilon=50.0)))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    (entry,) = PrivacyLedger.load(state_dir / CENTRAL_LEDGER_FILE).entries
+    assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (1.0, 1.0, 1)
+    # One round at noise multiplier 1 is already above a budget of 1.
+    refused = client_train(message(), _context(tmp_path / "strict", cache_dir, SitePolicy(require_dp=True, max_epsilon=1.0)))
+    assert refused.has_error() and refused.error.code == BUDGET_REFUSED_CODE
+
+
 # -- point 9: the privacy unit under local DP ------------------------------------------------
 
 
