@@ -29,6 +29,8 @@ from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
 from ctfed.client.train import LocalTrainer
 from ctfed.common.data_summary import site_data_metrics
+from ctfed.common.secagg import STAGE_TRAIN
+from ctfed.common.secagg import message_type as secagg_message_type
 from ctfed.common.logs import console_logging
 from ctfed.common.processes import peak_rss_mb
 from ctfed.common.exchange import (
@@ -61,19 +63,27 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train locally from the global model and reply with the change of what trained."""
+    """Train locally from the global model and reply with the change of what trained.
+
+    Two ways in: Flower routes a ``train`` message here (the plain path: the reply carries
+    the update in clear), and stage (a) of secure aggregation (``train.secagg_train``,
+    client/secagg.py) calls this with its own message and keeps the update at the site.
+    Which one it is comes from the message type Flower dispatched on, never from an
+    instruction the coordinator writes."""
     console_logging()
     started = time.perf_counter()
     instructions = msg.content[CONFIG_KEY]
     server_round = int(instructions[SERVER_ROUND_KEY])
     identity = identify_site(context)
-    privacy_round = SitePrivacyRound(identity, context, instructions)
+    secure_path = msg.metadata.message_type == secagg_message_type(STAGE_TRAIN)
+    privacy_round = SitePrivacyRound(identity, context, instructions, secure_path=secure_path)
     if str(instructions.get(PHASE_KEY, PRETRAIN_PHASE)) == FINETUNE_PHASE:
         return finetune_train(msg, context, identity, privacy_round)
     try:
         privacy_round.check_policy()  # before the cache is opened
         model_cfg, train_cfg = record_to_configs(instructions)
         site: SiteData = open_site_data(identity)
+        privacy_round.check_privacy_unit(site.dataset.entries)
         privacy_round.check_budget(train_cfg, num_volumes=len(site.dataset))
     except RoundRefused as refusal:
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
@@ -97,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy_metrics = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(
-        {
+        privacy_round.reply_metrics({
             NUM_EXAMPLES_KEY: result.num_examples,
             "loss": float(result.losses[-1]),
             "loss-first": float(result.losses[0]),
@@ -112,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
             # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
             **monitor,
             **privacy_metrics,
-        }
+        })
     )
     logger.info(
         "site %s round %d: %d steps, loss %.4f -> %.4f, %d bytes sent",

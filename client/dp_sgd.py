@@ -12,19 +12,45 @@ N(0, (noise_multiplier * max_grad_norm)^2) noise. Batches are Poisson-sampled vo
 What is private: the student encoder and head (every trainable parameter). The teacher is
 an EMA of the private student (post-processing). The DINO/iBOT centres are statistics of
 raw teacher outputs outside DP-SGD's clipping, so they are frozen while DP-SGD runs.
+
+Randomness: the noise and the Poisson batches come from ``common.dp.SecureRandom`` (the OS
+CSPRNG), always. Nothing takes a seed: a coordinator that knew the seed (``train.seed``
+plus the site index, 0 at every deployed site) could regenerate the noise and subtract it.
+Crops and masks stay seeded; they are part of the per-volume function that is clipped, not
+of the privacy mechanism.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Iterator
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from ctfed.common.config import LocalDPConfig
+from ctfed.common.dp import SecureRandom
 from ctfed.common.model import register_dp_grad_samplers
+
+
+class CSPRNGDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its noise drawn from ``SecureRandom`` instead of a torch
+    generator; clipping, accumulation and scaling are Opacus' own."""
+
+    def __init__(self, *args: object, rng: SecureRandom, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.rng = rng
+
+    def add_noise(self) -> None:
+        # Opacus' add_noise, with the noise source replaced (the sum-of-four construction of
+        # its secure_mode is inside SecureRandom.normal).
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.rng.normal(p.summed_grad.shape, std, dtype=p.summed_grad.dtype).to(p.summed_grad.device)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class VolumeDPSGD:
@@ -46,26 +72,22 @@ class VolumeDPSGD:
         # "sum": per-row gradients of the loss as given; the trainer passes a per-volume sum.
         self.grad_sample_module = GradSampleModule(student, loss_reduction="sum")
         self.params = [p for p in student.parameters() if p.requires_grad]
-        self.noise_generator = torch.Generator()
-        self.optimizer = DPOptimizer(
+        # One fresh CSPRNG stream per trainer (the ClientApp builds one per round).
+        self.rng = SecureRandom()
+        self.optimizer = CSPRNGDPOptimizer(
             optimizer,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(sample_rate * num_volumes, 1e-12),
             loss_reduction="mean",
-            generator=self.noise_generator,
-            secure_mode=dp.secure_rng,
+            rng=self.rng,
         )
 
-    def reseed(self, seed: int) -> None:
-        """Seed the noise (ignored with secure_rng: then every round draws from OS entropy)."""
-        self.noise_generator.manual_seed(secrets.randbits(63) if self.dp.secure_rng else seed)
-
-    def poisson_batches(self, seed: int) -> Iterator[list[int]]:
-        """Volume indices per step: each volume joins each batch independently with the sample rate."""
-        generator = torch.Generator().manual_seed(secrets.randbits(63) if self.dp.secure_rng else seed)
+    def poisson_batches(self) -> Iterator[list[int]]:
+        """Volume indices per step: each volume joins each batch independently with the sample
+        rate, by a coin from the CSPRNG."""
         while True:
-            chosen = torch.rand(self.num_volumes, generator=generator) < self.sample_rate
+            chosen = self.rng.bernoulli(self.num_volumes, self.sample_rate)
             yield chosen.nonzero().flatten().tolist()
 
     def zero_grad(self) -> None:

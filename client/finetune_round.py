@@ -120,11 +120,12 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
     server_round = int(instructions[SERVER_ROUND_KEY])
     try:
         privacy_round.check_policy()  # before the cache is opened
-        model_cfg, _ = record_to_configs(instructions)
+        model_cfg, train_cfg = record_to_configs(instructions)
         finetune, plan, local_steps = record_to_finetune(instructions)
         if privacy_round.local_dp is not None:
             raise RoundRefused(POLICY_REFUSED_CODE, "local DP-SGD is not available for phase-2 fine-tuning")
         train_scans, test_scans = labelled_split(identity, finetune, model_cfg.image_size)
+        privacy_round.check_budget(train_cfg, num_volumes=len(train_scans))  # central DP: the site's own ledger
     except RoundRefused as refusal:
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)

@@ -44,23 +44,38 @@ class PolicyViolation(RuntimeError):
     """Round instructions the site's policy does not allow; the message lists every reason."""
 
 
-def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any]) -> None:
+def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, secure_path: bool) -> None:
     """Raise PolicyViolation unless ``policy`` allows the round ``instructions`` describe.
 
-    A key the instructions leave out counts against the round: no secure aggregation,
-    min_sites 1, no differential privacy. Every violated rule is named in the message.
+    ``secure_path`` is the protocol path the message arrived on (True: stage (a) of secure
+    aggregation, which keeps the update at the site and sends it masked only; False: the
+    plain ``train`` handler, which replies the update in clear). It is the site's own
+    fact, never the instructions' ``federation.secure_aggregation`` flag: a coordinator
+    could set that flag on a plain message and collect a clear update.
+
+    A key the instructions leave out counts against the round: min_sites 1, no
+    differential privacy. Every violated rule is named in the message.
     """
     model, train = record_to_configs(instructions)
     privacy = record_to_privacy(instructions)
     phase = str(instructions.get(PHASE_KEY, PRETRAIN_PHASE))
-    secure_aggregation = bool(instructions.get(SECURE_AGGREGATION_KEY, False))
+    claims_secure = bool(instructions.get(SECURE_AGGREGATION_KEY, False))
     min_sites = int(instructions.get(MIN_SITES_KEY, 1))
 
     reasons: list[str] = []
     if phase not in policy.allowed_phases:
         reasons.append(f"phase '{phase}' is not in policy.allowed_phases {list(policy.allowed_phases)}")
-    if policy.require_secure_aggregation and not secure_aggregation:
-        reasons.append("policy.require_secure_aggregation is set but this round is not securely aggregated")
+    if claims_secure and not secure_path:
+        # No honest coordinator does this: its secure rounds use the secagg stages.
+        reasons.append(
+            "the instructions say federation.secure_aggregation=true, but this message came on the plain "
+            "train path, which would send the update in clear"
+        )
+    if policy.require_secure_aggregation and not secure_path:
+        reasons.append(
+            "policy.require_secure_aggregation is set but this message came on the plain train path "
+            "(the update would leave the site in clear)"
+        )
     if min_sites < policy.min_sites:
         reasons.append(
             f"the coordinator may aggregate as few as {min_sites} sites (federation.min_sites); "
@@ -68,13 +83,25 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any]) -> N
         )
     if policy.require_dp and privacy.mode is PrivacyMode.none:
         reasons.append("policy.require_dp is set but this round has no differential privacy (privacy.mode=none)")
-    if policy.max_epsilon > 0 and privacy.mode is not PrivacyMode.local:
-        # The budget is this site's own sample-level accounting of DP-SGD; with any other
-        # mode the site cannot vouch for the epsilon of what it sends.
-        reasons.append(
-            f"policy.max_epsilon={policy.max_epsilon:g} is a budget for local DP-SGD, "
-            f"but this round uses privacy.mode={privacy.mode.value}"
-        )
+    for budget in ("max_epsilon", "max_round_epsilon"):
+        if getattr(policy, budget) > 0 and privacy.mode is PrivacyMode.none:
+            # The site accounts its own epsilon for local and central DP; without DP there
+            # is no epsilon to keep within a budget.
+            reasons.append(
+                f"policy.{budget}={getattr(policy, budget):g} is a privacy budget, "
+                f"but this round uses privacy.mode={privacy.mode.value}"
+            )
+    if privacy.mode is not PrivacyMode.none:
+        # The numbers the site's own accounting (client/privacy_round.py) will use.
+        dp = privacy.local if privacy.mode is PrivacyMode.local else privacy.central
+        section = f"privacy.{privacy.mode.value}"
+        if policy.min_noise_multiplier and dp.noise_multiplier < policy.min_noise_multiplier:
+            reasons.append(
+                f"{section}.noise_multiplier={dp.noise_multiplier:g} is below "
+                f"policy.min_noise_multiplier={policy.min_noise_multiplier:g}"
+            )
+        if policy.max_delta and dp.delta > policy.max_delta:
+            reasons.append(f"{section}.delta={dp.delta:g} exceeds policy.max_delta={policy.max_delta:g}")
     # Phase 2 trains its own number of steps per round (the plan's), not train.local_steps.
     steps_key = PLAN_LOCAL_STEPS_KEY if phase == FINETUNE_PHASE else "train.local_steps"
     steps = int(instructions.get(PLAN_LOCAL_STEPS_KEY, 0)) if phase == FINETUNE_PHASE else train.local_steps

@@ -2,42 +2,51 @@
 
 ``client/app.py`` drives a round through one ``SitePrivacyRound``:
 
-1. ``check_policy()`` - before the cache is opened (raises RoundRefused);
-2. ``check_budget()`` - local DP only: the epsilon the site *would* have after this round's
-   planned steps, from its ledger, against ``policy.max_epsilon`` (raises RoundRefused);
-3. training, with ``local_dp`` handed to LocalTrainer;
-4. ``after_training()`` - records the steps taken in the ledger, returns reply metrics;
-5. ``outgoing_update()`` - ``clip()`` (central DP only: the delta is clipped to
+1. ``check_policy()`` - before the cache is opened (raises RoundRefused); whether the round
+   is securely aggregated is the protocol path the message came on (``secure_path``), never
+   an instruction flag;
+2. ``check_privacy_unit()`` - local DP only: at most one volume per patient (or study), so
+   that DP-SGD's unit, a volume, is a person (raises RoundRefused);
+3. ``check_budget()`` - local or central DP: the epsilon the site computes itself for this
+   round alone and after it, from its own ledger of that mode and at ``policy.delta``,
+   against ``policy.max_round_epsilon`` and ``policy.max_epsilon`` (raises RoundRefused);
+4. training, with ``local_dp`` handed to LocalTrainer;
+5. ``after_training()`` - records the round in the ledger, returns reply metrics;
+6. ``outgoing_update()`` - ``clip()`` (central DP only: the delta is clipped to
    ``privacy.central.clip_norm`` before it goes anywhere, plain or secure aggregation), then
    the cast to the round's ``federation.transport`` float format (plain path only);
-6. ``audit_reply()`` / ``refuse()`` - every outgoing message is written to the audit log.
+7. ``audit_reply()`` / ``refuse()`` - every outgoing message is written to the audit log.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import logging
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord, Context, Error
 
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, AuditLog
-from ctfed.client.ledger import load_site_ledger, planned_local_entry, save_site_ledger
+from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned_local_entry, save_site_ledger
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
+from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
-from ctfed.common.config import LocalDPConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.config import ConfigError, LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
-    CLIP_SCALE_KEY,
     EPSILON_KEY,
     POLICY_REFUSED_CODE,
-    SECURE_AGGREGATION_KEY,
     SERVER_ROUND_KEY,
     encode_update,
     record_to_privacy,
     refusal_reason,
     transport_from_instructions,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class RoundRefused(RuntimeError):
@@ -49,60 +58,139 @@ class RoundRefused(RuntimeError):
 
 
 class SitePrivacyRound:
-    """Policy, budget, DP bookkeeping and audit for one round at one site."""
+    """Policy, budget, DP bookkeeping and audit for one round at one site.
 
-    def __init__(self, identity: SiteIdentity, context: Context, instructions: Mapping[str, Any]) -> None:
+    ``secure_path``: the message came on stage (a) of secure aggregation (the update stays
+    at the site and leaves it masked only), not on the plain ``train`` handler.
+    """
+
+    def __init__(
+        self, identity: SiteIdentity, context: Context, instructions: Mapping[str, Any], *, secure_path: bool
+    ) -> None:
         self.identity = identity
         self.context = context
         self.instructions = instructions
+        self.secure_path = secure_path
         self.server_round = int(instructions[SERVER_ROUND_KEY])
         self.run_id = str(context.run_id)
         self.audit = AuditLog(identity.state_dir / AUDIT_FILE)
         # Loading the policy is itself a check: a broken policy file is a ConfigError.
         self.policy: SitePolicy = load_site_policy(context.node_config, context.run_config, identity.site_id)
-        self.privacy = record_to_privacy(instructions)
+        # Instructions that do not parse (an unknown key such as a removed privacy.local.secure_rng,
+        # a value out of range) are a refusal by check_policy, written to the audit log.
+        self.instructions_error = ""
+        try:
+            self.privacy = record_to_privacy(instructions)
+        except ConfigError as err:
+            self.privacy, self.instructions_error = PrivacyConfig(), f"instructions: {err}"
         self.ledger: PrivacyLedger | None = None
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
+        self.epsilon_after: float | None = None
 
     @property
     def local_dp(self) -> LocalDPConfig | None:
         return self.privacy.local if self.privacy.mode is PrivacyMode.local else None
 
     def check_policy(self) -> None:
+        if self.instructions_error:
+            raise RoundRefused(POLICY_REFUSED_CODE, self.instructions_error)
         try:
-            check_instructions(self.policy, self.instructions)
+            check_instructions(self.policy, self.instructions, secure_path=self.secure_path)
         except PolicyViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
+        except ConfigError as err:
+            raise RoundRefused(POLICY_REFUSED_CODE, f"instructions: {err}") from None
 
-    def check_budget(self, train: TrainConfig, num_volumes: int) -> None:
+    def check_privacy_unit(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Local DP: refuse a cache where one person has several volumes (``privacy_unit``)."""
         if self.local_dp is None:
             return
-        self.ledger = load_site_ledger(self.identity.state_dir, self.context)
-        self.planned = planned_local_entry(self.local_dp, train, num_volumes, self.server_round, self.run_id)
+        try:
+            unit = check_one_volume_per_person(entries)
+        except PrivacyUnitViolation as err:
+            raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
+        if unit != PATIENT_FIELD:
+            logger.warning(
+                "site %s: the cache records no patient pseudonym per volume, so local DP protects one study "
+                "(one volume per study checked); a patient with several studies has several units",
+                self.identity.site_id,
+            )
+
+    def check_budget(self, train: TrainConfig, num_volumes: int) -> None:
+        """The site's own epsilon for this round and in total, at ``policy.delta``."""
+        mode = self.privacy.mode
+        if mode is PrivacyMode.none:
+            return
+        self.ledger = load_site_ledger(self.identity.state_dir, self.context, mode)
+        if mode is PrivacyMode.local:
+            assert self.local_dp is not None
+            self.planned = planned_local_entry(self.local_dp, train, num_volumes, self.server_round, self.run_id)
+        else:
+            self.planned = planned_central_entry(self.privacy.central, self.server_round, self.run_id)
+        delta = self.policy.delta
+        if self.policy.max_round_epsilon > 0:
+            alone = PrivacyLedger().epsilon(delta, self.planned)
+            if alone > self.policy.max_round_epsilon:
+                raise RoundRefused(
+                    BUDGET_REFUSED_CODE,
+                    f"privacy budget: this round alone ({mode.value} DP, noise multiplier "
+                    f"{self.planned.noise_multiplier:g}, sample rate {self.planned.sample_rate:.4g}, "
+                    f"{self.planned.steps} steps) would spend epsilon {alone:.4g} at delta {delta:g}, "
+                    f"above policy.max_round_epsilon {self.policy.max_round_epsilon:g}",
+                )
         if self.policy.max_epsilon > 0:
             try:
-                self.ledger.check_budget(self.planned, self.policy.max_epsilon, self.policy.delta)
+                self.ledger.check_budget(self.planned, self.policy.max_epsilon, delta)
             except PrivacyBudgetExceeded as err:
-                raise RoundRefused(BUDGET_REFUSED_CODE, str(err)) from None
+                raise RoundRefused(BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)") from None
 
     def after_training(self, dp_steps: int) -> dict[str, Any]:
-        """Record the round in the ledger (local DP); the privacy metrics of the reply.
+        """Record the round in the ledger (local or central DP); the privacy metrics of the reply.
 
-        Call after ``clip`` (the metrics report its scale)."""
+        ``dp_steps``: the DP-SGD steps taken (local DP). Call after ``clip`` (the metrics
+        report its scale)."""
         metrics: dict[str, Any] = {}
-        if self.local_dp is not None:
-            assert self.ledger is not None and self.planned is not None, "check_budget must run first"
-            entry = LedgerEntry(
-                round=self.planned.round, noise_multiplier=self.planned.noise_multiplier,
-                sample_rate=self.planned.sample_rate, steps=dp_steps, run_id=self.run_id,
-            )
-            self.ledger.record(entry)
-            save_site_ledger(self.ledger, self.identity.state_dir, self.context)
-            metrics[EPSILON_KEY] = self.ledger.epsilon(self.local_dp.delta)
-        if self.privacy.mode is PrivacyMode.central:
-            metrics[CLIP_SCALE_KEY] = self.clip_scale
+        if self.privacy.mode is PrivacyMode.none:
+            return metrics
+        assert self.ledger is not None and self.planned is not None, "check_budget must run first"
+        steps = dp_steps if self.privacy.mode is PrivacyMode.local else self.planned.steps
+        self.ledger.record(replace(self.planned, steps=steps))
+        save_site_ledger(self.ledger, self.identity.state_dir, self.context, self.privacy.mode)
+        # The site's own number, at its own delta; not the coordinator's.
+        self.epsilon_after = self.ledger.epsilon(self.policy.delta)
+        if self.privacy.mode is PrivacyMode.local:
+            metrics[EPSILON_KEY] = self.epsilon_after
+        # Central: the coordinator keeps its own ledger (results.json's central_epsilon); the
+        # site's stricter one (sample rate 1) is in its audit log and state folder. The clip
+        # scale (clip_norm / the update's exact norm) stays in the audit log too.
         return metrics
+
+    def reply_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """What of a round's metrics may leave the site (issue #12, point 10, in part).
+
+        * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
+          positives count whose negatives (labelled - positive) are below it.
+        * Under DP (local or central) no per-step loss leaves: a step's loss is a figure of
+          the one or two volumes in its batch, outside any DP guarantee. ``losses`` and
+          ``loss-first`` are dropped and ``loss`` becomes the mean over the round's steps.
+        """
+        kept = dict(metrics)
+        floor = self.policy.min_reported_count
+        if floor:
+            labelled = kept.get(LABELLED_KEY)
+            for key in [k for k in kept if k in (SCANS_KEY, LABELLED_KEY) or k.startswith(POSITIVE_PREFIX)]:
+                value = int(kept[key])
+                small = value < floor
+                if key.startswith(POSITIVE_PREFIX) and isinstance(labelled, int):
+                    small = small or labelled - value < floor
+                if small:
+                    del kept[key]
+        if self.privacy.mode is not PrivacyMode.none and isinstance(kept.get("losses"), list) and kept["losses"]:
+            losses = [float(x) for x in kept.pop("losses")]
+            kept.pop("loss-first", None)
+            kept["loss"] = sum(losses) / len(losses)
+        return kept
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Central DP: bound this site's update; other modes send it as it is."""
@@ -111,7 +199,8 @@ class SitePrivacyRound:
         clipped, self.clip_scale, _ = clip_update(delta, self.privacy.central.clip_norm)
         return clipped
 
-    def dp_summary(self, epsilon: float | None = None) -> dict[str, Any]:
+    def dp_summary(self) -> dict[str, Any]:
+        epsilon = self.epsilon_after
         summary: dict[str, Any] = {"mode": self.privacy.mode.value}
         if self.privacy.mode is PrivacyMode.local:
             summary.update(
@@ -119,6 +208,7 @@ class SitePrivacyRound:
                 max_grad_norm=self.privacy.local.max_grad_norm,
                 delta=self.privacy.local.delta,
                 epsilon_after=epsilon,
+                epsilon_delta=self.policy.delta,
             )
         elif self.privacy.mode is PrivacyMode.central:
             summary.update(
@@ -126,32 +216,32 @@ class SitePrivacyRound:
                 clip_scale=self.clip_scale,
                 noise_multiplier=self.privacy.central.noise_multiplier,
                 noise_added_by="coordinator",
+                delta=self.privacy.central.delta,
+                epsilon_after=epsilon,
+                epsilon_delta=self.policy.delta,
             )
         return summary
-
-    @property
-    def secure(self) -> bool:
-        return bool(self.instructions.get(SECURE_AGGREGATION_KEY, False))
 
     @property
     def transport(self) -> Transport:
         """The update's float format on the wire. A secure round quantises the float32
         delta the site keeps, so the plain-path format does not apply to it."""
-        return Transport.float32 if self.secure else transport_from_instructions(self.instructions)
+        return Transport.float32 if self.secure_path else transport_from_instructions(self.instructions)
 
     def outgoing_update(self, delta: dict[str, torch.Tensor]) -> ArrayRecord:
         """The reply's update: clipped (central DP), then cast to the round's transport format."""
         return encode_update(self.clip(delta), self.transport)
 
     def audit_reply(self, update: ArrayRecord, metrics: Mapping[str, Any]) -> None:
-        held = self.secure
+        # What the path does with the update, not what the instructions claim.
+        held = self.secure_path
         self.audit.append(
             kind=KIND_TRAIN_REPLY, run_id=self.run_id, server_round=self.server_round,
             site_id=self.identity.site_id, arrays=update, metrics=metrics,
-            dp=self.dp_summary(metrics.get(EPSILON_KEY)), transport=None if held else self.transport,
+            dp=self.dp_summary(), transport=None if held else self.transport,
             # With secure aggregation the update described here stays at the site; only its
             # masked form leaves it (the secagg-masked_input entry of this round).
-            reason="update held for secure aggregation; sent masked only" if held else "",
+            reason="update held for secure aggregation; sent masked only" if held else "update sent in clear (plain train path)",
         )
 
     def refuse(self, refusal: RoundRefused) -> Error:

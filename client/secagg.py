@@ -54,7 +54,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from ctfed.client.audit import AUDIT_FILE, KIND_SECAGG_PREFIX, AuditLog
+from ctfed.client.audit import AUDIT_FILE, KIND_SECAGG_PREFIX, AuditLog, secagg_share_lists
 from ctfed.client.finetune_round import CLASSIFIER_BASE_KEY
 from ctfed.client.policy import load_site_policy
 from ctfed.client.site import DATA_PATH_KEY, PARTITION_ID_KEY, SITE_ID_KEY, identify_site
@@ -531,6 +531,7 @@ def _audited(stage: str, handler: Handler, audit_replies: bool = True) -> Handle
                 site_id=identity.site_id,
                 arrays=masked,
                 metrics={"protocol-bytes": sa.payload_bytes(reply.content)},
+                shares=secagg_share_lists(stage, reply.content[sa.PROTOCOL_KEY], msg.content[sa.PROTOCOL_KEY]),
             )
         return reply
 

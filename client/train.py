@@ -376,12 +376,11 @@ class LocalTrainer:
         # depend on how many are spawned, so crops and order match the pre-MIM trainer.)
         # Every volume draw's crops come from (crop seed, its position in the round), so they
         # are the same whichever loader process makes them.
-        crop_seed, order_seed, mask_seed, noise_seed = np.random.SeedSequence([self.seed, round_index]).spawn(4)
+        crop_seed, order_seed, mask_seed, _ = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
         order = int(order_seed.generate_state(1)[0])
-        if self.dp is not None:
-            self.dp.reseed(int(noise_seed.generate_state(1)[0]))
-            batches = self._dp_batches(order, crop_seed)
+        if self.dp is not None:  # DP noise and Poisson sampling draw from the OS CSPRNG, never a seed
+            batches = self._dp_batches(crop_seed)
         else:
             batches = self._batches(order, crop_seed)
 
@@ -635,7 +634,7 @@ class LocalTrainer:
         )
         yield from loader
 
-    def _dp_batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor | None]:
+    def _dp_batches(self, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor | None]:
         """DP-SGD's Poisson-sampled batches of views (None where a batch came out empty), made
         in this process: a batch's size is random, and an empty one has nothing to collate."""
         assert self.dp is not None
@@ -643,7 +642,7 @@ class LocalTrainer:
             logger.info("local DP-SGD makes its crops in the training process (train.loader_workers ignored)")
         views = _CropViews(self.dataset, self.multicrop, crop_seed)
         position = 0
-        for indices in self.dp.poisson_batches(order_seed):
+        for indices in self.dp.poisson_batches():
             items = [(position + k, index) for k, index in enumerate(indices)]
             position += len(items)
             yield torch.stack([views[item] for item in items]) if items else None

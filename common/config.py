@@ -715,9 +715,8 @@ class LocalDPConfig:
     # Per-volume L2 bound on the gradient (all crops of one volume together).
     max_grad_norm: float = 1.0
     delta: float = 1e-5
-    # True: noise and batch sampling are seeded from OS entropy (not reproducible) and
-    # Opacus' floating-point-attack-resistant noise is used. False: seeded from train.seed.
-    secure_rng: bool = False
+    # (No seed or RNG knob: a site draws DP-SGD noise and Poisson batches from the operating
+    # system's CSPRNG, always; client/dp_sgd.py.)
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -772,12 +771,23 @@ class SitePolicy:
     require_secure_aggregation: bool = False
     # Refuse rounds whose aggregate may hold fewer sites than this (the coordinator's min_sites).
     min_sites: int = 1
-    # Refuse rounds without differential privacy (local or central).
+    # Refuse rounds without differential privacy (local or central). Needs a bound on what
+    # counts as DP (max_epsilon, max_round_epsilon or min_noise_multiplier): any noise at all
+    # would otherwise meet it.
     require_dp: bool = False
-    # Sample-level privacy budget of this site's local DP-SGD, epsilon at ``delta``; a round
-    # that would take the site past it is refused. 0: no budget.
+    # Privacy budget over every round ever run, epsilon at ``delta``, computed by the site
+    # itself from its own ledger of the mode in use (local: DP-SGD, a volume is the unit;
+    # central: one entry per round, this site's whole update is the unit; docs/security.md).
+    # A round that would take the site past it is refused. 0: no budget.
     max_epsilon: float = 0.0
+    # The delta at which the site computes (and reports) every epsilon.
     delta: float = 1e-5
+    # Largest epsilon (at ``delta``) one round may add on its own. 0: no limit.
+    max_round_epsilon: float = 0.0
+    # Smallest noise multiplier a DP round may use (privacy.local / privacy.central). 0: none.
+    min_noise_multiplier: float = 0.0
+    # Largest delta a DP round may name in its config (privacy.*.delta). 0: no limit.
+    max_delta: float = 0.0
     # Largest train.local_steps per round (0: any).
     max_local_steps: int = 0
     # model.name values allowed (empty: any), and size limits (0: any).
@@ -788,6 +798,10 @@ class SitePolicy:
     # label) with each SSL round's metrics. Counts only, never an identifier; but they travel
     # in clear and outside any DP guarantee, so a site may keep them.
     share_data_summary: bool = True
+    # Counts of the data summary below this (scans, labelled scans, positives per label, and
+    # positives whose negatives are below it) are not sent: small cells single people out.
+    # 0 sends every count.
+    min_reported_count: int = 5
     # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
     # statistics of labelled scans, in clear and outside any DP guarantee, like the summary.
@@ -808,7 +822,17 @@ class SitePolicy:
             raise ConfigError(f"policy.max_epsilon must be >= 0 (0: no budget), got {self.max_epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"policy.delta must be in (0, 1), got {self.delta}")
-        for name in ("max_local_steps", "max_hidden_size", "max_layers"):
+        for name in ("max_round_epsilon", "min_noise_multiplier"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not 0 <= self.max_delta < 1:
+            raise ConfigError(f"policy.max_delta must be in [0, 1) (0: no limit), got {self.max_delta}")
+        if self.require_dp and not (self.max_epsilon or self.max_round_epsilon or self.min_noise_multiplier):
+            raise ConfigError(
+                "policy.require_dp needs a bound on the privacy it accepts: set policy.max_epsilon, "
+                "policy.max_round_epsilon or policy.min_noise_multiplier (any noise at all would meet it otherwise)"
+            )
+        for name in ("max_local_steps", "max_hidden_size", "max_layers", "min_reported_count"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
         if not 0.5 <= self.min_secagg_threshold_fraction < 1:

@@ -1,5 +1,9 @@
 """Differential-privacy maths shared by sites and coordinator: clipping, noise, accounting.
 
+Randomness: every DP draw (DP-SGD noise and Poisson batches at a site, central noise at the
+coordinator) comes from ``SecureRandom``, the ChaCha20 keystream under a key from the OS
+CSPRNG; no seed, config or instruction can make it reproducible.
+
 Accounting uses Opacus' RDP analysis of the sampled Gaussian mechanism. A ``PrivacyLedger``
 is the accountant's whole history as plain numbers (noise multiplier, sample rate, steps per
 round), so it can be written to JSON, read back after a restart and extended: epsilon then
@@ -11,11 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from ctfed.common.fileio import write_json_atomic
 
@@ -159,14 +166,69 @@ def central_noise_std(noise_multiplier: float, clip_norm: float, num_sites: int)
     return noise_multiplier * clip_norm / num_sites
 
 
+class SecureRandom:
+    """Uniform and Gaussian draws from the operating system's CSPRNG, for DP only.
+
+    The bits are the ChaCha20 keystream under a 256-bit key and nonce from ``os.urandom``,
+    fresh per object (``cryptography``, as the SecAgg masks), so nobody can reproduce or
+    predict them: not the coordinator, not anyone who knows every config and seed. A
+    torch or numpy generator seeded from a config value would make the noise subtractable.
+
+    Uniforms carry 53 random bits in (0, 1); normals are Box-Muller pairs in float64. A
+    Gaussian sample is the sum of four such normals divided by 2, Opacus' ``secure_mode``
+    construction against floating-point attacks on the noise's low bits (Opacus'
+    ``_generate_noise``; Holohan et al. 2021, arXiv:2107.10138, section 5.1). Cost: about 6M
+    noise values per second on one busy core (docs/security.md).
+    """
+
+    _CHUNK = 1 << 20  # values per keystream request, to bound memory
+
+    def __init__(self) -> None:
+        self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` i.i.d. uniforms in the open interval (0, 1), float64."""
+        words = np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+    def _box_muller(self, count: int) -> np.ndarray:
+        pairs = (count + 1) // 2
+        u = self.uniform(2 * pairs)
+        radius = np.sqrt(-2.0 * np.log(u[:pairs]))
+        angle = (2.0 * np.pi) * u[pairs:]
+        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+
+    def standard_normal(self, count: int) -> np.ndarray:
+        """``count`` i.i.d. N(0, 1) draws, float64 (each the mean-free sum of four, over 2)."""
+        out = np.empty(count, dtype=np.float64)
+        for start in range(0, count, self._CHUNK):
+            size = min(self._CHUNK, count - start)
+            total = self._box_muller(size)
+            for _ in range(3):
+                total += self._box_muller(size)
+            out[start : start + size] = total / 2.0
+        return out
+
+    def normal(self, shape: torch.Size | tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor of i.i.d. N(0, std^2) of ``shape`` and ``dtype``."""
+        count = math.prod(shape)
+        return torch.from_numpy(self.standard_normal(count) * std).to(dtype).reshape(shape)
+
+    def bernoulli(self, count: int, probability: float) -> torch.Tensor:
+        """``count`` independent coin flips with success ``probability`` (a bool tensor)."""
+        return torch.from_numpy(self.uniform(count) < probability)
+
+
 def add_gaussian_noise(
-    state: Mapping[str, torch.Tensor], std: float, generator: torch.Generator | None = None
+    state: Mapping[str, torch.Tensor], std: float, rng: SecureRandom | None = None
 ) -> dict[str, torch.Tensor]:
-    """``state`` plus i.i.d. N(0, std^2) on every floating-point element."""
+    """``state`` plus i.i.d. N(0, std^2) on every floating-point element, from ``rng``
+    (a fresh ``SecureRandom`` if none is given; there is no seeded alternative)."""
+    rng = rng if rng is not None else SecureRandom()
     noisy: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if tensor.is_floating_point() and std > 0:
-            noise = torch.normal(0.0, std, size=tensor.shape, generator=generator, dtype=torch.float32)
+            noise = rng.normal(tensor.shape, std, dtype=torch.float32)
             noisy[name] = (tensor.float() + noise).to(tensor.dtype)
         else:
             noisy[name] = tensor.clone()

@@ -18,13 +18,12 @@ can continue it.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ctfed.common.config import CentralDPConfig
-from ctfed.common.dp import LedgerEntry, PrivacyLedger, add_gaussian_noise, central_noise_std
+from ctfed.common.dp import LedgerEntry, PrivacyLedger, SecureRandom, add_gaussian_noise, central_noise_std
 
 # Sites clip in float32; allow that much rounding above the bound before calling it a breach.
 CLIP_TOLERANCE = 1e-4
@@ -41,13 +40,11 @@ def uniform_mean(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
 class CentralDP:
     """Uniform averaging, Gaussian noise and the coordinator's privacy ledger."""
 
-    def __init__(
-        self, cfg: CentralDPConfig, ledger: PrivacyLedger | None = None, generator: torch.Generator | None = None
-    ) -> None:
+    def __init__(self, cfg: CentralDPConfig, ledger: PrivacyLedger | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger if ledger is not None else PrivacyLedger()
-        # Noise must not be reproducible by anyone who knows the run config: OS entropy.
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
+        # Noise must not be reproducible by anyone who knows the run config: the OS CSPRNG.
+        self.rng = SecureRandom()
 
     def max_update_norm(self, federation_max: float) -> float:
         """An update above the clip bound breaks the sensitivity argument: reject it."""
@@ -68,7 +65,7 @@ class CentralDP:
         """Noise a uniform mean of ``num_sites`` clipped updates (also what secure aggregation
         hands over, with every site weighted 1); records the round in the ledger."""
         std = self.noise_std(num_sites)
-        noisy = add_gaussian_noise(mean, std, self.generator)
+        noisy = add_gaussian_noise(mean, std, self.rng)
         self.ledger.record(
             LedgerEntry(round=server_round, noise_multiplier=self.cfg.noise_multiplier, sample_rate=sample_rate, steps=1)
         )

@@ -13,14 +13,19 @@ from flwr.app import ArrayRecord
 from ctfed.client.audit import (
     AUDIT_FILE,
     ENTRY_KEYS,
-    GENESIS_HASH,
+    HEAD_SUFFIX,
     KIND_REFUSAL,
     KIND_TRAIN_REPLY,
     PARAMETER_KEYS,
     AuditLog,
     AuditLogError,
+    audit_key,
+    genesis_mac,
+    secagg_share_lists,
     verify_audit_log,
 )
+from ctfed.common import secagg as sa
+from ctfed.common.privacy import SECRET_FILE
 from ctfed.common.exchange import payload_sha256, record_bytes
 
 
@@ -49,7 +54,8 @@ def test_entries_describe_what_was_sent(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     first, second = (json.loads(line) for line in lines)
     assert set(first) == ENTRY_KEYS
-    assert first["prev_sha256"] == GENESIS_HASH
+    key = audit_key(tmp_path)
+    assert first["prev_hmac"] == genesis_mac(key)
     assert first["time"].endswith("+00:00")  # UTC
     assert (first["run_id"], first["round"], first["kind"], first["site"]) == ("9", 1, KIND_TRAIN_REPLY, "hospital-a")
     arrays = _arrays(0)
@@ -63,8 +69,11 @@ def test_entries_describe_what_was_sent(tmp_path: Path) -> None:
     assert first["bytes"] == record_bytes(arrays)
     assert first["dp"]["epsilon_after"] == 0.5
     import hashlib
+    import hmac
 
-    assert second["prev_sha256"] == hashlib.sha256(lines[0].encode()).hexdigest()
+    assert second["prev_hmac"] == hmac.new(key, lines[0].encode(), hashlib.sha256).hexdigest()
+    # The key is the state folder's own site secret, private to the site's user.
+    assert (tmp_path / SECRET_FILE).stat().st_mode & 0o077 == 0
 
 
 def test_chain_verifies_and_detects_edits_deletions_and_truncation(tmp_path: Path) -> None:
@@ -92,6 +101,75 @@ def test_chain_verifies_and_detects_edits_deletions_and_truncation(tmp_path: Pat
     path.write_text(json.dumps(smuggled, sort_keys=True) + "\n")
     with pytest.raises(AuditLogError, match="unexpected entry keys"):
         verify_audit_log(path)
+
+
+def _rewrite_chain(path: Path, lines: list[str], key: bytes) -> None:
+    """What an attacker without the site secret can do: rebuild the chain with plain SHA-256
+    (the scheme before the chain was keyed) or with a key of its own."""
+    import hashlib
+    import hmac
+
+    previous = None
+    out = []
+    for raw in lines:
+        entry = json.loads(raw)
+        entry["prev_hmac"] = (
+            genesis_mac(key) if previous is None else hmac.new(key, previous, hashlib.sha256).hexdigest()
+        )
+        line = json.dumps(entry, sort_keys=True).encode()
+        out.append(line)
+        previous = line
+    path.write_bytes(b"".join(line + b"\n" for line in out))
+
+
+def test_a_cut_or_rewritten_log_does_not_verify_without_the_site_secret(tmp_path: Path) -> None:
+    """The attacks of issue #12 point 13: cut the tail and delete or rewrite the head; rewrite
+    the whole chain consistently. Each one verified before the chain was keyed."""
+    path = tmp_path / AUDIT_FILE
+    _write(path, entries=4)
+    original = path.read_text().splitlines(keepends=True)
+    head = path.with_name(path.name + HEAD_SUFFIX)
+    original_head = head.read_text()
+
+    path.write_text("".join(original[:2]))  # the last two entries cut off ...
+    head.unlink()  # ... and the head that would show it deleted
+    with pytest.raises(AuditLogError, match="head audit.jsonl.head is missing"):
+        verify_audit_log(path)
+
+    # ... or the head rewritten to match the shorter log (its fields are plain to see).
+    kept = json.loads(original[1])
+    head.write_text(json.dumps({**json.loads(original_head), "lines": 2, "last_hmac": kept["prev_hmac"]}))
+    with pytest.raises(AuditLogError, match="not written with this site's audit key"):
+        verify_audit_log(path)
+
+    # A whole log rewritten (an entry's norms edited) and chained again under another key.
+    edited = [original[0], json.dumps({**json.loads(original[1]), "bytes": 0}) + "\n", *original[2:]]
+    forged_key = b"\x00" * 32
+    _rewrite_chain(path, edited, forged_key)
+    head.write_text(original_head)
+    with pytest.raises(AuditLogError, match=":1: hash chain broken"):
+        verify_audit_log(path)
+
+    # Without the site secret there is nothing to verify against (and it is not created).
+    path.write_text("".join(original))
+    (tmp_path / SECRET_FILE).unlink()
+    with pytest.raises(AuditLogError, match="no site secret"):
+        verify_audit_log(path)
+    assert not (tmp_path / SECRET_FILE).exists()
+
+
+def test_share_stages_record_node_ids_only() -> None:
+    assert secagg_share_lists(sa.STAGE_SHARE_KEYS, {sa.K_DESTINATIONS: [7, 3]}, {sa.K_NODE_IDS: [3, 5, 7]}) == {
+        "neighbours": [3, 5, 7], "shares_sent_to": [3, 7],
+    }
+    assert secagg_share_lists(sa.STAGE_MASKED_INPUT, {}, {sa.K_SOURCES: [7, 3], sa.K_CIPHERTEXTS: [b"x", b"y"]}) == {
+        "shares_received_from": [3, 7],
+    }
+    unmask = secagg_share_lists(
+        sa.STAGE_UNMASK, {sa.K_SEED_OWNERS: [3, 5], sa.K_SEED_SHARES: [b"s", b"t"], sa.K_SK1_OWNERS: [7]},
+        {sa.K_SURVIVORS: [3, 5], sa.K_DROPPED: [7]},
+    )
+    assert unmask == {"survivors": [3, 5], "dropped": [7], "seed_shares_revealed_for": [3, 5], "sk1_shares_revealed_for": [7]}
 
 
 def test_appends_continue_the_chain_across_log_objects(tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ from ctfed.client.policy import (
 )
 from ctfed.client.site_cli import node_config
 from ctfed.common.config import (
+    CentralDPConfig,
     ConfigError,
+    LocalDPConfig,
     ModelConfig,
     PrivacyConfig,
     PrivacyMode,
@@ -58,14 +60,21 @@ def _instructions(
 
 
 LOCAL_DP = PrivacyConfig(mode=PrivacyMode.local)
+# The issue's example of "any noise": it met require_dp before the policy had bounds.
+CENTRAL_WEAK = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1e-9, clip_norm=1e9, delta=0.5))
+LOCAL_WEAK = PrivacyConfig(mode=PrivacyMode.local, local=LocalDPConfig(noise_multiplier=0.1))
 
 # (policy, instructions that break it, a phrase the refusal must contain)
 RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
     (SitePolicy(allowed_phases=["finetune"]), _instructions(), "phase 'pretrain'"),
     (SitePolicy(require_secure_aggregation=True), _instructions(), "require_secure_aggregation"),
     (SitePolicy(min_sites=5), _instructions(), "as few as 3 sites"),
-    (SitePolicy(require_dp=True), _instructions(), "require_dp"),
-    (SitePolicy(max_epsilon=3.0), _instructions(privacy=PrivacyConfig(mode=PrivacyMode.central)), "max_epsilon=3"),
+    (SitePolicy(require_dp=True, max_epsilon=8.0), _instructions(), "require_dp"),
+    (SitePolicy(max_epsilon=3.0), _instructions(), "max_epsilon=3"),
+    (SitePolicy(max_round_epsilon=1.0), _instructions(), "max_round_epsilon=1"),
+    (SitePolicy(min_noise_multiplier=0.8), _instructions(privacy=CENTRAL_WEAK), "privacy.central.noise_multiplier=1e-09"),
+    (SitePolicy(max_delta=1e-5), _instructions(privacy=CENTRAL_WEAK), "privacy.central.delta=0.5 exceeds"),
+    (SitePolicy(min_noise_multiplier=0.8), _instructions(privacy=LOCAL_WEAK), "privacy.local.noise_multiplier=0.1"),
     (SitePolicy(max_local_steps=2), _instructions(), "train.local_steps=4 exceeds policy.max_local_steps=2"),
     (SitePolicy(allowed_models=["small"]), _instructions(), "model 'tiny'"),
     (SitePolicy(max_hidden_size=24), _instructions(), "model.hidden_size=48"),
@@ -76,20 +85,22 @@ RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
 @pytest.mark.parametrize(("policy", "instructions", "phrase"), RULES, ids=[r[2].split()[0] for r in RULES])
 def test_each_rule_refuses_a_violating_round(policy: SitePolicy, instructions: ConfigRecord, phrase: str) -> None:
     with pytest.raises(PolicyViolation, match="policy: ") as refused:
-        check_instructions(policy, instructions)
+        check_instructions(policy, instructions, secure_path=False)
     assert phrase in str(refused.value)
 
 
 def test_allowed_rounds_pass_and_all_reasons_are_listed() -> None:
-    check_instructions(SitePolicy(), _instructions())
+    check_instructions(SitePolicy(), _instructions(), secure_path=False)
     strict = SitePolicy(
         require_secure_aggregation=False, min_sites=3, require_dp=True, max_epsilon=5.0, max_local_steps=4,
-        allowed_models=["tiny"], max_hidden_size=48, max_layers=2,
+        allowed_models=["tiny"], max_hidden_size=48, max_layers=2, min_noise_multiplier=1.0, max_delta=1e-5,
     )
-    check_instructions(strict, _instructions(privacy=LOCAL_DP))
-    check_instructions(SitePolicy(require_secure_aggregation=True), _instructions(**{SECURE_AGGREGATION_KEY: True}))
+    check_instructions(strict, _instructions(privacy=LOCAL_DP), secure_path=False)
+    check_instructions(
+        SitePolicy(require_secure_aggregation=True), _instructions(**{SECURE_AGGREGATION_KEY: True}), secure_path=True
+    )
     with pytest.raises(PolicyViolation) as refused:
-        check_instructions(SitePolicy(max_local_steps=1, max_layers=1), _instructions())
+        check_instructions(SitePolicy(max_local_steps=1, max_layers=1), _instructions(), secure_path=False)
     assert "max_local_steps" in str(refused.value) and "max_layers" in str(refused.value)
 
 
@@ -132,7 +143,7 @@ def test_client_app_refuses_before_reading_data(tmp_path: Path, monkeypatch: pyt
 def test_policy_sources(tmp_path: Path) -> None:
     assert load_site_policy({}, {}, "x") == SitePolicy()
     table = tmp_path / "policies.json"
-    table.write_text(json.dumps({"a": {"max_local_steps": 2}, "*": {"require_dp": True}}))
+    table.write_text(json.dumps({"a": {"max_local_steps": 2}, "*": {"require_dp": True, "max_epsilon": 8}}))
     assert load_site_policy({}, {SITE_POLICIES_FILE_KEY: str(table)}, "a").max_local_steps == 2
     assert load_site_policy({}, {SITE_POLICIES_FILE_KEY: str(table)}, "b").require_dp
     table.write_text(json.dumps({"a": {"max_local_step": 2}}))
@@ -152,7 +163,9 @@ def _site_yaml(tmp_path: Path, policy: str) -> Path:
 
 
 def test_site_yaml_policy_is_validated_and_passed_to_the_supernode(tmp_path: Path) -> None:
-    cfg = read_site_config(_site_yaml(tmp_path, "policy:\n  max_local_steps: 8\n  require_dp: true\n"))
+    cfg = read_site_config(
+        _site_yaml(tmp_path, "policy:\n  max_local_steps: 8\n  require_dp: true\n  min_noise_multiplier: 1\n")
+    )
     assert cfg.policy.max_local_steps == 8 and cfg.policy.require_dp
     config = node_config(cfg)
     assert f'state-dir="{cfg.state_path}"' in config
@@ -163,6 +176,11 @@ def test_site_yaml_policy_is_validated_and_passed_to_the_supernode(tmp_path: Pat
         read_site_config(_site_yaml(tmp_path, "policy:\n  max_epsilon: -1\n"))
     with pytest.raises(ConfigError, match="max_local_step"):
         read_site_config(_site_yaml(tmp_path, "policy:\n  max_local_step: 3\n"))
+    # require_dp alone would be met by any noise at all.
+    with pytest.raises(ConfigError, match="require_dp needs a bound"):
+        read_site_config(_site_yaml(tmp_path, "policy:\n  require_dp: true\n"))
+    with pytest.raises(ConfigError, match="max_delta"):
+        read_site_config(_site_yaml(tmp_path, "policy:\n  max_delta: 1\n"))
 
 
 def test_shipped_site_yaml_policy_is_the_permissive_default() -> None:
@@ -199,6 +217,12 @@ def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, mon
         node_config={"data-path": str(cache), "site-id": "hospital-a", "state-dir": str(state_dir),
                      POLICY_FILE_KEY: str(write_policy_file(SitePolicy(), state_dir))},
     )
+    # Two scans is a small cell: by default (min_reported_count 5) no count of this site leaves it.
+    suppressed = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
+    assert SCANS_KEY not in suppressed and not [key for key in suppressed if key.startswith(DATA_PREFIX + "positive-")]
+    assert DATA_PREFIX + "slices-min" in suppressed  # ranges are not counts
+
+    write_policy_file(SitePolicy(min_reported_count=0), state_dir)
     shared = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
     assert shared[SCANS_KEY] == 2
 

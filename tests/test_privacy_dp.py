@@ -31,6 +31,7 @@ from ctfed.common.dp import (
     RDP_ORDERS,
     LedgerEntry,
     PrivacyLedger,
+    SecureRandom,
     add_gaussian_noise,
     central_noise_std,
     clip_update,
@@ -78,28 +79,45 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # -- local DP-SGD ---------------------------------------------------------------------------
 
 
-def test_dp_sgd_is_reproducible_per_seed_and_noise_changes_the_weights() -> None:
-    first, again = _dp_trainer(seed=3), _dp_trainer(seed=3)
+def test_dp_sgd_noise_is_never_reproducible_from_the_seed() -> None:
+    """Two identical rounds (same seed, data, crops and masks, every volume in every batch,
+    so the batches match too) differ: only the noise can make them differ."""
+    dp = LocalDPConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    same = dict(seed=3, dp=dp, batch_size=NUM_VOLUMES, local_steps=1)
+    first, again = _dp_trainer(**same), _dp_trainer(**same)  # type: ignore[arg-type]
     first.train_round(0)
     again.train_round(0)
-    assert _max_diff(first.encoder_state(), again.encoder_state()) == 0.0
-
-    other_seed = _dp_trainer(seed=4)
-    other_seed.train_round(0)
-    assert _max_diff(first.encoder_state(), other_seed.encoder_state()) > 0
-
-    # Same seed (same batches, crops and masks), only the noise scale differs.
-    quiet = _dp_trainer(seed=3, dp=LocalDPConfig(noise_multiplier=1e-6, max_grad_norm=1.0))
-    quiet.train_round(0)
-    assert _max_diff(first.encoder_state(), quiet.encoder_state()) > 1e-4
+    assert _max_diff(first.encoder_state(), again.encoder_state()) > 1e-4
 
 
-def test_secure_rng_is_not_reproducible_from_the_seed() -> None:
-    secure = LocalDPConfig(noise_multiplier=1.0, secure_rng=True)
-    first, second = _dp_trainer(seed=3, dp=secure), _dp_trainer(seed=3, dp=secure)
-    first.train_round(0)
-    second.train_round(0)
-    assert _max_diff(first.encoder_state(), second.encoder_state()) > 0
+def test_poisson_batches_come_from_the_csprng() -> None:
+    trainer = _dp_trainer(seed=3)
+    other = _dp_trainer(seed=3)
+    assert trainer.dp is not None and other.dp is not None
+    take = lambda dp: [tuple(next(batches)) for batches in [dp.poisson_batches()] for _ in range(40)]  # noqa: E731
+    assert take(trainer.dp) != take(other.dp)
+    sizes = [len(batch) for batch in take(trainer.dp)]
+    assert 0.3 < sum(sizes) / (40 * NUM_VOLUMES) < 0.7  # rate batch_size / volumes = 0.5
+
+
+def test_secure_random_draws_have_the_stated_distribution() -> None:
+    rng = SecureRandom()
+    uniform = rng.uniform(100_000)
+    assert 0 < uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01
+    noise = rng.normal((300, 1000), std=2.5, dtype=torch.float64)
+    assert noise.shape == (300, 1000) and noise.dtype == torch.float64
+    assert float(noise.mean()) == pytest.approx(0.0, abs=0.02)
+    assert float(noise.std()) == pytest.approx(2.5, rel=0.01)
+    kurtosis = float(((noise / noise.std()) ** 4).mean())
+    assert kurtosis == pytest.approx(3.0, abs=0.05)  # Gaussian, not uniform (1.8) or Laplace (6)
+    assert not torch.equal(SecureRandom().normal((8,), 1.0), SecureRandom().normal((8,), 1.0))
+
+
+def test_local_dp_config_has_no_rng_switch() -> None:
+    from ctfed.common.config import ConfigError, to_section
+
+    with pytest.raises(ConfigError, match="secure_rng"):
+        to_section(LocalDPConfig, {"secure_rng": False})
 
 
 @pytest.mark.parametrize(("mim_weight", "mim_objective"), [(0.0, "ibot"), (1.0, "ibot"), (1.0, "mae")])
@@ -180,7 +198,7 @@ def _instructions(server_round: int, train: TrainConfig, dp: LocalDPConfig) -> d
 
 def _site_round(state_dir: Path, context: Context, server_round: int, train: TrainConfig, dp: LocalDPConfig) -> SitePrivacyRound:
     identity = SiteIdentity(site_id="site_a", index=0, cache_dir=state_dir / "no-cache", state_dir=state_dir)
-    return SitePrivacyRound(identity, context, _instructions(server_round, train, dp))
+    return SitePrivacyRound(identity, context, _instructions(server_round, train, dp), secure_path=False)
 
 
 def test_site_epsilon_accumulates_across_rounds_and_a_restart(tmp_path: Path) -> None:
@@ -294,7 +312,7 @@ def test_clip_update_bounds_norm_and_keeps_direction() -> None:
 def test_central_noise_has_the_documented_scale() -> None:
     assert central_noise_std(1.2, 2.0, 4) == pytest.approx(0.6)
     cfg = CentralDPConfig(clip_norm=2.0, noise_multiplier=1.2)
-    central = CentralDP(cfg, generator=torch.Generator().manual_seed(0))
+    central = CentralDP(cfg)
     big = {"w": torch.zeros(200_000)}
     noisy, std = central.aggregate([big, big, big, big], server_round=1, sample_rate=1.0)
     assert std == pytest.approx(1.2 * 2.0 / 4)
@@ -306,6 +324,9 @@ def test_central_noise_has_the_documented_scale() -> None:
     assert torch.allclose(mean["a"], (updates[0]["a"] + updates[1]["a"] + updates[2]["a"]) / 3)
     unnoised = add_gaussian_noise(mean, 0.0)
     assert torch.equal(unnoised["a"], mean["a"])
+    # The coordinator's noise is not reproducible either: two identical rounds differ.
+    again, _ = CentralDP(cfg).aggregate([big, big, big, big], server_round=1, sample_rate=1.0)
+    assert not torch.equal(noisy["w"], again["w"])
 
 
 def test_central_accountant_matches_opacus_rdp() -> None:

@@ -78,6 +78,10 @@ def test_every_outgoing_message_is_audited(local_dp_run: Path) -> None:
             assert train[0]["parameters"] and "held for secure aggregation" in train[0]["reason"]
             masked = [e for e in entries if e["kind"] == f"{KIND_SECAGG_PREFIX}{STAGE_MASKED_INPUT}"]
             assert masked[0]["bytes"] > 0 and masked[0]["payload_sha256"] != masked[1]["payload_sha256"]
+            # Whose shares this site's masks are with: the other training site's node, ids only.
+            assert len(masked[0]["shares"]["shares_received_from"]) == 1
+            # Under local DP no per-step loss left the site.
+            assert "losses" not in train[0]["metrics"] and "loss" in train[0]["metrics"]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "train.local_steps=2",
             "synth.sites=3",
             "synth.scans_per_site=2",
+            # Two scans per site are below the default small-cell floor of the data summary.
+            "simulation.site_policy.min_reported_count=0",
             # The plain (vetted FedAvg) path; tests/test_secagg.py runs the secure one.
             "secagg.enabled=false",
         ]

@@ -1,0 +1,406 @@
+"""A malicious coordinator against the real site handlers (issue #12, points 5, 6, 7, 9, 13).
+
+Each test hand-writes the messages an attacking coordinator would send to the site's real
+ClientApp handlers (``client/app.py``'s ``train`` and the secure-aggregation stages) and
+checks that the site refuses, or that what it sends is what the site's own rules allow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
+
+from ctfed.client import secagg as site_secagg
+from ctfed.client.app import train as client_train
+from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_SECAGG_PREFIX, KIND_TRAIN_REPLY, verify_audit_log
+from ctfed.client.ledger import CENTRAL_LEDGER_FILE
+from ctfed.client.policy import POLICY_FILE_KEY, write_policy_file
+from ctfed.common import secagg as sa
+from ctfed.common.config import (
+    CentralDPConfig,
+    LocalDPConfig,
+    ModelConfig,
+    PrivacyConfig,
+    PrivacyMode,
+    RunConfig,
+    SecAggConfig,
+    SitePolicy,
+    TrainConfig,
+    load_run_config,
+)
+from ctfed.common.dp import PrivacyLedger
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    BUDGET_REFUSED_CODE,
+    CONFIG_KEY,
+    EPSILON_KEY,
+    METRICS_KEY,
+    MIN_SITES_KEY,
+    NUM_EXAMPLES_KEY,
+    PHASE_KEY,
+    POLICY_REFUSED_CODE,
+    SECURE_AGGREGATION_KEY,
+    SERVER_ROUND_KEY,
+    SITE_KEY,
+    configs_to_record,
+    state_to_record,
+)
+from ctfed.common.model import ViTEncoder
+from ctfed.common.preprocess import MANIFEST
+
+MODEL = ModelConfig()
+ONE_STEP = TrainConfig(local_steps=1, batch_size=2, num_local_crops=1)
+LOCAL_DP = PrivacyConfig(mode=PrivacyMode.local, local=LocalDPConfig(noise_multiplier=1.0))
+SITE = "hospital-a"
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Messages take their run and node from the process's task identity (set by the SuperNode).
+    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared site cache of two synthetic scans, one per study."""
+    from ctfed.common.preprocess import prepare
+    from ctfed.simulations.synth import synthesize_federation
+
+    root = tmp_path_factory.mktemp("site")
+    (site_dicom,) = synthesize_federation(root / "dicom", sites=1, scans_per_site=2, seed=0)
+    prepare(site_dicom, root / "cache", load_run_config().preprocess, progress=False)
+    return root / "cache"
+
+
+def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
+    return Context(
+        run_id=5, node_id=1, state=RecordDict(), run_config={},
+        node_config={"data-path": str(cache_dir), "site-id": SITE, "state-dir": str(state_dir),
+                     POLICY_FILE_KEY: str(write_policy_file(policy, state_dir))},
+    )
+
+
+def _instructions(
+    privacy: PrivacyConfig | None = None, claims_secure: bool = False, server_round: int = 1, **extra: Any
+) -> ConfigRecord:
+    values = {PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: claims_secure, SERVER_ROUND_KEY: server_round}
+    record = configs_to_record(MODEL, ONE_STEP, privacy, **values)
+    for key, value in extra.items():
+        record[key] = value
+    return record
+
+
+def _global_encoder() -> dict[str, torch.Tensor]:
+    """The same global encoder in every message (an attacker replaying one round)."""
+    torch.manual_seed(0)
+    return ViTEncoder(MODEL).state_dict()
+
+
+def _plain(instructions: ConfigRecord) -> Message:
+    """A plain ``train`` message: Flower routes it to the ClientApp's plain handler."""
+    content = RecordDict({ARRAYS_KEY: state_to_record(_global_encoder()), CONFIG_KEY: instructions})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def _secure_stage_a(instructions: ConfigRecord) -> tuple[Message, Any]:
+    """Stage (a) of secure aggregation, and the site's real handler for it."""
+    encoder = _global_encoder()
+    params = ConfigRecord(
+        {sa.P_ROUND: int(instructions[SERVER_ROUND_KEY]), sa.P_THRESHOLD: 2, sa.P_CLIPPING: 1.0,
+         sa.P_QUANTIZATION: 2**20, sa.P_MODULUS_BITS: 64, sa.P_MAX_WEIGHT: 64, sa.P_MAX_NORM: 1e6}
+    )
+    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: instructions, sa.PARAMS_KEY: params})
+    kind = sa.message_type(sa.STAGE_TRAIN)
+    return Message(content, dst_node_id=1, message_type=kind), site_secagg.stage_handlers(client_train)[kind]
+
+
+def _audit(state_dir: Path) -> list[dict[str, Any]]:
+    path = state_dir / AUDIT_FILE
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    assert verify_audit_log(path) == len(entries)
+    return entries
+
+
+# -- point 5: "secure" is the protocol path, not a flag -------------------------------------
+
+
+def test_plain_message_with_the_secure_flag_gets_no_clear_update(tmp_path: Path, cache: Path) -> None:
+    state = tmp_path / "state"
+    context = _context(state, cache, SitePolicy(require_secure_aggregation=True))
+
+    # The attack: a plain train message whose instructions claim secure aggregation.
+    reply = client_train(_plain(_instructions(claims_secure=True)), context)
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == POLICY_REFUSED_CODE
+    assert "require_secure_aggregation" in reply.error.reason and "plain train path" in reply.error.reason
+    (entry,) = _audit(state)
+    assert entry["kind"] == KIND_REFUSAL and entry["parameters"] == []
+
+    # The same round on the secure path: the site trains and keeps the update.
+    message, stage_a = _secure_stage_a(_instructions(claims_secure=True))
+    reply = stage_a(message, context)
+    assert not reply.has_error()
+    assert ARRAYS_KEY not in reply.content.array_records and sa.PROTOCOL_KEY in reply.content.config_records
+    assert sa.DELTA_STATE_KEY in context.state
+    held = _audit(state)[-1]
+    assert held["kind"] == KIND_TRAIN_REPLY and "held for secure aggregation" in held["reason"]
+
+
+def test_the_audit_records_a_clear_update_as_sent_in_clear(tmp_path: Path, cache: Path) -> None:
+    state = tmp_path / "state"
+    context = _context(state, cache, SitePolicy())
+    # Even without the policy, a plain message claiming secure aggregation is a lie the site refuses.
+    lied = client_train(_plain(_instructions(claims_secure=True)), context)
+    assert lied.has_error() and "federation.secure_aggregation=true" in lied.error.reason
+
+    honest = client_train(_plain(_instructions(claims_secure=False)), context)
+    assert ARRAYS_KEY in honest.content.array_records
+    entries = _audit(state)
+    assert [e["kind"] for e in entries] == [KIND_REFUSAL, KIND_TRAIN_REPLY]
+    assert entries[1]["parameters"] and "sent in clear" in entries[1]["reason"]
+    assert not any("held" in e["reason"] for e in entries)
+
+
+# -- point 6: DP randomness from the CSPRNG, whatever the instructions ------------------------
+
+
+def test_identical_dp_rounds_give_different_updates(tmp_path: Path, cache: Path) -> None:
+    """Same seed, same site index, same global model and instructions: a coordinator that
+    could reproduce the noise would get the same update twice."""
+    updates = []
+    for name in ("first", "again"):
+        context = _context(tmp_path / name, cache, SitePolicy())
+        reply = client_train(_plain(_instructions(LOCAL_DP)), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        updates.append(reply.content[ARRAYS_KEY].to_torch_state_dict())
+    difference = max(float((updates[0][k] - updates[1][k]).abs().max()) for k in updates[0])
+    assert difference > 1e-6
+
+
+def test_an_instruction_asking_for_seeded_dp_noise_is_refused(tmp_path: Path, cache: Path) -> None:
+    state = tmp_path / "state"
+    reply = client_train(
+        _plain(_instructions(LOCAL_DP, **{"privacy.local.secure_rng": False})), _context(state, cache, SitePolicy())
+    )
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE
+    assert "secure_rng" in reply.error.reason
+    assert _audit(state)[-1]["kind"] == KIND_REFUSAL
+
+
+# -- point 7: require_dp is not met by any noise; the site computes epsilon itself -----------
+
+# The issue's example: central DP whose noise is nothing, clip is everything, delta a coin flip.
+NEGLIGIBLE = PrivacyConfig(
+    mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1e-9, clip_norm=1e9, delta=0.5)
+)
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "phrase"),
+    [
+        (SitePolicy(require_dp=True, min_noise_multiplier=0.5), POLICY_REFUSED_CODE, "privacy.central.noise_multiplier=1e-09"),
+        (SitePolicy(require_dp=True, max_delta=1e-5, min_noise_multiplier=1e-12), POLICY_REFUSED_CODE, "privacy.central.delta=0.5"),
+        (SitePolicy(require_dp=True, max_round_epsilon=2.0), BUDGET_REFUSED_CODE, "above policy.max_round_epsilon 2"),
+        (SitePolicy(require_dp=True, max_epsilon=10.0), BUDGET_REFUSED_CODE, "exceeds max_epsilon 10"),
+    ],
+    ids=["noise-floor", "delta-cap", "round-epsilon", "total-epsilon"],
+)
+def test_negligible_central_noise_does_not_meet_require_dp(
+    tmp_path: Path, cache: Path, policy: SitePolicy, code: int, phrase: str
+) -> None:
+    state = tmp_path / "state"
+    reply = client_train(_plain(_instructions(NEGLIGIBLE)), _context(state, cache, policy))
+    assert reply.has_error() and reply.error.code == code
+    assert phrase in reply.error.reason
+    assert not (state / CENTRAL_LEDGER_FILE).exists()  # a refused round spends nothing
+
+
+def test_site_accounts_central_dp_itself_at_its_own_delta(tmp_path: Path, cache: Path) -> None:
+    """Central rounds enter the site's own ledger (sample rate 1: the site cannot verify the
+    coordinator's sampling), epsilon at the policy's delta whatever delta the round names,
+    and the round that would pass the budget is refused."""
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=2.0, delta=0.5))
+    def epsilon_after(rounds: int) -> float:
+        accountant = RDPAccountant()
+        accountant.history = [(2.0, 1.0, rounds)]
+        return accountant.get_epsilon(1e-6)
+
+    budget = (epsilon_after(2) + epsilon_after(3)) / 2  # two rounds fit, the third does not
+    state = tmp_path / "state"
+    context = _context(state, cache, SitePolicy(require_dp=True, max_epsilon=budget, delta=1e-6))
+    for server_round in (1, 2):
+        reply = client_train(_plain(_instructions(central, server_round=server_round)), context)
+        # The coordinator keeps its own central ledger; the site's stays in its audit log.
+        assert not reply.has_error() and EPSILON_KEY not in reply.content[METRICS_KEY]
+    sent = [e["dp"] for e in _audit(state)]
+    assert [d["epsilon_after"] for d in sent] == [
+        pytest.approx(epsilon_after(1), rel=1e-9), pytest.approx(epsilon_after(2), rel=1e-9),
+    ]
+    refused = client_train(_plain(_instructions(central, server_round=3)), context)
+    assert refused.has_error() and refused.error.code == BUDGET_REFUSED_CODE
+    assert "central DP ledger" in refused.error.reason
+    ledger = PrivacyLedger.load(state / CENTRAL_LEDGER_FILE)
+    assert [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] == [(2.0, 1.0, 1)] * 2
+    assert sent[0]["epsilon_delta"] == 1e-6 and sent[0]["delta"] == 0.5
+
+
+def test_under_dp_no_per_step_loss_or_clip_scale_leaves_the_site(tmp_path: Path, cache: Path) -> None:
+    """Point 10, in part: a step's loss is a figure of the one or two volumes in its batch, and
+    central DP's clip scale is clip_norm over the update's exact norm."""
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0, clip_norm=1e-6))
+    state = tmp_path / "state"
+    train = TrainConfig(local_steps=2, batch_size=2, num_local_crops=1)
+    instructions = configs_to_record(
+        MODEL, train, central, **{PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: False, SERVER_ROUND_KEY: 1}
+    )
+    reply = client_train(_plain(instructions), _context(state, cache, SitePolicy()))
+    sent = reply.content[METRICS_KEY]
+    assert "losses" not in sent and "loss-first" not in sent and "dp-clip-scale" not in sent
+    assert "loss" in sent  # the round's mean over its steps
+    (entry,) = _audit(state)
+    assert 0 < entry["dp"]["clip_scale"] < 1  # the site still knows, in its own log
+
+
+def _labelled_cache(root: Path) -> Path:
+    """A tiny labelled cache (3 positive, 3 negative scans for "any"), one study per scan."""
+    import numpy as np
+
+    root.mkdir()
+    series = []
+    for index, label in enumerate([0, 1, 0, 1, 1, 0]):
+        np.save(root / f"s{index}.npy", np.random.default_rng(index).random((3, 32, 32, 32)).astype(np.float16))
+        series.append({"key": f"s{index}", "study_key": f"t{index}", "file": f"s{index}.npy", "label": {"any": label}})
+    (root / MANIFEST).write_text(json.dumps({"series": series}))
+    return root
+
+
+def test_phase_two_central_rounds_are_accounted_and_budgeted(tmp_path: Path) -> None:
+    from ctfed.common.checkpoint import state_digest
+    from ctfed.common.config import FinetuneConfig
+    from ctfed.common.exchange import BASE_DIGEST_KEY, FINETUNE_PHASE, FULL_STATE_KEY, finetune_to_record
+    from ctfed.common.finetune import FederatedFreezingSchedule, build_classifier
+
+    tiny = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
+    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
+    plan = FederatedFreezingSchedule(finetune, tiny.num_layers, rounds=3, local_steps=1).plan(1)
+    state = build_classifier(tiny, 1, seed=0).state_dict()
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0))
+    config = configs_to_record(
+        tiny, TrainConfig(), central,
+        **{PHASE_KEY: FINETUNE_PHASE, SERVER_ROUND_KEY: 1, FULL_STATE_KEY: True, BASE_DIGEST_KEY: state_digest(state),
+           **finetune_to_record(finetune, plan, 1)},
+    )
+    message = lambda: Message(  # noqa: E731
+        RecordDict({ARRAYS_KEY: state_to_record(state), CONFIG_KEY: config}), dst_node_id=1, message_type="train"
+    )
+    cache_dir = _labelled_cache(tmp_path / "cache")
+    state_dir = tmp_path / "state"
+    reply = client_train(message(), _context(state_dir, cache_dir, SitePolicy(require_dp=True, max_epsilon=50.0)))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    (entry,) = PrivacyLedger.load(state_dir / CENTRAL_LEDGER_FILE).entries
+    assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (1.0, 1.0, 1)
+    # One round at noise multiplier 1 is already above a budget of 1.
+    refused = client_train(message(), _context(tmp_path / "strict", cache_dir, SitePolicy(require_dp=True, max_epsilon=1.0)))
+    assert refused.has_error() and refused.error.code == BUDGET_REFUSED_CODE
+
+
+# -- point 9: the privacy unit under local DP ------------------------------------------------
+
+
+def _cache_copy(cache: Path, target: Path, **shared: str) -> Path:
+    """The cache with both volumes given the same value of each ``shared`` field."""
+    shutil.copytree(cache, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    for entry in manifest["series"]:
+        entry.update(shared)
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("shared", "phrase"),
+    [
+        ({"study_key": "0123456789abcdef"}, "1 study pseudonyms have more than one volume"),
+        ({"patient_key": "fedcba9876543210"}, "1 patient pseudonyms have more than one volume"),
+    ],
+    ids=["two-series-of-one-study", "two-studies-of-one-patient"],
+)
+def test_local_dp_refuses_two_volumes_of_one_person(tmp_path: Path, cache: Path, shared: dict, phrase: str) -> None:
+    two_of_one = _cache_copy(cache, tmp_path / "cache", **shared)
+    if "patient_key" in shared:  # distinct studies, one patient
+        manifest = json.loads((two_of_one / MANIFEST).read_text())
+        assert len({e["study_key"] for e in manifest["series"]}) == 2
+    state = tmp_path / "state"
+    context = _context(state, two_of_one, SitePolicy())
+    reply = client_train(_plain(_instructions(LOCAL_DP)), context)
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE
+    assert phrase in reply.error.reason and "up to 2x the epsilon" in reply.error.reason
+    assert next(iter(shared.values())) not in reply.error.reason  # counts, never a pseudonym
+    assert not (state / "privacy_ledger.json").exists()
+    # Without local DP the same cache trains: the unit matters only to DP-SGD's epsilon.
+    assert not client_train(_plain(_instructions()), context).has_error()
+
+
+# -- point 13: the share stages record whose shares went where ------------------------------
+
+
+def _fake_local_train(msg: Message, context: Context) -> Message:
+    from flwr.app import MetricRecord
+
+    node = msg.metadata.dst_node_id
+    delta = {"w": torch.full((4,), 0.01 * node)}
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: 2, "loss": 1.0})
+    content = RecordDict({ARRAYS_KEY: state_to_record(delta), METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": f"s{node}"})})
+    return Message(content=content, reply_to=msg)
+
+
+def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> None:
+    from ctfed.server.secagg import secure_round
+    from ctfed.simulations.inprocess import InProcessGrid
+
+    nodes = [11, 12, 13]
+    handlers = site_secagg.stage_handlers(_fake_local_train)
+    # The stages as the ClientApp registers them: each reply audited (client/secagg.py).
+    audited = {
+        sa.message_type(stage): site_secagg._audited(stage, handlers[sa.message_type(stage)])
+        for stage in sa.STAGES if stage != sa.STAGE_TRAIN
+    }
+    handlers.update(audited)
+    contexts = {
+        node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                      node_config={"data-path": str(tmp_path / "no-cache"), "site-id": f"s{node}",
+                                   "state-dir": str(tmp_path / f"s{node}")})
+        for node in nodes
+    }
+    grid = InProcessGrid(handlers, nodes, contexts=contexts)
+    cfg = RunConfig()
+    cfg.secagg = SecAggConfig(num_shares=3, reconstruction_threshold=2)
+    cfg.federation.min_sites = 2
+    like = {"w": torch.zeros(4)}
+    messages = [
+        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({"server-round": 1})}),
+                dst_node_id=n, message_type="train")
+        for n in nodes
+    ]
+    result = secure_round(grid, messages, like, cfg, server_round=1)
+    assert result.mean_delta is not None, result.reason
+    assert torch.allclose(result.mean_delta["w"], torch.full((4,), 0.12), atol=1e-6)
+    for node in nodes:
+        others = sorted(set(nodes) - {node})
+        entries = {e["kind"]: e for e in _audit(tmp_path / f"s{node}")}
+        shares = {stage: entries[f"{KIND_SECAGG_PREFIX}{stage}"]["shares"] for stage in sa.STAGES if stage != sa.STAGE_TRAIN}
+        assert shares[sa.STAGE_SHARE_KEYS] == {"neighbours": nodes, "shares_sent_to": others}
+        assert shares[sa.STAGE_MASKED_INPUT] == {"shares_received_from": others}
+        assert shares[sa.STAGE_UNMASK] == {
+            "survivors": nodes, "dropped": [], "seed_shares_revealed_for": nodes, "sk1_shares_revealed_for": [],
+        }
