@@ -328,7 +328,15 @@ class MultiCrop3D:
 
     @staticmethod
     def site_voxel_mm(dataset: object) -> tuple[float, float, float] | None:
-        """The cached voxel size (z, y, x) in mm a dataset reports (``CachedVolumes.cached_voxel_mm``), or None."""
+        """The cached voxel size (z, y, x) in mm a dataset reports (``CachedVolumes.cached_voxel_mm``),
+        the median over the parts of a ``ConcatDataset`` of caches (pooled sites), or None."""
+        parts = getattr(dataset, "datasets", None)
+        if parts is not None:
+            sizes = [size for size in (MultiCrop3D.site_voxel_mm(part) for part in parts) if size is not None]
+            if not sizes:
+                return None
+            z, y, x = (float(v) for v in np.median(np.asarray(sizes, dtype=np.float64), axis=0))
+            return z, y, x
         report = getattr(dataset, "cached_voxel_mm", None)
         return report() if callable(report) else None
 

@@ -456,6 +456,13 @@ def test_a_sites_voxel_size_and_views_reach_its_trainer() -> None:
     trainer = LocalTrainer(ModelConfig(), train, Cache())
     assert trainer.multicrop.voxel_mm == (5.0, 6.0, 7.0) and trainer.multicrop.config is train.augment
     assert MultiCrop3D.site_voxel_mm(torch.utils.data.TensorDataset(torch.zeros(1))) is None
+    # Pooled sites (centralized training, label_signal): the median over the caches.
+    class Other(Cache):
+        def cached_voxel_mm(self) -> tuple[float, float, float]:
+            return (7.0, 6.0, 5.0)
+
+    pooled = torch.utils.data.ConcatDataset([Cache(), Other(), Other()])
+    assert MultiCrop3D.site_voxel_mm(pooled) == (7.0, 6.0, 5.0)
 
 
 def test_views_are_set_from_the_command_line_and_travel_to_the_sites() -> None:
