@@ -104,10 +104,12 @@ def secagg_share_lists(stage: str, sent: Mapping[str, Any], received: Mapping[st
     if stage == sa.STAGE_MASKED_INPUT:
         # The pairwise masks of the masked input are with exactly these nodes.
         return {"shares_received_from": ids(received, sa.K_SOURCES)}
+    if stage == sa.STAGE_CONSISTENCY:
+        # The survivor set this site signed; unmasking reveals shares by it, not by the coordinator's lists.
+        return {"survivors_signed": ids(received, sa.K_SURVIVORS)}
     if stage == sa.STAGE_UNMASK:
         return {
-            "survivors": ids(received, sa.K_SURVIVORS),
-            "dropped": ids(received, sa.K_DROPPED),
+            "signed_by": ids(received, sa.K_SIGNERS),
             "seed_shares_revealed_for": ids(sent, sa.K_SEED_OWNERS),
             "sk1_shares_revealed_for": ids(sent, sa.K_SK1_OWNERS),
         }

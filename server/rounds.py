@@ -32,7 +32,7 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.common.model import ViTEncoder
-from ctfed.common.secagg import effective_num_shares
+from ctfed.common.secagg import effective_num_shares, round_threshold
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round
@@ -61,12 +61,17 @@ def dropout_tolerance(cfg: RunConfig, sites: int) -> int:
 
 
 def _secure_tolerance(num_shares: int, threshold: int, min_sites: int, sites: int) -> int:
-    floor = max(min_sites, threshold)
+    """``threshold`` 0 is the automatic one (above 2n/3 of each round's neighbourhood n),
+    taken over the neighbourhood the round actually forms."""
 
     def survives(dropped: int) -> bool:
         left = sites - dropped
-        at_training = left >= floor and effective_num_shares(num_shares, left) >= threshold
-        later = effective_num_shares(num_shares, sites) - dropped >= threshold
+        # Dropped before the neighbourhoods form: they form from the sites that are left.
+        formed = effective_num_shares(num_shares, left)
+        at_training = left >= min_sites and formed >= round_threshold(threshold, formed)
+        # Dropped after: each neighbourhood (formed from every site) must keep its threshold.
+        full = effective_num_shares(num_shares, sites)
+        later = left >= min_sites and full - dropped >= round_threshold(threshold, full)
         return at_training and later
 
     tolerated = 0
@@ -75,8 +80,9 @@ def _secure_tolerance(num_shares: int, threshold: int, min_sites: int, sites: in
     return tolerated
 
 
-# The smallest SecAgg+ neighbourhood the config allows (a strict-majority threshold of 3).
-TOLERANT_SHARES, TOLERANT_THRESHOLD = 3, 2
+# The smallest SecAgg+ neighbourhood whose automatic threshold (above 2n/3, the sites' default
+# floor) leaves room for a dropout: 3 of 4.
+TOLERANT_SHARES, TOLERANT_THRESHOLD = 4, 0
 
 
 def dropout_warning(cfg: RunConfig, sites: int) -> str | None:
@@ -84,12 +90,15 @@ def dropout_warning(cfg: RunConfig, sites: int) -> str | None:
     if not cfg.secagg.enabled or sites < 1 or dropout_tolerance(cfg, sites):
         return None
     sa = cfg.secagg
-    advice = "more sites"
+    advice = (
+        "more sites: with the sites' default threshold floor (above 2/3 of a neighbourhood) a "
+        "dropout needs neighbourhoods of 4 or more"
+    )
     if _secure_tolerance(TOLERANT_SHARES, TOLERANT_THRESHOLD, cfg.federation.min_sites, sites):
-        advice = f"secagg.num_shares={TOLERANT_SHARES} secagg.reconstruction_threshold={TOLERANT_THRESHOLD}, or more sites"
+        advice = f"secagg.num_shares={TOLERANT_SHARES} (automatic threshold), or more sites"
     return (
         f"secure aggregation over {sites} sites tolerates no dropout (secagg.num_shares={sa.num_shares}, "
-        f"reconstruction_threshold={sa.reconstruction_threshold}, federation.min_sites={cfg.federation.min_sites}): "
+        f"reconstruction_threshold={sa.reconstruction_threshold or 'automatic'}, federation.min_sites={cfg.federation.min_sites}): "
         f"a round any site drops out of aggregates nothing; use {advice}"
     )
 

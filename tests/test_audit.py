@@ -165,11 +165,14 @@ def test_share_stages_record_node_ids_only() -> None:
     assert secagg_share_lists(sa.STAGE_MASKED_INPUT, {}, {sa.K_SOURCES: [7, 3], sa.K_CIPHERTEXTS: [b"x", b"y"]}) == {
         "shares_received_from": [3, 7],
     }
+    assert secagg_share_lists(sa.STAGE_CONSISTENCY, {sa.K_SIGNATURE: b"sig"}, {sa.K_SURVIVORS: [5, 3]}) == {
+        "survivors_signed": [3, 5],
+    }
     unmask = secagg_share_lists(
         sa.STAGE_UNMASK, {sa.K_SEED_OWNERS: [3, 5], sa.K_SEED_SHARES: [b"s", b"t"], sa.K_SK1_OWNERS: [7]},
-        {sa.K_SURVIVORS: [3, 5], sa.K_DROPPED: [7]},
+        {sa.K_SIGNERS: [5, 3], sa.K_SIGNATURES: [b"a", b"b"]},
     )
-    assert unmask == {"survivors": [3, 5], "dropped": [7], "seed_shares_revealed_for": [3, 5], "sk1_shares_revealed_for": [7]}
+    assert unmask == {"signed_by": [3, 5], "seed_shares_revealed_for": [3, 5], "sk1_shares_revealed_for": [7]}
 
 
 def test_appends_continue_the_chain_across_log_objects(tmp_path: Path) -> None:

@@ -156,18 +156,18 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     card_before = json.loads((run_dir / "checkpoints" / f"global_round_{done:04d}.json").read_text())
 
     # Other secure-aggregation settings: refused before anything runs, each difference named.
-    tolerant = ["secagg.num_shares=3", "secagg.reconstruction_threshold=2"]
+    other = ["secagg.num_shares=4"]
     config_before = (run_dir / "config.yaml").read_bytes()
     capsys.readouterr()
-    assert main(["simulate", "--resume", str(run_dir), *tolerant]) == 2
+    assert main(["simulate", "--resume", str(run_dir), *other]) == 2
     refusal = capsys.readouterr().err
-    assert "secagg.num_shares: 5 -> 3" in refusal and "secagg.reconstruction_threshold: 3 -> 2" in refusal
+    assert "secagg.num_shares: 5 -> 4" in refusal
     assert "--override-config" in refusal
     assert (run_dir / "config.yaml").read_bytes() == config_before
     assert _results(run_dir) == before
 
     # Accepted with the explicit override, which results.json records.
-    assert main(["simulate", "--resume", str(run_dir), "--override-config", *tolerant]) == 0
+    assert main(["simulate", "--resume", str(run_dir), "--override-config", *other]) == 0
     after = _results(run_dir)
     assert after["status"] == "completed"
     assert [r["round"] for r in after["rounds"]] == [1, 2, 3, 4, 5]
@@ -175,13 +175,11 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     assert after["resumes"] == [
         {
             "after_round": done, "checkpoint_sha256": card_before["sha256"], "time": after["resumes"][0]["time"],
-            "config_changes": {
-                "secagg.num_shares": {"from": 5, "to": 3}, "secagg.reconstruction_threshold": {"from": 3, "to": 2},
-            },
+            "config_changes": {"secagg.num_shares": {"from": 5, "to": 4}},
             "config_override": True,
         }
     ]
-    assert (after["config"]["secagg"]["num_shares"], after["config"]["secagg"]["reconstruction_threshold"]) == (3, 2)
+    assert (after["config"]["secagg"]["num_shares"], after["config"]["secagg"]["reconstruction_threshold"]) == (4, 0)
     assert f"| Resumed | after round {done} |" in (run_dir / "report.md").read_text()
     # The CSV and TensorBoard views hold each round once, though rounds after `done` may
     # have been logged by the killed run before its checkpoint was written.
@@ -201,10 +199,11 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
 def test_a_simulation_that_aggregates_nothing_exits_non_zero_with_the_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The run: 3 sites with the default SecAgg+ settings (no dropout tolerated) and
-    # one site that fails every round; it used to end "completed" with exit code 0.
+    # The run: 3 sites, no dropout tolerated (the coordinator needs all 3:
+    # federation.min_sites=3), and one site that fails every round; it used to end
+    # "completed" with exit code 0.
     code = main([
-        "simulate", f"output_dir={tmp_path}", "run_name=stalled", *SMALL_RUN, "train.local_steps=1",
+        "simulate", f"output_dir={tmp_path}", "run_name=stalled", *SMALL_RUN, "train.local_steps=1", "federation.min_sites=3",
         "federation.rounds=3", "federation.max_failed_rounds=1", "simulation.faults=[{site:0,kind:crash}]", "monitor.enabled=false",
     ])
     out = capsys.readouterr().out

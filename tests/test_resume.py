@@ -41,13 +41,13 @@ def _one_round_run(run_dir: Path, overrides: list[str]) -> RunConfig:
 def test_resume_refuses_a_changed_config_and_lists_every_difference(tmp_path: Path) -> None:
     _one_round_run(tmp_path, SAVED)
     before = (tmp_path / "results.json").read_bytes()
-    # The issue's case: the resubmission carries the defaults (5 shares, threshold 3) and local DP.
+    # The issue's case: the resubmission carries the defaults (5 shares, automatic threshold) and local DP.
     submitted = load_run_config(["federation.rounds=3", "privacy.mode=local"])
     with pytest.raises(ResumeError) as refused:
         RunRecorder.resume(tmp_path, submitted)
     message = str(refused.value)
     assert "secagg.num_shares: 3 -> 5" in message
-    assert "secagg.reconstruction_threshold: 2 -> 3" in message
+    assert "secagg.reconstruction_threshold: 2 -> 0" in message
     assert "privacy.mode: 'none' -> 'local'" in message
     assert "resume-override=true" in message
     assert (tmp_path / "results.json").read_bytes() == before  # nothing was rewritten
@@ -72,12 +72,12 @@ def test_resume_with_override_accepts_and_records_the_changes(tmp_path: Path) ->
     _one_round_run(tmp_path, SAVED)
     submitted = load_run_config(["federation.rounds=3"])
     recorder, _ = RunRecorder.resume(tmp_path, submitted, override_config=True)
-    assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (5, 3)
+    assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (5, 0)
     results = _results(tmp_path)
     assert results["resumes"][-1]["config_override"] is True
     assert results["resumes"][-1]["config_changes"] == {
         "secagg.num_shares": {"from": 3, "to": 5},
-        "secagg.reconstruction_threshold": {"from": 2, "to": 3},
+        "secagg.reconstruction_threshold": {"from": 2, "to": 0},
     }
     assert results["config"]["secagg"]["num_shares"] == 5
     # Even an override cannot swap the model the checkpoints hold.
@@ -121,17 +121,19 @@ def test_run_config_file_and_num_server_rounds_cannot_disagree(tmp_path: Path) -
 
 def test_dropout_tolerance_follows_the_secure_aggregation_rule() -> None:
     defaults = load_run_config()
-    assert (defaults.secagg.num_shares, defaults.secagg.reconstruction_threshold) == (5, 3)
+    # The automatic threshold: the smallest count above 2n/3 of each round's neighbourhood n.
+    assert (defaults.secagg.num_shares, defaults.secagg.reconstruction_threshold) == (5, 0)
     assert dropout_tolerance(defaults, 3) == 0  # the issue's federation: one drop and nothing aggregates
-    assert dropout_tolerance(defaults, 4) == 1
-    assert dropout_tolerance(defaults, 6) == 2
-    tolerant = load_run_config(["secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
-    assert dropout_tolerance(tolerant, 3) == 1
+    assert dropout_tolerance(defaults, 4) == 1  # 3 of 4
+    assert dropout_tolerance(defaults, 6) == 1  # neighbourhoods of 5 need 4 of them
+    explicit = load_run_config(["secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
+    assert dropout_tolerance(explicit, 3) == 1  # (which the sites' default 2/3 floor refuses)
     plain = load_run_config(["secagg.enabled=false"])
     assert dropout_tolerance(plain, 3) == 1
     warning = dropout_warning(defaults, 3)
-    assert warning and "tolerates no dropout" in warning and "secagg.num_shares=3 secagg.reconstruction_threshold=2" in warning
-    assert dropout_warning(tolerant, 3) is None and dropout_warning(plain, 2) is None
+    assert warning and "tolerates no dropout" in warning and "neighbourhoods of 4 or more" in warning
+    assert "secagg.num_shares=4" in (dropout_warning(load_run_config(["secagg.num_shares=3"]), 4) or "")
+    assert dropout_warning(defaults, 4) is None and dropout_warning(plain, 2) is None
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +148,20 @@ def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     three_caches: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The issue's run: 3 sites, default SecAgg+ (no dropout tolerated), one site gone for good."""
+    """The issue's run: 3 sites, SecAgg+ that tolerates no dropout, one site gone for good.
+
+    With the automatic threshold a site lost before the neighbourhoods form leaves a 2-site
+    neighbourhood that aggregates; the rounds here fail for good because the coordinator
+    needs all 3 sites (federation.min_sites=3)."""
     from ctfed.client.app import train
     from ctfed.client.secagg import stage_handlers
     from ctfed.simulations.inprocess import InProcessGrid
 
     run_dir = tmp_path / "run"
-    cfg = load_run_config(["federation.rounds=6", "federation.max_failed_rounds=2", "train.local_steps=1", "monitor.enabled=false"])
+    cfg = load_run_config([
+        "federation.rounds=6", "federation.max_failed_rounds=2", "federation.min_sites=3", "train.local_steps=1",
+        "monitor.enabled=false",
+    ])
     nodes = [1, 2, 3]
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),

@@ -83,10 +83,16 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
+    from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
+    from ctfed.common.certs import ensure_federation_signing_keys
+
+    # A site that may join secure aggregation holds its signing key and the roster (#12, 1).
+    roster, keys = ensure_federation_signing_keys(state_dir.parent / "secagg-keys", [SITE])
     return Context(
         run_id=5, node_id=1, state=RecordDict(), run_config={},
         node_config={"data-path": str(cache_dir), "site-id": SITE, "state-dir": str(state_dir),
-                     POLICY_FILE_KEY: str(write_policy_file(policy, state_dir))},
+                     POLICY_FILE_KEY: str(write_policy_file(policy, state_dir)),
+                     SIGNING_KEY_KEY: str(keys[SITE]), ROSTER_KEY: str(roster)},
     )
 
 
@@ -384,7 +390,7 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
     }
     grid = InProcessGrid(handlers, nodes, contexts=contexts)
     cfg = RunConfig()
-    cfg.secagg = SecAggConfig(num_shares=3, reconstruction_threshold=2)
+    cfg.secagg = SecAggConfig(num_shares=3)  # automatic threshold: 3 of 3, above the sites' 2/3 floor
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(4)}
     messages = [
@@ -401,6 +407,7 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
         shares = {stage: entries[f"{KIND_SECAGG_PREFIX}{stage}"]["shares"] for stage in sa.STAGES if stage != sa.STAGE_TRAIN}
         assert shares[sa.STAGE_SHARE_KEYS] == {"neighbours": nodes, "shares_sent_to": others}
         assert shares[sa.STAGE_MASKED_INPUT] == {"shares_received_from": others}
+        assert shares[sa.STAGE_CONSISTENCY] == {"survivors_signed": nodes}
         assert shares[sa.STAGE_UNMASK] == {
-            "survivors": nodes, "dropped": [], "seed_shares_revealed_for": nodes, "sk1_shares_revealed_for": [],
+            "signed_by": nodes, "seed_shares_revealed_for": nodes, "sk1_shares_revealed_for": [],
         }
