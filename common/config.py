@@ -337,7 +337,7 @@ class TrainConfig:
     local_steps: int = 4
     batch_size: int = 2
     # Base learning rate per lr_reference_batch volumes: AdamW runs at
-    # lr * batch_size / lr_reference_batch (DINO's linear scaling rule, 5e-4 per 256). At a
+    # lr * batch_size * accumulation_steps / lr_reference_batch (DINO's linear scaling rule, 5e-4 per 256). At a
     # site's small batches an unscaled 5e-4 lets the student reach the teacher's still
     # input-independent target within a few steps.
     lr: float = 5e-4
