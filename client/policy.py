@@ -103,8 +103,12 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, s
         if policy.max_delta and dp.delta > policy.max_delta:
             reasons.append(f"{section}.delta={dp.delta:g} exceeds policy.max_delta={policy.max_delta:g}")
     # Phase 2 trains its own number of steps per round (the plan's), not train.local_steps.
-    steps_key = PLAN_LOCAL_STEPS_KEY if phase == FINETUNE_PHASE else "train.local_steps"
-    steps = int(instructions.get(PLAN_LOCAL_STEPS_KEY, 0)) if phase == FINETUNE_PHASE else train.local_steps
+    # A step of train.accumulation_steps micro-batches costs that many: they count as steps here.
+    steps_key = PLAN_LOCAL_STEPS_KEY if phase == FINETUNE_PHASE else "train.local_steps x train.accumulation_steps"
+    steps = (
+        int(instructions.get(PLAN_LOCAL_STEPS_KEY, 0)) if phase == FINETUNE_PHASE
+        else train.local_steps * train.accumulation_steps
+    )
     if policy.max_local_steps and steps > policy.max_local_steps:
         reasons.append(f"{steps_key}={steps} exceeds policy.max_local_steps={policy.max_local_steps}")
     if policy.allowed_models and model.name not in policy.allowed_models:

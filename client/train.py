@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -623,7 +624,10 @@ class LocalTrainer:
     def _batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor]:
         """Micro-batches of multi-crop views (B, crops, C, S, S, S): shuffled volumes, epoch after
         epoch, cropped in ``train.loader_workers`` processes ahead of the step (pinned for a GPU)."""
-        workers = self.train_cfg.loader_workers
+        # The site's cores are the site's: an instruction cannot fork more workers than it has.
+        workers = min(self.train_cfg.loader_workers, os.cpu_count() or 1)
+        if workers < self.train_cfg.loader_workers:
+            logger.warning("train.loader_workers=%d capped at this site's %d cores", self.train_cfg.loader_workers, workers)
         loader = DataLoader(
             _CropViews(self.dataset, self.multicrop, crop_seed),
             batch_sampler=_ShuffledBatches(len(self.dataset), self.train_cfg.batch_size, order_seed),  # type: ignore[arg-type]

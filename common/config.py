@@ -461,8 +461,8 @@ class TrainConfig:
                 f"train.accumulation_steps must be >= 1 and train.loader_workers >= 0, got "
                 f"{self.accumulation_steps} and {self.loader_workers}"
             )
-        if self.dp_center_volumes < 1:
-            raise ConfigError(f"train.dp_center_volumes must be >= 1, got {self.dp_center_volumes}")
+        if not 1 <= self.dp_center_volumes <= 64:
+            raise ConfigError(f"train.dp_center_volumes must be in [1, 64], got {self.dp_center_volumes}")
         if self.schedule_rounds < 0:
             raise ConfigError("train.schedule_rounds must be >= 0 (0: federation.rounds)")
         if self.teacher_on_new_global not in ("reset", "keep"):
@@ -788,7 +788,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     # Largest delta a DP round may name in its config (privacy.*.delta). 0: no limit.
     max_delta: float = 0.0
-    # Largest train.local_steps per round (0: any).
+    # Largest train.local_steps (x train.accumulation_steps: micro-batches) per round (0: any).
     max_local_steps: int = 0
     # model.name values allowed (empty: any), and size limits (0: any).
     allowed_models: list[str] = field(default_factory=list)

@@ -75,7 +75,10 @@ RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
     (SitePolicy(min_noise_multiplier=0.8), _instructions(privacy=CENTRAL_WEAK), "privacy.central.noise_multiplier=1e-09"),
     (SitePolicy(max_delta=1e-5), _instructions(privacy=CENTRAL_WEAK), "privacy.central.delta=0.5 exceeds"),
     (SitePolicy(min_noise_multiplier=0.8), _instructions(privacy=LOCAL_WEAK), "privacy.local.noise_multiplier=0.1"),
-    (SitePolicy(max_local_steps=2), _instructions(), "train.local_steps=4 exceeds policy.max_local_steps=2"),
+    (SitePolicy(max_local_steps=2), _instructions(), "train.local_steps x train.accumulation_steps=4 exceeds policy.max_local_steps=2"),
+    # Micro-batches are work too: 2 steps of 3 accumulated micro-batches are 6.
+    (SitePolicy(max_local_steps=4), _instructions(train=TrainConfig(local_steps=2, accumulation_steps=3)),
+     "train.local_steps x train.accumulation_steps=6 exceeds policy.max_local_steps=4"),
     (SitePolicy(allowed_models=["small"]), _instructions(), "model 'tiny'"),
     (SitePolicy(max_hidden_size=24), _instructions(), "model.hidden_size=48"),
     (SitePolicy(max_layers=1), _instructions(), "model.num_layers=2"),

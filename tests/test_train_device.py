@@ -90,3 +90,12 @@ def test_simulated_sites_can_share_a_gpu() -> None:
     assert load_run_config(["simulation.client_gpus=0.5"]).simulation.client_gpus == 0.5
     with pytest.raises(ConfigError, match="client_gpus"):
         load_run_config(["simulation.client_gpus=-1"])
+
+
+def test_an_instruction_cannot_fork_more_loader_workers_than_the_site_has_cores(caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    with caplog.at_level("WARNING", logger="ctfed.client.train"):
+        losses, _ = _run(loader_workers=10_000, local_steps=1)
+    assert len(losses) == 1
+    assert f"capped at this site's {os.cpu_count()} cores" in caplog.text
