@@ -373,10 +373,9 @@ class LocalTrainer:
         started = time.perf_counter()
         cfg = self.train_cfg
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
-        # the ClientApp builds a fresh trainer every round. (The first two children do not
-        # depend on how many are spawned, so crops and order match the pre-MIM trainer.)
-        # Every volume draw's crops come from (crop seed, its position in the round), so they
-        # are the same whichever loader process makes them.
+        # the ClientApp builds a fresh trainer every round. Every volume draw's crops come from
+        # (crop seed, its position in the round), so they are the same whichever loader process
+        # makes them. (The fourth child, once DP noise, is unused: DP draws from the OS CSPRNG.)
         crop_seed, order_seed, mask_seed, _ = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
         order = int(order_seed.generate_state(1)[0])
@@ -450,7 +449,7 @@ class LocalTrainer:
         # Student rows are crop-major (row r is volume r % batch), in one pass or, for MAE,
         # two (masked global crops, whole local crops), whose per-row gradients Opacus sums
         # row by row; the head also sees iBOT's selected patch tokens after the CLS rows.
-        crop_rows = torch.arange(max(student_rows, 2 * teacher_rows)) % batch
+        crop_rows = torch.arange(student_rows) % batch  # every other layout is a prefix of it
         row_maps = [crop_rows[:n] for n in {student_rows, teacher_rows, student_rows - teacher_rows} if n > 0]
         if patch_rows is not None:
             row_maps.append(torch.cat([crop_rows[:student_rows], patch_rows % batch]))

@@ -17,8 +17,6 @@ import torch
 from ctfed.common.config import Precision, valid_device_spec
 
 
-
-
 def resolve_device(spec: str) -> torch.device:
     """``auto``: the first CUDA device if one is visible, else the CPU; ``cuda:N`` must exist."""
     if not valid_device_spec(spec):
