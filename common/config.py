@@ -1204,7 +1204,8 @@ class LabelEfficiencyConfig:
     # The recipe (its label_names are replaced by the tasks); seed: the head's init and batches.
     finetune: FinetuneConfig = field(default_factory=_study_finetune)
     # Overrides of one more federation, the local-DP arm, on the same scans and budget (empty: no
-    # DP arm). noise 3.5 keeps epsilon <= 8 at delta 1e-5 for 60 scans, batch 8, 1,200 steps.
+    # DP arm). Noise 3.5 keeps epsilon <= 8 at delta 1e-5 for 60 scans, batch 8, 1,200 steps
+    # (the label_efficiency preset's smallest site).
     dp_overrides: list[str] = field(
         default_factory=lambda: ["privacy.mode=local", "privacy.local.noise_multiplier=3.5"]
     )
