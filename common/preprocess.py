@@ -37,6 +37,7 @@ from ctfed.common.dicom import (
     CTVolume,
     DicomError,
     Rejection,
+    ScanResult,
     SeriesRef,
     load_series,
     rank_study_series,
@@ -184,11 +185,17 @@ class _Job:
     key: str
     files: list[Path]
     digest: str
-    output_dir: Path
+    # Where the volume is saved (``prepare``); None: it comes back in the result's
+    # ``TENSOR_FIELD`` instead (``predict`` scores it and writes no volume).
+    output_dir: Path | None
     cfg: PreprocessConfig
     label: dict[str, Any] | None
     study: str
     nifti: bool = False
+
+
+# A result's in-memory volume when its job has no output folder (never in a manifest).
+TENSOR_FIELD = "tensor"
 
 
 def _process(job: _Job) -> dict[str, Any]:
@@ -209,10 +216,19 @@ def _process(job: _Job) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - one bad series must never stop a site's run
         return {"rejected": f"unexpected {type(err).__name__} while processing"}
     name = f"{job.key}.npy"
-    tmp = job.output_dir / f".{name}.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, tensor)
-    os.replace(tmp, job.output_dir / name)
+    if job.output_dir is not None:
+        tmp = job.output_dir / f".{name}.tmp"
+        with open(tmp, "wb") as handle:
+            np.save(handle, tensor)
+        os.replace(tmp, job.output_dir / name)
+    entry = _entry(job, name, volume, tensor, cached_voxel_mm)
+    if job.output_dir is None:
+        entry[TENSOR_FIELD] = tensor
+    return entry
+
+
+def _entry(job: _Job, name: str, volume: CTVolume, tensor: np.ndarray, cached_voxel_mm: list[float]) -> dict[str, Any]:
+    """The manifest entry of one processed series (keys and numbers only)."""
     hu = volume.hu
     return {
         "key": job.key,
@@ -334,6 +350,112 @@ def _load_manifest(path: Path, plan: dict[str, Any]) -> dict[str, dict[str, Any]
     return {entry["key"]: entry for entry in old.get("series", [])}
 
 
+@dataclass
+class ProcessedSeries:
+    """One series ``process_studies`` loaded and transformed (or failed to)."""
+
+    job: _Job
+    # A manifest entry (with ``TENSOR_FIELD`` when the job had no output folder), or
+    # {'rejected': reason}.
+    result: dict[str, Any]
+    # Where it came from, for the caller's local use only (UIDs and paths: never written by
+    # this module): the DICOM series, or the NIfTI file.
+    series: SeriesRef | None
+    nifti_path: Path | None
+
+
+# reuse(series key, content hash, study key) -> True when the caller already holds this
+# unchanged series (prepare's cache), so it is not processed again.
+Reuse = Callable[[str, str, str], bool]
+
+
+def process_studies(
+    input_dir: Path,
+    found: ScanResult,
+    secret: bytes,
+    cfg: PreprocessConfig,
+    rejected: list[Rejection],
+    *,
+    output_dir: Path | None,
+    labels: dict[str, dict[str, Any]] | None = None,
+    reuse: Reuse | None = None,
+    progress: bool = True,
+    desc: str = "prepare",
+) -> Iterator[ProcessedSeries]:
+    """The per-study work ``prepare`` and ``predict`` share: every NIfTI file, and per DICOM
+    study its series in ``rank_study_series`` order until one loads, loaded and transformed
+    (``cfg.workers`` processes); yields each series as it finishes.
+
+    A study whose series fails gets its next-ranked series in the following round; a series
+    ``reuse`` claims counts as the study's choice without being processed. Rejections (files
+    unreadable, series that failed, series left untried because another of the study was
+    chosen) are appended to ``rejected``, identifier-free. With ``output_dir`` each volume is
+    saved there as ``<key>.npy``; without it, it travels back in the result.
+    """
+    labels = labels or {}
+    reused: Reuse = reuse or (lambda key, digest, study: False)
+    # One job per study and round: its best remaining series.
+    studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
+    sources: dict[str, SeriesRef | Path] = {}
+    nifti_jobs: list[_Job] = []
+    for path in found.nifti:
+        # A NIfTI file is its own study: its key stands for both, and labels name its path.
+        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
+        try:
+            digest = content_hash([path])
+        except OSError as err:
+            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
+            continue
+        if not reused(key, digest, key):
+            sources[key] = path
+            nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
+
+    def next_jobs() -> list[tuple[_Job, _StudyCandidates | None]]:
+        jobs: list[tuple[_Job, _StudyCandidates | None]] = []
+        for study in studies:
+            while study.remaining and study.chosen is None:
+                ref = study.remaining.pop(0)
+                key = series_key(secret, ref.series_uid)
+                try:
+                    digest = content_hash(ref.files)
+                except OSError as err:
+                    rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
+                    continue
+                study_ref = study_key(secret, ref.study_uid)
+                if reused(key, digest, study_ref):
+                    study.chosen = key
+                    continue
+                sources[key] = ref
+                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
+                break
+        return jobs
+
+    bar = tqdm(total=len(studies) + len(nifti_jobs), desc=desc, unit="study", disable=not progress)
+    first: list[tuple[_Job, _StudyCandidates | None]] = [(job, None) for job in nifti_jobs] + next_jobs()
+    with _job_runner(cfg.workers, len(first)) as run_jobs:
+        round_jobs = first
+        while round_jobs:
+            for job, study, result in run_jobs(round_jobs):
+                if "rejected" in result:
+                    rejected.append(Rejection(f"series:{job.key}", result["rejected"]))
+                    logger.warning("series %s rejected: %s", job.key, result["rejected"])
+                elif study is not None:
+                    study.chosen = job.key
+                source = sources.pop(job.key)
+                yield ProcessedSeries(
+                    job, result,
+                    series=source if isinstance(source, SeriesRef) else None,
+                    nifti_path=source if isinstance(source, Path) else None,
+                )
+                if study is None or study.settled:
+                    bar.update()
+            round_jobs = next_jobs()
+    bar.update(bar.total - bar.n)  # studies the caller already held
+    bar.close()
+    for study in studies:
+        rejected.extend(study.not_chosen(secret))
+
+
 def prepare(
     input_dir: Path,
     output_dir: Path,
@@ -381,66 +503,14 @@ def prepare(
         logger.debug("series %s unchanged; using the cache", key)
         return True
 
-    # One job per study and round: its best remaining series. A study whose series fails to
-    # load gets its next-ranked series in the following round.
-    studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
-    nifti_jobs: list[_Job] = []
-    for path in found.nifti:
-        # A NIfTI file is its own study: its key stands for both, and labels name its path.
-        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
-        try:
-            digest = content_hash([path])
-        except OSError as err:
-            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
-            continue
-        if not reuse(key, digest, key):
-            nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
-
-    def next_jobs() -> list[tuple[_Job, _StudyCandidates | None]]:
-        jobs: list[tuple[_Job, _StudyCandidates | None]] = []
-        for study in studies:
-            while study.remaining and study.chosen is None:
-                ref = study.remaining.pop(0)
-                key = series_key(secret, ref.series_uid)
-                try:
-                    digest = content_hash(ref.files)
-                except OSError as err:
-                    rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
-                    continue
-                study_ref = study_key(secret, ref.study_uid)
-                if reuse(key, digest, study_ref):
-                    study.chosen = key
-                    continue
-                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
-                break
-        return jobs
-
-    def record(job: _Job, study: _StudyCandidates | None, result: dict[str, Any]) -> None:
-        if "rejected" in result:
-            rejected.append(Rejection(f"series:{job.key}", result["rejected"]))
-            logger.warning("series %s rejected: %s", job.key, result["rejected"])
-        else:
-            entries[job.key] = result
-            if study is not None:
-                study.chosen = job.key
-            logger.debug("series %s cached as %s", job.key, result["file"])
-        write_manifest()
-
     write_manifest()
-    bar = tqdm(total=len(studies) + len(nifti_jobs), desc="prepare", unit="study", disable=not progress)
-    first: list[tuple[_Job, _StudyCandidates | None]] = [(job, None) for job in nifti_jobs] + next_jobs()
-    with _job_runner(cfg.workers, len(first)) as run_jobs:
-        round_jobs = first
-        while round_jobs:
-            for job, study, result in run_jobs(round_jobs):
-                record(job, study, result)
-                if study is None or study.settled:
-                    bar.update()
-            round_jobs = next_jobs()
-    bar.update(bar.total - bar.n)  # studies taken unchanged from the cache
-    bar.close()
-    for study in studies:
-        rejected.extend(study.not_chosen(secret))
+    for done in process_studies(
+        input_dir, found, secret, cfg, rejected, output_dir=output_dir, labels=labels, reuse=reuse, progress=progress
+    ):
+        if "rejected" not in done.result:
+            entries[done.job.key] = done.result
+            logger.debug("series %s cached as %s", done.job.key, done.result["file"])
+        write_manifest()
 
     write_manifest()
     report_path = output_dir / REPORT
