@@ -169,8 +169,10 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
         sizes.append(state_nbytes(delta))
         metrics = reply.content[METRICS_KEY]
         evaluation = metrics_to_evaluation(metrics)
-        assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+        # The four metrics with CIs, and the site's operating point (Youden's J on its held-out scans).
+        assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1", "operating_point"}
         assert all(math.isfinite(v["value"]) for v in evaluation["any"].values())
+        assert 0.0 <= evaluation["any"]["operating_point"]["value"] <= 1.0
         assert metrics["num-examples"] == 2  # 2 of 3 per class held out (half, rounded up): 2 train
     assert sizes[0] < sizes[1] <= sizes[2] < state_nbytes(state)  # the frozen part never travels back
 
@@ -343,7 +345,7 @@ def test_simulation_runs_pretraining_then_finetuning(phase_two_run: Path) -> Non
         for site in record["sites"]:
             assert site["status"] == "aggregated"
             metrics = site["evaluation"]["any"]
-            assert set(metrics) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+            assert set(metrics) == {"auroc", "average_precision", "balanced_accuracy", "f1", "operating_point"}
             assert all(math.isfinite(m["value"]) for m in metrics.values()), metrics
     # Only trainable parameters travel back: the probe round's replies are far smaller.
     for site in ("site_0", "site_1"):
@@ -387,6 +389,10 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
     classifier.load_state_dict(final)  # a complete, loadable classifier
     loaded, _ = load_classifier(checkpoints / "global_round_0004.safetensors")  # rebuilt from its card alone
     assert card["pooling"] == "cls" and loaded.pooling is FeaturePooling.cls
+    # The operating point `ctfed predict` decides at: the median of the sites' held-out thresholds.
+    point = card["operating_point"]["any"]
+    assert sorted(point["sites"]) == ["site_0", "site_1"]
+    assert point["threshold"] == pytest.approx(sum(point["sites"].values()) / 2)  # the median of two
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in final.items())
     frozen = [n for n in encoder if not n.startswith(("blocks.1.", "norm."))]
     for name in frozen:  # the stem and block 0 never unfroze
