@@ -93,6 +93,46 @@ def preprocessing_plan(cfg: PreprocessConfig) -> dict[str, Any]:
     }
 
 
+# The keys of a plan that decide a cached volume's voxels (``axes`` and ``dtype`` describe them).
+PLAN_KEYS = ("orientation", "spacing_mm", "foreground_hu", "output_size", "windows", "gantry_tilt", "dtype", "axes")
+
+
+def config_from_plan(plan: dict[str, Any], **acceptance: Any) -> PreprocessConfig:
+    """The ``PreprocessConfig`` that reproduces ``plan`` (a manifest's or a model card's), with
+    the settings that decide only which series are accepted (``acceptance``: slice-gap
+    tolerances, series selection, workers) as given. ValueError names what the plan lacks."""
+    missing = [key for key in PLAN_KEYS if key not in plan]
+    if missing:
+        raise ValueError(f"the preprocessing plan lacks {', '.join(missing)}")
+    if plan["orientation"] != "RAS" or plan["dtype"] != "float16" or plan["axes"] != AXES:
+        raise ValueError(
+            f"the preprocessing plan has orientation {plan['orientation']!r}, dtype {plan['dtype']!r}, axes "
+            f"{plan['axes']!r}; this ctfed makes RAS, float16, {AXES}"
+        )
+    from ctfed.common.config import WindowConfig
+
+    cfg = PreprocessConfig(
+        spacing_mm=float(plan["spacing_mm"]),
+        foreground_hu=float(plan["foreground_hu"]),
+        output_size=int(plan["output_size"]),
+        windows=[WindowConfig(**window) for window in plan["windows"]],
+        gantry_tilt=str(plan["gantry_tilt"]),
+        **acceptance,
+    )
+    if preprocessing_plan(cfg) != plan:
+        raise ValueError("the preprocessing plan holds values this ctfed does not reproduce")
+    return cfg
+
+
+def plan_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """``key: expected vs actual`` for every plan key where two plans differ."""
+    return [
+        f"{key}: {expected.get(key)!r} vs {actual.get(key)!r}"
+        for key in sorted(set(expected) | set(actual))
+        if expected.get(key) != actual.get(key)
+    ]
+
+
 def content_hash(files: list[Path]) -> str:
     """SHA-256 over the sorted per-file SHA-256s: independent of file names and order."""
     digests = sorted(hashlib.sha256(p.read_bytes()).digest() for p in files)
@@ -514,14 +554,14 @@ def prepare(
 
     write_manifest()
     report_path = output_dir / REPORT
-    write_text_atomic(report_path, _report(plan, entries, rejected, cached, _acceptance(cfg)))
+    write_text_atomic(report_path, report_text(plan, entries, rejected, cached, acceptance_lines(cfg)))
     accepted = len(entries) - cached
     logger.info("prepare: %d new, %d cached, %d rejected", accepted, cached, len(rejected))
     return PrepareSummary(accepted=accepted, cached=cached, rejected=len(rejected),
                           manifest=manifest_path, report=report_path)
 
 
-def _acceptance(cfg: PreprocessConfig) -> list[str]:
+def acceptance_lines(cfg: PreprocessConfig) -> list[str]:
     """Report lines for the settings that decide which series are cached (not how)."""
     selection = cfg.series_selection
     if selection.per_study == SeriesPerStudy.all:
@@ -541,18 +581,21 @@ def _acceptance(cfg: PreprocessConfig) -> list[str]:
     ]
 
 
-def _report(
+def report_text(
     plan: dict[str, Any],
     entries: dict[str, dict[str, Any]],
     rejected: list[Rejection],
     cached: int,
     acceptance: list[str] | None = None,
+    title: str = "Site preprocessing report",
+    count_line: str | None = None,
 ) -> str:
-    """Human-readable account of the cache, in the spirit of nnU-Net's plans file."""
+    """Human-readable account of the cache, in the spirit of nnU-Net's plans file (``ctfed
+    predict`` writes the same for the series it scored: its ``title`` and ``count_line``)."""
     lines = [
-        "# Site preprocessing report",
+        f"# {title}",
         "",
-        f"- series in cache: {len(entries)} ({cached} unchanged from the previous run)",
+        count_line or f"- series in cache: {len(entries)} ({cached} unchanged from the previous run)",
         f"- rejected: {len(rejected)}",
         "",
         "## Plan",
