@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctfed.common.checkpoint import load_checkpoint
+from ctfed.common.checkpoint import card_preprocessing_plan, load_checkpoint
 from ctfed.common.config import ConfigError, Precision, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig
 from ctfed.common.device import autocast, check_precision, resolve_device
 
@@ -149,21 +149,12 @@ def load_for_prediction(path: Path) -> tuple[Any, dict[str, Any]]:
         raise ConfigError(f"--classifier: {err}") from None
 
 
-def card_plan(card: dict[str, Any]) -> dict[str, Any] | None:
-    """The preprocessing plan a classifier was trained with, from its card's data summary
-    (``ctfed finetune``: the cache's; a federation: the configured one)."""
-    plan = (card.get("data_summary") or {}).get("preprocessing")
-    if isinstance(plan, dict) and isinstance(plan.get("as_configured"), dict):
-        plan = plan["as_configured"]
-    return plan if isinstance(plan, dict) and plan else None
-
-
 def _input_plan(card: dict[str, Any], cache: Path | None, size: int | None, spacing: float | None,
                 acceptance: dict[str, Any]) -> PreprocessConfig:
     """The classifier's plan as a config; ConfigError when the input's plan differs from it."""
     from ctfed.common.preprocess import MANIFEST, config_from_plan, plan_differences, preprocessing_plan
 
-    plan = card_plan(card)
+    plan = card_preprocessing_plan(card)
     if cache is not None:
         manifest = cache / MANIFEST
         if not manifest.is_file():
@@ -219,22 +210,9 @@ def _fit_statistics(classifier: Any, cache: Path | None, image_size: int) -> Non
             "the classifier has no feature statistics (a federated classifier's stay at the sites); pass "
             "--cache with this site's prepared cache to fit them on its scans"
         )
-    from torch.utils.data import Dataset
+    from ctfed.common.finetune import fit_standardizer_on_cache
 
-    from ctfed.common.labelled import model_input
-    from ctfed.common.preprocess import CachedVolumes
-
-    volumes = CachedVolumes(cache)
-
-    class _Scans(Dataset):
-        def __len__(self) -> int:
-            return len(volumes)
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
-            return model_input(volumes[index], image_size), None
-
-    classifier.fit_standardizer(_Scans())
-    logger.info("fitted the classifier's feature statistics on the %d scans of the site's cache", len(volumes))
+    fit_standardizer_on_cache(classifier, cache, image_size)
 
 
 def _write_private(path: Path, text: str) -> None:
