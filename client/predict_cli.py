@@ -268,6 +268,8 @@ def predict(
 
     if id_column is not None and id_column not in ID_COLUMNS:
         raise ConfigError(f"--id-column must be one of {', '.join(ID_COLUMNS)}, got {id_column!r}")
+    if id_column is not None and key_file is not None:
+        raise ConfigError("--key-file maps the pseudonym column; with --id-column the CSV holds the identifier and no key file is written")
     if not input_dir.is_dir():
         raise ConfigError(f"--input {input_dir} is not a folder")
     device = device or torch.device("cpu")
@@ -329,6 +331,8 @@ def predict(
     if missing_ids:
         logger.warning("%d scored studies have no AccessionNumber; their id cell is empty", missing_ids)
 
+    # Workers finish in any order: the file is sorted by study and series, tasks in the card's order.
+    rows.sort(key=lambda row: (row[0], row[1], tasks.index(row[3])))
     id_header = id_column or STUDY_KEY_COLUMN
     # The CSV maps results to patients' studies only through the key file, or holds an
     # identifier itself: owner-only either way.
