@@ -37,7 +37,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ import torch
 from ctfed.common.checkpoint import card_preprocessing_plan, load_checkpoint
 from ctfed.common.config import ConfigError, Precision, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig
 from ctfed.common.device import autocast, check_precision, resolve_device
+
+if TYPE_CHECKING:
+    from ctfed.common.finetune import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_prediction(path: Path) -> tuple[Any, dict[str, Any]]:
+def load_for_prediction(path: Path) -> tuple[Classifier, dict[str, Any]]:
     """The classifier and its card; ConfigError for an encoder or anything not a classifier."""
     from ctfed.common.finetune import load_classifier
 
@@ -201,7 +204,7 @@ def _operating_points(card: dict[str, Any], tasks: list[str]) -> dict[str, float
     return thresholds
 
 
-def _fit_statistics(classifier: Any, cache: Path | None, image_size: int) -> None:
+def _fit_statistics(classifier: Classifier, cache: Path | None, image_size: int) -> None:
     """A federated classifier's feature statistics stay at the sites: fit them on this site's cache."""
     if classifier.standardizer.fitted:
         return

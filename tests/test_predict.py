@@ -181,7 +181,26 @@ def test_refusals_name_the_reason(site: dict[str, Path], tmp_path: Path, capsys:
     prepare(site["dicom"], other, PreprocessConfig(output_size=SIZE, spacing_mm=3.0), progress=False)
     assert main([*base, "--classifier", str(site["classifier"]), "--cache", str(other)]) == 2
     assert "spacing_mm: 2.0 vs 3.0" in capsys.readouterr().err
+    # The device options are training's: a CUDA device this torch cannot see is named.
+    if not torch.cuda.is_available():
+        assert main([*base, "--classifier", str(site["classifier"]), "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+    assert main([*base, "--classifier", str(site["classifier"]), "--device", "cpu", "--precision", "fp16"]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_bf16_autocast_and_the_study_uid_column(site: dict[str, Path], tmp_path: Path) -> None:
+    args = ["predict", "--classifier", str(site["classifier"]), "--input", str(site["dicom"]), "--cache", str(site["cache"]),
+            "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "fp32.csv")]) == 0
+    assert main([*args, "--output", str(tmp_path / "bf16.csv"), "--precision", "bf16", "--id-column", "StudyInstanceUID"]) == 0
+    by_series = {r["series_key"]: r for r in _rows(tmp_path / "fp32.csv")}
+    uid_of = {r["study_key"]: r["StudyInstanceUID"] for r in _rows(tmp_path / "fp32.key.csv")}
+    for row in _rows(tmp_path / "bf16.csv"):
+        reference = by_series[row["series_key"]]
+        assert row["StudyInstanceUID"] == uid_of[reference["study_key"]]
+        assert float(row["probability"]) == pytest.approx(float(reference["probability"]), abs=0.02)  # bf16's 8 bits
 
 
 def test_old_card_and_federated_classifier(site: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
