@@ -26,7 +26,7 @@ unless ``--cache`` names a prepared cache to fit them on, as ``ctfed predict`` d
 from __future__ import annotations
 
 import argparse
-import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,11 @@ def _ctfed_version() -> str:
 
 def _traced(network: nn.Module, image_size: int, channels: int) -> torch.jit.ScriptModule:
     example = torch.rand(1, channels, image_size, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    # The encoder's size check becomes a constant of the trace: right, since its position table
+    # fixes the input size anyway. torch 2.13 deprecates TorchScript; it still loads (docs).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.trace(network, example, check_trace=False)
 
 
@@ -224,7 +228,9 @@ def _save_torchscript(network: nn.Module, path: Path, kind: str, card: dict[str,
     model = card["model"]
     traced = _traced(network, int(model["image_size"]), int(model.get("in_channels", 3)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_net_with_metadata(traced, str(path.with_suffix("")), ".ts", meta_values={"ctfed": card_facts(card), "kind": kind})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        save_net_with_metadata(traced, str(path.with_suffix("")), ".ts", meta_values={"ctfed": card_facts(card), "kind": kind})
 
 
 def export(checkpoint: Path, fmt: str, out: Path, cache: Path | None = None) -> Path:

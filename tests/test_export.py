@@ -20,6 +20,10 @@ from ctfed.common.model import ViTEncoder
 from ctfed.common.preprocess import CachedVolumes, prepare
 from ctfed.simulations.synth import synthesize_federation
 
+# MONAI warns on every parse of a bundle's config (it can run code); these bundles are our own.
+pytestmark = [pytest.mark.filterwarnings("ignore:parsing config_file"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")]
+
 SIZE = 16
 MODEL = ["model.image_size=16", "model.patch_size=8"]
 
