@@ -286,7 +286,7 @@ def predict(
     tasks = [str(name) for name in card["label_names"]]
     thresholds = _operating_points(card, tasks)
     _fit_statistics(classifier, cache, image_size)
-    classifier = classifier.to(device).eval()
+    classifier.eval()
 
     # The site's secret keys the pseudonyms: the cache's when given (prepare's study keys),
     # otherwise one kept beside the predictions.
@@ -302,7 +302,10 @@ def predict(
         input_dir, found, secret, cfg, rejected, output_dir=None, progress=progress, desc="predict"
     ) if "rejected" not in d.result)
     with torch.no_grad():
-        for batch in _batches(done, batch_size):
+        for index, batch in enumerate(_batches(done, batch_size)):
+            if index == 0:
+                # Only now: the preprocessing workers are forked by then, before CUDA is initialised.
+                classifier.to(device)
             volumes = torch.stack([
                 model_input(torch.from_numpy(np.asarray(d.result.pop(TENSOR_FIELD), dtype=np.float32)), image_size)
                 for d in batch

@@ -190,11 +190,12 @@ def test_refusals_name_the_reason(site: dict[str, Path], tmp_path: Path, capsys:
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_bf16_autocast_and_the_study_uid_column(site: dict[str, Path], tmp_path: Path) -> None:
+def test_bf16_autocast_two_workers_and_the_study_uid_column(site: dict[str, Path], tmp_path: Path) -> None:
     args = ["predict", "--classifier", str(site["classifier"]), "--input", str(site["dicom"]), "--cache", str(site["cache"]),
             "--no-progress"]
     assert main([*args, "--output", str(tmp_path / "fp32.csv")]) == 0
-    assert main([*args, "--output", str(tmp_path / "bf16.csv"), "--precision", "bf16", "--id-column", "StudyInstanceUID"]) == 0
+    assert main([*args, "--output", str(tmp_path / "bf16.csv"), "--precision", "bf16", "--id-column", "StudyInstanceUID",
+                 "--workers", "2"]) == 0
     by_series = {r["series_key"]: r for r in _rows(tmp_path / "fp32.csv")}
     uid_of = {r["study_key"]: r["StudyInstanceUID"] for r in _rows(tmp_path / "fp32.key.csv")}
     for row in _rows(tmp_path / "bf16.csv"):
