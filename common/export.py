@@ -252,7 +252,7 @@ def export(checkpoint: Path, fmt: str, out: Path, cache: Path | None = None) -> 
         network_def.update(num_outputs=len(card["label_names"]), pooling=card.get("pooling", "cls"))
         postprocessing = {"_target_": "Activations", "sigmoid": True}
     inference = {
-        "imports": ["$import numpy as np", "$import torch"],
+        "imports": ["$import glob", "$import json", "$import os", "$import numpy as np", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": network_def,
@@ -263,6 +263,20 @@ def export(checkpoint: Path, fmt: str, out: Path, cache: Path | None = None) -> 
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing_transforms(plan, int(model["image_size"]))},
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": postprocessing,
+        # `python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json
+        #  --bundle_root DIR --input_dir NIFTI_DIR --output_file out.json`: every NIfTI volume's output.
+        "input_dir": "$@bundle_root + '/input'",
+        "output_file": "$@bundle_root + '/predictions.json'",
+        "datalist": "$sorted(glob.glob(os.path.join(@input_dir, '*.nii*')))",
+        "predict": (
+            "$torch.no_grad()(lambda path: @postprocessing(@inferer(@preprocessing({'image': path})['image'][None]"
+            ".to(@device), @network)[0]).cpu().tolist())"
+        ),
+        "run": [
+            "$@load_weights",
+            "$@network.eval()",
+            "$json.dump({os.path.basename(p): @predict(p) for p in @datalist}, open(@output_file, 'w'), indent=2)",
+        ],
     }
     for folder in ("configs", "models", "docs"):
         (out / folder).mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,17 @@ def test_classifier_bundle_loads_and_runs_in_monai_as_ctfed_scores(models: dict[
         np.testing.assert_allclose(theirs.numpy(), ours.numpy(), atol=1e-6)
         np.testing.assert_allclose(traced.numpy(), theirs.numpy(), atol=1e-5)
 
+    # And the bundle runs as MONAI bundles do (`python -m monai.bundle run`), over a folder of NIfTI volumes.
+    from monai.bundle import run
+
+    run(config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle), input_dir=str(models["nifti"]), output_file=str(tmp_path / "out.json"))
+    assert torch.is_grad_enabled()  # the bundle's run leaves the process as it found it
+    outputs = json.loads((tmp_path / "out.json").read_text())
+    with torch.no_grad():
+        for name, cached in _nifti_volumes(models).items():
+            assert outputs[name] == pytest.approx(torch.sigmoid(classifier(cached[None]))[0].tolist(), abs=1e-6)
+
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     facts = metadata["ctfed"]
     assert facts["sha256"] == card["sha256"] and facts["label_names"] == ["any"]
