@@ -352,7 +352,7 @@ def predict(
     report = output.with_name(output.stem + REPORT_SUFFIX)
     _write_private(report, report_text(
         preprocessing_plan(cfg), scored_entries, rejected, 0, acceptance_lines(cfg), title="ctfed predict report",
-        count_line=f"- studies scored: {scored} ({len(tasks)} task(s): {', '.join(tasks)}); series rejected: {len(rejected)}",
+        count_line=f"- studies scored: {scored} ({len(tasks)} task(s): {', '.join(tasks)})",
     ))
     logger.info("predict: %d studies scored, %d series rejected", scored, len(rejected))
     return PredictSummary(scored=scored, rejected=len(rejected), predictions=output, key_file=written_key, report=report)

@@ -263,8 +263,9 @@ def export(checkpoint: Path, fmt: str, out: Path, cache: Path | None = None) -> 
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing_transforms(plan, int(model["image_size"]))},
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": postprocessing,
-        # `python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json
-        #  --bundle_root DIR --input_dir NIFTI_DIR --output_file out.json`: every NIfTI volume's output.
+        # monai.bundle.run(config_file=..., meta_file=..., bundle_root=DIR, input_dir=NIFTI_DIR,
+        # output_file="out.json"): every NIfTI volume's output (the `python -m monai.bundle run`
+        # command line does the same where MONAI's optional `fire` is installed).
         "input_dir": "$@bundle_root + '/input'",
         "output_file": "$@bundle_root + '/predictions.json'",
         "datalist": "$sorted(glob.glob(os.path.join(@input_dir, '*.nii*')))",
