@@ -8,6 +8,7 @@ real Flower simulation with secure aggregation.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -401,3 +402,31 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
         assert torch.equal(after_probe[f"encoder.{name}"], encoder[name]), name
     assert not torch.equal(after_probe["head.weight"], final["head.weight"])
     assert not torch.equal(final["encoder.blocks.1.mlp.linear1.weight"], encoder["blocks.1.mlp.linear1.weight"])
+
+
+@pytest.mark.slow
+def test_predict_scores_with_the_federated_classifier_at_a_site(phase_two_run: Path, tmp_path: Path) -> None:
+    """`ctfed predict` on the phase-2 checkpoint: the site's cache fits the feature statistics
+    (they stayed at the sites), decisions at the card's median operating point."""
+    from ctfed.common.labelled import model_input
+    from ctfed.common.preprocess import CachedVolumes
+
+    checkpoint = phase_two_run / "checkpoints" / "global_round_0004.safetensors"
+    cache, dicom = phase_two_run / "cache" / "site_1", phase_two_run / "dicom" / "site_1"
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(out),
+                 "--cache", str(cache), "--no-progress"]) == 0
+    classifier, card = load_classifier(checkpoint)
+    volumes = CachedVolumes(cache)
+    scans = [(model_input(volumes[i], card["model"]["image_size"]), None) for i in range(len(volumes))]
+    classifier.fit_standardizer(scans)
+    with torch.no_grad():
+        probs = torch.sigmoid(classifier.eval()(torch.stack([s for s, _ in scans])))[:, 0]
+    expected = {entry["key"]: float(p) for entry, p in zip(volumes.entries, probs)}
+    threshold = card["operating_point"]["any"]["threshold"]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(expected) == 6
+    for row in rows:
+        assert float(row["probability"]) == pytest.approx(expected[row["series_key"]], abs=2e-6)
+        assert float(row["operating_point"]) == pytest.approx(threshold, abs=1e-6)
+        assert row["decision"] == str(int(float(row["probability"]) >= float(row["operating_point"])))
