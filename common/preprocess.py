@@ -9,6 +9,9 @@ The cache is incremental and crash-safe: the manifest is rewritten atomically af
 series, and a series whose file contents hash to a manifest entry is skipped. Outputs are
 pseudonymous: series and studies appear only as keyed hashes (``privacy.pseudonym``), and
 nothing from the DICOM header that identifies a patient is ever written or logged.
+
+``process_studies`` is the per-study part (series choice, load, transform, in workers) that
+``ctfed predict`` runs too, on volumes it scores instead of saving.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfed.common.config import PreprocessConfig, SeriesPerStudy
+from ctfed.common.config import PreprocessConfig, SeriesPerStudy, WindowConfig
 from ctfed.common.dicom import (
     AIR_HU,
     CTVolume,
@@ -109,8 +112,6 @@ def config_from_plan(plan: dict[str, Any], **acceptance: Any) -> PreprocessConfi
             f"the preprocessing plan has orientation {plan['orientation']!r}, dtype {plan['dtype']!r}, axes "
             f"{plan['axes']!r}; this ctfed makes RAS, float16, {AXES}"
         )
-    from ctfed.common.config import WindowConfig
-
     cfg = PreprocessConfig(
         spacing_mm=float(plan["spacing_mm"]),
         foreground_hu=float(plan["foreground_hu"]),
