@@ -32,6 +32,7 @@ from ctfed.common.exchange import (
     PEAK_RSS_KEY,
     BASE_DIGEST_KEY,
     CONFIG_KEY,
+    EVAL_METRIC_PREFIX,
     FULL_STATE_KEY,
     LOCAL_STATE_KEY,
     METRICS_KEY,
@@ -52,7 +53,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.finetune import Classifier, FinetuneRoundPlan, Finetuner, build_classifier, trainable_names, trainable_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
-from ctfed.common.metrics import evaluation_dict
+from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,12 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
     train_seconds = time.perf_counter() - trained_at
     probs, labels = finetuner.predict(test_scans)
     evaluation = evaluation_dict(labels, probs, finetune.label_names, finetune.eval_n_boot, finetune.split_seed)
+    # This site's operating point per task (Youden's J on its held-out scans): the coordinator
+    # puts the sites' median in the round's classifier card, for `ctfed predict`'s decisions.
+    operating = {
+        f"{EVAL_METRIC_PREFIX}{task}/{OPERATING_POINT_METRIC}": point["threshold"]
+        for task, point in operating_points(labels, probs, finetune.label_names, split="held-out").items()
+    }
 
     # Only what trained travels; its names are exactly the plan's trainable set.
     update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))
@@ -156,6 +163,7 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
             TRAINABLE_PARAMETERS_KEY: int(fit.trainable_params[-1]),
             PEAK_RSS_KEY: peak_rss_mb(),
             **evaluation_to_metrics(evaluation),
+            **operating,
             **privacy_metrics,
         }
     )
