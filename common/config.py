@@ -370,7 +370,7 @@ class TrainConfig:
     # and the DINO/iBOT centres travel and are averaged with the encoder (each site's teacher
     # head then follows the global head by teacher_on_new_global). True: every site scores
     # against the same prototypes, at the cost of the head on the wire (bottleneck x
-    # head_prototypes values: +66% at the tiny model, 16.8M values at ViT-B) and a share of
+    # head_prototypes values: +12% at model=tiny, 16.8M values or +20% at ViT-B) and a share of
     # every norm bound (max_update_norm, central DP's clip). False: heads drift apart per site.
     # Default measured (docs/studies.md, item 7).
     share_heads: bool = False
