@@ -230,3 +230,18 @@ def test_fine_tuning_and_phase_two_load_only_the_encoder_of_a_checkpoint_with_he
     classifier = phase_two_classifier(cfg, recorder, state)
     assert not any(name.startswith(SHARED_HEAD_PREFIX) for name in classifier.state_dict())
     assert math.isfinite(float(classifier.encoder.state_dict()["norm.weight"].sum()))
+
+
+def test_a_resumed_state_is_made_to_match_share_heads(caplog: pytest.LogCaptureFixture) -> None:
+    from ctfed.server.rounds import with_shared_heads
+
+    shared = load_run_config(["train.share_heads=true"])
+    unshared = load_run_config(["train.share_heads=false"])
+    with_heads = initial_global_state(shared)
+    assert with_shared_heads(shared, with_heads) is with_heads
+    dropped = with_shared_heads(unshared, with_heads)
+    assert set(dropped) == set(initial_global_state(unshared))
+    restored = with_shared_heads(shared, dropped)
+    assert list(restored) == list(with_heads)  # the order SecAgg+'s flattening relies on
+    assert all(torch.equal(restored[k], with_heads[k]) for k in with_heads)
+    assert "no shared heads" in caplog.text and "dropped" in caplog.text
