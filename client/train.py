@@ -25,7 +25,7 @@ What travels and what stays:
 Shared heads (``train.share_heads``, issue #11 item 7). With the encoder alone averaged, each
 site's prototypes drift apart: the same global CLS embedding maps to different prototypes at
 different sites, so the targets the sites distil towards disagree, and the encoder is pulled
-towards K site-specific clusterings at once. Sharing makes the prototypes common. The head is
+towards one clustering per site at once. Sharing makes the prototypes common. The head is
 trained like the encoder, so it enters everything the encoder's update does: the update
 vector (FedAvg, SecAgg+'s masked sum, robust rules, FedAdam), ``federation.max_update_norm``,
 central DP's clip (the whole delta, heads included, is clipped to ``clip_norm``) and local
