@@ -10,8 +10,10 @@ the real ClientApp handler (plain FedAvg path: the mean SecAgg+ computes is the 
 * the spread of the site teachers' prototype outputs after the last round: every site's
   teacher (encoder + head, its centre and teacher temperature) on the same pooled scans, as
   DINO's target distribution; mean pairwise Jensen-Shannon divergence between sites (nats;
-  0: identical, ln 2 the maximum), how often two sites' targets pick the same prototype, and
-  how many prototypes a site's targets use;
+  0: identical, ln 2 the maximum), how often two sites' targets pick the same prototype, how
+  many prototypes a site's targets use and their entropy; and, since targets at DINO's uniform
+  fixed point are alike whatever the head, the correlation of the sites' raw prototype scores
+  on the same scans and the cosine of corresponding prototypes (1: the same);
 * a frozen-feature probe of the final global encoder (CLS; label_signal's 5-fold logistic
   regression AUROC, transductive on the pooled scans) per task::
 
@@ -25,6 +27,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,29 +61,46 @@ class _RecordingTrainer(LocalTrainer):
         return result
 
 
+@dataclass
+class SiteTeacher:
+    targets: torch.Tensor  # (scans, prototypes): DINO's target distribution
+    logits: torch.Tensor  # (scans, prototypes): the teacher's raw prototype scores (cosines)
+    prototypes: torch.Tensor  # (prototypes, bottleneck): the teacher's last layer, rows L2-normalised
+
+
 @torch.no_grad()
-def teacher_targets(cfg: RunConfig, context: Context, dataset: Any, volumes: list[torch.Tensor]) -> torch.Tensor:
-    """A site's DINO targets (scans, prototypes) on ``volumes``: its teacher's softmax after
-    its centre, at the final teacher temperature."""
+def site_teacher(cfg: RunConfig, context: Context, dataset: Any, volumes: list[torch.Tensor]) -> SiteTeacher:
+    """A site's teacher after the last round on ``volumes``: its targets (softmax after its
+    centre, at the final teacher temperature), raw logits and prototypes."""
     trainer = LocalTrainer(cfg.model, cfg.train, dataset, device="cpu")
     trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())
     logits = torch.cat([trainer.teacher(v.unsqueeze(0)) for v in volumes])
-    return F.softmax((logits - trainer.loss_fn.center) / cfg.train.teacher_temp, dim=-1)
+    targets = F.softmax((logits - trainer.loss_fn.center) / cfg.train.teacher_temp, dim=-1)
+    return SiteTeacher(targets, logits, F.normalize(trainer.teacher.head.last_layer.weight, dim=1))
 
 
-def target_spread(targets: list[torch.Tensor]) -> dict[str, float]:
-    """Mean pairwise JS divergence, argmax agreement, and prototypes used per site."""
-    js, agree = [], []
-    for a, b in itertools.combinations(targets, 2):
-        mean = 0.5 * (a + b)
+def target_spread(teachers: list[SiteTeacher]) -> dict[str, float]:
+    """Between every two sites, on the same scans: JS divergence of the targets and how often
+    they pick the same prototype; correlation of the raw logits (1: the same scores); cosine
+    of corresponding prototypes (1: the same prototypes). Per site: prototypes its targets
+    pick and their entropy (ln K: uniform)."""
+    js, agree, logit_corr, proto_cos = [], [], [], []
+    for a, b in itertools.combinations(teachers, 2):
+        mean = 0.5 * (a.targets + b.targets)
         kl = lambda p: (p * (p.clamp_min(1e-12).log() - mean.clamp_min(1e-12).log())).sum(-1)  # noqa: E731
-        js.append(float((0.5 * kl(a) + 0.5 * kl(b)).mean()))
-        agree.append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+        js.append(float((0.5 * kl(a.targets) + 0.5 * kl(b.targets)).mean()))
+        agree.append(float((a.targets.argmax(-1) == b.targets.argmax(-1)).float().mean()))
+        centred_a = a.logits - a.logits.mean(-1, keepdim=True)
+        centred_b = b.logits - b.logits.mean(-1, keepdim=True)
+        logit_corr.append(float(F.cosine_similarity(centred_a, centred_b, dim=-1).mean()))
+        proto_cos.append(float((a.prototypes * b.prototypes).sum(-1).mean()))
     return {
         "js_divergence": float(np.mean(js)),
         "argmax_agreement": float(np.mean(agree)),
-        "prototypes_used": float(np.mean([len(set(t.argmax(-1).tolist())) for t in targets])),
-        "target_entropy": float(np.mean([float(-(t * t.clamp_min(1e-12).log()).sum(-1).mean()) for t in targets])),
+        "logit_correlation": float(np.mean(logit_corr)),
+        "prototype_cosine": float(np.mean(proto_cos)),
+        "prototypes_used": float(np.mean([len(set(t.targets.argmax(-1).tolist())) for t in teachers])),
+        "target_entropy": float(np.mean([float(-(t.targets * t.targets.clamp_min(1e-12).log()).sum(-1).mean()) for t in teachers])),
     }
 
 
@@ -105,7 +125,7 @@ def run_arm(data: TuningSet, cache_root: Path, run_dir: Path, overrides: list[st
         f"site_{i}": [float(np.mean(_RecordingTrainer.dino[(cfg.train.seed + i, r)])) for r in range(rounds)]
         for i in range(len(nodes))
     }
-    targets = [teacher_targets(cfg, contexts[n], data.caches[i], data.volumes) for i, n in enumerate(nodes)]
+    teachers = [site_teacher(cfg, contexts[n], data.caches[i], data.volumes) for i, n in enumerate(nodes)]
     last = run_dir / "checkpoints" / recorder.rounds[-1].checkpoint
     encoder = encoder_part(load_checkpoint(last)[0])
     features = encoder_features(cfg.model, encoder, _Scans(data.volumes), FeaturePooling.cls)
@@ -115,7 +135,7 @@ def run_arm(data: TuningSet, cache_root: Path, run_dir: Path, overrides: list[st
     }
     return {
         "overrides": overrides, "seconds": round(seconds, 1), "dino_loss_per_round": dino,
-        "teacher_spread": target_spread(targets), "probe_auroc_cls": probe,
+        "teacher_spread": target_spread(teachers), "probe_auroc_cls": probe,
         "probe_mean": float(np.mean(list(probe.values()))),
     }
 
@@ -154,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {arm['seconds']:.0f} s; DINO loss first -> last round per site: "
             + ", ".join(f"{s} {v[0]:.3f} -> {v[-1]:.3f}" for s, v in arm["dino_loss_per_round"].items())
             + f"\n  site teachers: JS {spread['js_divergence']:.4f} nats, argmax agreement {spread['argmax_agreement']:.3f}, "
+            f"logit correlation {spread['logit_correlation']:.3f}, prototype cosine {spread['prototype_cosine']:.3f}, "
             f"prototypes used {spread['prototypes_used']:.1f}, target entropy {spread['target_entropy']:.3f}"
             f"\n  probe AUROC (CLS) mean {arm['probe_mean']:.3f}: "
             + ", ".join(f"{t} {v:.3f}" for t, v in arm["probe_auroc_cls"].items()),
