@@ -17,7 +17,9 @@ the real ClientApp handler (plain FedAvg path: the mean SecAgg+ computes is the 
 * a frozen-feature probe of the final global encoder (CLS; label_signal's 5-fold logistic
   regression AUROC, transductive on the pooled scans) per task::
 
-    python -m ctfed.simulations.head_sharing --out /tmp/heads --rounds 10 --local-steps 10
+    python -m ctfed.simulations.head_sharing --out /tmp/heads --rounds 8 --local-steps 10 --train \
+        train.batch_size=2 train.lr_reference_batch=2 train.num_local_crops=0 \
+        train.augment.affine_prob=0 train.augment.blur_prob=0
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import itertools
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans-per-site", type=int, nargs="+", default=[8, 12, 16])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--finding-scale", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="extra Hydra overrides for both arms")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     counts = list(args.scans_per_site)
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}", f"federation.min_sites={len(counts)}",
         f"model.image_size={args.size}", f"preprocess.output_size={args.size}", *args.train,
     ]
-    report: dict[str, Any] = {"command": f"python -m ctfed.simulations.head_sharing {' '.join(argv or [])}".strip(),
+    report: dict[str, Any] = {"command": f"python -m ctfed.simulations.head_sharing {' '.join(argv)}".strip(),
                               "sites": counts, "scans": len(data.volumes), "arms": {}}
     for share in (False, True):
         name = f"share_heads={str(share).lower()}"
