@@ -372,7 +372,8 @@ class TrainConfig:
     # against the same prototypes, at the cost of the head on the wire (bottleneck x
     # head_prototypes values: +12% at model=tiny, 16.8M values or +20% at ViT-B) and a share of
     # every norm bound (max_update_norm, central DP's clip). False: heads drift apart per site.
-    # Default measured (docs/studies.md, item 7).
+    # Default false: in a 3-site run (80 steps a site) the unshared heads barely drifted and
+    # sharing changed neither loss nor probe (docs/studies.md, item 7); re-test at a real budget.
     share_heads: bool = False
     # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * MIM (masked patch tokens, by
     # mim_objective). mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
