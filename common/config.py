@@ -370,7 +370,7 @@ class TrainConfig:
     # and the DINO/iBOT centres travel and are averaged with the encoder (each site's teacher
     # head then follows the global head by teacher_on_new_global). True: every site scores
     # against the same prototypes, at the cost of the head on the wire (bottleneck x
-    # head_prototypes values: +12% at model=tiny, 16.8M values or +20% at ViT-B) and a share of
+    # head_prototypes in the last layer: +12% at model=tiny, 23.1M values or +26% at ViT-B) and a share of
     # every norm bound (max_update_norm, central DP's clip). False: heads drift apart per site.
     # Default false: in a 3-site run (80 steps a site) the unshared heads barely drifted and
     # sharing changed neither loss nor probe (docs/studies.md, item 7); re-test at a real budget.
