@@ -3,9 +3,10 @@ fine-tuning on the site's labelled scans (phase 2, ``client/finetune_round.py``)
 instructions' ``run.phase``.
 
 A site receives the global encoder and the round's instructions, trains on its own cache,
-and replies with the change of its student encoder only (local weights minus the global
-weights it started from). Everything else the site learns (DINO
-head, EMA teacher, loss centre) stays in the node's ``context.state`` between rounds.
+and replies with the change of its student encoder (local weights minus the global
+weights it started from), and with ``train.share_heads`` of its projection head and centres.
+Everything else the site learns (EMA teacher, the unshared head and
+centre) stays in the node's ``context.state`` between rounds.
 
 Order of a round, so that nothing is read that a refused round should not touch: the site's
 policy is checked against the instructions first (``client/policy.py``), then the cache is
@@ -32,6 +33,7 @@ from ctfed.common.data_summary import site_data_metrics
 from ctfed.common.secagg import STAGE_TRAIN
 from ctfed.common.secagg import message_type as secagg_message_type
 from ctfed.common.logs import console_logging
+from ctfed.common.model import encoder_part
 from ctfed.common.processes import peak_rss_mb
 from ctfed.common.exchange import (
     ARRAYS_KEY,
@@ -95,15 +97,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     if LOCAL_STATE_KEY in context.state:
         trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())
-    global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.encoder_state())
-    trainer.set_global_encoder(global_state)
+    # The encoder, and with train.share_heads the projection head and centres (client/train.py).
+    global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.shared_state())
+    trainer.set_global_state(global_state)
     # Before training, on the encoder every site received (client/monitor_round.py).
-    monitor = monitor_metrics(site, instructions, model_cfg, global_state) if privacy_round.policy.share_monitor else {}
+    monitor = (
+        monitor_metrics(site, instructions, model_cfg, encoder_part(global_state))
+        if privacy_round.policy.share_monitor else {}
+    )
 
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
 
-    update = privacy_round.outgoing_update(state_delta(trainer.encoder_state(), global_state))
+    update = privacy_round.outgoing_update(state_delta(trainer.shared_state(), global_state))
     privacy_metrics = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
     metrics = MetricRecord(

@@ -29,6 +29,7 @@ from ctfed.common.data_summary import card_data_summary, site_data_metrics
 from ctfed.common.finetune import CLASSIFIER_KIND_SUFFIX, Finetuner, build_classifier
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
 from ctfed.common.metrics import evaluation_dict, operating_points
+from ctfed.common.model import encoder_part
 from ctfed.common.preprocess import CachedVolumes
 
 CLASSIFIER_STEM = "classifier"
@@ -70,7 +71,8 @@ def _pretrained_encoder(path: Path, cfg: RunConfig, overrides: list[str]) -> tup
             f"--encoder {path} is a '{model_cfg.name}' encoder, but the overrides ask for model '{cfg.model.name}' "
             "(drop the model override: the checkpoint defines the architecture)"
         )
-    return state, replace(cfg, model=model_cfg), {"kind": kind, "sha256": card.get("sha256"), "round": card.get("round")}
+    # A federation's global encoder may carry its shared SSL heads (train.share_heads): not for fine-tuning.
+    return encoder_part(state), replace(cfg, model=model_cfg), {"kind": kind, "sha256": card.get("sha256"), "round": card.get("round")}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,12 +12,38 @@ teacher) reconstructs the masked patches' normalised voxels.
 
 What travels and what stays:
 
-* ``encoder_state()`` - the student encoder only - is what the site sends and what the
-  coordinator averages (``SSLModel.encoder`` keys).
+* ``shared_state()`` is what the site receives, sends (as a delta) and the coordinator
+  averages: the student encoder (``SSLModel.encoder`` keys) and, with ``train.share_heads``,
+  the student head and the DINO and iBOT centres (``common.model.SHARED_HEAD_PREFIX``).
 * ``local_state()`` - student head, MAE decoder (if any), the whole teacher (encoder + head),
   the DINO and iBOT centres and the AdamW moments - stays at the site between rounds. The
   ClientApp builds a new ``LocalTrainer`` every round, so without it the head, decoder,
-  centre and optimizer would restart.
+  centre and optimizer would restart. With shared heads the head and centres in it are
+  overwritten by the global ones when they arrive (``set_global_state``); the teacher head
+  follows the teacher policy below, like the teacher encoder.
+
+Shared heads (``train.share_heads``, issue #11 item 7). With the encoder alone averaged, each
+site's prototypes drift apart: the same global CLS embedding maps to different prototypes at
+different sites, so the targets the sites distil towards disagree, and the encoder is pulled
+towards one clustering per site at once. Sharing makes the prototypes common. The head is
+trained like the encoder, so it enters everything the encoder's update does: the update
+vector (FedAvg, SecAgg+'s masked sum, robust rules, FedAdam), ``federation.max_update_norm``,
+central DP's clip (the whole delta, heads included, is clipped to ``clip_norm``) and local
+DP-SGD's per-volume clipping (every trainable student parameter, the head among them).
+MAE's decoder stays local: it serves the local reconstruction loss and has no teacher.
+
+The centres travel with the head. Why that is allowed: a centre is an EMA of the teacher's
+outputs, a cross-sample statistic of the site's data. Without DP it says no more than the
+encoder's and head's deltas already sent in the same message (and with SecAgg+ it is masked
+like them). Under local DP-SGD the centres are computed from public reference heads through
+the DP-trained teacher (below), so they are post-processing and cost no epsilon. Under central
+DP they are part of the delta that is clipped to ``clip_norm`` and noised by the coordinator,
+so the site-level guarantee covers them. Why they should: a centre local to a site, on shared
+prototypes, subtracts that site's own mean output, which pushes every site to spread its scans
+over all prototypes (a per-site uniformity that contradicts one clustering of non-iid sites)
+and makes the shared head's targets differ between sites again. A global centre is the
+federation's mean teacher output, DINO's centre for the pooled data. Under FedAdam the centres
+take Adam steps like every other averaged value (their deltas are small and bounded).
 
 Teacher policy (``train.teacher_on_new_global``):
 
@@ -46,8 +72,10 @@ and the ledger's accounting of DP-SGD stays exact. (Their catch: they centre on 
 reference heads' output, not the site's scans; a site whose scans look unlike a head CT
 after preprocessing gets a biased centre, never a privacy loss.)
 
-Either way a site's first global encoder also initialises its teacher encoder; the teacher
-head is always the EMA of this site's student head (heads never leave the site).
+Either way a site's first global encoder also initialises its teacher encoder. Without shared
+heads the teacher head is always the EMA of this site's student head (heads never leave the
+site); with them it is reset to the global head (``reset``) or initialised by the first one
+and then kept (``keep``), exactly as the teacher encoder.
 
 All sites build the head from ``train.seed`` (not the per-site seed), so they start from the
 same prototypes; the per-site ``seed`` only drives data order, crops and masks.
@@ -72,7 +100,15 @@ from ctfed.client.ledger import local_sample_rate
 from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, Precision, TrainConfig
 from ctfed.common.device import autocast, check_precision, resolve_device
 from ctfed.common.masking import random_keep, sample_masks
-from ctfed.common.model import SSLModel, build_teacher
+from ctfed.common.model import (
+    DINO_CENTER_NAME,
+    IBOT_CENTER_NAME,
+    SHARED_HEAD_PREFIX,
+    SSLModel,
+    build_teacher,
+    shared_head_state,
+    split_shared_state,
+)
 from ctfed.common.preprocess import input_stats_mismatch
 from ctfed.common.reference import reference_heads
 from ctfed.common.ssl import (
@@ -296,16 +332,62 @@ class LocalTrainer:
             self._proximal_reference = {name: t.detach().clone().float() for name, t in state.items()}
 
     def _proximal_term(self) -> torch.Tensor:
-        """FedProx: mu/2 * ||w - w_global||^2 over the student encoder's parameters."""
+        """FedProx: mu/2 * ||w - w_global||^2 over the student encoder's parameters (and the
+        head's, when the global state carried shared heads)."""
         reference = self._proximal_reference
         if reference is None:
             raise RuntimeError("train.proximal_mu > 0 needs the global encoder (set_global_encoder) first")
         squared = [(param - reference[name]).pow(2).sum() for name, param in self.student.encoder.named_parameters()]
+        if HEAD_PREFIX + "last_layer.weight" in reference:  # shared heads: held near the global head too
+            squared += [
+                (param - reference[HEAD_PREFIX + name]).pow(2).sum() for name, param in self.student.head.named_parameters()
+            ]
         return 0.5 * self.train_cfg.proximal_mu * torch.stack(squared).sum()
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        """The student encoder's weights: what the site sends."""
+        """The student encoder's weights."""
         return {k: v.detach().cpu().clone() for k, v in self.student.encoder.state_dict().items()}
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What the site receives and sends (as a delta) and the coordinator averages: the
+        student encoder, and with ``train.share_heads`` the student head and both centres
+        (``SHARED_HEAD_PREFIX`` names, after the encoder's)."""
+        state = self.encoder_state()
+        if self.train_cfg.share_heads:
+            state.update(shared_head_state(self.student.head, self.loss_fn.center, self.ibot_loss.center))
+        return state
+
+    def set_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load the coordinator's global state (``shared_state``'s names): the encoder as
+        ``set_global_encoder`` does and, with ``train.share_heads``, the head into the student,
+        into the teacher by the teacher policy (as the encoder), and the centres."""
+        encoder, heads = split_shared_state(state)
+        if bool(heads) != self.train_cfg.share_heads:
+            raise ValueError(
+                f"the global state {'carries' if heads else 'lacks'} the shared heads ({SHARED_HEAD_PREFIX}*) "
+                f"but train.share_heads={str(self.train_cfg.share_heads).lower()}"
+            )
+        sync_teacher = self.train_cfg.teacher_on_new_global == "reset" or not self._teacher_synced
+        self.set_global_encoder(encoder)
+        if not heads:
+            return
+        centres = {DINO_CENTER_NAME: self.loss_fn.center, IBOT_CENTER_NAME: self.ibot_loss.center}
+        head = {name: t for name, t in heads.items() if name not in centres}
+        try:
+            self.student.head.load_state_dict(head, strict=True)
+            if sync_teacher:
+                self.teacher.head.load_state_dict(head, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"global heads do not fit this site's model config: {err}") from None
+        for name, centre in centres.items():
+            if name not in heads or heads[name].shape != centre.shape:
+                got = tuple(heads[name].shape) if name in heads else "none"
+                raise ValueError(f"global {SHARED_HEAD_PREFIX}{name} has shape {got}, expected {tuple(centre.shape)}")
+            centre.copy_(heads[name])
+        if self.train_cfg.proximal_mu > 0:
+            self._proximal_reference.update(  # type: ignore[union-attr] - set by set_global_encoder
+                {HEAD_PREFIX + name: t.detach().clone().float() for name, t in head.items()}
+            )
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """Head, MAE decoder, teacher, DINO and iBOT centres and AdamW moments: what stays at the site."""

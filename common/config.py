@@ -366,6 +366,15 @@ class TrainConfig:
     # What a site's EMA teacher encoder does when a new global encoder arrives:
     # "reset" copies the global student into it, "keep" keeps the site's own EMA.
     teacher_on_new_global: str = "reset"
+    # Whether the student's projection head (DINO's and iBOT's, one head, last layer included)
+    # and the DINO/iBOT centres travel and are averaged with the encoder (each site's teacher
+    # head then follows the global head by teacher_on_new_global). True: every site scores
+    # against the same prototypes, at the cost of the head on the wire (bottleneck x
+    # head_prototypes in the last layer: +12% at model=tiny, 23.1M values or +26% at ViT-B) and a share of
+    # every norm bound (max_update_norm, central DP's clip). False: heads drift apart per site.
+    # Default false: in a 3-site run (80 steps a site) the unshared heads barely drifted and
+    # sharing changed neither loss nor probe (docs/studies.md, item 7); re-test at a real budget.
+    share_heads: bool = False
     # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * MIM (masked patch tokens, by
     # mim_objective). mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
     dino_weight: float = 1.0

@@ -1,6 +1,7 @@
 """What travels between coordinator and sites, and how it is checked on arrival.
 
-Weights travel as Flower ``ArrayRecord``s keyed by the encoder's ``state_dict`` names;
+Weights travel as Flower ``ArrayRecord``s keyed by the encoder's ``state_dict`` names (with
+``train.share_heads`` also the SSL head's and centres', ``common.model.SHARED_HEAD_PREFIX``);
 instructions travel as a flat ``ConfigRecord`` with dotted keys (``model.hidden_size``) so
 a site can rebuild exactly the configs the coordinator used and check them against its own
 policy before touching data.

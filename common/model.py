@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -291,7 +292,8 @@ class MAEDecoder(nn.Module):
 
 
 class SSLModel(nn.Module):
-    """The student: encoder (federated) + DINO head (stays at the site), and with
+    """The student: encoder (federated) + DINO head (stays at the site unless
+    ``train.share_heads``), and with
     ``mae_decoder`` MAE's reconstruction decoder (stays at the site too).
 
     The DINO head serves DINO on the CLS token and, with the iBOT objective, the masked
@@ -330,6 +332,33 @@ class SSLModel(nn.Module):
         if return_cls_embeddings:
             return logits[: x.shape[0]], logits[x.shape[0] :], tokens[:, 0]
         return logits[: x.shape[0]], logits[x.shape[0] :]
+
+
+# With ``train.share_heads`` the student's projection head (the one head DINO and iBOT share,
+# last layer included) and the DINO and iBOT centres travel beside the encoder's weights, in
+# the same ArrayRecord, under this prefix: no encoder parameter name starts with it.
+SHARED_HEAD_PREFIX = "ssl_head."
+DINO_CENTER_NAME = "center.dino"
+IBOT_CENTER_NAME = "center.ibot"
+
+
+def shared_head_state(head: DINOHead, dino_center: torch.Tensor, ibot_center: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The head's weights and both centres under ``SHARED_HEAD_PREFIX`` (detached CPU copies)."""
+    state = {**head.state_dict(), DINO_CENTER_NAME: dino_center, IBOT_CENTER_NAME: ibot_center}
+    return {SHARED_HEAD_PREFIX + name: t.detach().cpu().clone() for name, t in state.items()}
+
+
+def split_shared_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(encoder weights, shared head entries without their prefix) of a global state."""
+    encoder = {name: t for name, t in state.items() if not name.startswith(SHARED_HEAD_PREFIX)}
+    heads = {name[len(SHARED_HEAD_PREFIX) :]: t for name, t in state.items() if name.startswith(SHARED_HEAD_PREFIX)}
+    return encoder, heads
+
+
+def encoder_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's weights of a global state or checkpoint, shared heads left out: what
+    fine-tuning, the monitor and every downstream reader load."""
+    return split_shared_state(state)[0]
 
 
 def build_teacher(student: SSLModel) -> SSLModel:

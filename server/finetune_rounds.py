@@ -54,6 +54,7 @@ from ctfed.common.finetune import (
     trainable_names,
 )
 from ctfed.common.metrics import OPERATING_POINT_METHOD, OPERATING_POINT_METRIC
+from ctfed.common.model import encoder_part
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round
@@ -68,8 +69,9 @@ def phase_two_classifier(cfg: RunConfig, recorder: RunRecorder, global_state: di
     num_outputs = cfg.finetune.num_outputs
     if recorder.last_round <= cfg.federation.rounds:
         return build_classifier(
-            cfg.model, num_outputs, encoder_state=global_state, seed=cfg.finetune.seed, pooling=cfg.finetune.pooling
-        )
+            cfg.model, num_outputs, encoder_state=encoder_part(global_state), seed=cfg.finetune.seed,
+            pooling=cfg.finetune.pooling,
+        )  # shared SSL heads (train.share_heads) end with phase 1
     classifier = build_classifier(cfg.model, num_outputs, seed=cfg.finetune.seed, pooling=cfg.finetune.pooling)
     try:
         classifier.load_state_dict(global_state, strict=True)

@@ -31,7 +31,7 @@ from ctfed.common.exchange import (
     record_bytes,
     state_to_record,
 )
-from ctfed.common.model import ViTEncoder
+from ctfed.common.model import SSLModel, ViTEncoder, shared_head_state, split_shared_state
 from ctfed.common.secagg import effective_num_shares, round_threshold
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
@@ -46,6 +46,42 @@ def initial_encoder_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """A freshly initialised encoder, reproducible from the run seed."""
     torch.manual_seed(cfg.train.seed)
     return {name: t.detach().clone() for name, t in ViTEncoder(cfg.model).state_dict().items()}
+
+
+def initial_shared_heads(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The projection head every site builds from ``train.seed`` (after the encoder, as
+    ``LocalTrainer`` does) and zero centres, under ``SHARED_HEAD_PREFIX``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = SSLModel(cfg.model)
+    zeros = torch.zeros(1, cfg.model.head_prototypes)
+    return shared_head_state(model.head, zeros, zeros.clone())
+
+
+def initial_global_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Round 0's global state: the encoder, and with ``train.share_heads`` the heads after it."""
+    state = initial_encoder_state(cfg)
+    if cfg.train.share_heads:
+        state.update(initial_shared_heads(cfg))
+    return state
+
+
+def _heads_card(cfg: RunConfig) -> dict[str, bool]:
+    """The card entry of a checkpoint that carries the shared heads beside the encoder."""
+    return {"shared_heads": True} if cfg.train.share_heads else {}
+
+
+def with_shared_heads(cfg: RunConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A (resumed) global state made to match ``train.share_heads``: heads added from round 0's
+    when the checkpoint has none, dropped when the run no longer shares them (logged)."""
+    encoder, heads = split_shared_state(state)
+    if cfg.train.share_heads and not heads:
+        logger.warning("the checkpoint carries no shared heads; the sites start from the initial heads")
+        return {**encoder, **initial_shared_heads(cfg)}
+    if heads and not cfg.train.share_heads:
+        logger.warning("train.share_heads=false: the checkpoint's shared heads are dropped, the sites keep their own")
+        return encoder
+    return state
 
 
 def dropout_tolerance(cfg: RunConfig, sites: int) -> int:
@@ -121,8 +157,8 @@ def run_federation(
         logger.info("resuming %s after round %d", run_dir, recorder.last_round)
     else:
         recorder = RunRecorder(run_dir, cfg)
-        global_state = initial_encoder_state(cfg)
-        recorder.save_global(0, global_state)
+        global_state = initial_global_state(cfg)
+        recorder.save_global(0, global_state, **_heads_card(cfg))
     central = None
     if cfg.privacy.mode is PrivacyMode.central:
         saved = recorder.central_privacy_ledger
@@ -153,6 +189,7 @@ def run_pretraining(
     """Phase 1: SSL rounds after ``recorder.last_round`` up to ``federation.rounds``; returns the encoder."""
     strategy = build_strategy(cfg)
     updater = GlobalUpdate(cfg.federation, recorder.strategy_state)
+    global_state = with_shared_heads(cfg, global_state)
     total = cfg.federation.rounds
     for server_round in range(recorder.last_round + 1, total + 1):
         started = time.perf_counter()
@@ -181,7 +218,8 @@ def run_pretraining(
         if central is not None:
             recorder.central_privacy_ledger = central.ledger.to_dict()
         checkpoint = recorder.save_global(
-            server_round, global_state, updater.state(), data_summary=recorder.data_summary(outcome.sites)
+            server_round, global_state, updater.state(), data_summary=recorder.data_summary(outcome.sites),
+            **_heads_card(cfg),
         )
         recorder.add_round(
             RoundRecord(

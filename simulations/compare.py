@@ -42,6 +42,7 @@ from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
 from ctfed.common.monitor import representation_monitor
+from ctfed.common.model import encoder_part
 from ctfed.simulations.downstream import Predictions, finetune_and_predict, monitor_entry, pool, score
 from ctfed.simulations.report import load_results
 
@@ -174,7 +175,7 @@ def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial
     results = load_results(run_dir)
     pretraining = [record for record in results.rounds if record.phase == PRETRAIN_PHASE]
     weights = run_dir / CHECKPOINT_DIR / pretraining[-1].checkpoint
-    state, _, _ = load_checkpoint(weights)  # verifies the hash in its card
+    state = encoder_part(load_checkpoint(weights)[0])  # verifies the hash in its card; shared heads left out
     losses: dict[str, list[float]] = {}
     for record in pretraining:
         for site in record.sites:
@@ -221,7 +222,7 @@ def pretrain_scratch(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: 
     """The untrained initial encoder; checked against the federation's round-0 checkpoint."""
     round_zero = run_dir / CHECKPOINT_DIR / "global_round_0000.safetensors"
     if round_zero.is_file():
-        federation_initial, _, _ = load_checkpoint(round_zero)
+        federation_initial = encoder_part(load_checkpoint(round_zero)[0])
         if state_digest(federation_initial) != state_digest(initial):
             raise RuntimeError(f"{round_zero} differs from the encoder train.seed={cfg.train.seed} builds")
         weights = round_zero

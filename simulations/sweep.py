@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ctfed.common.config import ConfigError, RunConfig, save_run_config, to_run_config
 from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.checkpoint import load_checkpoint
+from ctfed.common.model import encoder_part
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.simulations.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
 from ctfed.common.labelled import NotEvaluableError
@@ -81,7 +82,7 @@ def final_encoder(run_dir: Path) -> Pretrained:
     """
     results = load_results(run_dir)
     weights = run_dir / CHECKPOINT_DIR / results.rounds[-1].checkpoint
-    state, _, _ = load_checkpoint(weights)
+    state = encoder_part(load_checkpoint(weights)[0])  # shared SSL heads left out
     return Pretrained(
         encoders={SHARED: state},
         files={SHARED: weights},
