@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ctfed.common.checkpoint import card_preprocessing_plan, load_checkpoint
+from ctfed.common.model import encoder_part
 from ctfed.common.config import ConfigError, FeaturePooling, ModelConfig, to_section
 from ctfed.common.fileio import write_json_atomic
 
@@ -98,7 +99,8 @@ def load_network(checkpoint: Path, cache: Path | None = None) -> tuple[nn.Module
     kind = str(card.get("kind", ""))
     if kind.endswith(ENCODER_KIND):
         network: nn.Module = bundle_network(ENCODER_KIND, card["model"])
-        network.encoder.load_state_dict(state, strict=True)  # type: ignore[union-attr]
+        # A global checkpoint of a run with train.share_heads also carries the SSL heads: not exported.
+        network.encoder.load_state_dict(encoder_part(state), strict=True)  # type: ignore[union-attr]
         return network.eval(), ENCODER_KIND, card
     if not kind.endswith(CLASSIFIER_KIND):
         raise ConfigError(f"{checkpoint} is a '{kind}' checkpoint; export takes an encoder or a classifier")

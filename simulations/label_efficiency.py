@@ -53,6 +53,7 @@ from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.labelled import LabelledScans, labelled_indices
 from ctfed.common.metrics import roc_auc
+from ctfed.common.model import encoder_part
 from ctfed.common.monitor import encoder_features
 from ctfed.common.preprocess import FORMAT as CACHE_FORMAT
 from ctfed.common.preprocess import MANIFEST, VOLUMES_DIR_FIELD, CachedVolumes, channel_stats
@@ -259,9 +260,9 @@ def _federation_arm(cfg: RunConfig, run_dir: Path, keep_rounds: Sequence[int], s
     along: dict[int, dict[str, torch.Tensor]] = {}
     for number in keep_rounds:
         path = run_dir / CHECKPOINT_DIR / (f"global_round_{0:04d}.safetensors" if number == 0 else pretraining[number - 1].checkpoint)
-        along[number * steps], _, _ = load_checkpoint(path)
+        along[number * steps] = encoder_part(load_checkpoint(path)[0])
     final = run_dir / CHECKPOINT_DIR / pretraining[-1].checkpoint
-    state, _, _ = load_checkpoint(final)
+    state = encoder_part(load_checkpoint(final)[0])  # the SSL heads too under train.share_heads
     epsilons = [s.epsilon for s in pretraining[-1].sites if s.epsilon is not None]
     extra = {"site_epsilon": {s.site: s.epsilon for s in pretraining[-1].sites if s.epsilon is not None}}
     if epsilons:
