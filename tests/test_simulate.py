@@ -10,7 +10,8 @@ import torch
 
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.cli import main
-from ctfed.common.config import load_run_config, read_run_config
+from ctfed.common.config import load_run_config
+from ctfed.simulations.config import read_simulation_config
 from ctfed.common.model import SSLModel, ViTEncoder
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_sites_whose_labels_cannot_be_split_send_no_monitor(finished_run: Path) 
 
 def test_only_encoder_weights_travel(finished_run: Path) -> None:
     results = json.loads((finished_run / "results.json").read_text())
-    cfg = read_run_config(finished_run / "config.yaml")
+    cfg = read_simulation_config(finished_run / "config.yaml")
     encoder = ViTEncoder(cfg.model).state_dict()
     encoder_bytes = sum(t.numel() * t.element_size() for t in encoder.values())
     head_bytes = sum(p.numel() * p.element_size() for p in SSLModel(cfg.model).head.parameters())
@@ -103,7 +104,7 @@ def test_checkpoint_per_round_and_the_encoder_moved(finished_run: Path) -> None:
 
 
 def test_run_folder_has_config_and_log(finished_run: Path) -> None:
-    assert read_run_config(finished_run / "config.yaml").federation.rounds == 2
+    assert read_simulation_config(finished_run / "config.yaml").federation.rounds == 2
     log = (finished_run / "federation.log").read_text()
     assert "round 2/2" in log
 
