@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from ctfed.common import secagg as sa
-from ctfed.common.config import ConfigError, RunConfig
+from ctfed.common.config import ConfigError, RunConfig, load_run_config
 from ctfed.simulations.config import load_simulation_config
 from ctfed.server.results import FederationStopped, ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
 from ctfed.server.rounds import dropout_tolerance, dropout_warning, initial_encoder_state, run_federation
@@ -29,7 +29,7 @@ def _results(run_dir: Path) -> dict:
 
 def _one_round_run(run_dir: Path, overrides: list[str]) -> RunConfig:
     """A run folder as a coordinator leaves it after round 1: results.json and checkpoints."""
-    cfg = load_simulation_config(overrides)
+    cfg = load_run_config(overrides)
     recorder = RunRecorder(run_dir, cfg)
     state = initial_encoder_state(cfg)
     recorder.save_global(0, state)
@@ -43,7 +43,7 @@ def test_resume_refuses_a_changed_config_and_lists_every_difference(tmp_path: Pa
     _one_round_run(tmp_path, SAVED)
     before = (tmp_path / "results.json").read_bytes()
     # The issue's case: the resubmission carries the defaults (5 shares, automatic threshold) and local DP.
-    submitted = load_simulation_config(["federation.rounds=3", "privacy.mode=local"])
+    submitted = load_run_config(["federation.rounds=3", "privacy.mode=local"])
     with pytest.raises(ResumeError) as refused:
         RunRecorder.resume(tmp_path, submitted)
     message = str(refused.value)
@@ -58,7 +58,7 @@ def test_resume_takes_only_the_round_count_and_keeps_the_saved_config(tmp_path: 
     _one_round_run(tmp_path, SAVED)
     # The deployed path without a run-config file: defaults plus num-server-rounds=5,
     # which also resolves train.schedule_rounds to 5; the run keeps its schedule of 3.
-    more_rounds = load_simulation_config(["federation.rounds=5", "secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
+    more_rounds = load_run_config(["federation.rounds=5", "secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
     recorder, _ = RunRecorder.resume(tmp_path, more_rounds)
     assert recorder.cfg.federation.rounds == 5
     assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (3, 2)
@@ -71,7 +71,7 @@ def test_resume_takes_only_the_round_count_and_keeps_the_saved_config(tmp_path: 
 
 def test_resume_with_override_accepts_and_records_the_changes(tmp_path: Path) -> None:
     _one_round_run(tmp_path, SAVED)
-    submitted = load_simulation_config(["federation.rounds=3"])
+    submitted = load_run_config(["federation.rounds=3"])
     recorder, _ = RunRecorder.resume(tmp_path, submitted, override_config=True)
     assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (5, 0)
     results = _results(tmp_path)
@@ -83,7 +83,7 @@ def test_resume_with_override_accepts_and_records_the_changes(tmp_path: Path) ->
     assert results["config"]["secagg"]["num_shares"] == 5
     # Even an override cannot swap the model the checkpoints hold.
     with pytest.raises(ResumeError, match="model differs"):
-        RunRecorder.resume(tmp_path, load_simulation_config(["federation.rounds=3", "model.num_layers=3"]), override_config=True)
+        RunRecorder.resume(tmp_path, load_run_config(["federation.rounds=3", "model.num_layers=3"]), override_config=True)
 
 
 def test_the_server_app_refuses_a_changed_resume_before_any_round(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_run_config_file_and_num_server_rounds_cannot_disagree(tmp_path: Path) -
     from ctfed.server.app import config_from_context
 
     config_file = tmp_path / "run.yaml"
-    save_run_config(load_simulation_config(["federation.rounds=3"]), config_file)
+    save_run_config(load_run_config(["federation.rounds=3"]), config_file)
 
     def resolve(**run_config: object) -> RunConfig:
         values = {"run-config-file": str(config_file), "num-server-rounds": 0, "local-steps": 0, **run_config}
@@ -121,19 +121,19 @@ def test_run_config_file_and_num_server_rounds_cannot_disagree(tmp_path: Path) -
 
 
 def test_dropout_tolerance_follows_the_secure_aggregation_rule() -> None:
-    defaults = load_simulation_config()
+    defaults = load_run_config()
     # The automatic threshold: the smallest count above 2n/3 of each round's neighbourhood n.
     assert (defaults.secagg.num_shares, defaults.secagg.reconstruction_threshold) == (5, 0)
     assert dropout_tolerance(defaults, 3) == 0  # the issue's federation: one drop and nothing aggregates
     assert dropout_tolerance(defaults, 4) == 1  # 3 of 4
     assert dropout_tolerance(defaults, 6) == 1  # neighbourhoods of 5 need 4 of them
-    explicit = load_simulation_config(["secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
+    explicit = load_run_config(["secagg.num_shares=3", "secagg.reconstruction_threshold=2"])
     assert dropout_tolerance(explicit, 3) == 1  # (which the sites' default 2/3 floor refuses)
-    plain = load_simulation_config(["secagg.enabled=false"])
+    plain = load_run_config(["secagg.enabled=false"])
     assert dropout_tolerance(plain, 3) == 1
     warning = dropout_warning(defaults, 3)
     assert warning and "tolerates no dropout" in warning and "neighbourhoods of 4 or more" in warning
-    assert "secagg.num_shares=4" in (dropout_warning(load_simulation_config(["secagg.num_shares=3"]), 4) or "")
+    assert "secagg.num_shares=4" in (dropout_warning(load_run_config(["secagg.num_shares=3"]), 4) or "")
     assert dropout_warning(defaults, 4) is None and dropout_warning(plain, 2) is None
 
 
@@ -159,7 +159,7 @@ def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     from ctfed.simulations.inprocess import InProcessGrid
 
     run_dir = tmp_path / "run"
-    cfg = load_simulation_config([
+    cfg = load_run_config([
         "federation.rounds=6", "federation.max_failed_rounds=2", "federation.min_sites=3", "train.local_steps=1",
         "monitor.enabled=false",
     ])
