@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from ctfed.common.config import (
+    FINETUNE_MODES,
     SITE_ID_RULE,
     ConfigError,
     FinetuneConfig,
