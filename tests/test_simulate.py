@@ -109,6 +109,16 @@ def test_run_folder_has_config_and_log(finished_run: Path) -> None:
     assert "round 2/2" in log
 
 
+def test_results_record_the_simulation_config_whole(finished_run: Path) -> None:
+    """The simulation's ServerApp reads ctfed simulate's root, so results.json holds every
+    section of config.yaml, the simulation's included (what a resume restores)."""
+    from omegaconf import OmegaConf
+
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["config"] == OmegaConf.to_container(OmegaConf.load(finished_run / "config.yaml"))
+    assert results["config"]["synth"]["scans_per_site"] == 2
+
+
 def test_no_patient_identifier_leaves_the_dicom_folder(finished_run: Path) -> None:
     """Everything the run wrote besides the synthetic input DICOM is free of header PHI.
 
@@ -166,5 +176,9 @@ def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> 
 
     repo = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     generated = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert generated["components"] == repo["components"]
+    assert generated["components"]["clientapp"] == repo["components"]["clientapp"]
+    # The same ServerApp code (ctfed.server.app.serve) over the simulation's root, so that
+    # results.json records the simulation sections (tests/test_resume.py plays both apps).
+    assert repo["components"]["serverapp"] == "ctfed.server.app:app"
+    assert generated["components"]["serverapp"] == "ctfed.simulations.flower_app:server_app"
     assert generated["config"] == repo["config"]
