@@ -321,6 +321,9 @@ class SimulationRunConfig(RunConfig):
     split: SplitConfig = field(default_factory=SplitConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # A new simulation-only section (e.g. a study beside compare) goes here, its dataclass
+    # above, and its name into common's SIMULATION_SECTIONS (tests/test_config.py checks both
+    # agree), so that a coordinator still reads the files this root writes.
 
     def __post_init__(self) -> None:
         super().__post_init__()
