@@ -1,11 +1,17 @@
 """The coordinator's Flower ServerApp.
 
 ``ctfed simulate`` passes a resolved run config file and a run folder through the run
-config; ``flwr run .`` without them uses the built-in defaults (conf/simulate.yaml).
+config; ``flwr run .`` without them uses the built-in defaults (conf/run.yaml).
 ``num-server-rounds`` and ``local-steps`` in ``[tool.flwr.app.config]`` override
 ``federation.rounds`` and ``train.local_steps`` of the defaults (0: keep them); with a
 ``run-config-file`` that file is the one source of truth, and a value that contradicts it
 is an error naming both.
+
+``app`` reads the coordinator's root, ``RunConfig``: a file with the simulation's sections
+(``ctfed simulate --show-config``, results.json written before the configs were split) is
+read without them (common/config/loading.py ``SIMULATION_SECTIONS``). A simulation submits
+its own ServerApp built by ``make_server_app`` with its root (simulations/flower_app.py), so
+that results.json records the simulation sections it ran with and a resume restores them.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TypeVar
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config
+from ctfed.common.config import RUN_CONFIG_NAME, ConfigError, RunConfig, load_run_config, read_run_config
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.logs import console_logging
 from ctfed.server.rounds import run_federation
@@ -34,7 +41,7 @@ SHORTHAND_KEYS = {ROUNDS_KEY: "federation.rounds", LOCAL_STEPS_KEY: "train.local
 
 logger = logging.getLogger(__name__)
 
-app = ServerApp()
+R = TypeVar("R", bound=RunConfig)
 
 
 def _shorthand_values(run_config: dict) -> dict[str, int]:
@@ -49,12 +56,16 @@ def _shorthand_values(run_config: dict) -> dict[str, int]:
     return values
 
 
-def config_from_context(context: Context) -> tuple[RunConfig, Path]:
+def config_from_context(
+    context: Context, schema: type[R] = RunConfig, config_name: str = RUN_CONFIG_NAME  # type: ignore[assignment]
+) -> tuple[R, Path]:
+    """The run's config as ``schema`` (from ``run-config-file``, else ``conf/<config_name>.yaml``
+    with the shorthand keys) and its run folder."""
     run_config = dict(context.run_config)
     config_file = str(run_config.get(RUN_CONFIG_FILE_KEY, ""))
     shorthands = _shorthand_values(run_config)
     if config_file:
-        cfg = read_run_config(Path(config_file))
+        cfg = read_run_config(Path(config_file), schema)
         current = {"federation.rounds": cfg.federation.rounds, "train.local_steps": cfg.train.local_steps}
         conflicts = [
             f"{key}={shorthands[dotted]} but {dotted}={current[dotted]} in {config_file}"
@@ -68,17 +79,17 @@ def config_from_context(context: Context) -> tuple[RunConfig, Path]:
                 + " and ".join(SHORTHAND_KEYS) + " out (or equal to it)"
             )
     else:
-        cfg = load_run_config([f"{dotted}={value}" for dotted, value in shorthands.items()])
+        cfg = load_run_config([f"{dotted}={value}" for dotted, value in shorthands.items()], config_name, schema)
     run_dir = str(run_config.get(RUN_DIR_KEY, ""))
     if not run_dir:
         run_dir = str(Path(cfg.output_dir).resolve() / time.strftime("flwr-run-%Y%m%d-%H%M%S"))
     return cfg, Path(run_dir)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def serve(grid: Grid, context: Context, schema: type[RunConfig] = RunConfig, config_name: str = RUN_CONFIG_NAME) -> None:
+    """The ServerApp's body: resolve the config as ``schema`` and run (or resume) the federation."""
     console_logging()
-    cfg, run_dir = config_from_context(context)
+    cfg, run_dir = config_from_context(context, schema, config_name)
     resume = bool(context.run_config.get(RESUME_KEY, False))
     override = bool(context.run_config.get(RESUME_OVERRIDE_KEY, False))
     if override and not resume:
@@ -87,3 +98,22 @@ def main(grid: Grid, context: Context) -> None:
     # failed with the reason, and results.json holds status "failed" and the reason.
     recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override)
     logger.info("results: %s", recorder.results_path)
+
+
+def make_server_app(schema: type[RunConfig] = RunConfig, config_name: str = RUN_CONFIG_NAME) -> ServerApp:
+    """A ServerApp that reads its run config as ``schema`` (a root extending RunConfig)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, context, schema, config_name)
+
+    return server_app
+
+
+def main(grid: Grid, context: Context) -> None:
+    """The coordinator's ServerApp main (``app``): the RunConfig root."""
+    serve(grid, context)
+
+
+app = make_server_app()

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
 from omegaconf import OmegaConf
@@ -36,6 +36,8 @@ GLOBAL_ENCODER_KIND = "global-encoder"
 GLOBAL_CLASSIFIER_KIND = "global-classifier"
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=RunConfig)
 
 
 class ResumeError(RuntimeError):
@@ -130,14 +132,16 @@ def resumed_config(
     return replace(saved, federation=federation), changes
 
 
-def saved_run_config(run_dir: Path) -> RunConfig:
-    """The config a run folder's results.json records (ResumeError when there is none)."""
+def saved_run_config(run_dir: Path, schema: type[R] = RunConfig) -> R:  # type: ignore[assignment]
+    """The config a run folder's results.json records, as ``schema`` (the root the run was
+    started with: RunConfig for a coordinator, the simulation's root for ``ctfed simulate``);
+    ResumeError when there is none."""
     results_path = run_dir / RESULTS_NAME
     if not results_path.is_file():
         raise ResumeError(f"nothing to resume: {results_path} does not exist")
     try:
         raw = json.loads(results_path.read_text(encoding="utf-8"))["config"]
-        return to_run_config(raw)
+        return to_run_config(raw, schema)
     except (ValueError, KeyError, TypeError) as err:  # ConfigError is a ValueError
         raise ResumeError(f"{results_path} holds no usable run config: {err}") from None
 
@@ -295,7 +299,7 @@ class RunRecorder:
         unless ``override_config``); ``recorder.cfg`` is the config to run with, and the
         resume's entry in ``resumes`` records what the submission changed.
         """
-        saved_cfg = saved_run_config(run_dir)
+        saved_cfg = saved_run_config(run_dir, type(cfg))
         results_path = run_dir / RESULTS_NAME
         try:
             saved = json.loads(results_path.read_text(encoding="utf-8"))

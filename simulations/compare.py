@@ -35,7 +35,7 @@ from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from ctfed.common.exchange import PRETRAIN_PHASE
-from ctfed.common.config import RunConfig
+from ctfed.simulations.config import SimulationRunConfig
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.results import CHECKPOINT_DIR
@@ -87,7 +87,7 @@ class Site:
     split: SiteSplit | None
     reason: str = ""  # why the site is not evaluable
 
-    def labelled(self, cfg: RunConfig) -> tuple[LabelledScans, LabelledScans]:
+    def labelled(self, cfg: SimulationRunConfig) -> tuple[LabelledScans, LabelledScans]:
         """(fine-tuning scans, held-out test scans) of an evaluable site."""
         if self.split is None:
             raise NotEvaluableError(self.reason)
@@ -118,7 +118,7 @@ class Pretrained:
 # ----------------------------------------------------------------------------- sites
 
 
-def load_sites(cfg: RunConfig, data_dir: Path) -> list[Site]:
+def load_sites(cfg: SimulationRunConfig, data_dir: Path) -> list[Site]:
     """Every site cache in federation order, with its stratified split (or why it has none)."""
     sites = []
     for index, cache_dir in enumerate(site_cache_dirs(data_dir)):
@@ -152,7 +152,7 @@ def _site_summary(site: Site, label: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- pretraining arms
 
 
-def _train(cfg: RunConfig, dataset: Dataset, seed: int, initial: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float], int]:
+def _train(cfg: SimulationRunConfig, dataset: Dataset, seed: int, initial: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float], int]:
     """``federation.rounds`` rounds of ``train.local_steps`` steps from the initial encoder, as ``ctfed pretrain`` does."""
     trainer = LocalTrainer(cfg.model, cfg.train, dataset, seed=seed)
     trainer.set_global_encoder(initial)  # the federation's starting point, teacher included
@@ -165,11 +165,11 @@ def _train(cfg: RunConfig, dataset: Dataset, seed: int, initial: Mapping[str, to
     return trainer.encoder_state(), losses, volumes
 
 
-def _save_encoder(run_dir: Path, name: str, state: Mapping[str, torch.Tensor], cfg: RunConfig, losses: list[float]) -> Path:
+def _save_encoder(run_dir: Path, name: str, state: Mapping[str, torch.Tensor], cfg: SimulationRunConfig, losses: list[float]) -> Path:
     return save_checkpoint(run_dir / ENCODER_DIR / name, state, cfg.model, kind=f"{name}-encoder", steps=len(losses), losses=losses)
 
 
-def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+def pretrain_federated(cfg: SimulationRunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
     """The federation ``ctfed simulate`` just ran: its last SSL checkpoint and its per-site losses
     (phase-2 rounds, if any, fine-tuned a classifier: not part of the pretraining arm)."""
     results = load_results(run_dir)
@@ -194,7 +194,7 @@ def pretrain_federated(cfg: RunConfig, run_dir: Path, sites: list[Site], initial
     )
 
 
-def pretrain_centralized(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+def pretrain_centralized(cfg: SimulationRunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
     started = time.perf_counter()
     pooled = ConcatDataset([site.volumes for site in sites])
     print(f"      pretraining on {len(pooled)} pooled scans of {len(sites)} sites")
@@ -203,7 +203,7 @@ def pretrain_centralized(cfg: RunConfig, run_dir: Path, sites: list[Site], initi
     return Pretrained({SHARED: state}, {SHARED: weights}, 1, len(losses), volumes, time.perf_counter() - started, {SHARED: losses})
 
 
-def pretrain_local_only(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+def pretrain_local_only(cfg: SimulationRunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
     started = time.perf_counter()
     chosen = sites if cfg.compare.local_only_all_sites else [smallest_site(sites)]
     encoders, files, losses, volumes = {}, {}, {}, 0
@@ -218,7 +218,7 @@ def pretrain_local_only(cfg: RunConfig, run_dir: Path, sites: list[Site], initia
     return Pretrained(encoders, files, len(chosen), steps, volumes, time.perf_counter() - started, losses)
 
 
-def pretrain_scratch(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+def pretrain_scratch(cfg: SimulationRunConfig, run_dir: Path, sites: list[Site], initial: Mapping[str, torch.Tensor]) -> Pretrained:
     """The untrained initial encoder; checked against the federation's round-0 checkpoint."""
     round_zero = run_dir / CHECKPOINT_DIR / "global_round_0000.safetensors"
     if round_zero.is_file():
@@ -231,7 +231,7 @@ def pretrain_scratch(cfg: RunConfig, run_dir: Path, sites: list[Site], initial: 
     return Pretrained({SHARED: dict(initial)}, {SHARED: weights}, 0, 0, 0, 0.0)
 
 
-PRETRAIN: dict[Arm, Callable[[RunConfig, Path, list[Site], Mapping[str, torch.Tensor]], Pretrained]] = {
+PRETRAIN: dict[Arm, Callable[[SimulationRunConfig, Path, list[Site], Mapping[str, torch.Tensor]], Pretrained]] = {
     Arm.federated: pretrain_federated,
     Arm.centralized: pretrain_centralized,
     Arm.local_only: pretrain_local_only,
@@ -247,7 +247,7 @@ def _fmt_auroc(metrics: dict[str, Any], task: str) -> str:
     return f"AUROC {auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}]"
 
 
-def evaluate_arm(cfg: RunConfig, sites: list[Site], pretrained: Pretrained) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_arm(cfg: SimulationRunConfig, sites: list[Site], pretrained: Pretrained) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fine-tune and test at every evaluable site with an encoder, in every mode.
 
     Returns (downstream, representation): ``downstream[mode][site or POOLED]`` holds metrics
@@ -327,7 +327,7 @@ def _policy_entry(policy: str, run_dir: Path, study_dir: Path, pretrained: Pretr
     }
 
 
-def compare_teacher_policies(cfg: RunConfig, run_dir: Path, data_dir: Path, sites: list[Site], record: "CompareRecord") -> bool:
+def compare_teacher_policies(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, sites: list[Site], record: "CompareRecord") -> bool:
     """Run the federation again with the other teacher policy on the same sites, seeds and budget
     and put both policies side by side in compare.json (``teacher_policies``); False if it failed.
 
@@ -365,7 +365,7 @@ def compare_teacher_policies(cfg: RunConfig, run_dir: Path, data_dir: Path, site
 class CompareRecord:
     """compare.json, rewritten atomically whenever an arm finishes."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, sites: list[Site]) -> None:
+    def __init__(self, run_dir: Path, cfg: SimulationRunConfig, sites: list[Site]) -> None:
         self.run_dir = run_dir
         self.path = run_dir / COMPARE_JSON
         self.started = time.perf_counter()
@@ -449,7 +449,7 @@ def check_budgets(data: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the study
 
 
-def run_comparison(cfg: RunConfig, run_dir: Path, data_dir: Path) -> int:
+def run_comparison(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Train the non-federated arms, evaluate all four, write compare.json/compare.md; 0 on success."""
     from ctfed.simulations.compare_report import console_summary, judge, render_compare_report
 

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from ctfed.client.app import train as site_train
 from ctfed.client.secagg import register_secagg
 from ctfed.client.site import PARTITION_ID_KEY
-from ctfed.common.config import FaultConfig, FaultKind, Transport, read_run_config
+from ctfed.common.config import Transport
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -30,6 +30,7 @@ from ctfed.common.exchange import (
     transported_values,
 )
 from ctfed.server.app import RUN_CONFIG_FILE_KEY
+from ctfed.simulations.config import FaultConfig, FaultKind, read_simulation_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ app = ClientApp()
 
 def faults_from_run_config(context: Context) -> list[FaultConfig]:
     """The faults of this simulation, from the run config file ``ctfed simulate`` wrote."""
-    return read_run_config(Path(str(context.run_config[RUN_CONFIG_FILE_KEY]))).simulation.faults
+    return read_simulation_config(Path(str(context.run_config[RUN_CONFIG_FILE_KEY]))).simulation.faults
 
 
 def active_fault(faults: list[FaultConfig], site: int, server_round: int) -> FaultConfig | None:

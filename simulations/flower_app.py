@@ -5,6 +5,12 @@ editable) has no repository, and a fault-injection run needs a different ClientA
 components import from the installed ``ctfed`` package, so the generated folder needs no
 code of its own; its ``[tool.flwr.app.config]`` keys must match the repository's
 pyproject (a test checks that), because ``flwr run`` only accepts keys declared there.
+
+Its ServerApp is the coordinator's (``ctfed.server.app.serve``) over the simulation's root,
+``SimulationRunConfig``: the ServerApp reads the config file ``ctfed simulate`` wrote with
+every section it holds, so results.json records the simulation it ran (synthetic hospitals,
+faults, split, studies) and a resumed simulation gets them back. The repository's app, the
+deployed coordinator's, reads ``RunConfig`` and drops those sections instead.
 """
 
 from __future__ import annotations
@@ -16,12 +22,23 @@ from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.fileio import write_text_atomic
-from ctfed.server.app import LOCAL_STEPS_KEY, RESUME_KEY, RESUME_OVERRIDE_KEY, ROUNDS_KEY, RUN_CONFIG_FILE_KEY
+from ctfed.server.app import (
+    LOCAL_STEPS_KEY,
+    RESUME_KEY,
+    RESUME_OVERRIDE_KEY,
+    ROUNDS_KEY,
+    RUN_CONFIG_FILE_KEY,
+    make_server_app,
+)
+from ctfed.simulations.config import SIMULATE_CONFIG_NAME, SimulationRunConfig, register_simulation_configs
 
-SERVER_APP = "ctfed.server.app:app"
+SERVER_APP = "ctfed.simulations.flower_app:server_app"
 CLIENT_APP = "ctfed.client.app:app"
 FAULTY_CLIENT_APP = "ctfed.simulations.faults:app"
 APP_FOLDER = "app"
+
+register_simulation_configs()
+server_app = make_server_app(SimulationRunConfig, SIMULATE_CONFIG_NAME)
 
 # Defaults of every run-config key the apps read, as in the repository's pyproject.toml.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {

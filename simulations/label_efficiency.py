@@ -48,7 +48,8 @@ from torch.utils.data import ConcatDataset, Dataset
 from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
-from ctfed.common.config import RunConfig, save_run_config
+from ctfed.common.config import save_run_config
+from ctfed.simulations.config import SimulationRunConfig as RunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.labelled import LabelledScans, labelled_indices

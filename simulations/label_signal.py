@@ -42,7 +42,8 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset, Dataset
 
 from ctfed.client.train import LocalTrainer
-from ctfed.common.config import FeaturePooling, PreprocessConfig, SynthConfig, load_run_config
+from ctfed.common.config import FeaturePooling, PreprocessConfig
+from ctfed.simulations.config import SynthConfig, load_simulation_config
 from ctfed.common.metrics import embedding_std
 from ctfed.common.monitor import encoder_features
 from ctfed.common.preprocess import CachedVolumes, prepare
@@ -170,7 +171,7 @@ def encoder_probe(data: TuningSet, overrides: list[str], steps: int, seed: int) 
     compare preset plus ``overrides``), then probe the features of every pooling for every
     probeable task: {task: {pooling: AUROC, pooling_spread: embedding_std / uniform}}."""
     size = int(data.volumes[0].shape[-1])
-    cfg = load_run_config(["preset=compare", f"model.image_size={size}", f"preprocess.output_size={size}", *overrides])
+    cfg = load_simulation_config(["preset=compare", f"model.image_size={size}", f"preprocess.output_size={size}", *overrides])
     trainer = LocalTrainer(
         cfg.model, replace(cfg.train, local_steps=max(steps, 1), schedule_rounds=1), ConcatDataset(data.caches), seed=0
     )

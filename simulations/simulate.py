@@ -18,13 +18,19 @@ from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
 from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY, SITES_DIR, site_cache_dirs
 from ctfed.common.certs import ensure_federation_signing_keys
-from ctfed.common.config import ConfigError, RunConfig, load_run_config, read_run_config, save_run_config, to_run_config
+from ctfed.common.config import ConfigError, save_run_config
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.server.app import RESUME_KEY, RESUME_OVERRIDE_KEY, RUN_CONFIG_FILE_KEY
 from ctfed.server.results import RESULTS_NAME, ResumeError, resumed_config, saved_run_config
 from ctfed.server.rounds import dropout_warning
+from ctfed.simulations.config import (
+    SimulationRunConfig,
+    load_simulation_config,
+    read_simulation_config,
+    to_simulation_config,
+)
 from ctfed.simulations.engine import SimulationError, run_app
 from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
 from ctfed.simulations.report import console_table, load_results, render_report
@@ -59,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
+def make_run_dir(cfg: SimulationRunConfig) -> Path:
     name = cfg.run_name or time.strftime("sim-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir).resolve() / name
     if (run_dir / RESULTS_NAME).exists():
@@ -68,7 +74,7 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
+def synthesize_and_prepare(cfg: SimulationRunConfig, run_dir: Path) -> Path:
     """Synthetic hospitals as DICOM, then each site's own prepared cache."""
     dicom_root = run_dir / "dicom"
     cache_root = run_dir / "cache"
@@ -96,7 +102,7 @@ def synthesize_and_prepare(cfg: RunConfig, run_dir: Path) -> Path:
     return cache_root
 
 
-def split_and_report(cfg: RunConfig, run_dir: Path) -> Path:
+def split_and_report(cfg: SimulationRunConfig, run_dir: Path) -> Path:
     """Cut the pooled cache into the simulated sites' manifest views (simulations/split.py)."""
     print(f"[1/3] splitting the pooled cache {cfg.split.pooled_cache} ({cfg.split.method.value}) into sites")
     data_dir = split_pool(cfg.split, run_dir)
@@ -108,7 +114,7 @@ def split_and_report(cfg: RunConfig, run_dir: Path) -> Path:
     return data_dir
 
 
-def _resume_config(run_dir: Path, overrides: list[str], override_config: bool = False) -> RunConfig:
+def _resume_config(run_dir: Path, overrides: list[str], override_config: bool = False) -> SimulationRunConfig:
     """The stopped run's own config, with ``key=value`` overrides (e.g. more rounds) on top.
 
     Checked here, before anything is written, by the rule the ServerApp applies again
@@ -118,24 +124,24 @@ def _resume_config(run_dir: Path, overrides: list[str], override_config: bool = 
     from omegaconf import OmegaConf
 
     saved_path = run_dir / CONFIG_NAME
-    saved = read_run_config(saved_path)
+    saved = read_simulation_config(saved_path)
     cfg = saved
     if overrides:
         try:
-            cfg = to_run_config(OmegaConf.merge(OmegaConf.load(saved_path), OmegaConf.from_dotlist(overrides)))
+            cfg = to_simulation_config(OmegaConf.merge(OmegaConf.load(saved_path), OmegaConf.from_dotlist(overrides)))
         except ValueError as err:  # OmegaConf's dotlist parser
             raise ConfigError(f"invalid override: {err}") from None
         if cfg.model != saved.model:
             raise ConfigError("a resumed run keeps its model; model overrides are not allowed with --resume")
     try:
         # results.json holds what the run ran with; config.yaml is only this command's copy.
-        resumed, _ = resumed_config(saved_run_config(run_dir), cfg, override_config)
+        resumed, _ = resumed_config(saved_run_config(run_dir, SimulationRunConfig), cfg, override_config)
     except ResumeError as err:
         raise ConfigError(f"cannot resume {run_dir}: {err}") from None
     return resumed
 
 
-def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
+def _existing_data_dir(cfg: SimulationRunConfig, run_dir: Path) -> Path:
     if cfg.simulation.data_dir:
         data_dir = Path(cfg.simulation.data_dir).resolve()
     else:
@@ -150,7 +156,7 @@ def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
     return data_dir
 
 
-def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> Path:
+def write_site_policies(cfg: SimulationRunConfig, run_dir: Path, site_ids: list[str]) -> Path:
     """Each simulated site's policy, for its ClientApp (``site-policies-file``)."""
     unknown = sorted({p.site for p in cfg.simulation.site_policies} - set(site_ids))
     if unknown:
@@ -162,7 +168,7 @@ def write_site_policies(cfg: RunConfig, run_dir: Path, site_ids: list[str]) -> P
 
 
 def run_federation_simulation(
-    cfg: RunConfig, run_dir: Path, config_path: Path, data_dir: Path, resume: bool = False, override_config: bool = False
+    cfg: SimulationRunConfig, run_dir: Path, config_path: Path, data_dir: Path, resume: bool = False, override_config: bool = False
 ) -> int:
     """Run the federation of ``cfg`` on the site caches under ``data_dir`` in Flower's
     simulation engine, then print its table and write its report; 0 when every round
@@ -236,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.override_config:
         raise ConfigError("--override-config applies to --resume RUN_DIR only")
     else:
-        cfg = load_run_config(args.overrides)
+        cfg = load_simulation_config(args.overrides)
     if args.show_config:
         from omegaconf import OmegaConf
 

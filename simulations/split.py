@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ctfed.common.config import SITE_ID_RULE, ConfigError, SplitConfig, SplitMethod
+from ctfed.common.config import SITE_ID_RULE, ConfigError
+from ctfed.simulations.config import SplitConfig, SplitMethod
 from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.preprocess import FORMAT, MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, VOLUMES_DIR_FIELD, volume_path
 

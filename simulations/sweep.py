@@ -18,7 +18,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ctfed.common.config import ConfigError, RunConfig, save_run_config, to_run_config
+from ctfed.common.config import ConfigError, save_run_config
+from ctfed.simulations.config import SimulationRunConfig, to_simulation_config
 from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.model import encoder_part
@@ -33,7 +34,7 @@ ARMS_DIR = "arms"
 PLOT_NAME = "sweep_epsilon_auroc.png"
 
 
-def arm_config(base: RunConfig, overrides: list[str]) -> RunConfig:
+def arm_config(base: SimulationRunConfig, overrides: list[str]) -> SimulationRunConfig:
     """The base config with an arm's overrides; the arm runs no study of its own."""
     try:
         merged = OmegaConf.merge(
@@ -43,7 +44,7 @@ def arm_config(base: RunConfig, overrides: list[str]) -> RunConfig:
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"sweep arm overrides {overrides}: {err}") from None
     try:
-        return to_run_config(merged)
+        return to_simulation_config(merged)
     except ConfigError as err:
         raise ConfigError(f"sweep arm overrides {overrides}: {err}") from None
 
@@ -93,7 +94,7 @@ def final_encoder(run_dir: Path) -> Pretrained:
     )
 
 
-def _evaluate(cfg: RunConfig, run_dir: Path, sites: list[Site]) -> dict[str, Any]:
+def _evaluate(cfg: SimulationRunConfig, run_dir: Path, sites: list[Site]) -> dict[str, Any]:
     pretrained = final_encoder(run_dir)
     downstream, representation = evaluate_arm(cfg, sites, pretrained)
     mode, task = cfg.compare.finetune.mode, cfg.compare.finetune.label_names[0]
@@ -178,7 +179,7 @@ def render_sweep_report(run_dir: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def run_sweep(cfg: RunConfig, run_dir: Path, data_dir: Path) -> int:
+def run_sweep(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Run every arm after the base federation, evaluate all of them, write the report."""
     from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
 

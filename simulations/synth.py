@@ -38,7 +38,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ctfed.common.config import SynthConfig
+from ctfed.simulations.config import SynthConfig
 from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, HeadModel, scanner_effects
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ctfed.common.config import SynthConfig
+from ctfed.simulations.config import SynthConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

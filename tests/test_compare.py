@@ -13,7 +13,8 @@ import torch
 
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
-from ctfed.common.config import CompareConfig, ConfigError, SynthConfig, load_run_config, read_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import CompareConfig, SynthConfig, load_simulation_config, read_simulation_config
 from ctfed.common.preprocess import MANIFEST, CachedVolumes
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
@@ -72,7 +73,7 @@ def test_config_rules() -> None:
         CompareConfig(baseline_modes=["progressive"])
     with pytest.raises(ConfigError, match="baseline_modes"):
         CompareConfig(baseline_modes=["finetune_everything"])
-    cfg = load_run_config(["preset=compare"])
+    cfg = load_simulation_config(["preset=compare"])
     assert cfg.compare.enabled and len(set(cfg.synth.scan_counts)) > 1
 
 
@@ -151,7 +152,7 @@ def test_federated_arm_is_the_final_checkpoint_and_scratch_the_initial_encoder(c
     assert federated["file"] == "checkpoints/global_round_0001.safetensors"
     assert federated["sha256"] == state_digest(final)
 
-    initial = initial_encoder_state(read_run_config(compare_run / "config.yaml"))
+    initial = initial_encoder_state(read_simulation_config(compare_run / "config.yaml"))
     scratch = data["arms"][Arm.scratch.value]["encoders"][SHARED]
     assert scratch["file"] == "checkpoints/global_round_0000.safetensors"
     assert scratch["sha256"] == state_digest(initial) != federated["sha256"]

@@ -15,10 +15,11 @@ from ctfed.common.config import (
     read_run_config,
     save_run_config,
 )
+from ctfed.simulations.config import SimulationRunConfig, load_simulation_config, read_simulation_config
 
 
 def test_defaults_are_the_small_demo_federation() -> None:
-    cfg = load_run_config()
+    cfg = load_simulation_config()
     assert isinstance(cfg, RunConfig)
     assert cfg.model.name == "tiny"
     assert cfg.synth.sites == 3
@@ -92,3 +93,123 @@ def test_saved_config_with_unknown_key_is_rejected(tmp_path: Path) -> None:
     path.write_text("federation:\n  roundz: 3\n")
     with pytest.raises(ConfigError, match="Valid keys at federation"):
         read_run_config(path)
+
+
+# ---------------------------------------------------------------- configs by owner (issue #15)
+
+
+def test_the_coordinator_root_declares_no_simulation_section() -> None:
+    """common/ owns the run the coordinator reads; the simulation's sections live beside it."""
+    from dataclasses import fields
+
+    from ctfed.common.config import SIMULATION_SECTIONS
+
+    cfg = load_run_config()
+    assert type(cfg) is RunConfig
+    assert not {f.name for f in fields(RunConfig)} & set(SIMULATION_SECTIONS)
+    # The names common drops from files it reads are exactly the ones the simulation adds.
+    added = tuple(f.name for f in fields(SimulationRunConfig) if f.name not in {g.name for g in fields(RunConfig)})
+    assert added == SIMULATION_SECTIONS
+    # Same values for every section both roots have: the split changed no default.
+    simulated = load_simulation_config()
+    assert all(getattr(cfg, f.name) == getattr(simulated, f.name) for f in fields(RunConfig))
+
+
+def test_common_client_and_server_never_import_the_simulations() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, ctfed.common.config, ctfed.common.cli, ctfed.client.app, ctfed.server.app; "
+        "print(sorted(m for m in sys.modules if m.startswith('ctfed.simulations')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # No import statement either (the CLI's lazy dispatch names its subcommands' modules as strings).
+    import re
+
+    root = Path(__file__).parents[1]
+    statement = re.compile(r"^\s*(from ctfed\.simulations\S* import|import ctfed\.simulations)", re.MULTILINE)
+    importers = [
+        str(path.relative_to(root))
+        for folder in ("common", "client", "server")
+        for path in (root / folder).rglob("*.py")
+        if statement.search(path.read_text(encoding="utf-8"))
+    ]
+    assert importers == []
+
+
+def test_the_coordinator_reads_a_simulation_file_without_its_sections(tmp_path: Path) -> None:
+    """`ctfed simulate --show-config > run.yaml` is how a coordinator writes its config (README)."""
+    simulated = load_simulation_config(["federation.rounds=3", "synth.sites=5", "simulation.faults=[{site:1,kind:crash}]"])
+    path = tmp_path / "run.yaml"
+    save_run_config(simulated, path)
+    cfg = read_run_config(path)
+    assert type(cfg) is RunConfig
+    assert cfg.federation.rounds == 3 and cfg.model == simulated.model and cfg.train == simulated.train
+    assert not hasattr(cfg, "synth")
+    # The simulation's own root reads the same file whole.
+    assert read_simulation_config(path) == simulated
+    # Only the simulation's sections are dropped: any other unknown section is still an error.
+    path.write_text(path.read_text() + "federaton:\n  rounds: 9\n")
+    with pytest.raises(ConfigError, match="Valid keys at the top level: model, preprocess"):
+        read_run_config(path)
+
+
+def test_one_default_per_knob() -> None:
+    """The dataclass is the only default of each knob: the demo preset, the Flower app and the
+    ServerApp read it instead of restating it (issue #15: local_steps lived in five places)."""
+    import tomllib
+
+    from omegaconf import OmegaConf
+
+    from ctfed.common.config import FederationConfig, TrainConfig
+    from ctfed.simulations.config import SynthConfig
+    from ctfed.simulations.flower_app import RUN_CONFIG_DEFAULTS
+
+    root = Path(__file__).parents[1]
+    assert not OmegaConf.load(root / "conf" / "preset" / "quick.yaml")  # the demo is the defaults
+    for cfg in (load_run_config(), load_simulation_config(), load_simulation_config(["preset=quick"])):
+        assert cfg.train.local_steps == TrainConfig().local_steps
+        assert cfg.federation.rounds == FederationConfig().rounds
+        assert (cfg.federation.min_sites, cfg.federation.fraction_train) == (FederationConfig().min_sites, 1.0)
+    assert load_simulation_config().synth == SynthConfig()
+    app_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config["local-steps"] == app_config["num-server-rounds"] == 0  # 0: the config's own
+    assert RUN_CONFIG_DEFAULTS["local-steps"] == RUN_CONFIG_DEFAULTS["num-server-rounds"] == 0
+    server_app = (root / "server" / "app.py").read_text()
+    assert ".get(key, 0)" in server_app and ".get(key, 2)" not in server_app
+
+
+def test_a_run_folder_written_before_the_split_still_loads_and_resumes(tmp_path: Path) -> None:
+    """tests/data/main_run: config.yaml and results.json's ``config`` of a tiny ``ctfed simulate``
+    run on main before the split (6ca6326; synth.scans_per_site=2), both with every section."""
+    import json
+    from dataclasses import fields
+
+    from ctfed.common.config import to_run_config
+    from ctfed.server.results import resumed_config, saved_run_config
+    from ctfed.simulations.config import to_simulation_config
+
+    data = Path(__file__).parent / "data" / "main_run"
+    saved = json.loads((data / "results_config.json").read_text())["config"]
+    simulated = to_simulation_config(saved)
+    assert simulated == read_simulation_config(data / "config.yaml")
+    # Today's defaults resolve to what main resolved: the split moved no default.
+    assert simulated == load_simulation_config(["synth.scans_per_site=2", "output_dir=runs", "run_name=main"])
+    # The coordinator's root reads the same record, less the simulation's sections.
+    coordinator = to_run_config(saved)
+    assert type(coordinator) is RunConfig
+    assert all(getattr(coordinator, f.name) == getattr(simulated, f.name) for f in fields(RunConfig))
+    # Resume from that results.json, by the simulation and by a coordinator, with more rounds.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"config": saved, "rounds": []}))
+    for schema, submitted in (
+        (SimulationRunConfig, load_simulation_config(["synth.scans_per_site=2", "output_dir=runs", "run_name=main", "federation.rounds=4"])),
+        (RunConfig, load_run_config(["output_dir=runs", "run_name=main", "federation.rounds=4"])),
+    ):
+        resumed, changes = resumed_config(saved_run_config(run_dir, schema), submitted)
+        assert type(resumed) is schema
+        assert changes == {"federation.rounds": {"from": 2, "to": 4}}
+        assert resumed.federation.rounds == 4 and resumed.train.schedule_rounds == 2

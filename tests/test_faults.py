@@ -18,7 +18,8 @@ import torch
 
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import EPSILON_KEY
 from ctfed.common.processes import descendant_pids, stop_process_group
 from ctfed.server.results import ResumeError, RoundRecord, RunRecorder, SiteRoundRecord, site_record
@@ -56,11 +57,11 @@ def test_bad_sites_are_rejected_and_rounds_complete(tmp_path: Path) -> None:
 
 def test_fault_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="synth.sites is 3"):
-        load_run_config(["simulation.faults=[{site:5,kind:crash}]"])
+        load_simulation_config(["simulation.faults=[{site:5,kind:crash}]"])
     with pytest.raises(ConfigError, match="delay_s > 0"):
-        load_run_config(["simulation.faults=[{site:0,kind:straggle}]"])
+        load_simulation_config(["simulation.faults=[{site:0,kind:straggle}]"])
     with pytest.raises(ConfigError):
-        load_run_config(["simulation.faults=[{site:0,kind:explode}]"])
+        load_simulation_config(["simulation.faults=[{site:0,kind:explode}]"])
 
 
 def test_malformed_site_metrics_cannot_crash_the_coordinator() -> None:
@@ -76,7 +77,7 @@ def _round(number: int) -> RoundRecord:
 
 
 def test_resume_falls_back_to_the_last_verified_checkpoint(tmp_path: Path) -> None:
-    cfg = load_run_config(["federation.rounds=3"])
+    cfg = load_simulation_config(["federation.rounds=3"])
     recorder = RunRecorder(tmp_path, cfg)
     state = initial_encoder_state(cfg)
     for number in (0, 1, 2):
@@ -103,7 +104,7 @@ def test_resume_falls_back_to_the_last_verified_checkpoint(tmp_path: Path) -> No
 def test_resume_continues_the_privacy_ledger_of_the_checkpoint_it_resumes_from(tmp_path: Path) -> None:
     from ctfed.common.dp import LedgerEntry, PrivacyLedger
 
-    cfg = load_run_config(["federation.rounds=3", "privacy.mode=central", "secagg.enabled=false"])
+    cfg = load_simulation_config(["federation.rounds=3", "privacy.mode=central", "secagg.enabled=false"])
     recorder = RunRecorder(tmp_path, cfg)
     state = initial_encoder_state(cfg)
     ledger = PrivacyLedger()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import load_simulation_config as load_run_config
 from ctfed.common.preprocess import MANIFEST, CachedVolumes
 from ctfed.simulations.label_efficiency import (
     PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,

@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, load_run_config
+from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig
+from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BASE_DIGEST_KEY,
@@ -224,14 +225,14 @@ def test_instructions_and_metrics_round_trip() -> None:
 
 
 def test_config_refuses_what_phase_two_cannot_do() -> None:
-    cfg = load_run_config(["federation.finetune_rounds=2"])
+    cfg = load_simulation_config(["federation.finetune_rounds=2"])
     assert cfg.finetune.label_names == ["any"]  # a column of the synthetic labels.csv
     with pytest.raises(ConfigError, match="privacy.mode=local"):
-        load_run_config(["federation.finetune_rounds=2", "privacy.mode=local"])
+        load_simulation_config(["federation.finetune_rounds=2", "privacy.mode=local"])
     with pytest.raises(ConfigError, match="fedprox"):
-        load_run_config(["federation.finetune_rounds=2", "federation.strategy=fedprox", "train.proximal_mu=0.01"])
+        load_simulation_config(["federation.finetune_rounds=2", "federation.strategy=fedprox", "train.proximal_mu=0.01"])
     with pytest.raises(ConfigError, match="finetune_rounds"):
-        load_run_config(["federation.finetune_rounds=-1"])
+        load_simulation_config(["federation.finetune_rounds=-1"])
 
 
 # --- the round loop in process: resume across the phase boundary -------------------------------
@@ -243,7 +244,7 @@ def synthetic_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("sites")
     # site_0 holds 3 positives and 2 negatives, site_1 4 and 2: both can be split.
-    synthesize_and_prepare(load_run_config(["synth.sites=2", "synth.scans_per_site_list=[5,6]"]), root)
+    synthesize_and_prepare(load_simulation_config(["synth.sites=2", "synth.scans_per_site_list=[5,6]"]), root)
     return root / "cache"
 
 
@@ -253,7 +254,7 @@ def _in_process_run(caches: Path, run_dir: Path, resume: bool = False):  # noqa:
     from ctfed.server.rounds import run_federation
     from ctfed.simulations.inprocess import InProcessGrid
 
-    cfg = load_run_config(
+    cfg = load_simulation_config(
         ["federation.rounds=1", "federation.finetune_rounds=3", "train.local_steps=1", "finetune.eval_n_boot=5",
          "secagg.enabled=false"]
     )
@@ -371,7 +372,7 @@ def test_every_ssl_round_records_each_sites_representation_monitor(phase_two_run
             assert (monitor["scans"], monitor["k"]) == {"site_0": (5, 2), "site_1": (6, 3)}[site["site"]], monitor
             assert 0.0 <= monitor["knn_accuracy"] <= 1.0
             assert math.isfinite(monitor["embedding_std"]) and 0.0 <= monitor["embedding_std"] < 1.0
-            assert monitor["uniform_std"] == pytest.approx(1 / math.sqrt(load_run_config().model.hidden_size))
+            assert monitor["uniform_std"] == pytest.approx(1 / math.sqrt(load_simulation_config().model.hidden_size))
             assert site["monitor_seconds"] > 0 and site["train_seconds"] > 0
     report = (phase_two_run / "report.md").read_text()
     assert "## Representation monitor" in report and "| 1 | " in report

@@ -194,11 +194,13 @@ def test_shipped_site_yaml_policy_is_the_permissive_default() -> None:
 
 
 def test_simulation_site_policies_config() -> None:
-    cfg = load_run_config(["simulation.site_policies=[{site:site_1,max_local_steps:1}]"])
+    from ctfed.simulations.config import load_simulation_config
+
+    cfg = load_simulation_config(["simulation.site_policies=[{site:site_1,max_local_steps:1}]"])
     assert cfg.simulation.policy_for("site_1").max_local_steps == 1
     assert cfg.simulation.policy_for("site_0") == SitePolicy()
     with pytest.raises(ConfigError, match="twice"):
-        load_run_config(["simulation.site_policies=[{site:a},{site:a}]"])
+        load_simulation_config(["simulation.site_policies=[{site:a},{site:a}]"])
 
 
 def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from flwr.app import Context, RecordDict
 
 from ctfed.common import secagg as sa
 from ctfed.common.config import ConfigError, RunConfig, load_run_config
+from ctfed.simulations.config import load_simulation_config
 from ctfed.server.results import FederationStopped, ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
 from ctfed.server.rounds import dropout_tolerance, dropout_warning, initial_encoder_state, run_federation
 
@@ -141,7 +142,7 @@ def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ctfed.simulations.simulate import synthesize_and_prepare
 
     root = tmp_path_factory.mktemp("sites")
-    synthesize_and_prepare(load_run_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
+    synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
     return root / "cache"
 
 
@@ -182,3 +183,42 @@ def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     with pytest.raises(FederationStopped):
         run_federation(grid, cfg, run_dir, resume=True)
     assert [r["round"] for r in _results(run_dir)["rounds"]] == [1, 2, 3, 4]
+
+
+def test_each_server_app_reads_the_run_config_file_with_its_own_root(tmp_path: Path) -> None:
+    """The repository's ServerApp (a coordinator) reads ``RunConfig`` and ignores the simulation
+    sections of a file ``ctfed simulate`` wrote; the ServerApp a simulation submits reads the
+    file whole, so a resumed simulation compares (and keeps) its simulation sections too."""
+    from ctfed.common.config import save_run_config
+    from ctfed.server.app import app, config_from_context
+    from ctfed.simulations.config import SIMULATE_CONFIG_NAME, SimulationRunConfig
+    from ctfed.simulations.flower_app import server_app
+
+    run_dir = tmp_path / "run"
+    saved = load_simulation_config(SAVED)
+    recorder = RunRecorder(run_dir, saved)
+    state = initial_encoder_state(saved)
+    recorder.save_global(0, state)
+    recorder.save_global(1, state)
+    site = SiteRoundRecord(site="a", status="aggregated", num_examples=2, loss=1.0)
+    recorder.add_round(RoundRecord(round=1, sites=[site], aggregated=True, bytes_sent_per_site=1, seconds=1.0, checkpoint=""))
+    assert "synth" in _results(run_dir)["config"]  # a simulation's results.json records its sections
+
+    # Resubmitted with the default secure aggregation and a fault the run did not have.
+    config_file = tmp_path / "config.yaml"
+    submitted = load_simulation_config(["federation.rounds=3", "simulation.faults=[{site:1,kind:crash}]"])
+    save_run_config(submitted, config_file)
+    values = {"run-config-file": str(config_file), "run-dir": str(run_dir), "num-server-rounds": 0, "local-steps": 0}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=values)
+    coordinator_cfg, _ = config_from_context(context)
+    assert type(coordinator_cfg) is RunConfig and coordinator_cfg.train == submitted.train
+    assert config_from_context(context, SimulationRunConfig, SIMULATE_CONFIG_NAME)[0] == submitted
+
+    resume = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={**values, "resume": True})
+    # No grid: both refusals come before any message could be sent.
+    with pytest.raises(ResumeError) as simulated:
+        server_app(None, resume)  # type: ignore[arg-type]
+    assert "secagg.num_shares: 3 -> 5" in str(simulated.value) and "simulation.faults" in str(simulated.value)
+    with pytest.raises(ResumeError) as coordinator:
+        app(None, resume)  # type: ignore[arg-type]
+    assert "secagg.num_shares: 3 -> 5" in str(coordinator.value) and "simulation" not in str(coordinator.value)

@@ -10,7 +10,8 @@ import torch
 
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.cli import main
-from ctfed.common.config import load_run_config, read_run_config
+from ctfed.common.config import load_run_config
+from ctfed.simulations.config import read_simulation_config
 from ctfed.common.model import SSLModel, ViTEncoder
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_sites_whose_labels_cannot_be_split_send_no_monitor(finished_run: Path) 
 
 def test_only_encoder_weights_travel(finished_run: Path) -> None:
     results = json.loads((finished_run / "results.json").read_text())
-    cfg = read_run_config(finished_run / "config.yaml")
+    cfg = read_simulation_config(finished_run / "config.yaml")
     encoder = ViTEncoder(cfg.model).state_dict()
     encoder_bytes = sum(t.numel() * t.element_size() for t in encoder.values())
     head_bytes = sum(p.numel() * p.element_size() for p in SSLModel(cfg.model).head.parameters())
@@ -103,9 +104,19 @@ def test_checkpoint_per_round_and_the_encoder_moved(finished_run: Path) -> None:
 
 
 def test_run_folder_has_config_and_log(finished_run: Path) -> None:
-    assert read_run_config(finished_run / "config.yaml").federation.rounds == 2
+    assert read_simulation_config(finished_run / "config.yaml").federation.rounds == 2
     log = (finished_run / "federation.log").read_text()
     assert "round 2/2" in log
+
+
+def test_results_record_the_simulation_config_whole(finished_run: Path) -> None:
+    """The simulation's ServerApp reads ctfed simulate's root, so results.json holds every
+    section of config.yaml, the simulation's included (what a resume restores)."""
+    from omegaconf import OmegaConf
+
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["config"] == OmegaConf.to_container(OmegaConf.load(finished_run / "config.yaml"))
+    assert results["config"]["synth"]["scans_per_site"] == 2
 
 
 def test_no_patient_identifier_leaves_the_dicom_folder(finished_run: Path) -> None:
@@ -165,5 +176,9 @@ def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> 
 
     repo = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     generated = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert generated["components"] == repo["components"]
+    assert generated["components"]["clientapp"] == repo["components"]["clientapp"]
+    # The same ServerApp code (ctfed.server.app.serve) over the simulation's root, so that
+    # results.json records the simulation sections (tests/test_resume.py plays both apps).
+    assert repo["components"]["serverapp"] == "ctfed.server.app:app"
+    assert generated["components"]["serverapp"] == "ctfed.simulations.flower_app:server_app"
     assert generated["config"] == repo["config"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, SplitConfig, SplitMethod, load_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import SplitConfig, SplitMethod, load_simulation_config
 from ctfed.common.preprocess import FORMAT, MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, CachedVolumes
 from ctfed.simulations.split import label_skew, partition, read_pool, split_pool
 
@@ -69,8 +70,8 @@ def test_split_config_rules() -> None:
         SplitConfig(method=SplitMethod.dirichlet, sites=0)
     SplitConfig(method=SplitMethod.by_site, sites=0)
     with pytest.raises(ConfigError, match="set one of them"):
-        load_run_config(["split.pooled_cache=/pool", "simulation.data_dir=/caches"])
-    cfg = load_run_config(["split.pooled_cache=/pool", "split.method=dirichlet", "split.alpha=0.3", "split.sites=3"])
+        load_simulation_config(["split.pooled_cache=/pool", "simulation.data_dir=/caches"])
+    cfg = load_simulation_config(["split.pooled_cache=/pool", "split.method=dirichlet", "split.alpha=0.3", "split.sites=3"])
     assert cfg.split.method is SplitMethod.dirichlet and cfg.split.enabled
 
 

@@ -8,19 +8,20 @@ from pathlib import Path
 import pytest
 
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import load_simulation_config
 from ctfed.simulations.sweep import PLOT_NAME, SWEEP_NAME, SWEEP_REPORT, arm_config
 
 
 def test_sweep_config_rules() -> None:
-    cfg = load_run_config(["preset=privacy"])
+    cfg = load_simulation_config(["preset=privacy"])
     assert cfg.sweep.enabled and len(cfg.sweep.arms) >= 4
     with pytest.raises(ConfigError, match="would change what the arms are compared on"):
-        load_run_config(["sweep.arms=[{name:x,overrides:['synth.sites=5']}]"])
+        load_simulation_config(["sweep.arms=[{name:x,overrides:['synth.sites=5']}]"])
     with pytest.raises(ConfigError, match="unique"):
-        load_run_config(["sweep.base_name=a", "sweep.arms=[{name:a,overrides:[]}]"])
+        load_simulation_config(["sweep.base_name=a", "sweep.arms=[{name:a,overrides:[]}]"])
     with pytest.raises(ConfigError, match="folder names"):
-        load_run_config(["sweep.arms=[{name:'../x',overrides:[]}]"])
+        load_simulation_config(["sweep.arms=[{name:'../x',overrides:[]}]"])
     arm = arm_config(cfg, ["privacy.mode=local", "federation.rounds=3"])
     assert arm.privacy.mode.value == "local" and arm.federation.rounds == 3
     assert not arm.sweep.enabled and not arm.compare.enabled and arm.model == cfg.model

@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import JPEGLosslessSV1
 
-from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import load_simulation_config
 from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, head_phantom
 from ctfed.simulations.synth import (
     BONE_RECONSTRUCTION,
@@ -123,13 +124,13 @@ def test_syntax_without_an_encoder_fails_before_writing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scale", ["0", "-1.5"])
 def test_finding_scale_must_be_positive(scale: str) -> None:
     with pytest.raises(ConfigError, match="synth.finding_scale"):
-        load_run_config([f"synth.finding_scale={scale}"])
+        load_simulation_config([f"synth.finding_scale={scale}"])
 
 
 def test_compare_preset_enlarges_findings_and_defaults_stay_realistic() -> None:
-    assert load_run_config().synth.finding_scale == 1.0
-    assert load_run_config(["preset=quick"]).synth.finding_scale == 1.0
-    assert load_run_config(["preset=compare"]).synth.finding_scale > 1.0
+    assert load_simulation_config().synth.finding_scale == 1.0
+    assert load_simulation_config(["preset=quick"]).synth.finding_scale == 1.0
+    assert load_simulation_config(["preset=compare"]).synth.finding_scale > 1.0
 
 
 @pytest.mark.parametrize("finding", FINDINGS)
@@ -233,7 +234,7 @@ def test_zero_prevalence_leaves_the_pixels_of_scans_without_that_finding(tmp_pat
 
 
 def test_sites_of_different_sizes(tmp_path: Path) -> None:
-    cfg = load_run_config(["synth.sites=2", "synth.scans_per_site_list=[1,2]"]).synth
+    cfg = load_simulation_config(["synth.sites=2", "synth.scans_per_site_list=[1,2]"]).synth
     small, large = synthesize_federation(tmp_path, cfg.sites, cfg.scan_counts, cfg.seed)
     assert [len(_series_files(d)) for d in (small, large)] == [1, 2]
     assert [len(_labels(d)) for d in (small, large)] == [1, 2]
@@ -242,7 +243,7 @@ def test_sites_of_different_sizes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("override", ["synth.infarct_prevalence=1.5", "synth.atrophy_prevalence=-0.1"])
 def test_prevalence_must_be_a_chance(override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", "\\.") + " must be in \\[0, 1\\]"):
-        load_run_config([override])
+        load_simulation_config([override])
 
 
 def test_unknown_structural_finding_is_named(tmp_path: Path) -> None:

@@ -82,14 +82,14 @@ def test_local_dp_refuses_what_opacus_cannot_clip() -> None:
 
 
 def test_simulated_sites_can_share_a_gpu() -> None:
-    from ctfed.common.config import load_run_config
+    from ctfed.simulations.config import load_simulation_config
     from ctfed.simulations.engine import federation_config
 
     assert federation_config(3, 1) == "num-supernodes=3 client-resources-num-cpus=1"
     assert federation_config(3, 1, 0.33) == "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.33"
-    assert load_run_config(["simulation.client_gpus=0.5"]).simulation.client_gpus == 0.5
+    assert load_simulation_config(["simulation.client_gpus=0.5"]).simulation.client_gpus == 0.5
     with pytest.raises(ConfigError, match="client_gpus"):
-        load_run_config(["simulation.client_gpus=-1"])
+        load_simulation_config(["simulation.client_gpus=-1"])
 
 
 def test_an_instruction_cannot_fork_more_loader_workers_than_the_site_has_cores(caplog: pytest.LogCaptureFixture) -> None:

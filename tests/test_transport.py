@@ -11,7 +11,8 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from ctfed.client.audit import AUDIT_FILE, verify_audit_log
-from ctfed.common.config import ConfigError, SecAggConfig, Transport, load_run_config
+from ctfed.common.config import ConfigError, SecAggConfig, Transport
+from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -66,7 +67,7 @@ def _site(deltas: dict[int, dict[str, torch.Tensor]], send_as: dict[int, object]
 
 
 def _plain_round(transport: Transport, send_as: dict[int, object] | None = None):
-    cfg = load_run_config(["secagg.enabled=false", f"federation.transport={transport.value}"])
+    cfg = load_simulation_config(["secagg.enabled=false", f"federation.transport={transport.value}"])
     grid = InProcessGrid({"train": _site(_deltas(), send_as)}, NODES)
     strategy = build_strategy(cfg)
     instructions = ConfigRecord({"server-round": 1, TRANSPORT_KEY: transport.value})
@@ -124,7 +125,7 @@ def test_sites_reporting_different_metrics_still_aggregate() -> None:
         })
         return Message(content=content, reply_to=msg)
 
-    cfg = load_run_config(["secagg.enabled=false"])
+    cfg = load_simulation_config(["secagg.enabled=false"])
     grid = InProcessGrid({"train": train}, NODES)
     strategy = build_strategy(cfg)
     messages = list(strategy.configure_train(1, state_to_record(_like()), ConfigRecord({"server-round": 1}), grid))
@@ -162,8 +163,8 @@ def _reply_with(update) -> Message:
 
 def test_transport_and_secagg_32bit_config_rules() -> None:
     with pytest.raises(ConfigError, match="secagg.modulus_bits=32"):
-        load_run_config(["federation.transport=float16"])  # secure aggregation is on by default
-    assert load_run_config(["secagg.enabled=false", "federation.transport=bfloat16"]).federation.transport is Transport.bfloat16
+        load_simulation_config(["federation.transport=float16"])  # secure aggregation is on by default
+    assert load_simulation_config(["secagg.enabled=false", "federation.transport=bfloat16"]).federation.transport is Transport.bfloat16
     # The defaults (64 sites x weight 4096) leave a 32-bit sum room for 2**13 steps only.
     with pytest.raises(ConfigError, match="largest quantization_range that fits is 8192"):
         SecAggConfig(modulus_bits=32)
@@ -171,11 +172,11 @@ def test_transport_and_secagg_32bit_config_rules() -> None:
     SecAggConfig(modulus_bits=32, quantization_range=fits)
     with pytest.raises(ConfigError):
         SecAggConfig(modulus_bits=32, quantization_range=2 * fits)
-    cfg = load_run_config(secagg_32bit_overrides(sites=8, max_weight=64))
+    cfg = load_simulation_config(secagg_32bit_overrides(sites=8, max_weight=64))
     assert cfg.secagg.modulus_bits == 32 and cfg.secagg.quantization_range == 2**22
     # The bound holds for max_sites; a simulation with more sites is refused up front.
     with pytest.raises(ConfigError, match="9 simulated sites exceed secagg.max_sites=8"):
-        load_run_config([*secagg_32bit_overrides(sites=8, max_weight=64), "synth.sites=9"])
+        load_simulation_config([*secagg_32bit_overrides(sites=8, max_weight=64), "synth.sites=9"])
 
 
 def _tiny_caches(root: Path, sites: int = 2, scans: int = 2) -> Path:
@@ -198,7 +199,7 @@ def test_real_sites_send_bfloat16_and_audit_what_they_sent(tmp_path: Path) -> No
     overrides = ["secagg.enabled=false", "federation.rounds=1", "train.local_steps=1", "federation.min_sites=2"]
     sent = {}
     for transport in ("float32", "bfloat16"):
-        results = run_inprocess(load_run_config([*overrides, f"federation.transport={transport}"]), data, tmp_path / transport)
+        results = run_inprocess(load_simulation_config([*overrides, f"federation.transport={transport}"]), data, tmp_path / transport)
         sites = results["rounds"][0]["sites"]
         assert results["rounds"][0]["aggregated"] and {s["status"] for s in sites} == {STATUS_AGGREGATED}
         sent[transport] = sites[0]["bytes_received"]
@@ -219,7 +220,7 @@ def test_real_sites_send_bfloat16_and_audit_what_they_sent(tmp_path: Path) -> No
 
 
 def test_injected_faults_corrupt_the_values_of_a_compressed_update() -> None:
-    from ctfed.common.config import FaultKind
+    from ctfed.simulations.config import FaultKind
     from ctfed.simulations.faults import _corrupt_update
 
     for kind, reason in ((FaultKind.huge_update, "exceeds federation.max_update_norm"), (FaultKind.nan_update, "NaN")):
