@@ -49,7 +49,7 @@ from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from ctfed.common.config import save_run_config
-from ctfed.simulations.config import SimulationRunConfig as RunConfig
+from ctfed.simulations.config import SimulationRunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.labelled import LabelledScans, labelled_indices
@@ -121,7 +121,7 @@ class StudySite:
         return self.labelled[: min(level, len(self.labelled))]
 
 
-def study_tasks(cfg: RunConfig, caches: Sequence[CachedVolumes]) -> list[str]:
+def study_tasks(cfg: SimulationRunConfig, caches: Sequence[CachedVolumes]) -> list[str]:
     """The configured tasks, or every label column of the first labelled scan."""
     if cfg.label_efficiency.tasks:
         return list(cfg.label_efficiency.tasks)
@@ -148,7 +148,7 @@ def cut_site(cache: CachedVolumes, tasks: Sequence[str], test_fraction: float, v
     return sorted(order[:n_test]), sorted(rest[:n_val]), rest[n_val:]
 
 
-def write_pretraining_views(cfg: RunConfig, run_dir: Path, cache_root: Path) -> Path:
+def write_pretraining_views(cfg: SimulationRunConfig, run_dir: Path, cache_root: Path) -> Path:
     """Cut every site and write the manifest views the arms pretrain on (every scan but the
     test ones) plus ``splits.json``; returns the views folder, the federation's data dir."""
     study = cfg.label_efficiency
@@ -232,7 +232,7 @@ def curve_rounds(rounds: int, points: int) -> list[int]:
 
 
 def _train_arm(
-    cfg: RunConfig, dataset: Dataset, seed: int, initial: Mapping[str, torch.Tensor], keep_rounds: Sequence[int]
+    cfg: SimulationRunConfig, dataset: Dataset, seed: int, initial: Mapping[str, torch.Tensor], keep_rounds: Sequence[int]
 ) -> tuple[dict[str, torch.Tensor], list[float], dict[int, dict[str, torch.Tensor]]]:
     """``federation.rounds`` rounds of ``train.local_steps`` from the initial encoder (as
     ``ctfed pretrain``), keeping the encoder after each of ``keep_rounds``."""
@@ -247,7 +247,7 @@ def _train_arm(
     return trainer.encoder_state(), losses, kept
 
 
-def _federation_arm(cfg: RunConfig, run_dir: Path, keep_rounds: Sequence[int], started: float) -> Pretrained:
+def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequence[int], started: float) -> Pretrained:
     """A finished federation's last SSL checkpoint, its round checkpoints and per-site losses."""
     results = load_results(run_dir)
     pretraining = [r for r in results.rounds if r.phase == PRETRAIN_PHASE]
@@ -274,7 +274,7 @@ def _federation_arm(cfg: RunConfig, run_dir: Path, keep_rounds: Sequence[int], s
     )
 
 
-def pretrain_arm(arm: Arm, cfg: RunConfig, run_dir: Path, data_dir: Path, sites: list[StudySite], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+def pretrain_arm(arm: Arm, cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, sites: list[StudySite], initial: Mapping[str, torch.Tensor]) -> Pretrained:
     """Pretrain (or, federated, collect) one arm's encoders on the sites' pretraining views."""
     started = time.perf_counter()
     keep = curve_rounds(cfg.federation.rounds, cfg.label_efficiency.curve_points)
@@ -298,7 +298,7 @@ def pretrain_arm(arm: Arm, cfg: RunConfig, run_dir: Path, data_dir: Path, sites:
                       {key: path.relative_to(run_dir).as_posix()}, {})
 
 
-def _dp_federation(cfg: RunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int], started: float) -> Pretrained:
+def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int], started: float) -> Pretrained:
     from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
     from ctfed.simulations.sweep import arm_config
 
@@ -346,7 +346,7 @@ def _labels(cache: CachedVolumes, indices: Sequence[int], tasks: Sequence[str]) 
     return np.array([[float(cache.labels[i][t]) for t in tasks] for i in indices]).reshape(len(indices), len(tasks))
 
 
-def probe_on_validation(cfg: RunConfig, state: Mapping[str, torch.Tensor], sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
+def probe_on_validation(cfg: SimulationRunConfig, state: Mapping[str, torch.Tensor], sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
     """Validation AUROC per task of a logistic probe on frozen features, trained on every site's
     largest labelled level (pooled): the pretraining curve's measure. Never sees a test scan."""
     level = cfg.label_efficiency.labels_per_site[-1]
@@ -368,7 +368,7 @@ def _rounded(probs: np.ndarray) -> list[list[float]]:
     return np.round(probs.astype(np.float64), PROB_DIGITS).tolist()
 
 
-def finetune_arm(cfg: RunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str], progress: Callable[[str], None]) -> dict[str, Any]:
+def finetune_arm(cfg: SimulationRunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str], progress: Callable[[str], None]) -> dict[str, Any]:
     """``{level: {mode: {site: {val, test, final_loss}}}}`` of held-out probabilities."""
     study = cfg.label_efficiency
     recipe = replace(study.finetune, label_names=list(tasks))
@@ -390,7 +390,7 @@ def finetune_arm(cfg: RunConfig, pretrained: Pretrained, sites: Sequence[StudySi
     return results
 
 
-def model_free_arm(cfg: RunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
+def model_free_arm(cfg: SimulationRunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
     """The model-free probes fitted at each site on the same labelled scans as the fine-tunes."""
     study = cfg.label_efficiency
     results: dict[str, Any] = {probe: {str(level): {} for level in study.labels_per_site} for probe in MODEL_FREE}
@@ -610,7 +610,7 @@ def targets(data: Mapping[str, Any], structural: Sequence[str]) -> list[dict[str
 class StudyRecord:
     """study.json, rewritten atomically after every stage."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> None:
+    def __init__(self, run_dir: Path, cfg: SimulationRunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> None:
         self.path = run_dir / STUDY_DIR / STUDY_JSON
         self.started = time.perf_counter()
         study = cfg.label_efficiency
@@ -656,7 +656,7 @@ class StudyRecord:
         write_json_atomic(self.path, self.data)
 
 
-def run_label_efficiency(cfg: RunConfig, run_dir: Path, data_dir: Path) -> int:
+def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
     from ctfed.simulations.label_efficiency_report import console_summary, render_study_report
     from ctfed.simulations.phantom import STRUCTURAL_FINDINGS

@@ -11,7 +11,7 @@ import pytest
 
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
-from ctfed.simulations.config import load_simulation_config as load_run_config
+from ctfed.simulations.config import load_simulation_config
 from ctfed.common.preprocess import MANIFEST, CachedVolumes
 from ctfed.simulations.label_efficiency import (
     PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,
@@ -65,11 +65,11 @@ def test_the_mode_is_chosen_on_validation_scans_and_the_test_split_cannot_move_i
 
 def test_config_rules() -> None:
     with pytest.raises(ConfigError, match="judged_labels_per_site"):
-        load_run_config(["label_efficiency.judged_labels_per_site=5"])
+        load_simulation_config(["label_efficiency.judged_labels_per_site=5"])
     with pytest.raises(ConfigError, match="increasing"):
-        load_run_config(["label_efficiency.labels_per_site=[8,4]"])
+        load_simulation_config(["label_efficiency.labels_per_site=[8,4]"])
     with pytest.raises(ConfigError, match="turn off compare.enabled"):
-        load_run_config(["preset=label_efficiency", "compare.enabled=true"])
+        load_simulation_config(["preset=label_efficiency", "compare.enabled=true"])
 
 
 @pytest.fixture(scope="module")
