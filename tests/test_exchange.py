@@ -151,7 +151,7 @@ def test_instructions_with_unknown_missing_or_invalid_values_are_refused() -> No
         ("train.evil", 1, "evil"),
         ("train.local_steps", 0, "local_steps"),
         ("run.phase", "pretrain", "unknown instruction keys ['run.phase']"),  # the old name: another protocol
-        ("train.lr", math.nan, "non-finite value for train.lr"),
+        ("train.grad_clip", math.nan, "non-finite value for train.grad_clip"),
     ]:
         with pytest.raises(ConfigError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
             RoundInstructions.from_record({**good, key: value})
