@@ -37,7 +37,7 @@ from ctfed.common.dp import (
     clip_update,
     epsilon_for,
 )
-from ctfed.common.exchange import BUDGET_REFUSED_CODE, EPSILON_KEY, RoundInstructions
+from ctfed.common.exchange import BUDGET_REFUSED_CODE, RoundInstructions
 from ctfed.common.fileio import write_json_atomic
 from ctfed.server.central_dp import CentralDP, uniform_mean
 
@@ -215,7 +215,7 @@ def test_site_epsilon_accumulates_across_rounds_and_a_restart(tmp_path: Path) ->
         site_round.check_budget(train, num_volumes=NUM_VOLUMES)
         trainer = LocalTrainer(MODEL, train, RandomVolumes(), seed=0, dp=site_round.local_dp)
         result = trainer.train_round(server_round - 1)
-        epsilons.append(site_round.after_training(result.dp_steps)[EPSILON_KEY])
+        epsilons.append(site_round.after_training(result.dp_steps))  # the epsilon the reply carries
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
     accountant = RDPAccountant()
