@@ -9,10 +9,11 @@ head, EMA teacher, loss centre) stays in the node's ``context.state`` between ro
 
 Order of a round, so that nothing is read that a refused round should not touch: the
 instructions are decoded once (``common.exchange.RoundInstructions``: another protocol
-version, an unknown or missing key is a refusal), the site's policy is checked against them (``client/policy.py``), then the cache is
-opened and the privacy budget checked (``client/privacy_round.py``), then the representation
-monitor of the received global encoder (``client/monitor_round.py``), then training. Every
-outgoing message, refusals included, is written to the site's audit log (``client/audit.py``).
+version, an unknown or missing key is a refusal), the site's policy is checked against
+them (``client/policy.py``), then the cache is opened and the privacy budget checked
+(``client/privacy_round.py``), then the representation monitor of the received global
+encoder (``client/monitor_round.py``), then training. Every outgoing message, refusals
+included, is written to the site's audit log (``client/audit.py``).
 """
 
 from __future__ import annotations

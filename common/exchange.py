@@ -327,13 +327,24 @@ def _decoded(schema: type, record: Mapping[str, Any], prefix: str) -> Any:
     return section
 
 
-def _required(record: Mapping[str, Any], key: str, kind: type) -> Any:
+_REQUIRED = object()
+
+
+def _value(record: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """``record[key]`` as ``kind`` (ConfigError naming the key when it is missing and
+    required, or not of that kind); ``default`` when it is missing and optional."""
     if key not in record:
-        raise ConfigError(f"the instructions lack '{key}'")
-    try:
-        return kind(record[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"the instructions' '{key}' is {record[key]!r}, not a {kind.__name__}") from None
+        if default is _REQUIRED:
+            raise ConfigError(f"the instructions lack '{key}'")
+        return default
+    value = record[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"the instructions' '{key}' is {value!r}, not an integer")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"the instructions' '{key}' is {value!r}, not true or false")
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"the instructions' '{key}' is {value!r}, not a list of integers")
+    return kind(value)
 
 
 _SECTIONS = (MODEL_SECTION, TRAIN_SECTION, PRIVACY_SECTION, MONITOR_SECTION, FINETUNE_SECTION)
@@ -417,7 +428,7 @@ class RoundInstructions:
         unknown = sorted(k for k in record if k not in _FACT_KEYS and k.split(".", 1)[0] not in _SECTIONS)
         if unknown:
             raise ConfigError(f"unknown instruction keys {unknown[:5]} (protocol version {PROTOCOL_VERSION})")
-        phase = str(record.get(PHASE_KEY, PRETRAIN_PHASE))
+        phase = _value(record, PHASE_KEY, str, PRETRAIN_PHASE)
         try:
             transport = Transport(str(record.get(TRANSPORT_KEY, Transport.float32.value)))
         except ValueError:
@@ -431,25 +442,25 @@ class RoundInstructions:
             if not has[FINETUNE_SECTION]:
                 raise ConfigError(f"phase-2 instructions lack the '{FINETUNE_SECTION}.*' recipe")
             plan = FinetuneRoundPlan(
-                stage=_required(record, PLAN_STAGE_KEY, str),
-                blocks=tuple(int(b) for b in _required(record, PLAN_BLOCKS_KEY, list)),
-                stem=_required(record, PLAN_STEM_KEY, bool),
-                schedule_start=_required(record, PLAN_SCHEDULE_START_KEY, int),
-                schedule_total=_required(record, PLAN_SCHEDULE_TOTAL_KEY, int),
+                stage=_value(record, PLAN_STAGE_KEY, str),
+                blocks=tuple(_value(record, PLAN_BLOCKS_KEY, list)),
+                stem=_value(record, PLAN_STEM_KEY, bool),
+                schedule_start=_value(record, PLAN_SCHEDULE_START_KEY, int),
+                schedule_total=_value(record, PLAN_SCHEDULE_TOTAL_KEY, int),
             )
-            plan_local_steps = _required(record, PLAN_LOCAL_STEPS_KEY, int)
+            plan_local_steps = _value(record, PLAN_LOCAL_STEPS_KEY, int)
             if plan_local_steps < 1:
                 raise ConfigError(f"phase-2 instructions ask for {plan_local_steps} local steps ({PLAN_LOCAL_STEPS_KEY})")
-            full_state = _required(record, FULL_STATE_KEY, bool)
-            base_sha256 = _required(record, BASE_DIGEST_KEY, str)
+            full_state = _value(record, FULL_STATE_KEY, bool)
+            base_sha256 = _value(record, BASE_DIGEST_KEY, str)
         return cls(
-            server_round=_required(record, SERVER_ROUND_KEY, int),
+            server_round=_value(record, SERVER_ROUND_KEY, int),
             model=_decoded(ModelConfig, record, MODEL_SECTION),
             train=_decoded(TrainConfig, record, TRAIN_SECTION),
             privacy=_decoded(PrivacyConfig, record, PRIVACY_SECTION),
             phase=phase,
-            min_sites=int(record.get(MIN_SITES_KEY, 1)),
-            secure_aggregation=bool(record.get(SECURE_AGGREGATION_KEY, False)),
+            min_sites=_value(record, MIN_SITES_KEY, int, 1),
+            secure_aggregation=_value(record, SECURE_AGGREGATION_KEY, bool, False),
             transport=transport,
             monitor=_decoded(MonitorConfig, record, MONITOR_SECTION) if has[MONITOR_SECTION] else None,
             finetune=_decoded(FinetuneConfig, record, FINETUNE_SECTION) if has[FINETUNE_SECTION] else None,

@@ -17,6 +17,7 @@ from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FINETUNE_PHASE,
+    PLAN_BLOCKS_KEY,
     PLAN_STAGE_KEY,
     POLICY_REFUSED_CODE,
     PROTOCOL_VERSION,
@@ -155,11 +156,17 @@ def test_instructions_with_unknown_missing_or_invalid_values_are_refused() -> No
     ]:
         with pytest.raises(ConfigError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
             RoundInstructions.from_record({**good, key: value})
+    with pytest.raises(ConfigError, match="'server-round' is 'three', not an integer"):
+        RoundInstructions.from_record({**good, SERVER_ROUND_KEY: "three"})
+    with pytest.raises(ConfigError, match="'federation.min_sites' is True, not an integer"):
+        RoundInstructions.from_record({**good, "federation.min_sites": True})
     with pytest.raises(ConfigError, match="lack 'server-round'"):
         RoundInstructions.from_record({k: v for k, v in good.items() if k != SERVER_ROUND_KEY})
     phase_two = dict(_phase_two().to_record().items())
     with pytest.raises(ConfigError, match=f"lack '{PLAN_STAGE_KEY}'"):
         RoundInstructions.from_record({k: v for k, v in phase_two.items() if k != PLAN_STAGE_KEY})
+    with pytest.raises(ConfigError, match="not a list of integers"):
+        RoundInstructions.from_record({**phase_two, PLAN_BLOCKS_KEY: ["top"]})
 
 
 @pytest.mark.parametrize(("version", "phrase"), [
