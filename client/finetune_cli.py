@@ -28,7 +28,7 @@ from ctfed.common.config import ConfigError, RunConfig, load_run_config
 from ctfed.common.data_summary import card_data_summary, site_data_metrics
 from ctfed.common.finetune import CLASSIFIER_KIND_SUFFIX, Finetuner, build_classifier
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
-from ctfed.common.metrics import evaluation_dict
+from ctfed.common.metrics import evaluation_dict, operating_points
 from ctfed.common.preprocess import CachedVolumes
 
 CLASSIFIER_STEM = "classifier"
@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
         fit = finetuner.fit(on_step)
     probs, labels = finetuner.predict(test)
     evaluation = evaluation_dict(labels, probs, finetune.label_names, args.n_boot, finetune.split_seed)
+    # `ctfed predict`'s decisions: Youden's J on the held-out scans (the only labelled scans
+    # the classifier did not train on), so the card's metrics at 0.5 and this point share them.
+    operating_point = operating_points(labels, probs, finetune.label_names, split="held-out")
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = save_checkpoint(
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         steps=len(fit.losses),
         losses=fit.losses,
         evaluation=evaluation,
+        operating_point=operating_point,
         # One site, named generically: a cache folder's name may be anything the site chose.
         data_summary=card_data_summary({"local": site_data_metrics(dataset)}, dataset.preprocessing),
     )
@@ -141,5 +145,10 @@ def run(args: argparse.Namespace) -> int:
     for task, metrics in evaluation.items():
         cells = ", ".join(f"{name} {m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for name, m in metrics.items())
         print(f"  {task}: {cells}")
+    for task, point in operating_point.items():
+        print(
+            f"  {task}: operating point {point['threshold']:.4f} (Youden's J on the held-out scans: sensitivity "
+            f"{point['sensitivity']:.3f}, specificity {point['specificity']:.3f})"
+        )
     print(f"done in {time.perf_counter() - started:.0f} s; classifier {weights} (card {weights.with_suffix('.json')})")
     return 0

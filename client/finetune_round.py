@@ -43,7 +43,7 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.finetune import Classifier, Finetuner, build_classifier, trainable_names, trainable_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
-from ctfed.common.metrics import evaluation_dict
+from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,14 @@ def finetune_train(
     train_seconds = time.perf_counter() - trained_at
     probs, labels = finetuner.predict(test_scans)
     evaluation = evaluation_dict(labels, probs, finetune.label_names, finetune.eval_n_boot, finetune.split_seed)
+    # This site's operating point per task (Youden's J on its held-out scans), sent as
+    # ``eval/<task>/operating_point``: the coordinator puts the sites' median in the round's
+    # classifier card, for `ctfed predict`'s decisions.
+    operating = operating_points(labels, probs, finetune.label_names, split="held-out")
+    evaluation = {
+        task: {**metrics, **({OPERATING_POINT_METRIC: {"value": float(operating[task]["threshold"])}} if task in operating else {})}
+        for task, metrics in evaluation.items()
+    }
 
     # Only what trained travels; its names are exactly the plan's trainable set.
     update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))

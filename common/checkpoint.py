@@ -69,3 +69,12 @@ def load_checkpoint(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig
         channels = int(model.get("in_channels", 3))
         model.update(input_mean=[0.0] * channels, input_std=[1.0] * channels)
     return state, to_section(ModelConfig, model), card
+
+
+def card_preprocessing_plan(card: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing plan a model was trained with, from its card's data summary (``ctfed
+    finetune`` and ``pretrain``: the cache's plan; a federation's: ``as_configured``); None if absent."""
+    plan = (card.get("data_summary") or {}).get("preprocessing")
+    if isinstance(plan, dict) and isinstance(plan.get("as_configured"), dict):
+        plan = plan["as_configured"]
+    return dict(plan) if isinstance(plan, dict) and plan else None

@@ -28,6 +28,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("prepare", "ctfed.client.prepare_cli", "turn a site's DICOM folder into a training cache"),
     Subcommand("pretrain", "ctfed.client.pretrain_cli", "self-supervised pretraining on one cache, no federation"),
     Subcommand("finetune", "ctfed.client.finetune_cli", "fine-tune an encoder on one labelled cache, no federation"),
+    Subcommand("predict", "ctfed.client.predict_cli", "score new studies with a fine-tuned classifier (local CSV)"),
+    Subcommand("export", "ctfed.common.export", "export a checkpoint as a MONAI bundle or TorchScript"),
     Subcommand("simulate", "ctfed.simulations.simulate", "run a federation on this machine (Flower simulation)"),
     Subcommand("report", "ctfed.simulations.report_cli", "re-render a run folder's report.md and plots from results.json"),
     Subcommand("bench", "ctfed.simulations.bench", "benchmarks: ingest, data loader, secure aggregation, federation cost"),

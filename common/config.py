@@ -1170,6 +1170,83 @@ class CompareConfig:
         return [self.finetune.mode, *self.baseline_modes]
 
 
+def _study_finetune() -> FinetuneConfig:
+    # A few labelled scans per site: 100 steps of batch 4 are many epochs of them already.
+    return FinetuneConfig(probe_steps=40, stage_steps=60)
+
+
+@dataclass
+class LabelEfficiencyConfig:
+    """The ``label_efficiency`` study: does a pretrained encoder pay off when labels are scarce?
+
+    With ``enabled``, ``ctfed simulate`` first holds out each site's test and validation scans
+    (the federation pretrains on the rest, without labels), then pretrains the centralized,
+    local-only (smallest site) and local-DP arms on the same scans and budget, fine-tunes every
+    arm at every site on a few labelled scans per level and tests on the held-out scans
+    (simulations/label_efficiency.py; docs/studies.md).
+    """
+
+    enabled: bool = False
+    # Binary tasks, columns of the sites' labels (one multi-label head learns them together);
+    # empty: every label column the sites' scans carry.
+    tasks: list[str] = field(default_factory=list)
+    # Labelled scans per site, smallest first; nested (the first 4 are among the 8, ...).
+    labels_per_site: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    # Share of each site's scans held out as its test split: never pretrained on, never used
+    # for any choice (scans are ordered by content hash, then shuffled with split_seed).
+    test_fraction: float = 0.5
+    # Share of the remaining scans held out as validation: it picks each arm's fine-tuning mode
+    # and draws the pretraining curve. The labelled scans of every level come from the rest.
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    # Fine-tuning modes tried per arm and level; the verdicts use each arm's best on validation.
+    modes: list[str] = field(default_factory=lambda: ["linear_probe", "progressive", "full"])
+    # The recipe (its label_names are replaced by the tasks); seed: the head's init and batches.
+    finetune: FinetuneConfig = field(default_factory=_study_finetune)
+    # Overrides of one more federation, the local-DP arm, on the same scans and budget (empty: no
+    # DP arm). Noise 3.5 keeps epsilon <= 8 at delta 1e-5 for 60 scans, batch 8, 1,200 steps
+    # (the label_efficiency preset's smallest site).
+    dp_overrides: list[str] = field(
+        default_factory=lambda: ["privacy.mode=local", "privacy.local.noise_multiplier=3.5"]
+    )
+    # The DP arm's per-site budget: the study reports the ledger's epsilon against it.
+    max_dp_epsilon: float = 8.0
+    # Encoders along pretraining (federated: round checkpoints) probed on the validation split.
+    curve_points: int = 6
+    n_boot: int = 1000
+    # The level the targets are stated at (it must be one of labels_per_site).
+    judged_labels_per_site: int = 8
+    # Targets in AUROC (issue #11): pretrained beats scratch by more than target_gain_over_scratch
+    # on at least min_tasks_beating_scratch tasks; federated beats local-only at the smallest
+    # site; centralized leads federated by at most max_gap_to_centralized; DP costs at most
+    # max_dp_cost; pretrained features beat the model-free probes on the structural tasks.
+    target_gain_over_scratch: float = 0.05
+    min_tasks_beating_scratch: int = 3
+    target_gain_over_local_only: float = 0.0
+    max_gap_to_centralized: float = 0.02
+    max_dp_cost: float = 0.05
+    target_gain_over_model_free: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in FINETUNE_MODES]
+        if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"label_efficiency.modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.modes)}")
+        levels = list(self.labels_per_site)
+        if not levels or levels != sorted(set(levels)) or levels[0] < 1:
+            raise ConfigError(f"label_efficiency.labels_per_site must be increasing counts >= 1, got {levels}")
+        if self.judged_labels_per_site not in levels:
+            raise ConfigError(
+                f"label_efficiency.judged_labels_per_site ({self.judged_labels_per_site}) must be one of labels_per_site {levels}"
+            )
+        for name in ("test_fraction", "val_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"label_efficiency.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.curve_points < 2 or self.n_boot < 1 or self.min_tasks_beating_scratch < 1:
+            raise ConfigError("label_efficiency.curve_points must be >= 2, n_boot and min_tasks_beating_scratch >= 1")
+        if min(self.max_gap_to_centralized, self.max_dp_cost) < 0 or not self.max_dp_epsilon > 0:
+            raise ConfigError("label_efficiency.max_gap_to_centralized and max_dp_cost must be >= 0, max_dp_epsilon > 0")
+
+
 @dataclass
 class SweepArm:
     """One federation of a sweep: a name and the overrides that make it differ from the base run."""
@@ -1221,6 +1298,7 @@ class RunConfig:
     # Sites cut from one pooled cache (empty split.pooled_cache: off).
     split: SplitConfig = field(default_factory=SplitConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # Phase 2 (federation.finetune_rounds > 0): the downstream task and its recipe. Label
     # names are columns of the sites' labels.csv (the synthetic hospitals: findings and "any").
@@ -1248,6 +1326,10 @@ class RunConfig:
         if self.train.schedule_rounds == 0:
             self.train.schedule_rounds = self.federation.rounds
         self._check_strategy()
+        if self.label_efficiency.enabled and (self.compare.enabled or self.sweep.enabled):
+            # The study's federation pretrains without the held-out scans; compare's and the
+            # sweep's federations pretrain on whole caches, so they cannot share it.
+            raise ConfigError("label_efficiency.enabled runs its own arms; turn off compare.enabled and sweep.enabled")
         simulated_sites = self._simulated_sites()
         if self.secagg.enabled and simulated_sites and simulated_sites > self.secagg.max_sites:
             raise ConfigError(

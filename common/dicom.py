@@ -113,6 +113,8 @@ class SeriesRef:
     kernel: str = field(repr=False, default="")
     slice_thickness_mm: float | None = None
     images: int = 0
+    # For ``ctfed predict --id-column AccessionNumber`` only (a local CSV); never written otherwise.
+    accession_number: str = field(repr=False, default="")
 
 
 @dataclass
@@ -286,6 +288,7 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
             kernel=_text(kernel),
             slice_thickness_mm=_positive_float(thickness),
             images=sum(int(d.get("NumberOfFrames") or 1) for _, d in members),
+            accession_number=str(first.get("AccessionNumber") or ""),
         ))
     logger.info("scan: %d CT series, %d NIfTI files, %d rejected entries", len(series), len(nifti), len(rejected))
     return ScanResult(series=series, rejected=rejected, nifti=nifti)

@@ -590,14 +590,16 @@ def refusing_site(reason: str) -> str | None:
 
 
 def evaluation_to_metrics(evaluation: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
-    """``{task: {metric: {value, low, high}}}`` as flat reply metrics (``eval/task/metric``)."""
+    """``{task: {metric: {value, low, high}}}`` as flat reply metrics (``eval/task/metric``;
+    a metric without a confidence interval, such as the operating point, sends its value only)."""
     flat: dict[str, float] = {}
     for task, metrics in evaluation.items():
         for metric, estimate in metrics.items():
             key = f"{EVAL_METRIC_PREFIX}{task}/{metric}"
             flat[key] = float(estimate["value"])
-            flat[f"{key}/low"] = float(estimate["low"])
-            flat[f"{key}/high"] = float(estimate["high"])
+            for bound in _EVAL_BOUNDS:
+                if bound in estimate:
+                    flat[f"{key}/{bound}"] = float(estimate[bound])
     return flat
 
 

@@ -243,6 +243,26 @@ def load_classifier(weights: Path) -> tuple[Classifier, dict[str, Any]]:
     return classifier, card
 
 
+def fit_standardizer_on_cache(classifier: Classifier, cache_dir: Path, image_size: int) -> None:
+    """Fit a classifier's feature statistics on every scan of a prepared cache (labels unused):
+    what a site does with a federated classifier, whose statistics stayed at the sites, before
+    it scores or exports it (``ctfed predict --cache``, ``ctfed export --cache``)."""
+    from ctfed.common.labelled import model_input
+    from ctfed.common.preprocess import CachedVolumes
+
+    volumes = CachedVolumes(cache_dir)
+
+    class _Scans(Dataset):
+        def __len__(self) -> int:
+            return len(volumes)
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
+            return model_input(volumes[index], image_size), None
+
+    classifier.fit_standardizer(_Scans())
+    logger.info("fitted the classifier's feature statistics on the %d scans of the cache", len(volumes))
+
+
 @dataclass(frozen=True)
 class FreezingSchedule:
     """Which encoder blocks train at a given point of the progressive recipe.

@@ -44,11 +44,16 @@ class LabelledScans(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        volume = self.volumes[self.indices[position]]
-        if volume.shape[-1] != self.image_size:
-            # Caches may be prepared larger than the model input (RunConfig allows it).
-            volume = F.interpolate(volume[None], size=(self.image_size,) * 3, mode="trilinear", align_corners=False)[0]
+        volume = model_input(self.volumes[self.indices[position]], self.image_size)
         return volume, torch.from_numpy(self.labels[position])
+
+
+def model_input(volume: torch.Tensor, image_size: int) -> torch.Tensor:
+    """A cached volume (C, S, S, S) at the model's input size (``ctfed predict`` feeds the same)."""
+    if volume.shape[-1] != image_size:
+        # Caches may be prepared larger than the model input (RunConfig allows it).
+        volume = F.interpolate(volume[None], size=(image_size,) * 3, mode="trilinear", align_corners=False)[0]
+    return volume
 
 
 def _label(volumes: CachedVolumes, index: int, name: str) -> float:

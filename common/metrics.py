@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,6 +181,61 @@ def evaluation_dict(
     results files and reply metrics hold."""
     results = evaluate(y_true, y_score, task_names=task_names, n_boot=n_boot, seed=seed)
     return {task: {metric: estimate_to_dict(est) for metric, est in metrics.items()} for task, metrics in results.items()}
+
+
+OPERATING_POINT_METHOD = "youden_j"
+# A phase-2 reply's metric ``eval/<task>/operating_point``: the site's threshold for the task.
+OPERATING_POINT_METRIC = "operating_point"
+
+
+def youden_operating_point(y_true: np.ndarray | torch.Tensor, y_score: np.ndarray | torch.Tensor) -> dict[str, float] | None:
+    """The decision threshold on ``y_score`` that maximises Youden's J (sensitivity +
+    specificity - 1) on one binary task, with the sensitivity and specificity it has there;
+    None when the labels hold one class only (no operating point can be chosen).
+
+    Candidates are the midpoints between consecutive distinct scores (a decision is
+    ``score >= threshold``), so a threshold never sits exactly on a validation scan's score;
+    of equally good candidates the middle one is taken (the widest margin on both sides)."""
+    y, score = _binary_inputs(_as_array(y_true), _as_array(y_score))
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    distinct = np.unique(score)
+    if len(distinct) < 2:
+        return None  # every scan scores the same: no threshold separates anything
+    candidates = (distinct[:-1] + distinct[1:]) / 2.0
+    sensitivity = np.array([np.mean(score[y] >= t) for t in candidates])
+    specificity = np.array([np.mean(score[~y] < t) for t in candidates])
+    youden = sensitivity + specificity - 1.0
+    best = np.flatnonzero(np.isclose(youden, youden.max(), rtol=0.0, atol=1e-12))
+    chosen = int(best[len(best) // 2])
+    return {
+        "threshold": float(candidates[chosen]),
+        "sensitivity": float(sensitivity[chosen]),
+        "specificity": float(specificity[chosen]),
+        "youden_j": float(youden[chosen]),
+        "positives": n_pos,
+        "negatives": n_neg,
+    }
+
+
+def operating_points(
+    y_true: np.ndarray | torch.Tensor, y_score: np.ndarray | torch.Tensor, task_names: Sequence[str], split: str
+) -> dict[str, dict[str, Any]]:
+    """``youden_operating_point`` per task of (N, K) labels and probabilities, as a model card
+    holds it: ``{task: {threshold, sensitivity, specificity, youden_j, positives, negatives,
+    method, split}}``; a task with one class in ``y_true`` is left out."""
+    y, score = _as_matrix(y_true, "y_true"), _as_matrix(y_score, "y_score")
+    if y.shape != score.shape or y.shape[1] != len(task_names):
+        raise ValueError(f"y_true {y.shape}, y_score {score.shape} and {len(task_names)} task names do not match")
+    points: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(task_names):
+        point = youden_operating_point(y[:, k], score[:, k])
+        if point is None:
+            logger.warning("task %s: one class only on the %s scans; no operating point chosen", name, split)
+            continue
+        points[name] = {**point, "method": OPERATING_POINT_METHOD, "split": split}
+    return points
 
 
 def embedding_std(features: np.ndarray | torch.Tensor) -> float:

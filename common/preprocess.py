@@ -9,6 +9,9 @@ The cache is incremental and crash-safe: the manifest is rewritten atomically af
 series, and a series whose file contents hash to a manifest entry is skipped. Outputs are
 pseudonymous: series and studies appear only as keyed hashes (``privacy.pseudonym``), and
 nothing from the DICOM header that identifies a patient is ever written or logged.
+
+``process_studies`` is the per-study part (series choice, load, transform, in workers) that
+``ctfed predict`` runs too, on volumes it scores instead of saving.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfed.common.config import PreprocessConfig, SeriesPerStudy
+from ctfed.common.config import PreprocessConfig, SeriesPerStudy, WindowConfig
 from ctfed.common.dicom import (
     AIR_HU,
     CTVolume,
     DicomError,
     Rejection,
+    ScanResult,
     SeriesRef,
     load_series,
     rank_study_series,
@@ -90,6 +94,44 @@ def preprocessing_plan(cfg: PreprocessConfig) -> dict[str, Any]:
         "dtype": "float16",
         "axes": AXES,
     }
+
+
+# The keys of a plan that decide a cached volume's voxels (``axes`` and ``dtype`` describe them).
+PLAN_KEYS = ("orientation", "spacing_mm", "foreground_hu", "output_size", "windows", "gantry_tilt", "dtype", "axes")
+
+
+def config_from_plan(plan: dict[str, Any], **acceptance: Any) -> PreprocessConfig:
+    """The ``PreprocessConfig`` that reproduces ``plan`` (a manifest's or a model card's), with
+    the settings that decide only which series are accepted (``acceptance``: slice-gap
+    tolerances, series selection, workers) as given. ValueError names what the plan lacks."""
+    missing = [key for key in PLAN_KEYS if key not in plan]
+    if missing:
+        raise ValueError(f"the preprocessing plan lacks {', '.join(missing)}")
+    if plan["orientation"] != "RAS" or plan["dtype"] != "float16" or plan["axes"] != AXES:
+        raise ValueError(
+            f"the preprocessing plan has orientation {plan['orientation']!r}, dtype {plan['dtype']!r}, axes "
+            f"{plan['axes']!r}; this ctfed makes RAS, float16, {AXES}"
+        )
+    cfg = PreprocessConfig(
+        spacing_mm=float(plan["spacing_mm"]),
+        foreground_hu=float(plan["foreground_hu"]),
+        output_size=int(plan["output_size"]),
+        windows=[WindowConfig(**window) for window in plan["windows"]],
+        gantry_tilt=str(plan["gantry_tilt"]),
+        **acceptance,
+    )
+    if preprocessing_plan(cfg) != plan:
+        raise ValueError("the preprocessing plan holds values this ctfed does not reproduce")
+    return cfg
+
+
+def plan_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """``key: expected vs actual`` for every plan key where two plans differ."""
+    return [
+        f"{key}: {expected.get(key)!r} vs {actual.get(key)!r}"
+        for key in sorted(set(expected) | set(actual))
+        if expected.get(key) != actual.get(key)
+    ]
 
 
 def content_hash(files: list[Path]) -> str:
@@ -184,11 +226,17 @@ class _Job:
     key: str
     files: list[Path]
     digest: str
-    output_dir: Path
+    # Where the volume is saved (``prepare``); None: it comes back in the result's
+    # ``TENSOR_FIELD`` instead (``predict`` scores it and writes no volume).
+    output_dir: Path | None
     cfg: PreprocessConfig
     label: dict[str, Any] | None
     study: str
     nifti: bool = False
+
+
+# A result's in-memory volume when its job has no output folder (never in a manifest).
+TENSOR_FIELD = "tensor"
 
 
 def _process(job: _Job) -> dict[str, Any]:
@@ -209,10 +257,19 @@ def _process(job: _Job) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - one bad series must never stop a site's run
         return {"rejected": f"unexpected {type(err).__name__} while processing"}
     name = f"{job.key}.npy"
-    tmp = job.output_dir / f".{name}.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, tensor)
-    os.replace(tmp, job.output_dir / name)
+    if job.output_dir is not None:
+        tmp = job.output_dir / f".{name}.tmp"
+        with open(tmp, "wb") as handle:
+            np.save(handle, tensor)
+        os.replace(tmp, job.output_dir / name)
+    entry = _entry(job, name, volume, tensor, cached_voxel_mm)
+    if job.output_dir is None:
+        entry[TENSOR_FIELD] = tensor
+    return entry
+
+
+def _entry(job: _Job, name: str, volume: CTVolume, tensor: np.ndarray, cached_voxel_mm: list[float]) -> dict[str, Any]:
+    """The manifest entry of one processed series (keys and numbers only)."""
     hu = volume.hu
     return {
         "key": job.key,
@@ -334,6 +391,112 @@ def _load_manifest(path: Path, plan: dict[str, Any]) -> dict[str, dict[str, Any]
     return {entry["key"]: entry for entry in old.get("series", [])}
 
 
+@dataclass
+class ProcessedSeries:
+    """One series ``process_studies`` loaded and transformed (or failed to)."""
+
+    job: _Job
+    # A manifest entry (with ``TENSOR_FIELD`` when the job had no output folder), or
+    # {'rejected': reason}.
+    result: dict[str, Any]
+    # Where it came from, for the caller's local use only (UIDs and paths: never written by
+    # this module): the DICOM series, or the NIfTI file.
+    series: SeriesRef | None
+    nifti_path: Path | None
+
+
+# reuse(series key, content hash, study key) -> True when the caller already holds this
+# unchanged series (prepare's cache), so it is not processed again.
+Reuse = Callable[[str, str, str], bool]
+
+
+def process_studies(
+    input_dir: Path,
+    found: ScanResult,
+    secret: bytes,
+    cfg: PreprocessConfig,
+    rejected: list[Rejection],
+    *,
+    output_dir: Path | None,
+    labels: dict[str, dict[str, Any]] | None = None,
+    reuse: Reuse | None = None,
+    progress: bool = True,
+    desc: str = "prepare",
+) -> Iterator[ProcessedSeries]:
+    """The per-study work ``prepare`` and ``predict`` share: every NIfTI file, and per DICOM
+    study its series in ``rank_study_series`` order until one loads, loaded and transformed
+    (``cfg.workers`` processes); yields each series as it finishes.
+
+    A study whose series fails gets its next-ranked series in the following round; a series
+    ``reuse`` claims counts as the study's choice without being processed. Rejections (files
+    unreadable, series that failed, series left untried because another of the study was
+    chosen) are appended to ``rejected``, identifier-free. With ``output_dir`` each volume is
+    saved there as ``<key>.npy``; without it, it travels back in the result.
+    """
+    labels = labels or {}
+    reused: Reuse = reuse or (lambda key, digest, study: False)
+    # One job per study and round: its best remaining series.
+    studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
+    sources: dict[str, SeriesRef | Path] = {}
+    nifti_jobs: list[_Job] = []
+    for path in found.nifti:
+        # A NIfTI file is its own study: its key stands for both, and labels name its path.
+        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
+        try:
+            digest = content_hash([path])
+        except OSError as err:
+            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
+            continue
+        if not reused(key, digest, key):
+            sources[key] = path
+            nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
+
+    def next_jobs() -> list[tuple[_Job, _StudyCandidates | None]]:
+        jobs: list[tuple[_Job, _StudyCandidates | None]] = []
+        for study in studies:
+            while study.remaining and study.chosen is None:
+                ref = study.remaining.pop(0)
+                key = series_key(secret, ref.series_uid)
+                try:
+                    digest = content_hash(ref.files)
+                except OSError as err:
+                    rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
+                    continue
+                study_ref = study_key(secret, ref.study_uid)
+                if reused(key, digest, study_ref):
+                    study.chosen = key
+                    continue
+                sources[key] = ref
+                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
+                break
+        return jobs
+
+    bar = tqdm(total=len(studies) + len(nifti_jobs), desc=desc, unit="study", disable=not progress)
+    first: list[tuple[_Job, _StudyCandidates | None]] = [(job, None) for job in nifti_jobs] + next_jobs()
+    with _job_runner(cfg.workers, len(first)) as run_jobs:
+        round_jobs = first
+        while round_jobs:
+            for job, study, result in run_jobs(round_jobs):
+                if "rejected" in result:
+                    rejected.append(Rejection(f"series:{job.key}", result["rejected"]))
+                    logger.warning("series %s rejected: %s", job.key, result["rejected"])
+                elif study is not None:
+                    study.chosen = job.key
+                source = sources.pop(job.key)
+                yield ProcessedSeries(
+                    job, result,
+                    series=source if isinstance(source, SeriesRef) else None,
+                    nifti_path=source if isinstance(source, Path) else None,
+                )
+                if study is None or study.settled:
+                    bar.update()
+            round_jobs = next_jobs()
+    bar.update(bar.total - bar.n)  # studies the caller already held
+    bar.close()
+    for study in studies:
+        rejected.extend(study.not_chosen(secret))
+
+
 def prepare(
     input_dir: Path,
     output_dir: Path,
@@ -381,77 +544,25 @@ def prepare(
         logger.debug("series %s unchanged; using the cache", key)
         return True
 
-    # One job per study and round: its best remaining series. A study whose series fails to
-    # load gets its next-ranked series in the following round.
-    studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
-    nifti_jobs: list[_Job] = []
-    for path in found.nifti:
-        # A NIfTI file is its own study: its key stands for both, and labels name its path.
-        key = nifti_key(secret, path.relative_to(input_dir).as_posix())
-        try:
-            digest = content_hash([path])
-        except OSError as err:
-            rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
-            continue
-        if not reuse(key, digest, key):
-            nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
-
-    def next_jobs() -> list[tuple[_Job, _StudyCandidates | None]]:
-        jobs: list[tuple[_Job, _StudyCandidates | None]] = []
-        for study in studies:
-            while study.remaining and study.chosen is None:
-                ref = study.remaining.pop(0)
-                key = series_key(secret, ref.series_uid)
-                try:
-                    digest = content_hash(ref.files)
-                except OSError as err:
-                    rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
-                    continue
-                study_ref = study_key(secret, ref.study_uid)
-                if reuse(key, digest, study_ref):
-                    study.chosen = key
-                    continue
-                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
-                break
-        return jobs
-
-    def record(job: _Job, study: _StudyCandidates | None, result: dict[str, Any]) -> None:
-        if "rejected" in result:
-            rejected.append(Rejection(f"series:{job.key}", result["rejected"]))
-            logger.warning("series %s rejected: %s", job.key, result["rejected"])
-        else:
-            entries[job.key] = result
-            if study is not None:
-                study.chosen = job.key
-            logger.debug("series %s cached as %s", job.key, result["file"])
+    write_manifest()
+    for done in process_studies(
+        input_dir, found, secret, cfg, rejected, output_dir=output_dir, labels=labels, reuse=reuse, progress=progress
+    ):
+        if "rejected" not in done.result:
+            entries[done.job.key] = done.result
+            logger.debug("series %s cached as %s", done.job.key, done.result["file"])
         write_manifest()
 
     write_manifest()
-    bar = tqdm(total=len(studies) + len(nifti_jobs), desc="prepare", unit="study", disable=not progress)
-    first: list[tuple[_Job, _StudyCandidates | None]] = [(job, None) for job in nifti_jobs] + next_jobs()
-    with _job_runner(cfg.workers, len(first)) as run_jobs:
-        round_jobs = first
-        while round_jobs:
-            for job, study, result in run_jobs(round_jobs):
-                record(job, study, result)
-                if study is None or study.settled:
-                    bar.update()
-            round_jobs = next_jobs()
-    bar.update(bar.total - bar.n)  # studies taken unchanged from the cache
-    bar.close()
-    for study in studies:
-        rejected.extend(study.not_chosen(secret))
-
-    write_manifest()
     report_path = output_dir / REPORT
-    write_text_atomic(report_path, _report(plan, entries, rejected, cached, _acceptance(cfg)))
+    write_text_atomic(report_path, report_text(plan, entries, rejected, cached, acceptance_lines(cfg)))
     accepted = len(entries) - cached
     logger.info("prepare: %d new, %d cached, %d rejected", accepted, cached, len(rejected))
     return PrepareSummary(accepted=accepted, cached=cached, rejected=len(rejected),
                           manifest=manifest_path, report=report_path)
 
 
-def _acceptance(cfg: PreprocessConfig) -> list[str]:
+def acceptance_lines(cfg: PreprocessConfig) -> list[str]:
     """Report lines for the settings that decide which series are cached (not how)."""
     selection = cfg.series_selection
     if selection.per_study == SeriesPerStudy.all:
@@ -471,18 +582,21 @@ def _acceptance(cfg: PreprocessConfig) -> list[str]:
     ]
 
 
-def _report(
+def report_text(
     plan: dict[str, Any],
     entries: dict[str, dict[str, Any]],
     rejected: list[Rejection],
     cached: int,
     acceptance: list[str] | None = None,
+    title: str = "Site preprocessing report",
+    count_line: str | None = None,
 ) -> str:
-    """Human-readable account of the cache, in the spirit of nnU-Net's plans file."""
+    """Human-readable account of the cache, in the spirit of nnU-Net's plans file (``ctfed
+    predict`` writes the same for the series it scored: its ``title`` and ``count_line``)."""
     lines = [
-        "# Site preprocessing report",
+        f"# {title}",
         "",
-        f"- series in cache: {len(entries)} ({cached} unchanged from the previous run)",
+        count_line or f"- series in cache: {len(entries)} ({cached} unchanged from the previous run)",
         f"- rejected: {len(rejected)}",
         "",
         "## Plan",

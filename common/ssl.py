@@ -25,6 +25,7 @@ from monai.transforms import (
     RandShiftIntensity,
     ShiftIntensity,
 )
+from monai.data import get_track_meta, set_track_meta
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -365,10 +366,18 @@ class MultiCrop3D:
         voxel = self._checked_voxel_mm(voxel_mm) if voxel_mm is not None else self.voxel_mm
         scales = [self.global_scale] * 2 + [self.local_scale] * self.num_local
         crops = []
-        for scale in scales:
-            crop, sides = self._random_resized_crop(volume, scale)
-            crop_voxel = None if voxel is None else tuple(v * side / self.out_size for v, side in zip(voxel, sides))
-            crops.append(self._augment(crop, crop_voxel))
+        # Views need no MONAI metadata (nothing is inverted or saved): without it the same
+        # transforms give the same voxels about 25% faster, and views are most of a small
+        # model's step on a CPU.
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            for scale in scales:
+                crop, sides = self._random_resized_crop(volume, scale)
+                crop_voxel = None if voxel is None else tuple(v * side / self.out_size for v, side in zip(voxel, sides))
+                crops.append(self._augment(crop, crop_voxel))
+        finally:
+            set_track_meta(tracking)
         return crops
 
     def _random_resized_crop(self, volume: torch.Tensor, scale: tuple[float, float]) -> tuple[torch.Tensor, list[int]]:

@@ -24,14 +24,24 @@ import logging
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ctfed.common.checkpoint import state_digest
 from ctfed.common.config import RunConfig
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, FINETUNE_PHASE, RoundInstructions, record_bytes, state_to_record
+from ctfed.common.exchange import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FINETUNE_PHASE,
+    STATUS_AGGREGATED,
+    RoundInstructions,
+    record_bytes,
+    state_to_record,
+)
 from ctfed.common.finetune import Classifier, FederatedFreezingSchedule, build_classifier, trainable_names
+from ctfed.common.metrics import OPERATING_POINT_METHOD, OPERATING_POINT_METRIC
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round, round_instructions
@@ -152,6 +162,7 @@ def run_finetune_rounds(
             label_names=list(cfg.finetune.label_names), pooling=cfg.finetune.pooling.value,
             finetune_stage=plan.stage, trainable_blocks=list(plan.blocks),
             data_summary=recorder.data_summary(),
+            operating_point=operating_point(outcome.sites, list(cfg.finetune.label_names)),
         )
         recorder.add_round(
             RoundRecord(
@@ -175,6 +186,28 @@ def run_finetune_rounds(
         logger.info("[round %d/%d] done in %.1f s; %s", server_round, total, time.perf_counter() - started, scores or "n/a")
         recorder.stop_if_stalled(cfg.federation.max_failed_rounds)
     return state
+
+
+def operating_point(sites: list[SiteRoundRecord], label_names: list[str]) -> dict[str, dict]:
+    """Per task, the median of the thresholds the aggregated sites chose on their held-out scans
+    (Youden's J, ``eval/<task>/operating_point``) and each site's: the card's operating point.
+    A median, so one site's odd validation split does not move the federation's threshold."""
+    points: dict[str, dict] = {}
+    for task in label_names:
+        chosen = {
+            s.site: float(s.evaluation[task][OPERATING_POINT_METRIC]["value"])
+            for s in sites
+            if s.status == STATUS_AGGREGATED and s.evaluation and OPERATING_POINT_METRIC in s.evaluation.get(task, {})
+            and 0.0 <= s.evaluation[task][OPERATING_POINT_METRIC].get("value", -1.0) <= 1.0
+        }
+        if chosen:
+            points[task] = {
+                "threshold": float(np.median(list(chosen.values()))),
+                "method": f"{OPERATING_POINT_METHOD}, median over sites",
+                "split": "each site's held-out scans",
+                "sites": dict(sorted(chosen.items())),
+            }
+    return points
 
 
 def _site_summary(record: SiteRoundRecord) -> str:

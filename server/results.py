@@ -163,7 +163,8 @@ class SiteRoundRecord:
     bytes_sent: int = 0
     clipped_values: int = 0
     # Phase 2: the site's fine-tuned model of this round on its held-out scans,
-    # {task: {metric: {value, low, high}}} (AUROC, AP, balanced accuracy, F1).
+    # {task: {metric: {value, low, high}}} (AUROC, AP, balanced accuracy, F1), and
+    # operating_point {value}: the site's Youden threshold there (common/metrics.py).
     evaluation: dict[str, dict[str, dict[str, float]]] | None = None
     # Phase 1: the site's data summary metrics (common/data_summary.py: counts and ranges only).
     data: dict[str, Any] | None = None

@@ -54,12 +54,27 @@ def finetune_and_predict(
     The head's initialisation and the batch order come from ``finetune_cfg.seed``, so every
     arm starts its fine-tune from the same head and sees the same batches.
     """
+    return finetune_and_predict_many(model_cfg, finetune_cfg, mode, encoder_state, train, [test])[0]
+
+
+def finetune_and_predict_many(
+    model_cfg: ModelConfig,
+    finetune_cfg: FinetuneConfig,
+    mode: str,
+    encoder_state: Mapping[str, torch.Tensor],
+    train: Dataset,
+    evaluated: Sequence[Dataset],
+) -> list[Predictions]:
+    """``finetune_and_predict`` with one fine-tune predicting several sets (validation, test)."""
     cfg = replace(finetune_cfg, mode=mode)
     classifier = build_classifier(model_cfg, cfg.num_outputs, encoder_state, seed=cfg.seed, pooling=cfg.pooling)
     finetuner = Finetuner(classifier, cfg, train)
     fit = finetuner.fit()
-    probs, labels = finetuner.predict(test)
-    return Predictions(probs=probs, labels=labels, losses=fit.losses)
+    predictions = []
+    for scans in evaluated:
+        probs, labels = finetuner.predict(scans)
+        predictions.append(Predictions(probs=probs, labels=labels, losses=fit.losses))
+    return predictions
 
 
 def score(predictions: Predictions, label_names: Sequence[str], n_boot: int, seed: int) -> dict[str, dict[str, dict[str, float]]]:

@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
         from ctfed.simulations.compare_report import render_compare_report
 
         print(render_compare_report(args.run_dir))
+    from ctfed.simulations.label_efficiency import STUDY_DIR, STUDY_JSON
+
+    if (args.run_dir / STUDY_DIR / STUDY_JSON).is_file():  # the label-efficiency study
+        from ctfed.simulations.label_efficiency_report import render_study_report
+
+        print(render_study_report(args.run_dir))
     from ctfed.simulations.sweep import SWEEP_NAME, render_sweep_report
 
     sweep = args.run_dir / SWEEP_NAME

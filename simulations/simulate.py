@@ -141,6 +141,11 @@ def _existing_data_dir(cfg: RunConfig, run_dir: Path) -> Path:
     else:
         # A resumed split run keeps the sites it was cut into: the views are not redrawn.
         data_dir = run_dir / (SPLIT_DIR if cfg.split.enabled else "cache")
+    if cfg.label_efficiency.enabled:
+        # ... and a study's federation its pretraining views (splits.json is not redrawn either).
+        from ctfed.simulations.label_efficiency import PRETRAIN_VIEWS, STUDY_DIR
+
+        data_dir = run_dir / STUDY_DIR / PRETRAIN_VIEWS
     site_cache_dirs(data_dir)  # raises a clear error if the caches are gone
     return data_dir
 
@@ -258,6 +263,12 @@ def run(args: argparse.Namespace) -> int:
             data_dir = split_and_report(cfg, run_dir)
         else:
             data_dir = synthesize_and_prepare(cfg, run_dir)
+        if cfg.label_efficiency.enabled:
+            # The study holds out test and validation scans before anyone pretrains.
+            from ctfed.simulations.label_efficiency import write_pretraining_views
+
+            print("      label efficiency: cutting each site into test, validation and labelled scans")
+            data_dir = write_pretraining_views(cfg, run_dir, data_dir)
     code = run_federation_simulation(cfg, run_dir, config_path, data_dir, resume, resume and args.override_config)
     if code:
         return code
@@ -271,6 +282,11 @@ def run(args: argparse.Namespace) -> int:
         code = run_comparison(cfg, run_dir, data_dir)
         if code:
             return code
+    if cfg.label_efficiency.enabled:
+        # The federation above is the study's federated arm, on the sites' pretraining views.
+        from ctfed.simulations.label_efficiency import run_label_efficiency
+
+        return run_label_efficiency(cfg, run_dir, data_dir)
     if cfg.sweep.enabled:
         # The federation above is the sweep's base arm; each other arm is one more federation.
         from ctfed.simulations.sweep import run_sweep

@@ -37,7 +37,7 @@ def arm_config(base: RunConfig, overrides: list[str]) -> RunConfig:
     try:
         merged = OmegaConf.merge(
             OmegaConf.structured(base),
-            OmegaConf.from_dotlist([*overrides, "compare.enabled=false", "sweep.enabled=false"]),
+            OmegaConf.from_dotlist([*overrides, "compare.enabled=false", "sweep.enabled=false", "label_efficiency.enabled=false"]),
         )
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"sweep arm overrides {overrides}: {err}") from None

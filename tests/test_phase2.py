@@ -8,6 +8,7 @@ real Flower simulation with secure aggregation.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -161,8 +162,10 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
         sizes.append(state_nbytes(delta))
         metrics = reply.content[METRICS_KEY]
         evaluation = metrics_to_evaluation(metrics)
-        assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+        # The four metrics with CIs, and the site's operating point (Youden's J on its held-out scans).
+        assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1", "operating_point"}
         assert all(math.isfinite(v["value"]) for v in evaluation["any"].values())
+        assert 0.0 <= evaluation["any"]["operating_point"]["value"] <= 1.0
         assert metrics[NUM_EXAMPLES_KEY] == 2  # 2 of 3 per class held out (half, rounded up): 2 train
     assert sizes[0] < sizes[1] <= sizes[2] < state_nbytes(state)  # the frozen part never travels back
 
@@ -340,7 +343,7 @@ def test_simulation_runs_pretraining_then_finetuning(phase_two_run: Path) -> Non
         for site in record["sites"]:
             assert site["status"] == "aggregated"
             metrics = site["evaluation"]["any"]
-            assert set(metrics) == {"auroc", "average_precision", "balanced_accuracy", "f1"}
+            assert set(metrics) == {"auroc", "average_precision", "balanced_accuracy", "f1", "operating_point"}
             assert all(math.isfinite(m["value"]) for m in metrics.values()), metrics
     # Only trainable parameters travel back: the probe round's replies are far smaller.
     for site in ("site_0", "site_1"):
@@ -384,6 +387,10 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
     classifier.load_state_dict(final)  # a complete, loadable classifier
     loaded, _ = load_classifier(checkpoints / "global_round_0004.safetensors")  # rebuilt from its card alone
     assert card["pooling"] == "cls" and loaded.pooling is FeaturePooling.cls
+    # The operating point `ctfed predict` decides at: the median of the sites' held-out thresholds.
+    point = card["operating_point"]["any"]
+    assert sorted(point["sites"]) == ["site_0", "site_1"]
+    assert point["threshold"] == pytest.approx(sum(point["sites"].values()) / 2)  # the median of two
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in final.items())
     frozen = [n for n in encoder if not n.startswith(("blocks.1.", "norm."))]
     for name in frozen:  # the stem and block 0 never unfroze
@@ -392,3 +399,31 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
         assert torch.equal(after_probe[f"encoder.{name}"], encoder[name]), name
     assert not torch.equal(after_probe["head.weight"], final["head.weight"])
     assert not torch.equal(final["encoder.blocks.1.mlp.linear1.weight"], encoder["blocks.1.mlp.linear1.weight"])
+
+
+@pytest.mark.slow
+def test_predict_scores_with_the_federated_classifier_at_a_site(phase_two_run: Path, tmp_path: Path) -> None:
+    """`ctfed predict` on the phase-2 checkpoint: the site's cache fits the feature statistics
+    (they stayed at the sites), decisions at the card's median operating point."""
+    from ctfed.common.labelled import model_input
+    from ctfed.common.preprocess import CachedVolumes
+
+    checkpoint = phase_two_run / "checkpoints" / "global_round_0004.safetensors"
+    cache, dicom = phase_two_run / "cache" / "site_1", phase_two_run / "dicom" / "site_1"
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(out),
+                 "--cache", str(cache), "--no-progress"]) == 0
+    classifier, card = load_classifier(checkpoint)
+    volumes = CachedVolumes(cache)
+    scans = [(model_input(volumes[i], card["model"]["image_size"]), None) for i in range(len(volumes))]
+    classifier.fit_standardizer(scans)
+    with torch.no_grad():
+        probs = torch.sigmoid(classifier.eval()(torch.stack([s for s, _ in scans])))[:, 0]
+    expected = {entry["key"]: float(p) for entry, p in zip(volumes.entries, probs)}
+    threshold = card["operating_point"]["any"]["threshold"]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(expected) == 6
+    for row in rows:
+        assert float(row["probability"]) == pytest.approx(expected[row["series_key"]], abs=2e-6)
+        assert float(row["operating_point"]) == pytest.approx(threshold, abs=1e-6)
+        assert row["decision"] == str(int(float(row["probability"]) >= float(row["operating_point"])))

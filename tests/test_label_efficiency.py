@@ -1,0 +1,129 @@
+"""The label-efficiency study: its cut of the sites, its one choice, and one tiny end-to-end run
+of ``preset=label_efficiency`` (shape only: the study itself is a command, docs/studies.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctfed.common.cli import main
+from ctfed.common.config import ConfigError, load_run_config
+from ctfed.common.preprocess import MANIFEST, CachedVolumes
+from ctfed.simulations.label_efficiency import (
+    PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,
+)
+from ctfed.simulations.label_efficiency_report import AUROC_PLOT, CURVE_PLOT, PLOTS, STUDY_MD
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+VERDICT_KEYS = {"key", "met", "ci_clears_target", "difference", "n_test", "task", "labels_per_site"}
+
+
+def _cache(root: Path, labels: list[int | None]) -> CachedVolumes:
+    """A minimal prepared cache, one 1x8³ volume per entry (None: an unlabelled scan)."""
+    root.mkdir(parents=True)
+    series = []
+    for index, label in enumerate(labels):
+        np.save(root / f"s{index}.npy", np.zeros((1, 8, 8, 8), dtype=np.float16))
+        entry = {"key": f"k{index}", "file": f"s{index}.npy", "content_hash": f"{index:04d}"}
+        if label is not None:
+            entry["label"] = {"any": label, "atrophy": 1 - label}
+        series.append(entry)
+    (root / MANIFEST).write_text(json.dumps({"series": series}))
+    return CachedVolumes(root)
+
+
+def test_cut_is_deterministic_disjoint_and_leaves_unlabelled_scans_to_pretraining(tmp_path: Path) -> None:
+    labels = [index % 2 for index in range(40)] + [None] * 5
+    cache = _cache(tmp_path / "site", labels)
+    test, val, pool = cut_site(cache, ["any", "atrophy"], 0.5, 0.2, (0, 1))
+    assert (test, val, pool) == cut_site(cache, ["any", "atrophy"], 0.5, 0.2, (0, 1))
+    assert len(test) == 20 and len(val) == 4 and len(pool) == 16
+    assert not (set(test) & set(val)) and not (set(test) & set(pool)) and not (set(val) & set(pool))
+    assert set(test) | set(val) | set(pool) == set(range(40))  # the unlabelled 40..44 only pretrain
+    assert cut_site(cache, ["any", "atrophy"], 0.5, 0.2, (1, 1))[0] != test  # the seed changes the cut
+
+
+def _data(val_scores: dict[str, list[float]], test_scores: dict[str, list[float]]) -> dict:
+    site = {"val_labels": [[0], [0], [1], [1]], "test_labels": [[0], [1], [0], [1]]}
+    finetune = {mode: {"site_0": {"val": [[v] for v in val_scores[mode]], "test": [[t] for t in test_scores[mode]]}} for mode in val_scores}
+    return {"tasks": ["any"], "sites": {"site_0": site}, "arms": {"federated": {"finetune": {"8": finetune}}}}
+
+
+def test_the_mode_is_chosen_on_validation_scans_and_the_test_split_cannot_move_it() -> None:
+    val = {"linear_probe": [0.1, 0.2, 0.8, 0.9], "full": [0.9, 0.8, 0.2, 0.1]}  # the probe ranks validation right
+    good_test = {"linear_probe": [0.1, 0.9, 0.2, 0.8], "full": [0.9, 0.1, 0.8, 0.2]}
+    bad_test = {"linear_probe": [0.9, 0.1, 0.8, 0.2], "full": [0.1, 0.9, 0.2, 0.8]}
+    assert choose(_data(val, good_test), "federated", "8", ["site_0"]) == "linear_probe"
+    assert choose(_data(val, bad_test), "federated", "8", ["site_0"]) == "linear_probe"
+    flipped = {"linear_probe": val["full"], "full": val["linear_probe"]}
+    assert choose(_data(flipped, good_test), "federated", "8", ["site_0"]) == "full"
+
+
+def test_config_rules() -> None:
+    with pytest.raises(ConfigError, match="judged_labels_per_site"):
+        load_run_config(["label_efficiency.judged_labels_per_site=5"])
+    with pytest.raises(ConfigError, match="increasing"):
+        load_run_config(["label_efficiency.labels_per_site=[8,4]"])
+    with pytest.raises(ConfigError, match="turn off compare.enabled"):
+        load_run_config(["preset=label_efficiency", "compare.enabled=true"])
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("label_efficiency")
+    code = main([
+        "simulate", "preset=label_efficiency", "synth.scans_per_site_list=[12,8,10]", "federation.rounds=2",
+        "train.local_steps=1", "train.batch_size=2", "label_efficiency.labels_per_site=[2,4]",
+        "label_efficiency.judged_labels_per_site=4", "label_efficiency.n_boot=20", "label_efficiency.curve_points=2",
+        "label_efficiency.finetune.probe_steps=1", "label_efficiency.finetune.stage_steps=1",
+        f"output_dir={out}", "run_name=study",
+    ])
+    assert code == 0
+    return out / "study"
+
+
+def test_no_test_scan_is_pretrained_on(study_run: Path) -> None:
+    splits = json.loads((study_run / STUDY_DIR / "splits.json").read_text())
+    for name, cut in splits["sites"].items():
+        cache = CachedVolumes(Path(cut["cache"]))
+        test_hashes = {cache.entries[i]["content_hash"] for i in cut["test"]}
+        view = CachedVolumes(study_run / STUDY_DIR / PRETRAIN_VIEWS / name)
+        assert len(view) == len(cache) - len(cut["test"])
+        assert not test_hashes & {entry["content_hash"] for entry in view.entries}
+
+
+def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study_run: Path) -> None:
+    data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
+    assert data["status"] == "completed"
+    assert set(data["arms"]) == {arm.value for arm in Arm}
+    for arm, entry in data["arms"].items():
+        sites = [data["smallest_site"]] if arm == Arm.local_only.value else list(data["sites"])
+        for level in ("2", "4"):
+            for mode in data["config"]["modes"]:
+                assert set(entry["finetune"][level][mode]) == set(sites)
+                for site in sites:
+                    assert len(entry["finetune"][level][mode][site]["test"]) == data["sites"][site]["test"]
+    assert data["arms"][Arm.centralized.value]["budget"]["pretrain_steps_per_model"] == 2
+    assert [c["steps"] for c in data["arms"][Arm.federated.value]["curve"]] == [0, 2]
+    assert data["arms"][Arm.federated_dp.value]["privacy"]["max_site_epsilon"] > 0
+    keys = {v["key"] for v in data["verdicts"]}
+    assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "dp_cost", "pretrained_vs_model_free"} <= keys
+    for verdict in data["verdicts"]:
+        assert VERDICT_KEYS <= set(verdict)
+        assert {"value", "low", "high"} <= set(verdict["difference"])
+        assert verdict["task"] in data["tasks"] and verdict["labels_per_site"] in (2, 4)
+    assert any(t["target"].startswith("federated + best fine-tuning beats scratch") for t in data["targets"])
+
+
+def test_report_plots_and_rerender(study_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = study_run / STUDY_DIR / STUDY_MD
+    text = report.read_text()
+    assert "Targets at 4 labelled scans per site" in text and "too small to conclude" in text
+    for plot in (AUROC_PLOT, CURVE_PLOT):
+        assert (study_run / STUDY_DIR / PLOTS / plot).read_bytes().startswith(PNG_SIGNATURE)
+    report.unlink()
+    assert main(["report", str(study_run)]) == 0
+    assert report.is_file()
