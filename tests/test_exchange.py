@@ -233,7 +233,7 @@ def test_reply_round_trip() -> None:
     sent = SiteReply(
         site_id="site_a", num_examples=5, loss=0.5, loss_first=0.9, losses=(0.9, 0.5), train_seconds=1.5,
         data_seconds=0.25, round_seconds=2.0, bytes_sent=1024, peak_rss_mb=300.0, epsilon=1.25, trainable_parameters=77,
-        evaluation={"any": {"auroc": {"value": 0.75, "low": 0.5, "high": 1.0}}},
+        evaluation={"any": {"auroc": {"value": 0.75, "low": 0.5, "high": 1.0}, "operating_point": {"value": 0.4}}},
         aggregates={"data-summary-scans": 5, "monitor-seconds": 0.5},
     )
     content = RecordDict({ARRAYS_KEY: state_to_record({"w": torch.zeros(1)}), **sent.to_records()})
