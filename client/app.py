@@ -1,6 +1,6 @@
 """The site's Flower ClientApp: one round of local self-supervised training (phase 1) or of
 fine-tuning on the site's labelled scans (phase 2, ``client/finetune_round.py``), by the
-instructions' ``run.phase``.
+instructions' phase.
 
 A site receives the global encoder and the round's instructions, trains on its own cache,
 and replies with the change of its student encoder (local weights minus the global
@@ -8,11 +8,13 @@ weights it started from), and with ``train.share_heads`` of its projection head 
 Everything else the site learns (EMA teacher, the unshared head and
 centre) stays in the node's ``context.state`` between rounds.
 
-Order of a round, so that nothing is read that a refused round should not touch: the site's
-policy is checked against the instructions first (``client/policy.py``), then the cache is
-opened and the privacy budget checked (``client/privacy_round.py``), then the representation
-monitor of the received global encoder (``client/monitor_round.py``), then training. Every
-outgoing message, refusals included, is written to the site's audit log (``client/audit.py``).
+Order of a round, so that nothing is read that a refused round should not touch: the
+instructions are decoded once (``common.exchange.RoundInstructions``: another protocol
+version, an unknown or missing key is a refusal), the site's policy is checked against
+them (``client/policy.py``), then the cache is opened and the privacy budget checked
+(``client/privacy_round.py``), then the representation monitor of the received global
+encoder (``client/monitor_round.py``), then training. Every outgoing message, refusals
+included, is written to the site's audit log (``client/audit.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ctfed.client.finetune_round import finetune_train
@@ -35,20 +37,16 @@ from ctfed.common.secagg import message_type as secagg_message_type
 from ctfed.common.logs import console_logging
 from ctfed.common.model import encoder_part
 from ctfed.common.processes import peak_rss_mb
+from ctfed.common.config import ConfigError
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
     LOCAL_STATE_KEY,
     FINETUNE_PHASE,
     METRICS_KEY,
-    NUM_EXAMPLES_KEY,
-    PEAK_RSS_KEY,
-    PHASE_KEY,
-    PRETRAIN_PHASE,
-    SERVER_ROUND_KEY,
-    SITE_KEY,
+    RoundInstructions,
+    SiteReply,
     record_bytes,
-    record_to_configs,
     record_to_state,
     state_delta,
 )
@@ -74,16 +72,25 @@ def train(msg: Message, context: Context) -> Message:
     instruction the coordinator writes."""
     console_logging()
     started = time.perf_counter()
-    instructions = msg.content[CONFIG_KEY]
-    server_round = int(instructions[SERVER_ROUND_KEY])
     identity = identify_site(context)
     secure_path = msg.metadata.message_type == secagg_message_type(STAGE_TRAIN)
-    privacy_round = SitePrivacyRound(identity, context, instructions, secure_path=secure_path)
-    if str(instructions.get(PHASE_KEY, PRETRAIN_PHASE)) == FINETUNE_PHASE:
-        return finetune_train(msg, context, identity, privacy_round)
+    # The one decoding of the round's instructions; everything below gets the typed object.
+    record = msg.content[CONFIG_KEY]
+    try:
+        instructions: RoundInstructions | None = RoundInstructions.from_record(record)
+        undecodable = ""
+    except ConfigError as err:  # another protocol version included: refused, audited
+        instructions, undecodable = None, f"instructions: {err}"
+    server_round = instructions.server_round if instructions else RoundInstructions.round_of(record)
+    privacy_round = SitePrivacyRound(
+        identity, context, instructions, secure_path=secure_path, server_round=server_round, instructions_error=undecodable
+    )
+    if instructions is not None and instructions.phase == FINETUNE_PHASE:
+        return finetune_train(msg, context, identity, instructions, privacy_round)
     try:
         privacy_round.check_policy()  # before the cache is opened
-        model_cfg, train_cfg = record_to_configs(instructions)
+        assert instructions is not None  # check_policy refuses undecodable instructions
+        model_cfg, train_cfg = instructions.model, instructions.train
         site: SiteData = open_site_data(identity)
         privacy_round.check_privacy_unit(site.dataset.entries)
         privacy_round.check_budget(train_cfg, num_volumes=len(site.dataset))
@@ -101,43 +108,42 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.shared_state())
     trainer.set_global_state(global_state)
     # Before training, on the encoder every site received (client/monitor_round.py).
-    monitor = (
-        monitor_metrics(site, instructions, model_cfg, encoder_part(global_state))
-        if privacy_round.policy.share_monitor else {}
-    )
+    monitor = monitor_metrics(site, instructions, encoder_part(global_state)) if privacy_round.policy.share_monitor else {}
 
     result = trainer.train_round(round_index=server_round - 1)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
 
     update = privacy_round.outgoing_update(state_delta(trainer.shared_state(), global_state))
-    privacy_metrics = privacy_round.after_training(result.dp_steps)
+    epsilon = privacy_round.after_training(result.dp_steps)
     sent_bytes = record_bytes(update)
-    metrics = MetricRecord(
-        privacy_round.reply_metrics({
-            NUM_EXAMPLES_KEY: result.num_examples,
-            "loss": float(result.losses[-1]),
-            "loss-first": float(result.losses[0]),
-            "losses": [float(x) for x in result.losses],
-            "train-seconds": float(result.seconds),
-            "data-seconds": float(result.data_seconds),
-            "round-seconds": time.perf_counter() - started,
-            "bytes-sent": sent_bytes,
-            PEAK_RSS_KEY: peak_rss_mb(),
-            # Aggregate counts and ranges for the model card's data summary (no identifiers).
-            **(site_data_metrics(site.dataset) if privacy_round.policy.share_data_summary else {}),
-            # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
-            **monitor,
-            **privacy_metrics,
-        })
+    reply = privacy_round.released(
+        SiteReply(
+            site_id=site.site_id,
+            num_examples=result.num_examples,
+            loss=float(result.losses[-1]),
+            loss_first=float(result.losses[0]),
+            losses=tuple(float(x) for x in result.losses),
+            train_seconds=float(result.seconds),
+            data_seconds=float(result.data_seconds),
+            round_seconds=time.perf_counter() - started,
+            bytes_sent=sent_bytes,
+            peak_rss_mb=peak_rss_mb(),
+            epsilon=epsilon,
+            aggregates={
+                # Aggregate counts and ranges for the model card's data summary (no identifiers).
+                **(site_data_metrics(site.dataset) if privacy_round.policy.share_data_summary else {}),
+                # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
+                **monitor,
+            },
+        )
     )
     logger.info(
         "site %s round %d: %d steps, loss %.4f -> %.4f, %d bytes sent",
         site.site_id, server_round, len(result.losses), result.losses[0], result.losses[-1], sent_bytes,
     )
-    content = RecordDict(
-        {ARRAYS_KEY: update, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": site.site_id})}
-    )
-    privacy_round.audit_reply(update, metrics)
+    records = reply.to_records()
+    content = RecordDict({ARRAYS_KEY: update, **records})
+    privacy_round.audit_reply(update, records[METRICS_KEY])
     return Message(content=content, reply_to=msg)
 
 

@@ -21,37 +21,27 @@ import logging
 import time
 from dataclasses import replace
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteIdentity, open_site_data
 from ctfed.common.checkpoint import state_digest
-from ctfed.common.config import FinetuneConfig, ModelConfig
+from ctfed.common.config import FinetuneConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    PEAK_RSS_KEY,
-    BASE_DIGEST_KEY,
-    CONFIG_KEY,
-    EVAL_METRIC_PREFIX,
-    FULL_STATE_KEY,
     LOCAL_STATE_KEY,
     METRICS_KEY,
     NO_LABELS_REFUSED_CODE,
-    NUM_EXAMPLES_KEY,
     POLICY_REFUSED_CODE,
-    SERVER_ROUND_KEY,
-    SITE_KEY,
-    TRAINABLE_PARAMETERS_KEY,
+    RoundInstructions,
+    SiteReply,
     UpdateRejected,
-    evaluation_to_metrics,
     record_bytes,
-    record_to_configs,
-    record_to_finetune,
     record_to_state,
     state_delta,
     state_to_record,
 )
-from ctfed.common.finetune import Classifier, FinetuneRoundPlan, Finetuner, build_classifier, trainable_names, trainable_state
+from ctfed.common.finetune import Classifier, Finetuner, build_classifier, trainable_names, trainable_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
 from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
@@ -83,16 +73,15 @@ def labelled_split(identity: SiteIdentity, finetune: FinetuneConfig, image_size:
     )
 
 
-def global_classifier(
-    msg: Message, context: Context, model_cfg: ModelConfig, finetune: FinetuneConfig, plan: FinetuneRoundPlan
-) -> Classifier:
+def global_classifier(msg: Message, context: Context, instructions: RoundInstructions) -> Classifier:
     """The round's global classifier, with the plan's trainable set; stores a whole one as the base."""
-    instructions = msg.content[CONFIG_KEY]
-    classifier = build_classifier(model_cfg, finetune.num_outputs, seed=finetune.seed, pooling=finetune.pooling)
+    finetune, plan = instructions.finetune, instructions.plan
+    assert finetune is not None and plan is not None, "RoundInstructions.from_record requires both in phase 2"
+    classifier = build_classifier(instructions.model, finetune.num_outputs, seed=finetune.seed, pooling=finetune.pooling)
     classifier.set_trainable(plan.blocks, stem=plan.stem)
     reference = classifier.state_dict()
-    digest = str(instructions[BASE_DIGEST_KEY])
-    if bool(instructions[FULL_STATE_KEY]):
+    digest = instructions.base_sha256
+    if instructions.full_state:
         state = record_to_state(msg.content[ARRAYS_KEY], expected=reference)
         if state_digest(state) != digest:
             raise UpdateRejected("the classifier received does not match the digest the coordinator sent")
@@ -114,24 +103,26 @@ def global_classifier(
     return classifier
 
 
-def finetune_train(msg: Message, context: Context, identity: SiteIdentity, privacy_round: SitePrivacyRound) -> Message:
+def finetune_train(
+    msg: Message, context: Context, identity: SiteIdentity, instructions: RoundInstructions, privacy_round: SitePrivacyRound
+) -> Message:
     """One phase-2 round at this site (see the module docstring for the order)."""
     started = time.perf_counter()
-    instructions = msg.content[CONFIG_KEY]
-    server_round = int(instructions[SERVER_ROUND_KEY])
+    server_round = instructions.server_round
+    finetune, plan, local_steps = instructions.finetune, instructions.plan, instructions.plan_local_steps
+    assert finetune is not None and plan is not None, "RoundInstructions.from_record requires both in phase 2"
     try:
         privacy_round.check_policy()  # before the cache is opened
-        model_cfg, train_cfg = record_to_configs(instructions)
-        finetune, plan, local_steps = record_to_finetune(instructions)
         if privacy_round.local_dp is not None:
             raise RoundRefused(POLICY_REFUSED_CODE, "local DP-SGD is not available for phase-2 fine-tuning")
-        train_scans, test_scans = labelled_split(identity, finetune, model_cfg.image_size)
-        privacy_round.check_budget(train_cfg, num_volumes=len(train_scans))  # central DP: the site's own ledger
+        train_scans, test_scans = labelled_split(identity, finetune, instructions.model.image_size)
+        # Central DP: the site's own ledger.
+        privacy_round.check_budget(instructions.train, num_volumes=len(train_scans))
     except RoundRefused as refusal:
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
-    classifier = global_classifier(msg, context, model_cfg, finetune, plan)
+    classifier = global_classifier(msg, context, instructions)
     start = trainable_state(classifier)
     round_cfg = replace(finetune, seed=finetune.seed + _SEED_STRIDE_PER_SITE * identity.index + server_round)
     finetuner = Finetuner(classifier, round_cfg, train_scans)
@@ -140,38 +131,39 @@ def finetune_train(msg: Message, context: Context, identity: SiteIdentity, priva
     train_seconds = time.perf_counter() - trained_at
     probs, labels = finetuner.predict(test_scans)
     evaluation = evaluation_dict(labels, probs, finetune.label_names, finetune.eval_n_boot, finetune.split_seed)
-    # This site's operating point per task (Youden's J on its held-out scans): the coordinator
-    # puts the sites' median in the round's classifier card, for `ctfed predict`'s decisions.
-    operating = {
-        f"{EVAL_METRIC_PREFIX}{task}/{OPERATING_POINT_METRIC}": point["threshold"]
-        for task, point in operating_points(labels, probs, finetune.label_names, split="held-out").items()
+    # This site's operating point per task (Youden's J on its held-out scans), sent as
+    # ``eval/<task>/operating_point``: the coordinator puts the sites' median in the round's
+    # classifier card, for `ctfed predict`'s decisions.
+    operating = operating_points(labels, probs, finetune.label_names, split="held-out")
+    evaluation = {
+        task: {**metrics, **({OPERATING_POINT_METRIC: {"value": float(operating[task]["threshold"])}} if task in operating else {})}
+        for task, metrics in evaluation.items()
     }
 
     # Only what trained travels; its names are exactly the plan's trainable set.
     update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))
-    privacy_metrics = privacy_round.after_training(0)
+    epsilon = privacy_round.after_training(0)
     sent_bytes = record_bytes(update)
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES_KEY: len(train_scans),
-            "loss": float(fit.losses[-1]),
-            "loss-first": float(fit.losses[0]),
-            "losses": [float(x) for x in fit.losses],
-            "train-seconds": float(train_seconds),
-            "round-seconds": time.perf_counter() - started,
-            "bytes-sent": sent_bytes,
-            TRAINABLE_PARAMETERS_KEY: int(fit.trainable_params[-1]),
-            PEAK_RSS_KEY: peak_rss_mb(),
-            **evaluation_to_metrics(evaluation),
-            **operating,
-            **privacy_metrics,
-        }
+    reply = SiteReply(
+        site_id=identity.site_id,
+        num_examples=len(train_scans),
+        loss=float(fit.losses[-1]),
+        loss_first=float(fit.losses[0]),
+        losses=tuple(float(x) for x in fit.losses),
+        train_seconds=float(train_seconds),
+        round_seconds=time.perf_counter() - started,
+        bytes_sent=sent_bytes,
+        trainable_parameters=int(fit.trainable_params[-1]),
+        peak_rss_mb=peak_rss_mb(),
+        evaluation=evaluation,
+        epsilon=epsilon,
     )
     logger.info(
         "site %s round %d (fine-tune, %s, blocks %s): %d steps, loss %.4f -> %.4f, %d bytes sent",
         identity.site_id, server_round, plan.stage, list(plan.blocks), len(fit.losses), fit.losses[0], fit.losses[-1],
         sent_bytes,
     )
-    content = RecordDict({ARRAYS_KEY: update, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": identity.site_id})})
-    privacy_round.audit_reply(update, metrics)
+    records = reply.to_records()
+    content = RecordDict({ARRAYS_KEY: update, **records})
+    privacy_round.audit_reply(update, records[METRICS_KEY])
     return Message(content=content, reply_to=msg)

@@ -13,13 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
 from ctfed.client.site import SiteData
-from ctfed.common.config import ModelConfig
-from ctfed.common.exchange import record_to_monitor
+from ctfed.common.exchange import RoundInstructions
 from ctfed.common.labelled import NotEvaluableError
 from ctfed.common.monitor import SECONDS_KEY, site_monitor
 
@@ -32,19 +30,18 @@ _skips_logged: set[str] = set()
 
 def monitor_metrics(
     site: SiteData,
-    instructions: Mapping[str, Any],
-    model_cfg: ModelConfig,
+    instructions: RoundInstructions,
     global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, float | int]:
     """The ``monitor-*`` reply metrics of ``global_state`` on this site's labelled scans, with
     ``monitor-seconds``; empty when the coordinator did not ask or the labels cannot be split."""
-    settings = record_to_monitor(instructions)
+    settings = instructions.monitor_settings()
     if settings is None:
         return {}
     monitor, finetune = settings
     started = time.perf_counter()
     try:
-        result = site_monitor(site.dataset, model_cfg, global_state, finetune, monitor.knn_k, monitor.max_scans)
+        result = site_monitor(site.dataset, instructions.model, global_state, finetune, monitor.knn_k, monitor.max_scans)
     except NotEvaluableError as err:
         if site.site_id not in _skips_logged:
             _skips_logged.add(site.site_id)

@@ -26,12 +26,9 @@ from ctfed.common.config import ConfigError, PrivacyMode, SitePolicy, to_section
 from ctfed.common.exchange import (
     FINETUNE_PHASE,
     MIN_SITES_KEY,
-    PHASE_KEY,
     PLAN_LOCAL_STEPS_KEY,
-    PRETRAIN_PHASE,
     SECURE_AGGREGATION_KEY,
-    record_to_configs,
-    record_to_privacy,
+    RoundInstructions,
 )
 
 POLICY_FILE_KEY = "policy-file"  # node config (deployed site)
@@ -44,23 +41,20 @@ class PolicyViolation(RuntimeError):
     """Round instructions the site's policy does not allow; the message lists every reason."""
 
 
-def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, secure_path: bool) -> None:
+def check_instructions(policy: SitePolicy, instructions: RoundInstructions, *, secure_path: bool) -> None:
     """Raise PolicyViolation unless ``policy`` allows the round ``instructions`` describe.
 
     ``secure_path`` is the protocol path the message arrived on (True: stage (a) of secure
     aggregation, which keeps the update at the site and sends it masked only; False: the
     plain ``train`` handler, which replies the update in clear). It is the site's own
-    fact, never the instructions' ``federation.secure_aggregation`` flag: a coordinator
-    could set that flag on a plain message and collect a clear update.
+    fact, never the instructions' ``secure_aggregation`` claim: a coordinator could set
+    that flag on a plain message and collect a clear update.
 
-    A key the instructions leave out counts against the round: min_sites 1, no
-    differential privacy. Every violated rule is named in the message.
+    A key the instructions leave out counts against the round (RoundInstructions'
+    defaults: min_sites 1, no differential privacy). Every violated rule is named.
     """
-    model, train = record_to_configs(instructions)
-    privacy = record_to_privacy(instructions)
-    phase = str(instructions.get(PHASE_KEY, PRETRAIN_PHASE))
-    claims_secure = bool(instructions.get(SECURE_AGGREGATION_KEY, False))
-    min_sites = int(instructions.get(MIN_SITES_KEY, 1))
+    model, train, privacy, phase = instructions.model, instructions.train, instructions.privacy, instructions.phase
+    claims_secure, min_sites = instructions.secure_aggregation, instructions.min_sites
 
     reasons: list[str] = []
     if phase not in policy.allowed_phases:
@@ -68,7 +62,7 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, s
     if claims_secure and not secure_path:
         # No honest coordinator does this: its secure rounds use the secagg stages.
         reasons.append(
-            "the instructions say federation.secure_aggregation=true, but this message came on the plain "
+            f"the instructions say {SECURE_AGGREGATION_KEY}=true, but this message came on the plain "
             "train path, which would send the update in clear"
         )
     if policy.require_secure_aggregation and not secure_path:
@@ -78,7 +72,7 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, s
         )
     if min_sites < policy.min_sites:
         reasons.append(
-            f"the coordinator may aggregate as few as {min_sites} sites (federation.min_sites); "
+            f"the coordinator may aggregate as few as {min_sites} sites ({MIN_SITES_KEY}); "
             f"policy.min_sites is {policy.min_sites}"
         )
     if policy.require_dp and privacy.mode is PrivacyMode.none:
@@ -105,10 +99,7 @@ def check_instructions(policy: SitePolicy, instructions: Mapping[str, Any], *, s
     # Phase 2 trains its own number of steps per round (the plan's), not train.local_steps.
     # A step of train.accumulation_steps micro-batches costs that many: they count as steps here.
     steps_key = PLAN_LOCAL_STEPS_KEY if phase == FINETUNE_PHASE else "train.local_steps x train.accumulation_steps"
-    steps = (
-        int(instructions.get(PLAN_LOCAL_STEPS_KEY, 0)) if phase == FINETUNE_PHASE
-        else train.local_steps * train.accumulation_steps
-    )
+    steps = instructions.plan_local_steps if phase == FINETUNE_PHASE else train.local_steps * train.accumulation_steps
     if policy.max_local_steps and steps > policy.max_local_steps:
         reasons.append(f"{steps_key}={steps} exceeds policy.max_local_steps={policy.max_local_steps}")
     if policy.allowed_models and model.name not in policy.allowed_models:

@@ -11,7 +11,8 @@
    round alone and after it, from its own ledger of that mode and at ``policy.delta``,
    against ``policy.max_round_epsilon`` and ``policy.max_epsilon`` (raises RoundRefused);
 4. training, with ``local_dp`` handed to LocalTrainer;
-5. ``after_training()`` - records the round in the ledger, returns reply metrics;
+5. ``after_training()`` - records the round in the ledger, returns the reply's epsilon;
+   ``released()`` - what of the reply (``common.exchange.SiteReply``) may leave the site;
 6. ``outgoing_update()`` - ``clip()`` (central DP only: the delta is clipped to
    ``privacy.central.clip_norm`` before it goes anywhere, plain or secure aggregation), then
    the cast to the round's ``federation.transport`` float format (plain path only);
@@ -32,18 +33,16 @@ from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
 from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
-from ctfed.common.config import ConfigError, LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.config import LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
 from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
-    EPSILON_KEY,
     POLICY_REFUSED_CODE,
-    SERVER_ROUND_KEY,
+    RoundInstructions,
+    SiteReply,
     encode_update,
-    record_to_privacy,
     refusal_reason,
-    transport_from_instructions,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,24 +64,31 @@ class SitePrivacyRound:
     """
 
     def __init__(
-        self, identity: SiteIdentity, context: Context, instructions: Mapping[str, Any], *, secure_path: bool
+        self,
+        identity: SiteIdentity,
+        context: Context,
+        instructions: RoundInstructions | None,
+        *,
+        secure_path: bool,
+        server_round: int,
+        instructions_error: str = "",
     ) -> None:
+        """``instructions``: the round's, decoded by the ClientApp; None when they did not
+        decode, ``instructions_error`` saying why (check_policy then refuses the round)."""
         self.identity = identity
         self.context = context
         self.instructions = instructions
         self.secure_path = secure_path
-        self.server_round = int(instructions[SERVER_ROUND_KEY])
+        self.server_round = server_round
         self.run_id = str(context.run_id)
         self.audit = AuditLog(identity.state_dir / AUDIT_FILE)
         # Loading the policy is itself a check: a broken policy file is a ConfigError.
         self.policy: SitePolicy = load_site_policy(context.node_config, context.run_config, identity.site_id)
-        # Instructions that do not parse (an unknown key such as a removed privacy.local.secure_rng,
-        # a value out of range) are a refusal by check_policy, written to the audit log.
-        self.instructions_error = ""
-        try:
-            self.privacy = record_to_privacy(instructions)
-        except ConfigError as err:
-            self.privacy, self.instructions_error = PrivacyConfig(), f"instructions: {err}"
+        # Instructions that do not decode (another protocol version, an unknown key such as a
+        # removed privacy.local.secure_rng, a value out of range) are a refusal by check_policy,
+        # written to the audit log.
+        self.instructions_error = instructions_error or ("" if instructions else "instructions: none decoded")
+        self.privacy: PrivacyConfig = instructions.privacy if instructions else PrivacyConfig()
         self.ledger: PrivacyLedger | None = None
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
@@ -93,14 +99,12 @@ class SitePrivacyRound:
         return self.privacy.local if self.privacy.mode is PrivacyMode.local else None
 
     def check_policy(self) -> None:
-        if self.instructions_error:
+        if self.instructions_error or self.instructions is None:
             raise RoundRefused(POLICY_REFUSED_CODE, self.instructions_error)
         try:
             check_instructions(self.policy, self.instructions, secure_path=self.secure_path)
         except PolicyViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
-        except ConfigError as err:
-            raise RoundRefused(POLICY_REFUSED_CODE, f"instructions: {err}") from None
 
     def check_privacy_unit(self, entries: Sequence[Mapping[str, Any]]) -> None:
         """Local DP: refuse a cache where one person has several volumes (``privacy_unit``)."""
@@ -145,37 +149,34 @@ class SitePrivacyRound:
             except PrivacyBudgetExceeded as err:
                 raise RoundRefused(BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)") from None
 
-    def after_training(self, dp_steps: int) -> dict[str, Any]:
-        """Record the round in the ledger (local or central DP); the privacy metrics of the reply.
+    def after_training(self, dp_steps: int) -> float | None:
+        """Record the round in the ledger (local or central DP); the epsilon the reply carries
+        (local DP only, else None).
 
-        ``dp_steps``: the DP-SGD steps taken (local DP). Call after ``clip`` (the metrics
-        report its scale)."""
-        metrics: dict[str, Any] = {}
+        ``dp_steps``: the DP-SGD steps taken (local DP). Call after ``clip``."""
         if self.privacy.mode is PrivacyMode.none:
-            return metrics
+            return None
         assert self.ledger is not None and self.planned is not None, "check_budget must run first"
         steps = dp_steps if self.privacy.mode is PrivacyMode.local else self.planned.steps
         self.ledger.record(replace(self.planned, steps=steps))
         save_site_ledger(self.ledger, self.identity.state_dir, self.context, self.privacy.mode)
         # The site's own number, at its own delta; not the coordinator's.
         self.epsilon_after = self.ledger.epsilon(self.policy.delta)
-        if self.privacy.mode is PrivacyMode.local:
-            metrics[EPSILON_KEY] = self.epsilon_after
         # Central: the coordinator keeps its own ledger (results.json's central_epsilon); the
         # site's stricter one (sample rate 1) is in its audit log and state folder. The clip
         # scale (clip_norm / the update's exact norm) stays in the audit log too.
-        return metrics
+        return self.epsilon_after if self.privacy.mode is PrivacyMode.local else None
 
-    def reply_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """What of a round's metrics may leave the site (issue #12, point 10, in part).
+    def released(self, reply: SiteReply) -> SiteReply:
+        """What of a round's reply may leave the site (issue #12, point 10, in part).
 
         * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
           positives count whose negatives (labelled - positive) are below it.
         * Under DP (local or central) no per-step loss leaves: a step's loss is a figure of
-          the one or two volumes in its batch, outside any DP guarantee. ``losses`` and
-          ``loss-first`` are dropped and ``loss`` becomes the mean over the round's steps.
+          the one or two volumes in its batch, outside any DP guarantee. The per-step losses
+          and the first one are dropped and the loss becomes the mean over the round's steps.
         """
-        kept = dict(metrics)
+        kept = dict(reply.aggregates)
         floor = self.policy.min_reported_count
         if floor:
             labelled = kept.get(LABELLED_KEY)
@@ -186,11 +187,10 @@ class SitePrivacyRound:
                     small = small or labelled - value < floor
                 if small:
                     del kept[key]
-        if self.privacy.mode is not PrivacyMode.none and isinstance(kept.get("losses"), list) and kept["losses"]:
-            losses = [float(x) for x in kept.pop("losses")]
-            kept.pop("loss-first", None)
-            kept["loss"] = sum(losses) / len(losses)
-        return kept
+        reply = replace(reply, aggregates=kept)
+        if self.privacy.mode is not PrivacyMode.none and reply.losses:
+            reply = replace(reply, losses=(), loss_first=None, loss=sum(reply.losses) / len(reply.losses))
+        return reply
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Central DP: bound this site's update; other modes send it as it is."""
@@ -226,7 +226,9 @@ class SitePrivacyRound:
     def transport(self) -> Transport:
         """The update's float format on the wire. A secure round quantises the float32
         delta the site keeps, so the plain-path format does not apply to it."""
-        return Transport.float32 if self.secure_path else transport_from_instructions(self.instructions)
+        if self.secure_path or self.instructions is None:
+            return Transport.float32
+        return self.instructions.transport
 
     def outgoing_update(self, delta: dict[str, torch.Tensor]) -> ArrayRecord:
         """The reply's update: clipped (central DP), then cast to the round's transport format."""

@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from flwr.app import Message, MetricRecord
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ctfed.common.config import ROBUST_STRATEGIES, RunConfig, Transport
 from ctfed.common.exchange import (
     ARRAYS_KEY,
+    FINETUNE_PHASE,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    PRETRAIN_PHASE,
     REFUSAL_CODES,
-    SITE_KEY,
+    IncompatibleProtocol,
+    RoundInstructions,
+    SiteReply,
     STATUS_AGGREGATED,
     STATUS_FAILED,
     STATUS_REFUSED,
@@ -38,12 +42,35 @@ from ctfed.common.exchange import (
     state_to_record,
     update_norm,
 )
+from ctfed.common.finetune import FinetuneRoundPlan
 from ctfed.server.aggregation import robust_combine
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import SiteRoundRecord, site_record
 from ctfed.server.secagg import secure_round
 
 logger = logging.getLogger(__name__)
+
+
+def round_instructions(
+    cfg: RunConfig, server_round: int, plan: FinetuneRoundPlan | None = None, plan_local_steps: int = 0
+) -> RoundInstructions:
+    """The one builder of a round's instructions, for both phases: phase 1 (no ``plan``) with
+    the representation monitor's settings, phase 2 with the recipe and the round's plan."""
+    monitor_on = plan is None and cfg.monitor.enabled
+    return RoundInstructions(
+        server_round=server_round,
+        model=cfg.model,
+        train=cfg.train,
+        privacy=cfg.privacy,
+        phase=PRETRAIN_PHASE if plan is None else FINETUNE_PHASE,
+        min_sites=cfg.federation.min_sites,
+        secure_aggregation=cfg.secagg.enabled,
+        transport=cfg.federation.transport,
+        monitor=cfg.monitor if plan is None else None,
+        finetune=cfg.finetune if plan is not None or monitor_on else None,
+        plan=plan,
+        plan_local_steps=plan_local_steps,
+    )
 
 
 def build_strategy(cfg: RunConfig) -> FedAvg:
@@ -71,14 +98,12 @@ def _arrays_and_weights(replies: list[Message]) -> list[Message]:
     return replies
 
 
-def _site_id(reply: Message, known_sites: dict[int, str]) -> str:
-    """The site id a reply carries; error replies carry none, so use what the node said before."""
-    node = reply.metadata.src_node_id
-    if reply.has_content():
-        site = reply.content.config_records.get(SITE_KEY)
-        if site and "site-id" in site:
-            known_sites[node] = str(site["site-id"])
-    return known_sites.get(node, f"node-{node}")
+def decode_reply(content: RecordDict, node: int, known_sites: dict[int, str]) -> SiteReply:
+    """A site's reply content, decoded once (IncompatibleProtocol: another or no protocol
+    version); the site id it names is remembered for its later error replies."""
+    reply = SiteReply.from_records(content, fallback_site_id=known_sites.get(node, f"node-{node}"))
+    known_sites[node] = reply.site_id
+    return reply
 
 
 def vet_replies(
@@ -96,7 +121,8 @@ def vet_replies(
     accepted: list[Message] = []
     records: list[SiteRoundRecord] = []
     for reply in replies:
-        site = _site_id(reply, known_sites)
+        node = reply.metadata.src_node_id
+        site = known_sites.get(node, f"node-{node}")
         if reply.has_error():
             reason = reply.error.reason or ""
             if reply.error.code in REFUSAL_CODES:
@@ -107,6 +133,13 @@ def vet_replies(
                 logger.warning("site %s failed this round: %s", site, reason)
                 records.append(SiteRoundRecord(site=site, status=STATUS_FAILED, reason=reason))
             continue
+        try:
+            decoded = decode_reply(reply.content, node, known_sites)
+        except IncompatibleProtocol as err:
+            logger.warning("rejected the reply of %s: %s", site, err)
+            records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
+            continue
+        site = decoded.site_id
         try:
             sent = reply.content[ARRAYS_KEY]
             update = decode_update(sent, expected, transport)
@@ -123,12 +156,7 @@ def vet_replies(
             continue
         reply.content[ARRAYS_KEY] = state_to_record(update)
         accepted.append(reply)
-        records.append(
-            site_record(
-                site, STATUS_AGGREGATED, reply.content.metric_records.get(METRICS_KEY, {}),
-                bytes_received=record_bytes(sent),
-            )
-        )
+        records.append(site_record(decoded, STATUS_AGGREGATED, bytes_received=record_bytes(sent)))
     records.sort(key=lambda record: record.site)
     return accepted, records
 

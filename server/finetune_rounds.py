@@ -22,42 +22,30 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ctfed.common.checkpoint import state_digest
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    BASE_DIGEST_KEY,
     CONFIG_KEY,
     FINETUNE_PHASE,
-    FULL_STATE_KEY,
-    MIN_SITES_KEY,
-    PHASE_KEY,
-    SECURE_AGGREGATION_KEY,
     STATUS_AGGREGATED,
-    TRANSPORT_KEY,
-    configs_to_record,
-    finetune_to_record,
+    RoundInstructions,
     record_bytes,
     state_to_record,
 )
-from ctfed.common.finetune import (
-    Classifier,
-    FederatedFreezingSchedule,
-    FinetuneRoundPlan,
-    build_classifier,
-    trainable_names,
-)
+from ctfed.common.finetune import Classifier, FederatedFreezingSchedule, build_classifier, trainable_names
 from ctfed.common.metrics import OPERATING_POINT_METHOD, OPERATING_POINT_METRIC
 from ctfed.common.model import encoder_part
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
-from ctfed.server.collect import build_strategy, collect_round
+from ctfed.server.collect import build_strategy, collect_round, round_instructions
 from ctfed.server.results import GLOBAL_CLASSIFIER_KIND, ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
 
 logger = logging.getLogger(__name__)
@@ -99,7 +87,7 @@ class BaseHolders:
         node_ids: list[int],
         state: dict[str, torch.Tensor],
         trainable: dict[str, torch.Tensor],
-        instructions: ConfigRecord,
+        instructions: RoundInstructions,
     ) -> tuple[list[Message], dict[int, str]]:
         """One train message per node, and the digest each one's base will have."""
         partial = state_to_record(trainable)
@@ -112,12 +100,11 @@ class BaseHolders:
             if held is None:
                 if full is None:
                     full, digest = state_to_record(state), state_digest(state)
-                arrays, extra = full, {FULL_STATE_KEY: True, BASE_DIGEST_KEY: digest}
+                arrays, mine = full, replace(instructions, full_state=True, base_sha256=digest)
             else:
-                arrays, extra = partial, {FULL_STATE_KEY: False, BASE_DIGEST_KEY: held}
-            sent_digests[node] = str(extra[BASE_DIGEST_KEY])
-            config = ConfigRecord({**dict(instructions.items()), **extra})
-            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+                arrays, mine = partial, replace(instructions, full_state=False, base_sha256=held)
+            sent_digests[node] = mine.base_sha256
+            content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: mine.to_record()})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages, sent_digests
 
@@ -129,19 +116,6 @@ class BaseHolders:
                 self.digests[node] = digest
             else:
                 self.digests.pop(node, None)
-
-
-def _instructions(cfg: RunConfig, plan: FinetuneRoundPlan, local_steps: int) -> ConfigRecord:
-    return configs_to_record(
-        cfg.model, cfg.train, cfg.privacy,
-        **{
-            PHASE_KEY: FINETUNE_PHASE,
-            MIN_SITES_KEY: cfg.federation.min_sites,
-            SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
-            TRANSPORT_KEY: cfg.federation.transport.value,
-            **finetune_to_record(cfg.finetune, plan, local_steps),
-        },
-    )
 
 
 def run_finetune_rounds(
@@ -169,8 +143,8 @@ def run_finetune_rounds(
         plan = schedule.plan(server_round - pretrain_rounds)
         classifier.set_trainable(plan.blocks, stem=plan.stem)
         trainable = {name: state[name] for name in trainable_names(classifier)}
-        instructions = _instructions(cfg, plan, local_steps)
-        sampled = strategy.configure_train(server_round, ArrayRecord(), instructions, grid)
+        instructions = round_instructions(cfg, server_round, plan, local_steps)
+        sampled = strategy.configure_train(server_round, ArrayRecord(), instructions.to_record(), grid)
         node_ids = [int(m.metadata.dst_node_id) for m in sampled]
         messages, sent_digests = holders.messages(node_ids, state, trainable, instructions)
         logger.info(

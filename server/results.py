@@ -21,7 +21,7 @@ from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.config import RunConfig, to_run_config
 from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
-from ctfed.common.exchange import EPSILON_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, PRETRAIN_PHASE, metrics_to_evaluation
+from ctfed.common.exchange import PRETRAIN_PHASE, SiteReply
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.monitor import SECONDS_KEY as MONITOR_SECONDS_KEY, monitor_from_metrics
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY
@@ -180,35 +180,32 @@ class SiteRoundRecord:
     monitor_seconds: float | None = None
 
 
-def site_record(site: str, status: str, metrics: Mapping[str, Any], **fields: Any) -> SiteRoundRecord:
-    """A site's outcome for one round from the metrics it sent in clear. A value that is
-    missing, not a number or not finite stays empty: a site's metrics cannot crash the
-    coordinator, whatever the site sends."""
-
-    def number(key: str) -> float | None:
-        value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return None
-        return float(value)
-
-    losses = metrics.get("losses")
+def site_record(reply: SiteReply, status: str, **fields: Any) -> SiteRoundRecord:
+    """A site's outcome for one round from the reply it sent in clear (decoded leniently by
+    ``SiteReply.from_metrics``: a site's metrics cannot crash the coordinator)."""
     return SiteRoundRecord(
-        site=site,
+        site=reply.site_id,
         status=status,
-        num_examples=int(number(NUM_EXAMPLES_KEY) or 0),
-        loss_first=number("loss-first"),
-        loss=number("loss"),
-        losses=[float(x) for x in losses if isinstance(x, (int, float))] if isinstance(losses, list) else [],
-        train_seconds=number("train-seconds"),
-        data_seconds=number("data-seconds"),
-        epsilon=number(EPSILON_KEY),
-        peak_rss_mb=number(PEAK_RSS_KEY),
-        evaluation=metrics_to_evaluation(metrics),
-        data=data_metrics_from(metrics) or None,
-        monitor=monitor_from_metrics(metrics),
-        monitor_seconds=number(MONITOR_SECONDS_KEY),
+        num_examples=reply.num_examples,
+        loss_first=reply.loss_first,
+        loss=reply.loss,
+        losses=list(reply.losses),
+        train_seconds=reply.train_seconds,
+        data_seconds=reply.data_seconds,
+        epsilon=reply.epsilon,
+        peak_rss_mb=reply.peak_rss_mb,
+        evaluation=reply.evaluation,
+        data=data_metrics_from(reply.aggregates) or None,
+        monitor=monitor_from_metrics(reply.aggregates),
+        monitor_seconds=_finite(reply.aggregates.get(MONITOR_SECONDS_KEY)),
         **fields,
     )
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def monitor_summary(sites: Sequence[SiteRoundRecord]) -> str:

@@ -20,22 +20,12 @@ from flwr.serverapp import Grid
 
 from ctfed.common.config import PrivacyMode, RunConfig
 from ctfed.common.dp import PrivacyLedger
-from ctfed.common.exchange import (
-    MIN_SITES_KEY,
-    PHASE_KEY,
-    PRETRAIN_PHASE,
-    SECURE_AGGREGATION_KEY,
-    TRANSPORT_KEY,
-    configs_to_record,
-    monitor_to_record,
-    record_bytes,
-    state_to_record,
-)
+from ctfed.common.exchange import record_bytes, state_to_record
 from ctfed.common.model import SSLModel, ViTEncoder, shared_head_state, split_shared_state
 from ctfed.common.secagg import effective_num_shares, round_threshold
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
-from ctfed.server.collect import build_strategy, collect_round
+from ctfed.server.collect import build_strategy, collect_round, round_instructions
 from ctfed.server.finetune_rounds import run_finetune_rounds
 from ctfed.server.results import FederationStopped, RoundRecord, RunRecorder, monitor_summary
 
@@ -193,16 +183,7 @@ def run_pretraining(
     total = cfg.federation.rounds
     for server_round in range(recorder.last_round + 1, total + 1):
         started = time.perf_counter()
-        instructions = configs_to_record(
-            cfg.model, cfg.train, cfg.privacy,
-            **{
-                PHASE_KEY: PRETRAIN_PHASE,
-                MIN_SITES_KEY: cfg.federation.min_sites,
-                SECURE_AGGREGATION_KEY: cfg.secagg.enabled,
-                TRANSPORT_KEY: cfg.federation.transport.value,
-                **monitor_to_record(cfg.monitor, cfg.finetune),
-            },
-        )
+        instructions = round_instructions(cfg, server_round).to_record()
         arrays = state_to_record(global_state)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))

@@ -40,12 +40,13 @@ from ctfed.common.config import RunConfig
 from ctfed.common.exchange import (
     METRICS_KEY,
     REFUSAL_CODES,
-    SITE_KEY,
     STATUS_AGGREGATED,
     STATUS_DROPPED,
     STATUS_FAILED,
     STATUS_NOT_AGGREGATED,
     STATUS_REFUSED,
+    IncompatibleProtocol,
+    SiteReply,
     refusing_site,
 )
 from ctfed.server.results import SiteRoundRecord, site_record
@@ -201,9 +202,12 @@ class SecureRound:
         seen_keys: set[bytes] = set()
         for node_id, content in replies.items():
             site = self.sites[node_id]
-            record = content.get(SITE_KEY)
-            if record is not None and "site-id" in record:
-                site.site = self.known_sites[node_id] = str(record["site-id"])
+            try:
+                reply = SiteReply.from_records(content, fallback_site_id=site.site)
+            except IncompatibleProtocol as err:
+                self._drop(node_id, str(err))
+                continue
+            site.site = self.known_sites[node_id] = reply.site_id
             site.metrics = content[METRICS_KEY]
             keys = content[sa.PROTOCOL_KEY]
             pk1, pk2 = cast(bytes, keys[sa.K_PK1]), cast(bytes, keys[sa.K_PK2])
@@ -409,7 +413,7 @@ class SecureRound:
         for site in self.sites.values():
             records.append(
                 site_record(
-                    site.site, site.status, site.metrics, reason=site.reason,
+                    SiteReply.from_metrics(site.site, site.metrics), site.status, reason=site.reason,
                     bytes_received=site.bytes_received, bytes_sent=site.bytes_sent, clipped_values=site.clipped,
                 )
             )

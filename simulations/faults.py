@@ -21,14 +21,7 @@ from ctfed.client.app import train as site_train
 from ctfed.client.secagg import register_secagg
 from ctfed.client.site import PARTITION_ID_KEY
 from ctfed.common.config import Transport
-from ctfed.common.exchange import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    SECURE_AGGREGATION_KEY,
-    encode_update,
-    transport_from_instructions,
-    transported_values,
-)
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, RoundInstructions, encode_update, transported_values
 from ctfed.server.app import RUN_CONFIG_FILE_KEY
 from ctfed.simulations.config import FaultConfig, FaultKind, read_simulation_config
 
@@ -68,7 +61,7 @@ def _corrupt_update(reply: Message, kind: FaultKind, transport: Transport = Tran
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = int(context.node_config[PARTITION_ID_KEY])
-    server_round = int(msg.content[CONFIG_KEY]["server-round"])
+    server_round = RoundInstructions.round_of(msg.content[CONFIG_KEY])
     fault = active_fault(faults_from_run_config(context), site, server_round)
     if fault is None:
         return site_train(msg, context)
@@ -79,9 +72,11 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(fault.delay_s)
         return site_train(msg, context)
     reply = site_train(msg, context)
+    if reply.has_error():  # refused: nothing to corrupt
+        return reply
+    instructions = RoundInstructions.from_record(msg.content[CONFIG_KEY])  # the site decoded them: they do
     with torch.no_grad():
-        secure = bool(msg.content[CONFIG_KEY].get(SECURE_AGGREGATION_KEY, False))
-        _corrupt_update(reply, fault.kind, Transport.float32 if secure else transport_from_instructions(msg.content[CONFIG_KEY]))
+        _corrupt_update(reply, fault.kind, Transport.float32 if instructions.secure_aggregation else instructions.transport)
     return reply
 
 

@@ -42,7 +42,8 @@ from flwr.app import Context, RecordDict
 import ctfed.client.app as client_app
 from ctfed.client.train import LocalTrainer, RoundResult
 from ctfed.common.checkpoint import load_checkpoint
-from ctfed.common.config import FeaturePooling, RunConfig, SynthConfig, load_run_config
+from ctfed.common.config import FeaturePooling, RunConfig
+from ctfed.simulations.config import SynthConfig, load_simulation_config
 from ctfed.common.exchange import LOCAL_STATE_KEY
 from ctfed.common.model import encoder_part
 from ctfed.common.monitor import encoder_features
@@ -108,7 +109,7 @@ def target_spread(teachers: list[SiteTeacher]) -> dict[str, float]:
 
 
 def run_arm(data: TuningSet, cache_root: Path, run_dir: Path, overrides: list[str], seed: int) -> dict[str, Any]:
-    cfg = load_run_config(["secagg.enabled=false", "monitor.enabled=false", *overrides])
+    cfg = load_simulation_config(["secagg.enabled=false", "monitor.enabled=false", *overrides])
     nodes = list(range(1, len(data.caches) + 1))
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from ctfed.common.config import RunConfig
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, apply_delta, record_to_state, state_to_record
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, apply_delta, record_to_state, state_to_record
 from ctfed.server.collect import build_strategy, vet_replies
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
@@ -39,22 +39,19 @@ def _synthetic_state(num_params: int) -> dict[str, torch.Tensor]:
 def _train_messages(node_ids: list[int], state: dict[str, torch.Tensor]) -> list[Message]:
     arrays = state_to_record(state)
     return [
-        Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"server-round": 1})}), dst_node_id=n, message_type="train")
+        Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}), dst_node_id=n, message_type="train")
         for n in node_ids
     ]
 
 
 def _stub_train(deltas: dict[int, dict[str, torch.Tensor]]):
-    from flwr.app import MetricRecord
-
-    from ctfed.common.exchange import METRICS_KEY, NUM_EXAMPLES_KEY, SITE_KEY
+    from ctfed.common.exchange import SiteReply
 
     def train(msg: Message, context: Any) -> Message:
         node = msg.metadata.dst_node_id
-        metrics = MetricRecord({NUM_EXAMPLES_KEY: 4 + node % 3, "loss": 1.0, "loss-first": 1.0, "losses": [1.0],
-                                "train-seconds": 0.0, "data-seconds": 0.0})
-        content = RecordDict({ARRAYS_KEY: state_to_record(deltas[node]), METRICS_KEY: metrics,
-                              SITE_KEY: ConfigRecord({"site-id": f"site-{node}"})})
+        reply = SiteReply(f"site-{node}", num_examples=4 + node % 3, loss=1.0, loss_first=1.0, losses=(1.0,),
+                          train_seconds=0.0, data_seconds=0.0)
+        content = RecordDict({ARRAYS_KEY: state_to_record(deltas[node]), **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     return train

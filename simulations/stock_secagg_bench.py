@@ -35,18 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from ctfed.common.config import RunConfig
-from ctfed.common.exchange import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES_KEY,
-    SITE_KEY,
-    record_to_state,
-    state_to_record,
-)
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, SiteReply, record_to_state, state_to_record
 from ctfed.common.certs import ensure_federation_signing_keys
 from ctfed.common.secagg import aggregation_error_bound, effective_num_shares, round_threshold
 from ctfed.simulations.secagg_bench import _synthetic_state as synthetic_state
@@ -84,16 +76,10 @@ def plain_train(msg: Message, context: Context) -> Message:
     incoming = msg.content[ARRAYS_KEY]
     names = list(incoming.keys())
     update = site_update(_partition(context), [tuple(incoming[n].shape) for n in names])
-    metrics = MetricRecord(
-        {NUM_EXAMPLES_KEY: site_weight(_partition(context)), "loss": 1.0, "loss-first": 1.0, "losses": [1.0],
-         "train-seconds": 0.0, "data-seconds": 0.0}
-    )
+    reply = SiteReply(f"site-{_partition(context)}", num_examples=site_weight(_partition(context)), loss=1.0,
+                      loss_first=1.0, losses=(1.0,), train_seconds=0.0, data_seconds=0.0)
     content = RecordDict(
-        {
-            ARRAYS_KEY: state_to_record({n: torch.from_numpy(a) for n, a in zip(names, update)}),
-            METRICS_KEY: metrics,
-            SITE_KEY: ConfigRecord({"site-id": f"site-{_partition(context)}"}),
-        }
+        {ARRAYS_KEY: state_to_record({n: torch.from_numpy(a) for n, a in zip(names, update)}), **reply.to_records()}
     )
     return Message(content=content, reply_to=msg)
 
@@ -235,7 +221,7 @@ def build_server_app(
 
     def train_messages(nodes: list[int], global_state: dict[str, torch.Tensor], server_round: int) -> list[Message]:
         arrays = state_to_record(global_state)
-        config = ConfigRecord({"server-round": server_round})
+        config = ConfigRecord({SERVER_ROUND_KEY: server_round})
         return [
             Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=n,
                     message_type=f"train.{PLAIN_ACTION}", group_id=str(server_round))

@@ -20,7 +20,7 @@ from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import load_simulation_config
-from ctfed.common.exchange import EPSILON_KEY
+from ctfed.common.exchange import EPSILON_KEY, SiteReply
 from ctfed.common.processes import descendant_pids, stop_process_group
 from ctfed.server.results import ResumeError, RoundRecord, RunRecorder, SiteRoundRecord, site_record
 from ctfed.server.rounds import initial_encoder_state
@@ -66,7 +66,7 @@ def test_fault_config_is_checked() -> None:
 
 def test_malformed_site_metrics_cannot_crash_the_coordinator() -> None:
     metrics = {"num-examples": "many", "loss": float("nan"), "loss-first": True, "losses": "x", EPSILON_KEY: 2.5}
-    record = site_record("site_x", "aggregated", metrics, bytes_received=10)
+    record = site_record(SiteReply.from_metrics("site_x", metrics), "aggregated", bytes_received=10)
     assert (record.num_examples, record.loss, record.loss_first, record.losses) == (0, None, None, [])
     assert record.epsilon == 2.5 and record.bytes_received == 10 and record.peak_rss_mb is None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,11 @@ from ctfed.common.config import (
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LOSS_KEY,
     METRICS_KEY,
-    PHASE_KEY,
-    SERVER_ROUND_KEY,
-    configs_to_record,
-    monitor_to_record,
-    record_to_monitor,
+    TRAIN_SECONDS_KEY,
+    RoundInstructions,
+    SiteReply,
     state_to_record,
 )
 from ctfed.common.finetune import build_classifier
@@ -52,6 +52,7 @@ from ctfed.common.monitor import (
     standardize_features,
 )
 from ctfed.common.preprocess import CachedVolumes
+from ctfed.server.collect import round_instructions
 from ctfed.server.results import monitor_summary, site_record
 
 TINY = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96)
@@ -113,17 +114,17 @@ def test_collapsed_features_have_no_spread_and_random_ones_the_uniform_spread() 
 
 def test_reply_metrics_round_trip_and_malformed_ones_are_dropped() -> None:
     result = feature_monitor(np.eye(3)[:2], [0, 1], np.eye(3)[:2], [0, 1], k=1)
-    metrics = {**result.to_metrics(), SECONDS_KEY: 0.4, "loss": 1.0}
+    metrics = {**result.to_metrics(), SECONDS_KEY: 0.4, LOSS_KEY: 1.0}
     assert monitor_from_metrics(metrics) == result.to_dict()
-    record = site_record("site_a", "aggregated", metrics)
+    record = site_record(SiteReply.from_metrics("site_a", metrics), "aggregated")
     assert record.monitor == result.to_dict() and record.monitor_seconds == 0.4 and record.train_seconds is None
     assert "site_a kNN 1.000" in monitor_summary([record])
     assert monitor_from_metrics({**metrics, KNN_ACCURACY_KEY: math.nan}) is None
     assert monitor_from_metrics({**metrics, KNN_ACCURACY_KEY: "high"}) is None
     assert monitor_from_metrics({**metrics, UNIFORM_STD_KEY: 0}) is None  # the coordinator divides by it
     assert monitor_from_metrics({**metrics, KNN_ACCURACY_KEY: 1.5}) is None
-    assert monitor_from_metrics({"loss": 1.0}) is None
-    assert site_record("site_a", "aggregated", {"loss": 1.0}).monitor is None
+    assert monitor_from_metrics({LOSS_KEY: 1.0}) is None
+    assert site_record(SiteReply("site_a", num_examples=1, loss=1.0), "aggregated").monitor is None
 
 
 # --- the split it reuses -----------------------------------------------------------------------
@@ -194,22 +195,24 @@ def test_config_is_validated_and_travels_with_the_recipe() -> None:
         load_run_config(["monitor.max_scanz=3"])
     finetune = FinetuneConfig(label_names=["ich", "any"], test_fraction=0.3, split_seed=7, pooling=FeaturePooling.mean_patch)
     monitor = MonitorConfig(knn_k=5, max_scans=16)
-    assert record_to_monitor(ConfigRecord(monitor_to_record(monitor, finetune))) == (monitor, finetune)
-    off = monitor_to_record(MonitorConfig(enabled=False), finetune)
-    assert record_to_monitor(ConfigRecord(off)) is None and not [k for k in off if k.startswith("finetune.")]
-    assert record_to_monitor(ConfigRecord({})) is None  # a coordinator that does not ask
+    sent = RoundInstructions(server_round=1, model=ModelConfig(), train=TrainConfig(), monitor=monitor, finetune=finetune)
+    assert RoundInstructions.from_record(sent.to_record()).monitor_settings() == (monitor, finetune)
+    off = round_instructions(load_run_config(["monitor.enabled=false"]), 1).to_record()
+    assert RoundInstructions.from_record(off).monitor_settings() is None and not [k for k in off if k.startswith("finetune.")]
+    # A coordinator that does not ask.
+    assert RoundInstructions.from_record(replace(sent, monitor=None).to_record()).monitor_settings() is None
     with pytest.raises(ConfigError):
-        record_to_monitor(ConfigRecord({**monitor_to_record(monitor, finetune), "monitor.knn_k": -1}))
+        RoundInstructions.from_record(ConfigRecord({**dict(sent.to_record().items()), "monitor.knn_k": -1}))
 
 
 # --- a site's phase-1 round --------------------------------------------------------------------
 
 
 def _train_message(monitor: MonitorConfig, server_round: int = 1) -> Message:
-    instructions = configs_to_record(
-        TINY, TrainConfig(local_steps=1, batch_size=2), None,
-        **{PHASE_KEY: "pretrain", SERVER_ROUND_KEY: server_round, **monitor_to_record(monitor, FINETUNE)},
-    )
+    instructions = RoundInstructions(
+        server_round=server_round, model=TINY, train=TrainConfig(local_steps=1, batch_size=2), monitor=monitor,
+        finetune=FINETUNE if monitor.enabled else None,
+    ).to_record()
     torch.manual_seed(0)
     arrays = state_to_record(ViTEncoder(TINY).state_dict())
     return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: instructions}), dst_node_id=1, message_type=MessageType.TRAIN)
@@ -239,7 +242,7 @@ def test_site_sends_the_monitor_unless_its_policy_keeps_it(tmp_path: Path) -> No
     assert _monitor_keys(sent) == ["monitor-embedding-std", "monitor-k", "monitor-knn-accuracy", "monitor-scans",
                                    "monitor-seconds", "monitor-uniform-std"]
     assert sent["monitor-scans"] == 6 and sent["monitor-k"] == 2 and 0 <= sent["monitor-knn-accuracy"] <= 1
-    assert sent["monitor-seconds"] > 0 and sent["train-seconds"] > 0
+    assert sent["monitor-seconds"] > 0 and sent[TRAIN_SECONDS_KEY] > 0
 
     kept = train(_train_message(MonitorConfig()), _site(cache, tmp_path / "b", SitePolicy(share_monitor=False))).content[METRICS_KEY]
     off = train(_train_message(MonitorConfig(enabled=False)), _site(cache, tmp_path / "c", SitePolicy())).content[METRICS_KEY]
@@ -261,6 +264,6 @@ def test_site_without_splittable_labels_skips_the_monitor_once_and_trains(tmp_pa
         for server_round in (1, 2):
             reply = train(_train_message(MonitorConfig(), server_round), context)
             assert not reply.has_error()
-            assert _monitor_keys(reply.content[METRICS_KEY]) == [] and "loss" in reply.content[METRICS_KEY]
+            assert _monitor_keys(reply.content[METRICS_KEY]) == [] and LOSS_KEY in reply.content[METRICS_KEY]
     skips = [r.getMessage() for r in caplog.records if "no representation monitor" in r.getMessage()]
     assert len(skips) == 1 and "any=0" in skips[0], skips

@@ -19,24 +19,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig
+from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, TrainConfig
 from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    BASE_DIGEST_KEY,
     CONFIG_KEY,
     FINETUNE_PHASE,
-    FULL_STATE_KEY,
     METRICS_KEY,
     NO_LABELS_REFUSED_CODE,
-    PHASE_KEY,
+    NUM_EXAMPLES_KEY,
     POLICY_REFUSED_CODE,
-    SERVER_ROUND_KEY,
-    configs_to_record,
+    RoundInstructions,
     evaluation_to_metrics,
-    finetune_to_record,
     metrics_to_evaluation,
-    record_to_finetune,
     state_to_record,
 )
 from ctfed.common.finetune import (
@@ -119,13 +114,10 @@ def _site_context(cache_dir: Path, state_dir: Path) -> Context:
 
 
 def _finetune_message(model: ModelConfig, finetune: FinetuneConfig, plan, arrays: ArrayRecord, full: bool, digest: str) -> Message:  # noqa: ANN001
-    from ctfed.common.config import TrainConfig
-
-    config = configs_to_record(
-        model, TrainConfig(), None,
-        **{PHASE_KEY: FINETUNE_PHASE, SERVER_ROUND_KEY: 2, FULL_STATE_KEY: full, BASE_DIGEST_KEY: digest,
-           **finetune_to_record(finetune, plan, 2)},
-    )
+    config = RoundInstructions(
+        server_round=2, model=model, train=TrainConfig(), phase=FINETUNE_PHASE, finetune=finetune, plan=plan,
+        plan_local_steps=2, full_state=full, base_sha256=digest,
+    ).to_record()
     return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=1, message_type=MessageType.TRAIN)
 
 
@@ -175,7 +167,7 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
         assert set(evaluation["any"]) == {"auroc", "average_precision", "balanced_accuracy", "f1", "operating_point"}
         assert all(math.isfinite(v["value"]) for v in evaluation["any"].values())
         assert 0.0 <= evaluation["any"]["operating_point"]["value"] <= 1.0
-        assert metrics["num-examples"] == 2  # 2 of 3 per class held out (half, rounded up): 2 train
+        assert metrics[NUM_EXAMPLES_KEY] == 2  # 2 of 3 per class held out (half, rounded up): 2 train
     assert sizes[0] < sizes[1] <= sizes[2] < state_nbytes(state)  # the frozen part never travels back
 
     # A partial classifier for a base the site does not hold: an error, not a guess.
@@ -218,8 +210,13 @@ def test_site_without_labels_refuses_phase_two(labelled_cache: Path, tmp_path: P
 def test_instructions_and_metrics_round_trip() -> None:
     finetune = FinetuneConfig(label_names=["any", "ich"], local_steps=3)
     plan = FederatedFreezingSchedule(finetune, 12, 6, 3).plan(5)
-    record = ConfigRecord(finetune_to_record(finetune, plan, 3))
-    assert record_to_finetune(record) == (finetune, plan, 3)
+    sent = RoundInstructions(
+        server_round=9, model=ModelConfig(), train=TrainConfig(), phase=FINETUNE_PHASE, finetune=finetune, plan=plan,
+        plan_local_steps=3, full_state=False, base_sha256="ab" * 32,
+    )
+    back = RoundInstructions.from_record(ConfigRecord(dict(sent.to_record().items())))
+    assert (back.finetune, back.plan, back.plan_local_steps, back.base_sha256) == (finetune, plan, 3, "ab" * 32)
+    assert back == sent
     evaluation = {"any": {"auroc": {"value": 0.5, "low": 0.2, "high": 0.9}}, "ich": {"f1": {"value": 1.0, "low": 1.0, "high": 1.0}}}
     assert metrics_to_evaluation(evaluation_to_metrics(evaluation)) == evaluation
 

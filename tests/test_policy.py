@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from ctfed.client.app import train as client_train
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, verify_audit_log
@@ -36,12 +36,8 @@ from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
-    MIN_SITES_KEY,
-    PHASE_KEY,
     POLICY_REFUSED_CODE,
-    SECURE_AGGREGATION_KEY,
-    SERVER_ROUND_KEY,
-    configs_to_record,
+    RoundInstructions,
     refusing_site,
     state_to_record,
 )
@@ -53,10 +49,11 @@ def _instructions(
     train: TrainConfig | None = None,
     privacy: PrivacyConfig | None = None,
     **extra: Any,
-) -> ConfigRecord:
-    values = {PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: False, SERVER_ROUND_KEY: 1}
-    values.update(extra)
-    return configs_to_record(model or ModelConfig(), train or TrainConfig(local_steps=4), privacy, **values)
+) -> RoundInstructions:
+    values = {"phase": "pretrain", "min_sites": 3, "secure_aggregation": False, "server_round": 1, **extra}
+    return RoundInstructions(
+        model=model or ModelConfig(), train=train or TrainConfig(local_steps=4), privacy=privacy or PrivacyConfig(), **values
+    )
 
 
 LOCAL_DP = PrivacyConfig(mode=PrivacyMode.local)
@@ -65,7 +62,7 @@ CENTRAL_WEAK = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(n
 LOCAL_WEAK = PrivacyConfig(mode=PrivacyMode.local, local=LocalDPConfig(noise_multiplier=0.1))
 
 # (policy, instructions that break it, a phrase the refusal must contain)
-RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
+RULES: list[tuple[SitePolicy, RoundInstructions, str]] = [
     (SitePolicy(allowed_phases=["finetune"]), _instructions(), "phase 'pretrain'"),
     (SitePolicy(require_secure_aggregation=True), _instructions(), "require_secure_aggregation"),
     (SitePolicy(min_sites=5), _instructions(), "as few as 3 sites"),
@@ -86,7 +83,7 @@ RULES: list[tuple[SitePolicy, ConfigRecord, str]] = [
 
 
 @pytest.mark.parametrize(("policy", "instructions", "phrase"), RULES, ids=[r[2].split()[0] for r in RULES])
-def test_each_rule_refuses_a_violating_round(policy: SitePolicy, instructions: ConfigRecord, phrase: str) -> None:
+def test_each_rule_refuses_a_violating_round(policy: SitePolicy, instructions: RoundInstructions, phrase: str) -> None:
     with pytest.raises(PolicyViolation, match="policy: ") as refused:
         check_instructions(policy, instructions, secure_path=False)
     assert phrase in str(refused.value)
@@ -100,7 +97,7 @@ def test_allowed_rounds_pass_and_all_reasons_are_listed() -> None:
     )
     check_instructions(strict, _instructions(privacy=LOCAL_DP), secure_path=False)
     check_instructions(
-        SitePolicy(require_secure_aggregation=True), _instructions(**{SECURE_AGGREGATION_KEY: True}), secure_path=True
+        SitePolicy(require_secure_aggregation=True), _instructions(secure_aggregation=True), secure_path=True
     )
     with pytest.raises(PolicyViolation) as refused:
         check_instructions(SitePolicy(max_local_steps=1, max_layers=1), _instructions(), secure_path=False)
@@ -109,7 +106,7 @@ def test_allowed_rounds_pass_and_all_reasons_are_listed() -> None:
 
 def _train_message(train: TrainConfig) -> Message:
     encoder = ViTEncoder(ModelConfig()).state_dict()
-    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: _instructions(train=train)})
+    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: _instructions(train=train).to_record()})
     return Message(content, dst_node_id=1, message_type="train")
 
 

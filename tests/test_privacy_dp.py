@@ -37,7 +37,7 @@ from ctfed.common.dp import (
     clip_update,
     epsilon_for,
 )
-from ctfed.common.exchange import BUDGET_REFUSED_CODE, EPSILON_KEY, SERVER_ROUND_KEY, configs_to_record
+from ctfed.common.exchange import BUDGET_REFUSED_CODE, RoundInstructions
 from ctfed.common.fileio import write_json_atomic
 from ctfed.server.central_dp import CentralDP, uniform_mean
 
@@ -190,15 +190,17 @@ def _context(state_dir: Path, run_config: dict | None = None) -> Context:
     )
 
 
-def _instructions(server_round: int, train: TrainConfig, dp: LocalDPConfig) -> dict:
-    record = configs_to_record(MODEL, train, PrivacyConfig(mode=PrivacyMode.local, local=dp))
-    record[SERVER_ROUND_KEY] = server_round
-    return dict(record)
+def _instructions(server_round: int, train: TrainConfig, dp: LocalDPConfig) -> RoundInstructions:
+    return RoundInstructions(
+        server_round=server_round, model=MODEL, train=train, privacy=PrivacyConfig(mode=PrivacyMode.local, local=dp)
+    )
 
 
 def _site_round(state_dir: Path, context: Context, server_round: int, train: TrainConfig, dp: LocalDPConfig) -> SitePrivacyRound:
     identity = SiteIdentity(site_id="site_a", index=0, cache_dir=state_dir / "no-cache", state_dir=state_dir)
-    return SitePrivacyRound(identity, context, _instructions(server_round, train, dp), secure_path=False)
+    return SitePrivacyRound(
+        identity, context, _instructions(server_round, train, dp), secure_path=False, server_round=server_round
+    )
 
 
 def test_site_epsilon_accumulates_across_rounds_and_a_restart(tmp_path: Path) -> None:
@@ -213,7 +215,7 @@ def test_site_epsilon_accumulates_across_rounds_and_a_restart(tmp_path: Path) ->
         site_round.check_budget(train, num_volumes=NUM_VOLUMES)
         trainer = LocalTrainer(MODEL, train, RandomVolumes(), seed=0, dp=site_round.local_dp)
         result = trainer.train_round(server_round - 1)
-        epsilons.append(site_round.after_training(result.dp_steps)[EPSILON_KEY])
+        epsilons.append(site_round.after_training(result.dp_steps))  # the epsilon the reply carries
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
     accountant = RDPAccountant()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import generate_key_pairs
@@ -19,7 +19,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs
 from ctfed.client import secagg as site_secagg
 from ctfed.common import secagg as sa
 from ctfed.common.config import ConfigError, RunConfig, SecAggConfig
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, SITE_KEY, state_to_record
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, SiteReply, state_to_record
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
 
@@ -150,13 +150,9 @@ def _fake_local_train(deltas: dict[int, dict[str, torch.Tensor]], examples: dict
 
     def train(msg: Message, context: Context) -> Message:
         node = msg.metadata.dst_node_id
-        metrics = MetricRecord(
-            {NUM_EXAMPLES_KEY: examples[node], "loss": 1.0, "loss-first": 2.0, "losses": [2.0, 1.0],
-             "train-seconds": 0.1, "data-seconds": 0.01}
-        )
-        content = RecordDict(
-            {ARRAYS_KEY: state_to_record(deltas[node]), METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": f"site-{node}"})}
-        )
+        reply = SiteReply(f"site-{node}", num_examples=examples[node], loss=1.0, loss_first=2.0, losses=(2.0, 1.0),
+                          train_seconds=0.1, data_seconds=0.01)
+        content = RecordDict({ARRAYS_KEY: state_to_record(deltas[node]), **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     return train
@@ -182,7 +178,7 @@ def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, captur
         handlers[masked_type] = spy
     grid = InProcessGrid(handlers, list(node_ids), drop_at=drop_at or {})  # before Message(): sets identity
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({"server-round": 1})}), dst_node_id=n, message_type="train")
+        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}), dst_node_id=n, message_type="train")
         for n in node_ids
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)

@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 
 from ctfed.client import secagg as site_secagg
@@ -34,11 +34,8 @@ from ctfed.common.config import ConfigError, RunConfig, SecAggConfig, SitePolicy
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES_KEY,
-    SERVER_ROUND_KEY,
-    SITE_KEY,
-    configs_to_record,
+    RoundInstructions,
+    SiteReply,
     record_to_state,
     state_to_record,
 )
@@ -95,10 +92,7 @@ def _local_train(grid_ref: list[AttackingGrid]):
         grid_ref[0].trained.add(node)
         gen = torch.Generator().manual_seed(node)
         delta = {name: torch.randn(t.shape, generator=gen) * 0.01 for name, t in _like().items()}
-        metrics = MetricRecord({NUM_EXAMPLES_KEY: 4, "loss": 1.0})
-        content = RecordDict(
-            {ARRAYS_KEY: state_to_record(delta), METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": f"site-{node}"})}
-        )
+        content = RecordDict({ARRAYS_KEY: state_to_record(delta), **SiteReply(f"site-{node}", num_examples=4, loss=1.0).to_records()})
         return Message(content=content, reply_to=msg)
 
     return train
@@ -119,7 +113,7 @@ def _attack(
     if prepare is not None:
         prepare(grid)
     like = _like()
-    instructions = configs_to_record(cfg.model, cfg.train, cfg.privacy, **{SERVER_ROUND_KEY: 1})
+    instructions = RoundInstructions(server_round=1, model=cfg.model, train=cfg.train, privacy=cfg.privacy).to_record()
     messages = [
         Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: instructions}), dst_node_id=n, message_type="train")
         for n in nodes

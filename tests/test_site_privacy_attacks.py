@@ -39,17 +39,18 @@ from ctfed.common.dp import PrivacyLedger
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BUDGET_REFUSED_CODE,
+    CLIP_SCALE_KEY,
     CONFIG_KEY,
     EPSILON_KEY,
+    LOSS_FIRST_KEY,
+    LOSS_KEY,
+    LOSSES_KEY,
     METRICS_KEY,
-    MIN_SITES_KEY,
-    NUM_EXAMPLES_KEY,
-    PHASE_KEY,
     POLICY_REFUSED_CODE,
     SECURE_AGGREGATION_KEY,
     SERVER_ROUND_KEY,
-    SITE_KEY,
-    configs_to_record,
+    RoundInstructions,
+    SiteReply,
     state_to_record,
 )
 from ctfed.common.model import ViTEncoder
@@ -99,9 +100,11 @@ def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
 def _instructions(
     privacy: PrivacyConfig | None = None, claims_secure: bool = False, server_round: int = 1, **extra: Any
 ) -> ConfigRecord:
-    values = {PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: claims_secure, SERVER_ROUND_KEY: server_round}
-    record = configs_to_record(MODEL, ONE_STEP, privacy, **values)
-    for key, value in extra.items():
+    record = RoundInstructions(
+        server_round=server_round, model=MODEL, train=ONE_STEP, privacy=privacy or PrivacyConfig(), min_sites=3,
+        secure_aggregation=claims_secure,
+    ).to_record()
+    for key, value in extra.items():  # what an attacker adds to the record
         record[key] = value
     return record
 
@@ -167,7 +170,7 @@ def test_the_audit_records_a_clear_update_as_sent_in_clear(tmp_path: Path, cache
     context = _context(state, cache, SitePolicy())
     # Even without the policy, a plain message claiming secure aggregation is a lie the site refuses.
     lied = client_train(_plain(_instructions(claims_secure=True)), context)
-    assert lied.has_error() and "federation.secure_aggregation=true" in lied.error.reason
+    assert lied.has_error() and f"{SECURE_AGGREGATION_KEY}=true" in lied.error.reason
 
     honest = client_train(_plain(_instructions(claims_secure=False)), context)
     assert ARRAYS_KEY in honest.content.array_records
@@ -266,13 +269,11 @@ def test_under_dp_no_per_step_loss_or_clip_scale_leaves_the_site(tmp_path: Path,
     central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0, clip_norm=1e-6))
     state = tmp_path / "state"
     train = TrainConfig(local_steps=2, batch_size=2, num_local_crops=1)
-    instructions = configs_to_record(
-        MODEL, train, central, **{PHASE_KEY: "pretrain", MIN_SITES_KEY: 3, SECURE_AGGREGATION_KEY: False, SERVER_ROUND_KEY: 1}
-    )
+    instructions = RoundInstructions(server_round=1, model=MODEL, train=train, privacy=central, min_sites=3).to_record()
     reply = client_train(_plain(instructions), _context(state, cache, SitePolicy()))
     sent = reply.content[METRICS_KEY]
-    assert "losses" not in sent and "loss-first" not in sent and "dp-clip-scale" not in sent
-    assert "loss" in sent  # the round's mean over its steps
+    assert LOSSES_KEY not in sent and LOSS_FIRST_KEY not in sent and CLIP_SCALE_KEY not in sent
+    assert LOSS_KEY in sent  # the round's mean over its steps
     (entry,) = _audit(state)
     assert 0 < entry["dp"]["clip_scale"] < 1  # the site still knows, in its own log
 
@@ -293,7 +294,7 @@ def _labelled_cache(root: Path) -> Path:
 def test_phase_two_central_rounds_are_accounted_and_budgeted(tmp_path: Path) -> None:
     from ctfed.common.checkpoint import state_digest
     from ctfed.common.config import FinetuneConfig
-    from ctfed.common.exchange import BASE_DIGEST_KEY, FINETUNE_PHASE, FULL_STATE_KEY, finetune_to_record
+    from ctfed.common.exchange import FINETUNE_PHASE
     from ctfed.common.finetune import FederatedFreezingSchedule, build_classifier
 
     tiny = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
@@ -301,11 +302,10 @@ def test_phase_two_central_rounds_are_accounted_and_budgeted(tmp_path: Path) -> 
     plan = FederatedFreezingSchedule(finetune, tiny.num_layers, rounds=3, local_steps=1).plan(1)
     state = build_classifier(tiny, 1, seed=0).state_dict()
     central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=1.0))
-    config = configs_to_record(
-        tiny, TrainConfig(), central,
-        **{PHASE_KEY: FINETUNE_PHASE, SERVER_ROUND_KEY: 1, FULL_STATE_KEY: True, BASE_DIGEST_KEY: state_digest(state),
-           **finetune_to_record(finetune, plan, 1)},
-    )
+    config = RoundInstructions(
+        server_round=1, model=tiny, train=TrainConfig(), privacy=central, phase=FINETUNE_PHASE, finetune=finetune,
+        plan=plan, plan_local_steps=1, full_state=True, base_sha256=state_digest(state),
+    ).to_record()
     message = lambda: Message(  # noqa: E731
         RecordDict({ARRAYS_KEY: state_to_record(state), CONFIG_KEY: config}), dst_node_id=1, message_type="train"
     )
@@ -361,12 +361,9 @@ def test_local_dp_refuses_two_volumes_of_one_person(tmp_path: Path, cache: Path,
 
 
 def _fake_local_train(msg: Message, context: Context) -> Message:
-    from flwr.app import MetricRecord
-
     node = msg.metadata.dst_node_id
     delta = {"w": torch.full((4,), 0.01 * node)}
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: 2, "loss": 1.0})
-    content = RecordDict({ARRAYS_KEY: state_to_record(delta), METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"site-id": f"s{node}"})})
+    content = RecordDict({ARRAYS_KEY: state_to_record(delta), **SiteReply(f"s{node}", num_examples=2, loss=1.0).to_records()})
     return Message(content=content, reply_to=msg)
 
 
@@ -394,7 +391,7 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(4)}
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({"server-round": 1})}),
+        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}),
                 dst_node_id=n, message_type="train")
         for n in nodes
     ]

@@ -467,15 +467,14 @@ def test_a_sites_voxel_size_and_views_reach_its_trainer() -> None:
 
 def test_views_are_set_from_the_command_line_and_travel_to_the_sites() -> None:
     from ctfed.common.config import load_run_config
-    from ctfed.common.exchange import configs_to_record, record_to_configs
+    from ctfed.common.exchange import RoundInstructions
 
     cfg = load_run_config(["train.augment.rotate_degrees=15", "train.augment.blur_sigma_mm=[1.0,2.0]"])
     assert cfg.train.augment.rotate_degrees == 15.0 and cfg.train.augment.blur_sigma_mm == [1.0, 2.0]
-    _, train = record_to_configs(configs_to_record(cfg.model, cfg.train))
-    assert train.augment == cfg.train.augment
+    sent = RoundInstructions(server_round=1, model=cfg.model, train=cfg.train).to_record()
+    assert RoundInstructions.from_record(sent).train.augment == cfg.train.augment
     with pytest.raises(ConfigError, match="rotate_degrees"):
         load_run_config(["train.augment.rotate_degrees=90"])
-    record = configs_to_record(cfg.model, cfg.train)
-    record["train.augment.noise_std"] = float("nan")  # a coordinator cannot smuggle in a NaN
+    sent["train.augment.noise_std"] = float("nan")  # a coordinator cannot smuggle in a NaN
     with pytest.raises(ConfigError, match="noise_std"):
-        record_to_configs(record)
+        RoundInstructions.from_record(sent)

@@ -105,18 +105,16 @@ def test_unchanged_defaults_are_fedavg() -> None:
 
 def _scripted_site(deltas: dict[int, float]):  # noqa: ANN202 - a Flower handler
     """A site that replies a constant delta per node (the coordinator's side is real)."""
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, RecordDict
 
-    from ctfed.common.exchange import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, SITE_KEY, state_to_record
+    from ctfed.common.exchange import ARRAYS_KEY, SiteReply, state_to_record
 
     def handle(msg: Message, context) -> Message:  # noqa: ANN001
         node = int(msg.metadata.dst_node_id)
         state = msg.content[ARRAYS_KEY].to_torch_state_dict()
         delta = {n: torch.full_like(t, deltas[node]) if t.is_floating_point() else t for n, t in state.items()}
-        metrics = {NUM_EXAMPLES_KEY: 2, "loss": 1.0, "loss-first": 1.0, "losses": [1.0], "train-seconds": 0.0, "data-seconds": 0.0}
-        content = RecordDict(
-            {ARRAYS_KEY: state_to_record(delta), METRICS_KEY: MetricRecord(metrics), SITE_KEY: ConfigRecord({"site-id": f"site-{node}"})}
-        )
+        reply = SiteReply(f"site-{node}", num_examples=2, loss=1.0, loss_first=1.0, losses=(1.0,), train_seconds=0.0, data_seconds=0.0)
+        content = RecordDict({ARRAYS_KEY: state_to_record(delta), **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     return handle

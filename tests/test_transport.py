@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from ctfed.client.audit import AUDIT_FILE, verify_audit_log
 from ctfed.common.config import ConfigError, SecAggConfig, Transport
@@ -16,18 +16,17 @@ from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
     NUM_EXAMPLES_KEY,
-    SITE_KEY,
+    SERVER_ROUND_KEY,
     STATUS_AGGREGATED,
     STATUS_REJECTED,
-    TRANSPORT_KEY,
+    RoundInstructions,
+    SiteReply,
     encode_update,
     state_to_record,
-    transport_from_instructions,
 )
 from ctfed.common.preprocess import FORMAT, MANIFEST
-from ctfed.server.collect import build_strategy, collect_round, vet_replies
+from ctfed.server.collect import build_strategy, collect_round, round_instructions, vet_replies
 from ctfed.simulations.inprocess import InProcessGrid
 from ctfed.simulations.transport_bench import run_inprocess, secagg_32bit_overrides
 
@@ -54,13 +53,10 @@ def _site(deltas: dict[int, dict[str, torch.Tensor]], send_as: dict[int, object]
 
     def train(msg: Message, context: object) -> Message:
         node = msg.metadata.dst_node_id
-        wanted = (send_as or {}).get(node) or transport_from_instructions(msg.content[CONFIG_KEY])
+        wanted = (send_as or {}).get(node) or RoundInstructions.from_record(msg.content[CONFIG_KEY]).transport
         update = wanted(deltas[node]) if callable(wanted) else encode_update(deltas[node], wanted)
-        content = RecordDict({
-            ARRAYS_KEY: update,
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: EXAMPLES[node], "loss": 1.0, "loss-first": 1.0, "losses": [1.0]}),
-            SITE_KEY: ConfigRecord({"site-id": f"site-{node}"}),
-        })
+        reply = SiteReply(f"site-{node}", num_examples=EXAMPLES[node], loss=1.0, loss_first=1.0, losses=(1.0,))
+        content = RecordDict({ARRAYS_KEY: update, **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     return train
@@ -70,7 +66,7 @@ def _plain_round(transport: Transport, send_as: dict[int, object] | None = None)
     cfg = load_simulation_config(["secagg.enabled=false", f"federation.transport={transport.value}"])
     grid = InProcessGrid({"train": _site(_deltas(), send_as)}, NODES)
     strategy = build_strategy(cfg)
-    instructions = ConfigRecord({"server-round": 1, TRANSPORT_KEY: transport.value})
+    instructions = round_instructions(cfg, 1).to_record()
     messages = list(strategy.configure_train(1, state_to_record(_like()), instructions, grid))
     return collect_round(grid, messages, _like(), cfg, strategy, 1, {}, None)
 
@@ -113,25 +109,20 @@ def test_sites_reporting_different_metrics_still_aggregate() -> None:
 
     def train(msg: Message, context: object) -> Message:
         node = msg.metadata.dst_node_id
-        metrics = {NUM_EXAMPLES_KEY: EXAMPLES[node], "loss": 1.0, "loss-first": 1.0, "losses": [1.0]}
-        if node == 1:
-            metrics["monitor-knn-accuracy"] = 0.75
-        if node == 3:
-            metrics[NUM_EXAMPLES_KEY] = 0  # nothing to weigh by: rejected, not a crash
-        content = RecordDict({
-            ARRAYS_KEY: encode_update(deltas[node], Transport.float32),
-            METRICS_KEY: MetricRecord(metrics),
-            SITE_KEY: ConfigRecord({"site-id": f"site-{node}"}),
-        })
+        reply = SiteReply(
+            f"site-{node}", num_examples=0 if node == 3 else EXAMPLES[node],  # 0: nothing to weigh by: rejected, not a crash
+            loss=1.0, loss_first=1.0, losses=(1.0,), aggregates={"monitor-knn-accuracy": 0.75} if node == 1 else {},
+        )
+        content = RecordDict({ARRAYS_KEY: encode_update(deltas[node], Transport.float32), **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     cfg = load_simulation_config(["secagg.enabled=false"])
     grid = InProcessGrid({"train": train}, NODES)
     strategy = build_strategy(cfg)
-    messages = list(strategy.configure_train(1, state_to_record(_like()), ConfigRecord({"server-round": 1}), grid))
+    messages = list(strategy.configure_train(1, state_to_record(_like()), ConfigRecord({SERVER_ROUND_KEY: 1}), grid))
     outcome = collect_round(grid, messages, _like(), cfg, strategy, 1, {}, None)
     by_site = {s.site: s for s in outcome.sites}
-    assert by_site["site-3"].status == STATUS_REJECTED and "num-examples" in by_site["site-3"].reason
+    assert by_site["site-3"].status == STATUS_REJECTED and NUM_EXAMPLES_KEY in by_site["site-3"].reason
     assert outcome.mean_delta is not None
     total = EXAMPLES[1] + EXAMPLES[2]
     for name, got in outcome.mean_delta.items():
@@ -157,7 +148,8 @@ def test_a_site_sending_another_format_or_shape_is_rejected_with_a_reason() -> N
 
 def _reply_with(update) -> Message:
     """A site's reply carrying ``update`` (through the in-process Grid, as a real reply)."""
-    grid = InProcessGrid({"train": lambda msg, ctx: Message(content=RecordDict({ARRAYS_KEY: update}), reply_to=msg)}, [3])
+    content = RecordDict({ARRAYS_KEY: update, **SiteReply("site-3", num_examples=1).to_records()})
+    grid = InProcessGrid({"train": lambda msg, ctx: Message(content=content, reply_to=msg)}, [3])
     return list(grid.send_and_receive([Message(RecordDict(), dst_node_id=3, message_type="train")]))[0]
 
 
