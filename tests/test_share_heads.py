@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ctfed.common import secagg as sa
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import LocalDPConfig, RunConfig, load_run_config
+from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, LOCAL_STATE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, update_norm
 from ctfed.common.model import SHARED_HEAD_PREFIX, encoder_part, split_shared_state
 from ctfed.server.rounds import initial_global_state, run_federation
@@ -31,7 +32,7 @@ def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ctfed.simulations.simulate import synthesize_and_prepare
 
     root = tmp_path_factory.mktemp("sites")
-    synthesize_and_prepare(load_run_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
+    synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
     return root / "cache"
 
 
