@@ -115,7 +115,10 @@ class PipeGrid:
             msg_id = f"pipe-{self._count}"
             self.conn.send((_PUSH, msg_id))
             send_message(self.conn, message)
-            self._pushed[msg_id] = message  # the reply is made "in reply to" it
+            # What a reply needs of it (its metadata), not its content: a Flower grid keeps no
+            # copy of what it pushed either.
+            meta = message.metadata
+            self._pushed[msg_id] = Message(RecordDict(), dst_node_id=meta.dst_node_id, message_type=meta.message_type, group_id=meta.group_id)
             ids.append(msg_id)
         return ids
 
