@@ -81,7 +81,10 @@ def serve_sites(conn: Connection, make_handlers: Callable[[], tuple[dict, list[i
     while True:
         request = conn.recv()
         if request[0] == _STOP:
-            conn.send(grid.parallel_seconds())
+            slowest: dict[str, float] = {}
+            for (_, kind), seconds in grid.seconds_by_node_type.items():
+                slowest[kind] = max(slowest.get(kind, 0.0), seconds)
+            conn.send(slowest)
             return
         if request[0] == _PUSH:
             msg_id = request[1]
@@ -141,7 +144,7 @@ class PipeGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return self.pull_messages(self.push_messages(messages))
 
-    def stop(self) -> float:
-        """Ends the sites' process; returns the sites' parallel-equivalent handler seconds."""
+    def stop(self) -> dict[str, float]:
+        """Ends the sites' process; returns the slowest site's seconds in each stage."""
         self.conn.send((_STOP,))
-        return float(self.conn.recv())
+        return dict(self.conn.recv())

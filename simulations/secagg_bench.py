@@ -214,8 +214,10 @@ def _coordinator_main(conn: Any, result_conn: Any, num_params: int, node_ids: li
     started = time.perf_counter()
     result = secure_round(grid, messages, global_state, cfg, server_round=1)
     seconds = time.perf_counter() - started
-    grid.stop()
+    slowest = grid.stop()
     result_conn.send({
+        "slowest_site_per_stage_s": slowest,
+        "modulus_bits": cfg.secagg.modulus_bits,
         "aggregated": result.mean_delta is not None,
         "reason": result.reason,
         "round_s": seconds,
@@ -283,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=int, default=89_000_000, help="values per update (ViT-B's encoder: 89M)")
     parser.add_argument("--sites", type=int, default=5)
     args = parser.parse_args(argv)
-    print(f"ChaCha20 keystream: {keystream_throughput() / 1e9:.2f} GB/s")
-    print_coordinator_memory(bench_coordinator_memory(args.params, args.sites))
+    keystream = keystream_throughput()
+    entry = bench_coordinator_memory(args.params, args.sites)
+    print_coordinator_memory(entry)
+    print_masking(masking_against_keystream(entry, keystream))
     return 0
 
 
