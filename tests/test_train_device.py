@@ -99,3 +99,51 @@ def test_an_instruction_cannot_fork_more_loader_workers_than_the_site_has_cores(
         losses, _ = _run(loader_workers=10_000, local_steps=1)
     assert len(losses) == 1
     assert f"capped at this site's {os.cpu_count()} cores" in caplog.text
+
+
+def test_a_cpu_site_checkpoints_large_encoders_by_default() -> None:
+    from ctfed.common.config import load_run_config
+    from ctfed.common.device import AUTO_CHECKPOINTING_MIN_PARAMS, use_activation_checkpointing
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    big, small = AUTO_CHECKPOINTING_MIN_PARAMS, AUTO_CHECKPOINTING_MIN_PARAMS - 1
+    assert use_activation_checkpointing(None, cpu, big, local_dp=False)  # ViT-B on a CPU: memory first
+    assert not use_activation_checkpointing(None, cpu, small, local_dp=False)  # small: recompute buys little
+    assert not use_activation_checkpointing(None, gpu, big, local_dp=False)
+    assert not use_activation_checkpointing(None, cpu, big, local_dp=True)  # Opacus' hooks see every forward
+    assert use_activation_checkpointing(True, gpu, small, local_dp=False)  # explicit wins
+    assert not use_activation_checkpointing(False, cpu, big, local_dp=False)
+    assert load_run_config([]).train.activation_checkpointing is None
+    assert load_run_config(["train.activation_checkpointing=true"]).train.activation_checkpointing is True
+    # The trainer applies it: a tiny encoder under auto is not checkpointed, forced it is.
+    assert not LocalTrainer(MODEL, TrainConfig(device="cpu"), Volumes(), seed=0).student.encoder.activation_checkpointing
+    assert LocalTrainer(MODEL, TrainConfig(device="cpu", activation_checkpointing=True), Volumes(), seed=0).student.encoder.activation_checkpointing
+    # Under DP the auto setting is simply off, not a refusal.
+    LocalTrainer(MODEL, TrainConfig(device="cpu"), Volumes(), seed=0, dp=LocalDPConfig())
+
+
+def test_glibc_hands_freed_tensor_memory_back() -> None:
+    import sys
+
+    from ctfed.common.device import limit_heap_fragmentation
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt only")
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096 / 2**20
+
+    assert limit_heap_fragmentation()
+    # 1 MiB tensors (under glibc's default, dynamic threshold they come from the heap once a
+    # large block has been freed), interleaved with small survivors that pin the heap's top.
+    torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)  # a 16 MiB free: raises glibc's default threshold
+    survivors, blocks = [], []
+    for _ in range(200):
+        blocks.append(torch.ones(2**18))  # 1 MiB
+        survivors.append(torch.ones(16))
+    before = rss_mb()
+    del blocks
+    # Most of the 200 MiB went back to the OS (some blocks may reuse heap left by earlier
+    # tests); with glibc's default the same sequence returns nothing.
+    assert before - rss_mb() > 100
