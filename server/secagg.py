@@ -146,7 +146,8 @@ class SecureRound:
             arrived = False
             for msg_id in list(pending):
                 for reply in self.grid.pull_messages([msg_id]):
-                    pending.remove(msg_id)
+                    if msg_id in pending:
+                        pending.remove(msg_id)
                     arrived = True
                     yield reply
                     del reply  # before the next pull: only one reply alive at a time
