@@ -111,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     monitor = monitor_metrics(site, instructions, encoder_part(global_state)) if privacy_round.policy.share_monitor else {}
 
     result = trainer.train_round(round_index=server_round - 1)
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state())
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state(copy=False))  # ArrayRecord copies
 
     update = privacy_round.outgoing_update(state_delta(trainer.shared_state(), global_state))
     epsilon = privacy_round.after_training(result.dp_steps)

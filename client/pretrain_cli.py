@@ -56,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
             f"round {round_index + 1}/{cfg.federation.rounds}: loss {result.losses[0]:.4f} -> "
             f"{result.losses[-1]:.4f} ({result.seconds:.1f} s) -> {weights.name}"
         )
-    torch.save(trainer.local_state(), args.out / "local_state.pt")
+    torch.save(trainer.local_state(copy=False), args.out / "local_state.pt")
     print(f"done in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")
     return 0

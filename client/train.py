@@ -98,7 +98,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctfed.client.ledger import local_sample_rate
 from ctfed.common.config import LocalDPConfig, MIMObjective, ModelConfig, Precision, TrainConfig
-from ctfed.common.device import autocast, check_precision, resolve_device
+from ctfed.common.device import autocast, check_precision, limit_heap_fragmentation, resolve_device, use_activation_checkpointing
 from ctfed.common.masking import random_keep, sample_masks
 from ctfed.common.model import (
     DINO_CENTER_NAME,
@@ -241,7 +241,11 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train_cfg.seed)
             self.student = SSLModel(model_cfg, mae_decoder=self.mae).to(self.device)
-        self.student.encoder.activation_checkpointing = train_cfg.activation_checkpointing
+        self.student.encoder.activation_checkpointing = use_activation_checkpointing(
+            train_cfg.activation_checkpointing, self.device, sum(p.numel() for p in self.student.encoder.parameters()), dp is not None
+        )
+        if self.device.type == "cpu":
+            limit_heap_fragmentation()  # activations freed each step go back to the OS, not a fragmented heap
         # Only iBOT uses the encoder's mask token (MAE drops masked patches instead); unused,
         # it is frozen, so it stays out of the optimizer and of DP-SGD.
         self.student.encoder.mask_token.requires_grad_(self.mim_enabled and not self.mae)
@@ -389,8 +393,10 @@ class LocalTrainer:
                 {HEAD_PREFIX + name: t.detach().clone().float() for name, t in head.items()}
             )
 
-    def local_state(self) -> dict[str, torch.Tensor]:
-        """Head, MAE decoder, teacher, DINO and iBOT centres and AdamW moments: what stays at the site."""
+    def local_state(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Head, MAE decoder, teacher, DINO and iBOT centres and AdamW moments: what stays at the site.
+        ``copy=False`` (a caller that serialises it at once): the CPU tensors themselves, not a
+        1.4 GB second copy at ViT-B size."""
         state = {HEAD_PREFIX + k: v for k, v in self.student.head.state_dict().items()}
         if self.student.decoder is not None:
             state.update({DECODER_PREFIX + k: v for k, v in self.student.decoder.state_dict().items()})
@@ -401,7 +407,7 @@ class LocalTrainer:
         for name in self._param_names:
             for key, value in self.optimizer.state.get(params[name], {}).items():
                 state[f"{OPTIMIZER_PREFIX}{name}.{key}"] = value
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
+        return {k: (v.detach().cpu().clone() if copy else v.detach().cpu()) for k, v in state.items()}
 
     def load_local_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what ``local_state`` returned last round (AdamW moments are optional)."""

@@ -10,11 +10,52 @@ and the states it returns are CPU copies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from ctfed.common.config import Precision, valid_device_spec
+
+logger = logging.getLogger(__name__)
+
+# Encoders at least this large get activation checkpointing on a CPU site by default
+# (train.activation_checkpointing: null): ViT-B's activations of one default batch are ~3 GB.
+AUTO_CHECKPOINTING_MIN_PARAMS = 50_000_000
+# glibc serves allocations from this size on with their own mmap, returned to the OS when freed.
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def use_activation_checkpointing(
+    setting: bool | None, device: torch.device, encoder_params: int, local_dp: bool
+) -> bool:
+    """``train.activation_checkpointing``: true/false as given; null (auto) on for a CPU site
+    with a large encoder, where memory and not compute is what a hospital's machine runs out of."""
+    if setting is not None:
+        return setting
+    return device.type == "cpu" and not local_dp and encoder_params >= AUTO_CHECKPOINTING_MIN_PARAMS
+
+
+def limit_heap_fragmentation() -> bool:
+    """Make glibc return freed tensor memory to the OS at once (a fixed 128 KiB mmap threshold).
+
+    A training step frees and reallocates gigabytes of activations of many sizes; glibc's
+    default raises its mmap threshold to 32 MiB after the first frees, so most of them come
+    from the heap, which fragments and is never handed back: a ViT-B CPU round peaked 1.1 GB
+    higher that way (docs/benchmarks.md). Process-wide, once; returns whether it applied (only
+    Linux with glibc; elsewhere nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        applied = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    if not applied:
+        logger.warning("glibc refused mallopt(M_MMAP_THRESHOLD); freed training memory may stay in the heap")
+    return applied
 
 
 def resolve_device(spec: str) -> torch.device:

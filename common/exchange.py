@@ -291,6 +291,8 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
             out[key] = [float(v) if isinstance(v, float) else v for v in value]
         elif hasattr(value, "value"):  # enums travel as their string value
             out[key] = value.value
+        elif value is None:  # a ConfigRecord holds no None: the site fills in the default (None: auto)
+            continue
         else:
             out[key] = value
 

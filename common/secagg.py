@@ -21,6 +21,7 @@ rounding of the result). Values outside the range are clipped, counted, and repo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
 from ctfed.common.config import SecAggConfig
 
@@ -105,6 +107,7 @@ PURPOSE_SELF = b"self-mask"
 PURPOSE_PAIRWISE = b"pairwise-mask"
 
 _CHUNK_VALUES = 1 << 20  # keystream is produced and applied in 1M-value chunks (bounded memory)
+_NPY_HEADER_MAX = 4096  # bytes: an npy header (magic, length, dict) of a 1-D array is far shorter
 
 
 # --- mask expansion -------------------------------------------------------------------------
@@ -249,15 +252,46 @@ def encode_weighted(quantised: np.ndarray, weight: int, modulus_bits: int) -> np
 
 
 def decode_mean(unmasked_sum: np.ndarray, cfg: SecAggConfig) -> tuple[np.ndarray, int]:
-    """From ``sum(encode_weighted(...))`` to (weighted mean as float32 values, total weight)."""
+    """From ``sum(encode_weighted(...))`` to (weighted mean as float32 values, total weight).
+
+    Chunk by chunk, so decoding adds only the float32 result to the integer sum (a float64
+    copy of 89M values would be 712 MB on the coordinator)."""
     signed = unmasked_sum.view(_signed_dtype(cfg.modulus_bits))
     total_weight = int(signed[-1])
     if total_weight <= 0:
         raise ValueError(f"total weight {total_weight} is not positive")
-    step = quantization_step(cfg.clipping_range, cfg.quantization_range)
-    mean = signed[:-1].astype(np.float64)
-    mean *= step / total_weight
-    return mean.astype(np.float32), total_weight
+    factor = quantization_step(cfg.clipping_range, cfg.quantization_range) / total_weight
+    body = signed[:-1]
+    mean = np.empty(body.size, dtype=np.float32)
+    for start in range(0, body.size, _CHUNK_VALUES):
+        part = body[start : start + _CHUNK_VALUES].astype(np.float64)
+        part *= factor
+        mean[start : start + part.size] = part
+    return mean, total_weight
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A Flower ``Array`` (NumPy serialisation) as a read-only view of its bytes, no copy.
+
+    ``Array.numpy()`` copies through ``np.load``; for a masked input of 89M values that is
+    712 MB more per arriving site. Only plain C-order arrays of a non-object dtype are read."""
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"array serialisation {array.stype!r} is not numpy")
+    header = io.BytesIO(memoryview(array.data)[:_NPY_HEADER_MAX])
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(header)
+    else:
+        raise ValueError(f"npy format version {version} is not read here")
+    if fortran_order or dtype.hasobject:
+        raise ValueError("only C-order arrays of plain dtypes are read")
+    count = math.prod(shape)
+    offset = header.tell()
+    if len(array.data) - offset != count * dtype.itemsize:
+        raise ValueError(f"array data holds {len(array.data) - offset} bytes, its header says {count * dtype.itemsize}")
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 # --- state dicts as one vector --------------------------------------------------------------
@@ -269,8 +303,9 @@ def flatten_state(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``flatten_state`` against a state dict with the wanted names and shapes."""
+def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
+    """Inverse of ``flatten_state`` against a state dict with the wanted names and shapes.
+    ``copy=False`` returns views of a float32 ``vector`` (no second copy of the whole state)."""
     total = sum(t.numel() for t in like.values())
     if vector.size != total:
         raise ValueError(f"vector has {vector.size} values, the state dict {total}")
@@ -278,7 +313,10 @@ def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dic
     offset = 0
     for name, tensor in like.items():
         n = tensor.numel()
-        out[name] = torch.from_numpy(np.array(vector[offset : offset + n], dtype=np.float32)).reshape(tensor.shape)
+        part = vector[offset : offset + n]
+        if copy or part.dtype != np.float32 or not part.flags.writeable:
+            part = np.array(part, dtype=np.float32)
+        out[name] = torch.from_numpy(part).reshape(tensor.shape)
         offset += n
     return out
 
@@ -288,7 +326,12 @@ def state_size(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def vector_norm(vector: np.ndarray) -> float:
-    return float(math.sqrt(float(np.dot(vector.astype(np.float64), vector.astype(np.float64)))))
+    """Euclidean norm, accumulated in float64 chunk by chunk (no float64 copy of the vector)."""
+    total = 0.0
+    for start in range(0, vector.size, _CHUNK_VALUES):
+        part = vector[start : start + _CHUNK_VALUES].astype(np.float64)
+        total += float(np.dot(part, part))
+    return math.sqrt(total)
 
 
 # --- SecAgg+ neighbourhoods ------------------------------------------------------------------

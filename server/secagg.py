@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, cast
+from typing import Any, Iterator, Mapping, cast
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 # Transient states of a site within one secure round; the record gets a STATUS_* value.
 _PENDING = "pending"
 _INCLUDED = "included"  # its masked input is in the sum, but it went silent at unmask
+# Seconds between passes over the replies still missing (Flower's own grids poll every 0.1 s).
+_PULL_INTERVAL_S = 0.05
 
 
 # Stage (b) list -> the advertisement field it forwards.
@@ -128,16 +131,41 @@ class SecureRound:
 
     # -- messaging ---------------------------------------------------------------------------
 
-    def _exchange(self, stage: str, contents: dict[int, RecordDict], timeout: float) -> dict[int, RecordDict]:
-        """Send one stage's messages; returns the contents of the good replies by node.
-        Nodes that fail or stay silent are marked and leave the round."""
+    def _replies(self, messages: list[Message], timeout: float) -> Iterator[Message]:
+        """The stage's replies one at a time, so the coordinator holds one reply, never all.
+
+        A Flower Grid (push/pull) is pulled one message id at a time: a pull inflates every
+        reply it returns, and a masked input is a full vector. Grids without push/pull (the
+        in-process one of tests and ``ctfed bench``) yield their replies lazily instead."""
+        if not (hasattr(self.grid, "push_messages") and hasattr(self.grid, "pull_messages")):
+            yield from self.grid.send_and_receive(messages, timeout=timeout)
+            return
+        pending = [msg_id for msg_id in self.grid.push_messages(messages) if msg_id]
+        del messages
+        deadline = time.monotonic() + timeout
+        while pending:
+            arrived = False
+            for msg_id in list(pending):
+                for reply in self.grid.pull_messages([msg_id]):
+                    if msg_id in pending:
+                        pending.remove(msg_id)
+                    arrived = True
+                    yield reply
+                    del reply  # before the next pull: only one reply alive at a time
+            if not pending or time.monotonic() >= deadline:
+                return
+            if not arrived:
+                time.sleep(_PULL_INTERVAL_S)
+
+    def _exchange_each(self, stage: str, contents: dict[int, RecordDict], timeout: float) -> Iterator[tuple[int, RecordDict]]:
+        """Send one stage's messages; yields (node, content) of each good reply as it comes.
+        Nodes that fail or stay silent are marked and leave the round (once all is consumed)."""
         messages = []
         for node_id, content in contents.items():
             self.sites[node_id].bytes_sent += sa.payload_bytes(content)
             messages.append(Message(content, dst_node_id=node_id, message_type=sa.message_type(stage), group_id=str(self.round)))
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        good: dict[int, RecordDict] = {}
-        for reply in replies:
+        answered: set[int] = set()
+        for reply in self._replies(messages, timeout):
             node_id = int(reply.metadata.src_node_id)
             if node_id not in contents:
                 continue
@@ -153,13 +181,21 @@ class SecureRound:
                     logger.warning("round %d: site %s failed at %s: %s", self.round, site.site, stage, reason)
                 continue
             site.bytes_received += sa.payload_bytes(reply.content)
-            good[node_id] = reply.content
-        for node_id in contents.keys() - good.keys():
+            answered.add(node_id)
+            content = reply.content
+            del reply
+            yield node_id, content
+            del content
+        for node_id in contents.keys() - answered:
             site = self.sites[node_id]
             if site.status not in (STATUS_FAILED, STATUS_REFUSED):
                 site.status, site.reason = STATUS_DROPPED, f"no reply at {stage} within {timeout:.0f} s"
                 logger.warning("round %d: site %s dropped at %s", self.round, site.site, stage)
-        return good
+
+    def _exchange(self, stage: str, contents: dict[int, RecordDict], timeout: float) -> dict[int, RecordDict]:
+        """Send one stage's messages; returns the contents of the good replies by node
+        (for stages whose replies are small; masked inputs go through ``_exchange_each``)."""
+        return dict(self._exchange_each(stage, contents, timeout))
 
     def _drop(self, node_id: int, reason: str) -> None:
         site = self.sites[node_id]
@@ -283,11 +319,16 @@ class SecureRound:
                     )
                 }
             )
-        replies = self._exchange(sa.STAGE_MASKED_INPUT, contents, self.sa_cfg.stage_timeout_s)
         dtype = sa.uint_dtype(self.sa_cfg.modulus_bits)
         included: set[int] = set()
-        for node_id, content in replies.items():
-            vector = content[sa.MASKED_KEY][sa.MASKED_ARRAY].numpy()
+        # Each masked vector is added into the running sum as it arrives and dropped at once:
+        # the coordinator holds the sum and at most one site's vector, read in place.
+        for node_id, content in self._exchange_each(sa.STAGE_MASKED_INPUT, contents, self.sa_cfg.stage_timeout_s):
+            try:
+                vector = sa.array_view(content[sa.MASKED_KEY][sa.MASKED_ARRAY])
+            except (KeyError, ValueError) as err:
+                self._drop(node_id, f"masked input unreadable: {err}")
+                continue
             if vector.dtype != dtype or vector.shape != (self.length,):
                 self._drop(node_id, f"masked input has dtype {vector.dtype} and shape {vector.shape}")
                 continue
@@ -298,6 +339,7 @@ class SecureRound:
             del vector
             self.sites[node_id].clipped = int(content[sa.PROTOCOL_KEY][sa.K_CLIPPED])
             included.add(node_id)
+            del content
         return included
 
     def consistency(self, included: set[int]) -> dict[int, bytes]:
@@ -350,7 +392,7 @@ class SecureRound:
         for node_id in signatures.keys() - replies.keys():
             self._keep_included(node_id)
         assert self.masked_sum is not None
-        total = self.masked_sum
+        total = self.masked_sum  # masks come off in place, one keystream chunk at a time
         for owner, shares in {**seed_shares, **sk1_shares}.items():
             if len(shares) < self.threshold:
                 raise RoundAborted(
@@ -383,6 +425,7 @@ class SecureRound:
                 raise RoundAborted(f"only {len(included)} masked inputs arrived (min_sites={self.cfg.federation.min_sites})")
             unmasked = self.unmask(masked, included)
             mean, total_weight = sa.decode_mean(unmasked, self.sa_cfg)
+            del unmasked  # the float32 mean replaces the integer sum
             if not np.isfinite(mean).all():
                 raise RoundAborted("the aggregate contains non-finite values")
             norm = sa.vector_norm(mean)
@@ -401,7 +444,7 @@ class SecureRound:
             site = self.sites[node_id]
             note = site.reason if site.status == _INCLUDED else ""
             site.status, site.reason = STATUS_AGGREGATED, note
-        delta = sa.unflatten_state(mean, self.like)
+        delta = sa.unflatten_state(mean, self.like, copy=False)  # views of the one mean buffer
         logger.info(
             "round %d: securely aggregated %d sites (total weight %d, aggregate norm %.4g)",
             self.round, len(included), total_weight, norm,

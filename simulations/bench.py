@@ -52,7 +52,15 @@ from ctfed.simulations.federation_bench import (
     print_federation,
     print_model_scaling,
 )
-from ctfed.simulations.secagg_bench import bench_secagg_size, with_training
+from ctfed.simulations.secagg_bench import (
+    bench_coordinator_memory,
+    bench_secagg_size,
+    keystream_throughput,
+    masking_against_keystream,
+    print_coordinator_memory,
+    print_masking,
+    with_training,
+)
 from ctfed.simulations.stock_secagg_bench import bench_stock_secagg
 from ctfed.simulations.synth import PROFILES, write_scan
 from ctfed.simulations.transport_bench import print_transport, run_transport_bench
@@ -166,25 +174,32 @@ def bench_loader_share(work: Path, model: str, steps: int) -> dict[str, Any]:
     }
 
 
-def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...]) -> dict[str, Any]:
-    """SecAgg+ vs plain aggregation; training time is the measured step of ``loader``'s model."""
+def bench_secagg(loader: dict[str, Any], sizes: tuple[int, ...], coordinator_memory: bool = False) -> dict[str, Any]:
+    """SecAgg+ vs plain aggregation; training time is the measured step of ``loader``'s model.
+    Each size's masking stage is set against this machine's ChaCha20 keystream rate; with
+    ``coordinator_memory`` the coordinator's peak RSS at the largest size is measured too
+    (sites in another process, ``bench_coordinator_memory``)."""
     cfg = load_run_config([f"model={loader['model']}"])
     from ctfed.common.model import ViTEncoder
 
     measured_params = sum(t.numel() for t in ViTEncoder(cfg.model).state_dict().values())
     measured_round = loader["step_s"] * cfg.train.local_steps
     entries = []
+    keystream = keystream_throughput()
     for size in sizes:
         entry = bench_secagg_size(size)
         # Training cost scales about linearly with parameters at a fixed input size.
         entry["train_round_s"] = measured_round * size / measured_params
         entry["ratio_with_training"] = with_training(entry, entry["train_round_s"])
+        entry["masking"] = masking_against_keystream(entry, keystream)
         entries.append(entry)
+        release_memory()
     note = (
         f"training round = {cfg.train.local_steps} local steps x {loader['step_s']:.2f} s measured on the "
         f"{loader['model']} encoder ({measured_params / 1e6:.1f}M params), scaled linearly to each size"
     )
-    return {"sizes": entries, "training_note": note}
+    memory = bench_coordinator_memory(max(sizes)) if coordinator_memory else None
+    return {"sizes": entries, "training_note": note, "coordinator_memory": memory}
 
 
 def _training_round_s(loader: dict[str, Any], params: int) -> float:
@@ -287,8 +302,10 @@ def run(args: argparse.Namespace) -> int:
             timed("loader", lambda: bench_loader_share(work, model, steps=3 if quick else 2))
     if "secagg" in parts:
         print("secure aggregation: SecAgg+ vs plain rounds, 5 sites ...", flush=True)
+        # The coordinator's peak RSS (full mode: 86M values, two more processes for ~4 min).
         timed("secagg", lambda: bench_secagg(
-            results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000)
+            results["loader"], sizes=(200_000, 1_000_000) if quick else (10_000_000, 86_000_000),
+            coordinator_memory=not quick,
         ))
     if "secagg_vs_stock" in parts:
         print("secure aggregation: ours vs stock Flower SecAgg+ vs plain, one Flower simulation per size ...", flush=True)
@@ -343,6 +360,10 @@ def print_results(results: dict[str, Any]) -> None:
                   f"-> {entry['ratio_with_training']:.3f} (goal <= 1.15); max |secure - plain| {entry['max_abs_diff_secure_vs_plain']:.1e}")
             print(f"  authentication (signatures, roster checks, model hash) {entry['authentication_per_site_s'] * 1e3:.1f} ms "
                   f"per site; consistency stage {entry['consistency_stage_s'] * 1e3:.1f} ms (slowest site)")
+            if "masking" in entry:
+                print_masking(entry["masking"])
+        if secagg.get("coordinator_memory"):
+            print_coordinator_memory(secagg["coordinator_memory"])
         print(f"  ({secagg['training_note']})")
     if "secagg_vs_stock" in results:
         print_stock_comparison(results["secagg_vs_stock"])

@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -23,6 +23,15 @@ from ctfed.common.certs import ensure_federation_signing_keys
 from ctfed.common.config import ConfigError
 
 Handler = Callable[[Message, Context], Message]
+
+
+def ensure_task_identity(run_id: int = 1) -> None:
+    """Outside a Flower process nothing has set who "we" are; Message() needs it."""
+    for name, value in (("run_id", run_id), ("node_id", 0), ("task_id", 0)):
+        try:
+            getattr(TaskIdentity, name)
+        except RuntimeError:
+            setattr(TaskIdentity, name, value)
 
 
 @dataclass
@@ -47,12 +56,7 @@ class InProcessGrid:
     auth_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        # Outside a Flower process nothing has set who "we" are; Message() needs it.
-        for name, value in (("run_id", self.run_id), ("node_id", 0), ("task_id", 0)):
-            try:
-                getattr(TaskIdentity, name)
-            except RuntimeError:
-                setattr(TaskIdentity, name, value)
+        ensure_task_identity(self.run_id)
         for node_id in self.node_ids:
             self.contexts.setdefault(
                 node_id,
@@ -88,9 +92,10 @@ class InProcessGrid:
     def set_run_id(self, run_id: int) -> None:
         self.run_id = run_id
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for message in messages:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        """Each site's reply, made when the caller asks for it (a generator): a caller that
+        consumes replies one by one holds one at a time, as over Flower's push/pull."""
+        for message in list(messages):
             node_id = message.metadata.dst_node_id
             kind = message.metadata.message_type
             if self.drop_at.get(node_id) == kind:
@@ -104,8 +109,9 @@ class InProcessGrid:
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
             key = (node_id, kind)
             self.seconds_by_node_type[key] = self.seconds_by_node_type.get(key, 0.0) + time.perf_counter() - started
-            replies.append(reply)
-        return replies
+            del message
+            yield reply
+            del reply
 
     def parallel_seconds(self) -> float:
         """Time the sites' handlers would take if sites ran in parallel: per stage, the slowest."""

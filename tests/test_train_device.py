@@ -99,3 +99,66 @@ def test_an_instruction_cannot_fork_more_loader_workers_than_the_site_has_cores(
         losses, _ = _run(loader_workers=10_000, local_steps=1)
     assert len(losses) == 1
     assert f"capped at this site's {os.cpu_count()} cores" in caplog.text
+
+
+def test_a_cpu_site_checkpoints_large_encoders_by_default() -> None:
+    from ctfed.common.config import load_run_config
+    from ctfed.common.device import AUTO_CHECKPOINTING_MIN_PARAMS, use_activation_checkpointing
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    big, small = AUTO_CHECKPOINTING_MIN_PARAMS, AUTO_CHECKPOINTING_MIN_PARAMS - 1
+    assert use_activation_checkpointing(None, cpu, big, local_dp=False)  # ViT-B on a CPU: memory first
+    assert not use_activation_checkpointing(None, cpu, small, local_dp=False)  # small: recompute buys little
+    assert not use_activation_checkpointing(None, gpu, big, local_dp=False)
+    assert not use_activation_checkpointing(None, cpu, big, local_dp=True)  # Opacus' hooks see every forward
+    assert use_activation_checkpointing(True, gpu, small, local_dp=False)  # explicit wins
+    assert not use_activation_checkpointing(False, cpu, big, local_dp=False)
+    assert load_run_config([]).train.activation_checkpointing is None
+    assert load_run_config(["train.activation_checkpointing=true"]).train.activation_checkpointing is True
+    # The trainer applies it: a tiny encoder under auto is not checkpointed, forced it is.
+    assert not LocalTrainer(MODEL, TrainConfig(device="cpu"), Volumes(), seed=0).student.encoder.activation_checkpointing
+    assert LocalTrainer(MODEL, TrainConfig(device="cpu", activation_checkpointing=True), Volumes(), seed=0).student.encoder.activation_checkpointing
+    # The auto setting travels as an absent key (a ConfigRecord holds no None), and a site
+    # rebuilds it as auto, to be resolved on its own device; an explicit value travels.
+    from ctfed.common.config import ModelConfig
+    from ctfed.common.exchange import configs_to_record, record_to_configs
+
+    record = configs_to_record(ModelConfig(), TrainConfig())
+    assert "train.activation_checkpointing" not in record
+    assert record_to_configs(record)[1].activation_checkpointing is None
+    forced = configs_to_record(ModelConfig(), TrainConfig(activation_checkpointing=False))
+    assert record_to_configs(forced)[1].activation_checkpointing is False
+    # Under DP the auto setting is simply off, not a refusal.
+    LocalTrainer(MODEL, TrainConfig(device="cpu"), Volumes(), seed=0, dp=LocalDPConfig())
+
+
+def test_glibc_hands_freed_tensor_memory_back() -> None:
+    import ctypes
+    import sys
+
+    from ctfed.common.device import limit_heap_fragmentation
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt only")
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+
+    def mmapped_bytes() -> int:  # bytes glibc holds in chunks of their own mmap (freed = unmapped)
+        return int(libc.mallinfo2().hblkhd)
+
+    # A 16 MiB free raises glibc's default (dynamic) threshold to 16 MiB: 1 MiB tensors would
+    # then come from the heap, which fragments and keeps freed activations resident.
+    torch.empty(16 * 2**20, dtype=torch.uint8).fill_(1)
+    assert limit_heap_fragmentation()
+    before = mmapped_bytes()
+    blocks = [torch.ones(2**18) for _ in range(20)]  # 20 x 1 MiB
+    assert mmapped_bytes() - before >= 15 * 2**20  # each in its own mapping (a few may reuse free heap) ...
+    del blocks
+    assert mmapped_bytes() - before < 2**20  # ... and unmapped, back to the OS, when freed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ctfed.common.config.errors import ConfigError
 
@@ -375,7 +376,10 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     # Recompute each transformer block's activations in the backward pass instead of keeping
     # them: less memory for more compute (not under local DP-SGD, whose hooks see every forward).
-    activation_checkpointing: bool = False
+    # null (auto): on for a CPU site whose encoder has >= 50M parameters (ViT-B: a 2-step round
+    # peaks at 3.3 GB instead of 7.3 GB, docs/benchmarks.md), off on a GPU, for smaller models and
+    # under local DP-SGD; true/false force it.
+    activation_checkpointing: Optional[bool] = None
     # Micro-batches of batch_size per optimiser step: the optimiser batch is their product (the
     # LR scales with it) while memory holds one micro-batch. Not under local DP-SGD (its Poisson
     # batches are the privacy unit of a step).
