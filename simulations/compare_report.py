@@ -18,18 +18,13 @@ from matplotlib.ticker import MaxNLocator
 
 from ctfed.common.fileio import write_text_atomic
 from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
-from ctfed.simulations.downstream import paired_auroc_difference
+from ctfed.simulations.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH, judged_difference, paired_auroc_difference
 from ctfed.simulations.report import PLOTS_DIR, _empty, _fmt_seconds, _save, _table
 
 COMPARE_MD = "compare.md"
 AUROC_PLOT = "compare_auroc.png"
 LOSS_PLOT = "compare_pretraining_loss.png"
 TEACHER_PLOT = "compare_teacher_policy_loss.png"
-# CI half-width (AUROC) a full-size run should reach for a verdict to be worth stating.
-TARGET_HALF_WIDTH = 0.05
-# Below this many held-out scans a bootstrap CI is itself unreliable (a handful of distinct
-# resamples), so a verdict is reported but never called evidence.
-MIN_EVIDENCE_TEST_SCANS = 100
 # Where a verdict that is too small to conclude sends the reader.
 STUDY_POINTER = "docs/studies.md says which study can answer it, and what it has given so far"
 # Feature spread below this share of the uniform spread: the encoder maps a site's scans to
@@ -80,33 +75,18 @@ def _verdict(
     labels = held_a[0]
     if not np.array_equal(labels, held_b[0]):
         raise CompareReportError(f"{key}: arms {a[0].value} and {b[0].value} were tested on different scans")
-    n_boot = int(data["compare_config"]["n_boot"])
-    seed = int(data["seeds"]["bootstrap"])
     first, second = (b, a) if gap else (a, b)
-    held_first, held_second = (held_b, held_a) if gap else (held_a, held_b)
-    diff = paired_auroc_difference(labels, held_first[1], held_second[1], n_boot, seed)
-    if gap:  # centralized minus federated must stay at or below the target
-        met, supported = diff["value"] <= target, diff["high"] <= target
-        missed_by = diff["value"] - target
-    else:
-        met, supported = diff["value"] > target, diff["low"] > target
-        missed_by = target - diff["value"]
-    half_width = (diff["high"] - diff["low"]) / 2.0
+    judged = judged_difference(
+        labels, held_a[1], held_b[1], target, gap, int(data["compare_config"]["n_boot"]), int(data["seeds"]["bootstrap"])
+    )
     return {
         "key": key,
         "question": question,
         "where": where,
         "a": {"arm": a[0].value, "mode": a[1], "auroc": _auroc(data, *a, where)},
         "b": {"arm": b[0].value, "mode": b[1], "auroc": _auroc(data, *b, where)},
-        "difference": {"of": _difference_name(first, second), **diff},
-        "target": target,
-        "kind": "at most" if gap else "more than",
-        "met": bool(met),
-        "ci_clears_target": bool(supported),
-        "missed_by": None if met else float(missed_by),
-        "n_test": int(len(labels)),
-        "n_positive": int(labels.sum()),
-        "evidence": bool(len(labels) >= MIN_EVIDENCE_TEST_SCANS and half_width <= TARGET_HALF_WIDTH),
+        **judged,
+        "difference": {"of": _difference_name(first, second), **judged["difference"]},
     }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,12 @@ from ctfed.common.config import FinetuneConfig, ModelConfig
 from ctfed.common.finetune import Finetuner, build_classifier
 from ctfed.common.metrics import evaluation_dict, roc_auc
 from ctfed.common.monitor import MonitorResult
+
+
+# A verdict counts as evidence only with this many held-out scans (fewer: a handful of distinct
+# resamples make the bootstrap CI itself unreliable) and a CI half-width (AUROC) this narrow.
+MIN_EVIDENCE_TEST_SCANS = 100
+TARGET_HALF_WIDTH = 0.05
 
 
 @dataclass
@@ -122,3 +129,29 @@ def paired_auroc_difference(
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = np.percentile(diffs, [tail, 100.0 - tail]) if len(diffs) else (math.nan, math.nan)
     return {"value": roc_auc(y, a) - roc_auc(y, b), "low": float(low), "high": float(high), "n_boot": int(len(diffs))}
+
+
+def judged_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, target: float, gap: bool, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """A verdict's numbers: AUROC(a) - AUROC(b) must exceed ``target`` (a gain); with ``gap``,
+    AUROC(b) - AUROC(a) (how far a trails b) must stay at or below it. ``difference`` is the
+    paired bootstrap of whichever difference is judged; ``evidence`` whether the test set can
+    answer at all (MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH)."""
+    diff = paired_auroc_difference(labels, scores_b, scores_a, n_boot, seed) if gap else paired_auroc_difference(labels, scores_a, scores_b, n_boot, seed)
+    if gap:
+        met, supported, missed_by = diff["value"] <= target, diff["high"] <= target, diff["value"] - target
+    else:
+        met, supported, missed_by = diff["value"] > target, diff["low"] > target, target - diff["value"]
+    half_width = (diff["high"] - diff["low"]) / 2.0
+    return {
+        "difference": diff,
+        "target": target,
+        "kind": "at most" if gap else "more than",
+        "met": bool(met),
+        "ci_clears_target": bool(supported),
+        "missed_by": None if met else float(missed_by),
+        "n_test": int(len(labels)),
+        "n_positive": int(np.asarray(labels).sum()),
+        "evidence": bool(len(labels) >= MIN_EVIDENCE_TEST_SCANS and half_width <= TARGET_HALF_WIDTH),
+    }

@@ -60,7 +60,7 @@ from ctfed.common.preprocess import FORMAT as CACHE_FORMAT
 from ctfed.common.preprocess import MANIFEST, VOLUMES_DIR_FIELD, CachedVolumes, channel_stats
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
-from ctfed.simulations.downstream import finetune_and_predict_many, paired_auroc_difference
+from ctfed.simulations.downstream import finetune_and_predict_many, judged_difference
 from ctfed.simulations.label_signal import RowSpan, window_histograms
 from ctfed.simulations.report import load_results
 
@@ -76,9 +76,6 @@ FORMAT = 1
 POOLED = "pooled"
 # Digits kept of each held-out probability in study.json (AUROC needs ranks, not precision).
 PROB_DIGITS = 5
-# A test split this large and a CI this narrow are what a verdict needs to count as evidence.
-MIN_EVIDENCE_TEST_SCANS = 100
-TARGET_HALF_WIDTH = 0.05
 
 
 class Arm(str, enum.Enum):
@@ -508,14 +505,10 @@ def _verdict(
     if held_a is None or held_b is None:
         return None
     labels = held_out(data, "test", where)[:, k]
-    first, second = (held_b, held_a) if gap else (held_a, held_b)
-    diff = paired_auroc_difference(labels, first[1][:, k], second[1][:, k], data["config"]["n_boot"], data["seeds"]["bootstrap"])
-    if gap:
-        met, supported, missed_by = diff["value"] <= target, diff["high"] <= target, diff["value"] - target
-    else:
-        met, supported, missed_by = diff["value"] > target, diff["low"] > target, target - diff["value"]
+    judged = judged_difference(
+        labels, held_a[1][:, k], held_b[1][:, k], target, gap, data["config"]["n_boot"], data["seeds"]["bootstrap"]
+    )
     names = (b, a) if gap else (a, b)
-    half_width = (diff["high"] - diff["low"]) / 2.0
     return {
         "key": key,
         "question": question,
@@ -524,15 +517,8 @@ def _verdict(
         "where": POOLED if len(where) > 1 else where[0],
         "a": {"arm": a, "mode": held_a[0], "auroc": roc_auc(labels, held_a[1][:, k])},
         "b": {"arm": b, "mode": held_b[0], "auroc": roc_auc(labels, held_b[1][:, k])},
-        "difference": {"of": f"{names[0]} - {names[1]}", **diff},
-        "target": target,
-        "kind": "at most" if gap else "more than",
-        "met": bool(met),
-        "ci_clears_target": bool(supported),
-        "missed_by": None if met else float(missed_by),
-        "n_test": int(len(labels)),
-        "n_positive": int(labels.sum()),
-        "evidence": bool(len(labels) >= MIN_EVIDENCE_TEST_SCANS and half_width <= TARGET_HALF_WIDTH),
+        **judged,
+        "difference": {"of": f"{names[0]} - {names[1]}", **judged["difference"]},
     }
 
 

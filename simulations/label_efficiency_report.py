@@ -15,7 +15,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ctfed.common.fileio import write_text_atomic
-from ctfed.simulations.label_efficiency import POOLED, STUDY_DIR, STUDY_JSON, TARGET_HALF_WIDTH, Arm
+from ctfed.simulations.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH
+from ctfed.simulations.label_efficiency import POOLED, STUDY_DIR, STUDY_JSON, Arm
 from ctfed.simulations.report import _fmt_seconds, _save, _table
 
 STUDY_MD = "study.md"
@@ -118,7 +119,7 @@ def _lines(data: dict[str, Any], plots: list[tuple[str, Path]], run_dir: Path) -
     lines += _table(["target", "met", "detail"], [[t["target"], "yes" if t["met"] else "**no**", t["detail"]] for t in data.get("targets", [])])
     lines += [
         "",
-        "A verdict counts as evidence only with >= 100 test scans and a CI half-width <= "
+        f"A verdict counts as evidence only with >= {MIN_EVIDENCE_TEST_SCANS} test scans and a CI half-width <= "
         f"{TARGET_HALF_WIDTH:.2f}; the others are marked *too small to conclude*. With {len(tasks)} tasks x "
         f"{len(cfg['labels_per_site'])} levels, some CIs clear by chance alone (about 1 in 40 per one-sided test).",
         "",

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, Context, Message, RecordDict
 
 from ctfed.client import secagg as site_secagg
 from ctfed.common import secagg as sa
 from ctfed.common.config import RunConfig, SecAggConfig
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, SITE_KEY, state_to_record
+from ctfed.common.config import ModelConfig, TrainConfig
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, RoundInstructions, SiteReply, state_to_record
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
 
@@ -33,13 +34,8 @@ def _like() -> dict[str, torch.Tensor]:
 def _train(deltas: dict[int, dict[str, torch.Tensor]]):
     def train(msg: Message, context: Context) -> Message:
         node = int(msg.metadata.dst_node_id)
-        content = RecordDict(
-            {
-                ARRAYS_KEY: state_to_record(deltas[node]),
-                METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: node, "loss": 1.0}),
-                SITE_KEY: ConfigRecord({"site-id": f"site-{node}"}),
-            }
-        )
+        reply = SiteReply(site_id=f"site-{node}", num_examples=node, loss=1.0)
+        content = RecordDict({ARRAYS_KEY: state_to_record(deltas[node]), **reply.to_records()})
         return Message(content=content, reply_to=msg)
 
     return train
@@ -109,8 +105,9 @@ def _round(grid_type=InProcessGrid, secagg: SecAggConfig | None = None, **grid_k
     cfg = RunConfig()
     cfg.secagg = secagg or SecAggConfig(num_shares=5)
     cfg.federation.min_sites = 2
+    instructions = RoundInstructions(server_round=1, model=ModelConfig(), train=TrainConfig()).to_record()
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({"server-round": 1})}), dst_node_id=n, message_type="train")
+        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: instructions}), dst_node_id=n, message_type="train")
         for n in NODES
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)

@@ -121,13 +121,16 @@ def test_a_cpu_site_checkpoints_large_encoders_by_default() -> None:
     # The auto setting travels as an absent key (a ConfigRecord holds no None), and a site
     # rebuilds it as auto, to be resolved on its own device; an explicit value travels.
     from ctfed.common.config import ModelConfig
-    from ctfed.common.exchange import configs_to_record, record_to_configs
+    from ctfed.common.exchange import RoundInstructions
 
-    record = configs_to_record(ModelConfig(), TrainConfig())
+    def travelled(train: TrainConfig) -> tuple[object, TrainConfig]:
+        record = RoundInstructions(server_round=1, model=ModelConfig(), train=train).to_record()
+        return record, RoundInstructions.from_record(record).train
+
+    record, received = travelled(TrainConfig())
     assert "train.activation_checkpointing" not in record
-    assert record_to_configs(record)[1].activation_checkpointing is None
-    forced = configs_to_record(ModelConfig(), TrainConfig(activation_checkpointing=False))
-    assert record_to_configs(forced)[1].activation_checkpointing is False
+    assert received.activation_checkpointing is None
+    assert travelled(TrainConfig(activation_checkpointing=False))[1].activation_checkpointing is False
     # Under DP the auto setting is simply off, not a refusal.
     LocalTrainer(MODEL, TrainConfig(device="cpu"), Volumes(), seed=0, dp=LocalDPConfig())
 
