@@ -244,7 +244,7 @@ def _train_arm(
     return trainer.encoder_state(), losses, kept
 
 
-def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequence[int], started: float) -> Pretrained:
+def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequence[int]) -> Pretrained:
     """A finished federation's last SSL checkpoint, its round checkpoints and per-site losses."""
     results = load_results(run_dir)
     pretraining = [r for r in results.rounds if r.phase == PRETRAIN_PHASE]
@@ -265,8 +265,9 @@ def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequen
     extra = {"site_epsilon": {s.site: s.epsilon for s in pretraining[-1].sites if s.epsilon is not None}}
     if epsilons:
         extra["max_site_epsilon"] = max(epsilons)
+    # The federation's own wall time (it ran before the study started).
     return Pretrained(
-        {POOLED: state}, len(pretraining) * steps, 1, time.perf_counter() - started, along, losses,
+        {POOLED: state}, len(pretraining) * steps, 1, results.wall_seconds, along, losses,
         {POOLED: final.relative_to(run_dir).as_posix()}, extra,
     )
 
@@ -277,9 +278,9 @@ def pretrain_arm(arm: Arm, cfg: SimulationRunConfig, run_dir: Path, data_dir: Pa
     keep = curve_rounds(cfg.federation.rounds, cfg.label_efficiency.curve_points)
     budget = cfg.federation.rounds * cfg.train.local_steps
     if arm is Arm.federated:
-        return _federation_arm(cfg, run_dir, keep, started)
+        return _federation_arm(cfg, run_dir, keep)
     if arm is Arm.federated_dp:
-        return _dp_federation(cfg, run_dir, data_dir, keep, started)
+        return _dp_federation(cfg, run_dir, data_dir, keep)
     if arm is Arm.scratch:
         return Pretrained({POOLED: dict(initial)}, 0, 0, 0.0, {}, {}, {POOLED: f"{CHECKPOINT_DIR}/global_round_0000.safetensors"}, {})
     if arm is Arm.centralized:
@@ -295,7 +296,7 @@ def pretrain_arm(arm: Arm, cfg: SimulationRunConfig, run_dir: Path, data_dir: Pa
                       {key: path.relative_to(run_dir).as_posix()}, {})
 
 
-def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int], started: float) -> Pretrained:
+def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int]) -> Pretrained:
     from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
     from ctfed.simulations.sweep import arm_config
 
@@ -306,7 +307,7 @@ def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep
     save_run_config(dp_cfg, config_path)
     if run_federation_simulation(dp_cfg, arm_dir, config_path, data_dir) != 0:
         raise RuntimeError(f"the local-DP federation failed; see {arm_dir / 'federation.log'}")
-    pretrained = _federation_arm(dp_cfg, arm_dir, keep, started)
+    pretrained = _federation_arm(dp_cfg, arm_dir, keep)
     pretrained.files = {k: (Path(ARMS_DIR) / Arm.federated_dp.value / v).as_posix() for k, v in pretrained.files.items()}
     pretrained.extra["privacy"] = OmegaConf.to_container(OmegaConf.structured(dp_cfg.privacy))
     return pretrained
