@@ -195,8 +195,10 @@ def test_a_run_folder_written_before_the_split_still_loads_and_resumes(tmp_path:
     saved = json.loads((data / "results_config.json").read_text())["config"]
     simulated = to_simulation_config(saved)
     assert simulated == read_simulation_config(data / "config.yaml")
-    # Today's defaults resolve to what main resolved: the split moved no default.
-    assert simulated == load_simulation_config(["synth.scans_per_site=2", "output_dir=runs", "run_name=main"])
+    # Today's defaults resolve to what main resolved: the split moved no default (only the later
+    # auto activation checkpointing did, False -> None, so a submission states the old value).
+    then = ["synth.scans_per_site=2", "output_dir=runs", "run_name=main", "train.activation_checkpointing=false"]
+    assert simulated == load_simulation_config(then)
     # The coordinator's root reads the same record, less the simulation's sections.
     coordinator = to_run_config(saved)
     assert type(coordinator) is RunConfig
@@ -206,8 +208,8 @@ def test_a_run_folder_written_before_the_split_still_loads_and_resumes(tmp_path:
     run_dir.mkdir()
     (run_dir / "results.json").write_text(json.dumps({"config": saved, "rounds": []}))
     for schema, submitted in (
-        (SimulationRunConfig, load_simulation_config(["synth.scans_per_site=2", "output_dir=runs", "run_name=main", "federation.rounds=4"])),
-        (RunConfig, load_run_config(["output_dir=runs", "run_name=main", "federation.rounds=4"])),
+        (SimulationRunConfig, load_simulation_config([*then, "federation.rounds=4"])),
+        (RunConfig, load_run_config(["output_dir=runs", "run_name=main", "train.activation_checkpointing=false", "federation.rounds=4"])),
     ):
         resumed, changes = resumed_config(saved_run_config(run_dir, schema), submitted)
         assert type(resumed) is schema
