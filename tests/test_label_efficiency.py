@@ -72,6 +72,16 @@ def test_config_rules() -> None:
         load_simulation_config(["preset=label_efficiency", "compare.enabled=true"])
 
 
+def test_dp_arm_is_the_federation_with_the_dp_overrides() -> None:
+    from ctfed.simulations.sweep import arm_config
+
+    cfg = load_simulation_config(["preset=label_efficiency"])
+    dp = arm_config(cfg, list(cfg.label_efficiency.dp_overrides))
+    assert dp.privacy.mode.value == "local" and dp.privacy.local.noise_multiplier == 3.5
+    assert not dp.label_efficiency.enabled  # the arm's federation runs no study of its own
+    assert (dp.model, dp.train, dp.federation, dp.synth) == (cfg.model, cfg.train, cfg.federation, cfg.synth)
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("label_efficiency")
@@ -80,6 +90,9 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.local_steps=1", "train.batch_size=2", "label_efficiency.labels_per_site=[2,4]",
         "label_efficiency.judged_labels_per_site=4", "label_efficiency.n_boot=20", "label_efficiency.curve_points=2",
         "label_efficiency.finetune.probe_steps=1", "label_efficiency.finetune.stage_steps=1",
+        # No local-DP federation here (it is the same path as the first with the DP overrides,
+        # test_dp_arm_is_the_federation_with_the_dp_overrides): it would double the test's time.
+        "label_efficiency.dp_overrides=[]", "label_efficiency.modes=[linear_probe,full]",
         f"output_dir={out}", "run_name=study",
     ])
     assert code == 0
@@ -99,7 +112,7 @@ def test_no_test_scan_is_pretrained_on(study_run: Path) -> None:
 def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study_run: Path) -> None:
     data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
     assert data["status"] == "completed"
-    assert set(data["arms"]) == {arm.value for arm in Arm}
+    assert set(data["arms"]) == {arm.value for arm in Arm} - {Arm.federated_dp.value}
     for arm, entry in data["arms"].items():
         sites = [data["smallest_site"]] if arm == Arm.local_only.value else list(data["sites"])
         for level in ("2", "4"):
@@ -109,9 +122,9 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
                     assert len(entry["finetune"][level][mode][site]["test"]) == data["sites"][site]["test"]
     assert data["arms"][Arm.centralized.value]["budget"]["pretrain_steps_per_model"] == 2
     assert [c["steps"] for c in data["arms"][Arm.federated.value]["curve"]] == [0, 2]
-    assert data["arms"][Arm.federated_dp.value]["privacy"]["max_site_epsilon"] > 0
     keys = {v["key"] for v in data["verdicts"]}
-    assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "dp_cost", "pretrained_vs_model_free"} <= keys
+    assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "pretrained_vs_model_free"} <= keys
+    assert "dp_cost" not in keys
     for verdict in data["verdicts"]:
         assert VERDICT_KEYS <= set(verdict)
         assert {"value", "low", "high"} <= set(verdict["difference"])
