@@ -331,7 +331,8 @@ def _probe_scores(train_x: np.ndarray, train_y: np.ndarray, others: Sequence[np.
             for out in outputs:
                 out[:, k] = float(y.mean())
             continue
-        steps = [StandardScaler(), *( [RowSpan()] if row_span else []), LogisticRegression(C=0.1, max_iter=2000)]
+        # The probe of label_signal.py (RowSpan: the same fit on <= n features for raw voxels).
+        steps = [StandardScaler(), *([RowSpan()] if row_span else []), LogisticRegression(C=0.1, max_iter=2000)]
         # One BLAS thread: tiny fits that spin-wait on a loaded 2-core machine (label_signal.py).
         with threadpool_limits(limits=1, user_api="blas"):
             probe = make_pipeline(*steps).fit(train_x, y)
