@@ -685,8 +685,9 @@ class CachedVolumes(torch.utils.data.Dataset):
         self.preprocessing: dict[str, Any] = data.get("preprocessing", {})
         self.channel_stats: dict[str, Any] | None = data.get("channel_stats") or channel_stats(self.entries)
         self.labels: list[dict[str, Any] | None] = [e.get("label") for e in self.entries]
-        volumes_dir = Path(data[VOLUMES_DIR_FIELD]) if data.get(VOLUMES_DIR_FIELD) else self.cache_dir
-        self.volume_paths = [volume_path(volumes_dir, entry, manifest) for entry in self.entries]
+        # Where the entries' files are: the cache itself, or the pool a manifest view names.
+        self.volumes_dir = Path(data[VOLUMES_DIR_FIELD]) if data.get(VOLUMES_DIR_FIELD) else self.cache_dir
+        self.volume_paths = [volume_path(self.volumes_dir, entry, manifest) for entry in self.entries]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -159,14 +159,12 @@ def write_pretraining_views(cfg: SimulationRunConfig, run_dir: Path, cache_root:
         if len(labelled) < study.labels_per_site[-1]:
             print(f"      {name}: only {len(labelled)} labelled scans outside test and validation; levels above are capped")
         held_out = set(test)
-        # Entries stay as they are: their files are relative to the folder the cache reads
-        # volumes from (the cache itself, or the pool a split view points to).
-        volumes_dir = json.loads((cache.cache_dir / MANIFEST).read_text(encoding="utf-8")).get(VOLUMES_DIR_FIELD) or cache.cache_dir
+        # Entries stay as they are: their files are relative to the cache's volumes_dir.
         entries = [cache.entries[i] for i in range(len(cache)) if i not in held_out]
         view = {
             "format": CACHE_FORMAT,
             "preprocessing": cache.preprocessing,
-            VOLUMES_DIR_FIELD: str(Path(volumes_dir).resolve()),
+            VOLUMES_DIR_FIELD: str(cache.volumes_dir.resolve()),
             "series": entries,
             "rejected": [],
         }
