@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 32
 FOLDS = 5
+# Random labelled subsets per few-label probe: its mean moves by about 0.01 between seeds at 20.
+FEW_LABEL_REPEATS = 20
 
 
 def window_histograms(volume: np.ndarray) -> np.ndarray:
@@ -96,6 +98,25 @@ def probe_auroc(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
     with threadpool_limits(limits=1, user_api="blas"):
         scores = cross_val_predict(probe, features, labels, cv=folds, method="predict_proba")[:, 1]
     return float(roc_auc_score(labels, scores))
+
+
+def few_label_auroc(features: np.ndarray, labels: np.ndarray, n_labels: int, seed: int, repeats: int = FEW_LABEL_REPEATS) -> float:
+    """Mean AUROC, over ``repeats`` random draws, of the same probe fitted on ``n_labels`` scans
+    and scored on all the others: the few-label regime the label-efficiency study asks about
+    (a 5-fold probe on every scan's label measures a different, many-label question). A draw
+    holding one class only is drawn again."""
+    generator = np.random.default_rng(seed)
+    aurocs = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        while len(aurocs) < repeats:
+            chosen = generator.permutation(len(labels))[:n_labels]
+            held_out = np.setdiff1d(np.arange(len(labels)), chosen)
+            if len(set(labels[chosen].tolist())) < 2 or len(set(labels[held_out].tolist())) < 2:
+                continue
+            probe = make_pipeline(StandardScaler(), RowSpan(), LogisticRegression(C=0.1, max_iter=2000))
+            probe.fit(features[chosen], labels[chosen])
+            aurocs.append(roc_auc_score(labels[held_out], probe.predict_proba(features[held_out])[:, 1]))
+    return float(np.mean(aurocs))
 
 
 def not_probeable(labels: np.ndarray) -> str | None:
@@ -152,7 +173,7 @@ def model_free_features(data: TuningSet) -> dict[str, np.ndarray]:
     }
 
 
-def measure(data: TuningSet, seed: int) -> list[dict[str, Any]]:
+def measure(data: TuningSet, seed: int, few_labels: int = 0) -> list[dict[str, Any]]:
     """One row per task: its counts and the probe AUROC of each model-free feature set (None,
     with the reason in ``skipped``, where the task has too few scans of a class)."""
     features = model_free_features(data)
@@ -162,11 +183,15 @@ def measure(data: TuningSet, seed: int) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"task": task, "scans": len(labels), "positives": int(labels.sum()), "skipped": reason}
         for name, values in features.items():
             row[name] = None if reason else probe_auroc(values, labels, seed)
+            if few_labels:
+                row[f"{name}_few"] = None if reason else few_label_auroc(values, labels, few_labels, seed)
         rows.append(row)
     return rows
 
 
-def encoder_probe(data: TuningSet, overrides: list[str], steps: int, seed: int) -> dict[str, dict[str, float]]:
+def encoder_probe(
+    data: TuningSet, overrides: list[str], steps: int, seed: int, few_labels: int = 0
+) -> dict[str, dict[str, float]]:
     """Pretrain one centralized encoder on the pooled tuning set for ``steps`` steps (the
     compare preset plus ``overrides``), then probe the features of every pooling for every
     probeable task: {task: {pooling: AUROC, pooling_spread: embedding_std / uniform}}."""
@@ -185,6 +210,8 @@ def encoder_probe(data: TuningSet, overrides: list[str], steps: int, seed: int) 
         for task, labels in tasks.items():
             rows[task][pooling.value] = probe_auroc(features, labels, seed)
             rows[task][f"{pooling.value}_spread"] = spread
+            if few_labels:
+                rows[task][f"{pooling.value}_few"] = few_label_auroc(features, labels, few_labels, seed)
     return rows
 
 
@@ -229,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         "--train", nargs="*", default=[], metavar="KEY=VALUE",
         help="Hydra overrides of the pretraining, e.g. train.mim_objective=mae train.dino_weight=0",
     )
+    parser.add_argument(
+        "--few-labels", type=int, default=0, metavar="N",
+        help="also probe with N labelled scans only (mean of %d random draws, scored on the rest); 0: off" % FEW_LABEL_REPEATS,
+    )
     args = parser.parse_args(argv)
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     counts = list(args.scans_per_site)
@@ -249,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         sets[scale] = tuning_set(args.out / f"scale_{scale:g}_size_{args.size}", synth, args.size, args.tasks)
         prepared = time.perf_counter()
-        rows = measure(sets[scale], args.seed)
+        rows = measure(sets[scale], args.seed, args.few_labels)
         probed = time.perf_counter()
         run = {
             "finding_scale": scale,
@@ -260,25 +291,32 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(run)
         print(f"\nfinding_scale {scale:g} ({len(sets[scale].volumes)} scans; synthesize + prepare "
               f"{prepared - started:.0f} s, probes {probed - prepared:.0f} s; a reused work folder skips the writing)")
-        print("| task | positives / scans | raw voxels AUROC | window histograms AUROC |")
+        few = f" ({args.few_labels} labels)" if args.few_labels else ""
+        print(f"| task | positives / scans | raw voxels AUROC{few} | window histograms AUROC{few} |")
         print("|---|---|---|---|")
         for r in rows:
             note = f" ({r['skipped']})" if r["skipped"] else ""
-            print(f"| {r['task']} | {r['positives']} / {r['scans']} | {_cell(r['raw_voxels'])} | "
-                  f"{_cell(r['window_histograms'])}{note} |", flush=True)
+            cells = [_cell(r[name]) + (f" ({_cell(r[name + '_few'])})" if args.few_labels else "")
+                     for name in ("raw_voxels", "window_histograms")]
+            print(f"| {r['task']} | {r['positives']} / {r['scans']} | {cells[0]} | {cells[1]}{note} |", flush=True)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     if args.pretrain_steps:
-        print(f"\nencoder features ({' '.join(args.train) or 'compare preset'}), probe AUROC (spread / uniform):")
+        few = f", with {args.few_labels} labels" if args.few_labels else ""
+        print(f"\nencoder features ({' '.join(args.train) or 'compare preset'}), probe AUROC (spread / uniform{few}):")
         print("| finding_scale | steps | task | " + " | ".join(p.value for p in FeaturePooling) + " |")
         print("|---|---|---|" + "---|" * len(FeaturePooling))
         for run, (scale, data) in zip(report["runs"], sets.items()):
             for steps in args.pretrain_steps:
                 started = time.perf_counter()
-                by_task = encoder_probe(data, list(args.train), steps, args.seed)
+                by_task = encoder_probe(data, list(args.train), steps, args.seed, args.few_labels)
                 run["encoder"].append({"steps": steps, "seconds": round(time.perf_counter() - started, 1), "tasks": by_task})
                 for task, row in by_task.items():
-                    cells = " | ".join(f"{row[p.value]:.3f} ({row[p.value + '_spread']:.3f})" for p in FeaturePooling)
+                    cells = " | ".join(
+                        f"{row[p.value]:.3f} ({row[p.value + '_spread']:.3f}"
+                        + (f"; {row[p.value + '_few']:.3f})" if args.few_labels else ")")
+                        for p in FeaturePooling
+                    )
                     print(f"| {scale:g} | {steps} | {task} | {cells} |", flush=True)
                 json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"\nwrote {json_path}")

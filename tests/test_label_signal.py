@@ -71,3 +71,17 @@ def test_model_free_probes_give_one_row_per_task(tmp_path, capsys) -> None:  # t
             assert row["raw_voxels"] is None and "5-fold CV needs >= 5 of each" in row["skipped"]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [line.split(" | ")[0][2:] for line in table[1:]] == list(LABEL_COLUMNS)
+
+
+def test_few_label_probe_fits_on_the_few_and_scores_the_rest() -> None:
+    from ctfed.simulations.label_signal import few_label_auroc
+
+    generator = np.random.default_rng(0)
+    labels = np.array([1] * 20 + [0] * 80)
+    # One informative feature among noise: 8 labelled scans already find it...
+    separable = np.column_stack([labels * 4.0 + generator.normal(size=100), generator.normal(size=(100, 5))])
+    assert few_label_auroc(separable, labels, n_labels=8, seed=0) > 0.8
+    # ...pure noise stays at chance, and a draw of one class only is drawn again, not an error.
+    noise = generator.normal(size=(100, 6))
+    assert abs(few_label_auroc(noise, labels, n_labels=8, seed=0) - 0.5) < 0.1
+    assert few_label_auroc(separable, labels, n_labels=8, seed=0) == few_label_auroc(separable, labels, n_labels=8, seed=0)
