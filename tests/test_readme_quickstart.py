@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -70,13 +71,20 @@ def _parse_ctfed(args: list[str]) -> None:
         pytest.fail(f"'ctfed {shlex.join(args)}' does not parse (exit {exit_.code})")
 
 
+def _unparsed(context: click.Context) -> list[str]:
+    # Click 8.2 deprecates protected_args (Click 9 folds them into args); both exist until then.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [*getattr(context, "protected_args", []), *context.args]
+
+
 def _parse_flwr(args: list[str]) -> None:
     """Resolve the subcommand and parse its options with Flower's own click command, without running it."""
     from flwr.cli.app import app
 
     command: click.Command = typer.main.get_command(app)
     context = command.make_context("flwr", list(args), resilient_parsing=False)
-    words = [*context.protected_args, *context.args]
+    words = _unparsed(context)
     while isinstance(command, click.Group):
         name, command, words = command.resolve_command(context, words)  # type: ignore[assignment]
         assert command is not None, f"'flwr {shlex.join(args)}': unknown subcommand {name}"
@@ -84,7 +92,7 @@ def _parse_flwr(args: list[str]) -> None:
             context = command.make_context(name or "", list(words), parent=context)
         except click.UsageError as err:
             pytest.fail(f"'flwr {shlex.join(args)}' does not parse: {err.format_message()}")
-        words = [*getattr(context, "protected_args", []), *context.args]
+        words = _unparsed(context)
 
 
 def parse_command(command: str) -> None:
