@@ -31,7 +31,9 @@ README = REPO / "README.md"
 RUN_MARK, PARSE_MARK = "quickstart-run", "quickstart-parse"
 # The researcher's `ctfed simulate` takes ~30 s on a 2-core machine; the rest a few seconds.
 RUN_TIMEOUT_S = 300
-FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+# A fenced block, also indented inside a list item.
+FENCE = re.compile(r"^[ \t]*```(?P<info>[^\n`]*)\n(?P<body>.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
+DOC_PAGES = (README, *sorted((REPO / "docs").glob("*.md")))
 
 
 def quickstart_blocks(markdown: str) -> list[tuple[str, list[str]]]:
@@ -135,6 +137,25 @@ def test_quickstart_blocks_parse_and_run_as_written(tmp_path: Path) -> None:
     # The researcher's quickstart ends with a report to read.
     reports = list(tmp_path.glob("runs/sim-*/report.md"))
     assert len(reports) == 1 and "round" in reports[0].read_text()
+
+
+def test_every_ctfed_and_flwr_command_in_the_docs_parses() -> None:
+    """Every `ctfed` / `flwr` line of a bash block in README.md and docs/ (marked or not) parses;
+    other lines (pytest, shell loops) are left alone."""
+    checked = 0
+    for page in DOC_PAGES:
+        for match in FENCE.finditer(page.read_text()):
+            if not match.group("info").strip().startswith("bash"):
+                continue
+            for line in match.group("body").replace("\\\n", " ").splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                words = _words(line)
+                if words and words[0] in ("ctfed", "flwr"):
+                    parse_command(line)
+                    checked += 1
+    assert checked >= 40
 
 
 def test_a_renamed_option_fails_the_parse_check() -> None:
