@@ -74,3 +74,19 @@ def test_rendered_rows_carry_type_default_choices_and_nested_sections() -> None:
     assert "| `maybe` | `Optional[bool]` | `null` |" in page
     assert "### `inner`" in page and "| `inner.depth` | `int` | `3` | Above the field, on two lines. |" in page
     assert "### `inners[]`" in page
+
+
+def _inner_with_depth_7() -> _Inner:
+    return _Inner(depth=7)
+
+
+@dataclass
+class _RootWithFactory:
+    inner: _Inner = field(default_factory=_inner_with_depth_7)
+
+
+def test_a_section_shows_the_defaults_its_parent_builds() -> None:
+    page = render_config_docs("# Toy", [ConfigRoot(title="Toy", intro="A toy root.", schema=_RootWithFactory)])
+    assert "| `inner.depth` | `int` | `7` |" in page
+    # The real case: a run's phase-2 task is the synthetic hospitals' "any", not FinetuneConfig's "label".
+    assert "| `finetune.label_names` | `list[str]` | `[any]` |" in render()

@@ -158,24 +158,29 @@ class _Renderer:
     def __init__(self) -> None:
         self.out: list[str] = []
 
-    def rows(self, schema: type, key: str, specs: Sequence[Field],
-             notes: typing.Mapping[str, str]) -> list[tuple[str, type]]:
-        """One table row per field in ``specs``; returns the nested sections to render after it."""
+    def rows(self, schema: type, key: str, specs: Sequence[Field], notes: typing.Mapping[str, str],
+             defaults: Any = None) -> list[tuple[str, type, Any]]:
+        """One table row per field in ``specs``; returns the nested sections to render after it.
+
+        ``defaults``: the instance the parent's default builds (its default_factory), whose
+        values are this section's defaults there (``finetune`` in a run is not FinetuneConfig's
+        own default); None: the fields' own defaults."""
         comments = member_comments_with_bases(schema)
         hints = typing.get_type_hints(schema)
-        nested: list[tuple[str, type]] = []
+        nested: list[tuple[str, type, Any]] = []
         for spec in specs:
             full_key = f"{key}.{spec.name}" if key else spec.name
             inner = _inner_types(hints[spec.name])
             dataclass_inner = next((t for t in inner if is_dataclass(t)), None)
             enum_inner = next((t for t in inner if isinstance(t, type) and issubclass(t, enum.Enum)), None)
-            default = _default(spec)
+            default = _default(spec) if defaults is None else getattr(defaults, spec.name)
             description = " ".join(part for part in (comments.get(spec.name, ""), notes.get(spec.name, "")) if part)
             is_list = False
             if dataclass_inner is not None:
                 is_list = typing.get_origin(hints[spec.name]) in (list, typing.List)
                 sub_key = f"{full_key}[]" if is_list else full_key
-                nested.append((sub_key, dataclass_inner))
+                # A list's entries start from their class's own defaults; a section from this one's.
+                nested.append((sub_key, dataclass_inner, None if is_list else default))
                 description = (description + " " if description else "") + f"Fields: `{sub_key}` below."
             if enum_inner is not None:
                 choices = _enum_choices(enum_inner)
@@ -194,15 +199,15 @@ class _Renderer:
         return nested
 
     def table(self, schema: type, key: str, specs: Sequence[Field], level: int,
-              notes: typing.Mapping[str, str] | None = None) -> None:
+              notes: typing.Mapping[str, str] | None = None, defaults: Any = None) -> None:
         self.out.append("| key | type | default | what it is |")
         self.out.append("|---|---|---|---|")
-        nested = self.rows(schema, key, specs, notes or {})
+        nested = self.rows(schema, key, specs, notes or {}, defaults)
         self.out.append("")
-        for sub_key, sub_schema in nested:
-            self.section(sub_key, sub_schema, min(level + 1, 4))
+        for sub_key, sub_schema, sub_defaults in nested:
+            self.section(sub_key, sub_schema, min(level + 1, 4), defaults=sub_defaults)
 
-    def section(self, key: str, schema: type, level: int, note: str = "") -> None:
+    def section(self, key: str, schema: type, level: int, note: str = "", defaults: Any = None) -> None:
         self.out.append(f"{'#' * level} `{key}`")
         self.out.append("")
         self.out.append(f"`{schema.__name__}` ({_module_path(schema)}).{(' ' + note) if note else ''}")
@@ -211,7 +216,7 @@ class _Renderer:
             self.out.append("")
             self.out.append(doc)
         self.out.append("")
-        self.table(schema, key, fields(schema), level)
+        self.table(schema, key, fields(schema), level, defaults=defaults)
 
     def root(self, root: ConfigRoot) -> None:
         self.out.append(f"## {root.title}")
@@ -229,7 +234,9 @@ class _Renderer:
         for spec in sections:
             note = " ".join(part for part in (comments.get(spec.name, ""), notes.get(spec.name, "")) if part)
             key = f"{prefix}.{spec.name}" if prefix else spec.name
-            self.section(key, hints[spec.name], 3, note)
+            # The root's own default of the section, built alone: the root's __post_init__ (rules
+            # between sections, e.g. train.schedule_rounds following federation.rounds) stays out.
+            self.section(key, hints[spec.name], 3, note, defaults=_default(spec))
 
 
 def member_comments_with_bases(cls: type) -> dict[str, str]:
