@@ -118,6 +118,7 @@ def test_readme_marks_a_quickstart_for_each_user() -> None:
     assert any(mark == RUN_MARK for mark, _ in blocks)
 
 
+@pytest.mark.slow
 def test_quickstart_blocks_parse_and_run_as_written(tmp_path: Path) -> None:
     blocks = quickstart_blocks(README.read_text())
     for mark, commands in blocks:
@@ -156,6 +157,32 @@ def test_every_ctfed_and_flwr_command_in_the_docs_parses() -> None:
                     parse_command(line)
                     checked += 1
     assert checked >= 40
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """Links between README.md and docs/ pages (files, images and #anchors) point at something."""
+    headings = {}
+    for page in DOC_PAGES:
+        prose = FENCE.sub("", page.read_text())
+        headings[page.resolve()] = {_github_anchor(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", prose, re.MULTILINE)}
+    broken = []
+    for page in DOC_PAGES:
+        for match in re.finditer(r"\]\(([^)\s]+)\)", FENCE.sub("", page.read_text())):
+            target = match.group(1)
+            if re.match(r"^[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page.resolve()
+            if not resolved.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in headings.get(resolved, set()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
 
 
 def test_a_renamed_option_fails_the_parse_check() -> None:
