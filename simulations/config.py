@@ -48,7 +48,7 @@ class SynthConfig:
     # Multiplies every synthetic finding's size (haematoma radii, collection widths, sulcal
     # lines, dilation of blood-filled ventricles). 1.0: realistic sizes, which at the tiny
     # model's 32^3 input blur into the skull's rim or a few voxels; the compare preset
-    # enlarges them so the labels are learnable at that size (README, "Comparing ...").
+    # enlarges them so the labels are learnable at that size (docs/simulate.md, "Comparing ...").
     finding_scale: float = 1.0
     # Chance per scan of each structural finding (simulations/phantom.py: not bright voxels,
     # each its own label column beside the haemorrhages and `any`), drawn independently of

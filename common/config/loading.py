@@ -28,7 +28,7 @@ RUN_CONFIG_NAME = "run"
 
 # Sections of ``ctfed simulate``'s root (ctfed.simulations.config.SimulationRunConfig), named
 # here, not imported (common never imports simulations), for one reason: files a coordinator
-# reads carry them. ``ctfed simulate --show-config`` is how README tells a coordinator to
+# reads carry them. ``ctfed simulate --show-config`` is how docs/deploy.md tells a coordinator to
 # write its run.yaml, and every results.json written before the split records them. A root
 # that does not declare them drops them (logged) instead of refusing the file; any other
 # unknown key is still an error. tests/test_config.py keeps this list equal to that root's.
