@@ -452,18 +452,32 @@ class LocalTrainer:
     def train_round(self, round_index: int) -> RoundResult:
         """Run ``train.local_steps`` optimizer steps; schedules follow the global step.
 
+        Torch's global generator (dropout draws from it) is seeded for the round and restored
+        after: in a reused process (a simulation engine's actor plays several sites, in
+        whatever order they come) its state would otherwise depend on what ran there before.
+        """
+        if round_index < 0:
+            raise ValueError(f"round_index must be >= 0, got {round_index}")
+        global_seed = np.random.SeedSequence([self.seed, round_index]).spawn(4)[3]  # _round's fourth child
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(global_seed.generate_state(1)[0]))
+            return self._round(round_index)
+
+    def _round(self, round_index: int) -> RoundResult:
+        """``train_round``'s work, under its seeded global generator.
+
         Plain and DP-SGD steps share this loop; they differ only in the batches (shuffled
         vs Poisson-sampled), in how the gradient is formed (``_backward``,
         ``_finish_gradients``) and in where the centres come from (``_update_dp_centres``).
         """
-        if round_index < 0:
-            raise ValueError(f"round_index must be >= 0, got {round_index}")
         started = time.perf_counter()
         cfg = self.train_cfg
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
         # the ClientApp builds a fresh trainer every round. Every volume draw's crops come from
         # (crop seed, its position in the round), so they are the same whichever loader process
-        # makes them. (The fourth child, once DP noise, is unused: DP draws from the OS CSPRNG.)
+        # makes them. (The fourth child, once DP noise, seeds torch's global generator in
+        # ``train_round``: dropout. DP noise draws from the OS CSPRNG.)
         crop_seed, order_seed, mask_seed, _ = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
         order = int(order_seed.generate_state(1)[0])
