@@ -173,19 +173,32 @@ class _ShuffledBatches:
                 position += len(batch)
 
 
+def content_order(dataset: Dataset) -> list[int]:
+    """The dataset's indices by their volumes' content hash (a prepared cache's entries), else
+    as they are. A cache lists its volumes by keyed pseudonym, and a new site secret (a cache
+    prepared again, every ``ctfed simulate`` run before its synthetic secrets were seeded)
+    reorders them; sampled in content order, the same scans train the same way."""
+    size = len(dataset)  # type: ignore[arg-type]
+    entries = getattr(dataset, "entries", None)
+    if not isinstance(entries, list) or len(entries) != size:
+        return list(range(size))
+    return sorted(range(size), key=lambda i: (str(entries[i].get("content_hash", "")) if isinstance(entries[i], dict) else "", i))
+
+
 class _CropViews(Dataset):
     """(position, volume index) -> that volume's multi-crop views (crops, C, S, S, S), drawn
-    from a generator seeded by (round's crop seed, position)."""
+    from a generator seeded by (round's crop seed, position). Indices count in ``order``
+    (``content_order``), so a draw names a scan, not a place in the manifest."""
 
-    def __init__(self, dataset: Dataset, multicrop: MultiCrop3D, seed: np.random.SeedSequence) -> None:
-        self.dataset, self.multicrop, self.seed = dataset, multicrop, seed
+    def __init__(self, dataset: Dataset, multicrop: MultiCrop3D, seed: np.random.SeedSequence, order: list[int]) -> None:
+        self.dataset, self.multicrop, self.seed, self.order = dataset, multicrop, seed, order
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         position, index = item
-        volume = self.dataset[index]
+        volume = self.dataset[self.order[index]]
         if not isinstance(volume, torch.Tensor) or volume.ndim != 4:
             shape = tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__
             raise ValueError(f"dataset must yield volumes (C, S, S, S), got {shape}")
@@ -211,6 +224,7 @@ class LocalTrainer:
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.dataset = dataset
+        self.volume_order = content_order(dataset)  # what batches index: scans, not pseudonyms
         self.device = resolve_device(device or train_cfg.device)
         check_precision(train_cfg.precision, self.device)
         self.seed = seed
@@ -730,7 +744,7 @@ class LocalTrainer:
         if workers < self.train_cfg.loader_workers:
             logger.warning("train.loader_workers=%d capped at this site's %d cores", self.train_cfg.loader_workers, workers)
         loader = DataLoader(
-            _CropViews(self.dataset, self.multicrop, crop_seed),
+            _CropViews(self.dataset, self.multicrop, crop_seed, self.volume_order),
             batch_sampler=_ShuffledBatches(len(self.dataset), self.train_cfg.batch_size, order_seed),  # type: ignore[arg-type]
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -745,7 +759,7 @@ class LocalTrainer:
         assert self.dp is not None
         if self.train_cfg.loader_workers:
             logger.info("local DP-SGD makes its crops in the training process (train.loader_workers ignored)")
-        views = _CropViews(self.dataset, self.multicrop, crop_seed)
+        views = _CropViews(self.dataset, self.multicrop, crop_seed, self.volume_order)
         position = 0
         for indices in self.dp.poisson_batches():
             items = [(position + k, index) for k, index in enumerate(indices)]
