@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 
 from ctfed.common.config import load_run_config
@@ -89,3 +90,26 @@ def test_same_seed_same_results_and_weights(tmp_path: Path, secure: bool) -> Non
     assert [[s["losses"] for s in r["sites"]] for r in other["rounds"]] != losses
     assert other_weights["global_round_0000.safetensors"] != first_weights["global_round_0000.safetensors"]
     assert other_weights["global_round_0002.safetensors"] != first_weights["global_round_0002.safetensors"]
+
+
+def test_a_cache_prepared_again_under_a_new_secret_trains_the_same(tmp_path: Path) -> None:
+    """A cache lists its scans by keyed pseudonym; a new site secret reorders the manifest but
+    must not change what the site trains (LocalTrainer samples in content order)."""
+    from ctfed.client.train import LocalTrainer
+    from ctfed.common.preprocess import CachedVolumes, prepare
+    from ctfed.common.privacy import install_site_secret
+    from ctfed.simulations.synth import synthesize_federation
+
+    cfg = load_run_config(["train.local_steps=2", "train.batch_size=2"])
+    (site_dir,) = synthesize_federation(tmp_path / "dicom", 1, 4, seed=5)
+    runs = []
+    for name, secret in (("before", b"\x01" * 32), ("after", b"\x02" * 32)):
+        install_site_secret(tmp_path / name, secret)
+        prepare(site_dir, tmp_path / name, cfg.preprocess, progress=False)
+        dataset = CachedVolumes(tmp_path / name)
+        trainer = LocalTrainer(cfg.model, cfg.train, dataset, seed=0)
+        runs.append(([e["content_hash"] for e in dataset.entries], trainer.train_round(0).losses, trainer.encoder_state()))
+    (hashes_a, losses_a, weights_a), (hashes_b, losses_b, weights_b) = runs
+    assert sorted(hashes_a) == sorted(hashes_b) and hashes_a != hashes_b  # the same scans, listed in another order
+    assert losses_a == losses_b
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
