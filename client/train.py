@@ -616,8 +616,8 @@ class LocalTrainer:
         losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
         mim = result.mim_losses
         logger.info(
-            "round %d%s: %d steps, %d volumes%s%s, %.1fs",
-            round_index, mode, cfg.local_steps, result.num_examples, losses,
+            "round %d%s: %d steps, %d volumes%s%s, %.1fs",  # 1-based, as the coordinator counts rounds
+            round_index + 1, mode, cfg.local_steps, result.num_examples, losses,
             f" ({self._mim_name} {mim[0]:.4f} -> {mim[-1]:.4f})" if mim else "", result.seconds,
         )
 
