@@ -375,7 +375,7 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
     if not np.isfinite(delta).all():  # checked at training already; masking must never hide a NaN
         raise UpdateRejected("own delta contains NaN or infinite values")
     clipping, levels, bits = float(state[sa.P_CLIPPING]), int(state[sa.P_QUANTIZATION]), int(state[sa.P_MODULUS_BITS])
-    quantised = sa.quantize(delta, clipping, levels)
+    quantised = sa.quantize(delta, clipping, levels, sa.rounding_rng(delta, server_round))  # same delta, same integers
     if quantised.clipped:
         logger.warning(
             "secure aggregation round %d: %d of %d update values were outside +-%g and were clipped",

@@ -173,19 +173,32 @@ class _ShuffledBatches:
                 position += len(batch)
 
 
+def content_order(dataset: Dataset) -> list[int]:
+    """The dataset's indices by their volumes' content hash (a prepared cache's entries), else
+    as they are. A cache lists its volumes by keyed pseudonym, and a new site secret (a cache
+    prepared again, every ``ctfed simulate`` run before its synthetic secrets were seeded)
+    reorders them; sampled in content order, the same scans train the same way."""
+    size = len(dataset)  # type: ignore[arg-type]
+    entries = getattr(dataset, "entries", None)
+    if not isinstance(entries, list) or len(entries) != size:
+        return list(range(size))
+    return sorted(range(size), key=lambda i: (str(entries[i].get("content_hash", "")) if isinstance(entries[i], dict) else "", i))
+
+
 class _CropViews(Dataset):
     """(position, volume index) -> that volume's multi-crop views (crops, C, S, S, S), drawn
-    from a generator seeded by (round's crop seed, position)."""
+    from a generator seeded by (round's crop seed, position). Indices count in ``order``
+    (``content_order``), so a draw names a scan, not a place in the manifest."""
 
-    def __init__(self, dataset: Dataset, multicrop: MultiCrop3D, seed: np.random.SeedSequence) -> None:
-        self.dataset, self.multicrop, self.seed = dataset, multicrop, seed
+    def __init__(self, dataset: Dataset, multicrop: MultiCrop3D, seed: np.random.SeedSequence, order: list[int]) -> None:
+        self.dataset, self.multicrop, self.seed, self.order = dataset, multicrop, seed, order
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         position, index = item
-        volume = self.dataset[index]
+        volume = self.dataset[self.order[index]]
         if not isinstance(volume, torch.Tensor) or volume.ndim != 4:
             shape = tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__
             raise ValueError(f"dataset must yield volumes (C, S, S, S), got {shape}")
@@ -211,6 +224,7 @@ class LocalTrainer:
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg
         self.dataset = dataset
+        self.volume_order = content_order(dataset)  # what batches index: scans, not pseudonyms
         self.device = resolve_device(device or train_cfg.device)
         check_precision(train_cfg.precision, self.device)
         self.seed = seed
@@ -452,18 +466,32 @@ class LocalTrainer:
     def train_round(self, round_index: int) -> RoundResult:
         """Run ``train.local_steps`` optimizer steps; schedules follow the global step.
 
+        Torch's global generator (dropout draws from it) is seeded for the round and restored
+        after: in a reused process (a simulation engine's actor plays several sites, in
+        whatever order they come) its state would otherwise depend on what ran there before.
+        """
+        if round_index < 0:
+            raise ValueError(f"round_index must be >= 0, got {round_index}")
+        global_seed = np.random.SeedSequence([self.seed, round_index]).spawn(4)[3]  # _round's fourth child
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(global_seed.generate_state(1)[0]))
+            return self._round(round_index)
+
+    def _round(self, round_index: int) -> RoundResult:
+        """``train_round``'s work, under its seeded global generator.
+
         Plain and DP-SGD steps share this loop; they differ only in the batches (shuffled
         vs Poisson-sampled), in how the gradient is formed (``_backward``,
         ``_finish_gradients``) and in where the centres come from (``_update_dp_centres``).
         """
-        if round_index < 0:
-            raise ValueError(f"round_index must be >= 0, got {round_index}")
         started = time.perf_counter()
         cfg = self.train_cfg
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
         # the ClientApp builds a fresh trainer every round. Every volume draw's crops come from
         # (crop seed, its position in the round), so they are the same whichever loader process
-        # makes them. (The fourth child, once DP noise, is unused: DP draws from the OS CSPRNG.)
+        # makes them. (The fourth child, once DP noise, seeds torch's global generator in
+        # ``train_round``: dropout. DP noise draws from the OS CSPRNG.)
         crop_seed, order_seed, mask_seed, _ = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
         order = int(order_seed.generate_state(1)[0])
@@ -588,8 +616,8 @@ class LocalTrainer:
         losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
         mim = result.mim_losses
         logger.info(
-            "round %d%s: %d steps, %d volumes%s%s, %.1fs",
-            round_index, mode, cfg.local_steps, result.num_examples, losses,
+            "round %d%s: %d steps, %d volumes%s%s, %.1fs",  # 1-based, as the coordinator counts rounds
+            round_index + 1, mode, cfg.local_steps, result.num_examples, losses,
             f" ({self._mim_name} {mim[0]:.4f} -> {mim[-1]:.4f})" if mim else "", result.seconds,
         )
 
@@ -716,7 +744,7 @@ class LocalTrainer:
         if workers < self.train_cfg.loader_workers:
             logger.warning("train.loader_workers=%d capped at this site's %d cores", self.train_cfg.loader_workers, workers)
         loader = DataLoader(
-            _CropViews(self.dataset, self.multicrop, crop_seed),
+            _CropViews(self.dataset, self.multicrop, crop_seed, self.volume_order),
             batch_sampler=_ShuffledBatches(len(self.dataset), self.train_cfg.batch_size, order_seed),  # type: ignore[arg-type]
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -731,7 +759,7 @@ class LocalTrainer:
         assert self.dp is not None
         if self.train_cfg.loader_workers:
             logger.info("local DP-SGD makes its crops in the training process (train.loader_workers ignored)")
-        views = _CropViews(self.dataset, self.multicrop, crop_seed)
+        views = _CropViews(self.dataset, self.multicrop, crop_seed, self.volume_order)
         position = 0
         for indices in self.dp.poisson_batches():
             items = [(position + k, index) for k, index in enumerate(indices)]

@@ -17,9 +17,11 @@ checkpoints (e.g. FM-CT's) map onto this encoder by renaming only the CLS token.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,17 @@ def _init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+
+@contextlib.contextmanager
+def _quiet_monai_meshgrid() -> Iterator[None]:
+    """MONAI's sin-cos position table calls ``torch.meshgrid`` without ``indexing`` (its
+    result is the same either way): a deprecation warning at every model build, i.e. in every
+    site's log every round, that a hospital cannot act on (issue #14 item 10). Only that one
+    warning, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+        yield
+
 class ViTEncoder(nn.Module):
     """3D ViT: conv patches, optional mask token, fixed sin-cos positions, CLS, blocks, norm.
 
@@ -156,17 +169,18 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.num_patches = cfg.tokens_per_side**3
         self.hidden_size = cfg.hidden_size
-        self.patch_embedding = PatchEmbeddingBlock(
-            in_channels=cfg.in_channels,
-            img_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            hidden_size=cfg.hidden_size,
-            num_heads=cfg.num_heads,
-            proj_type="conv",
-            pos_embed_type="sincos",
-            dropout_rate=cfg.dropout,
-            spatial_dims=3,
-        )
+        with _quiet_monai_meshgrid():
+            self.patch_embedding = PatchEmbeddingBlock(
+                in_channels=cfg.in_channels,
+                img_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+                hidden_size=cfg.hidden_size,
+                num_heads=cfg.num_heads,
+                proj_type="conv",
+                pos_embed_type="sincos",
+                dropout_rate=cfg.dropout,
+                spatial_dims=3,
+            )
         self.mask_token = MaskToken(cfg.hidden_size)
         self.cls_token = ClsToken(cfg.hidden_size)
         self.activation_checkpointing = False
@@ -269,7 +283,8 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(cfg.hidden_size, cfg.decoder_hidden)
         self.fill = DroppedPatchFill(cfg.decoder_hidden, grid**3)
         # Fixed, so a buffer outside the state dict: nothing to send, train or restore.
-        positions = build_sincos_position_embedding([grid] * 3, cfg.decoder_hidden, spatial_dims=3)
+        with _quiet_monai_meshgrid():
+            positions = build_sincos_position_embedding([grid] * 3, cfg.decoder_hidden, spatial_dims=3)
         self.register_buffer("position_embeddings", positions.detach().clone(), persistent=False)
         self.blocks = nn.ModuleList(
             TransformerBlock(cfg.decoder_hidden, 4 * cfg.decoder_hidden, cfg.decoder_heads)

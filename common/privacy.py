@@ -37,15 +37,36 @@ def site_secret(cache_dir: Path) -> bytes:
             )
         return secret
     secret = secrets.token_bytes(SECRET_BYTES)
+    if not _create_secret(path, secret):
+        return site_secret(cache_dir)  # another process created it first
+    logger.info("created a new site secret in %s", cache_dir)
+    return secret
+
+
+def _create_secret(path: Path, secret: bytes) -> bool:
+    """Write ``secret`` to a new ``path`` (mode 0600); False if the file already exists."""
     # O_EXCL: two processes racing to create the secret cannot both win and disagree.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return site_secret(cache_dir)
+        return False
     with os.fdopen(fd, "wb") as handle:
         handle.write(secret)
-    logger.info("created a new site secret in %s", cache_dir)
-    return secret
+    return True
+
+
+def install_site_secret(cache_dir: Path, secret: bytes) -> None:
+    """Give a new cache folder a chosen secret instead of a random one (``ctfed simulate``'s
+    synthetic hospitals: their pseudonyms, hence their manifest order, follow the synth seed).
+
+    Never for a real site: anyone holding the secret can confirm a guessed UID. An existing
+    different secret is refused, since the cache's keys were made with it.
+    """
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"a site secret is {SECRET_BYTES} bytes, got {len(secret)}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not _create_secret(cache_dir / SECRET_FILE, secret) and site_secret(cache_dir) != secret:
+        raise ValueError(f"{cache_dir / SECRET_FILE} already holds another site secret")
 
 
 def pseudonym(secret: bytes, *parts: str, length: int = 16) -> str:

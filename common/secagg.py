@@ -13,7 +13,10 @@ secret, with the round and the mask's purpose bound into both key and nonce.
 Quantisation error (``aggregation_error_bound``): values inside +-clipping_range are
 rounded stochastically (unbiased) to a grid of step ``2 * clipping_range /
 quantization_range``; each site's rounding error is below one step per value, and the
-weighted mean of such errors is too. So, per value,
+weighted mean of such errors is too. The rounding's dither comes from a generator seeded
+by a hash of the values rounded and the round (``rounding_rng``): the same delta gives the
+same integers, so a simulation is bit-reproducible, and a coordinator, which never sees a
+site's delta, cannot predict it. So, per value,
 ``|secure mean - plain weighted mean of the clipped deltas| < step`` (plus float32
 rounding of the result). Values outside the range are clipped, counted, and reported.
 """
@@ -215,10 +218,23 @@ class Quantised:
     clipped: int  # how many values were outside +-clipping_range
 
 
+def rounding_rng(values: np.ndarray, server_round: int) -> np.random.Generator:
+    """The stochastic rounding's generator for ``values`` in ``server_round``, seeded by a
+    BLAKE2b hash of their bytes and the round: a function of the inputs (a rerun with the same
+    delta rounds it the same way; an OS-seeded generator made every run's aggregate differ in
+    its last bits), yet unpredictable to whoever lacks the delta. Costs one pass over the
+    vector: 0.35 s for 20M float32 values on one shared core, so about 1.5 s at ViT-B's 89M."""
+    digest = hashlib.blake2b(digest_size=32, person=b"ctfed-dither")
+    digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+    digest.update(int(server_round).to_bytes(8, "big", signed=True))
+    return np.random.default_rng(np.frombuffer(digest.digest(), dtype=np.uint32))
+
+
 def quantize(
     values: np.ndarray, clipping_range: float, quantization_range: int, rng: np.random.Generator | None = None
 ) -> Quantised:
-    """Clip to +-clipping_range (counting what was clipped) and round stochastically to the grid."""
+    """Clip to +-clipping_range (counting what was clipped) and round stochastically to the grid
+    (the dither from ``rng``: a site passes ``rounding_rng``; None draws it from the OS)."""
     rng = rng or np.random.default_rng()
     values = np.asarray(values)
     clipped = int(np.count_nonzero(np.abs(values) > clipping_range))

@@ -116,9 +116,11 @@ def vet_replies(
     """Keep replies whose updates are usable; record every site's outcome either way.
 
     An update must arrive in the round's ``transport`` format; an accepted reply's arrays
-    are replaced by their float32 form, so every combination rule downstream sees float32."""
+    are replaced by their float32 form, so every combination rule downstream sees float32.
+    Accepted replies come in site order, not arrival order: float sums depend on the order
+    of their terms, and a rerun's replies arrive in another."""
     known_sites = {} if known_sites is None else known_sites
-    accepted: list[Message] = []
+    accepted: list[tuple[str, Message]] = []
     records: list[SiteRoundRecord] = []
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -155,10 +157,11 @@ def vet_replies(
             records.append(SiteRoundRecord(site=site, status=STATUS_REJECTED, reason=str(err)))
             continue
         reply.content[ARRAYS_KEY] = state_to_record(update)
-        accepted.append(reply)
+        accepted.append((site, reply))
         records.append(site_record(decoded, STATUS_AGGREGATED, bytes_received=record_bytes(sent)))
     records.sort(key=lambda record: record.site)
-    return accepted, records
+    accepted.sort(key=lambda pair: pair[0])
+    return [reply for _, reply in accepted], records
 
 
 def missing_records(messages: list[Message], replies: list[Message], known_sites: dict[int, str]) -> list[SiteRoundRecord]:

@@ -21,7 +21,7 @@ from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.config import RunConfig, to_run_config
 from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
-from ctfed.common.exchange import PRETRAIN_PHASE, SiteReply
+from ctfed.common.exchange import PRETRAIN_PHASE, STATUS_AGGREGATED, SiteReply
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.monitor import SECONDS_KEY as MONITOR_SECONDS_KEY, monitor_from_metrics
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY
@@ -217,6 +217,15 @@ def monitor_summary(sites: Sequence[SiteRoundRecord]) -> str:
         if s.monitor
     ]
     return "; ".join(parts) or "no site reported one"
+
+
+def loss_summary(sites: Sequence[SiteRoundRecord]) -> str:
+    """One log line: the loss of each site in the aggregate, then who is not in it and why (a
+    site that trained and dropped out of secure aggregation later has a loss, but its update
+    is not in the model)."""
+    kept = ", ".join(f"{s.site} {s.loss:.4f}" for s in sites if s.status == STATUS_AGGREGATED and s.loss is not None)
+    left = ", ".join(f"{s.site} ({s.status})" for s in sites if s.status != STATUS_AGGREGATED)
+    return (kept or "n/a") + (f"; not in the aggregate: {left}" if left else "")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.collect import build_strategy, collect_round, round_instructions
 from ctfed.server.finetune_rounds import run_finetune_rounds
-from ctfed.server.results import FederationStopped, RoundRecord, RunRecorder, monitor_summary
+from ctfed.server.results import FederationStopped, RoundRecord, RunRecorder, loss_summary, monitor_summary
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,10 @@ def run_pretraining(
                 reason=outcome.reason,
             )
         )
-        losses = ", ".join(f"{s.site} {s.loss:.4f}" for s in outcome.sites if s.loss is not None)
-        logger.info("[round %d/%d] done in %.1f s; loss per site: %s", server_round, total, time.perf_counter() - started, losses or "n/a")
+        logger.info(
+            "[round %d/%d] done in %.1f s; loss per site: %s",
+            server_round, total, time.perf_counter() - started, loss_summary(outcome.sites),
+        )
         if cfg.monitor.enabled:
             logger.info(
                 "[round %d/%d] representation monitor of the encoder sent (global_round_%04d): %s",

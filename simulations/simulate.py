@@ -21,6 +21,7 @@ from ctfed.common.certs import ensure_federation_signing_keys
 from ctfed.common.config import ConfigError, save_run_config
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
+from ctfed.common.privacy import install_site_secret
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.server.app import RESUME_KEY, RESUME_OVERRIDE_KEY, RUN_CONFIG_FILE_KEY
 from ctfed.server.results import RESULTS_NAME, ResumeError, resumed_config, saved_run_config
@@ -35,7 +36,7 @@ from ctfed.simulations.engine import SimulationError, run_app
 from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
 from ctfed.simulations.report import console_table, load_results, render_report
 from ctfed.simulations.split import SPLIT_REPORT, split_pool
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.synth import synthesize_federation, synthetic_site_secret
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def synthesize_and_prepare(cfg: SimulationRunConfig, run_dir: Path) -> Path:
     print(f"[2/3] preparing site caches in {cache_root}")
     for site_dir in site_dirs:
         labels = site_dir / "labels.csv"
+        # Pseudonyms from the seed, so the caches (and their order) are the same every run.
+        install_site_secret(cache_root / site_dir.name, synthetic_site_secret(cfg.synth.seed, site_dir.name))
         summary = prepare(
             site_dir,
             cache_root / site_dir.name,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -411,6 +412,17 @@ def write_localizer(site_dir: Path, profile: SiteProfile, site: int, seed: int) 
     hu = np.where((yy - 32) ** 2 / 24**2 + (xx - 32) ** 2 / 20**2 < 1, 300.0, -1000.0)
     ds.PixelData = _to_stored(hu, profile).tobytes()
     _save(ds, _series_path(site_dir, profile, patient, 999, 1, 1), profile)
+
+
+def synthetic_site_secret(seed: int, site_name: str) -> bytes:
+    """The pseudonym key of synthetic hospital ``site_name``'s cache, from the synth seed.
+
+    A real site's secret is random (``common/privacy.py``), and its cache's order follows the
+    keyed pseudonyms: with a fresh random secret per run, two ``ctfed simulate`` runs of one
+    seed trained every site on its volumes in another order. Synthetic scans hold no patient,
+    so their key may be as reproducible as their UIDs.
+    """
+    return hashlib.sha256("\x1f".join(("ctfed-synth-site-secret", str(seed), site_name)).encode("utf-8")).digest()
 
 
 def synthesize_federation(
