@@ -243,7 +243,7 @@ def test_old_card_and_federated_classifier(site: dict[str, Path], tmp_path: Path
 
 def test_pydicom_data_ct_sample_scores_like_its_uncompressed_twin(site: dict[str, Path], tmp_path: Path) -> None:
     from pydicom.uid import generate_uid
-    import data_store  # pydicom-data's samples (tests/test_dicom.py reads them too)
+    import data_store  # pydicom-data's samples (tests/unit/test_dicom_ingest.py reads them too)
 
     samples = Path(data_store.__file__).parent / "data"
     probabilities = []

@@ -40,6 +40,8 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.finetune import FederatedFreezingSchedule
 
+from helpers import site_context, train_message  # tests/helpers.py
+
 
 def _state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
@@ -187,16 +189,12 @@ def _site_context(tmp_path: Path) -> Context:
     from ctfed.simulations.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
-    return Context(
-        run_id=1, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(tmp_path / "no-cache"), "site-id": "site_v", "state-dir": str(tmp_path / "state")},
-    )
+    return site_context(tmp_path / "no-cache", tmp_path / "state", "site_v")
 
 
 def _hand_written(record: dict) -> Message:
     """A coordinator's train message written by hand (no ctfed coordinator code)."""
-    arrays = state_to_record({"w": torch.zeros(2)})
-    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(record)}), dst_node_id=1, message_type=MessageType.TRAIN)
+    return train_message(ConfigRecord(record), {"w": torch.zeros(2)}, MessageType.TRAIN)
 
 
 @pytest.mark.parametrize("change", ["version+1", "no-version", "no-server-round", "phase-2-no-plan-stage"])
