@@ -126,9 +126,33 @@ def train_message(
     instructions: RoundInstructions | ConfigRecord,
     weights: ArrayRecord | Mapping[str, torch.Tensor],
     message_type: str = "train",
+    node_id: int = 1,
 ) -> Message:
-    """A coordinator's message to node 1: the round's instructions and the weights it sends.
+    """A coordinator's message to ``node_id``: the round's instructions and the weights it sends.
     Needs a Flower task identity (fixture ``flower_task_identity``, or an InProcessGrid)."""
     config = instructions.to_record() if isinstance(instructions, RoundInstructions) else instructions
     arrays = weights if isinstance(weights, ArrayRecord) else state_to_record(weights)
-    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=1, message_type=message_type)
+    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=node_id, message_type=message_type)
+
+
+# Identifiers planted in DICOM headers, to show that none of them leaves the site.
+PLANTED_IDENTIFIERS = {
+    "PatientName": "ZZPHINAME123", "PatientID": "ZZPID98765", "AccessionNumber": "ZZACC55555",
+    "InstitutionName": "ZZHOSPITAL777", "PatientBirthDate": "19010203",
+}
+
+
+def plant_identifiers(files: Sequence[Path]) -> list[Path]:
+    """Write :data:`PLANTED_IDENTIFIERS` into every file of the first file's series; returns those files."""
+    import pydicom
+
+    target = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    planted = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if ds.SeriesInstanceUID == target:
+            for keyword, value in PLANTED_IDENTIFIERS.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+            planted.append(path)
+    return planted

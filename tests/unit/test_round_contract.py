@@ -15,7 +15,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, MonitorConfig, RunConfig, TrainConfig, load_run_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     FINETUNE_PHASE,
     PLAN_BLOCKS_KEY,
     PLAN_STAGE_KEY,
@@ -290,9 +289,7 @@ def test_secure_coordinator_drops_a_reply_of_another_protocol_version() -> None:
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(2)}
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}),
-                dst_node_id=n, message_type="train")
-        for n in nodes
+        train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in nodes
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)
     (dropped,) = [s for s in result.sites if s.status == STATUS_FAILED]

@@ -377,9 +377,7 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(4)}
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}),
-                dst_node_id=n, message_type="train")
-        for n in nodes
+        train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in nodes
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)
     assert result.mean_delta is not None, result.reason
