@@ -400,7 +400,7 @@ class SimulationRunConfig(RunConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     label_efficiency: LabelEfficiencyConfig = field(default_factory=LabelEfficiencyConfig)
     # A new simulation-only section (e.g. a study beside compare) goes here, its dataclass
-    # above, and its name into common's SIMULATION_SECTIONS (tests/test_config.py checks both
+    # above, and its name into common's SIMULATION_SECTIONS (tests/unit/test_config_loading.py checks both
     # agree), so that a coordinator still reads the files this root writes.
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ RUN_CONFIG_NAME = "run"
 # reads carry them. ``ctfed simulate --show-config`` is how docs/deploy.md tells a coordinator to
 # write its run.yaml, and every results.json written before the split records them. A root
 # that does not declare them drops them (logged) instead of refusing the file; any other
-# unknown key is still an error. tests/test_config.py keeps this list equal to that root's.
+# unknown key is still an error. tests/unit/test_config_loading.py keeps this list equal to that root's.
 SIMULATION_SECTIONS = ("synth", "simulation", "split", "compare", "sweep", "label_efficiency")
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 from ctfed.client.train import LocalTrainer
 from ctfed.common.config import ConfigError, LocalDPConfig, Precision, TrainConfig
 from ctfed.common.device import resolve_device
-from test_train import MODEL, Volumes  # pytest puts tests/ on sys.path (no package)
+from helpers import MODEL, Volumes  # tests/helpers.py (tests/ is on sys.path)
 
 
 def _run(volumes: int = 6, **train: object) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -4,7 +4,6 @@ skipped without splittable labels, training unchanged)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import replace
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType
 
 from ctfed.common.config import (
     ConfigError,
@@ -26,14 +25,11 @@ from ctfed.common.config import (
     load_run_config,
 )
 from ctfed.common.exchange import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
     LOSS_KEY,
     METRICS_KEY,
     TRAIN_SECONDS_KEY,
     RoundInstructions,
     SiteReply,
-    state_to_record,
 )
 from ctfed.common.finetune import build_classifier
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
@@ -54,6 +50,8 @@ from ctfed.common.monitor import (
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.collect import round_instructions
 from ctfed.server.results import monitor_summary, site_record
+
+from helpers import site_context, train_message, write_random_cache  # tests/helpers.py
 
 TINY = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96)
 FINETUNE = FinetuneConfig(label_names=["any"])
@@ -132,16 +130,7 @@ def test_reply_metrics_round_trip_and_malformed_ones_are_dropped() -> None:
 
 def labelled_cache(root: Path, labels: list[int | None]) -> Path:
     """A site cache of random 32^3 volumes with label "any" per scan (None: unlabelled)."""
-    root.mkdir(parents=True)
-    series = []
-    for index, label in enumerate(labels):
-        np.save(root / f"s{index}.npy", np.random.default_rng(index).random((3, 32, 32, 32)).astype(np.float16))
-        series.append(
-            {"key": f"s{index}", "file": f"s{index}.npy", "content_hash": f"h{index:03d}",
-             "label": None if label is None else {"any": label}}
-        )
-    (root / "manifest.json").write_text(json.dumps({"series": series}))
-    return root
+    return write_random_cache(root, labels)
 
 
 def test_monitor_uses_phase_twos_split_and_caps_it_deterministically(tmp_path: Path) -> None:
@@ -212,20 +201,13 @@ def _train_message(monitor: MonitorConfig, server_round: int = 1) -> Message:
     instructions = RoundInstructions(
         server_round=server_round, model=TINY, train=TrainConfig(local_steps=1, batch_size=2), monitor=monitor,
         finetune=FINETUNE if monitor.enabled else None,
-    ).to_record()
+    )
     torch.manual_seed(0)
-    arrays = state_to_record(ViTEncoder(TINY).state_dict())
-    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: instructions}), dst_node_id=1, message_type=MessageType.TRAIN)
+    return train_message(instructions, ViTEncoder(TINY).state_dict(), MessageType.TRAIN)
 
 
 def _site(cache: Path, state_dir: Path, policy: SitePolicy) -> Context:
-    from ctfed.client.policy import POLICY_FILE_KEY, write_policy_file
-
-    return Context(
-        run_id=1, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(cache), "site-id": "site_x", "state-dir": str(state_dir),
-                     POLICY_FILE_KEY: str(write_policy_file(policy, state_dir))},
-    )
+    return site_context(cache, state_dir, policy=policy)
 
 
 def _monitor_keys(metrics: dict) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Message
 
 from ctfed.client.app import train as client_train
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, verify_audit_log
@@ -29,19 +29,17 @@ from ctfed.common.config import (
     PrivacyMode,
     SitePolicy,
     TrainConfig,
-    load_run_config,
     read_site_config,
 )
 from ctfed.common.exchange import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
     METRICS_KEY,
     POLICY_REFUSED_CODE,
     RoundInstructions,
     refusing_site,
-    state_to_record,
 )
 from ctfed.common.model import ViTEncoder
+
+from helpers import site_context, train_message  # tests/helpers.py
 
 
 def _instructions(
@@ -105,25 +103,13 @@ def test_allowed_rounds_pass_and_all_reasons_are_listed() -> None:
 
 
 def _train_message(train: TrainConfig) -> Message:
-    encoder = ViTEncoder(ModelConfig()).state_dict()
-    content = RecordDict({ARRAYS_KEY: state_to_record(encoder), CONFIG_KEY: _instructions(train=train).to_record()})
-    return Message(content, dst_node_id=1, message_type="train")
+    return train_message(_instructions(train=train), ViTEncoder(ModelConfig()).state_dict())
 
 
-def test_client_app_refuses_before_reading_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    # Messages take their run and node from the process's task identity (set by the SuperNode).
-    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+def test_client_app_refuses_before_reading_data(tmp_path: Path, flower_task_identity: None) -> None:
     state_dir = tmp_path / "state"
-    policy_file = write_policy_file(SitePolicy(max_local_steps=1), state_dir)
     missing_cache = tmp_path / "no-such-cache"
-    context = Context(
-        run_id=5, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(missing_cache), "site-id": "hospital-a", "state-dir": str(state_dir),
-                     POLICY_FILE_KEY: str(policy_file)},
-    )
+    context = site_context(missing_cache, state_dir, "hospital-a", policy=SitePolicy(max_local_steps=1), run_id=5)
     reply = client_train(_train_message(TrainConfig(local_steps=2)), context)
     assert reply.has_error()
     assert reply.error.code == POLICY_REFUSED_CODE
@@ -186,7 +172,7 @@ def test_site_yaml_policy_is_validated_and_passed_to_the_supernode(tmp_path: Pat
 def test_shipped_site_yaml_policy_is_the_permissive_default() -> None:
     from omegaconf import OmegaConf
 
-    shipped = Path(__file__).parents[1] / "conf" / "site.yaml"
+    shipped = Path(__file__).parents[2] / "conf" / "site.yaml"
     assert SitePolicy(**OmegaConf.to_container(OmegaConf.load(shipped).policy)) == SitePolicy()  # type: ignore[arg-type]
 
 
@@ -200,25 +186,13 @@ def test_simulation_site_policies_config() -> None:
         load_simulation_config(["simulation.site_policies=[{site:a},{site:a}]"])
 
 
-def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from ctfed.common.config import load_run_config
+def test_site_keeps_its_data_summary_when_its_policy_says_so(
+    tmp_path: Path, flower_task_identity: None, one_site_cache: Path
+) -> None:
     from ctfed.common.data_summary import DATA_PREFIX, SCANS_KEY
-    from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
 
-    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-    (site_dicom,) = synthesize_federation(tmp_path / "dicom", sites=1, scans_per_site=2, seed=0)
-    cache = tmp_path / "cache"
-    prepare(site_dicom, cache, load_run_config().preprocess, progress=False)
     state_dir = tmp_path / "state"
-    context = Context(
-        run_id=5, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(cache), "site-id": "hospital-a", "state-dir": str(state_dir),
-                     POLICY_FILE_KEY: str(write_policy_file(SitePolicy(), state_dir))},
-    )
+    context = site_context(one_site_cache, state_dir, "hospital-a", policy=SitePolicy(), run_id=5)
     # Two scans is a small cell: by default (min_reported_count 5) no count of this site leaves it.
     suppressed = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
     assert SCANS_KEY not in suppressed and not [key for key in suppressed if key.startswith(DATA_PREFIX + "positive-")]

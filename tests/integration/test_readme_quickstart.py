@@ -5,11 +5,11 @@ temporary folder (the built-in defaults; a line's shell globs and comments as a 
 treats them), in README order, each expected to exit 0. Blocks marked ``bash quickstart-parse``
 need a real deployment (a SuperLink, a hospital's PACS export): each of their commands is
 parsed by the real ``ctfed`` / ``flwr`` argument parsers, so a renamed option or subcommand
-fails here. The deployment itself is run by tests/test_deployment.py (``ctfed server``'s
+fails here. The deployment itself is run by tests/integration/test_deployed_tls_federation.py (``ctfed server``'s
 SuperLink, ``ctfed site``'s SuperNodes and an intruder's ``ctfed site --config`` process,
-``flwr run . ctfed --stream --run-config ...``), tests/test_site_check.py (``ctfed site
---check``), tests/test_audit.py (``--verify-audit``), tests/test_predict.py (``ctfed
-finetune`` then ``ctfed predict``) and tests/test_export.py (``ctfed export``).
+``flwr run . ctfed --stream --run-config ...``), tests/integration/test_site_check_cli.py (``ctfed site
+--check``), tests/unit/test_site_audit_log.py (``--verify-audit``), tests/integration/test_predict_cli.py (``ctfed
+finetune`` then ``ctfed predict``) and tests/integration/test_export_bundle.py (``ctfed export``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import click
 import pytest
 import typer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 RUN_MARK, PARSE_MARK = "quickstart-run", "quickstart-parse"
 # The researcher's `ctfed simulate` takes ~30 s on a 2-core machine; the rest a few seconds.

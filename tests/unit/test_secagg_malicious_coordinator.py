@@ -42,6 +42,8 @@ from ctfed.common.exchange import (
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
 
+from helpers import train_message  # tests/helpers.py
+
 NODES = [3, 5, 7, 11, 13]  # 5 sites, all neighbours: threshold 4 (> 2*5/3)
 VICTIM = 7
 SHARE_KEYS = sa.message_type(sa.STAGE_SHARE_KEYS)
@@ -115,8 +117,7 @@ def _attack(
     like = _like()
     instructions = RoundInstructions(server_round=1, model=cfg.model, train=cfg.train, privacy=cfg.privacy).to_record()
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: instructions}), dst_node_id=n, message_type="train")
-        for n in nodes
+        train_message(instructions, like, node_id=n) for n in nodes
     ]
     return secure_round(grid, messages, like, cfg, server_round=1), grid
 

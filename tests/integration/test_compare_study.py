@@ -15,7 +15,7 @@ from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import CompareConfig, SynthConfig, load_simulation_config, read_simulation_config
-from ctfed.common.preprocess import MANIFEST, CachedVolumes
+from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
 from ctfed.simulations.compare_report import AUROC_PLOT, COMPARE_MD, LOSS_PLOT
@@ -23,18 +23,14 @@ from ctfed.common.labelled import NotEvaluableError, stratified_split
 from ctfed.simulations.downstream import paired_auroc_difference
 from ctfed.simulations.report import PLOTS_DIR
 
+from helpers import write_manifest_cache  # tests/helpers.py
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _cache(root: Path, labels: list[int]) -> CachedVolumes:
     """A minimal prepared cache: one 1x8³ volume per label."""
-    root.mkdir(parents=True)
-    series = []
-    for index, label in enumerate(labels):
-        np.save(root / f"s{index}.npy", np.zeros((1, 8, 8, 8), dtype=np.float16))
-        series.append({"key": f"k{index}", "file": f"s{index}.npy", "content_hash": f"{index:04d}", "label": {"any": label}})
-    (root / MANIFEST).write_text(json.dumps({"series": series}))
-    return CachedVolumes(root)
+    return CachedVolumes(write_manifest_cache(root, labels))
 
 
 def test_split_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "synth.scans_per_site=2",
             # Two scans per site are below the default small-cell floor of the data summary.
             "simulation.site_policy.min_reported_count=0",
-            # The plain (vetted FedAvg) path; tests/test_secagg.py runs the secure one.
+            # The plain (vetted FedAvg) path; tests/integration/test_secagg_protocol.py runs the secure one.
             "secagg.enabled=false",
         ]
     )
@@ -157,7 +157,7 @@ def test_flwr_run_defaults_come_from_pyproject(tmp_path: Path) -> None:
 
     from ctfed.server.app import config_from_context
 
-    app_config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app_config = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     run_config = dict(app_config, **{"num-server-rounds": 4, "run-dir": str(tmp_path / "run")})
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cfg, run_dir = config_from_context(context)
@@ -174,11 +174,11 @@ def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> 
 
     from ctfed.simulations.flower_app import write_app
 
-    repo = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    repo = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     generated = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert generated["components"]["clientapp"] == repo["components"]["clientapp"]
     # The same ServerApp code (ctfed.server.app.serve) over the simulation's root, so that
-    # results.json records the simulation sections (tests/test_resume.py plays both apps).
+    # results.json records the simulation sections (tests/integration/test_resume_and_stall.py plays both apps).
     assert repo["components"]["serverapp"] == "ctfed.server.app:app"
     assert generated["components"]["serverapp"] == "ctfed.simulations.flower_app:server_app"
     assert generated["config"] == repo["config"]

@@ -21,7 +21,6 @@ from ctfed.client import secagg as site_secagg
 from ctfed.client.app import train as client_train
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_SECAGG_PREFIX, KIND_TRAIN_REPLY, verify_audit_log
 from ctfed.client.ledger import CENTRAL_LEDGER_FILE
-from ctfed.client.policy import POLICY_FILE_KEY, write_policy_file
 from ctfed.common import secagg as sa
 from ctfed.common.config import (
     CentralDPConfig,
@@ -33,7 +32,6 @@ from ctfed.common.config import (
     SecAggConfig,
     SitePolicy,
     TrainConfig,
-    load_run_config,
 )
 from ctfed.common.dp import PrivacyLedger
 from ctfed.common.exchange import (
@@ -56,6 +54,8 @@ from ctfed.common.exchange import (
 from ctfed.common.model import ViTEncoder
 from ctfed.common.preprocess import MANIFEST
 
+from helpers import site_context, train_message  # tests/helpers.py
+
 MODEL = ModelConfig()
 ONE_STEP = TrainConfig(local_steps=1, batch_size=2, num_local_crops=1)
 LOCAL_DP = PrivacyConfig(mode=PrivacyMode.local, local=LocalDPConfig(noise_multiplier=1.0))
@@ -63,24 +63,14 @@ SITE = "hospital-a"
 
 
 @pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    # Messages take their run and node from the process's task identity (set by the SuperNode).
-    for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+def _task_identity(flower_task_identity: None) -> None:
+    """Every message here is built outside a SuperNode (tests/conftest.py)."""
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared site cache of two synthetic scans, one per study."""
-    from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
-
-    root = tmp_path_factory.mktemp("site")
-    (site_dicom,) = synthesize_federation(root / "dicom", sites=1, scans_per_site=2, seed=0)
-    prepare(site_dicom, root / "cache", load_run_config().preprocess, progress=False)
-    return root / "cache"
+@pytest.fixture
+def cache(one_site_cache: Path) -> Path:
+    """A prepared site cache of two synthetic scans, one per study (read-only, shared)."""
+    return one_site_cache
 
 
 def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
@@ -89,11 +79,8 @@ def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
 
     # A site that may join secure aggregation holds its signing key and the roster (#12, 1).
     roster, keys = ensure_federation_signing_keys(state_dir.parent / "secagg-keys", [SITE])
-    return Context(
-        run_id=5, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(cache_dir), "site-id": SITE, "state-dir": str(state_dir),
-                     POLICY_FILE_KEY: str(write_policy_file(policy, state_dir)),
-                     SIGNING_KEY_KEY: str(keys[SITE]), ROSTER_KEY: str(roster)},
+    return site_context(
+        cache_dir, state_dir, SITE, policy=policy, run_id=5, **{SIGNING_KEY_KEY: str(keys[SITE]), ROSTER_KEY: str(roster)}
     )
 
 
@@ -117,8 +104,7 @@ def _global_encoder() -> dict[str, torch.Tensor]:
 
 def _plain(instructions: ConfigRecord) -> Message:
     """A plain ``train`` message: Flower routes it to the ClientApp's plain handler."""
-    content = RecordDict({ARRAYS_KEY: state_to_record(_global_encoder()), CONFIG_KEY: instructions})
-    return Message(content, dst_node_id=1, message_type="train")
+    return train_message(instructions, _global_encoder())
 
 
 def _secure_stage_a(instructions: ConfigRecord) -> tuple[Message, Any]:
@@ -391,9 +377,7 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(4)}
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}),
-                dst_node_id=n, message_type="train")
-        for n in nodes
+        train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in nodes
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)
     assert result.mean_delta is not None, result.reason

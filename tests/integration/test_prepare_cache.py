@@ -27,6 +27,8 @@ from ctfed.common.dicom import SeriesRef, rank_study_series
 from ctfed.common.preprocess import CachedVolumes, prepare
 from ctfed.simulations.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, synthesize_federation
 
+from helpers import PLANTED_IDENTIFIERS, plant_identifiers  # tests/helpers.py
+
 SIZE = 16
 
 
@@ -119,16 +121,11 @@ def test_an_older_cache_without_voxel_sizes_is_processed_again(federation: list[
 def test_no_phi_in_any_output(federation: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     site = tmp_path / "input"
     shutil.copytree(federation[1], site)  # nested folders named after the patient, RLE, padding
-    planted = {"ZZPHINAME123", "ZZPID98765", "ZZACC55555", "ZZHOSPITAL777", "19010203"}
-    secrets_seen: set[str] = set(planted)
+    secrets_seen: set[str] = set(PLANTED_IDENTIFIERS.values())
     files = [p for p in site.rglob("*") if p.is_file() and p.name != "labels.csv"]
-    target = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    plant_identifiers(files)
     for path in files:
-        ds = pydicom.dcmread(path)
-        if ds.SeriesInstanceUID == target:
-            ds.PatientName, ds.PatientID, ds.AccessionNumber = "ZZPHINAME123", "ZZPID98765", "ZZACC55555"
-            ds.InstitutionName, ds.PatientBirthDate = "ZZHOSPITAL777", "19010203"
-            ds.save_as(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
         for keyword in ("PatientName", "PatientID", "AccessionNumber", "InstitutionName", "PatientBirthDate",
                         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
             secrets_seen.add(str(ds.get(keyword)))

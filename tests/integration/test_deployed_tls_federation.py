@@ -33,7 +33,7 @@ from ctfed.simulations.synth import synthesize_federation
 
 pytestmark = pytest.mark.slow
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 INTRUDER = "intruder"
 NODES_ONLINE_TIMEOUT_S = 60.0

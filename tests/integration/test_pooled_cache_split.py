@@ -13,8 +13,10 @@ import torch
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import SplitConfig, SplitMethod, load_simulation_config
-from ctfed.common.preprocess import FORMAT, MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, CachedVolumes
+from ctfed.common.preprocess import MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, CachedVolumes
 from ctfed.simulations.split import label_skew, partition, read_pool, split_pool
+
+from helpers import write_manifest_cache  # tests/helpers.py
 
 
 def _labels(count: int, classes: int = 2) -> list[str]:
@@ -76,16 +78,8 @@ def test_split_config_rules() -> None:
 
 
 def _cache(root: Path, labels: list[int | None], start: int = 0) -> None:
-    """A prepared cache's files: one 1x8³ volume per label (None: no label column)."""
-    root.mkdir(parents=True)
-    series = []
-    for index, label in enumerate(labels, start=start):
-        np.save(root / f"v{index}.npy", np.full((1, 8, 8, 8), index, dtype=np.float16))
-        series.append({
-            "key": f"k{index}", "file": f"v{index}.npy", "content_hash": f"{index:04d}",
-            "label": None if label is None else {"any": label},
-        })
-    (root / MANIFEST).write_text(json.dumps({"format": FORMAT, "preprocessing": {"output_size": 8}, "series": series}))
+    """A prepared cache's files: one 1x8³ volume per label, filled with its index (None: no label)."""
+    write_manifest_cache(root, labels, start=start)
 
 
 def test_views_reference_the_pooled_volumes_without_copying(tmp_path: Path) -> None:

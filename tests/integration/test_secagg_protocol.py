@@ -19,9 +19,11 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs
 from ctfed.client import secagg as site_secagg
 from ctfed.common import secagg as sa
 from ctfed.common.config import ConfigError, RunConfig, SecAggConfig
-from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, SiteReply, state_to_record
+from ctfed.common.exchange import ARRAYS_KEY, SERVER_ROUND_KEY, SiteReply, state_to_record
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.inprocess import InProcessGrid
+
+from helpers import train_message  # tests/helpers.py
 
 # --- (i) the mask PRG uses the whole secret -----------------------------------------------------
 
@@ -178,8 +180,7 @@ def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, captur
         handlers[masked_type] = spy
     grid = InProcessGrid(handlers, list(node_ids), drop_at=drop_at or {})  # before Message(): sets identity
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}), dst_node_id=n, message_type="train")
-        for n in node_ids
+        train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in node_ids
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)
     return result, deltas, examples, cfg, grid

@@ -11,7 +11,7 @@ from typing import Optional
 from ctfed.common.config.docs import ConfigRoot, member_comments, render_config_docs
 from ctfed.simulations.config_docs import GENERATOR, render
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_committed_configuration_page_is_what_the_generator_writes() -> None:

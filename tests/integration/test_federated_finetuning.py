@@ -23,7 +23,6 @@ from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, Mod
 from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     FINETUNE_PHASE,
     METRICS_KEY,
     NO_LABELS_REFUSED_CODE,
@@ -48,6 +47,8 @@ from ctfed.common.finetune import (
     state_nbytes,
     trainable_names,
 )
+
+from helpers import site_context, train_message, write_random_cache  # tests/helpers.py
 
 TINY = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
 
@@ -107,33 +108,21 @@ def test_round_trains_the_planned_blocks_at_their_discriminative_lrs() -> None:
 
 
 def _site_context(cache_dir: Path, state_dir: Path) -> Context:
-    return Context(
-        run_id=1, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(cache_dir), "site-id": "site_x", "state-dir": str(state_dir)},
-    )
+    return site_context(cache_dir, state_dir)
 
 
 def _finetune_message(model: ModelConfig, finetune: FinetuneConfig, plan, arrays: ArrayRecord, full: bool, digest: str) -> Message:  # noqa: ANN001
     config = RoundInstructions(
         server_round=2, model=model, train=TrainConfig(), phase=FINETUNE_PHASE, finetune=finetune, plan=plan,
         plan_local_steps=2, full_state=full, base_sha256=digest,
-    ).to_record()
-    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=1, message_type=MessageType.TRAIN)
+    )
+    return train_message(config, arrays, MessageType.TRAIN)
 
 
 @pytest.fixture()
 def labelled_cache(tmp_path: Path) -> Path:
     """A tiny site cache with 3 positive and 3 negative scans for label "any"."""
-    import numpy as np
-
-    root = tmp_path / "cache"
-    root.mkdir()
-    series = []
-    for index, label in enumerate([0, 1, 0, 1, 1, 0]):
-        np.save(root / f"s{index}.npy", np.random.default_rng(index).random((3, 32, 32, 32)).astype(np.float16))
-        series.append({"key": f"s{index}", "file": f"s{index}.npy", "content_hash": f"h{index}", "label": {"any": label}})
-    (root / "manifest.json").write_text(json.dumps({"series": series}))
-    return root
+    return write_random_cache(tmp_path / "cache", [0, 1, 0, 1, 1, 0])
 
 
 def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: Path) -> None:

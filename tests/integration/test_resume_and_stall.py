@@ -2,12 +2,11 @@
 
 The round loop runs in process against the real ClientApp handlers (secure aggregation's
 four stages included) on tiny synthetic caches; the simulation resume path is covered by
-tests/test_faults.py's killed-coordinator test.
+tests/integration/test_fault_tolerance.py's killed-coordinator test.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,11 +19,9 @@ from ctfed.simulations.config import load_simulation_config
 from ctfed.server.results import FederationStopped, ResumeError, RoundRecord, RunRecorder, SiteRoundRecord
 from ctfed.server.rounds import dropout_tolerance, dropout_warning, initial_encoder_state, run_federation
 
+from helpers import read_results  # tests/helpers.py
+
 SAVED = ["federation.rounds=3", "secagg.num_shares=3", "secagg.reconstruction_threshold=2"]
-
-
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 def _one_round_run(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -63,10 +60,10 @@ def test_resume_takes_only_the_round_count_and_keeps_the_saved_config(tmp_path: 
     assert recorder.cfg.federation.rounds == 5
     assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (3, 2)
     assert recorder.cfg.train.schedule_rounds == 3
-    entry = _results(tmp_path)["resumes"][-1]
+    entry = read_results(tmp_path)["resumes"][-1]
     assert entry["config_changes"] == {"federation.rounds": {"from": 3, "to": 5}}
     assert entry["config_override"] is False
-    assert _results(tmp_path)["config"]["federation"]["rounds"] == 5
+    assert read_results(tmp_path)["config"]["federation"]["rounds"] == 5
 
 
 def test_resume_with_override_accepts_and_records_the_changes(tmp_path: Path) -> None:
@@ -74,7 +71,7 @@ def test_resume_with_override_accepts_and_records_the_changes(tmp_path: Path) ->
     submitted = load_run_config(["federation.rounds=3"])
     recorder, _ = RunRecorder.resume(tmp_path, submitted, override_config=True)
     assert (recorder.cfg.secagg.num_shares, recorder.cfg.secagg.reconstruction_threshold) == (5, 0)
-    results = _results(tmp_path)
+    results = read_results(tmp_path)
     assert results["resumes"][-1]["config_override"] is True
     assert results["resumes"][-1]["config_changes"] == {
         "secagg.num_shares": {"from": 3, "to": 5},
@@ -137,17 +134,8 @@ def test_dropout_tolerance_follows_the_secure_aggregation_rule() -> None:
     assert dropout_warning(defaults, 4) is None and dropout_warning(plain, 2) is None
 
 
-@pytest.fixture(scope="module")
-def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctfed.simulations.simulate import synthesize_and_prepare
-
-    root = tmp_path_factory.mktemp("sites")
-    synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
-    return root / "cache"
-
-
 def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
-    three_caches: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    three_site_caches: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The issue's run: 3 sites, SecAgg+ that tolerates no dropout, one site gone for good.
 
@@ -166,14 +154,14 @@ def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     nodes = [1, 2, 3]
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
-                   run_config={"data-dir": str(three_caches), "run-dir": str(run_dir)})
+                   run_config={"data-dir": str(three_site_caches), "run-dir": str(run_dir)})
         for i, n in enumerate(nodes)
     }
     grid = InProcessGrid(stage_handlers(train), nodes, drop_at={3: sa.message_type(sa.STAGE_TRAIN)}, contexts=contexts)
     with caplog.at_level(logging.WARNING), pytest.raises(FederationStopped, match="2 consecutive rounds aggregated nothing"):
         run_federation(grid, cfg, run_dir)
     assert "tolerates no dropout" in caplog.text
-    results = _results(run_dir)
+    results = read_results(run_dir)
     assert results["status"] == "failed"
     assert "federation.max_failed_rounds=2" in results["reason"]
     assert "secure aggregation needs at least 3" in results["reason"]
@@ -182,7 +170,7 @@ def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     # A resume starts counting again: the run goes on (and stops again while the site is gone).
     with pytest.raises(FederationStopped):
         run_federation(grid, cfg, run_dir, resume=True)
-    assert [r["round"] for r in _results(run_dir)["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in read_results(run_dir)["rounds"]] == [1, 2, 3, 4]
 
 
 def test_each_server_app_reads_the_run_config_file_with_its_own_root(tmp_path: Path) -> None:
@@ -202,7 +190,7 @@ def test_each_server_app_reads_the_run_config_file_with_its_own_root(tmp_path: P
     recorder.save_global(1, state)
     site = SiteRoundRecord(site="a", status="aggregated", num_examples=2, loss=1.0)
     recorder.add_round(RoundRecord(round=1, sites=[site], aggregated=True, bytes_sent_per_site=1, seconds=1.0, checkpoint=""))
-    assert "synth" in _results(run_dir)["config"]  # a simulation's results.json records its sections
+    assert "synth" in read_results(run_dir)["config"]  # a simulation's results.json records its sections
 
     # Resubmitted with the default secure aggregation and a fault the run did not have.
     config_file = tmp_path / "config.yaml"

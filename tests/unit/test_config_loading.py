@@ -128,7 +128,7 @@ def test_common_client_and_server_never_import_the_simulations() -> None:
     # No import statement either (the CLI's lazy dispatch names its subcommands' modules as strings).
     import re
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     statement = re.compile(r"^\s*(from ctfed\.simulations\S* import|import ctfed\.simulations)", re.MULTILINE)
     importers = [
         str(path.relative_to(root))
@@ -167,7 +167,7 @@ def test_one_default_per_knob() -> None:
     from ctfed.simulations.config import SynthConfig
     from ctfed.simulations.flower_app import RUN_CONFIG_DEFAULTS
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     assert not OmegaConf.load(root / "conf" / "preset" / "quick.yaml")  # the demo is the defaults
     for cfg in (load_run_config(), load_simulation_config(), load_simulation_config(["preset=quick"])):
         assert cfg.train.local_steps == TrainConfig().local_steps
@@ -191,7 +191,7 @@ def test_a_run_folder_written_before_the_split_still_loads_and_resumes(tmp_path:
     from ctfed.server.results import resumed_config, saved_run_config
     from ctfed.simulations.config import to_simulation_config
 
-    data = Path(__file__).parent / "data" / "main_run"
+    data = Path(__file__).parents[1] / "data" / "main_run"
     saved = json.loads((data / "results_config.json").read_text())["config"]
     simulated = to_simulation_config(saved)
     assert simulated == read_simulation_config(data / "config.yaml")

@@ -18,22 +18,12 @@ from torch.utils.data import Dataset
 from ctfed.common import secagg as sa
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import LocalDPConfig, RunConfig, load_run_config
-from ctfed.simulations.config import load_simulation_config
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, LOCAL_STATE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, update_norm
 from ctfed.common.model import SHARED_HEAD_PREFIX, encoder_part, split_shared_state
 from ctfed.server.rounds import initial_global_state, run_federation
 
 NODES = [1, 2, 3]
 FAST = ["train.local_steps=1", "monitor.enabled=false", "federation.min_sites=3"]
-
-
-@pytest.fixture(scope="module")
-def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctfed.simulations.simulate import synthesize_and_prepare
-
-    root = tmp_path_factory.mktemp("sites")
-    synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
-    return root / "cache"
 
 
 def _heads(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,11 +77,11 @@ def _site_heads(context: Context) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("share", [True, False])
 def test_sites_start_each_round_from_the_aggregated_heads_only_when_shared(
-    three_caches: Path, tmp_path: Path, share: bool
+    three_site_caches: Path, tmp_path: Path, share: bool
 ) -> None:
     run_dir = tmp_path / "run"
     _, contexts, updates, weights = _federate(
-        three_caches, run_dir, ["federation.rounds=2", f"train.share_heads={str(share).lower()}"], secure=False
+        three_site_caches, run_dir, ["federation.rounds=2", f"train.share_heads={str(share).lower()}"], secure=False
     )
     start, after_one = _checkpoint(run_dir, 0), _checkpoint(run_dir, 1)
     if not share:
@@ -121,10 +111,10 @@ def test_sites_start_each_round_from_the_aggregated_heads_only_when_shared(
             torch.testing.assert_close(started_from, after_one[SHARED_HEAD_PREFIX + local_name[len("head."):]], rtol=0, atol=1e-6)
 
 
-def test_secure_aggregation_sums_the_shared_heads_like_the_encoder(three_caches: Path, tmp_path: Path) -> None:
+def test_secure_aggregation_sums_the_shared_heads_like_the_encoder(three_site_caches: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg, _, updates, weights = _federate(
-        three_caches, run_dir, ["federation.rounds=1", "train.share_heads=true"], secure=True
+        three_site_caches, run_dir, ["federation.rounds=1", "train.share_heads=true"], secure=True
     )
     start, after = _checkpoint(run_dir, 0), _checkpoint(run_dir, 1)
     sent = [updates[(n, 1)] for n in NODES]
@@ -139,10 +129,10 @@ def test_secure_aggregation_sums_the_shared_heads_like_the_encoder(three_caches:
     assert any((after[n] - start[n]).abs().max() > 1e-4 for n in heads)
 
 
-def test_central_dp_clips_the_whole_update_heads_included(three_caches: Path, tmp_path: Path) -> None:
+def test_central_dp_clips_the_whole_update_heads_included(three_site_caches: Path, tmp_path: Path) -> None:
     clip = 0.02
     _, _, updates, _ = _federate(
-        three_caches, tmp_path / "run",
+        three_site_caches, tmp_path / "run",
         ["federation.rounds=1", "train.share_heads=true", "privacy.mode=central",
          f"privacy.central.clip_norm={clip}", "privacy.central.noise_multiplier=0.5"],
         secure=False,

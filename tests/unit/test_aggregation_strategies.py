@@ -14,7 +14,7 @@ from ctfed.common.config import ConfigError, FederationConfig, Strategy, load_ru
 from ctfed.server.aggregation import GlobalUpdate, ServerAdam, coordinate_median, trimmed_mean
 from ctfed.server.results import RoundRecord, RunRecorder
 from ctfed.server.rounds import initial_encoder_state
-from test_train import _trainer  # pytest puts tests/ on sys.path (no package)
+from helpers import tiny_trainer as _trainer  # tests/helpers.py (tests/ is on sys.path)
 
 
 def _updates(count: int = 5, seed: int = 0) -> list[dict[str, torch.Tensor]]:

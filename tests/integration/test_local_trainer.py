@@ -11,33 +11,7 @@ from torch.utils.data import Dataset
 from ctfed.client.train import CENTER_KEY, DECODER_PREFIX, IBOT_CENTER_KEY, LocalTrainer, NonFiniteLossError
 from ctfed.common.config import AugmentConfig, ConfigError, MIMObjective, ModelConfig, TrainConfig
 
-MODEL = ModelConfig()
-
-
-class Volumes(Dataset):
-    """Structured stand-in for a prepared cache: a bright sphere in noise, in [0, 1]."""
-
-    def __init__(self, count: int = 5, seed: int = 0, size: int = MODEL.image_size) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
-        volumes = []
-        for _ in range(count):
-            centre = torch.rand(3, 1, 1, 1, generator=generator) - 0.5
-            sphere = ((grid - centre).pow(2).sum(0) < 0.3).float()
-            noise = 0.2 * torch.rand(MODEL.in_channels, size, size, size, generator=generator)
-            volumes.append((0.7 * sphere + noise).clamp(0, 1))
-        self.volumes = torch.stack(volumes)
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.volumes[index]
-
-
-def _trainer(seed: int = 0, **train: object) -> LocalTrainer:
-    cfg = TrainConfig(local_steps=2, schedule_rounds=3, **train)  # type: ignore[arg-type]
-    return LocalTrainer(MODEL, cfg, Volumes(), seed=seed)
+from helpers import MODEL, Volumes, tiny_trainer as _trainer  # tests/helpers.py (tests/ is on sys.path)
 
 
 def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

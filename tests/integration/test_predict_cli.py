@@ -24,10 +24,12 @@ from ctfed.common.metrics import youden_operating_point
 from ctfed.common.preprocess import CachedVolumes, preprocessing_plan, prepare
 from ctfed.simulations.synth import synthesize_federation
 
+from helpers import PLANTED_IDENTIFIERS, plant_identifiers  # tests/helpers.py
+
 SIZE = 16
 MODEL = ["model.image_size=16", "model.patch_size=8"]
 STEPS = ["finetune.probe_steps=2", "finetune.stage_steps=2", "finetune.batch_size=2"]
-PLANTED = {"ZZPHINAME123", "ZZPID98765", "ZZACC55555", "ZZHOSPITAL777", "19010203"}
+PLANTED = set(PLANTED_IDENTIFIERS.values())
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +38,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     site's cache of them and a classifier `ctfed finetune` trained on it."""
     root = tmp_path_factory.mktemp("predict")
     dicom = synthesize_federation(root / "dicom", sites=1, scans_per_site=8, seed=2)[0]
-    files = [p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".csv"]
-    target = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    for path in files:
-        ds = pydicom.dcmread(path)
-        if ds.SeriesInstanceUID == target:
-            ds.PatientName, ds.PatientID, ds.AccessionNumber = "ZZPHINAME123", "ZZPID98765", "ZZACC55555"
-            ds.InstitutionName, ds.PatientBirthDate = "ZZHOSPITAL777", "19010203"
-            ds.save_as(path)
+    plant_identifiers([p for p in dicom.rglob("*") if p.is_file() and p.suffix != ".csv"])
     cache = root / "cache"
     prepare(dicom, cache, PreprocessConfig(output_size=SIZE, spacing_mm=2.0), labels_csv=dicom / "labels.csv", progress=False)
     out = root / "ft"
@@ -243,7 +238,7 @@ def test_old_card_and_federated_classifier(site: dict[str, Path], tmp_path: Path
 
 def test_pydicom_data_ct_sample_scores_like_its_uncompressed_twin(site: dict[str, Path], tmp_path: Path) -> None:
     from pydicom.uid import generate_uid
-    import data_store  # pydicom-data's samples (tests/test_dicom.py reads them too)
+    import data_store  # pydicom-data's samples (tests/unit/test_dicom_ingest.py reads them too)
 
     samples = Path(data_store.__file__).parent / "data"
     probabilities = []

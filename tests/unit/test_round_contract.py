@@ -15,7 +15,6 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, MonitorConfig, RunConfig, TrainConfig, load_run_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
-    CONFIG_KEY,
     FINETUNE_PHASE,
     PLAN_BLOCKS_KEY,
     PLAN_STAGE_KEY,
@@ -39,6 +38,8 @@ from ctfed.common.exchange import (
     update_norm,
 )
 from ctfed.common.finetune import FederatedFreezingSchedule
+
+from helpers import site_context, train_message  # tests/helpers.py
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -187,16 +188,12 @@ def _site_context(tmp_path: Path) -> Context:
     from ctfed.simulations.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
-    return Context(
-        run_id=1, node_id=1, state=RecordDict(), run_config={},
-        node_config={"data-path": str(tmp_path / "no-cache"), "site-id": "site_v", "state-dir": str(tmp_path / "state")},
-    )
+    return site_context(tmp_path / "no-cache", tmp_path / "state", "site_v")
 
 
 def _hand_written(record: dict) -> Message:
     """A coordinator's train message written by hand (no ctfed coordinator code)."""
-    arrays = state_to_record({"w": torch.zeros(2)})
-    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord(record)}), dst_node_id=1, message_type=MessageType.TRAIN)
+    return train_message(ConfigRecord(record), {"w": torch.zeros(2)}, MessageType.TRAIN)
 
 
 @pytest.mark.parametrize("change", ["version+1", "no-version", "no-server-round", "phase-2-no-plan-stage"])
@@ -292,9 +289,7 @@ def test_secure_coordinator_drops_a_reply_of_another_protocol_version() -> None:
     cfg.federation.min_sites = 2
     like = {"w": torch.zeros(2)}
     messages = [
-        Message(RecordDict({ARRAYS_KEY: state_to_record(like), CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: 1})}),
-                dst_node_id=n, message_type="train")
-        for n in nodes
+        train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in nodes
     ]
     result = secure_round(grid, messages, like, cfg, server_round=1)
     (dropped,) = [s for s in result.sites if s.status == STATUS_FAILED]

@@ -25,11 +25,9 @@ from ctfed.common.processes import descendant_pids, stop_process_group
 from ctfed.server.results import ResumeError, RoundRecord, RunRecorder, SiteRoundRecord, site_record
 from ctfed.server.rounds import initial_encoder_state
 
+from helpers import read_results  # tests/helpers.py
+
 SMALL_RUN = ["train.local_steps=2", "synth.scans_per_site=2"]
-
-
-def _results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
 
 
 @pytest.mark.slow
@@ -38,7 +36,7 @@ def test_bad_sites_are_rejected_and_rounds_complete(tmp_path: Path) -> None:
     # site 1 sends NaN and site 3 straggles past the round timeout.
     code = main(["simulate", "preset=faults", f"output_dir={tmp_path}", "run_name=faults"])
     assert code == 0
-    results = _results(tmp_path / "faults")
+    results = read_results(tmp_path / "faults")
     assert results["status"] == "completed"
     first, second = results["rounds"]
     status = {r["round"]: {s["site"]: s["status"] for s in r["sites"]} for r in (first, second)}
@@ -91,8 +89,8 @@ def test_resume_falls_back_to_the_last_verified_checkpoint(tmp_path: Path) -> No
     resumed, resumed_state = RunRecorder.resume(tmp_path, cfg)
     assert resumed.last_round == 1
     assert all(torch.equal(resumed_state[k], state[k] + 1) for k in state)
-    assert _results(tmp_path)["resumes"][0]["after_round"] == 1
-    assert [r["round"] for r in _results(tmp_path)["rounds"]] == [1]
+    assert read_results(tmp_path)["resumes"][0]["after_round"] == 1
+    assert [r["round"] for r in read_results(tmp_path)["rounds"]] == [1]
 
     other_model = replace(cfg, model=replace(cfg.model, num_layers=cfg.model.num_layers + 1))
     with pytest.raises(ResumeError, match="model differs"):
@@ -130,7 +128,7 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     run_dir = tmp_path / "killed"
     command = [
         sys.executable, "-c", "import sys; from ctfed.common.cli import main; sys.exit(main(sys.argv[1:]))",
-        "simulate", f"output_dir={tmp_path}", "run_name=killed", *SMALL_RUN, "federation.rounds=5",
+        "simulate", f"output_dir={tmp_path}", "run_name=killed", *SMALL_RUN, "federation.rounds=3",
     ]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy()
@@ -138,7 +136,7 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if (run_dir / "results.json").exists() and _results(run_dir)["rounds"]:
+            if (run_dir / "results.json").exists() and read_results(run_dir)["rounds"]:
                 break
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.5)
@@ -150,10 +148,10 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         stop_process_group(process)
-    before = _results(run_dir)
+    before = read_results(run_dir)
     assert before["status"] == "running"
     done = before["rounds"][-1]["round"]
-    assert done < 5
+    assert done < 3
     card_before = json.loads((run_dir / "checkpoints" / f"global_round_{done:04d}.json").read_text())
 
     # Other secure-aggregation settings: refused before anything runs, each difference named.
@@ -165,13 +163,13 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     assert "secagg.num_shares: 5 -> 4" in refusal
     assert "--override-config" in refusal
     assert (run_dir / "config.yaml").read_bytes() == config_before
-    assert _results(run_dir) == before
+    assert read_results(run_dir) == before
 
     # Accepted with the explicit override, which results.json records.
     assert main(["simulate", "--resume", str(run_dir), "--override-config", *other]) == 0
-    after = _results(run_dir)
+    after = read_results(run_dir)
     assert after["status"] == "completed"
-    assert [r["round"] for r in after["rounds"]] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:done] == before["rounds"]  # finished rounds are kept as they were
     assert after["resumes"] == [
         {
@@ -186,12 +184,12 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     # have been logged by the killed run before its checkpoint was written.
     with (run_dir / "results.csv").open() as handle:
         rows = [(int(row["round"]), row["site"]) for row in csv.DictReader(handle)]
-    assert sorted(rows) == sorted({(r, s) for r in range(1, 6) for s in ("site_0", "site_1", "site_2")})
+    assert sorted(rows) == sorted({(r, s) for r in range(1, 4) for s in ("site_0", "site_1", "site_2")})
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss/site_0")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Scalars("loss/site_0")] == [1, 2, 3]
     for record in after["rounds"][done:]:
         assert record["aggregated"] and all(s["status"] == "aggregated" for s in record["sites"])
 
@@ -210,7 +208,7 @@ def test_a_simulation_that_aggregates_nothing_exits_non_zero_with_the_reason(
     out = capsys.readouterr().out
     assert code == 1
     assert "WARNING: secure aggregation over 3 sites tolerates no dropout" in out
-    results = _results(tmp_path / "stalled")
+    results = read_results(tmp_path / "stalled")
     assert results["status"] == "failed"
     assert "1 consecutive rounds aggregated nothing (federation.max_failed_rounds=1)" in results["reason"]
     assert results["reason"] in out

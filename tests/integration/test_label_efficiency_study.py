@@ -6,34 +6,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import load_simulation_config
-from ctfed.common.preprocess import MANIFEST, CachedVolumes
+from ctfed.common.preprocess import CachedVolumes
 from ctfed.simulations.label_efficiency import (
     PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,
 )
 from ctfed.simulations.label_efficiency_report import AUROC_PLOT, CURVE_PLOT, PLOTS, STUDY_MD
+
+from helpers import write_manifest_cache  # tests/helpers.py
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VERDICT_KEYS = {"key", "met", "ci_clears_target", "difference", "n_test", "task", "labels_per_site"}
 
 
 def _cache(root: Path, labels: list[int | None]) -> CachedVolumes:
-    """A minimal prepared cache, one 1x8³ volume per entry (None: an unlabelled scan)."""
-    root.mkdir(parents=True)
-    series = []
-    for index, label in enumerate(labels):
-        np.save(root / f"s{index}.npy", np.zeros((1, 8, 8, 8), dtype=np.float16))
-        entry = {"key": f"k{index}", "file": f"s{index}.npy", "content_hash": f"{index:04d}"}
-        if label is not None:
-            entry["label"] = {"any": label, "atrophy": 1 - label}
-        series.append(entry)
-    (root / MANIFEST).write_text(json.dumps({"series": series}))
-    return CachedVolumes(root)
+    """A minimal prepared cache, one 1x8³ volume per entry (None: an unlabelled scan), labelled
+    for two tasks."""
+    return CachedVolumes(write_manifest_cache(root, labels, label_row=lambda label: {"any": label, "atrophy": 1 - label}))
 
 
 def test_cut_is_deterministic_disjoint_and_leaves_unlabelled_scans_to_pretraining(tmp_path: Path) -> None:

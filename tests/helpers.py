@@ -1,0 +1,158 @@
+"""Plain helpers that tests import (``from helpers import ...``): tiny stand-in data and writers.
+
+Fixtures live in ``tests/conftest.py``; what is here is needed at import time (parametrize
+lists, dataset classes) or called with arguments. ``tests/`` is on ``sys.path`` because
+``tests/conftest.py`` sits in a folder without ``__init__.py`` (pytest's default import mode).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from torch.utils.data import Dataset
+
+from ctfed.client.policy import POLICY_FILE_KEY, write_policy_file
+from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
+from ctfed.client.train import LocalTrainer
+from ctfed.common.config import ModelConfig, SitePolicy, TrainConfig
+from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, RoundInstructions, state_to_record
+from ctfed.common.preprocess import FORMAT, MANIFEST
+
+MODEL = ModelConfig()
+
+
+class Volumes(Dataset):
+    """Structured stand-in for a prepared cache: a bright sphere in noise, in [0, 1]."""
+
+    def __init__(self, count: int = 5, seed: int = 0, size: int = MODEL.image_size) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
+        volumes = []
+        for _ in range(count):
+            centre = torch.rand(3, 1, 1, 1, generator=generator) - 0.5
+            sphere = ((grid - centre).pow(2).sum(0) < 0.3).float()
+            noise = 0.2 * torch.rand(MODEL.in_channels, size, size, size, generator=generator)
+            volumes.append((0.7 * sphere + noise).clamp(0, 1))
+        self.volumes = torch.stack(volumes)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.volumes[index]
+
+
+def tiny_trainer(seed: int = 0, **train: object) -> LocalTrainer:
+    """A LocalTrainer on the tiny model and 5 sphere volumes: 2 local steps of a 3-round schedule."""
+    cfg = TrainConfig(local_steps=2, schedule_rounds=3, **train)  # type: ignore[arg-type]
+    return LocalTrainer(MODEL, cfg, Volumes(), seed=seed)
+
+
+def any_label(label: int) -> dict[str, int]:
+    """The default label row of :func:`write_manifest_cache`: the task ``any`` only."""
+    return {"any": label}
+
+
+def write_manifest_cache(
+    root: Path,
+    labels: Sequence[int | None],
+    *,
+    label_row: Callable[[int], dict[str, int]] = any_label,
+    start: int = 0,
+) -> Path:
+    """A minimal prepared cache in ``root``: one 1x8³ float16 volume per entry of ``labels``.
+
+    Volume ``i`` (counting from ``start``) is filled with ``i``, so a view of the cache can be
+    traced back to the file it reads; ``None`` is an unlabelled scan (no label row).
+    """
+    root.mkdir(parents=True)
+    series = []
+    for index, label in enumerate(labels, start=start):
+        np.save(root / f"v{index}.npy", np.full((1, 8, 8, 8), index, dtype=np.float16))
+        series.append({
+            "key": f"k{index}", "file": f"v{index}.npy", "content_hash": f"{index:04d}",
+            "label": None if label is None else label_row(label),
+        })
+    manifest = {"format": FORMAT, "preprocessing": {"output_size": 8}, "series": series}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def read_results(run_dir: Path) -> dict:
+    """A run folder's results.json."""
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def write_random_cache(root: Path, labels: Sequence[int | None], size: int = 32) -> Path:
+    """A site cache the tiny model can train on: one random 3x``size``³ float16 volume per
+    entry of ``labels`` (volume ``i`` from seed ``i``), label ``any`` per scan (None: unlabelled)."""
+    root.mkdir(parents=True)
+    series = []
+    for index, label in enumerate(labels):
+        volume = np.random.default_rng(index).random((3, size, size, size)).astype(np.float16)
+        np.save(root / f"s{index}.npy", volume)
+        series.append({
+            "key": f"s{index}", "file": f"s{index}.npy", "content_hash": f"h{index:03d}",
+            "label": None if label is None else any_label(label),
+        })
+    (root / MANIFEST).write_text(json.dumps({"series": series}))
+    return root
+
+
+def site_context(
+    cache_dir: Path,
+    state_dir: Path,
+    site_id: str = "site_x",
+    *,
+    policy: SitePolicy | None = None,
+    run_id: int = 1,
+    **node_config: str,
+) -> Context:
+    """A deployed site's Context as its SuperNode would hand it to the ClientApp: its cache,
+    its id and state folder, its policy file when ``policy`` is given, and any other node config."""
+    config: dict[str, str] = {DATA_PATH_KEY: str(cache_dir), SITE_ID_KEY: site_id, STATE_DIR_KEY: str(state_dir)}
+    if policy is not None:
+        config[POLICY_FILE_KEY] = str(write_policy_file(policy, state_dir))
+    config.update(node_config)
+    return Context(run_id=run_id, node_id=1, state=RecordDict(), run_config={}, node_config=config)
+
+
+def train_message(
+    instructions: RoundInstructions | ConfigRecord,
+    weights: ArrayRecord | Mapping[str, torch.Tensor],
+    message_type: str = "train",
+    node_id: int = 1,
+) -> Message:
+    """A coordinator's message to ``node_id``: the round's instructions and the weights it sends.
+    Needs a Flower task identity (fixture ``flower_task_identity``, or an InProcessGrid)."""
+    config = instructions.to_record() if isinstance(instructions, RoundInstructions) else instructions
+    arrays = weights if isinstance(weights, ArrayRecord) else state_to_record(weights)
+    return Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), dst_node_id=node_id, message_type=message_type)
+
+
+# Identifiers planted in DICOM headers, to show that none of them leaves the site.
+PLANTED_IDENTIFIERS = {
+    "PatientName": "ZZPHINAME123", "PatientID": "ZZPID98765", "AccessionNumber": "ZZACC55555",
+    "InstitutionName": "ZZHOSPITAL777", "PatientBirthDate": "19010203",
+}
+
+
+def plant_identifiers(files: Sequence[Path]) -> list[Path]:
+    """Write :data:`PLANTED_IDENTIFIERS` into every file of the first file's series; returns those files."""
+    import pydicom
+
+    target = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    planted = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if ds.SeriesInstanceUID == target:
+            for keyword, value in PLANTED_IDENTIFIERS.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+            planted.append(path)
+    return planted
