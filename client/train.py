@@ -269,8 +269,13 @@ class LocalTrainer:
         self._warned_koleo = False
         self._proximal_reference: dict[str, torch.Tensor] | None = None  # FedProx: the global weights
 
+        # MAE alone (dino_weight 0) reads neither the teacher nor the head, and local crops feed
+        # DINO only: skipping them halves the views of a step. Not under DP-SGD, whose per-volume
+        # gradients are taken over every trainable parameter (the head's are zero there).
+        self._mae_alone = self.mae and train_cfg.dino_weight == 0 and dp is None
         self.multicrop = MultiCrop3D(
-            train_cfg.global_crop_scale, train_cfg.local_crop_scale, train_cfg.num_local_crops, model_cfg.image_size,
+            train_cfg.global_crop_scale, train_cfg.local_crop_scale,
+            0 if self._mae_alone else train_cfg.num_local_crops, model_cfg.image_size,
             augment=train_cfg.augment, voxel_mm=MultiCrop3D.site_voxel_mm(dataset),
         )
         self.loss_fn = DINOLoss(
@@ -707,13 +712,16 @@ class LocalTrainer:
             global_rows, self.model_cfg.tokens_per_side**3, self.train_cfg.mae_mask_ratio, generator
         )
         keep, global_masks = keep.to(self.device), global_masks.to(self.device)
-        with torch.no_grad():
-            teacher_cls = self.teacher(teacher_in)
         visible = self.student.encoder(teacher_in, None, keep)
         student_cls = visible[:, 0]
-        if student_in.shape[0] > global_rows:
-            student_cls = torch.cat([student_cls, self.student.encoder(student_in[global_rows:])[:, 0]])
-        dino = self.loss_fn(self.student.head(student_cls), teacher_cls)
+        if self._mae_alone:
+            dino = visible.new_zeros(())
+        else:
+            with torch.no_grad():
+                teacher_cls = self.teacher(teacher_in)
+            if student_in.shape[0] > global_rows:
+                student_cls = torch.cat([student_cls, self.student.encoder(student_in[global_rows:])[:, 0]])
+            dino = self.loss_fn(self.student.head(student_cls), teacher_cls)
         assert self.student.decoder is not None
         reconstruction = self.student.decoder(visible[:, 1:], keep)
         # The target is the global crop as the teacher saw it: unmasked (masking acts on tokens).

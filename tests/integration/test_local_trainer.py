@@ -253,6 +253,21 @@ def test_mae_reconstruction_improves_with_training() -> None:
     assert sum(last) / len(last) < 0.95 * sum(first) / len(first)
 
 
+def test_mae_alone_makes_no_local_crops_and_never_runs_the_teacher() -> None:
+    def teacher_calls(**train: object) -> tuple[int, int]:
+        trainer = _trainer(mim_objective=MIMObjective.mae, num_local_crops=2, **train)
+        calls = []
+        forward = trainer.teacher.forward
+        trainer.teacher.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # type: ignore[method-assign]
+        trainer.train_round(0)
+        return trainer.multicrop.num_crops, len(calls)
+
+    # With DINO on, every step runs the teacher on the global crops; MAE alone needs neither
+    # the teacher nor the local crops that only DINO reads.
+    assert teacher_calls(dino_weight=1.0) == (4, 2)
+    assert teacher_calls(dino_weight=0.0) == (2, 0)
+
+
 def test_train_config_validates_mim_fields() -> None:
     with pytest.raises(ConfigError, match="mask_ratio"):
         TrainConfig(mask_ratio=[0.5, 0.1])
