@@ -15,16 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import (
-    Compose,
-    GaussianSmooth,
-    RandAffine,
-    RandFlip,
-    RandGaussianNoise,
-    RandScaleIntensity,
-    RandShiftIntensity,
-    ShiftIntensity,
-)
+from monai.transforms import GaussianSmooth
+from monai.transforms.utils import create_rotate, create_scale
 from monai.data import get_track_meta, set_track_meta
 from monai.utils import convert_to_tensor
 from torch import nn
@@ -262,7 +254,7 @@ def cosine_schedule(
 class MultiCrop3D:
     """Two global and ``num_local`` local random cubic crops of one volume, all resized to
     ``out_size``^3 (equal token counts) and augmented independently with CT-appropriate
-    views (``AugmentConfig``), composed from MONAI transforms.
+    views (``AugmentConfig``).
 
     ``global_scale`` / ``local_scale`` are [low, high] fractions of the volume's voxels.
     Volumes are the cache's (C, z, y, x) with x running left -> right (RAS), so the only
@@ -272,8 +264,22 @@ class MultiCrop3D:
     Rotations and scales act on the voxel grid; the cache's voxels are anisotropic (the head's
     box is not a cube, and the cache resizes it to one), so a 10 degree rotation is off a
     physical rotation by a small shear, well within the views' own randomness.
-    Randomness comes from one ``numpy.random.RandomState`` (what MONAI transforms accept),
-    so ``reseed`` makes the crops of a round reproducible.
+    Randomness comes from one ``numpy.random.RandomState`` (the noise from a torch Generator
+    seeded by it), so ``reseed`` makes the crops of a round reproducible.
+
+    The views are the distribution MONAI's RandFlip, RandAffine (rotation then scale, MONAI's
+    ``create_rotate`` / ``create_scale`` matrices about the grid centre, zeros outside),
+    Rand{Scale,Shift}Intensity (channel-wise) and RandGaussianNoise (``sample_std``) drew, and
+    the blur is MONAI's GaussianSmooth; the rest is plain torch because it was most of a small
+    model's CPU step (issue #11; per view at 32^3, one loaded core): RandAffine built its grid
+    and resampled the already resized crop (14 ms), the crop's resize was a second pass
+    (3.4 ms), the noise came from numpy's legacy normal (6.5 ms for 98k values), and Compose
+    plus MetaTensor conversion added more. Here the crop box, its resize, the flip and the
+    affine are one matrix and ONE ``grid_sample`` of the volume (views without an affine keep
+    the exact ``F.interpolate`` resize), the window jitter is one fused multiply-add per
+    channel and the noise is ``torch.randn``. One resampling instead of two also blurs a
+    rotated view less (the former path interpolated twice); ``docs/benchmarks.md`` has the
+    measured cost.
     """
 
     # The cache's (C, z, y, x) volumes: spatial axis 2 is x, left -> right (RAS).
@@ -300,30 +306,9 @@ class MultiCrop3D:
         self.out_size = out_size
         self.voxel_mm = self._checked_voxel_mm(voxel_mm)
         self.config = augment if augment is not None else AugmentConfig()
-        cfg = self.config
-        angle = math.radians(cfg.rotate_degrees)
-        self.spatial = Compose(
-            [
-                RandFlip(prob=cfg.flip_lr_prob, spatial_axis=self.LR_AXIS),
-                RandAffine(
-                    prob=cfg.affine_prob,
-                    rotate_range=(angle, angle, angle),
-                    scale_range=(cfg.scale, cfg.scale, cfg.scale),
-                    mode="bilinear",
-                    padding_mode="zeros",  # outside the field of view: air, 0 in every window
-                ),
-            ]
-        )
-        # Window jitter about the window's centre (0.5): width, then level, per channel.
-        self.intensity = Compose(
-            [
-                ShiftIntensity(-0.5),
-                RandScaleIntensity(factors=cfg.contrast, prob=cfg.window_prob, channel_wise=True),
-                ShiftIntensity(0.5),
-                RandShiftIntensity(offsets=cfg.level_shift, prob=cfg.window_prob, channel_wise=True),
-                RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std, sample_std=True),
-            ]
-        )
+        # The output grid's voxel centres about its centre, MONAI's create_grid convention.
+        self._centred = torch.arange(out_size, dtype=torch.float32) - (out_size - 1) / 2
+        self._noise = torch.Generator()
         self._warned_no_voxel_size = False
         self.reseed(seed)
 
@@ -356,53 +341,126 @@ class MultiCrop3D:
 
     def reseed(self, seed: int | np.random.SeedSequence) -> None:
         self.rng = np.random.RandomState(np.random.MT19937(seed))
-        self.spatial.set_random_state(state=self.rng)
-        self.intensity.set_random_state(state=self.rng)
 
     def __call__(self, volume: torch.Tensor, voxel_mm: Sequence[float] | None = None) -> list[torch.Tensor]:
         """The crops of ``volume`` (C, z, y, x); ``voxel_mm`` overrides the site's voxel size for this volume."""
         if volume.ndim != 4:
             raise ValueError(f"MultiCrop3D expects one volume (C, D, H, W), got shape {tuple(volume.shape)}")
         voxel = self._checked_voxel_mm(voxel_mm) if voxel_mm is not None else self.voxel_mm
+        volume = volume.float()
         scales = [self.global_scale] * 2 + [self.local_scale] * self.num_local
         crops = []
-        # Views need no MONAI metadata (nothing is inverted or saved): without it the same
-        # transforms give the same voxels about 25% faster, and views are most of a small
-        # model's step on a CPU.
+        # The blur (MONAI) needs no metadata: plain tensors out, without MetaTensor overhead.
         tracking = get_track_meta()
         set_track_meta(False)
         try:
             for scale in scales:
-                crop, sides = self._random_resized_crop(volume, scale)
+                view, sides = self._spatial_view(volume, scale)
                 crop_voxel = None if voxel is None else tuple(v * side / self.out_size for v, side in zip(voxel, sides))
-                crops.append(self._augment(crop, crop_voxel))
+                crops.append(self._augment(view, crop_voxel))
         finally:
             set_track_meta(tracking)
         return crops
 
-    def _random_resized_crop(self, volume: torch.Tensor, scale: tuple[float, float]) -> tuple[torch.Tensor, list[int]]:
+    def _spatial_view(self, volume: torch.Tensor, scale: tuple[float, float]) -> tuple[torch.Tensor, list[int]]:
+        """A random resized crop, left-right flipped and affinely moved as drawn: (view, crop sides)."""
+        cfg = self.config
         fraction = self.rng.uniform(*scale)
         # A cube keeping `fraction` of the voxels: each side shrinks by the cube root.
         sides = [max(1, round(size * fraction ** (1 / 3))) for size in volume.shape[1:]]
         starts = [int(self.rng.randint(0, size - side + 1)) for size, side in zip(volume.shape[1:], sides)]
-        crop = volume[
-            :,
-            starts[0] : starts[0] + sides[0],
-            starts[1] : starts[1] + sides[1],
-            starts[2] : starts[2] + sides[2],
-        ]
-        size = (self.out_size,) * 3
-        return F.interpolate(crop[None].float(), size=size, mode="trilinear", align_corners=False)[0], sides
+        flip = bool(self.rng.uniform() < cfg.flip_lr_prob)
+        # All affine draws are made whether or not it applies: a fixed number of draws per view.
+        apply_affine = self.rng.uniform() < cfg.affine_prob
+        angle = math.radians(cfg.rotate_degrees)
+        angles = self.rng.uniform(-angle, angle, size=3)
+        factors = 1.0 + self.rng.uniform(-cfg.scale, cfg.scale, size=3)
+        matrix = self.affine_matrix(angles, factors) if apply_affine else None
+        return self.resample(volume, starts, sides, flip, matrix), sides
 
-    def _augment(self, crop: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
-        view = self.spatial(crop)
+    @staticmethod
+    def affine_matrix(angles: Sequence[float], factors: Sequence[float]) -> torch.Tensor:
+        """RandAffine's 3x3 map from output to input voxel offsets about the grid centre:
+        rotation (radians about each axis, MONAI's order) times per-axis scale."""
+        rotate = create_rotate(3, list(angles), backend="numpy")[:3, :3]
+        scale = create_scale(3, list(factors), backend="numpy")[:3, :3]
+        return torch.from_numpy(rotate @ scale).float()
+
+    def resample(
+        self,
+        volume: torch.Tensor,
+        starts: Sequence[int],
+        sides: Sequence[int],
+        flip: bool,
+        matrix: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The crop of ``volume`` at ``starts`` with ``sides`` resized to ``out_size``^3, flipped
+        left-right if ``flip``, then moved by ``matrix`` (``affine_matrix``; None: no affine).
+
+        With a matrix, the view is one ``grid_sample`` of the volume at the points the three steps
+        compose to: the affine's point in the resized crop (zeros outside it, fading over the last
+        voxel as zeros padding does), mapped to the crop's voxels as ``F.interpolate``
+        (align_corners=False) maps them, clamped to the crop as it clamps.
+        """
+        size = self.out_size
+        if matrix is None:
+            crop = volume[
+                :,
+                starts[0] : starts[0] + sides[0],
+                starts[1] : starts[1] + sides[1],
+                starts[2] : starts[2] + sides[2],
+            ]
+            view = F.interpolate(crop[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0]
+            return torch.flip(view, dims=[1 + self.LR_AXIS]) if flip else view
+        if flip:  # flipping the crop before the affine: the affine's x offset negated
+            matrix = matrix * torch.tensor([1.0, 1.0, -1.0])[:, None]
+        c = self._centred
+        broadcast = (c[:, None, None], c[None, :, None], c[None, None, :])
+        coverage = torch.ones(())
+        coords = []
+        for axis in range(3):
+            # Offset along `axis` in the resized crop, then its voxel position.
+            point = sum(float(matrix[axis, j]) * broadcast[j] for j in range(3)) + (size - 1) / 2
+            coverage = coverage * torch.minimum(point + 1.0, size - point).clamp_(0.0, 1.0)
+            side, extent = sides[axis], volume.shape[1 + axis]
+            in_crop = ((point + 0.5) * (side / size) - 0.5).clamp_(0.0, side - 1)
+            # To grid_sample's [-1, 1] over the whole volume (align_corners=False).
+            coords.append((2.0 * (in_crop + starts[axis]) + 1.0) / extent - 1.0)
+        # grid_sample wants (x, y, z) order in the last dimension.
+        grid = torch.stack([coords[2], coords[1], coords[0]], dim=-1)
+        view = F.grid_sample(volume[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        return view * coverage
+
+    def _augment(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
+        cfg = self.config
         view = convert_to_tensor(self._blur(view, voxel_mm), track_meta=False, dtype=torch.float32)
         # Voxels the window clipped (air at -1000 HU in every window, bone in the brain window) lie
         # far outside it: a few % of window jitter or a few HU of noise leave them clipped, as
         # re-windowing the scan would. (Noise on air would also hand MAE's per-patch normalised
         # target pure noise to reconstruct.)
         below, above = view <= 0.0, view >= 1.0
-        view = convert_to_tensor(self.intensity(view), track_meta=False, dtype=torch.float32).clamp_(0.0, 1.0)
+        channels = view.shape[0]
+        # Window jitter per channel about the window's centre (0.5): width, then level.
+        gain = np.ones(channels)
+        offset = np.zeros(channels)
+        if self.rng.uniform() < cfg.window_prob:
+            gain = 1.0 + self.rng.uniform(-cfg.contrast, cfg.contrast, size=channels)
+        if self.rng.uniform() < cfg.window_prob:
+            offset = self.rng.uniform(-cfg.level_shift, cfg.level_shift, size=channels)
+        apply_noise = self.rng.uniform() < cfg.noise_prob
+        noise_std = self.rng.uniform(0.0, cfg.noise_std)
+        noise_seed = int(self.rng.randint(0, 2**31 - 1))
+        if np.any(gain != 1.0) or np.any(offset != 0.0):
+            shape = (channels, 1, 1, 1)
+            view = torch.addcmul(
+                torch.from_numpy(0.5 - 0.5 * gain + offset).float().view(shape),
+                view,
+                torch.from_numpy(gain).float().view(shape),
+            )
+        if apply_noise:
+            self._noise.manual_seed(noise_seed)
+            view.add_(torch.randn(view.shape, generator=self._noise), alpha=noise_std)
+        view.clamp_(0.0, 1.0)
         return view.masked_fill_(below, 0.0).masked_fill_(above, 1.0)
 
     def _blur(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
