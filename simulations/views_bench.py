@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         row = views_ms_per_volume(size, voxel_mm, volumes, blocks)
         print(f"views {size}^3, 4 views per volume: former {row['former_ms']:.1f} ms, "
               f"current {row['current_ms']:.1f} ms per volume -> {row['speedup']:.2f}x", flush=True)
-    row = trainer_step_s(batch=8, steps=10 if args.quick else 20, blocks=2 if args.quick else 3)
+    row = trainer_step_s(batch=8, steps=20, blocks=1 if args.quick else 2)
     print(f"LocalTrainer step, model=tiny, batch {row['batch']}, {row['steps']} steps: former "
           f"{row['former_step_s'] * 1000:.0f} ms, current {row['current_step_s'] * 1000:.0f} ms -> {row['speedup']:.2f}x")
 
