@@ -416,22 +416,25 @@ class MultiCrop3D:
             return torch.flip(view, dims=[1 + self.LR_AXIS]) if flip else view
         if flip:  # flipping the crop before the affine: the affine's x offset negated
             matrix = matrix * torch.tensor([1.0, 1.0, -1.0])[:, None]
+        # grid_sample orders a point's coordinates (x, y, z): the matrix's rows reversed.
+        rows = matrix.flip(0)
         c = self._centred
-        broadcast = (c[:, None, None], c[None, :, None], c[None, None, :])
-        coverage = torch.ones(())
-        coords = []
-        for axis in range(3):
-            # Offset along `axis` in the resized crop, then its voxel position.
-            point = sum(float(matrix[axis, j]) * broadcast[j] for j in range(3)) + (size - 1) / 2
-            coverage = coverage * torch.minimum(point + 1.0, size - point).clamp_(0.0, 1.0)
-            side, extent = sides[axis], volume.shape[1 + axis]
-            in_crop = ((point + 0.5) * (side / size) - 0.5).clamp_(0.0, side - 1)
-            # To grid_sample's [-1, 1] over the whole volume (align_corners=False).
-            coords.append((2.0 * (in_crop + starts[axis]) + 1.0) / extent - 1.0)
-        # grid_sample wants (x, y, z) order in the last dimension.
-        grid = torch.stack([coords[2], coords[1], coords[0]], dim=-1)
+        # Each output voxel's offset from the resized crop's centre, (n, n, n, 3) in one pass.
+        offset = (c[:, None, None, None] * rows[:, 0] + c[None, :, None, None] * rows[:, 1]) + c[None, None, :, None] * rows[:, 2]
+        # Zeros outside the resized crop, fading over its last voxel as grid_sample's zeros padding does.
+        coverage = ((size + 1) / 2 - offset.abs()).clamp_(0.0, 1.0).prod(dim=-1)
+        # Resized-crop position -> the crop's voxel (F.interpolate's align_corners=False map) -> the
+        # volume's voxel -> grid_sample's [-1, 1]; all affine, so one multiply-add per axis.
+        side = torch.tensor(sides[::-1], dtype=torch.float64)
+        start = torch.tensor(starts[::-1], dtype=torch.float64)
+        extent = torch.tensor(volume.shape[1:][::-1], dtype=torch.float64)
+        gain = 2.0 * side / (size * extent)
+        shift = gain * (size - 1) / 2 + (side / size + 2.0 * start) / extent - 1.0
+        # F.interpolate clamps to the crop's first and last voxel.
+        low, high = (2.0 * start + 1.0) / extent - 1.0, (2.0 * (start + side) - 1.0) / extent - 1.0
+        grid = torch.addcmul(shift.float(), offset, gain.float()).clamp_(min=low.float(), max=high.float())
         view = F.grid_sample(volume[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        return view * coverage
+        return view.mul_(coverage)
 
     def _augment(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config
