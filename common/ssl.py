@@ -399,8 +399,8 @@ class MultiCrop3D:
         """The crop of ``volume`` at ``starts`` with ``sides`` resized to ``out_size``^3, flipped
         left-right if ``flip``, then moved by ``matrix`` (``affine_matrix``; None: no affine).
 
-        With a matrix, the view is one ``grid_sample`` of the volume at the points the three steps
-        compose to: the affine's point in the resized crop (zeros outside it, fading over the last
+        With a matrix, the view is one trilinear resampling of the volume at the points the three
+        steps compose to: the affine's point in the resized crop (zeros outside it, fading over the last
         voxel as zeros padding does), mapped to the crop's voxels as ``F.interpolate``
         (align_corners=False) maps them, clamped to the crop as it clamps.
         """
@@ -422,19 +422,44 @@ class MultiCrop3D:
         # Each output voxel's offset from the resized crop's centre, (n, n, n, 3) in one pass.
         offset = (c[:, None, None, None] * rows[:, 0] + c[None, :, None, None] * rows[:, 1]) + c[None, None, :, None] * rows[:, 2]
         # Zeros outside the resized crop, fading over its last voxel as grid_sample's zeros padding does.
-        coverage = ((size + 1) / 2 - offset.abs()).clamp_(0.0, 1.0).prod(dim=-1)
+        coverage = offset.abs().neg_().add_((size + 1) / 2).clamp_(0.0, 1.0).prod(dim=-1)
         # Resized-crop position -> the crop's voxel (F.interpolate's align_corners=False map) -> the
-        # volume's voxel -> grid_sample's [-1, 1]; all affine, so one multiply-add per axis.
+        # volume's voxel, clamped to the crop as F.interpolate clamps: one multiply-add per axis.
         side = torch.tensor(sides[::-1], dtype=torch.float64)
         start = torch.tensor(starts[::-1], dtype=torch.float64)
-        extent = torch.tensor(volume.shape[1:][::-1], dtype=torch.float64)
-        gain = 2.0 * side / (size * extent)
-        shift = gain * (size - 1) / 2 + (side / size + 2.0 * start) / extent - 1.0
-        # F.interpolate clamps to the crop's first and last voxel.
-        low, high = (2.0 * start + 1.0) / extent - 1.0, (2.0 * (start + side) - 1.0) / extent - 1.0
-        grid = torch.addcmul(shift.float(), offset, gain.float()).clamp_(min=low.float(), max=high.float())
-        view = F.grid_sample(volume[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        return view.mul_(coverage)
+        gain = side / size
+        shift = gain * (size - 1) / 2 + gain / 2 - 0.5 + start
+        voxel = torch.addcmul(shift.float(), offset, gain.float())
+        voxel = voxel.clamp_(min=start.float(), max=(start + side - 1).float())
+        return self._trilinear(volume, voxel).mul_(coverage)
+
+    @staticmethod
+    def _trilinear(volume: torch.Tensor, voxel: torch.Tensor) -> torch.Tensor:
+        """``volume`` (C, D, H, W) sampled trilinearly at ``voxel`` (n, n, n, 3), positions (x, y, z)
+        inside the volume: (C, n, n, n).
+
+        Two bilinear ``grid_sample`` passes over the volume laid out as one (D * H, W) image, at
+        slices z0 and z0 + 1, blended along z: PyTorch's 2D CPU sampler is vectorised, its 3D one is
+        not (one thread, CPU time: 0.9 vs 1.6 ms at 32^3, equal at 96^3). Rows never mix slices, as
+        y stays within [0, H - 1]. float32 grid coordinates over D * H rows are exact to ~1e-4 voxel
+        at 32^3 and ~7e-4 at 96^3, below what bilinear interpolation itself blurs.
+        """
+        channels = volume.shape[0]
+        for axis in range(3):  # a single-voxel axis: doubled, so the blend has a second slice (weight 0)
+            if volume.shape[1 + axis] < 2:
+                volume = volume.repeat_interleave(2, dim=1 + axis)
+        depth, height, width = volume.shape[1:]
+        z = voxel[..., 2]
+        lower = z.floor().clamp_(max=depth - 2)
+        row = torch.addcmul(voxel[..., 1], lower, torch.tensor(float(height)))
+        grid = torch.empty(2, *voxel.shape[:3], 2)
+        grid[..., 0] = voxel[..., 0]
+        grid[0, ..., 1] = row
+        grid[1, ..., 1] = row + height
+        grid.mul_(torch.tensor([2.0 / (width - 1), 2.0 / (depth * height - 1)])).sub_(1.0)
+        image = volume.reshape(1, channels, depth * height, width)
+        slices = F.grid_sample(image, grid.view(1, 2, -1, 2), mode="bilinear", align_corners=True)[0]
+        return torch.lerp(slices[:, 0], slices[:, 1], (z - lower).view(-1)).view(channels, *voxel.shape[:3])
 
     def _augment(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config
@@ -470,7 +495,8 @@ class MultiCrop3D:
         if apply_noise:
             self._noise.manual_seed(noise_seed)
             changed.add_(torch.randn(view.shape, generator=self._noise), alpha=noise_std)
-        return torch.where(shown, changed.clamp_(0.0, 1.0), view.clamp_(0.0, 1.0))
+        # One clamp for both: a shown voxel's new value, a clipped voxel's old one (<= 0 or >= 1).
+        return torch.where(shown, changed, view).clamp_(0.0, 1.0)
 
     def _blur(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config

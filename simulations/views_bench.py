@@ -6,8 +6,9 @@ with each, measured in one run (issue #11).
     .ci/in-env python -m ctfed.simulations.views_bench --quick    # fewer repeats
 
 Old and new alternate in blocks after one untimed warm-up each, so a change in the machine's
-load hits both. Run it on one core (``taskset -c 1``) with ``torch.set_num_threads(1)``, as a
-site's loader would.
+load hits both, and the figures are this process's CPU time (``time.process_time``), which
+other jobs on a shared core inflate far less than wall time. One torch thread by default, as
+a site's single loader process runs.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _alternating(timers: dict[str, Callable[[], float]], blocks: int) -> dict[st
 
 
 def views_ms_per_volume(size: int, voxel_mm: float, volumes: int, blocks: int) -> dict[str, float]:
-    """ms per volume (2 global + 2 local views, default AugmentConfig) of the former and current path."""
+    """CPU ms per volume (2 global + 2 local views, default AugmentConfig) of the former and current path."""
     volume = torch.rand(3, size, size, size, generator=torch.Generator().manual_seed(1))
     kwargs = dict(global_scale=[0.5, 1.0], local_scale=[0.2, 0.5], num_local=2, out_size=size,
                   augment=AugmentConfig(), voxel_mm=(voxel_mm,) * 3)
@@ -127,10 +128,10 @@ def views_ms_per_volume(size: int, voxel_mm: float, volumes: int, blocks: int) -
 
     def timer(maker: MultiCrop3D) -> Callable[[], float]:
         def run() -> float:
-            started = time.perf_counter()
+            started = time.process_time()
             for _ in range(volumes):
                 maker(volume)
-            return (time.perf_counter() - started) / volumes * 1000
+            return (time.process_time() - started) / volumes * 1000
         return run
 
     result = _alternating({name: timer(maker) for name, maker in makers.items()}, blocks)
@@ -139,7 +140,7 @@ def views_ms_per_volume(size: int, voxel_mm: float, volumes: int, blocks: int) -
 
 
 def trainer_step_s(batch: int, steps: int, blocks: int) -> dict[str, float]:
-    """Seconds per LocalTrainer step (model=tiny, default views) with the former and current views."""
+    """CPU seconds per LocalTrainer step (model=tiny, default views) with the former and current views."""
     from ctfed.client.train import LocalTrainer  # the site side, only for this figure
 
     cfg = load_run_config(["model=tiny", f"train.batch_size={batch}", f"train.local_steps={steps}"])
@@ -153,8 +154,9 @@ def trainer_step_s(batch: int, steps: int, blocks: int) -> dict[str, float]:
     def timer(views: MultiCrop3D) -> Callable[[], float]:
         def run() -> float:
             trainer.multicrop = views
-            result = trainer.train_round(next(rounds))
-            return result.seconds / steps
+            started = time.process_time()
+            trainer.train_round(next(rounds))
+            return (time.process_time() - started) / steps
         return run
 
     result = _alternating({"former": timer(former), "current": timer(current)}, blocks)
