@@ -416,50 +416,61 @@ class MultiCrop3D:
             return torch.flip(view, dims=[1 + self.LR_AXIS]) if flip else view
         if flip:  # flipping the crop before the affine: the affine's x offset negated
             matrix = matrix * torch.tensor([1.0, 1.0, -1.0])[:, None]
-        # grid_sample orders a point's coordinates (x, y, z): the matrix's rows reversed.
-        rows = matrix.flip(0)
-        c = self._centred
-        # Each output voxel's offset from the resized crop's centre, (n, n, n, 3) in one pass.
-        offset = (c[:, None, None, None] * rows[:, 0] + c[None, :, None, None] * rows[:, 1]) + c[None, None, :, None] * rows[:, 2]
-        # Zeros outside the resized crop, fading over its last voxel as grid_sample's zeros padding does.
-        coverage = offset.abs().neg_().add_((size + 1) / 2).clamp_(0.0, 1.0).prod(dim=-1)
-        # Resized-crop position -> the crop's voxel (F.interpolate's align_corners=False map) -> the
-        # volume's voxel, clamped to the crop as F.interpolate clamps: one multiply-add per axis.
-        side = torch.tensor(sides[::-1], dtype=torch.float64)
-        start = torch.tensor(starts[::-1], dtype=torch.float64)
-        gain = side / size
-        shift = gain * (size - 1) / 2 + gain / 2 - 0.5 + start
-        voxel = torch.addcmul(shift.float(), offset, gain.float())
-        voxel = voxel.clamp_(min=start.float(), max=(start + side - 1).float())
-        return self._trilinear(volume, voxel).mul_(coverage)
-
-    @staticmethod
-    def _trilinear(volume: torch.Tensor, voxel: torch.Tensor) -> torch.Tensor:
-        """``volume`` (C, D, H, W) sampled trilinearly at ``voxel`` (n, n, n, 3), positions (x, y, z)
-        inside the volume: (C, n, n, n).
-
-        Two bilinear ``grid_sample`` passes over the volume laid out as one (D * H, W) image, at
-        slices z0 and z0 + 1, blended along z: PyTorch's 2D CPU sampler is vectorised, its 3D one is
-        not (one thread, CPU time: 0.9 vs 1.6 ms at 32^3, equal at 96^3). Rows never mix slices, as
-        y stays within [0, H - 1]. float32 grid coordinates over D * H rows are exact to ~1e-4 voxel
-        at 32^3 and ~7e-4 at 96^3, below what bilinear interpolation itself blurs.
-        """
-        channels = volume.shape[0]
-        for axis in range(3):  # a single-voxel axis: doubled, so the blend has a second slice (weight 0)
+        for axis in range(3):  # a single-voxel axis: doubled, so interpolation has a neighbour (weight 0)
             if volume.shape[1 + axis] < 2:
                 volume = volume.repeat_interleave(2, dim=1 + axis)
-        depth, height, width = volume.shape[1:]
-        z = voxel[..., 2]
+        channels, depth, height, width = volume.shape
+        c = self._centred.double()
+        # The sampler below reads the volume as one (D * H, W) image: x and the row in grid_sample's
+        # [-1, 1] (align_corners=True), z in voxels (it picks the two slices a point lies between).
+        to_grid = (1.0, 2.0 / (depth * height - 1), 2.0 / (width - 1))
+        to_grid_shift = (0.0, -1.0, -1.0)
+        coverage: torch.Tensor | None = None
+        coordinates = []
+        for axis in range(3):
+            row = matrix[axis].double()
+            # Resized-crop offset q -> the crop's voxel (F.interpolate's align_corners=False map)
+            # -> the volume's voxel -> the sampler's unit: all affine, folded into one map.
+            gain = sides[axis] / size
+            shift = gain * (size - 1) / 2 + gain / 2 - 0.5 + starts[axis]
+            scale, offset = gain * to_grid[axis], shift * to_grid[axis] + to_grid_shift[axis]
+            plane = (scale * row[0] * c)[:, None, None] + (scale * row[1] * c)[None, :, None] + offset
+            position = (plane.float() + (scale * row[2] * c).float()[None, None, :])  # (n, n, n), one pass
+            # Zeros outside the resized crop, fading over its last voxel as grid_sample's zeros
+            # padding does: weight clamp((n + 1) / 2 - |q|, 0, 1). Skipped where no corner reaches it.
+            if float(row.abs().sum()) * (size - 1) / 2 > (size - 1) / 2 + 1e-9:
+                weight = (position - offset).abs_().mul_(-1.0 / scale).add_((size + 1) / 2).clamp_(0.0, 1.0)
+                coverage = weight if coverage is None else coverage.mul_(weight)
+            # F.interpolate clamps to the crop's first and last voxel.
+            low, high = (starts[axis] * to_grid[axis] + to_grid_shift[axis],
+                         (starts[axis] + sides[axis] - 1) * to_grid[axis] + to_grid_shift[axis])
+            coordinates.append(position.clamp_(low, high))
+        view = self._trilinear(volume, *coordinates)
+        return view if coverage is None else view.mul_(coverage)
+
+    @staticmethod
+    def _trilinear(volume: torch.Tensor, z: torch.Tensor, row_in_slice: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``volume`` (C, D, H, W), D, H, W >= 2, sampled trilinearly at points (each (n, n, n)) given
+        by z in voxels and, in grid_sample's align_corners=True units of the (D * H, W) image the
+        volume is laid out as, the row within slice 0 and x: (C, n, n, n).
+
+        Two bilinear ``grid_sample`` passes over that image, at slices z0 and z0 + 1, blended along z:
+        PyTorch's 2D CPU sampler is vectorised, its 3D one is not (one thread, CPU time: 0.9 vs
+        1.6 ms at 32^3, equal at 96^3). Rows never mix slices, as y stays within [0, H - 1].
+        float32 coordinates over D * H rows are exact to ~1e-4 voxel at 32^3 and ~7e-4 at 96^3,
+        below what bilinear interpolation itself blurs.
+        """
+        channels, depth, height, width = volume.shape
         lower = z.floor().clamp_(max=depth - 2)
-        row = torch.addcmul(voxel[..., 1], lower, torch.tensor(float(height)))
-        grid = torch.empty(2, *voxel.shape[:3], 2)
-        grid[..., 0] = voxel[..., 0]
-        grid[0, ..., 1] = row
-        grid[1, ..., 1] = row + height
-        grid.mul_(torch.tensor([2.0 / (width - 1), 2.0 / (depth * height - 1)])).sub_(1.0)
+        slice_rows = 2.0 * height / (depth * height - 1)
+        grid = torch.empty(2, *z.shape, 2)
+        grid[0, ..., 0] = x
+        grid[1, ..., 0] = x
+        torch.addcmul(row_in_slice, lower, torch.tensor(slice_rows), out=grid[0, ..., 1])
+        torch.add(grid[0, ..., 1], slice_rows, out=grid[1, ..., 1])
         image = volume.reshape(1, channels, depth * height, width)
         slices = F.grid_sample(image, grid.view(1, 2, -1, 2), mode="bilinear", align_corners=True)[0]
-        return torch.lerp(slices[:, 0], slices[:, 1], (z - lower).view(-1)).view(channels, *voxel.shape[:3])
+        return torch.lerp(slices[:, 0], slices[:, 1], z.sub_(lower).view(-1)).view(channels, *z.shape)
 
     def _augment(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config
