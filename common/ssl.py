@@ -268,17 +268,17 @@ class MultiCrop3D:
 
     The views are the distribution MONAI's RandFlip, RandAffine (rotation then scale, MONAI's
     ``create_rotate`` / ``create_scale`` matrices about the grid centre, zeros outside),
-    Rand{Scale,Shift}Intensity (channel-wise) and RandGaussianNoise (``sample_std``) drew, and
-    the blur is MONAI's GaussianSmooth; the rest is plain torch because it was most of a small
-    model's CPU step (issue #11; per view at 32^3, one loaded core): RandAffine built its grid
-    and resampled the already resized crop (14 ms), the crop's resize was a second pass
-    (3.4 ms), the noise came from numpy's legacy normal (6.5 ms for 98k values), and Compose
-    plus MetaTensor conversion added more. Here the crop box, its resize, the flip and the
-    affine are one matrix and ONE ``grid_sample`` of the volume (views without an affine keep
-    the exact ``F.interpolate`` resize), the window jitter is one fused multiply-add per
-    channel and the noise is ``torch.randn``. One resampling instead of two also blurs a
-    rotated view less (the former path interpolated twice); ``docs/benchmarks.md`` has the
-    measured cost.
+    Rand{Scale,Shift}Intensity (channel-wise) and RandGaussianNoise (``sample_std``) drew; the blur
+    is MONAI's GaussianSmooth. The rest is plain torch because it was most of a small model's CPU
+    step (issue #11; per view at 32^3 on a loaded core, wall time): RandAffine built its grid and
+    resampled the already resized crop (14 ms), the resize was a second pass (3.4 ms), the noise
+    came from numpy's legacy normal (6.5 ms for 98k values), and Compose plus MetaTensor
+    conversion added more. Here the crop box, its resize, the flip and the affine are composed
+    into one map and ONE trilinear resampling of the volume (views without an affine keep the
+    exact ``F.interpolate`` resize), the window jitter is one multiply-add per channel and the
+    noise ``torch.randn`` from a Generator seeded by the RandomState. Measured with
+    ``python -m ctfed.simulations.views_bench`` (``docs/benchmarks.md``): 2.3x less CPU per
+    volume at 32^3 and at 96^3. One resampling instead of two also blurs a rotated view slightly less.
     """
 
     # The cache's (C, z, y, x) volumes: spatial axis 2 is x, left -> right (RAS).
