@@ -60,7 +60,9 @@ class FormerMultiCrop3D(MultiCrop3D):
             RandShiftIntensity(offsets=cfg.level_shift, prob=cfg.window_prob, channel_wise=True),
             RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std, sample_std=True),
         ])
-        self.reseed(0)
+        # MultiCrop3D.__init__ seeded self.rng before these existed: hand them the same state.
+        self.spatial.set_random_state(state=self.rng)
+        self.intensity.set_random_state(state=self.rng)
 
     def reseed(self, seed: int | np.random.SeedSequence) -> None:
         super().reseed(seed)
