@@ -419,7 +419,7 @@ class MultiCrop3D:
         for axis in range(3):  # a single-voxel axis: doubled, so interpolation has a neighbour (weight 0)
             if volume.shape[1 + axis] < 2:
                 volume = volume.repeat_interleave(2, dim=1 + axis)
-        channels, depth, height, width = volume.shape
+        depth, height, width = volume.shape[1:]
         c = self._centred.double()
         # The sampler below reads the volume as one (D * H, W) image: x and the row in grid_sample's
         # [-1, 1] (align_corners=True), z in voxels (it picks the two slices a point lies between).
@@ -475,10 +475,6 @@ class MultiCrop3D:
     def _augment(self, view: torch.Tensor, voxel_mm: tuple[float, ...] | None) -> torch.Tensor:
         cfg = self.config
         view = convert_to_tensor(self._blur(view, voxel_mm), track_meta=False, dtype=torch.float32)
-        # Voxels the window clipped (air at -1000 HU in every window, bone in the brain window) lie
-        # far outside it: a few % of window jitter or a few HU of noise leave them clipped, as
-        # re-windowing the scan would. (Noise on air would also hand MAE's per-patch normalised
-        # target pure noise to reconstruct.)
         channels = view.shape[0]
         # Window jitter per channel about the window's centre (0.5): width, then level.
         gain = np.ones(channels)
@@ -493,6 +489,10 @@ class MultiCrop3D:
         jitter = bool(np.any(gain != 1.0) or np.any(offset != 0.0))
         if not (jitter or apply_noise):
             return view.clamp_(0.0, 1.0)
+        # Voxels the window clipped (air at -1000 HU in every window, bone in the brain window) lie
+        # far outside it: a few % of window jitter or a few HU of noise leave them clipped, as
+        # re-windowing the scan would. (Noise on air would also hand MAE's per-patch normalised
+        # target pure noise to reconstruct.)
         shown = (view > 0.0) & (view < 1.0)
         if jitter:
             shape = (channels, 1, 1, 1)
