@@ -280,6 +280,98 @@ def test_views_without_a_voxel_size_skip_the_blur_and_say_so(caplog: pytest.LogC
         MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, voxel_mm=(1.0, 0.0, 1.0))
 
 
+def _smooth_volume(size: int) -> torch.Tensor:
+    """Three channels of slowly varying intensity in [0, 1], distinct along every axis."""
+    z, y, x = torch.meshgrid(*(torch.linspace(0.0, 1.0, size),) * 3, indexing="ij")
+    return torch.stack([
+        0.5 + 0.4 * torch.sin(2.0 * z + 1.0 * y + 0.5 * x),
+        0.5 + 0.4 * torch.cos(1.5 * x - 1.0 * z),
+        0.2 + 0.6 * y * x,
+    ])
+
+
+def test_the_affine_matrix_is_monais_rotation_then_scale() -> None:
+    from monai.transforms.utils import create_rotate, create_scale
+
+    angles, factors = [0.1, -0.15, 0.12], [1.05, 0.95, 1.08]
+    expected = create_rotate(3, angles)[:3, :3] @ create_scale(3, factors)[:3, :3]
+    assert torch.allclose(MultiCrop3D.affine_matrix(angles, factors), torch.from_numpy(expected).float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize(("starts", "sides"), [((0, 0, 0), (24, 24, 24)), ((3, 5, 2), (20, 18, 22)), ((1, 2, 3), (11, 9, 10))])
+def test_one_resampling_equals_crop_resize_flip_then_affine(
+    starts: tuple[int, int, int], sides: tuple[int, int, int], flip: bool
+) -> None:
+    """The view's single grid_sample against the former three steps: the crop resized by
+    F.interpolate, flipped, then MONAI's Affine (rotation, scale, zeros outside) on the result.
+    Downsampled (24 -> 16), upsampled (local crops) and anisotropic crops."""
+    from monai.transforms import Affine
+
+    size = 16
+    volume = _smooth_volume(24)
+    views = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, size)
+    crop = volume[:, starts[0]:starts[0] + sides[0], starts[1]:starts[1] + sides[1], starts[2]:starts[2] + sides[2]]
+    resized = torch.nn.functional.interpolate(crop[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0]
+    if flip:
+        resized = torch.flip(resized, dims=[1 + MultiCrop3D.LR_AXIS])
+
+    # Identity: exactly the crop and resize (flip included) as before.
+    identity = views.resample(volume, starts, sides, flip, torch.eye(3))
+    assert torch.allclose(identity, resized, atol=1e-5), float((identity - resized).abs().max())
+    assert torch.equal(views.resample(volume, starts, sides, flip, None), resized)
+
+    angles, factors = [0.15, -0.1, 0.17], [1.1, 0.92, 1.05]
+    affine = Affine(rotate_params=angles, scale_params=factors, mode="bilinear", padding_mode="zeros", image_only=True)
+    expected = torch.as_tensor(affine(resized)).as_subclass(torch.Tensor)
+    view = views.resample(volume, starts, sides, flip, MultiCrop3D.affine_matrix(angles, factors))
+    difference = (view - expected).abs()
+    # One interpolation instead of two: equal up to the second pass's smoothing of a smooth volume.
+    assert float(difference.mean()) < 2e-3 and float(difference.max()) < 0.03, (float(difference.mean()), float(difference.max()))
+    # Outside the field of view is air in both (the scale > 1 axis reaches past the crop).
+    outside = expected.abs().sum(dim=0) == 0
+    assert outside.any() and torch.all(view[:, outside] == 0)
+
+
+def test_view_statistics_match_the_augment_config() -> None:
+    """Over 400 views: the flip rate, the window's gain and level jitter (recovered from two
+    known intensities per channel) and the noise's std lie in AugmentConfig's ranges at its rates."""
+    cfg = AugmentConfig()
+    volume = torch.full((3, 8, 8, 8), 0.25)
+    volume[:, :, :, 4:] = 0.75
+    volume[:, 0, 0, 0] = 0.1  # an asymmetric marker: a left-right flip moves it
+    crops = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 8, seed=9,
+                        augment=AugmentConfig(**{**NO_VIEWS, "flip_lr_prob": cfg.flip_lr_prob, "window_prob": cfg.window_prob}))
+    flips, gains, offsets = 0, [], []
+    for _ in range(200):
+        for view in crops(volume):
+            flipped = bool(view[0, 0, 0, 7] < view[0, 0, 0, 0])
+            flips += flipped
+            if flipped:
+                view = torch.flip(view, dims=[1 + MultiCrop3D.LR_AXIS])
+            low, high = view[:, 1:, 1:, :4].mean(dim=(1, 2, 3)), view[:, 1:, 1:, 4:].mean(dim=(1, 2, 3))
+            gains.append((high - low) / 0.5 - 1.0)
+            offsets.append((high + low) / 2 - 0.5)
+    assert 0.4 < flips / 400 < 0.6
+    gain, offset = torch.stack(gains), torch.stack(offsets)  # (views, channels)
+    assert float(gain.abs().max()) <= cfg.contrast + 1e-5 and float(offset.abs().max()) <= cfg.level_shift + 1e-5
+    # Jitter applies per view with window_prob and draws per channel: channels differ.
+    assert 0.7 < float((gain[:, 0].abs() > 1e-5).float().mean()) < 0.9
+    assert 0.7 < float((offset[:, 0].abs() > 1e-5).float().mean()) < 0.9
+    assert float(gain.abs().max()) > 0.9 * cfg.contrast and float(offset.abs().max()) > 0.9 * cfg.level_shift
+    assert float((gain[:, 0] - gain[:, 1]).abs().max()) > 0.01
+
+    noisy = MultiCrop3D([1.0, 1.0], [1.0, 1.0], 0, 16, seed=10,
+                        augment=AugmentConfig(**{**NO_VIEWS, "noise_prob": cfg.noise_prob}))
+    flat = torch.full((3, 16, 16, 16), 0.5)
+    stds = torch.tensor([float((view - flat).std()) for _ in range(200) for view in noisy(flat)])
+    applied = stds > 0
+    assert 0.4 < float(applied.float().mean()) < 0.6
+    # std uniform in [0, noise_std]: mean noise_std / 2, none above it.
+    assert float(stds.max()) <= cfg.noise_std * 1.05
+    assert float(stds[applied].mean()) == pytest.approx(cfg.noise_std / 2, rel=0.15)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
