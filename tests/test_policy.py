@@ -206,7 +206,7 @@ def test_site_keeps_its_data_summary_when_its_policy_says_so(tmp_path: Path, mon
     from ctfed.common.config import load_run_config
     from ctfed.common.data_summary import DATA_PREFIX, SCANS_KEY
     from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
+    from ctfed.simulations.data.synth import synthesize_federation
 
     for name, value in (("_run_id", 5), ("_node_id", 1), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)

@@ -40,7 +40,7 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.server.secagg import secure_round
-from ctfed.simulations.inprocess import InProcessGrid
+from ctfed.simulations.runtime.inprocess import InProcessGrid
 
 NODES = [3, 5, 7, 11, 13]  # 5 sites, all neighbours: threshold 4 (> 2*5/3)
 VICTIM = 7

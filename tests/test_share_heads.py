@@ -29,7 +29,7 @@ FAST = ["train.local_steps=1", "monitor.enabled=false", "federation.min_sites=3"
 
 @pytest.fixture(scope="module")
 def three_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctfed.simulations.simulate import synthesize_and_prepare
+    from ctfed.simulations.runtime.simulate import synthesize_and_prepare
 
     root = tmp_path_factory.mktemp("sites")
     synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
@@ -46,7 +46,7 @@ def _federate(
     """Run the federation; returns the contexts and every site's reply update and weight by (node, round)."""
     from ctfed.client.app import train
     from ctfed.client.secagg import stage_handlers
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     updates: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     weights: dict[tuple[int, int], int] = {}

@@ -75,7 +75,7 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared site cache of two synthetic scans, one per study."""
     from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
+    from ctfed.simulations.data.synth import synthesize_federation
 
     root = tmp_path_factory.mktemp("site")
     (site_dicom,) = synthesize_federation(root / "dicom", sites=1, scans_per_site=2, seed=0)
@@ -369,7 +369,7 @@ def _fake_local_train(msg: Message, context: Context) -> Message:
 
 def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> None:
     from ctfed.server.secagg import secure_round
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     nodes = [11, 12, 13]
     handlers = site_secagg.stage_handlers(_fake_local_train)

@@ -6,15 +6,15 @@
 * Data loader share: the fraction of a local training step spent reading cached volumes
   and making crops (goal: < 10% at the default model size).
 * Secure aggregation: SecAgg+ round time / plain round time for 5 sites at ~10M and ~86M
-  parameters (simulations/secagg_bench.py), alone and with a local training round added.
+  parameters (simulations/bench/secagg_bench.py), alone and with a local training round added.
 * Transport: fp32 against float16/bfloat16 updates and SecAgg+ at 64 vs 32 bits, bytes per
-  round per phase and the effect on the aggregate and the loss (simulations/transport_bench.py).
+  round per phase and the effect on the aggregate and the loss (simulations/bench/transport_bench.py).
 * SecAgg+ against stock Flower: plain, our SecAgg+ and Flower's SecAggPlusWorkflow +
   secaggplus_mod in one Flower simulation, same sites and update size
-  (simulations/stock_secagg_bench.py).
+  (simulations/bench/stock_secagg_bench.py).
 * Federation: round overhead over local training, bytes per round in each phase, peak
   memory of a site process, round time against the number of sites and against the model
-  size (simulations/federation_bench.py, real simulated federations).
+  size (simulations/bench/federation_bench.py, real simulated federations).
 
 The run time of each part and of the whole run is printed and kept in the JSON
 (``run_seconds``), so the cost of the full mode is on record.
@@ -45,14 +45,14 @@ from ctfed.common.config import load_run_config
 from ctfed.common.dicom import load_series, scan
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import CachedVolumes, import_transforms, prepare
-from ctfed.simulations.federation_bench import (
+from ctfed.simulations.bench.federation_bench import (
     bench_federation,
     bench_model_scaling,
     encoder_parameters,
     print_federation,
     print_model_scaling,
 )
-from ctfed.simulations.secagg_bench import (
+from ctfed.simulations.bench.secagg_bench import (
     bench_coordinator_memory,
     bench_secagg_size,
     keystream_throughput,
@@ -61,9 +61,9 @@ from ctfed.simulations.secagg_bench import (
     print_masking,
     with_training,
 )
-from ctfed.simulations.stock_secagg_bench import bench_stock_secagg
-from ctfed.simulations.synth import PROFILES, write_scan
-from ctfed.simulations.transport_bench import print_transport, run_transport_bench
+from ctfed.simulations.bench.stock_secagg_bench import bench_stock_secagg
+from ctfed.simulations.data.synth import PROFILES, write_scan
+from ctfed.simulations.bench.transport_bench import print_transport, run_transport_bench
 
 
 PARTS = ("ingest", "loader", "secagg", "secagg_vs_stock", "federation", "federation_model_scaling", "transport")

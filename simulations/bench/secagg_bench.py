@@ -27,7 +27,7 @@ from ctfed.common.config import RunConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, apply_delta, record_to_state, state_to_record
 from ctfed.server.collect import build_strategy, vet_replies
 from ctfed.server.secagg import secure_round
-from ctfed.simulations.inprocess import InProcessGrid
+from ctfed.simulations.runtime.inprocess import InProcessGrid
 
 _TENSOR_VALUES = 2_000_000  # the synthetic encoder is a list of layers of this size
 
@@ -196,8 +196,8 @@ def _rss_mb() -> float:
 
 def _coordinator_main(conn: Any, result_conn: Any, num_params: int, node_ids: list[int]) -> None:
     """The coordinator's process of ``bench_coordinator_memory``: its real SecAgg+ round code."""
-    from ctfed.simulations.inprocess import ensure_task_identity
-    from ctfed.simulations.process_grid import PipeGrid
+    from ctfed.simulations.runtime.inprocess import ensure_task_identity
+    from ctfed.simulations.runtime.process_grid import PipeGrid
 
     ensure_task_identity()
     cfg = RunConfig()
@@ -253,7 +253,7 @@ def bench_coordinator_memory(num_params: int, sites: int = 5) -> dict[str, Any]:
 
 
 def _serve(conn: Any, num_params: int, node_ids: list[int]) -> None:
-    from ctfed.simulations.process_grid import serve_sites
+    from ctfed.simulations.runtime.process_grid import serve_sites
 
     serve_sites(conn, functools.partial(_bench_sites, num_params, node_ids))
 
@@ -276,7 +276,7 @@ def print_masking(figures: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ctfed.simulations.secagg_bench --params 89000000``: the coordinator's peak
+    """``python -m ctfed.simulations.bench.secagg_bench --params 89000000``: the coordinator's peak
     RSS over one SecAgg+ round and this machine's ChaCha20 keystream rate, nothing else."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--params", type=int, default=89_000_000, help="values per update (ViT-B's encoder: 89M)")

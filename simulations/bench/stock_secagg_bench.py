@@ -41,7 +41,7 @@ from ctfed.common.config import RunConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, SiteReply, record_to_state, state_to_record
 from ctfed.common.certs import ensure_federation_signing_keys
 from ctfed.common.secagg import aggregation_error_bound, effective_num_shares, round_threshold
-from ctfed.simulations.secagg_bench import _synthetic_state as synthetic_state
+from ctfed.simulations.bench.secagg_bench import _synthetic_state as synthetic_state
 
 logger = logging.getLogger(__name__)
 

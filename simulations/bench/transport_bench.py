@@ -34,8 +34,8 @@ from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.preprocess import prepare
 from ctfed.server.results import CHECKPOINT_DIR, GLOBAL_PREFIX, RESULTS_NAME
 from ctfed.server.rounds import run_federation
-from ctfed.simulations.inprocess import InProcessGrid
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.runtime.inprocess import InProcessGrid
+from ctfed.simulations.data.synth import synthesize_federation
 
 
 def run_inprocess(cfg: RunConfig, data_dir: Path, run_dir: Path) -> dict[str, Any]:

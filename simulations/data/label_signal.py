@@ -8,13 +8,13 @@ voxels of all windows, and each window's intensity histogram. A task a histogram
 solves needs no encoder; where such a probe is near 0.5, no encoder comparison on that data
 can mean much. One run per ``--finding-scale`` value; a table per run and ``--json``::
 
-    python -m ctfed.simulations.label_signal --seed 1 --finding-scale 1 3 --out /tmp/signal
+    python -m ctfed.simulations.data.label_signal --seed 1 --finding-scale 1 3 --out /tmp/signal
 
 With ``--pretrain-steps``, the same probe on an encoder's features (every ``finetune.pooling``)
 after centralized pretraining on the pooled tuning set for that many steps (compare preset,
 plus ``--train`` overrides): does pretraining add label signal over an untrained encoder::
 
-    python -m ctfed.simulations.label_signal --seed 1 --finding-scale 3 --out /tmp/signal \
+    python -m ctfed.simulations.data.label_signal --seed 1 --finding-scale 3 --out /tmp/signal \
         --pretrain-steps 0 100 1000 --train train.mim_objective=mae train.dino_weight=0
 """
 
@@ -47,7 +47,7 @@ from ctfed.simulations.config import SynthConfig, load_simulation_config
 from ctfed.common.metrics import embedding_std
 from ctfed.common.monitor import encoder_features
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import LABEL_COLUMNS, synthesize_federation
+from ctfed.simulations.data.synth import LABEL_COLUMNS, synthesize_federation
 
 logger = logging.getLogger(__name__)
 

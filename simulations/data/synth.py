@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from ctfed.simulations.config import SynthConfig
-from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, HeadModel, scanner_effects
+from ctfed.simulations.data.phantom import FINDINGS, STRUCTURAL_FINDINGS, HeadModel, scanner_effects
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed, finding_scale=args.finding_scale
     )
-    from ctfed.simulations.synth import site_profile, synthesize_federation
+    from ctfed.simulations.data.synth import site_profile, synthesize_federation
 
     # The JPEG 2000 encoder logs one INFO line per tile; that is noise here.
     logging.getLogger("openjpeg").setLevel(logging.WARNING)

@@ -31,7 +31,7 @@ from ctfed.common.config import ConfigError, to_run_config
 from ctfed.common.fileio import write_text_atomic
 from ctfed.common.model import SSLModel, count_parameters
 from ctfed.server.results import CHECKPOINT_DIR, RESULTS_NAME, RoundRecord, SiteRoundRecord
-from ctfed.simulations.split import split_markdown
+from ctfed.simulations.data.split import split_markdown
 
 REPORT_NAME = "report.md"
 PLOTS_DIR = "plots"

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that argument errors show before matplotlib and torch load.
-    from ctfed.simulations.report import ReportError, render_report
+    from ctfed.simulations.report.report import ReportError, render_report
 
     try:
         report = render_report(args.run_dir)
@@ -26,19 +26,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctfed report: {err}", file=sys.stderr)
         return 1
     print(report)
-    from ctfed.simulations.compare import COMPARE_JSON
+    from ctfed.simulations.studies.compare import COMPARE_JSON
 
     if (args.run_dir / COMPARE_JSON).is_file():  # a compare study: its verdicts and plots too
-        from ctfed.simulations.compare_report import render_compare_report
+        from ctfed.simulations.studies.compare_report import render_compare_report
 
         print(render_compare_report(args.run_dir))
-    from ctfed.simulations.label_efficiency import STUDY_DIR, STUDY_JSON
+    from ctfed.simulations.studies.label_efficiency import STUDY_DIR, STUDY_JSON
 
     if (args.run_dir / STUDY_DIR / STUDY_JSON).is_file():  # the label-efficiency study
-        from ctfed.simulations.label_efficiency_report import render_study_report
+        from ctfed.simulations.studies.label_efficiency_report import render_study_report
 
         print(render_study_report(args.run_dir))
-    from ctfed.simulations.sweep import SWEEP_NAME, render_sweep_report
+    from ctfed.simulations.studies.sweep import SWEEP_NAME, render_sweep_report
 
     sweep = args.run_dir / SWEEP_NAME
     if sweep.is_file():  # a sweep (the privacy preset): its table and plot too

@@ -26,7 +26,7 @@ from ctfed.common.processes import (
     wait_healthy,
     write_connection,
 )
-from ctfed.simulations.flower_app import toml_value
+from ctfed.simulations.runtime.flower_app import toml_value
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from ctfed.server.app import (
 )
 from ctfed.simulations.config import SIMULATE_CONFIG_NAME, SimulationRunConfig, register_simulation_configs
 
-SERVER_APP = "ctfed.simulations.flower_app:server_app"
+SERVER_APP = "ctfed.simulations.runtime.flower_app:server_app"
 CLIENT_APP = "ctfed.client.app:app"
-FAULTY_CLIENT_APP = "ctfed.simulations.faults:app"
+FAULTY_CLIENT_APP = "ctfed.simulations.runtime.faults:app"
 APP_FOLDER = "app"
 
 register_simulation_configs()

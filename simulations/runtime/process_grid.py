@@ -1,6 +1,6 @@
 """The coordinator and the sites in two processes, for measuring the coordinator's own memory.
 
-``ctfed bench`` runs SecAgg+ in one process (``simulations/inprocess.py``), where the sites'
+``ctfed bench`` runs SecAgg+ in one process (``simulations/runtime/inprocess.py``), where the sites'
 deltas and masking share the coordinator's RSS. Here the sites' real stage handlers run in a
 spawned process (``serve_sites``) and the coordinator's real round code in another, behind
 ``PipeGrid``: Flower's push/pull interface over a pipe. A pushed message is answered when
@@ -73,7 +73,7 @@ def receive_content(conn: Connection) -> dict[str, Any] | None:
 def serve_sites(conn: Connection, make_handlers: Callable[[], tuple[dict, list[int]]]) -> None:
     """The sites' side: ``make_handlers()`` -> (stage handlers, node ids) of an InProcessGrid;
     answers each pushed message when it is pulled, until told to stop."""
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     handlers, node_ids = make_handlers()
     grid = InProcessGrid(handlers, node_ids)

@@ -2,7 +2,7 @@
 
 Steps: resolve the Hydra config -> make the run folder -> synthesise and prepare site
 caches (unless ``simulation.data_dir`` points at prepared ones, or ``split.pooled_cache``
-at one pooled cache to cut into sites, simulations/split.py) -> run the same
+at one pooled cache to cut into sites, simulations/data/split.py) -> run the same
 ServerApp/ClientApp a deployment runs, in Flower's simulation engine -> summarise.
 """
 
@@ -31,11 +31,11 @@ from ctfed.simulations.config import (
     read_simulation_config,
     to_simulation_config,
 )
-from ctfed.simulations.engine import SimulationError, run_app
-from ctfed.simulations.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
-from ctfed.simulations.report import console_table, load_results, render_report
-from ctfed.simulations.split import SPLIT_REPORT, split_pool
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.runtime.engine import SimulationError, run_app
+from ctfed.simulations.runtime.flower_app import APP_FOLDER, CLIENT_APP, FAULTY_CLIENT_APP, write_app
+from ctfed.simulations.report.report import console_table, load_results, render_report
+from ctfed.simulations.data.split import SPLIT_REPORT, split_pool
+from ctfed.simulations.data.synth import synthesize_federation
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def synthesize_and_prepare(cfg: SimulationRunConfig, run_dir: Path) -> Path:
 
 
 def split_and_report(cfg: SimulationRunConfig, run_dir: Path) -> Path:
-    """Cut the pooled cache into the simulated sites' manifest views (simulations/split.py)."""
+    """Cut the pooled cache into the simulated sites' manifest views (simulations/data/split.py)."""
     print(f"[1/3] splitting the pooled cache {cfg.split.pooled_cache} ({cfg.split.method.value}) into sites")
     data_dir = split_pool(cfg.split, run_dir)
     summary = json.loads((data_dir / SPLIT_SUMMARY).read_text(encoding="utf-8"))
@@ -149,7 +149,7 @@ def _existing_data_dir(cfg: SimulationRunConfig, run_dir: Path) -> Path:
         data_dir = run_dir / (SPLIT_DIR if cfg.split.enabled else "cache")
     if cfg.label_efficiency.enabled:
         # ... and a study's federation its pretraining views (splits.json is not redrawn either).
-        from ctfed.simulations.label_efficiency import PRETRAIN_VIEWS, STUDY_DIR
+        from ctfed.simulations.studies.label_efficiency import PRETRAIN_VIEWS, STUDY_DIR
 
         data_dir = run_dir / STUDY_DIR / PRETRAIN_VIEWS
     site_cache_dirs(data_dir)  # raises a clear error if the caches are gone
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir = synthesize_and_prepare(cfg, run_dir)
         if cfg.label_efficiency.enabled:
             # The study holds out test and validation scans before anyone pretrains.
-            from ctfed.simulations.label_efficiency import write_pretraining_views
+            from ctfed.simulations.studies.label_efficiency import write_pretraining_views
 
             print("      label efficiency: cutting each site into test, validation and labelled scans")
             data_dir = write_pretraining_views(cfg, run_dir, data_dir)
@@ -283,19 +283,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     if cfg.compare.enabled:
         # The federation above is the study's federated arm; the other arms reuse its sites.
-        from ctfed.simulations.compare import run_comparison
+        from ctfed.simulations.studies.compare import run_comparison
 
         code = run_comparison(cfg, run_dir, data_dir)
         if code:
             return code
     if cfg.label_efficiency.enabled:
         # The federation above is the study's federated arm, on the sites' pretraining views.
-        from ctfed.simulations.label_efficiency import run_label_efficiency
+        from ctfed.simulations.studies.label_efficiency import run_label_efficiency
 
         return run_label_efficiency(cfg, run_dir, data_dir)
     if cfg.sweep.enabled:
         # The federation above is the sweep's base arm; each other arm is one more federation.
-        from ctfed.simulations.sweep import run_sweep
+        from ctfed.simulations.studies.sweep import run_sweep
 
         return run_sweep(cfg, run_dir, data_dir)
     return 0

@@ -10,11 +10,11 @@ initial encoder:
 * *scratch*: no pretraining, the federation's initial encoder (``global_round_0000``).
 
 Every arm is then fine-tuned and tested at every site with the same split, recipe and seeds
-(simulations/downstream.py): each site fine-tunes the arm's encoder on its training scans
+(simulations/studies/downstream.py): each site fine-tunes the arm's encoder on its training scans
 (local-only: the site's own encoder) and predicts its held-out scans; pooled metrics score
 all sites' held-out predictions together. ``compare.json`` is rewritten atomically after
 each arm, so a crash keeps the finished ones; ``compare.md`` and the plots are rendered from
-it (simulations/compare_report.py).
+it (simulations/studies/compare_report.py).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from ctfed.server.rounds import initial_encoder_state
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, SiteSplit, stratified_split
 from ctfed.common.monitor import representation_monitor
 from ctfed.common.model import encoder_part
-from ctfed.simulations.downstream import Predictions, finetune_and_predict, monitor_entry, pool, score
-from ctfed.simulations.report import load_results
+from ctfed.simulations.studies.downstream import Predictions, finetune_and_predict, monitor_entry, pool, score
+from ctfed.simulations.report.report import load_results
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +335,8 @@ def compare_teacher_policies(cfg: SimulationRunConfig, run_dir: Path, data_dir: 
     ``<run>/arms/teacher_<policy>/`` through the same simulation path as ``ctfed simulate``.
     """
     from ctfed.common.config import save_run_config
-    from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
-    from ctfed.simulations.sweep import arm_config
+    from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
+    from ctfed.simulations.studies.sweep import arm_config
 
     base_policy = cfg.train.teacher_on_new_global
     other = other_teacher_policy(base_policy)
@@ -451,7 +451,7 @@ def check_budgets(data: Mapping[str, Any]) -> None:
 
 def run_comparison(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Train the non-federated arms, evaluate all four, write compare.json/compare.md; 0 on success."""
-    from ctfed.simulations.compare_report import console_summary, judge, render_compare_report
+    from ctfed.simulations.studies.compare_report import console_summary, judge, render_compare_report
 
     started = time.perf_counter()
     budget = cfg.federation.rounds * cfg.train.local_steps

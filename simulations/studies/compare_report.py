@@ -1,6 +1,6 @@
 """Verdicts, ``compare.md`` and plots of the ``compare`` study, from ``compare.json`` alone.
 
-Like ``report.md`` (simulations/report.py), everything here is a function of the JSON file,
+Like ``report.md`` (simulations/report/report.py), everything here is a function of the JSON file,
 so the report can be re-rendered after the fact and a crashed study still reports the arms it
 finished. Verdicts use paired bootstrap differences of AUROC on the same held-out scans.
 """
@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ctfed.common.fileio import write_text_atomic
-from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
-from ctfed.simulations.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH, judged_difference, paired_auroc_difference
-from ctfed.simulations.report import PLOTS_DIR, _empty, _fmt_seconds, _save, _table
+from ctfed.simulations.studies.compare import COMPARE_JSON, POOLED, SHARED, Arm
+from ctfed.simulations.studies.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH, judged_difference, paired_auroc_difference
+from ctfed.simulations.report.report import PLOTS_DIR, _empty, _fmt_seconds, _save, _table
 
 COMPARE_MD = "compare.md"
 AUROC_PLOT = "compare_auroc.png"

@@ -1,6 +1,6 @@
 """Downstream evaluation of a pretrained encoder at one site: split, fine-tune, score.
 
-Used by the ``compare`` study (simulations/compare.py) to judge every pretraining arm on the
+Used by the ``compare`` study (simulations/studies/compare.py) to judge every pretraining arm on the
 same held-out scans with the same fine-tuning recipe:
 
 * a deterministic, stratified train/test split of the site's labelled scans

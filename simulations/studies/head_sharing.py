@@ -17,7 +17,7 @@ the real ClientApp handler (plain FedAvg path: the mean SecAgg+ computes is the 
 * a frozen-feature probe of the final global encoder (CLS; label_signal's 5-fold logistic
   regression AUROC, transductive on the pooled scans) per task::
 
-    python -m ctfed.simulations.head_sharing --out /tmp/heads --rounds 8 --local-steps 10 --train \
+    python -m ctfed.simulations.studies.head_sharing --out /tmp/heads --rounds 8 --local-steps 10 --train \
         train.batch_size=2 train.lr_reference_batch=2 train.num_local_crops=0 \
         train.augment.affine_prob=0 train.augment.blur_prob=0
 """
@@ -48,8 +48,8 @@ from ctfed.common.exchange import LOCAL_STATE_KEY
 from ctfed.common.model import encoder_part
 from ctfed.common.monitor import encoder_features
 from ctfed.server.rounds import run_federation
-from ctfed.simulations.inprocess import InProcessGrid
-from ctfed.simulations.label_signal import TuningSet, _Scans, not_probeable, probe_auroc, tuning_set
+from ctfed.simulations.runtime.inprocess import InProcessGrid
+from ctfed.simulations.data.label_signal import TuningSet, _Scans, not_probeable, probe_auroc, tuning_set
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}", f"federation.min_sites={len(counts)}",
         f"model.image_size={args.size}", f"preprocess.output_size={args.size}", *args.train,
     ]
-    report: dict[str, Any] = {"command": f"python -m ctfed.simulations.head_sharing {' '.join(argv)}".strip(),
+    report: dict[str, Any] = {"command": f"python -m ctfed.simulations.studies.head_sharing {' '.join(argv)}".strip(),
                               "sites": counts, "scans": len(data.volumes), "arms": {}}
     for share in (False, True):
         name = f"share_heads={str(share).lower()}"

@@ -60,9 +60,9 @@ from ctfed.common.preprocess import FORMAT as CACHE_FORMAT
 from ctfed.common.preprocess import MANIFEST, VOLUMES_DIR_FIELD, CachedVolumes, channel_stats
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
-from ctfed.simulations.downstream import finetune_and_predict_many, judged_difference
-from ctfed.simulations.label_signal import RowSpan, window_histograms
-from ctfed.simulations.report import load_results
+from ctfed.simulations.studies.downstream import finetune_and_predict_many, judged_difference
+from ctfed.simulations.data.label_signal import RowSpan, window_histograms
+from ctfed.simulations.report.report import load_results
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +295,8 @@ def pretrain_arm(arm: Arm, cfg: SimulationRunConfig, run_dir: Path, data_dir: Pa
 
 
 def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int]) -> Pretrained:
-    from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
-    from ctfed.simulations.sweep import arm_config
+    from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
+    from ctfed.simulations.studies.sweep import arm_config
 
     arm_dir = run_dir / ARMS_DIR / Arm.federated_dp.value
     arm_dir.mkdir(parents=True, exist_ok=True)
@@ -644,8 +644,8 @@ class StudyRecord:
 
 def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
-    from ctfed.simulations.label_efficiency_report import console_summary, render_study_report
-    from ctfed.simulations.phantom import STRUCTURAL_FINDINGS
+    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
+    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
 
     study = cfg.label_efficiency
     sites, tasks = load_study_sites(run_dir)

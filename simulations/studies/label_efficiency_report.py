@@ -15,9 +15,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ctfed.common.fileio import write_text_atomic
-from ctfed.simulations.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH
-from ctfed.simulations.label_efficiency import POOLED, STUDY_DIR, STUDY_JSON, Arm
-from ctfed.simulations.report import _fmt_seconds, _save, _table
+from ctfed.simulations.studies.downstream import MIN_EVIDENCE_TEST_SCANS, TARGET_HALF_WIDTH
+from ctfed.simulations.studies.label_efficiency import POOLED, STUDY_DIR, STUDY_JSON, Arm
+from ctfed.simulations.report.report import _fmt_seconds, _save, _table
 
 STUDY_MD = "study.md"
 PLOTS = "plots"

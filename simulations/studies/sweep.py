@@ -3,7 +3,7 @@
 The base run is the federation ``ctfed simulate`` just ran; every arm in ``sweep.arms`` is
 one more federation in ``<run>/arms/<name>/`` with the arm's overrides on top of the base
 config and the same site caches. Each final encoder is fine-tuned and tested at every site
-exactly as the ``compare`` study does (simulations/compare.py, ``compare.finetune``), and
+exactly as the ``compare`` study does (simulations/studies/compare.py, ``compare.finetune``), and
 ``sweep.json`` / ``sweep.md`` / ``plots/sweep_epsilon_auroc.png`` put epsilon, AUROC, secure
 aggregation and round time side by side. ``sweep.json`` is rewritten after every arm.
 """
@@ -24,9 +24,9 @@ from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.model import encoder_part
 from ctfed.server.results import CHECKPOINT_DIR
-from ctfed.simulations.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
+from ctfed.simulations.studies.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
 from ctfed.common.labelled import NotEvaluableError
-from ctfed.simulations.report import load_results
+from ctfed.simulations.report.report import load_results
 
 SWEEP_NAME = "sweep.json"
 SWEEP_REPORT = "sweep.md"
@@ -181,7 +181,7 @@ def render_sweep_report(run_dir: Path, data: dict[str, Any]) -> Path:
 
 def run_sweep(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Run every arm after the base federation, evaluate all of them, write the report."""
-    from ctfed.simulations.simulate import CONFIG_NAME, run_federation_simulation
+    from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
 
     started = time.perf_counter()
     try:
