@@ -24,15 +24,15 @@ class Subcommand:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("synth", "ctfed.simulations.synth_cli", "write synthetic hospitals as DICOM series"),
+    Subcommand("synth", "ctfed.simulations.data.synth_cli", "write synthetic hospitals as DICOM series"),
     Subcommand("prepare", "ctfed.client.prepare_cli", "turn a site's DICOM folder into a training cache"),
     Subcommand("pretrain", "ctfed.client.pretrain_cli", "self-supervised pretraining on one cache, no federation"),
     Subcommand("finetune", "ctfed.client.finetune_cli", "fine-tune an encoder on one labelled cache, no federation"),
     Subcommand("predict", "ctfed.client.predict_cli", "score new studies with a fine-tuned classifier (local CSV)"),
     Subcommand("export", "ctfed.common.export", "export a checkpoint as a MONAI bundle or TorchScript"),
-    Subcommand("simulate", "ctfed.simulations.simulate", "run a federation on this machine (Flower simulation)"),
-    Subcommand("report", "ctfed.simulations.report_cli", "re-render a run folder's report.md and plots from results.json"),
-    Subcommand("bench", "ctfed.simulations.bench", "benchmarks: ingest, data loader, secure aggregation, federation cost"),
+    Subcommand("simulate", "ctfed.simulations.runtime.simulate", "run a federation on this machine (Flower simulation)"),
+    Subcommand("report", "ctfed.simulations.report.report_cli", "re-render a run folder's report.md and plots from results.json"),
+    Subcommand("bench", "ctfed.simulations.bench.bench", "benchmarks: ingest, data loader, secure aggregation, federation cost"),
     Subcommand("certs", "ctfed.server.certs_cli", "make the federation's CA, SuperLink certificate and per-site keys"),
     Subcommand("server", "ctfed.server.deploy_cli", "start the coordinator's SuperLink (TLS, node authentication)"),
     Subcommand("site", "ctfed.client.site_cli", "start this hospital's SuperNode from a site.yaml"),

@@ -2,7 +2,7 @@
 
 Shared by the federated phase 2 (client/app.py: each site fine-tunes on its training part and
 evaluates on its held-out part every round) and the ``compare`` study
-(simulations/downstream.py). Labels come from the cache manifest (``labels.csv`` at
+(simulations/studies/downstream.py). Labels come from the cache manifest (``labels.csv`` at
 ``ctfed prepare``), keyed by pseudonymous study keys; nothing here reads a header.
 
 The split depends on the scans' content hashes and a seed, not on the site's secret-keyed

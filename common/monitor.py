@@ -13,7 +13,7 @@ they have collapsed, without training anything.
 Used in every phase-1 round at each site on the global encoder it received, before local
 training (client/monitor_round.py; reply metrics ``monitor-*`` below, recorded by the
 coordinator as ``rounds[].sites[].monitor``), and by the compare study for every arm
-(simulations/downstream.py). The split is phase 2's (``common/labelled.py``), so the monitor's
+(simulations/studies/downstream.py). The split is phase 2's (``common/labelled.py``), so the monitor's
 held-out scans are the ones phase 2 evaluates on.
 """
 

@@ -61,7 +61,7 @@ AXES = "C,z(inferior->superior),y(posterior->anterior),x(left->right)"
 # labels.csv key columns: a study UID for DICOM, the path under the input folder for NIfTI.
 STUDY_COLUMNS = ("StudyInstanceUID", "study_uid")
 NIFTI_FILE_COLUMN = "file"
-# A manifest *view* (simulations/split.py: one simulated site cut from a pooled cache) names
+# A manifest *view* (simulations/data/split.py: one simulated site cut from a pooled cache) names
 # the folder its entries' files live in, so the volumes are referenced, never copied.
 VOLUMES_DIR_FIELD = "volumes_dir"
 # Where a run folder keeps those views, and the split's summary (results.json "data_split").

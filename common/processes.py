@@ -1,6 +1,6 @@
 """Starting, health-checking and stopping Flower's own processes (SuperLink, SuperNode, CLI).
 
-The simulation engine (``simulations/engine.py``) and the deployment commands
+The simulation engine (``simulations/runtime/engine.py``) and the deployment commands
 (``ctfed server``, ``ctfed site``) launch the same Flower executables in the same way:
 from this interpreter's environment, offline, in their own process group so that a
 SuperLink and every ServerApp/ClientApp process it spawned stop together. One copy of that

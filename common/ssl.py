@@ -277,7 +277,7 @@ class MultiCrop3D:
     into one map and ONE trilinear resampling of the volume (views without an affine keep the
     exact ``F.interpolate`` resize), the window jitter is one multiply-add per channel and the
     noise ``torch.randn`` from a Generator seeded by the RandomState. Measured with
-    ``python -m ctfed.simulations.views_bench`` (``docs/benchmarks.md``): 2.1-2.4x less CPU
+    ``python -m ctfed.simulations.bench.views_bench`` (``docs/benchmarks.md``): 2.1-2.4x less CPU
     per volume at 32^3 and at 96^3. One resampling instead of two also blurs a rotated view slightly less.
     """
 

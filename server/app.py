@@ -10,7 +10,7 @@ is an error naming both.
 ``app`` reads the coordinator's root, ``RunConfig``: a file with the simulation's sections
 (``ctfed simulate --show-config``, results.json written before the configs were split) is
 read without them (common/config/loading.py ``SIMULATION_SECTIONS``). A simulation submits
-its own ServerApp built by ``make_server_app`` with its root (simulations/flower_app.py), so
+its own ServerApp built by ``make_server_app`` with its root (simulations/runtime/flower_app.py), so
 that results.json records the simulation sections it ran with and a resume restores them.
 """
 

@@ -280,7 +280,7 @@ class RunRecorder:
         # Strategy state to continue from (set by ``resume``; FedAdam's moments).
         self.strategy_state: dict[str, torch.Tensor] = {}
         self._tensorboard: TensorBoardLog | None = None  # opened with the first new round
-        # A simulation on sites cut from a pooled cache: how they were cut (simulations/split.py).
+        # A simulation on sites cut from a pooled cache: how they were cut (simulations/data/split.py).
         split_summary = run_dir / SPLIT_DIR / SPLIT_SUMMARY
         self.data_split: dict[str, Any] | None = (
             json.loads(split_summary.read_text(encoding="utf-8")) if split_summary.is_file() else None

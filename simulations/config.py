@@ -50,7 +50,7 @@ class SynthConfig:
     # model's 32^3 input blur into the skull's rim or a few voxels; the compare preset
     # enlarges them so the labels are learnable at that size (docs/simulate.md, "Comparing ...").
     finding_scale: float = 1.0
-    # Chance per scan of each structural finding (simulations/phantom.py: not bright voxels,
+    # Chance per scan of each structural finding (simulations/data/phantom.py: not bright voxels,
     # each its own label column beside the haemorrhages and `any`), drawn independently of
     # each other and of the haemorrhages (whose rate each site's profile sets). 0.3 gives
     # every task positives and negatives at a few dozen scans; 0 leaves the pixels of a scan
@@ -85,7 +85,7 @@ class SynthConfig:
 
     @property
     def structural_prevalence(self) -> dict[str, float]:
-        """{structural finding: prevalence}, the names simulations/phantom.py uses."""
+        """{structural finding: prevalence}, the names simulations/data/phantom.py uses."""
         return {
             "hydrocephalus": self.hydrocephalus_prevalence,
             "mass_effect": self.mass_effect_prevalence,
@@ -140,7 +140,7 @@ class SimulationConfig:
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
     # Injected site failures; any entry switches the simulated sites to the fault-injecting
-    # ClientApp (simulations/faults.py), which deployed sites never run.
+    # ClientApp (simulations/runtime/faults.py), which deployed sites never run.
     faults: list[FaultConfig] = field(default_factory=list)
     # Every simulated site's policy (default: permissive), and whole replacements for named
     # sites (site = the cache folder's name), e.g.
@@ -227,7 +227,7 @@ class CompareConfig:
 
     With ``enabled``, ``ctfed simulate`` trains the other arms after the federation, on the same
     sites and the same pretraining budget, and fine-tunes every arm at every site
-    (simulations/compare.py). Targets are AUROC differences the verdicts are checked against.
+    (simulations/studies/compare.py). Targets are AUROC differences the verdicts are checked against.
     """
 
     enabled: bool = False
@@ -287,7 +287,7 @@ class LabelEfficiencyConfig:
     (the federation pretrains on the rest, without labels), then pretrains the centralized,
     local-only (smallest site) and local-DP arms on the same scans and budget, fine-tunes every
     arm at every site on a few labelled scans per level and tests on the held-out scans
-    (simulations/label_efficiency.py; docs/studies.md).
+    (simulations/studies/label_efficiency.py; docs/studies.md).
     """
 
     enabled: bool = False
@@ -364,7 +364,7 @@ class SweepConfig:
     """The ``privacy`` study (or any sweep): after the base federation, one more federation per
     arm on the same site caches, each fine-tuned and tested at every site as in ``compare``
     (its ``compare.finetune`` settings), epsilon against AUROC in sweep.md
-    (simulations/sweep.py)."""
+    (simulations/studies/sweep.py)."""
 
     enabled: bool = False
     # Name of the base run's arm in the tables.

@@ -30,7 +30,7 @@ def three_site_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synth.scans_per_site=2``): ``<root>/site_0`` .. ``site_2``. Read-only: sites keep their
     state outside their cache, so federations over it share one copy."""
     from ctfed.simulations.config import load_simulation_config
-    from ctfed.simulations.simulate import synthesize_and_prepare
+    from ctfed.simulations.runtime.simulate import synthesize_and_prepare
 
     root = tmp_path_factory.mktemp("three_sites")
     synthesize_and_prepare(load_simulation_config(["synth.sites=3", "synth.scans_per_site=2"]), root)
@@ -43,7 +43,7 @@ def one_site_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     preprocessing, as ``ctfed prepare`` would at a site. Read-only."""
     from ctfed.common.config import load_run_config
     from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
+    from ctfed.simulations.data.synth import synthesize_federation
 
     root = tmp_path_factory.mktemp("one_site")
     (site_dicom,) = synthesize_federation(root / "dicom", sites=1, scans_per_site=2, seed=0)

@@ -614,7 +614,7 @@ class MonitorConfig:
 
 
 class PrivacyMode(str, enum.Enum):
-    """Where differential-privacy noise is added (see ARCHITECTURE.md, "Differential privacy")."""
+    """Where differential-privacy noise is added (docs/decisions/local-dp-per-volume.md, central-dp.md)."""
 
     none = "none"
     # Sample-level DP-SGD at every site (Opacus); each site accounts its own epsilon.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ctfed.common.cli import main
-from ctfed.simulations.federation_bench import best_schedule_seconds, encoder_parameters
+from ctfed.simulations.bench.federation_bench import best_schedule_seconds, encoder_parameters
 
 
 def _positive(*values: float) -> bool:
@@ -21,7 +21,7 @@ def _positive(*values: float) -> bool:
 
 def test_each_part_is_on_record_before_the_next_starts() -> None:
     """A long full run that is interrupted keeps what the finished parts measured."""
-    from ctfed.simulations.bench import _PartTimer
+    from ctfed.simulations.bench.bench import _PartTimer
 
     results: dict = {"mode": "full"}
     saved: list[dict] = []
@@ -118,7 +118,7 @@ def test_quick_bench_writes_ratios(tmp_path: Path) -> None:
 
 def test_model_scaling_keeps_the_sizes_that_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A federation that fails at one model size (ViT-B out of memory) leaves a row with the reason."""
-    from ctfed.simulations import federation_bench
+    from ctfed.simulations.bench import federation_bench
 
     site = {"train_seconds": 2.0, "bytes_received": 1000, "bytes_sent": 500, "peak_rss_mb": 300.0}
     record = {"round": 2, "seconds": 3.0, "sites": [site, site]}
@@ -149,7 +149,7 @@ def test_bench_only_ingest_prints_the_worker_ratio(tmp_path: Path, capsys: pytes
 
 def test_model_scaling_retries_one_site_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A size that Ray cannot fit with sites side by side is retried with one site at a time."""
-    from ctfed.simulations import federation_bench
+    from ctfed.simulations.bench import federation_bench
 
     monkeypatch.setattr(federation_bench.os, "cpu_count", lambda: 2)
     calls: list[list[str]] = []
@@ -179,7 +179,7 @@ def test_model_scaling_retries_one_site_at_a_time(tmp_path: Path, monkeypatch: p
 
 _HEAP_SCENARIO = """
 import ctypes, sys
-from ctfed.simulations.bench import release_memory
+from ctfed.simulations.bench.bench import release_memory
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -212,7 +212,7 @@ def test_release_memory_returns_freed_heap_to_the_os() -> None:
 
 
 def test_a_failed_federation_says_why_without_its_temporary_log(tmp_path: Path) -> None:
-    from ctfed.simulations.federation_bench import failure_reason
+    from ctfed.simulations.bench.federation_bench import failure_reason
 
     log = tmp_path / "federation.log"
     log.write_text(
@@ -233,7 +233,7 @@ def test_a_failed_federation_says_why_without_its_temporary_log(tmp_path: Path) 
 
 
 def test_model_sizes_are_the_model_presets(capsys: pytest.CaptureFixture[str]) -> None:
-    from ctfed.simulations.bench import model_sizes
+    from ctfed.simulations.bench.bench import model_sizes
 
     assert {"tiny", "small", "vit_b"} <= set(model_sizes())
     with pytest.raises(SystemExit):
@@ -242,9 +242,9 @@ def test_model_sizes_are_the_model_presets(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_views_bench_times_the_former_and_current_views() -> None:
-    """`python -m ctfed.simulations.views_bench`'s figure at a tiny size; the former path (kept
+    """`python -m ctfed.simulations.bench.views_bench`'s figure at a tiny size; the former path (kept
     there for the ratio only) still makes valid views."""
-    from ctfed.simulations.views_bench import FormerMultiCrop3D, views_ms_per_volume
+    from ctfed.simulations.bench.views_bench import FormerMultiCrop3D, views_ms_per_volume
 
     row = views_ms_per_volume(size=8, voxel_mm=6.0, volumes=1, blocks=1)
     assert _positive(row["former_ms"], row["current_ms"], row["speedup"])

@@ -17,11 +17,11 @@ from ctfed.common.config import ConfigError
 from ctfed.simulations.config import CompareConfig, SynthConfig, load_simulation_config, read_simulation_config
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.server.rounds import initial_encoder_state
-from ctfed.simulations.compare import COMPARE_JSON, POOLED, SHARED, Arm
-from ctfed.simulations.compare_report import AUROC_PLOT, COMPARE_MD, LOSS_PLOT
+from ctfed.simulations.studies.compare import COMPARE_JSON, POOLED, SHARED, Arm
+from ctfed.simulations.studies.compare_report import AUROC_PLOT, COMPARE_MD, LOSS_PLOT
 from ctfed.common.labelled import NotEvaluableError, stratified_split
-from ctfed.simulations.downstream import paired_auroc_difference
-from ctfed.simulations.report import PLOTS_DIR
+from ctfed.simulations.studies.downstream import paired_auroc_difference
+from ctfed.simulations.report.report import PLOTS_DIR
 
 from helpers import write_manifest_cache  # tests/helpers.py
 
@@ -192,8 +192,8 @@ def test_teacher_policy_section_reports_both_policies(compare_run: Path, tmp_pat
     section built out of this run's federation (the second federation is exercised by preset=compare)."""
     import copy
 
-    from ctfed.simulations.compare import ssl_loss_per_round
-    from ctfed.simulations.compare_report import TEACHER_PLOT, render_compare_report, teacher_policy_difference
+    from ctfed.simulations.studies.compare import ssl_loss_per_round
+    from ctfed.simulations.studies.compare_report import TEACHER_PLOT, render_compare_report, teacher_policy_difference
 
     run = tmp_path / "cmp"
     shutil.copytree(compare_run, run, ignore=shutil.ignore_patterns("dicom", "cache", ".flwr", "tensorboard"))
@@ -221,7 +221,7 @@ def test_teacher_policy_section_reports_both_policies(compare_run: Path, tmp_pat
 
 
 def test_a_verdict_on_too_few_test_scans_says_too_small_to_conclude() -> None:
-    from ctfed.simulations.compare_report import verdict_text
+    from ctfed.simulations.studies.compare_report import verdict_text
 
     def verdict(n_test: int, low: float, high: float) -> dict:
         return {

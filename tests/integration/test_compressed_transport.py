@@ -27,8 +27,8 @@ from ctfed.common.exchange import (
 )
 from ctfed.common.preprocess import FORMAT, MANIFEST
 from ctfed.server.collect import build_strategy, collect_round, round_instructions, vet_replies
-from ctfed.simulations.inprocess import InProcessGrid
-from ctfed.simulations.transport_bench import run_inprocess, secagg_32bit_overrides
+from ctfed.simulations.runtime.inprocess import InProcessGrid
+from ctfed.simulations.bench.transport_bench import run_inprocess, secagg_32bit_overrides
 
 NODES = [1, 2, 3]
 EXAMPLES = {1: 3, 2: 5, 3: 8}
@@ -213,7 +213,7 @@ def test_real_sites_send_bfloat16_and_audit_what_they_sent(tmp_path: Path) -> No
 
 def test_injected_faults_corrupt_the_values_of_a_compressed_update() -> None:
     from ctfed.simulations.config import FaultKind
-    from ctfed.simulations.faults import _corrupt_update
+    from ctfed.simulations.runtime.faults import _corrupt_update
 
     for kind, reason in ((FaultKind.huge_update, "exceeds federation.max_update_norm"), (FaultKind.nan_update, "NaN")):
         reply = _reply_with(encode_update(_deltas()[3], Transport.bfloat16))

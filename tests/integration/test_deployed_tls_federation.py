@@ -29,7 +29,7 @@ from ctfed.server.deploy_cli import (
     register_sites,
     running_superlink,
 )
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.data.synth import synthesize_federation
 
 pytestmark = pytest.mark.slow
 

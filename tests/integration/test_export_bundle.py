@@ -18,7 +18,7 @@ from ctfed.common.dicom import load_series, scan
 from ctfed.common.finetune import load_classifier
 from ctfed.common.model import ViTEncoder
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.data.synth import synthesize_federation
 
 # MONAI warns on every parse of a bundle's config (it can run code); these bundles are our own.
 pytestmark = [pytest.mark.filterwarnings("ignore:parsing config_file"),

@@ -127,7 +127,7 @@ def labelled_cache(tmp_path: Path) -> Path:
 
 def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: Path) -> None:
     from ctfed.client.app import train
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
     finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
@@ -172,7 +172,7 @@ def test_site_without_labels_refuses_phase_two(labelled_cache: Path, tmp_path: P
     from ctfed.client.app import train
     from ctfed.client.policy import write_policy_file
     from ctfed.common.config import SitePolicy
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])
     manifest = labelled_cache / "manifest.json"
@@ -226,7 +226,7 @@ def test_config_refuses_what_phase_two_cannot_do() -> None:
 
 @pytest.fixture(scope="module")
 def synthetic_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctfed.simulations.simulate import synthesize_and_prepare
+    from ctfed.simulations.runtime.simulate import synthesize_and_prepare
 
     root = tmp_path_factory.mktemp("sites")
     # site_0 holds 3 positives and 2 negatives, site_1 4 and 2: both can be split.
@@ -238,7 +238,7 @@ def _in_process_run(caches: Path, run_dir: Path, resume: bool = False):  # noqa:
     """1 SSL round + 3 phase-2 rounds of the real round loop and ClientApp (fresh sites)."""
     from ctfed.client.app import train
     from ctfed.server.rounds import run_federation
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     cfg = load_simulation_config(
         ["federation.rounds=1", "federation.finetune_rounds=3", "train.local_steps=1", "finetune.eval_n_boot=5",

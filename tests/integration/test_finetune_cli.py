@@ -15,7 +15,7 @@ from ctfed.common.config import FeaturePooling, PreprocessConfig
 from ctfed.common.finetune import load_classifier
 from ctfed.common.labelled import LabelledScans
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.data.synth import synthesize_federation
 
 STEPS = ["finetune.probe_steps=2", "finetune.stage_steps=3", "finetune.batch_size=2"]
 

@@ -12,10 +12,10 @@ from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import load_simulation_config
 from ctfed.common.preprocess import CachedVolumes
-from ctfed.simulations.label_efficiency import (
+from ctfed.simulations.studies.label_efficiency import (
     PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,
 )
-from ctfed.simulations.label_efficiency_report import AUROC_PLOT, CURVE_PLOT, PLOTS, STUDY_MD
+from ctfed.simulations.studies.label_efficiency_report import AUROC_PLOT, CURVE_PLOT, PLOTS, STUDY_MD
 
 from helpers import write_manifest_cache  # tests/helpers.py
 
@@ -66,7 +66,7 @@ def test_config_rules() -> None:
 
 
 def test_dp_arm_is_the_federation_with_the_dp_overrides() -> None:
-    from ctfed.simulations.sweep import arm_config
+    from ctfed.simulations.studies.sweep import arm_config
 
     cfg = load_simulation_config(["preset=label_efficiency"])
     dp = arm_config(cfg, list(cfg.label_efficiency.dp_overrides))

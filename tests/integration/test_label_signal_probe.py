@@ -1,4 +1,4 @@
-"""The label-signal probe of an encoder's features (simulations/label_signal.py)."""
+"""The label-signal probe of an encoder's features (simulations/data/label_signal.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctfed.common.config import FeaturePooling
-from ctfed.simulations.label_signal import TuningSet, encoder_probe
+from ctfed.simulations.data.label_signal import TuningSet, encoder_probe
 
 
 class _Volumes(Dataset):
@@ -51,8 +51,8 @@ def test_model_free_probes_give_one_row_per_task(tmp_path, capsys) -> None:  # t
     JSON row for every label column; tasks with under 5 scans of a class say why they have no AUROC."""
     import json
 
-    from ctfed.simulations.label_signal import main
-    from ctfed.simulations.synth import LABEL_COLUMNS
+    from ctfed.simulations.data.label_signal import main
+    from ctfed.simulations.data.synth import LABEL_COLUMNS
 
     out = tmp_path / "signal"
     argv = ["--out", str(out), "--seed", "1", "--sites", "2", "--scans-per-site", "7", "--size", "16", "--finding-scale", "3"]
@@ -74,7 +74,7 @@ def test_model_free_probes_give_one_row_per_task(tmp_path, capsys) -> None:  # t
 
 
 def test_few_label_probe_fits_on_the_few_and_scores_the_rest() -> None:
-    from ctfed.simulations.label_signal import few_label_auroc
+    from ctfed.simulations.data.label_signal import few_label_auroc
 
     generator = np.random.default_rng(0)
     labels = np.array([1] * 20 + [0] * 80)

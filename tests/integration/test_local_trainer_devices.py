@@ -83,7 +83,7 @@ def test_local_dp_refuses_what_opacus_cannot_clip() -> None:
 
 def test_simulated_sites_can_share_a_gpu() -> None:
     from ctfed.simulations.config import load_simulation_config
-    from ctfed.simulations.engine import federation_config
+    from ctfed.simulations.runtime.engine import federation_config
 
     assert federation_config(3, 1) == "num-supernodes=3 client-resources-num-cpus=1"
     assert federation_config(3, 1, 0.33) == "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.33"

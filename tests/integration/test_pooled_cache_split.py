@@ -14,7 +14,7 @@ from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import SplitConfig, SplitMethod, load_simulation_config
 from ctfed.common.preprocess import MANIFEST, SPLIT_DIR, SPLIT_SUMMARY, CachedVolumes
-from ctfed.simulations.split import label_skew, partition, read_pool, split_pool
+from ctfed.simulations.data.split import label_skew, partition, read_pool, split_pool
 
 from helpers import write_manifest_cache  # tests/helpers.py
 
@@ -138,7 +138,7 @@ def test_simulate_on_a_dirichlet_split_of_a_pooled_cache(tmp_path: Path) -> None
     """Real DICOM -> one pooled cache per hospital -> Dirichlet split -> a real Flower run."""
     from ctfed.common.config import PreprocessConfig
     from ctfed.common.preprocess import prepare
-    from ctfed.simulations.synth import synthesize_federation
+    from ctfed.simulations.data.synth import synthesize_federation
 
     pool = tmp_path / "pool"
     for site_dir in synthesize_federation(tmp_path / "dicom", 2, [4, 4], seed=3):

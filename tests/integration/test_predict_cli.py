@@ -22,7 +22,7 @@ from ctfed.common.finetune import load_classifier
 from ctfed.common.labelled import model_input
 from ctfed.common.metrics import youden_operating_point
 from ctfed.common.preprocess import CachedVolumes, preprocessing_plan, prepare
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.data.synth import synthesize_federation
 
 from helpers import PLANTED_IDENTIFIERS, plant_identifiers  # tests/helpers.py
 

@@ -25,7 +25,7 @@ from ctfed.common.config import (
 )
 from ctfed.common.dicom import SeriesRef, rank_study_series
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, synthesize_federation
+from ctfed.simulations.data.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, synthesize_federation
 
 from helpers import PLANTED_IDENTIFIERS, plant_identifiers  # tests/helpers.py
 

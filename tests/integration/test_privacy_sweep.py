@@ -10,7 +10,7 @@ import pytest
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import load_simulation_config
-from ctfed.simulations.sweep import PLOT_NAME, SWEEP_NAME, SWEEP_REPORT, arm_config
+from ctfed.simulations.studies.sweep import PLOT_NAME, SWEEP_NAME, SWEEP_REPORT, arm_config
 
 
 def test_sweep_config_rules() -> None:

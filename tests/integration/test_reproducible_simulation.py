@@ -35,8 +35,8 @@ def _federate(run_dir: Path, seed: int, secure: bool) -> tuple[dict[str, Any], d
     machine-dependent fields and its run folder, sha256 of every global checkpoint's bytes)."""
     from ctfed.client.app import train
     from ctfed.client.secagg import stage_handlers
-    from ctfed.simulations.inprocess import InProcessGrid
-    from ctfed.simulations.simulate import synthesize_and_prepare
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.simulate import synthesize_and_prepare
 
     run_dir.mkdir(parents=True)
     # Three volumes per site (one batch of two): a site that sees them in another order trains differently.
@@ -98,7 +98,7 @@ def test_a_cache_prepared_again_under_a_new_secret_trains_the_same(tmp_path: Pat
     from ctfed.client.train import LocalTrainer
     from ctfed.common.preprocess import CachedVolumes, prepare
     from ctfed.common.privacy import install_site_secret
-    from ctfed.simulations.synth import synthesize_federation
+    from ctfed.simulations.data.synth import synthesize_federation
 
     cfg = load_run_config(["train.local_steps=2", "train.batch_size=2"])
     (site_dir,) = synthesize_federation(tmp_path / "dicom", 1, 4, seed=5)

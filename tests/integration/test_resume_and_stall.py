@@ -144,7 +144,7 @@ def test_a_federation_that_aggregates_nothing_stops_failed_with_the_reason(
     needs all 3 sites (federation.min_sites=3)."""
     from ctfed.client.app import train
     from ctfed.client.secagg import stage_handlers
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     run_dir = tmp_path / "run"
     cfg = load_run_config([
@@ -180,7 +180,7 @@ def test_each_server_app_reads_the_run_config_file_with_its_own_root(tmp_path: P
     from ctfed.common.config import save_run_config
     from ctfed.server.app import app, config_from_context
     from ctfed.simulations.config import SIMULATE_CONFIG_NAME, SimulationRunConfig
-    from ctfed.simulations.flower_app import server_app
+    from ctfed.simulations.runtime.flower_app import server_app
 
     run_dir = tmp_path / "run"
     saved = load_simulation_config(SAVED)

@@ -21,7 +21,7 @@ from ctfed.common import secagg as sa
 from ctfed.common.config import ConfigError, RunConfig, SecAggConfig
 from ctfed.common.exchange import ARRAYS_KEY, SERVER_ROUND_KEY, SiteReply, state_to_record
 from ctfed.server.secagg import secure_round
-from ctfed.simulations.inprocess import InProcessGrid
+from ctfed.simulations.runtime.inprocess import InProcessGrid
 
 from helpers import train_message  # tests/helpers.py
 

@@ -36,7 +36,7 @@ def _federate(
     """Run the federation; returns the contexts and every site's reply update and weight by (node, round)."""
     from ctfed.client.app import train
     from ctfed.client.secagg import stage_handlers
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     updates: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     weights: dict[tuple[int, int], int] = {}

@@ -172,7 +172,7 @@ def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> 
     """`ctfed simulate` submits a generated app; it must declare the same components and keys."""
     import tomllib
 
-    from ctfed.simulations.flower_app import write_app
+    from ctfed.simulations.runtime.flower_app import write_app
 
     repo = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     generated = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
@@ -180,5 +180,5 @@ def test_generated_simulation_app_matches_the_repository_app(tmp_path: Path) -> 
     # The same ServerApp code (ctfed.server.app.serve) over the simulation's root, so that
     # results.json records the simulation sections (tests/integration/test_resume_and_stall.py plays both apps).
     assert repo["components"]["serverapp"] == "ctfed.server.app:app"
-    assert generated["components"]["serverapp"] == "ctfed.simulations.flower_app:server_app"
+    assert generated["components"]["serverapp"] == "ctfed.simulations.runtime.flower_app:server_app"
     assert generated["config"] == repo["config"]

@@ -123,7 +123,7 @@ def _scripted_site(deltas: dict[int, float]):  # noqa: ANN202 - a Flower handler
 @pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "fedavg"])
 def test_round_loop_with_a_poisoning_site(tmp_path: Path, strategy: str) -> None:
     from ctfed.server.rounds import run_federation
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     deltas = {1: 1e-3, 2: 2e-3, 3: 3e-3, 4: 4e-3, 5: 5.0}  # site 5 pushes hard, within the norm limit
     grid = InProcessGrid({"train": _scripted_site(deltas)}, list(deltas))

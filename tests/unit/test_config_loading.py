@@ -165,7 +165,7 @@ def test_one_default_per_knob() -> None:
 
     from ctfed.common.config import FederationConfig, TrainConfig
     from ctfed.simulations.config import SynthConfig
-    from ctfed.simulations.flower_app import RUN_CONFIG_DEFAULTS
+    from ctfed.simulations.runtime.flower_app import RUN_CONFIG_DEFAULTS
 
     root = Path(__file__).parents[2]
     assert not OmegaConf.load(root / "conf" / "preset" / "quick.yaml")  # the demo is the defaults

@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from ctfed.common.dicom import DicomError, load_series, scan
-from ctfed.simulations.synth import PROFILES, synthesize_federation, write_scan
+from ctfed.simulations.data.synth import PROFILES, synthesize_federation, write_scan
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctfed.simulations.phantom import CSF_HU, FINDINGS, STRUCTURAL_FINDINGS, HeadModel
+from ctfed.simulations.data.phantom import CSF_HU, FINDINGS, STRUCTURAL_FINDINGS, HeadModel
 
 HEAD_MM = 180.0
 BLOOD_HU = (55.0, 80.0)

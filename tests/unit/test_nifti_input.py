@@ -13,7 +13,7 @@ from ctfed.common.config import PreprocessConfig
 from ctfed.common.dicom import DicomError, load_series, scan
 from ctfed.common.nifti import load_nifti
 from ctfed.common.preprocess import CachedVolumes, prepare
-from ctfed.simulations.synth import synthesize_federation
+from ctfed.simulations.data.synth import synthesize_federation
 
 PATIENT_FILE = "DOE_JOHN_19520314.nii.gz"
 

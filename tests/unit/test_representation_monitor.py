@@ -216,7 +216,7 @@ def _monitor_keys(metrics: dict) -> list[str]:
 
 def test_site_sends_the_monitor_unless_its_policy_keeps_it(tmp_path: Path) -> None:
     from ctfed.client.app import train
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
     cache = labelled_cache(tmp_path / "cache", [0, 1, 0, 1, 1, 0])
@@ -236,7 +236,7 @@ def test_site_sends_the_monitor_unless_its_policy_keeps_it(tmp_path: Path) -> No
 def test_site_without_splittable_labels_skips_the_monitor_once_and_trains(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from ctfed.client import monitor_round
     from ctfed.client.app import train
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])
     monitor_round._skips_logged.discard("site_x")

@@ -185,7 +185,7 @@ def test_instructions_of_another_protocol_version_are_refused(version: int | Non
 
 
 def _site_context(tmp_path: Path) -> Context:
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
     return site_context(tmp_path / "no-cache", tmp_path / "state", "site_v")
@@ -241,7 +241,7 @@ def test_reply_round_trip() -> None:
 
 
 def _reply(version: int | None) -> Message:
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     records = SiteReply("site_v", num_examples=3, loss=1.0).to_records()
     site = dict(records[SITE_KEY].items())
@@ -272,7 +272,7 @@ def test_secure_coordinator_drops_a_reply_of_another_protocol_version() -> None:
     from ctfed.client import secagg as site_secagg
     from ctfed.common.config import SecAggConfig
     from ctfed.server.secagg import secure_round
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     nodes, odd = [1, 2, 3, 4], 4
 

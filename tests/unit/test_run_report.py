@@ -16,8 +16,8 @@ from matplotlib.image import imread
 from ctfed.common.config import RunConfig, load_run_config, save_run_config
 from ctfed.common.model import ViTEncoder, count_parameters
 from ctfed.server.results import RoundRecord, RunRecorder, SiteRoundRecord
-from ctfed.simulations import report_cli
-from ctfed.simulations.report import (
+from ctfed.simulations.report import report_cli
+from ctfed.simulations.report.report import (
     BYTES_PLOT,
     LOSS_ROUNDS_PLOT,
     LOSS_STEPS_PLOT,

@@ -40,7 +40,7 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.server.secagg import secure_round
-from ctfed.simulations.inprocess import InProcessGrid
+from ctfed.simulations.runtime.inprocess import InProcessGrid
 
 from helpers import train_message  # tests/helpers.py
 

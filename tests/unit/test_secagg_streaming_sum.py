@@ -20,7 +20,7 @@ from ctfed.common.config import RunConfig, SecAggConfig
 from ctfed.common.config import ModelConfig, TrainConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, RoundInstructions, SiteReply, state_to_record
 from ctfed.server.secagg import secure_round
-from ctfed.simulations.inprocess import InProcessGrid
+from ctfed.simulations.runtime.inprocess import InProcessGrid
 
 NODES = [3, 5, 7, 11, 13]
 MASKED = sa.message_type(sa.STAGE_MASKED_INPUT)

@@ -355,7 +355,7 @@ def _fake_local_train(msg: Message, context: Context) -> Message:
 
 def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> None:
     from ctfed.server.secagg import secure_round
-    from ctfed.simulations.inprocess import InProcessGrid
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     nodes = [11, 12, 13]
     handlers = site_secagg.stage_handlers(_fake_local_train)

@@ -14,8 +14,8 @@ from pydicom.uid import JPEGLosslessSV1
 
 from ctfed.common.config import ConfigError
 from ctfed.simulations.config import load_simulation_config
-from ctfed.simulations.phantom import FINDINGS, STRUCTURAL_FINDINGS, head_phantom
-from ctfed.simulations.synth import (
+from ctfed.simulations.data.phantom import FINDINGS, STRUCTURAL_FINDINGS, head_phantom
+from ctfed.simulations.data.synth import (
     BONE_RECONSTRUCTION,
     LABEL_COLUMNS,
     PROFILES,

@@ -1,0 +1,1 @@
+"""A run folder's report (``report.md`` and plots from ``results.json``) and ``ctfed report``."""

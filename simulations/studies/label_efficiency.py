@@ -1,0 +1,699 @@
+"""The ``label_efficiency`` study: does a pretrained encoder pay off when labels are scarce?
+
+``ctfed simulate preset=label_efficiency`` (any run with ``label_efficiency.enabled=true``):
+
+1. **Splits, before any training.** Each site's labelled scans (ordered by content hash, then
+   shuffled with ``split_seed``) are cut into a *test* split (``test_fraction``), a *validation*
+   split and a *labelled pool* drawn in order: level L labels the pool's first L scans, so the
+   levels are nested. The federation pretrains on every scan but the test ones, through a
+   manifest view of each cache (``<run>/label_efficiency/pretrain/<site>``); the test split is
+   never pretrained on and never used for a choice. ``splits.json`` records the cut.
+2. **Pretraining arms** on those scans with one budget (``federation.rounds x
+   train.local_steps`` optimiser steps per model): *federated* (the run's federation),
+   *centralized* (one trainer on the pooled views), *local-only* (the smallest site alone),
+   *scratch* (the initial encoder) and *federated_dp* (the same federation with
+   ``dp_overrides``: local DP-SGD, its ledger's epsilon reported).
+3. **Pretraining curve**: encoders along the way (federated: round checkpoints) probed on the
+   validation split (a logistic regression on frozen features of the largest labelled level).
+4. **Fine-tuning** of every arm at every site, at every level and in every mode (one
+   multi-label head for all tasks), predicting validation and test scans; the model-free probes
+   (window histograms, raw voxels) fit the same labelled scans. Each arm's mode (and the
+   model-free probe) is chosen per level on the pooled validation AUROC.
+5. **Verdicts** per task and level, compare.json's shape plus ``task`` and
+   ``labels_per_site`` (paired bootstrap on the same test scans), and the issue's targets at
+   ``judged_labels_per_site``. ``study.json`` is rewritten after every stage, so a crash keeps
+   what finished; ``study.md`` and its plots come from it (label_efficiency_report.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+from torch.utils.data import ConcatDataset, Dataset
+
+from ctfed.client.site import site_cache_dirs
+from ctfed.client.train import LocalTrainer
+from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
+from ctfed.common.config import save_run_config
+from ctfed.simulations.config import SimulationRunConfig
+from ctfed.common.exchange import PRETRAIN_PHASE
+from ctfed.common.fileio import write_json_atomic
+from ctfed.common.labelled import LabelledScans, labelled_indices
+from ctfed.common.metrics import roc_auc
+from ctfed.common.model import encoder_part
+from ctfed.common.monitor import encoder_features
+from ctfed.common.preprocess import FORMAT as CACHE_FORMAT
+from ctfed.common.preprocess import MANIFEST, VOLUMES_DIR_FIELD, CachedVolumes, channel_stats
+from ctfed.server.results import CHECKPOINT_DIR
+from ctfed.server.rounds import initial_encoder_state
+from ctfed.simulations.studies.downstream import finetune_and_predict_many, judged_difference
+from ctfed.simulations.data.label_signal import RowSpan, window_histograms
+from ctfed.simulations.report.report import load_results
+
+logger = logging.getLogger(__name__)
+
+STUDY_DIR = Path("label_efficiency")
+STUDY_JSON = "study.json"
+SPLITS_JSON = "splits.json"
+PRETRAIN_VIEWS = "pretrain"
+ENCODER_DIR = "encoders"
+ARMS_DIR = "arms"
+FORMAT = 1
+POOLED = "pooled"
+# Digits kept of each held-out probability in study.json (AUROC needs ranks, not precision).
+PROB_DIGITS = 5
+
+
+class Arm(str, enum.Enum):
+    """The pretraining arms, in report order."""
+
+    federated = "federated"
+    centralized = "centralized"
+    local_only = "local_only"
+    scratch = "scratch"
+    federated_dp = "federated_dp"
+
+
+ARM_DESCRIPTIONS: dict[Arm, str] = {
+    Arm.federated: "FedAvg of the sites' DINO/iBOT updates (Flower simulation engine, SecAgg+ as configured)",
+    Arm.centralized: "one LocalTrainer on the pooled pretraining scans of all sites",
+    Arm.local_only: "one LocalTrainer on the smallest site's pretraining scans alone",
+    Arm.scratch: "no pretraining: the federation's initial encoder",
+    Arm.federated_dp: "the federation again with local DP-SGD at every site (label_efficiency.dp_overrides)",
+}
+# Model-free probes: logistic regressions on features that need no encoder.
+MODEL_FREE = ("window_histograms", "raw_voxels")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclass
+class StudySite:
+    """One site: its whole cache, the study's cut of it, and the view the arms pretrain on."""
+
+    name: str
+    index: int  # partition id in the federation (the LocalTrainer seed offset there)
+    cache: CachedVolumes
+    test: tuple[int, ...]
+    val: tuple[int, ...]
+    labelled: tuple[int, ...]  # the labelled pool in draw order: level L = the first L
+    pretrain: CachedVolumes
+
+    def labelled_at(self, level: int) -> tuple[int, ...]:
+        return self.labelled[: min(level, len(self.labelled))]
+
+
+def study_tasks(cfg: SimulationRunConfig, caches: Sequence[CachedVolumes]) -> list[str]:
+    """The configured tasks, or every label column of the first labelled scan."""
+    if cfg.label_efficiency.tasks:
+        return list(cfg.label_efficiency.tasks)
+    for cache in caches:
+        for labels in cache.labels:
+            if labels:
+                return [name for name, value in labels.items() if value in (0, 1)]
+    raise ValueError("label_efficiency: no site has labelled scans; the study needs labels.csv at the sites")
+
+
+def cut_site(cache: CachedVolumes, tasks: Sequence[str], test_fraction: float, val_fraction: float, seed: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """(test, validation, labelled pool in draw order) of the scans that carry every task's label.
+
+    Scans are ordered by content hash first, so the same scans give the same cut whatever the
+    cache's pseudonymous keys; unlabelled scans are only ever pretrained on.
+    """
+    candidates = sorted(
+        labelled_indices(cache, tasks), key=lambda i: str(cache.entries[i].get("content_hash", cache.entries[i]["key"]))
+    )
+    order = [candidates[k] for k in np.random.default_rng(list(seed)).permutation(len(candidates))]
+    n_test = int(np.floor(len(order) * test_fraction + 0.5))
+    rest = order[n_test:]
+    n_val = int(np.floor(len(rest) * val_fraction + 0.5))
+    return sorted(order[:n_test]), sorted(rest[:n_val]), rest[n_val:]
+
+
+def write_pretraining_views(cfg: SimulationRunConfig, run_dir: Path, cache_root: Path) -> Path:
+    """Cut every site and write the manifest views the arms pretrain on (every scan but the
+    test ones) plus ``splits.json``; returns the views folder, the federation's data dir."""
+    study = cfg.label_efficiency
+    caches = [CachedVolumes(path) for path in site_cache_dirs(cache_root)]
+    tasks = study_tasks(cfg, caches)
+    out = run_dir / STUDY_DIR / PRETRAIN_VIEWS
+    splits: dict[str, Any] = {"tasks": tasks, "split_seed": study.split_seed, "sites": {}}
+    for index, cache in enumerate(caches):
+        name = cache.cache_dir.name
+        test, val, labelled = cut_site(cache, tasks, study.test_fraction, study.val_fraction, (study.split_seed, index))
+        if len(labelled) < study.labels_per_site[-1]:
+            print(f"      {name}: only {len(labelled)} labelled scans outside test and validation; levels above are capped")
+        held_out = set(test)
+        # Entries stay as they are: their files are relative to the cache's volumes_dir.
+        entries = [cache.entries[i] for i in range(len(cache)) if i not in held_out]
+        view = {
+            "format": CACHE_FORMAT,
+            "preprocessing": cache.preprocessing,
+            VOLUMES_DIR_FIELD: str(cache.volumes_dir.resolve()),
+            "series": entries,
+            "rejected": [],
+        }
+        stats = channel_stats(entries)
+        if stats is not None:
+            view["channel_stats"] = stats
+        (out / name).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / name / MANIFEST, view)
+        splits["sites"][name] = {
+            "cache": str(cache.cache_dir.resolve()),
+            "scans": len(cache),
+            "test": test,
+            "val": val,
+            "labelled": labelled,
+            "pretrain_scans": len(entries),
+        }
+        print(f"      {name}: {len(cache)} scans: {len(test)} test, {len(val)} validation, {len(labelled)} labelled pool, "
+              f"{len(entries)} pretrained on")
+    write_json_atomic(run_dir / STUDY_DIR / SPLITS_JSON, splits)
+    return out
+
+
+def load_study_sites(run_dir: Path) -> tuple[list[StudySite], list[str]]:
+    """The sites as ``write_pretraining_views`` cut them (splits.json), and the tasks."""
+    splits = json.loads((run_dir / STUDY_DIR / SPLITS_JSON).read_text(encoding="utf-8"))
+    views = run_dir / STUDY_DIR / PRETRAIN_VIEWS
+    sites = []
+    for index, (name, cut) in enumerate(splits["sites"].items()):
+        cache = CachedVolumes(Path(cut["cache"]))
+        if len(cache) != cut["scans"]:
+            raise RuntimeError(f"{name}: the cache holds {len(cache)} scans, the study cut {cut['scans']}; it changed since")
+        sites.append(StudySite(name, index, cache, tuple(cut["test"]), tuple(cut["val"]), tuple(cut["labelled"]), CachedVolumes(views / name)))
+    return sites, list(splits["tasks"])
+
+
+# ----------------------------------------------------------------------------- pretraining arms
+
+
+@dataclass
+class Pretrained:
+    """An arm's encoder(s) (one per site name for local-only, else one under POOLED) and the
+    encoders along its pretraining, keyed by optimiser steps, for the curve."""
+
+    encoders: dict[str, dict[str, torch.Tensor]]
+    steps_per_model: int
+    models_trained: int
+    seconds: float
+    along_the_way: dict[int, dict[str, torch.Tensor]]
+    losses: dict[str, list[float]]
+    files: dict[str, str]
+    extra: dict[str, Any]
+
+    def encoder_for(self, site: str) -> dict[str, torch.Tensor] | None:
+        return self.encoders.get(site, self.encoders.get(POOLED))
+
+
+def curve_rounds(rounds: int, points: int) -> list[int]:
+    """Rounds (0 = the initial encoder) at which encoders are probed, evenly spread."""
+    return sorted({int(round(r)) for r in np.linspace(0, rounds, min(points, rounds + 1))})
+
+
+def _train_arm(
+    cfg: SimulationRunConfig, dataset: Dataset, seed: int, initial: Mapping[str, torch.Tensor], keep_rounds: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], list[float], dict[int, dict[str, torch.Tensor]]]:
+    """``federation.rounds`` rounds of ``train.local_steps`` from the initial encoder (as
+    ``ctfed pretrain``), keeping the encoder after each of ``keep_rounds``."""
+    trainer = LocalTrainer(cfg.model, cfg.train, dataset, seed=seed)
+    trainer.set_global_encoder(initial)
+    losses: list[float] = []
+    kept = {0: dict(initial)} if 0 in keep_rounds else {}
+    for round_index in range(cfg.federation.rounds):
+        losses += trainer.train_round(round_index).losses
+        if round_index + 1 in keep_rounds:
+            kept[len(losses)] = {k: v.clone() for k, v in trainer.encoder_state().items()}
+    return trainer.encoder_state(), losses, kept
+
+
+def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequence[int]) -> Pretrained:
+    """A finished federation's last SSL checkpoint, its round checkpoints and per-site losses."""
+    results = load_results(run_dir)
+    pretraining = [r for r in results.rounds if r.phase == PRETRAIN_PHASE]
+    if not pretraining or not all(r.aggregated for r in pretraining):
+        raise RuntimeError(f"the federation in {run_dir} did not aggregate every pretraining round")
+    losses: dict[str, list[float]] = {}
+    for record in pretraining:
+        for site in record.sites:
+            losses.setdefault(site.site, []).extend(site.losses)
+    steps = cfg.train.local_steps
+    along: dict[int, dict[str, torch.Tensor]] = {}
+    for number in keep_rounds:
+        path = run_dir / CHECKPOINT_DIR / (f"global_round_{0:04d}.safetensors" if number == 0 else pretraining[number - 1].checkpoint)
+        along[number * steps] = encoder_part(load_checkpoint(path)[0])
+    final = run_dir / CHECKPOINT_DIR / pretraining[-1].checkpoint
+    state = encoder_part(load_checkpoint(final)[0])  # the SSL heads too under train.share_heads
+    epsilons = [s.epsilon for s in pretraining[-1].sites if s.epsilon is not None]
+    extra = {"site_epsilon": {s.site: s.epsilon for s in pretraining[-1].sites if s.epsilon is not None}}
+    if epsilons:
+        extra["max_site_epsilon"] = max(epsilons)
+    # The federation's own wall time (it ran before the study started).
+    return Pretrained(
+        {POOLED: state}, len(pretraining) * steps, 1, results.wall_seconds, along, losses,
+        {POOLED: final.relative_to(run_dir).as_posix()}, extra,
+    )
+
+
+def pretrain_arm(arm: Arm, cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, sites: list[StudySite], initial: Mapping[str, torch.Tensor]) -> Pretrained:
+    """Pretrain (or, federated, collect) one arm's encoders on the sites' pretraining views."""
+    started = time.perf_counter()
+    keep = curve_rounds(cfg.federation.rounds, cfg.label_efficiency.curve_points)
+    budget = cfg.federation.rounds * cfg.train.local_steps
+    if arm is Arm.federated:
+        return _federation_arm(cfg, run_dir, keep)
+    if arm is Arm.federated_dp:
+        return _dp_federation(cfg, run_dir, data_dir, keep)
+    if arm is Arm.scratch:
+        return Pretrained({POOLED: dict(initial)}, 0, 0, 0.0, {}, {}, {POOLED: f"{CHECKPOINT_DIR}/global_round_0000.safetensors"}, {})
+    if arm is Arm.centralized:
+        chosen, seed, key = ConcatDataset([s.pretrain for s in sites]), cfg.train.seed, POOLED
+        print(f"      pretraining on {len(chosen)} pooled scans of {len(sites)} sites ({budget} steps)")
+    else:
+        smallest = smallest_site(sites)
+        chosen, seed, key = smallest.pretrain, cfg.train.seed + smallest.index, smallest.name
+        print(f"      pretraining at {smallest.name} alone ({len(chosen)} scans, {budget} steps)")
+    state, losses, along = _train_arm(cfg, chosen, seed, initial, keep)
+    path = save_checkpoint(run_dir / STUDY_DIR / ENCODER_DIR / arm.value, state, cfg.model, kind=f"{arm.value}-encoder", steps=len(losses), losses=losses)
+    return Pretrained({key: state}, len(losses), 1, time.perf_counter() - started, along, {key: losses},
+                      {key: path.relative_to(run_dir).as_posix()}, {})
+
+
+def _dp_federation(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, keep: Sequence[int]) -> Pretrained:
+    from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
+    from ctfed.simulations.studies.sweep import arm_config
+
+    arm_dir = run_dir / ARMS_DIR / Arm.federated_dp.value
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    dp_cfg = arm_config(cfg, list(cfg.label_efficiency.dp_overrides))
+    config_path = arm_dir / CONFIG_NAME
+    save_run_config(dp_cfg, config_path)
+    if run_federation_simulation(dp_cfg, arm_dir, config_path, data_dir) != 0:
+        raise RuntimeError(f"the local-DP federation failed; see {arm_dir / 'federation.log'}")
+    pretrained = _federation_arm(dp_cfg, arm_dir, keep)
+    pretrained.files = {k: (Path(ARMS_DIR) / Arm.federated_dp.value / v).as_posix() for k, v in pretrained.files.items()}
+    pretrained.extra["privacy"] = OmegaConf.to_container(OmegaConf.structured(dp_cfg.privacy))
+    return pretrained
+
+
+def smallest_site(sites: Sequence[StudySite]) -> StudySite:
+    """The site with the fewest pretraining scans (the first of equals): local-only's weakest."""
+    return min(sites, key=lambda s: len(s.pretrain))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _probe_scores(train_x: np.ndarray, train_y: np.ndarray, others: Sequence[np.ndarray], row_span: bool = False) -> list[np.ndarray]:
+    """Per task, a standardised L2 logistic regression on ``train_x``; scores of each of
+    ``others``. A task with one class among the training scans scores its prevalence (AUROC 0.5)."""
+    outputs = [np.zeros((len(x), train_y.shape[1])) for x in others]
+    for k in range(train_y.shape[1]):
+        y = train_y[:, k]
+        if y.min() == y.max():
+            for out in outputs:
+                out[:, k] = float(y.mean())
+            continue
+        # The probe of label_signal.py (RowSpan: the same fit on <= n features for raw voxels).
+        steps = [StandardScaler(), *([RowSpan()] if row_span else []), LogisticRegression(C=0.1, max_iter=2000)]
+        # One BLAS thread: tiny fits that spin-wait on a loaded 2-core machine (label_signal.py).
+        with threadpool_limits(limits=1, user_api="blas"):
+            probe = make_pipeline(*steps).fit(train_x, y)
+            for out, x in zip(outputs, others):
+                out[:, k] = probe.predict_proba(x)[:, 1]
+    return outputs
+
+
+def _labels(cache: CachedVolumes, indices: Sequence[int], tasks: Sequence[str]) -> np.ndarray:
+    return np.array([[float(cache.labels[i][t]) for t in tasks] for i in indices]).reshape(len(indices), len(tasks))
+
+
+def probe_on_validation(cfg: SimulationRunConfig, state: Mapping[str, torch.Tensor], sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
+    """Validation AUROC per task of a logistic probe on frozen features, trained on every site's
+    largest labelled level (pooled): the pretraining curve's measure. Never sees a test scan."""
+    level = cfg.label_efficiency.labels_per_site[-1]
+    pooling = cfg.label_efficiency.finetune.pooling
+    train_x, train_y, val_x, val_y = [], [], [], []
+    for site in sites:
+        for indices, xs, ys in ((site.labelled_at(level), train_x, train_y), (site.val, val_x, val_y)):
+            scans = LabelledScans(site.cache, indices, tasks, cfg.model.image_size)
+            xs.append(encoder_features(cfg.model, state, scans, pooling))
+            ys.append(_labels(site.cache, indices, tasks))
+    scores = _probe_scores(np.concatenate(train_x), np.concatenate(train_y), [np.concatenate(val_x)])[0]
+    truth = np.concatenate(val_y)
+    per_task = {t: roc_auc(truth[:, k], scores[:, k]) for k, t in enumerate(tasks)}
+    defined = [v for v in per_task.values() if np.isfinite(v)]
+    return {"val_auroc": per_task, "mean_val_auroc": float(np.mean(defined)) if defined else None}
+
+
+def _rounded(probs: np.ndarray) -> list[list[float]]:
+    return np.round(probs.astype(np.float64), PROB_DIGITS).tolist()
+
+
+def finetune_arm(cfg: SimulationRunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str], progress: Callable[[str], None]) -> dict[str, Any]:
+    """``{level: {mode: {site: {val, test, final_loss}}}}`` of held-out probabilities."""
+    study = cfg.label_efficiency
+    recipe = replace(study.finetune, label_names=list(tasks))
+    results: dict[str, Any] = {}
+    for level in study.labels_per_site:
+        results[str(level)] = {mode: {} for mode in study.modes}
+        for site in sites:
+            encoder = pretrained.encoder_for(site.name)
+            if encoder is None:
+                continue
+            train = LabelledScans(site.cache, site.labelled_at(level), tasks, cfg.model.image_size)
+            evaluated = [LabelledScans(site.cache, part, tasks, cfg.model.image_size) for part in (site.val, site.test)]
+            for mode in study.modes:
+                val, test = finetune_and_predict_many(cfg.model, recipe, mode, encoder, train, evaluated)
+                results[str(level)][mode][site.name] = {
+                    "val": _rounded(val.probs), "test": _rounded(test.probs), "final_loss": val.losses[-1],
+                }
+        progress(f"{level} labelled scans per site")
+    return results
+
+
+def model_free_arm(cfg: SimulationRunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
+    """The model-free probes fitted at each site on the same labelled scans as the fine-tunes."""
+    study = cfg.label_efficiency
+    results: dict[str, Any] = {probe: {str(level): {} for level in study.labels_per_site} for probe in MODEL_FREE}
+    for site in sites:
+        def features(indices: Sequence[int]) -> dict[str, np.ndarray]:
+            volumes = [site.cache[i].numpy() for i in indices]
+            return {
+                "window_histograms": np.stack([window_histograms(v) for v in volumes]) if volumes else np.zeros((0, 1)),
+                "raw_voxels": np.stack([v.ravel() for v in volumes]).astype(np.float32) if volumes else np.zeros((0, 1)),
+            }
+        val_f, test_f, pool_f = features(site.val), features(site.test), features(site.labelled_at(study.labels_per_site[-1]))
+        pool_y = _labels(site.cache, site.labelled_at(study.labels_per_site[-1]), tasks)
+        for level in study.labels_per_site:
+            n = len(site.labelled_at(level))
+            for probe in MODEL_FREE:
+                val, test = _probe_scores(pool_f[probe][:n], pool_y[:n], [val_f[probe], test_f[probe]], row_span=probe == "raw_voxels")
+                results[probe][str(level)][site.name] = {"val": _rounded(val), "test": _rounded(test)}
+    return results
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def held_out(data: Mapping[str, Any], part: str, sites: Sequence[str]) -> np.ndarray:
+    """Labels (N, K) of the validation or test scans of ``sites``, concatenated in that order."""
+    return np.concatenate([np.asarray(data["sites"][s][f"{part}_labels"], dtype=np.float64).reshape(-1, len(data["tasks"])) for s in sites])
+
+
+def _scores(entry: Mapping[str, Any], part: str, sites: Sequence[str], tasks: int) -> np.ndarray | None:
+    if any(site not in entry for site in sites):
+        return None
+    return np.concatenate([np.asarray(entry[s][part], dtype=np.float64).reshape(-1, tasks) for s in sites])
+
+
+def mean_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    values = [roc_auc(labels[:, k], scores[:, k]) for k in range(labels.shape[1])]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    """AUROC with a percentile bootstrap 95% CI (resamples with one class skipped)."""
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    boot = np.array([roc_auc(labels[idx], scores[idx]) for idx in samples])
+    boot = boot[np.isfinite(boot)]
+    low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return {"value": roc_auc(labels, scores), "low": float(low), "high": float(high), "n_boot": int(len(boot))}
+
+
+def choose(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str]) -> str | None:
+    """The arm's fine-tuning mode (or the model-free probe) with the best mean validation AUROC
+    over tasks at ``where``: the only choice the study makes, and on validation scans."""
+    labels = held_out(data, "val", where)
+    tasks = len(data["tasks"])
+    available, best, best_value = [], None, -np.inf
+    for option, entry in _options(data, arm, level).items():
+        scores = _scores(entry, "val", where, tasks)
+        if scores is None:
+            continue
+        available.append(option)
+        value = mean_auroc(labels, scores)
+        if np.isfinite(value) and value > best_value:
+            best, best_value = option, value
+    # A validation split with one class in every task cannot rank the options: the first listed.
+    return best if best is not None else next(iter(available), None)
+
+
+def _options(data: Mapping[str, Any], arm: str, level: str) -> dict[str, Any]:
+    """{mode: per-site predictions} of an arm at a level; the model-free arm's options are its probes."""
+    if arm == "model_free":
+        return {probe: data["model_free"][probe][level] for probe in data["model_free"]}
+    return data["arms"][arm]["finetune"][level]
+
+
+def test_scores(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str]) -> tuple[str, np.ndarray] | None:
+    option = choose(data, arm, level, where)
+    if option is None:
+        return None
+    scores = _scores(_options(data, arm, level)[option], "test", where, len(data["tasks"]))
+    return None if scores is None else (option, scores)
+
+
+def summarise(data: dict[str, Any]) -> dict[str, Any]:
+    """Per arm (and model-free), level and task: the chosen mode and the pooled test AUROC with
+    its CI, plus each site's point AUROC."""
+    sites = list(data["sites"])
+    n_boot, seed = data["config"]["n_boot"], data["seeds"]["bootstrap"]
+    table: dict[str, Any] = {}
+    for arm in [*data["arms"], "model_free"]:
+        if arm != "model_free" and "finetune" not in data["arms"][arm]:
+            continue
+        table[arm] = {}
+        for level in map(str, data["config"]["labels_per_site"]):
+            where = sites if arm != Arm.local_only.value else [data["smallest_site"]]
+            chosen = test_scores(data, arm, level, where)
+            if chosen is None:
+                continue
+            mode, scores = chosen
+            truth = held_out(data, "test", where)
+            table[arm][level] = {
+                "mode": mode,
+                "where": POOLED if len(where) > 1 else where[0],
+                "auroc": {t: auroc_ci(truth[:, k], scores[:, k], n_boot, seed) for k, t in enumerate(data["tasks"])},
+            }
+    return table
+
+
+def _verdict(
+    data: Mapping[str, Any], key: str, question: str, task: str, level: str, a: str, b: str, where: Sequence[str], target: float, gap: bool
+) -> dict[str, Any] | None:
+    """AUROC(a) - AUROC(b) > target; with ``gap``, AUROC(b) - AUROC(a) <= target (a trails b)."""
+    k = data["tasks"].index(task)
+    held_a, held_b = test_scores(data, a, level, where), test_scores(data, b, level, where)
+    if held_a is None or held_b is None:
+        return None
+    labels = held_out(data, "test", where)[:, k]
+    judged = judged_difference(
+        labels, held_a[1][:, k], held_b[1][:, k], target, gap, data["config"]["n_boot"], data["seeds"]["bootstrap"]
+    )
+    names = (b, a) if gap else (a, b)
+    return {
+        "key": key,
+        "question": question,
+        "task": task,
+        "labels_per_site": int(level),
+        "where": POOLED if len(where) > 1 else where[0],
+        "a": {"arm": a, "mode": held_a[0], "auroc": roc_auc(labels, held_a[1][:, k])},
+        "b": {"arm": b, "mode": held_b[0], "auroc": roc_auc(labels, held_b[1][:, k])},
+        **judged,
+        "difference": {"of": f"{names[0]} - {names[1]}", **judged["difference"]},
+    }
+
+
+def judge(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every verdict, per task and labelled level (best mode of each arm on validation)."""
+    cfg = data["config"]
+    sites, smallest = list(data["sites"]), data["smallest_site"]
+    arms = data["arms"]
+    verdicts = []
+    for level in map(str, cfg["labels_per_site"]):
+        for task in data["tasks"]:
+            candidates = [
+                ("pretrained_vs_scratch", "Does federated SSL + its best fine-tuning beat scratch (pooled)?",
+                 Arm.federated.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
+                ("centralized_vs_scratch", "Does centralized SSL + its best fine-tuning beat scratch (pooled)?",
+                 Arm.centralized.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
+                ("federated_vs_local_only", f"Does federated beat local-only at the smallest site ({smallest})?",
+                 Arm.federated.value, Arm.local_only.value, [smallest], cfg["target_gain_over_local_only"], False),
+                ("gap_to_centralized", "How far does federated trail centralized (pooled)?",
+                 Arm.federated.value, Arm.centralized.value, sites, cfg["max_gap_to_centralized"], True),
+                ("dp_cost", "How much does local DP-SGD cost the federated encoder (pooled)?",
+                 Arm.federated_dp.value, Arm.federated.value, sites, cfg["max_dp_cost"], True),
+                ("pretrained_vs_model_free", "Do federated SSL features beat the best model-free probe (pooled)?",
+                 Arm.federated.value, "model_free", sites, cfg["target_gain_over_model_free"], False),
+            ]
+            for key, question, a, b, where, target, gap in candidates:
+                if all(arm in arms or arm == "model_free" for arm in (a, b)):
+                    verdict = _verdict(data, key, question, task, level, a, b, where, target, gap)
+                    if verdict is not None:
+                        verdicts.append(verdict)
+    return verdicts
+
+
+def targets(data: Mapping[str, Any], structural: Sequence[str]) -> list[dict[str, Any]]:
+    """The issue's targets at ``judged_labels_per_site``, each met or not, from the verdicts."""
+    cfg = data["config"]
+    level = cfg["judged_labels_per_site"]
+    at = [v for v in data["verdicts"] if v["labels_per_site"] == level]
+
+    def by(key: str) -> list[dict[str, Any]]:
+        return [v for v in at if v["key"] == key]
+
+    beating = [v["task"] for v in by("pretrained_vs_scratch") if v["ci_clears_target"]]
+    rows = [{
+        "target": f"federated + best fine-tuning beats scratch by > {cfg['target_gain_over_scratch']:.2f} AUROC with the CI above "
+                  f"{cfg['target_gain_over_scratch']:.2f}, on >= {cfg['min_tasks_beating_scratch']} tasks",
+        "met": len(beating) >= cfg["min_tasks_beating_scratch"],
+        "detail": f"{len(beating)} of {len(by('pretrained_vs_scratch'))} tasks: {', '.join(beating) or 'none'}",
+    }]
+    for key, text in (
+        ("federated_vs_local_only", "federated beats local-only at the smallest site"),
+        ("gap_to_centralized", f"centralized - federated <= {cfg['max_gap_to_centralized']:.2f}"),
+        ("dp_cost", f"the DP arm costs <= {cfg['max_dp_cost']:.2f} AUROC"),
+    ):
+        found = by(key)
+        if found:
+            met = [v["task"] for v in found if v["met"]]
+            rows.append({"target": f"{text} (per task, point estimate)", "met": len(met) == len(found),
+                         "detail": f"met on {len(met)} of {len(found)} tasks (CI clears on {sum(v['ci_clears_target'] for v in found)})"})
+    model_free = [v for v in by("pretrained_vs_model_free") if v["task"] in structural]
+    if model_free:
+        met = [v["task"] for v in model_free if v["met"]]
+        rows.append({"target": "pretrained features beat the model-free probes on the structural tasks (point estimate)",
+                     "met": len(met) == len(model_free), "detail": f"met on {', '.join(met) or 'none'} of {len(model_free)}"})
+    if "max_site_epsilon" in data["arms"].get(Arm.federated_dp.value, {}).get("privacy", {}):
+        epsilon = data["arms"][Arm.federated_dp.value]["privacy"]["max_site_epsilon"]
+        rows.append({"target": f"the DP arm's epsilon per site <= {cfg['max_dp_epsilon']:g} (delta as configured)",
+                     "met": epsilon <= cfg["max_dp_epsilon"], "detail": f"worst site epsilon {epsilon:.2f}"})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+class StudyRecord:
+    """study.json, rewritten atomically after every stage."""
+
+    def __init__(self, run_dir: Path, cfg: SimulationRunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> None:
+        self.path = run_dir / STUDY_DIR / STUDY_JSON
+        self.started = time.perf_counter()
+        study = cfg.label_efficiency
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "status": "running",
+            "tasks": list(tasks),
+            "config": OmegaConf.to_container(OmegaConf.structured(study)),
+            "model": OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+            "budget": {
+                "pretrain_steps_per_model": cfg.federation.rounds * cfg.train.local_steps,
+                "rounds": cfg.federation.rounds,
+                "local_steps": cfg.train.local_steps,
+                "batch_size": cfg.train.batch_size,
+                "lr": cfg.train.lr,
+                "finetune_steps": study.finetune.total_steps,
+                "finetune_batch_size": study.finetune.batch_size,
+            },
+            "seeds": {"synth": cfg.synth.seed, "train": cfg.train.seed, "finetune": study.finetune.seed,
+                      "split": study.split_seed, "bootstrap": study.split_seed},
+            "smallest_site": smallest_site(sites).name,
+            "sites": {
+                s.name: {
+                    "scans": len(s.cache), "pretrain_scans": len(s.pretrain), "test": len(s.test), "val": len(s.val),
+                    "labelled_pool": len(s.labelled),
+                    "test_labels": _labels(s.cache, s.test, tasks).astype(int).tolist(),
+                    "val_labels": _labels(s.cache, s.val, tasks).astype(int).tolist(),
+                    "labelled_positives": {
+                        str(level): _labels(s.cache, s.labelled_at(level), tasks).sum(axis=0).astype(int).tolist()
+                        for level in study.labels_per_site
+                    },
+                }
+                for s in sites
+            },
+            "arms": {},
+            "wall_seconds": {},
+            "verdicts": [],
+        }
+        self.write()
+
+    def write(self) -> None:
+        self.data["wall_seconds"]["total"] = time.perf_counter() - self.started
+        write_json_atomic(self.path, self.data)
+
+
+def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
+    """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
+    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
+    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
+
+    study = cfg.label_efficiency
+    sites, tasks = load_study_sites(run_dir)
+    arms = [arm for arm in Arm if arm is not Arm.federated_dp or study.dp_overrides]
+    print(f"label efficiency: {len(arms)} arms, {cfg.federation.rounds * cfg.train.local_steps} pretraining steps per model, "
+          f"{len(tasks)} tasks, {', '.join(map(str, study.labels_per_site))} labelled scans per site, modes {', '.join(study.modes)}")
+    record = StudyRecord(run_dir, cfg, sites, tasks)
+    initial = initial_encoder_state(cfg)
+    for number, arm in enumerate(arms, start=1):
+        print(f"[study {number}/{len(arms) + 1}] {arm.value}: {ARM_DESCRIPTIONS[arm]}")
+        pretrained = pretrain_arm(arm, cfg, run_dir, data_dir, sites, initial)
+        if pretrained.seconds:
+            print(f"      pretrained in {pretrained.seconds:.0f} s")
+        entry: dict[str, Any] = {
+            "description": ARM_DESCRIPTIONS[arm],
+            "budget": {"pretrain_steps_per_model": pretrained.steps_per_model, "models": pretrained.models_trained},
+            "encoders": {k: {"file": f, "sha256": state_digest(pretrained.encoders[k])} for k, f in pretrained.files.items()},
+            "pretrain_losses": pretrained.losses,
+            "privacy": pretrained.extra,
+        }
+        curve_started = time.perf_counter()
+        entry["curve"] = [
+            {"steps": steps, **probe_on_validation(cfg, state, sites, tasks)} for steps, state in sorted(pretrained.along_the_way.items())
+        ]
+        if entry["curve"]:
+            print("      validation probe along pretraining: " + ", ".join(
+                f"{c['steps']} steps {c['mean_val_auroc']:.3f}" for c in entry["curve"] if c["mean_val_auroc"] is not None))
+        finetune_started = time.perf_counter()
+        chosen = [s for s in sites if pretrained.encoder_for(s.name) is not None]
+        entry["finetune"] = finetune_arm(cfg, pretrained, chosen, tasks, lambda msg: print(f"      fine-tuned at {msg}"))
+        entry["wall_seconds"] = {"pretrain": pretrained.seconds, "curve": finetune_started - curve_started,
+                                 "finetune": time.perf_counter() - finetune_started}
+        record.data["arms"][arm.value] = entry
+        record.write()
+    print(f"[study {len(arms) + 1}/{len(arms) + 1}] model-free probes (window histograms, raw voxels)")
+    started = time.perf_counter()
+    record.data["model_free"] = model_free_arm(cfg, sites, tasks)
+    record.data["wall_seconds"]["model_free"] = time.perf_counter() - started
+    record.write()
+    started = time.perf_counter()
+    record.data["summary"] = summarise(record.data)
+    record.data["verdicts"] = judge(record.data)
+    record.data["targets"] = targets(record.data, STRUCTURAL_FINDINGS)
+    record.data["wall_seconds"]["judge"] = time.perf_counter() - started
+    record.data["status"] = "completed"
+    record.write()
+    report = render_study_report(run_dir)
+    print(console_summary(record.data))
+    print(f"study:       {record.path}")
+    print(f"report:      {report}")
+    return 0
