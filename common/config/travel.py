@@ -17,8 +17,11 @@ from ctfed.common.config.errors import ConfigError
 class WindowConfig:
     """A CT display window mapped to one input channel in [0, 1]."""
 
+    # Label of the channel in logs and the cache manifest (brain, subdural, bone).
     name: str = "brain"
+    # Window centre in HU: the HU that maps to 0.5.
     level: float = 40.0
+    # Window width in HU: level +- width/2 maps linearly onto [0, 1], clipped outside.
     width: float = 80.0
 
     def __post_init__(self) -> None:
@@ -38,22 +41,38 @@ def _fm_ct_windows() -> list[WindowConfig]:
 class ModelConfig:
     """3D ViT encoder and DINO projection head sizes."""
 
+    # Preset name (conf/model/: tiny, small, vit_b). Policies' allowed_models and fine-tuning
+    # check an encoder against it; defaults here are the tiny test/demo model.
     name: str = "tiny"
+    # Side of the cubic input in voxels, which every crop is resized to (ViT-B / FM-CT: 96).
     image_size: int = 32
+    # Side of one cubic patch in voxels: (image_size / patch_size)^3 tokens (tiny: 4^3 = 64).
     patch_size: int = 8
+    # Input channels, one per CT window of the cache (preprocess.windows).
     in_channels: int = 3
+    # Token width of the encoder; divisible by num_heads and by 6 (ViT-B: 768).
     hidden_size: int = 48
+    # Transformer blocks of the encoder (ViT-B: 12); fine-tuning unfreezes them top first.
     num_layers: int = 2
+    # Attention heads per encoder block (ViT-B: 12).
     num_heads: int = 3
+    # Hidden width of each block's MLP (ViT-B: 3072, 4x hidden_size).
     mlp_dim: int = 96
+    # Dropout rate after the position embedding and inside each block; 0 as in DINO/MAE pretraining.
     dropout: float = 0.0
+    # DINO projection head: width of its hidden MLP layers (DINO: 2048).
     head_hidden: int = 64
+    # Width of the head's L2-normalised bottleneck before the prototypes (DINO: 256).
     head_bottleneck: int = 32
+    # Prototypes K: the output size of the DINO and iBOT heads and their centres
+    # (DINO: 65536; 128 keeps the tiny model cheap).
     head_prototypes: int = 128
     # MAE's reconstruction decoder (only built with train.mim_objective=mae): a narrower
     # transformer over the encoder's patch tokens that predicts each patch's voxels.
     decoder_hidden: int = 48
+    # Transformer blocks of the MAE decoder (FM-CT's MAE: 8).
     decoder_layers: int = 1
+    # Attention heads per MAE decoder block; divides decoder_hidden.
     decoder_heads: int = 3
     # Per-channel standardisation of the [0, 1] window channels, (x - mean) / std, as the
     # encoder's first step (MAE/DINO standardise their inputs too). Without it the patch content
@@ -63,6 +82,7 @@ class ModelConfig:
     # cache's own figures in its manifest and warns the site when they are far from these).
     # They belong to the model: checkpoints carry them, so fine-tuning and inference agree.
     input_mean: list[float] = field(default_factory=lambda: [0.32, 0.25, 0.20])
+    # Per-channel std of that standardisation (pairs with input_mean), > 0.
     input_std: list[float] = field(default_factory=lambda: [0.33, 0.30, 0.19])
 
     def __post_init__(self) -> None:
@@ -146,7 +166,10 @@ class SeriesSelectionConfig:
     """
 
     per_study: SeriesPerStudy = SeriesPerStudy.one
+    # Regular expressions (case-insensitive, re.search) on SeriesDescription and
+    # ConvolutionKernel, best first; an earlier match ranks a series higher.
     preferred: list[str] = field(default_factory=_preferred_series_patterns)
+    # Patterns that rank a series last (taken only if its study has nothing else); win over preferred.
     excluded: list[str] = field(default_factory=_excluded_series_patterns)
     tie_break: SeriesTieBreak = SeriesTieBreak.thinnest
 
@@ -171,11 +194,13 @@ class SeriesSelectionConfig:
 class PreprocessConfig:
     """How a HU volume becomes a cached, training-ready tensor (defaults: FM-CT)."""
 
+    # Isotropic voxel size in mm a series is resampled to before the foreground crop (FM-CT: 1 mm).
     spacing_mm: float = 1.0
     # Voxels above this HU define the head's bounding box (foreground crop).
     foreground_hu: float = 0.0
     # FM-CT's 96^3; `ctfed simulate` caches at the model's input size instead (conf/simulate.yaml, run.yaml).
     output_size: int = 96
+    # CT windows, one input channel each (FM-CT: brain, subdural, bone).
     windows: list[WindowConfig] = field(default_factory=_fm_ct_windows)
     # Gantry-tilted stacks: "resample" them onto an orthogonal grid, or "reject".
     gantry_tilt: str = "resample"
@@ -184,8 +209,11 @@ class PreprocessConfig:
     # slices, and the series is rejected: resampling across it would invent anatomy. The mm
     # term covers positions rounded in the header (thin slices, few decimals).
     slice_gap_tolerance: float = 0.1
+    # The absolute term of that bound, in mm (0: the relative term alone).
     slice_gap_tolerance_mm: float = 0.0
     series_selection: SeriesSelectionConfig = field(default_factory=SeriesSelectionConfig)
+    # Processes that preprocess series in parallel, each on one torch thread (`ctfed prepare
+    # --workers`); 1: in the calling process.
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -256,22 +284,28 @@ class AugmentConfig:
     # in the gantry varies by a few degrees) and per-axis scale in [1 - scale, 1 + scale]
     # (head size varies about 10%). Outside the field of view is air (0 in every window).
     affine_prob: float = 0.5
+    # Bound of the rotation about each axis, degrees (at most 45).
     rotate_degrees: float = 10.0
+    # Bound of the per-axis scale change, a fraction (0.1: +-10%; at most 0.5).
     scale: float = 0.1
     # Window jitter, per channel: the window width scales by 1 / (1 + c) with c uniform in
     # +-contrast (5% of 80 HU: 4 HU at the blood/brain step), the level moves by +-level_shift
     # of the width (3%: 2.4 HU in the brain window). Each applies with window_prob.
     window_prob: float = 0.8
+    # Bound of the window-width jitter c, a fraction (at most 0.5).
     contrast: float = 0.05
+    # Bound of the window-level shift, a fraction of the window width (at most 0.5).
     level_shift: float = 0.03
     # Additive Gaussian noise, std uniform in [0, noise_std] window units (0.02: 1.6 HU in
     # the brain window, below the 3-5 HU of a real soft-tissue kernel).
     noise_prob: float = 0.5
+    # Upper bound of the noise std, window units (at most 0.5).
     noise_std: float = 0.02
     # Gaussian blur with sigma uniform in blur_sigma_mm (physical, converted with each view's
     # voxel size, which the cache's manifest records): [0.5, 1.5] mm is the spread between a
     # sharp and a soft reconstruction kernel. Without a known voxel size it is skipped (logged).
     blur_prob: float = 0.2
+    # [low, high] of the blur sigma in mm, 0 < low <= high <= 10.
     blur_sigma_mm: list[float] = field(default_factory=lambda: [0.5, 1.5])
 
     def __post_init__(self) -> None:
@@ -300,28 +334,43 @@ class TrainConfig:
     # Optimiser steps per site and round. The one default of this knob: presets, the Flower
     # app's `local-steps` (0) and the ServerApp read it (2: the README demo's short rounds).
     local_steps: int = 2
+    # Volumes per micro-batch (each gives 2 global + num_local_crops local crops); under
+    # local DP-SGD the expected Poisson batch size.
     batch_size: int = 2
     # Base learning rate per lr_reference_batch volumes: AdamW runs at
     # lr * batch_size * accumulation_steps / lr_reference_batch (DINO's linear scaling rule, 5e-4 per 256). At a
     # site's small batches an unscaled 5e-4 lets the student reach the teacher's still
     # input-independent target within a few steps.
     lr: float = 5e-4
+    # Batch size at which lr applies unscaled (DINO: 256).
     lr_reference_batch: int = 256
+    # AdamW weight decay at the start of the cosine schedule (DINO: 0.04 -> 0.4); norms and biases get none.
     weight_decay: float = 0.04
+    # Max L2 norm of the student's gradient per step (DINO: 3.0); 0: off. Local DP-SGD clips per volume instead.
     grad_clip: float = 3.0
+    # EMA momentum of the teacher at the start; cosine to teacher_momentum_end (DINO: 0.996 -> 1).
     teacher_momentum: float = 0.994
+    # Softmax temperature of the student's DINO and iBOT outputs (DINO: 0.1).
     student_temp: float = 0.1
     # Teacher temperature after its warm-up (DINO's 0.07; sharper early, see teacher_temp_warmup).
     teacher_temp: float = 0.07
+    # EMA momentum of the DINO and iBOT centres of the teacher's outputs (DINO: 0.9).
     center_momentum: float = 0.9
+    # [low, high] share of the volume's voxels a global crop keeps (two global crops per volume).
     global_crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # [low, high] share of the volume's voxels a local crop keeps (DINO's small views).
     local_crop_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
+    # Local crops per volume, seen by the student only (DINO: 8-10; 2 keeps CPU steps cheap).
     num_local_crops: int = 2
+    # Seed of the head's initialisation (the same at every site); the Flower app adds the site's
+    # index for its data order, crops and masks.
     seed: int = 0
     # Cosine schedules run over the GLOBAL step (round * local_steps + local step), so a
     # federation and a standalone run with the same totals follow the same curves.
     min_lr: float = 1e-6
+    # Weight decay at the end of its cosine schedule (DINO: 0.4).
     weight_decay_end: float = 0.4
+    # Teacher EMA momentum at the end of its schedule (1: the teacher freezes, as in DINO).
     teacher_momentum_end: float = 1.0
     # Linear LR warm-up over this share of the schedule horizon (schedule_rounds x local_steps;
     # DINO: 10 of 100 epochs).
@@ -343,7 +392,9 @@ class TrainConfig:
     # Loss mix: total = dino_weight * DINO (CLS) + mim_weight * MIM (masked patch tokens, by
     # mim_objective). mim_weight = 0 switches masking off entirely and keeps the mask token frozen.
     dino_weight: float = 1.0
+    # Weight of the masked-patch loss (see dino_weight).
     mim_weight: float = 1.0
+    # Masked-image-modelling objective of the MIM loss.
     mim_objective: MIMObjective = MIMObjective.ibot
     # MAE: reconstruct each patch normalised by its own mean and std (MAE's norm_pix_loss,
     # which gives better features than raw voxels).
@@ -352,6 +403,7 @@ class TrainConfig:
     # fraction of them is masked, each at a ratio drawn from [low, high]; the others (and all
     # local crops) stay whole.
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    # Share of the student's global crops that get masked (iBOT: 0.5).
     mask_probability: float = 0.5
     # MAE objective: every global crop hides this share of its patches (random, MAE's 75%),
     # and the encoder drops them (only visible tokens enter the blocks: cheaper per step).
@@ -363,6 +415,7 @@ class TrainConfig:
     # share of the schedule horizon (DINO: 0.04 -> 0.07 over 30 epochs). A sharp early teacher
     # keeps the student from the uniform output that centring alone would lead to.
     teacher_temp_warmup: float = 0.04
+    # Share of the schedule horizon the teacher temperature warm-up lasts.
     teacher_temp_warmup_fraction: float = 0.3
     # Local DP-SGD only: the DINO and iBOT centres are EMAs of the teacher's outputs on this
     # many public synthetic head volumes (common/reference.py), not on the site's scans, so
@@ -513,23 +566,30 @@ class FinetuneConfig:
     mode: str = "progressive"  # one of FINETUNE_MODES
     # Stage 0: head only (the paper's 10 epochs), then stage 1 (its 20 epochs), in steps.
     probe_steps: int = 10
+    # Stage 1 in optimizer steps: the top blocks unfreeze (progressive), or the rest of the budget.
     stage_steps: int = 20
     # Progress of stage 1 at which the top, second and third block unfreeze.
     unfreeze_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.6])
+    # Peak OneCycle learning rate of the classification head.
     head_lr: float = 1e-3
+    # Peak learning rates of the top, second and third block, one per unfreeze_fractions entry.
     block_lrs: list[float] = field(default_factory=lambda: [5e-4, 2.5e-4, 1e-4])
     # Stem and lower blocks in mode "full" (progressive never trains them).
     backbone_lr: float = 1e-4
+    # AdamW weight decay of the trained parameters.
     weight_decay: float = 0.01
     # OneCycle warm-up share of each stage.
     warmup_fraction: float = 0.3
+    # Max L2 norm of the trained parameters' gradient per step; 0: off.
     grad_clip: float = 1.0
+    # Labelled volumes per optimizer step.
     batch_size: int = 4
     # One sigmoid output per name (1 name: binary task; K names: multi-label).
     label_names: list[str] = field(default_factory=lambda: ["label"])
     # The head's input: a local finding moves a few patch tokens, which the CLS token of an
     # encoder pretrained without DINO (MAE alone) does not summarise.
     pooling: FeaturePooling = FeaturePooling.cls
+    # Seed of the head's initialisation and the batch order; phase 2 adds site and round.
     seed: int = 0
     # Federated phase 2 only (``federation.finetune_rounds``); the split of the standalone
     # compare study is ``compare.test_fraction`` / ``compare.split_seed``.
@@ -537,6 +597,7 @@ class FinetuneConfig:
     local_steps: int = 0
     # Share of each site's labelled scans held out (stratified) to evaluate on every round.
     test_fraction: float = 0.5
+    # Seed of that stratified split, the monitor's scan subset and the evaluation's bootstrap.
     split_seed: int = 0
     # Bootstrap resamples of the per-round evaluation's confidence intervals (small: it runs every round).
     eval_n_boot: int = 50
@@ -597,7 +658,9 @@ class MonitorConfig:
     numbers as reply metrics; a site's ``policy.share_monitor: false`` keeps them.
     """
 
+    # Score the received encoder before each phase-1 round at sites with labelled scans.
     enabled: bool = True
+    # Neighbours of the kNN classifier (small: a site holds few labelled scans).
     knn_k: int = 3
     # At most this many labelled scans per site and round (a deterministic stratified subset of
     # the split): the monitor costs one encoder forward pass per scan, every round.
@@ -627,9 +690,11 @@ class PrivacyMode(str, enum.Enum):
 class LocalDPConfig:
     """DP-SGD at a site: per-volume gradient clipping plus Gaussian noise, every local step."""
 
+    # Gaussian noise std per step, in units of max_grad_norm (Opacus' sigma).
     noise_multiplier: float = 1.0
     # Per-volume L2 bound on the gradient (all crops of one volume together).
     max_grad_norm: float = 1.0
+    # The delta of the (epsilon, delta) each site accounts (convention: below 1 / its volume count).
     delta: float = 1e-5
     # (No seed or RNG knob: a site draws DP-SGD noise and Poisson batches from the operating
     # system's CSPRNG, always; client/dp_sgd.py.)
@@ -651,6 +716,7 @@ class CentralDPConfig:
     clip_norm: float = 1.0
     # Noise std on the mean = noise_multiplier * clip_norm / (number of aggregated sites).
     noise_multiplier: float = 1.0
+    # The delta of the site-level (epsilon, delta) the coordinator accounts (convention: below 1 / sites).
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
