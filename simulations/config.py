@@ -40,10 +40,13 @@ SIMULATE_CONFIG_NAME = "simulate"  # conf/simulate.yaml
 class SynthConfig:
     """Synthetic hospitals for simulations and demos."""
 
+    # Synthetic hospitals to write, each with its own scanner and haemorrhage profile.
     sites: int = 3
+    # CT studies per synthetic hospital (small: a demo federation runs in minutes).
     scans_per_site: int = 4
     # Sites of different sizes: one scan count per site (overrides scans_per_site); empty: all equal.
     scans_per_site_list: list[int] = field(default_factory=list)
+    # Seed of every synthetic pixel, identifier and UID: the same seed writes identical files.
     seed: int = 0
     # Multiplies every synthetic finding's size (haematoma radii, collection widths, sulcal
     # lines, dilation of blood-filled ventricles). 1.0: realistic sizes, which at the tiny
@@ -56,9 +59,13 @@ class SynthConfig:
     # every task positives and negatives at a few dozen scans; 0 leaves the pixels of a scan
     # without that finding exactly as they were.
     hydrocephalus_prevalence: float = 0.3
+    # Chance per scan of mass effect (see hydrocephalus_prevalence).
     mass_effect_prevalence: float = 0.3
+    # Chance per scan of an infarct.
     infarct_prevalence: float = 0.3
+    # Chance per scan of a skull fracture.
     fracture_prevalence: float = 0.3
+    # Chance per scan of atrophy.
     atrophy_prevalence: float = 0.3
 
     def __post_init__(self) -> None:
@@ -132,6 +139,7 @@ class SimulationConfig:
     # Folder holding one prepared cache per site (``<dir>/<site>/manifest.json``).
     # Empty: synthesise ``synth.sites`` hospitals and prepare them inside the run folder.
     data_dir: str = ""
+    # CPU cores reserved per simulated site (Flower's client-resources.num-cpus; Ray runs as many sites at once as fit).
     client_cpus: int = 1
     # GPU share of each simulated site (Flower's client-resources.num-gpus; Ray packs sites
     # onto GPUs by it): 0.5 runs two sites per GPU. 0: CPU only. With train.device=auto a site
@@ -147,6 +155,7 @@ class SimulationConfig:
     # simulation.site_policies=[{site:site_1,max_local_steps:1}]. A list, not a mapping,
     # because Hydra cannot add new keys to a mapping from the command line.
     site_policy: SitePolicy = field(default_factory=SitePolicy)
+    # The named replacements (see site_policy above).
     site_policies: list[NamedSitePolicy] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -195,6 +204,7 @@ class SplitConfig:
     alpha: float = 0.5
     # Manifest label column the Dirichlet split skews (entries without it form their own class).
     label: str = "any"
+    # Seed of the shuffle (iid) and the Dirichlet draws.
     seed: int = 0
     # Fewest scans a site may get; a Dirichlet draw that leaves a site below it is redrawn.
     min_scans: int = 2
@@ -230,6 +240,7 @@ class CompareConfig:
     (simulations/studies/compare.py). Targets are AUROC differences the verdicts are checked against.
     """
 
+    # Run the compare study after the federation.
     enabled: bool = False
     # Downstream task; finetune.mode is the primary mode the verdicts use.
     finetune: FinetuneConfig = field(default_factory=synthetic_finetune)
@@ -237,7 +248,9 @@ class CompareConfig:
     baseline_modes: list[str] = field(default_factory=list)
     # Share of each site's labelled scans held out for testing, per class (stratified).
     test_fraction: float = 0.5
+    # Seed of that split and of the bootstrap.
     split_seed: int = 0
+    # Bootstrap resamples of every AUROC's confidence interval.
     n_boot: int = 1000
     # Neighbours of the kNN representation monitor (capped at the training scans of a site).
     knn_k: int = 3
@@ -249,7 +262,9 @@ class CompareConfig:
     # Verdict targets in AUROC: pretrained must beat scratch, federated must beat local-only at
     # the smallest site, by more than these; centralized may lead federated by at most this.
     target_gain_over_scratch: float = 0.0
+    # Federated over local-only at the smallest site, AUROC.
     target_gain_over_local_only: float = 0.0
+    # Largest lead of centralized over federated, AUROC.
     max_gap_to_centralized: float = 0.05
 
     def __post_init__(self) -> None:
@@ -290,6 +305,7 @@ class LabelEfficiencyConfig:
     (simulations/studies/label_efficiency.py; docs/studies.md).
     """
 
+    # Run the label-efficiency study (its federation pretrains without the held-out scans; excludes compare and sweep).
     enabled: bool = False
     # Binary tasks, columns of the sites' labels (one multi-label head learns them together);
     # empty: every label column the sites' scans carry.
@@ -302,6 +318,7 @@ class LabelEfficiencyConfig:
     # Share of the remaining scans held out as validation: it picks each arm's fine-tuning mode
     # and draws the pretraining curve. The labelled scans of every level come from the rest.
     val_fraction: float = 0.2
+    # Seed of the test/validation/labelled cut of each site and of the bootstrap.
     split_seed: int = 0
     # Fine-tuning modes tried per arm and level; the verdicts use each arm's best on validation.
     modes: list[str] = field(default_factory=lambda: ["linear_probe", "progressive", "full"])
@@ -317,6 +334,7 @@ class LabelEfficiencyConfig:
     max_dp_epsilon: float = 8.0
     # Encoders along pretraining (federated: round checkpoints) probed on the validation split.
     curve_points: int = 6
+    # Bootstrap resamples of every AUROC's confidence interval.
     n_boot: int = 1000
     # The level the targets are stated at (it must be one of labels_per_site).
     judged_labels_per_site: int = 8
@@ -325,10 +343,15 @@ class LabelEfficiencyConfig:
     # site; centralized leads federated by at most max_gap_to_centralized; DP costs at most
     # max_dp_cost; pretrained features beat the model-free probes on the structural tasks.
     target_gain_over_scratch: float = 0.05
+    # Tasks on which pretrained must beat scratch.
     min_tasks_beating_scratch: int = 3
+    # Federated over local-only at the smallest site, AUROC.
     target_gain_over_local_only: float = 0.0
+    # Largest lead of centralized over federated, AUROC.
     max_gap_to_centralized: float = 0.02
+    # Largest AUROC the local-DP arm may lose against the federated arm.
     max_dp_cost: float = 0.05
+    # Pretrained features over the model-free probes on the structural tasks, AUROC.
     target_gain_over_model_free: float = 0.0
 
     def __post_init__(self) -> None:
@@ -355,7 +378,9 @@ class LabelEfficiencyConfig:
 class SweepArm:
     """One federation of a sweep: a name and the overrides that make it differ from the base run."""
 
+    # The arm's name in the tables and its folder name (letters, digits, '.', '_', '-').
     name: str = ""
+    # Dotlist overrides of the base config, e.g. privacy.mode=local (federation, train, privacy, secagg only).
     overrides: list[str] = field(default_factory=list)
 
 
@@ -366,9 +391,11 @@ class SweepConfig:
     (its ``compare.finetune`` settings), epsilon against AUROC in sweep.md
     (simulations/studies/sweep.py)."""
 
+    # Run the sweep's arms after the base federation.
     enabled: bool = False
     # Name of the base run's arm in the tables.
     base_name: str = "base"
+    # One extra federation each (the privacy preset lists them).
     arms: list[SweepArm] = field(default_factory=list)
 
     def __post_init__(self) -> None:

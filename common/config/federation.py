@@ -38,12 +38,17 @@ class Transport(str, enum.Enum):
 class FederationConfig:
     """Rounds and aggregation run by the coordinator."""
 
+    # Phase-1 (self-supervised pretraining) rounds; train's schedules span them (train.schedule_rounds 0).
     rounds: int = 2
     # Phase 2 after the SSL rounds: federated progressive-freezing fine-tuning rounds on the
     # sites' labelled scans (``finetune:`` section); 0: no phase 2.
     finetune_rounds: int = 0
+    # How the coordinator combines the accepted site updates.
     strategy: Strategy = Strategy.fedavg
+    # Share of the connected sites sampled for each round (Flower FedAvg's fraction_train; 1: all).
     fraction_train: float = 1.0
+    # Fewest sites a round waits for and aggregates: fewer usable updates abort it. Sent to the
+    # sites, whose policy.min_sites may refuse a smaller aggregate.
     min_sites: int = 2
     # Seconds the coordinator waits for site replies in one round.
     round_timeout_s: float = 600.0
@@ -52,8 +57,11 @@ class FederationConfig:
     max_update_norm: float = 100.0
     # fedadam: the coordinator's Adam (Reddi et al. 2021, "Adaptive Federated Optimization").
     server_lr: float = 1e-2
+    # fedadam: decay of the first-moment (mean) estimate.
     server_beta1: float = 0.9
+    # fedadam: decay of the second-moment estimate.
     server_beta2: float = 0.99
+    # fedadam: added to sqrt(v) in the denominator; bounds the step where v is tiny.
     server_tau: float = 1e-3
     # trimmed_mean: fraction of the site values dropped at each end, per coordinate.
     trim_fraction: float = 0.2
@@ -99,14 +107,21 @@ class SecAggConfig:
     [-c, c]; sums are taken modulo 2**``modulus_bits``.
     """
 
+    # Rounds go through SecAgg+ (on by default: the coordinator never sees one site's update);
+    # false: the plain path, each update in clear (needed by the robust strategies).
     enabled: bool = True
+    # A site's neighbourhood size n in SecAgg+, itself included (>= 3): more rides out more drop-outs, at more key agreements.
     num_shares: int = 5
     # 0: the smallest integer above 2/3 of each round's neighbourhood size n (4 of 5, 3 of 3
     # or 4, 2 of 2), so n - t neighbours may drop out. An explicit value is used as given;
     # sites refuse a round whose threshold is not above their floor (2/3 of n by default).
     reconstruction_threshold: int = 0
+    # Per-value bound c of a delta before quantisation: values outside +-c are clipped.
     clipping_range: float = 1.0
+    # Quantisation levels over [-c, c] (even): a step of 2c / range; 2**40 makes the rounding
+    # error ~1e-12 and still fits max_sites x max_weight in a 64-bit sum.
     quantization_range: int = 2**40
+    # Sums are taken modulo 2**modulus_bits (32 or 64): the size of each masked value on the wire.
     modulus_bits: int = 64
     # A site's weight is its number of training examples, capped here.
     max_weight: int = 4096

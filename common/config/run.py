@@ -47,6 +47,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
+    # Run folder name under output_dir; empty: a timestamp (sim-YYYYmmdd-HHMMSS).
     run_name: str = ""
 
     def __post_init__(self) -> None:

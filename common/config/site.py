@@ -28,7 +28,9 @@ class SitePolicy:
     The site checks each round's instructions against it before it reads any data.
     """
 
+    # Phases the site takes part in: pretrain (phase 1, SSL) and/or finetune (phase 2).
     allowed_phases: list[str] = field(default_factory=lambda: list(PHASES))
+    # Refuse every update that would leave the site on the plain path (in clear).
     require_secure_aggregation: bool = False
     # Refuse rounds whose aggregate may hold fewer sites than this (the coordinator's min_sites).
     min_sites: int = 1
@@ -53,7 +55,9 @@ class SitePolicy:
     max_local_steps: int = 0
     # model.name values allowed (empty: any), and size limits (0: any).
     allowed_models: list[str] = field(default_factory=list)
+    # Largest model.hidden_size accepted (0: any).
     max_hidden_size: int = 0
+    # Largest model.num_layers accepted (0: any).
     max_layers: int = 0
     # Send the model card's data summary (scan count, slice and spacing ranges, positives per
     # label) with each SSL round's metrics. Counts only, never an identifier; but they travel
@@ -108,6 +112,7 @@ class SitePolicy:
 class NamedSitePolicy(SitePolicy):
     """A simulated site's own policy (``simulation.site_policies``)."""
 
+    # The site id this policy replaces the default for (its cache folder's name); required.
     site: str = ""
 
 
