@@ -47,7 +47,8 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # Parent folder for run folders; each run gets ``<output_dir>/<run_name>``.
     output_dir: str = "runs"
-    # Run folder name under output_dir; empty: a timestamp (sim-YYYYmmdd-HHMMSS).
+    # `ctfed simulate`'s run folder name under output_dir (empty: sim-<timestamp>); a deployed
+    # ServerApp names its own (flwr-run-<timestamp>) unless its run config gives a folder.
     run_name: str = ""
 
     def __post_init__(self) -> None:

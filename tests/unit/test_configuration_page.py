@@ -4,6 +4,7 @@ generator reads each knob's comment, type and default from the dataclass source.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,45 @@ def test_every_knob_of_both_roots_is_documented() -> None:
                 "simulation.faults[].kind", "secagg.num_shares", "synth.sites", "label_efficiency.tasks",
                 "site_id", "policy.max_epsilon", "max_wait_s"):
         assert f"| `{key}` |" in page, key
+
+
+# A table cell ends at a pipe that is not escaped (descriptions escape theirs with a backslash).
+_CELL_BORDER = re.compile(r"(?<!\\)\|")
+_KNOB_TABLE_HEADER = "| key | type | default | what it is |"
+
+
+def _undescribed_knobs(page: str) -> list[str]:
+    """Keys of the knob rows whose last cell ("what it is") is empty (rows of the knob tables
+    only: the page's other tables, e.g. the presets', have other columns)."""
+    undescribed = []
+    in_knob_table = False
+    for line in page.splitlines():
+        if line == _KNOB_TABLE_HEADER:
+            in_knob_table = True
+        elif not line.startswith("|"):
+            in_knob_table = False
+        if not (in_knob_table and line.startswith("| `")):
+            continue
+        cells = [cell.strip() for cell in _CELL_BORDER.split(line)[1:-1]]
+        assert len(cells) == 4, f"a knob row should have 4 cells: {line}"
+        if not cells[3]:
+            undescribed.append(cells[0].strip("`"))
+    return undescribed
+
+
+def test_every_knob_is_explained_where_it_is_declared() -> None:
+    # The style guide: each knob carries a comment at its declaration, which the page shows.
+    undescribed = _undescribed_knobs(render())
+    assert not undescribed, (
+        f"{len(undescribed)} knob(s) without a comment above or beside their declaration "
+        f"(common/config/*.py, simulations/config.py): {', '.join(undescribed)}"
+    )
+
+
+def test_an_uncommented_knob_is_reported_by_its_key() -> None:
+    # The check itself must catch a row with no description (the toy root's `plain` and `maybe`).
+    page = render_config_docs("# Toy", [ConfigRoot(title="Toy", intro="A toy root.", schema=_Root)])
+    assert _undescribed_knobs(page) == ["plain", "maybe"]
 
 
 class _Colour(str, enum.Enum):
