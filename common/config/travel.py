@@ -362,8 +362,8 @@ class TrainConfig:
     local_crop_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
     # Local crops per volume, seen by the student only (DINO: 8-10; 2 keeps CPU steps cheap).
     num_local_crops: int = 2
-    # Seed of the head's initialisation (the same at every site); the Flower app adds the site's
-    # index for its data order, crops and masks.
+    # Seed of the student's initialisation (encoder and head: the same at every site); the Flower
+    # app adds the site's index for its data order, crops and masks.
     seed: int = 0
     # Cosine schedules run over the GLOBAL step (round * local_steps + local step), so a
     # federation and a standalone run with the same totals follow the same curves.
@@ -403,7 +403,7 @@ class TrainConfig:
     # fraction of them is masked, each at a ratio drawn from [low, high]; the others (and all
     # local crops) stay whole.
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
-    # Share of the student's global crops that get masked (iBOT: 0.5).
+    # Share of the student's global crops that get masked (DINOv2: 0.5).
     mask_probability: float = 0.5
     # MAE objective: every global crop hides this share of its patches (random, MAE's 75%),
     # and the encoder drops them (only visible tokens enter the blocks: cheaper per step).
