@@ -110,7 +110,8 @@ class SecAggConfig:
     # Rounds go through SecAgg+ (on by default: the coordinator never sees one site's update);
     # false: the plain path, each update in clear (needed by the robust strategies).
     enabled: bool = True
-    # A site's neighbourhood size n in SecAgg+, itself included (>= 3): more rides out more drop-outs, at more key agreements.
+    # A site's neighbourhood size n in SecAgg+, itself included (>= 3): a larger one rides out
+    # more drop-outs, at more key agreements and shares per site.
     num_shares: int = 5
     # 0: the smallest integer above 2/3 of each round's neighbourhood size n (4 of 5, 3 of 3
     # or 4, 2 of 2), so n - t neighbours may drop out. An explicit value is used as given;
