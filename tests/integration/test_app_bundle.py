@@ -168,3 +168,27 @@ def test_both_apps_import_from_the_bundle_alone(fab: dict[str, bytes], tmp_path:
     assert report["outside"] == [], f"modules imported from outside the bundle: {report['outside']}"
     assert report["simulations"] == "missing", "the check must not see the repository's simulations/"
     assert report["rounds"] >= 1
+
+
+def test_common_client_and_server_never_import_the_simulations() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, ctfed.common.config, ctfed.common.cli, ctfed.client.app, ctfed.server.app; "
+        "print(sorted(m for m in sys.modules if m.startswith('ctfed.simulations')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # No import statement either (the CLI's lazy dispatch names its subcommands' modules as strings).
+    import re
+
+    root = REPO
+    statement = re.compile(r"^\s*(from ctfed\.simulations\S* import|import ctfed\.simulations)", re.MULTILINE)
+    importers = [
+        str(path.relative_to(root))
+        for folder in ("common", "client", "server")
+        for path in (root / folder).rglob("*.py")
+        if statement.search(path.read_text(encoding="utf-8"))
+    ]
+    assert importers == []
