@@ -327,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
             print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
             timed("federation", lambda: bench_federation(
                 Path(tmp), fed_model, site_counts=(2,) if smoke else (2, 4) if quick else (2, 4, 8, 16),
-                local_steps=fed_steps, scans_per_site=(6, 4, 6) if smoke else (16, 8, 16),
+                # Smoke: the fewest scans at which each synthetic site (seed 0) holds 2 of each
+                # label, which its fine-tuning train/test split needs.
+                local_steps=fed_steps, scans_per_site=(4, 6, 9) if smoke else (16, 8, 16),
             ))
         if "federation_model_scaling" in parts:
             # 2 local steps at every size: 8 ViT-B steps take over 10 minutes per round here. The
