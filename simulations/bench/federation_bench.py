@@ -149,7 +149,8 @@ def bench_federation(
         [*common, f"synth.sites={len(scans_per_site)}", f"synth.scans_per_site_list=[{scans}]",
          "federation.rounds=2", "federation.finetune_rounds=3"],
     )
-    # Round 1 includes starting Ray's workers; the steady state is the rounds after it.
+    # Round 1 includes each site worker's first call (their start is in the warm-up before it,
+    # simulation.warmup_timeout_s); the steady state is the rounds after it.
     rounds = [_round_figures(r, parallel) for r in phases["rounds"]]
     scaling = []
     for count in site_counts:
@@ -220,7 +221,7 @@ def bench_model_scaling(work: Path, models: Sequence[str], sites: int, local_ste
                          "local_steps": local_steps, "error": "; ".join(failures)})
             continue
         parallel = _sites_in_parallel(client_cpus)
-        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1 starts Ray's workers
+        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1: the workers' first calls
         peaks = [r["peak_rss_mb"] for r in steady if r["peak_rss_mb"]]
         rows.append({
             "model": model,
