@@ -94,18 +94,18 @@ def serve(
     before_rounds: Callable[[Grid, RunConfig], None] | None = None,
 ) -> None:
     """The ServerApp's body: resolve the config as ``schema`` and run (or resume) the federation;
-    ``before_rounds`` (a simulation's site warm-up) runs first, with the resolved config."""
+    ``before_rounds`` (a simulation's site warm-up) runs before the first round, with the
+    resolved config, once a resume's checks have passed."""
     console_logging()
     cfg, run_dir = config_from_context(context, schema, config_name)
     resume = bool(context.run_config.get(RESUME_KEY, False))
     override = bool(context.run_config.get(RESUME_OVERRIDE_KEY, False))
     if override and not resume:
         raise ConfigError(f"{RESUME_OVERRIDE_KEY}=true applies to a resume; set {RESUME_KEY}=true with it")
-    if before_rounds is not None:
-        before_rounds(grid, cfg)
     # A run that stops early (FederationStopped) raises out of here: Flower then marks it
     # failed with the reason, and results.json holds status "failed" and the reason.
-    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override)
+    warm_up = (lambda: before_rounds(grid, cfg)) if before_rounds is not None else None
+    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=warm_up)
     logger.info("results: %s", recorder.results_path)
 
 
