@@ -45,6 +45,7 @@ from ctfed.common.exchange import (
     FINETUNE_PHASE,
     METRICS_KEY,
     RoundInstructions,
+    WARMUP_ACTION,
     SiteReply,
     record_bytes,
     record_to_state,
@@ -59,6 +60,19 @@ DEVICE_NODE_KEY = "device"
 
 
 app = ClientApp()
+
+
+def register_warmup(client_app: ClientApp) -> None:
+    """Answer the coordinator's warm-up query (a simulation's, before round 1) with an empty
+    reply: it reads no data and sends nothing of the site's, so it is not audited. Its only
+    effect is that the site's process is up and has imported ctfed when round 1 starts."""
+
+    @client_app.query(WARMUP_ACTION)
+    def warmup(msg: Message, context: Context) -> Message:
+        return Message(RecordDict(), reply_to=msg)
+
+
+register_warmup(app)
 
 
 @app.train()

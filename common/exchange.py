@@ -64,6 +64,10 @@ SITE_KEY = "site"
 LOCAL_STATE_KEY = "ssl-local-state"  # a site's context.state, never sent
 # Run config key naming the run folder (ServerApp: results; simulated sites: state folders).
 RUN_DIR_KEY = "run-dir"
+# An empty query a simulation's coordinator sends every site before round 1 (server/collect.py
+# ``warm_up_sites``): its reply carries nothing; it only makes the site's process start.
+WARMUP_ACTION = "warmup"
+WARMUP_MESSAGE_TYPE = f"query.{WARMUP_ACTION}"
 
 # --- Round instructions (the CONFIG_KEY record) --------------------------------------
 # Config sections that travel whole, flattened as ``section.field``.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -86,8 +86,16 @@ def config_from_context(
     return cfg, Path(run_dir)
 
 
-def serve(grid: Grid, context: Context, schema: type[RunConfig] = RunConfig, config_name: str = RUN_CONFIG_NAME) -> None:
-    """The ServerApp's body: resolve the config as ``schema`` and run (or resume) the federation."""
+def serve(
+    grid: Grid,
+    context: Context,
+    schema: type[RunConfig] = RunConfig,
+    config_name: str = RUN_CONFIG_NAME,
+    before_rounds: Callable[[Grid, RunConfig], None] | None = None,
+) -> None:
+    """The ServerApp's body: resolve the config as ``schema`` and run (or resume) the federation;
+    ``before_rounds`` (a simulation's site warm-up) runs before the first round, with the
+    resolved config, once a resume's checks have passed."""
     console_logging()
     cfg, run_dir = config_from_context(context, schema, config_name)
     resume = bool(context.run_config.get(RESUME_KEY, False))
@@ -96,17 +104,23 @@ def serve(grid: Grid, context: Context, schema: type[RunConfig] = RunConfig, con
         raise ConfigError(f"{RESUME_OVERRIDE_KEY}=true applies to a resume; set {RESUME_KEY}=true with it")
     # A run that stops early (FederationStopped) raises out of here: Flower then marks it
     # failed with the reason, and results.json holds status "failed" and the reason.
-    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override)
+    warm_up = (lambda: before_rounds(grid, cfg)) if before_rounds is not None else None
+    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=warm_up)
     logger.info("results: %s", recorder.results_path)
 
 
-def make_server_app(schema: type[RunConfig] = RunConfig, config_name: str = RUN_CONFIG_NAME) -> ServerApp:
-    """A ServerApp that reads its run config as ``schema`` (a root extending RunConfig)."""
+def make_server_app(
+    schema: type[RunConfig] = RunConfig,
+    config_name: str = RUN_CONFIG_NAME,
+    before_rounds: Callable[[Grid, RunConfig], None] | None = None,
+) -> ServerApp:
+    """A ServerApp that reads its run config as ``schema`` (a root extending RunConfig), and
+    calls ``before_rounds`` (if any) before the first round."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, context, schema, config_name)
+        serve(grid, context, schema, config_name, before_rounds)
 
     return server_app
 

@@ -10,6 +10,7 @@ What the delta does to the global model (FedAvg step, FedAdam) is the caller's b
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -34,6 +35,7 @@ from ctfed.common.exchange import (
     STATUS_REFUSED,
     STATUS_REJECTED,
     STATUS_TIMEOUT,
+    WARMUP_MESSAGE_TYPE,
     UpdateRejected,
     decode_update,
     record_bytes,
@@ -162,6 +164,27 @@ def vet_replies(
     records.sort(key=lambda record: record.site)
     accepted.sort(key=lambda pair: pair[0])
     return [reply for _, reply in accepted], records
+
+
+def warm_up_sites(grid: Grid, timeout_s: float) -> set[int]:
+    """Send every connected site an empty query and wait up to ``timeout_s`` for the replies.
+
+    In a simulation the first message to a site starts its Ray worker, which imports torch
+    and ctfed (~20 s on an idle 2-core machine, minutes under load); sent before round 1,
+    that start no longer counts against ``federation.round_timeout_s``, which can then be
+    as short as a round's training. A site that does not answer is logged and round 1 goes
+    on without waiting further (it then times out as usual). Returns the nodes that answered."""
+    nodes = list(grid.get_node_ids())
+    started = time.perf_counter()
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=WARMUP_MESSAGE_TYPE) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+    seconds = time.perf_counter() - started
+    if len(answered) < len(nodes):
+        logger.warning("warm-up: %d of %d sites answered within %.0f s", len(answered), len(nodes), timeout_s)
+    else:
+        logger.info("warm-up: all %d sites answered in %.1f s", len(nodes), seconds)
+    return answered
 
 
 def missing_records(messages: list[Message], replies: list[Message], known_sites: dict[int, str]) -> list[SiteRoundRecord]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from flwr.serverapp import Grid
@@ -130,7 +131,12 @@ def dropout_warning(cfg: RunConfig, sites: int) -> str | None:
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False, override_config: bool = False
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    override_config: bool = False,
+    before_rounds: Callable[[], None] | None = None,
 ) -> RunRecorder:
     """Run phase 1 and then phase 2 (if any); returns the recorder holding the results.
 
@@ -140,6 +146,8 @@ def run_federation(
     change the round counts only, unless ``override_config``; server/results.py).
     After ``federation.max_failed_rounds`` consecutive rounds that aggregate nothing the
     run ends "failed" with the reason in results.json, and FederationStopped is raised.
+    ``before_rounds`` (a simulation's site warm-up) runs once the run folder is set up, before
+    the first round.
     """
     if resume:
         recorder, global_state = RunRecorder.resume(run_dir, cfg, override_config=override_config)
@@ -155,6 +163,8 @@ def run_federation(
         central = CentralDP(cfg.privacy.central, ledger=PrivacyLedger.from_dict(saved) if saved else None)
         recorder.central_privacy_ledger = central.ledger.to_dict()
     known_sites: dict[int, str] = {}
+    if before_rounds is not None:  # e.g. a simulation's warm-up, once a resume's checks passed
+        before_rounds()
     try:
         if recorder.last_round < cfg.federation.rounds:
             global_state = run_pretraining(grid, cfg, recorder, global_state, central, known_sites)

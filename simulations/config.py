@@ -147,6 +147,11 @@ class SimulationConfig:
     client_gpus: float = 0.0
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
+    # Before round 1 the coordinator sends every site an empty query and waits up to this
+    # long for the replies (server/collect.py warm_up_sites): the first message to a site
+    # starts its Ray worker (~20 s idle, importing torch and ctfed), which then does not
+    # count against round 1's federation.round_timeout_s. 0: no warm-up.
+    warmup_timeout_s: float = 600.0
     # Injected site failures; any entry switches the simulated sites to the fault-injecting
     # ClientApp (simulations/runtime/faults.py), which deployed sites never run.
     faults: list[FaultConfig] = field(default_factory=list)
@@ -159,6 +164,8 @@ class SimulationConfig:
     site_policies: list[NamedSitePolicy] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.warmup_timeout_s >= 0:
+            raise ConfigError(f"simulation.warmup_timeout_s must be >= 0 (0: no warm-up), got {self.warmup_timeout_s}")
         if self.client_cpus < 1 or self.client_gpus < 0:
             raise ConfigError(
                 f"simulation.client_cpus must be >= 1 and simulation.client_gpus >= 0, got "

@@ -78,6 +78,12 @@ def model_sizes() -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small series and the tiny model (a few minutes)")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="--quick with smaller federations: fewer scans per site, one site count in the scaling series, one "
+        "timed stock SecAgg+ round; checks that every part runs and reports its figures (the test suite's size), "
+        "not figures to compare",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     parser.add_argument(
@@ -277,11 +283,12 @@ def release_memory() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quick = args.quick
+    smoke = args.smoke
+    quick = args.quick or smoke
     parts = set(args.only or PARTS)
     if parts & _NEED_LOADER:
         parts.add("loader")
-    results: dict[str, Any] = {"mode": "quick" if quick else "full"}
+    results: dict[str, Any] = {"mode": "smoke" if smoke else "quick" if quick else "full"}
     timed = _PartTimer(results)
 
     def save() -> None:
@@ -312,14 +319,17 @@ def run(args: argparse.Namespace) -> int:
         # Not ViT-B: its 89M values took over 9 GB in the coordinator and 5 GB per Ray worker
         # (five sites' cached updates, stock FedAvg's float64 copies) on a 23 GB machine.
         timed("secagg_vs_stock", lambda: bench_stock_comparison(
-            results["loader"], models=("tiny",) if quick else ("tiny", "small"), rounds=2 if quick else 3
+            results["loader"], models=("tiny",) if quick else ("tiny", "small"), rounds=1 if smoke else 2 if quick else 3
         ))
     fed_model, fed_steps = ("tiny", 2) if quick else ("small", 8)
     with tempfile.TemporaryDirectory(prefix="ctfed-bench-fed-") as tmp:
         if "federation" in parts:
             print("federation: overhead, bytes per phase, memory, scaling (real simulations) ...", flush=True)
             timed("federation", lambda: bench_federation(
-                Path(tmp), fed_model, site_counts=(2, 4) if quick else (2, 4, 8, 16), local_steps=fed_steps,
+                Path(tmp), fed_model, site_counts=(2,) if smoke else (2, 4) if quick else (2, 4, 8, 16),
+                # Smoke: the fewest scans at which each synthetic site (seed 0) holds 2 of each
+                # label, which its fine-tuning train/test split needs.
+                local_steps=fed_steps, scans_per_site=(4, 6, 9) if smoke else (16, 8, 16),
             ))
         if "federation_model_scaling" in parts:
             # 2 local steps at every size: 8 ViT-B steps take over 10 minutes per round here. The

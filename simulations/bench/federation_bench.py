@@ -137,15 +137,20 @@ def _sites_in_parallel(client_cpus: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // client_cpus)
 
 
-def bench_federation(work: Path, model: str, site_counts: Sequence[int], local_steps: int) -> dict[str, Any]:
-    """Phase 1 + 2 on three hospitals of different sizes, then phase 1 alone per site count."""
+def bench_federation(
+    work: Path, model: str, site_counts: Sequence[int], local_steps: int, scans_per_site: Sequence[int] = (16, 8, 16)
+) -> dict[str, Any]:
+    """Phase 1 + 2 on hospitals of different sizes (``scans_per_site``), then phase 1 alone per site count."""
     parallel = _sites_in_parallel()
     common = [f"model={model}", f"train.local_steps={local_steps}"]
+    scans = ",".join(str(n) for n in scans_per_site)
     phases = _simulate(
         work, "phases",
-        [*common, "synth.scans_per_site_list=[16,8,16]", "federation.rounds=2", "federation.finetune_rounds=3"],
+        [*common, f"synth.sites={len(scans_per_site)}", f"synth.scans_per_site_list=[{scans}]",
+         "federation.rounds=2", "federation.finetune_rounds=3"],
     )
-    # Round 1 includes starting Ray's workers; the steady state is the rounds after it.
+    # Round 1 includes each site worker's first call (their start is in the warm-up before it,
+    # simulation.warmup_timeout_s); the steady state is the rounds after it.
     rounds = [_round_figures(r, parallel) for r in phases["rounds"]]
     scaling = []
     for count in site_counts:
@@ -216,7 +221,7 @@ def bench_model_scaling(work: Path, models: Sequence[str], sites: int, local_ste
                          "local_steps": local_steps, "error": "; ".join(failures)})
             continue
         parallel = _sites_in_parallel(client_cpus)
-        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1 starts Ray's workers
+        steady = [_round_figures(r, parallel) for r in run["rounds"][1:]]  # round 1: the workers' first calls
         peaks = [r["peak_rss_mb"] for r in steady if r["peak_rss_mb"]]
         rows.append({
             "model": model,

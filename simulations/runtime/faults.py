@@ -17,6 +17,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ctfed.client.app import register_warmup
 from ctfed.client.app import train as site_train
 from ctfed.client.secagg import register_secagg
 from ctfed.client.site import PARTITION_ID_KEY
@@ -83,3 +84,4 @@ def train(msg: Message, context: Context) -> Message:
 # With secure aggregation the same faults hit stage (a); a site then catches its own NaN or
 # oversized delta before masking, and the coordinator records it as failed.
 register_secagg(app, train)
+register_warmup(app)

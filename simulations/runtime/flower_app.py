@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flwr.serverapp import Grid
+
 from ctfed.client.policy import SITE_POLICIES_FILE_KEY
 from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY
+from ctfed.common.config import RunConfig
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.fileio import write_text_atomic
 from ctfed.server.app import (
@@ -30,6 +33,7 @@ from ctfed.server.app import (
     RUN_CONFIG_FILE_KEY,
     make_server_app,
 )
+from ctfed.server.collect import warm_up_sites
 from ctfed.simulations.config import SIMULATE_CONFIG_NAME, SimulationRunConfig, register_simulation_configs
 
 SERVER_APP = "ctfed.simulations.runtime.flower_app:server_app"
@@ -38,7 +42,16 @@ FAULTY_CLIENT_APP = "ctfed.simulations.runtime.faults:app"
 APP_FOLDER = "app"
 
 register_simulation_configs()
-server_app = make_server_app(SimulationRunConfig, SIMULATE_CONFIG_NAME)
+
+
+def _warm_up(grid: Grid, cfg: RunConfig) -> None:
+    """Start the simulated sites' workers before round 1 (``simulation.warmup_timeout_s``)."""
+    assert isinstance(cfg, SimulationRunConfig)
+    if cfg.simulation.warmup_timeout_s > 0:
+        warm_up_sites(grid, cfg.simulation.warmup_timeout_s)
+
+
+server_app = make_server_app(SimulationRunConfig, SIMULATE_CONFIG_NAME, before_rounds=_warm_up)
 
 # Defaults of every run-config key the apps read, as in the repository's pyproject.toml.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {
