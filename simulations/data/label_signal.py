@@ -36,7 +36,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset, Dataset
@@ -89,9 +89,16 @@ class RowSpan(TransformerMixin, BaseEstimator):
         return np.asarray(features, dtype=np.float64) @ self.basis_
 
 
+def linear_probe(row_span: bool = True) -> Pipeline:
+    """The probe every label-signal figure uses: standardised features, an L2-regularised
+    logistic regression (C=0.1); ``row_span`` fits it in the training rows' span (the same
+    scores, far cheaper when features outnumber scans)."""
+    return make_pipeline(StandardScaler(), *([RowSpan()] if row_span else []), LogisticRegression(C=0.1, max_iter=2000))
+
+
 def probe_auroc(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
-    """Out-of-fold AUROC of a standardised, L2-regularised logistic regression (5 folds)."""
-    probe = make_pipeline(StandardScaler(), RowSpan(), LogisticRegression(C=0.1, max_iter=2000))
+    """Out-of-fold AUROC of ``linear_probe`` (5 folds)."""
+    probe = linear_probe()
     folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
     # One BLAS thread: the fits are tiny (<= n features), and threads that spin-wait made them
     # 10-40x slower on a loaded 2-core machine.
@@ -104,7 +111,12 @@ def few_label_auroc(features: np.ndarray, labels: np.ndarray, n_labels: int, see
     """Mean AUROC, over ``repeats`` random draws, of the same probe fitted on ``n_labels`` scans
     and scored on all the others: the few-label regime the label-efficiency study asks about
     (a 5-fold probe on every scan's label measures a different, many-label question). A draw
-    holding one class only is drawn again."""
+    holding one class only is drawn again; labels that leave no such draw are an error."""
+    if not 0 < n_labels < len(labels) - 1 or min(int(labels.sum()), int(len(labels) - labels.sum())) < 2:
+        raise ValueError(
+            f"a few-label probe of {n_labels} scans needs >= 2 scans of each class and some left to score, "
+            f"got {int(labels.sum())} positive of {len(labels)}"
+        )
     generator = np.random.default_rng(seed)
     aurocs = []
     with threadpool_limits(limits=1, user_api="blas"):
@@ -113,8 +125,7 @@ def few_label_auroc(features: np.ndarray, labels: np.ndarray, n_labels: int, see
             held_out = np.setdiff1d(np.arange(len(labels)), chosen)
             if len(set(labels[chosen].tolist())) < 2 or len(set(labels[held_out].tolist())) < 2:
                 continue
-            probe = make_pipeline(StandardScaler(), RowSpan(), LogisticRegression(C=0.1, max_iter=2000))
-            probe.fit(features[chosen], labels[chosen])
+            probe = linear_probe().fit(features[chosen], labels[chosen])
             aurocs.append(roc_auc_score(labels[held_out], probe.predict_proba(features[held_out])[:, 1]))
     return float(np.mean(aurocs))
 

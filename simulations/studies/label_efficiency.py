@@ -39,9 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset, Dataset
 
@@ -61,7 +58,7 @@ from ctfed.common.preprocess import MANIFEST, VOLUMES_DIR_FIELD, CachedVolumes, 
 from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.server.rounds import initial_encoder_state
 from ctfed.simulations.studies.downstream import finetune_and_predict_many, judged_difference
-from ctfed.simulations.data.label_signal import RowSpan, window_histograms
+from ctfed.simulations.data.label_signal import linear_probe, window_histograms
 from ctfed.simulations.report.report import load_results
 
 logger = logging.getLogger(__name__)
@@ -329,11 +326,9 @@ def _probe_scores(train_x: np.ndarray, train_y: np.ndarray, others: Sequence[np.
             for out in outputs:
                 out[:, k] = float(y.mean())
             continue
-        # The probe of label_signal.py (RowSpan: the same fit on <= n features for raw voxels).
-        steps = [StandardScaler(), *([RowSpan()] if row_span else []), LogisticRegression(C=0.1, max_iter=2000)]
         # One BLAS thread: tiny fits that spin-wait on a loaded 2-core machine (label_signal.py).
         with threadpool_limits(limits=1, user_api="blas"):
-            probe = make_pipeline(*steps).fit(train_x, y)
+            probe = linear_probe(row_span).fit(train_x, y)
             for out, x in zip(outputs, others):
                 out[:, k] = probe.predict_proba(x)[:, 1]
     return outputs

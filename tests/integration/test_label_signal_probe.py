@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -85,3 +86,6 @@ def test_few_label_probe_fits_on_the_few_and_scores_the_rest() -> None:
     noise = generator.normal(size=(100, 6))
     assert abs(few_label_auroc(noise, labels, n_labels=8, seed=0) - 0.5) < 0.1
     assert few_label_auroc(separable, labels, n_labels=8, seed=0) == few_label_auroc(separable, labels, n_labels=8, seed=0)
+    # A single positive can never be both among the few and among the scored: refused, not a hang.
+    with pytest.raises(ValueError, match="2 scans of each class"):
+        few_label_auroc(separable, np.array([1] + [0] * 99), n_labels=8, seed=0)
