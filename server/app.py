@@ -104,8 +104,7 @@ def serve(
         raise ConfigError(f"{RESUME_OVERRIDE_KEY}=true applies to a resume; set {RESUME_KEY}=true with it")
     # A run that stops early (FederationStopped) raises out of here: Flower then marks it
     # failed with the reason, and results.json holds status "failed" and the reason.
-    warm_up = (lambda: before_rounds(grid, cfg)) if before_rounds is not None else None
-    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=warm_up)
+    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=before_rounds)
     logger.info("results: %s", recorder.results_path)
 
 

@@ -136,7 +136,7 @@ def run_federation(
     run_dir: Path,
     resume: bool = False,
     override_config: bool = False,
-    before_rounds: Callable[[], None] | None = None,
+    before_rounds: Callable[[Grid, RunConfig], None] | None = None,
 ) -> RunRecorder:
     """Run phase 1 and then phase 2 (if any); returns the recorder holding the results.
 
@@ -146,8 +146,8 @@ def run_federation(
     change the round counts only, unless ``override_config``; server/results.py).
     After ``federation.max_failed_rounds`` consecutive rounds that aggregate nothing the
     run ends "failed" with the reason in results.json, and FederationStopped is raised.
-    ``before_rounds`` (a simulation's site warm-up) runs once the run folder is set up, before
-    the first round.
+    ``before_rounds(grid, cfg)`` (a simulation's site warm-up) runs once the run folder is set
+    up, before the first round.
     """
     if resume:
         recorder, global_state = RunRecorder.resume(run_dir, cfg, override_config=override_config)
@@ -164,7 +164,7 @@ def run_federation(
         recorder.central_privacy_ledger = central.ledger.to_dict()
     known_sites: dict[int, str] = {}
     if before_rounds is not None:  # e.g. a simulation's warm-up, once a resume's checks passed
-        before_rounds()
+        before_rounds(grid, cfg)
     try:
         if recorder.last_round < cfg.federation.rounds:
             global_state = run_pretraining(grid, cfg, recorder, global_state, central, known_sites)
