@@ -134,8 +134,8 @@ STATUS_REJECTED = "rejected"  # the coordinator would not use the update
 STATUS_FAILED = "failed"  # the site's ClientApp raised
 STATUS_REFUSED = "refused"  # the site declined by its policy or privacy budget
 STATUS_TIMEOUT = "timeout"  # no reply before federation.round_timeout_s
+STATUS_DROPPED = "dropped"  # the SuperLink lost it, or it went silent during a secure-aggregation stage
 # Secure aggregation only:
-STATUS_DROPPED = "dropped"  # went silent during a protocol stage
 STATUS_NOT_AGGREGATED = "not-aggregated"  # took part, but the secure round could not complete
 
 

@@ -31,6 +31,7 @@ from ctfed.common.exchange import (
     RoundInstructions,
     SiteReply,
     STATUS_AGGREGATED,
+    STATUS_DROPPED,
     STATUS_FAILED,
     STATUS_REFUSED,
     STATUS_REJECTED,
@@ -48,6 +49,7 @@ from ctfed.common.finetune import FinetuneRoundPlan
 from ctfed.server.aggregation import robust_combine
 from ctfed.server.central_dp import CentralDP
 from ctfed.server.results import SiteRoundRecord, site_record
+from ctfed.server.replies import LOST_REASON, destinations, replying_node, site_lost
 from ctfed.server.secagg import secure_round
 
 logger = logging.getLogger(__name__)
@@ -114,19 +116,26 @@ def vet_replies(
     max_norm: float,
     known_sites: dict[int, str] | None = None,
     transport: Transport = Transport.float32,
+    sent_to: Mapping[str, int] | None = None,
 ) -> tuple[list[Message], list[SiteRoundRecord]]:
     """Keep replies whose updates are usable; record every site's outcome either way.
 
     An update must arrive in the round's ``transport`` format; an accepted reply's arrays
     are replaced by their float32 form, so every combination rule downstream sees float32.
     Accepted replies come in site order, not arrival order: float sums depend on the order
-    of their terms, and a rerun's replies arrive in another."""
+    of their terms, and a rerun's replies arrive in another. ``sent_to``
+    (``destinations``) names the node of each reply, the SuperLink's own ones included."""
     known_sites = {} if known_sites is None else known_sites
+    sent_to = {} if sent_to is None else sent_to
     accepted: list[tuple[str, Message]] = []
     records: list[SiteRoundRecord] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = replying_node(reply, sent_to)
         site = known_sites.get(node, f"node-{node}")
+        if site_lost(reply):
+            logger.warning("site %s dropped out: %s", site, LOST_REASON)
+            records.append(SiteRoundRecord(site=site, status=STATUS_DROPPED, reason=LOST_REASON))
+            continue
         if reply.has_error():
             reason = reply.error.reason or ""
             if reply.error.code in REFUSAL_CODES:
@@ -178,7 +187,8 @@ def warm_up_sites(grid: Grid, timeout_s: float) -> set[int]:
     started = time.perf_counter()
     messages = [Message(RecordDict(), dst_node_id=node, message_type=WARMUP_MESSAGE_TYPE) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+    sent_to = destinations(messages)
+    answered = {replying_node(reply, sent_to) for reply in replies if not reply.has_error()}
     seconds = time.perf_counter() - started
     if len(answered) < len(nodes):
         logger.warning("warm-up: %d of %d sites answered within %.0f s", len(answered), len(nodes), timeout_s)
@@ -189,7 +199,8 @@ def warm_up_sites(grid: Grid, timeout_s: float) -> set[int]:
 
 def missing_records(messages: list[Message], replies: list[Message], known_sites: dict[int, str]) -> list[SiteRoundRecord]:
     """A record for every sampled node that did not answer in time (named if seen before)."""
-    answered = {reply.metadata.src_node_id for reply in replies}
+    sent_to = destinations(messages)
+    answered = {replying_node(reply, sent_to) for reply in replies}
     return [
         SiteRoundRecord(site=known_sites.get(node, f"node-{node}"), status=STATUS_TIMEOUT, reason="no reply before federation.round_timeout_s")
         for node in (m.metadata.dst_node_id for m in messages)
@@ -240,7 +251,9 @@ def collect_round(
     if central is not None:
         max_update_norm = central.max_update_norm(max_update_norm)
     replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s))
-    accepted, site_records = vet_replies(replies, like, max_update_norm, known_sites, cfg.federation.transport)
+    accepted, site_records = vet_replies(
+        replies, like, max_update_norm, known_sites, cfg.federation.transport, destinations(messages)
+    )
     sent_by_site = {known_sites[node]: size for node, size in sent.items() if node in known_sites}
     for record in site_records:
         record.bytes_sent = sent_by_site.get(record.site, 0)

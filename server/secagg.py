@@ -50,6 +50,7 @@ from ctfed.common.exchange import (
     SiteReply,
     refusing_site,
 )
+from ctfed.server.replies import LOST_REASON, destinations, replying_node, site_lost
 from ctfed.server.results import SiteRoundRecord, site_record
 
 logger = logging.getLogger(__name__)
@@ -131,16 +132,23 @@ class SecureRound:
 
     # -- messaging ---------------------------------------------------------------------------
 
-    def _replies(self, messages: list[Message], timeout: float) -> Iterator[Message]:
-        """The stage's replies one at a time, so the coordinator holds one reply, never all.
+    def _replies(self, messages: list[Message], timeout: float) -> Iterator[tuple[int, Message]]:
+        """The stage's replies one at a time, each with its node (``replying_node``), so the
+        coordinator holds one reply, never all.
 
         A Flower Grid (push/pull) is pulled one message id at a time: a pull inflates every
         reply it returns, and a masked input is a full vector. Grids without push/pull (the
         in-process one of tests and ``ctfed bench``) yield their replies lazily instead."""
         if not (hasattr(self.grid, "push_messages") and hasattr(self.grid, "pull_messages")):
-            yield from self.grid.send_and_receive(messages, timeout=timeout)
+            sent_to: dict[str, int] | None = None
+            for reply in self.grid.send_and_receive(messages, timeout=timeout):
+                sent_to = destinations(messages) if sent_to is None else sent_to  # ids exist once pushed
+                yield replying_node(reply, sent_to), reply
+                del reply  # before the next reply is made: only one alive at a time
             return
-        pending = [msg_id for msg_id in self.grid.push_messages(messages) if msg_id]
+        pushed = list(self.grid.push_messages(messages))
+        sent_to = {msg_id: int(m.metadata.dst_node_id) for msg_id, m in zip(pushed, messages) if msg_id}
+        pending = [msg_id for msg_id in pushed if msg_id]
         del messages
         deadline = time.monotonic() + timeout
         while pending:
@@ -150,7 +158,7 @@ class SecureRound:
                     if msg_id in pending:
                         pending.remove(msg_id)
                     arrived = True
-                    yield reply
+                    yield replying_node(reply, sent_to), reply
                     del reply  # before the next pull: only one reply alive at a time
             if not pending or time.monotonic() >= deadline:
                 return
@@ -164,12 +172,16 @@ class SecureRound:
         for node_id, content in contents.items():
             self.sites[node_id].bytes_sent += sa.payload_bytes(content)
             messages.append(Message(content, dst_node_id=node_id, message_type=sa.message_type(stage), group_id=str(self.round)))
-        answered: set[int] = set()
-        for reply in self._replies(messages, timeout):
-            node_id = int(reply.metadata.src_node_id)
+        heard: set[int] = set()  # replied, with an error or a good reply
+        for node_id, reply in self._replies(messages, timeout):
             if node_id not in contents:
                 continue
+            heard.add(node_id)
             site = self.sites[node_id]
+            if site_lost(reply):
+                site.status, site.reason = STATUS_DROPPED, f"{stage}: {LOST_REASON}"
+                logger.warning("round %d: site %s dropped at %s: %s", self.round, site.site, stage, LOST_REASON)
+                continue
             if reply.has_error():
                 reason = reply.error.reason or ""
                 if reply.error.code in REFUSAL_CODES:
@@ -181,16 +193,14 @@ class SecureRound:
                     logger.warning("round %d: site %s failed at %s: %s", self.round, site.site, stage, reason)
                 continue
             site.bytes_received += sa.payload_bytes(reply.content)
-            answered.add(node_id)
             content = reply.content
             del reply
             yield node_id, content
             del content
-        for node_id in contents.keys() - answered:
+        for node_id in contents.keys() - heard:
             site = self.sites[node_id]
-            if site.status not in (STATUS_FAILED, STATUS_REFUSED):
-                site.status, site.reason = STATUS_DROPPED, f"no reply at {stage} within {timeout:.0f} s"
-                logger.warning("round %d: site %s dropped at %s", self.round, site.site, stage)
+            site.status, site.reason = STATUS_DROPPED, f"no reply at {stage} within {timeout:.0f} s"
+            logger.warning("round %d: site %s dropped at %s", self.round, site.site, stage)
 
     def _exchange(self, stage: str, contents: dict[int, RecordDict], timeout: float) -> dict[int, RecordDict]:
         """Send one stage's messages; returns the contents of the good replies by node
