@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ctfed.common.certs import SITES_DIR, CertPaths
+from ctfed.common.certs import SITES_DIR, CertPaths, public_key_file_fingerprint
 from ctfed.common.config import ConfigError
+from ctfed.common.fileio import write_json_atomic
 from ctfed.common.processes import (
     ProcessError,
     flower_tool,
@@ -48,6 +49,10 @@ STATE_DB = "state.db"
 LOG_FILE = "superlink.log"
 CONSOLE_LOG = "superlink.console.log"
 FLWR_HOME = "flwr-home"
+# Site id -> key fingerprint and node id of every key this coordinator registered: a restart
+# skips keys the SuperLink still knows (asking again logs "Public key already in use" errors)
+# and ``--sites`` names the nodes, which ``flwr supernode list`` does not.
+SITES_FILE = "sites.json"
 DEFAULT_PORT = 8000  # Flower's own default, so site configs written for Flower still work
 ALREADY_REGISTERED_CODE = "[code: 23]"  # Flower's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
 
@@ -206,24 +211,48 @@ def register_sites(
 ) -> list[Registration]:
     """Register site public keys with the SuperLink (``flwr supernode register``).
 
-    Idempotent: a key the SuperLink already knows (its database survives restarts) is
-    reported as such instead of failing. The site id is the key file's stem.
+    Idempotent: a key this coordinator registered before (``SITES_FILE`` beside the Flower
+    home) whose node the SuperLink still lists is not sent again, and a key the SuperLink
+    knows otherwise is reported as such instead of failing. The site id is the key file's stem.
     """
+    registry_path = flwr_home.parent / SITES_FILE
+    registry = read_site_registry(registry_path)
+    listed = {str(node["node-id"]) for node in list_nodes(flwr_home, connection, timeout_s)} if registry else set()
     results = []
     for key in public_keys:
         if not key.is_file():
             raise ConfigError(f"site public key {key} not found")
-        site_id = key.stem
+        site_id, fingerprint = key.stem, public_key_file_fingerprint(key)
+        known = registry.get(site_id, {})
+        if known.get("fingerprint") == fingerprint and str(known.get("node_id")) in listed:
+            results.append(Registration(site_id, key, str(known["node_id"]), "already registered"))
+            continue
         answer = _flwr_json(
             ["supernode", "register", str(key.resolve()), connection, "--name", site_id], flwr_home, timeout_s
         )
         if answer.get("success"):
-            results.append(Registration(site_id, key, str(answer.get("node-id")), "registered"))
+            node_id = str(answer.get("node-id"))
+            results.append(Registration(site_id, key, node_id, "registered"))
+            registry[site_id] = {"fingerprint": fingerprint, "node_id": node_id}
+            write_json_atomic(registry_path, registry)
         elif ALREADY_REGISTERED_CODE in str(answer.get("error-message", "")):
             results.append(Registration(site_id, key, None, "already registered"))
         else:
             raise ProcessError(f"registering {key} failed: {answer.get('error-message', answer)}")
     return results
+
+
+def read_site_registry(path: Path) -> dict[str, dict[str, str]]:
+    """``SITES_FILE``: {site id: {fingerprint, node_id}}; empty when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(registry, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise ConfigError(f"{path} is not a site registry written by 'ctfed server' ({err}); move it away") from None
+    return registry
 
 
 def list_nodes(flwr_home: Path, connection: str = CONNECTION_NAME, timeout_s: float = 60.0) -> list[dict]:
@@ -234,6 +263,15 @@ def list_nodes(flwr_home: Path, connection: str = CONNECTION_NAME, timeout_s: fl
     return list(answer.get("nodes", []))
 
 
+def site_table(flwr_home: Path, connection: str = CONNECTION_NAME) -> list[tuple[str, str, str]]:
+    """(site, node id, status) of every SuperNode the SuperLink lists, named from ``SITES_FILE``."""
+    names = {str(entry.get("node_id")): site for site, entry in read_site_registry(flwr_home.parent / SITES_FILE).items()}
+    return [
+        (names.get(str(node["node-id"]), "(not registered by ctfed server)"), str(node["node-id"]), str(node.get("status", "")))
+        for node in list_nodes(flwr_home, connection)
+    ]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", type=Path, required=True, help="folder for the SuperLink database, logs and Flower home")
     parser.add_argument("--certs", type=Path, help="folder written by 'ctfed certs' (CA, server certificate and key)")
@@ -242,6 +280,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--register-sites", action="store_true",
         help="after start, register every CERTS/sites/*/*.pub (already known keys are skipped)",
+    )
+    parser.add_argument(
+        "--sites", action="store_true",
+        help="do not start: list the SuperNodes of the SuperLink running for --state, by site name and status",
     )
     parser.add_argument(
         "--register", nargs="+", type=Path, metavar="KEY.pub",
@@ -260,10 +302,14 @@ def run(args: argparse.Namespace) -> int:
     state: Path = args.state.resolve()
     flwr_home = state / FLWR_HOME
     try:
-        if args.register:
+        if args.register or args.sites:
             if not (flwr_home / "config.toml").is_file():
                 raise ConfigError(f"no SuperLink connection in {flwr_home}; start 'ctfed server --state {state}' first")
-            _print_registrations(register_sites(args.register, flwr_home))
+            if args.register:
+                _print_registrations(register_sites(args.register, flwr_home))
+            else:
+                for site, node_id, status in site_table(flwr_home):
+                    print(f"{site}\tnode {node_id}\t{status}")
             return 0
         if args.insecure and args.register_sites:
             raise ConfigError("--register-sites needs TLS: without it Flower cannot authenticate sites")

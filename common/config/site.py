@@ -147,7 +147,9 @@ class SiteConfig:
     # coordinator forwards. Empty: the site refuses secure-aggregation rounds.
     roster: str = ""
     # Folder for the SuperNode's log, Flower home, privacy ledger and audit log (the site's
-    # state folder). Empty: ``<data_path>/../.ctfed-site-<site_id>``.
+    # state folder: back it up, never delete it: the ledger is the site's privacy budget).
+    # Empty: ``<data_path>/../ctfed-site-<site_id>``, visible beside the cache (a folder from an
+    # older ctfed, ``.ctfed-site-<site_id>``, is still used where it exists).
     state_dir: str = ""
     # Local port of the SuperNode's Runtime API (127.0.0.1 only). 0: any free port, so
     # several SuperNodes can share one machine.
@@ -193,7 +195,9 @@ class SiteConfig:
     def state_path(self) -> Path:
         if self.state_dir:
             return Path(self.state_dir)
-        return Path(self.data_path).parent / f".ctfed-site-{self.site_id}"
+        visible = Path(self.data_path).parent / f"ctfed-site-{self.site_id}"
+        hidden = visible.with_name("." + visible.name)  # the earlier default: its ledger must not be lost
+        return hidden if hidden.is_dir() and not visible.exists() else visible
 
     def check_files(self) -> None:
         """Fail before anything starts if a file the SuperNode needs is missing or unusable."""

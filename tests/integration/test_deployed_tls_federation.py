@@ -25,8 +25,10 @@ from ctfed.common.preprocess import prepare
 from ctfed.common.processes import flower_tool, offline_env, stop_process_group
 from ctfed.server.deploy_cli import (
     SuperLinkSettings,
+    SITES_FILE,
     list_nodes,
     register_sites,
+    site_table,
     running_superlink,
 )
 from ctfed.simulations.data.synth import synthesize_federation
@@ -160,8 +162,14 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             # CA and the right ca.crt, but the SuperLink has never seen its public key.
             registrations = register_sites([certs.site(s).public_key for s in SITES], link.flwr_home)
             assert [(r.site_id, r.status) for r in registrations] == [(s, "registered") for s in SITES]
+            # A restart's --register-sites: keys the SuperLink still knows are not sent again,
+            # so its log gets no "Public key already in use" errors, and the node id is known.
             again = register_sites([certs.site(SITES[0]).public_key], link.flwr_home)
-            assert again[0].status == "already registered"
+            assert (again[0].status, again[0].node_id) == ("already registered", registrations[0].node_id)
+            assert "already in use" not in (link.log_file.read_text() + (link.log_file.parent / "superlink.console.log").read_text()).lower()
+            assert {site for site, _, _ in site_table(link.flwr_home)} == set(SITES)  # named, unlike flwr's list
+            (link.flwr_home.parent / SITES_FILE).unlink()  # a lost registry: Flower's answer still counts
+            assert register_sites([certs.site(SITES[1]).public_key], link.flwr_home)[0].status == "already registered"
 
             roster = _signing_keys(tmp_path, SITES)
             for site_id, cache in zip(SITES, caches):

@@ -169,6 +169,17 @@ def test_site_yaml_policy_is_validated_and_passed_to_the_supernode(tmp_path: Pat
         read_site_config(_site_yaml(tmp_path, "policy:\n  max_delta: 1\n"))
 
 
+def test_default_state_folder_is_visible_and_an_earlier_hidden_one_is_kept(tmp_path: Path) -> None:
+    # The state folder holds the privacy ledger: hidden, it is easy to miss in a backup; moved
+    # by an upgrade, the site would start a fresh budget.
+    cfg = read_site_config(_site_yaml(tmp_path, ""))
+    assert cfg.state_path == tmp_path / "ctfed-site-hospital-a"
+    (tmp_path / ".ctfed-site-hospital-a").mkdir()
+    assert cfg.state_path == tmp_path / ".ctfed-site-hospital-a"
+    (tmp_path / "ctfed-site-hospital-a").mkdir()
+    assert cfg.state_path == tmp_path / "ctfed-site-hospital-a"
+
+
 def test_shipped_site_yaml_policy_is_the_permissive_default() -> None:
     from omegaconf import OmegaConf
 
