@@ -10,12 +10,17 @@ can mean much. One run per ``--finding-scale`` value; a table per run and ``--js
 
     python -m ctfed.simulations.data.label_signal --seed 1 --finding-scale 1 3 --out /tmp/signal
 
-With ``--pretrain-steps``, the same probe on an encoder's features (every ``finetune.pooling``)
-after centralized pretraining on the pooled tuning set for that many steps (compare preset,
-plus ``--train`` overrides): does pretraining add label signal over an untrained encoder::
+With ``--pretrain-steps``, the same probe on an encoder's features (every ``finetune.pooling``,
+plus probe-only maxima of the patch tokens, ``PROBE_POOLINGS``) after centralized pretraining on
+the pooled tuning set for that many steps (compare preset, plus ``--train`` overrides): does
+pretraining add label signal over an untrained encoder::
 
     python -m ctfed.simulations.data.label_signal --seed 1 --finding-scale 3 --out /tmp/signal \
         --pretrain-steps 0 100 1000 --train train.mim_objective=mae train.dino_weight=0
+
+Each step count is its own pretraining (its own LR schedule); ``--curve`` instead pretrains once,
+for the largest count, and probes that one encoder at every listed count on the way (rounds of
+``--round-steps``, default the counts' greatest common divisor): where more budget leads.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ctfed.client.train import LocalTrainer
 from ctfed.common.config import FeaturePooling, PreprocessConfig
 from ctfed.simulations.config import SynthConfig, load_simulation_config
+from ctfed.common.finetune import build_classifier
 from ctfed.common.metrics import embedding_std
 from ctfed.common.monitor import encoder_features
 from ctfed.common.preprocess import CachedVolumes, prepare
@@ -200,29 +206,71 @@ def measure(data: TuningSet, seed: int, few_labels: int = 0) -> list[dict[str, A
     return rows
 
 
+# Poolings the probe reads: every fine-tuning pooling, plus the per-dimension maximum of the
+# patch tokens (alone and beside CLS + mean), which a finding in a single patch survives where a
+# mean over 64 patches dilutes it. Probe-only: no fine-tuning head reads them.
+PROBE_POOLINGS = (*(p.value for p in FeaturePooling), "max_patch", "cls_mean_max_patch")
+
+
 def encoder_probe(
     data: TuningSet, overrides: list[str], steps: int, seed: int, few_labels: int = 0
 ) -> dict[str, dict[str, float]]:
     """Pretrain one centralized encoder on the pooled tuning set for ``steps`` steps (the
     compare preset plus ``overrides``), then probe the features of every pooling for every
     probeable task: {task: {pooling: AUROC, pooling_spread: embedding_std / uniform}}."""
+    ((_, rows),) = encoder_curve(data, overrides, [steps], seed, few_labels)
+    return rows
+
+
+def encoder_curve(
+    data: TuningSet, overrides: list[str], checkpoints: Sequence[int], seed: int, few_labels: int = 0, round_steps: int = 0
+) -> list[tuple[int, dict[str, dict[str, float]]]]:
+    """One centralized pretraining for ``max(checkpoints)`` steps (one LR schedule), in rounds
+    of ``round_steps`` (0: the checkpoints' greatest common divisor), probed as in
+    ``encoder_probe`` at every checkpoint: [(steps, rows)] in step order."""
+    ordered = sorted(set(checkpoints))
+    if not ordered or ordered[0] < 0:
+        raise ValueError(f"checkpoints must be step counts >= 0, got {list(checkpoints)}")
+    chunk = round_steps or math.gcd(*ordered) or 1
+    if any(steps % chunk for steps in ordered):
+        raise ValueError(f"every checkpoint must be a multiple of the round length {chunk}: {ordered}")
     size = int(data.volumes[0].shape[-1])
     cfg = load_simulation_config(["preset=compare", f"model.image_size={size}", f"preprocess.output_size={size}", *overrides])
-    trainer = LocalTrainer(
-        cfg.model, replace(cfg.train, local_steps=max(steps, 1), schedule_rounds=1), ConcatDataset(data.caches), seed=0
+    train_cfg = replace(cfg.train, local_steps=chunk, schedule_rounds=max(ordered[-1] // chunk, 1))
+    trainer = LocalTrainer(cfg.model, train_cfg, ConcatDataset(data.caches), seed=0)
+    curve, done = [], 0
+    for steps in ordered:
+        while done < steps:
+            trainer.train_round(done // chunk)
+            done += chunk
+        curve.append((steps, _probe_rows(cfg.model, trainer.encoder_state(), data, seed, few_labels)))
+    return curve
+
+
+@torch.no_grad()
+def _pooled_features(model_cfg: Any, encoder_state: dict[str, torch.Tensor], volumes: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """{pooling: (N, D) features} of every ``PROBE_POOLINGS`` entry, the encoder in eval mode."""
+    features = {pooling.value: encoder_features(model_cfg, encoder_state, _Scans(volumes), pooling) for pooling in FeaturePooling}
+    encoder = build_classifier(model_cfg, 1, encoder_state).encoder.eval()
+    features["max_patch"] = np.concatenate(
+        [encoder(torch.stack(volumes[i : i + 16]))[:, 1:].amax(dim=1).float().numpy() for i in range(0, len(volumes), 16)]
     )
-    if steps:
-        trainer.train_round(0)
+    features["cls_mean_max_patch"] = np.concatenate([features[FeaturePooling.cls_mean_patch.value], features["max_patch"]], axis=1)
+    return features
+
+
+def _probe_rows(
+    model_cfg: Any, encoder_state: dict[str, torch.Tensor], data: TuningSet, seed: int, few_labels: int
+) -> dict[str, dict[str, float]]:
     tasks = {task: labels for task, labels in data.labels.items() if not_probeable(labels) is None}
     rows: dict[str, dict[str, float]] = {task: {} for task in tasks}
-    for pooling in FeaturePooling:
-        features = encoder_features(cfg.model, trainer.encoder_state(), _Scans(data.volumes), pooling)
+    for pooling, features in _pooled_features(model_cfg, encoder_state, data.volumes).items():
         spread = embedding_std(features) * math.sqrt(features.shape[1])
         for task, labels in tasks.items():
-            rows[task][pooling.value] = probe_auroc(features, labels, seed)
-            rows[task][f"{pooling.value}_spread"] = spread
+            rows[task][pooling] = probe_auroc(features, labels, seed)
+            rows[task][f"{pooling}_spread"] = spread
             if few_labels:
-                rows[task][f"{pooling.value}_few"] = few_label_auroc(features, labels, few_labels, seed)
+                rows[task][f"{pooling}_few"] = few_label_auroc(features, labels, few_labels, seed)
     return rows
 
 
@@ -263,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrain-steps", type=int, nargs="*", default=[],
         help="also probe encoders pretrained (centralized, compare preset) for these many steps (0: untrained)",
     )
+    parser.add_argument(
+        "--curve", action="store_true",
+        help="pretrain once for the largest --pretrain-steps and probe that encoder at each count (one LR schedule)",
+    )
+    parser.add_argument("--round-steps", type=int, default=0, help="with --curve: steps per training round (0: the counts' gcd)")
     parser.add_argument(
         "--train", nargs="*", default=[], metavar="KEY=VALUE",
         help="Hydra overrides of the pretraining, e.g. train.mim_objective=mae train.dino_weight=0",
@@ -315,20 +368,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrain_steps:
         few = f", with {args.few_labels} labels" if args.few_labels else ""
         print(f"\nencoder features ({' '.join(args.train) or 'compare preset'}), probe AUROC (spread / uniform{few}):")
-        print("| finding_scale | steps | task | " + " | ".join(p.value for p in FeaturePooling) + " |")
-        print("|---|---|---|" + "---|" * len(FeaturePooling))
+        print("| finding_scale | steps | task | " + " | ".join(PROBE_POOLINGS) + " |")
+        print("|---|---|---|" + "---|" * len(PROBE_POOLINGS))
         for run, (scale, data) in zip(report["runs"], sets.items()):
-            for steps in args.pretrain_steps:
-                started = time.perf_counter()
-                by_task = encoder_probe(data, list(args.train), steps, args.seed, args.few_labels)
+            started = time.perf_counter()
+            if args.curve:
+                run["curve"] = True  # one pretraining; "seconds" then count from its start
+                probes = encoder_curve(data, list(args.train), args.pretrain_steps, args.seed, args.few_labels, args.round_steps)
+            else:
+                probes = ((steps, encoder_probe(data, list(args.train), steps, args.seed, args.few_labels))
+                          for steps in args.pretrain_steps)
+            for steps, by_task in probes:
                 run["encoder"].append({"steps": steps, "seconds": round(time.perf_counter() - started, 1), "tasks": by_task})
+                if not args.curve:
+                    started = time.perf_counter()
                 for task, row in by_task.items():
                     cells = " | ".join(
-                        f"{row[p.value]:.3f} ({row[p.value + '_spread']:.3f}"
-                        + (f"; {row[p.value + '_few']:.3f})" if args.few_labels else ")")
-                        for p in FeaturePooling
+                        f"{row[p]:.3f} ({row[p + '_spread']:.3f}" + (f"; {row[p + '_few']:.3f})" if args.few_labels else ")")
+                        for p in PROBE_POOLINGS
                     )
                     print(f"| {scale:g} | {steps} | {task} | {cells} |", flush=True)
+                if args.few_labels:
+                    means = {p: float(np.mean([row[p + "_few"] for row in by_task.values()])) for p in PROBE_POOLINGS}
+                    print(f"| {scale:g} | {steps} | mean, {args.few_labels} labels | "
+                          + " | ".join(f"{means[p]:.3f}" for p in PROBE_POOLINGS) + " |", flush=True)
                 json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"\nwrote {json_path}")
     return 0

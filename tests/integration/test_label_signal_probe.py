@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ctfed.common.config import FeaturePooling
-from ctfed.simulations.data.label_signal import TuningSet, encoder_probe
+from ctfed.simulations.data.label_signal import PROBE_POOLINGS, TuningSet, encoder_curve, encoder_probe
 
 
 class _Volumes(Dataset):
@@ -41,10 +41,18 @@ def test_encoder_probe_reports_every_pooling_before_and_after_pretraining() -> N
     for by_task in (untrained, trained):
         assert set(by_task) == {"cube"}
         row = by_task["cube"]
-        assert set(row) == {p.value for p in FeaturePooling} | {f"{p.value}_spread" for p in FeaturePooling}
-        assert all(0.0 <= row[p.value] <= 1.0 and row[f"{p.value}_spread"] > 0 for p in FeaturePooling)
+        assert set(row) == set(PROBE_POOLINGS) | {f"{p}_spread" for p in PROBE_POOLINGS}
+        assert {p.value for p in FeaturePooling} < set(PROBE_POOLINGS)  # every fine-tuning pooling is probed
+        assert all(0.0 <= row[p] <= 1.0 and row[f"{p}_spread"] > 0 for p in PROBE_POOLINGS)
     assert untrained["cube"]["mean_patch"] > 0.9  # the cube is plain to see
     assert trained != untrained  # two steps changed the encoder
+
+    # --curve: one pretraining, probed on the way; its start is the untrained encoder.
+    curve = encoder_curve(data, ["train.mim_objective=mae", "train.batch_size=4"], [4, 0, 2], seed=0)
+    assert [steps for steps, _ in curve] == [0, 2, 4]
+    assert curve[0][1] == untrained and curve[1][1] != curve[2][1]
+    with pytest.raises(ValueError, match="multiple of the round length 3"):
+        encoder_curve(data, [], [0, 4], seed=0, round_steps=3)
 
 
 def test_model_free_probes_give_one_row_per_task(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
