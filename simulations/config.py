@@ -141,6 +141,13 @@ class SimulationConfig:
     data_dir: str = ""
     # CPU cores reserved per simulated site (Flower's client-resources.num-cpus; Ray runs as many sites at once as fit).
     client_cpus: int = 1
+    # Sites that train at the same time: Ray is told the machine has concurrent_sites x
+    # client_cpus cores (Flower's init-args.num-cpus); each site still runs client_cpus torch
+    # threads. 0: as many as the cores fit (cores / client_cpus): on 2 cores, 3 equal sites
+    # train two at once and the third after them, so a round takes two trainings while a core
+    # idles half the time. 3 there shares the 2 cores among all 3 sites: 1.5 trainings per round,
+    # at the memory of 3 site processes instead of 2.
+    concurrent_sites: int = 0
     # GPU share of each simulated site (Flower's client-resources.num-gpus; Ray packs sites
     # onto GPUs by it): 0.5 runs two sites per GPU. 0: CPU only. With train.device=auto a site
     # that gets a share trains on its GPU.
@@ -166,6 +173,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if not self.warmup_timeout_s >= 0:
             raise ConfigError(f"simulation.warmup_timeout_s must be >= 0 (0: no warm-up), got {self.warmup_timeout_s}")
+        if self.concurrent_sites < 0:
+            raise ConfigError(f"simulation.concurrent_sites must be >= 0 (0: as many as the cores fit), got {self.concurrent_sites}")
         if self.client_cpus < 1 or self.client_gpus < 0:
             raise ConfigError(
                 f"simulation.client_cpus must be >= 1 and simulation.client_gpus >= 0, got "

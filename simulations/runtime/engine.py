@@ -80,11 +80,16 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
         stop_process_group(process)
 
 
-def federation_config(num_sites: int, client_cpus: int, client_gpus: float = 0.0) -> str:
+def federation_config(num_sites: int, client_cpus: int, client_gpus: float = 0.0, concurrent_sites: int = 0) -> str:
     """``flwr run --federation-config``: how many simulated sites, and what each may use
-    (Ray packs sites onto the machine's CPUs and GPUs by it)."""
+    (Ray packs sites onto the machine's CPUs and GPUs by it); ``concurrent_sites`` > 0 tells
+    Ray the machine has room for that many sites' CPUs (``simulation.concurrent_sites``)."""
     config = f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus}"
-    return config + (f" client-resources-num-gpus={client_gpus:g}" if client_gpus > 0 else "")
+    if client_gpus > 0:
+        config += f" client-resources-num-gpus={client_gpus:g}"
+    if concurrent_sites > 0:
+        config += f" init-args-num-cpus={concurrent_sites * client_cpus}"
+    return config
 
 
 def run_app(
@@ -96,6 +101,7 @@ def run_app(
     timeout_s: float,
     log_path: Path,
     client_gpus: float = 0.0,
+    concurrent_sites: int = 0,
 ) -> None:
     """Run the Flower app at ``app_dir`` with ``num_sites`` simulated SuperNodes.
 
@@ -103,7 +109,7 @@ def run_app(
     Raises SimulationError if the run fails or exceeds ``timeout_s``.
     """
     overrides = [arg for key, value in run_config.items() for arg in ("--run-config", f"{key}={toml_value(value)}")]
-    federation = federation_config(num_sites, client_cpus, client_gpus)
+    federation = federation_config(num_sites, client_cpus, client_gpus, concurrent_sites)
     with simulation_superlink(flwr_home) as connection:
         command = [
             _flower_tool("flwr"), "run", str(app_dir), connection,

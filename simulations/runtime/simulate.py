@@ -211,6 +211,7 @@ def run_federation_simulation(
             num_sites=num_sites,
             client_cpus=cfg.simulation.client_cpus,
             client_gpus=cfg.simulation.client_gpus,
+            concurrent_sites=cfg.simulation.concurrent_sites,
             flwr_home=run_dir / ".flwr",
             timeout_s=cfg.simulation.timeout_s,
             log_path=run_dir / ("federation-resumed.log" if resume else "federation.log"),

@@ -87,6 +87,7 @@ def test_simulated_sites_can_share_a_gpu() -> None:
 
     assert federation_config(3, 1) == "num-supernodes=3 client-resources-num-cpus=1"
     assert federation_config(3, 1, 0.33) == "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.33"
+    assert federation_config(3, 2, concurrent_sites=3) == "num-supernodes=3 client-resources-num-cpus=2 init-args-num-cpus=6"
     assert load_simulation_config(["simulation.client_gpus=0.5"]).simulation.client_gpus == 0.5
     with pytest.raises(ConfigError, match="client_gpus"):
         load_simulation_config(["simulation.client_gpus=-1"])
