@@ -252,3 +252,28 @@ def test_the_coordinator_makes_one_federation_id_and_keeps_it_on_resume(tmp_path
     (tmp_path / RESULTS_NAME).write_text(text)
     with pytest.raises(ResumeError, match="federation-id"):
         RunRecorder.resume(tmp_path, cfg)
+
+
+def test_phase_two_removes_the_federations_local_state_files(tmp_path: Path) -> None:
+    """The first phase-2 round (the whole classifier arrives) ends phase 1's local state: the
+    memory copy and this federation's files; another federation's stay."""
+    from ctfed.client.finetune_round import global_classifier
+    from ctfed.common.checkpoint import state_digest
+    from ctfed.common.config import FinetuneConfig
+    from ctfed.common.exchange import FINETUNE_PHASE
+    from ctfed.common.finetune import FederatedFreezingSchedule, build_classifier
+
+    tiny = ModelConfig(name="tiny", image_size=32, patch_size=8, hidden_size=48, num_layers=4, num_heads=3, mlp_dim=96)
+    finetune = FinetuneConfig(label_names=["any"])
+    plan = FederatedFreezingSchedule(finetune, tiny.num_layers, rounds=3, local_steps=2).plan(1)
+    state = build_classifier(tiny, 1, seed=0).state_dict()
+    state_dir, other = tmp_path / "state", new_federation_id()
+    for federation_id in (FEDERATION, other):
+        save_local_state(state_dir, federation_id, 2, {"w": torch.zeros(2)})
+    instructions = RoundInstructions(
+        server_round=3, model=tiny, train=TrainConfig(), phase=FINETUNE_PHASE, finetune=finetune, plan=plan,
+        plan_local_steps=2, full_state=True, base_sha256=state_digest(state), federation_id=FEDERATION,
+    )
+    context = site_context(tmp_path / "cache", state_dir)
+    global_classifier(train_message(instructions, state), context, instructions, state_dir)
+    assert sorted(p.name for p in (state_dir / LOCAL_STATE_DIR).iterdir()) == [other]
