@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 

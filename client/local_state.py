@@ -168,7 +168,7 @@ def _keep_recent_federations(state_dir: Path, current: str) -> None:
         if folder.name == current or not folder.is_dir() or folder.is_symlink():
             continue
         try:
-            check_federation_id(folder.name)
+            check_federation_id(folder.name, source="a folder name")
         except ValueError:
             continue
         others.append((folder.stat().st_mtime, folder))

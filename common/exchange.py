@@ -277,15 +277,13 @@ def new_federation_id() -> str:
     return secrets.token_hex(FEDERATION_ID_HEX_DIGITS // 2)
 
 
-def check_federation_id(value: Any) -> str:
+def check_federation_id(value: Any, source: str = f"the instructions' '{FEDERATION_ID_KEY}'") -> str:
     """``value`` if it is a federation id (exactly FEDERATION_ID_HEX_DIGITS lowercase hex
-    digits), else ConfigError. A site makes it part of a file path, so nothing else may pass:
-    no separator, no dot, no other length."""
+    digits), else ConfigError naming ``source``. A site makes it part of a file path, so
+    nothing else may pass: no separator, no dot, no other length."""
     if not isinstance(value, str) or _FEDERATION_ID_PATTERN.fullmatch(value) is None:
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise ConfigError(
-            f"the instructions' '{FEDERATION_ID_KEY}' is {shown}, not {FEDERATION_ID_HEX_DIGITS} lowercase hex digits"
-        )
+        raise ConfigError(f"{source} is {shown}, not {FEDERATION_ID_HEX_DIGITS} lowercase hex digits")
     return value
 
 

@@ -261,9 +261,9 @@ def _saved_federation_id(saved: Mapping[str, Any], results_path: Path) -> str | 
         logger.warning("%s records no federation_id (a run from before them): the resumed run gets a new one", results_path)
         return None
     try:
-        return check_federation_id(saved["federation_id"])
+        return check_federation_id(saved["federation_id"], source=f"{results_path}'s federation_id")
     except ValueError as err:
-        raise ResumeError(f"{results_path}: {err}") from None
+        raise ResumeError(str(err)) from None
 
 
 class RunRecorder:

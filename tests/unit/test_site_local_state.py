@@ -250,7 +250,7 @@ def test_the_coordinator_makes_one_federation_id_and_keeps_it_on_resume(tmp_path
     # A results file whose id was edited into a path is not resumed.
     text = (tmp_path / RESULTS_NAME).read_text().replace(federation_id, "../../elsewhere")
     (tmp_path / RESULTS_NAME).write_text(text)
-    with pytest.raises(ResumeError, match="federation-id"):
+    with pytest.raises(ResumeError, match="results.json's federation_id is '../../elsewhere', not 32 lowercase hex"):
         RunRecorder.resume(tmp_path, cfg)
 
 
