@@ -6,7 +6,9 @@ A site receives the global encoder and the round's instructions, trains on its o
 and replies with the change of its student encoder (local weights minus the global
 weights it started from), and with ``train.share_heads`` of its projection head and centres.
 Everything else the site learns (EMA teacher, the unshared head and
-centre) stays in the node's ``context.state`` between rounds.
+centre) stays in the node's ``context.state`` between rounds, and on disk in the site's state
+folder under the federation's id (``client/local_state.py``) for a resumed federation, which is
+a new Flower run with an empty ``context.state``.
 
 Order of a round, so that nothing is read that a refused round should not touch: the
 instructions are decoded once (``common.exchange.RoundInstructions``: another protocol
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ctfed.client.finetune_round import finetune_train
+from ctfed.client.local_state import load_local_state, save_local_state
 from ctfed.client.monitor_round import monitor_metrics
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
@@ -112,12 +117,18 @@ def train(msg: Message, context: Context) -> Message:
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
-    trainer = LocalTrainer(
-        model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp,
-        device=str(context.node_config.get(DEVICE_NODE_KEY, "")) or None,  # the hospital's pin wins
-    )
+    def new_trainer() -> LocalTrainer:
+        return LocalTrainer(
+            model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp,
+            device=str(context.node_config.get(DEVICE_NODE_KEY, "")) or None,  # the hospital's pin wins
+        )
+
+    trainer = new_trainer()
     if LOCAL_STATE_KEY in context.state:
         trainer.load_local_state(context.state[LOCAL_STATE_KEY].to_torch_state_dict())
+    elif instructions.federation_id:  # a new Flower run: a resumed federation continues from disk
+        if not _resume_local_state(trainer, identity.state_dir, instructions.federation_id, server_round, site.site_id):
+            trainer = new_trainer()  # a state that failed to load may have been loaded in part
     # The encoder, and with train.share_heads the projection head and centres (client/train.py).
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.shared_state())
     trainer.set_global_state(global_state)
@@ -125,7 +136,11 @@ def train(msg: Message, context: Context) -> Message:
     monitor = monitor_metrics(site, instructions, encoder_part(global_state)) if privacy_round.policy.share_monitor else {}
 
     result = trainer.train_round(round_index=server_round - 1)
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(trainer.local_state(copy=False))  # ArrayRecord copies
+    local_state = trainer.local_state(copy=False)
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(local_state)  # ArrayRecord copies
+    if instructions.federation_id:
+        _persist_local_state(local_state, identity.state_dir, instructions.federation_id, server_round, site.site_id)
+    del local_state
 
     update = privacy_round.outgoing_update(state_delta(trainer.shared_state(), global_state))
     epsilon = privacy_round.after_training(result.dp_steps)
@@ -159,6 +174,40 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS_KEY: update, **records})
     privacy_round.audit_reply(update, records[METRICS_KEY])
     return Message(content=content, reply_to=msg)
+
+
+def _resume_local_state(
+    trainer: LocalTrainer, state_dir: Path, federation_id: str, server_round: int, site_id: str
+) -> bool:
+    """Load the state this site saved after the previous round of this federation, if any
+    (reasons it does not are logged by ``load_local_state``, and the state starts afresh).
+    False when loading failed part way: the trainer must then be built anew."""
+    saved = load_local_state(state_dir, federation_id, server_round, site_id)
+    if saved is None:
+        return True
+    try:
+        trainer.load_local_state(saved)
+    except ValueError as err:  # e.g. a resume with --override-config that changed train.mim_objective
+        logger.warning(
+            "site %s round %d: the saved local training state does not fit this round's model (%s); it starts afresh",
+            site_id, server_round, err,
+        )
+        return False
+    return True
+
+
+def _persist_local_state(
+    state: dict[str, torch.Tensor], state_dir: Path, federation_id: str, server_round: int, site_id: str
+) -> None:
+    """Write the round's local state for a resume; a failure (disk full) costs only a later
+    resume's exactness, so it is logged and the round goes on."""
+    try:
+        save_local_state(state_dir, federation_id, server_round, state)
+    except OSError as err:
+        logger.warning(
+            "site %s round %d: could not save its local training state (%s); a resumed federation would restart it",
+            site_id, server_round, err,
+        )
 
 
 # Secure aggregation: four protocol stages as named train actions; stage (a) trains with

@@ -7,6 +7,10 @@ completes each partial one from it: progressive freezing only ever unfreezes, so
 parameter that changed since then is among the trainable ones the coordinator sends. A
 partial state for a base the site does not hold (a restarted node, a resumed run) is an
 error reply; the coordinator then sends the whole classifier again in the next round.
+That base is the only state phase 2 keeps at a site (each round's optimiser and schedule are
+new), and it needs no file: a resumed coordinator knows of no holder and sends every site the
+whole classifier in its first round (server/finetune_rounds.py ``BaseHolders``), so a resume
+in phase 2 is exact without one.
 
 Order of a round (as in phase 1): policy check on the instructions -> open the cache and
 split its labelled scans (a site without usable labels refuses, code
@@ -20,9 +24,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from ctfed.client.local_state import discard_local_state
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteIdentity, open_site_data
 from ctfed.common.checkpoint import state_digest
@@ -73,8 +79,11 @@ def labelled_split(identity: SiteIdentity, finetune: FinetuneConfig, image_size:
     )
 
 
-def global_classifier(msg: Message, context: Context, instructions: RoundInstructions) -> Classifier:
-    """The round's global classifier, with the plan's trainable set; stores a whole one as the base."""
+def global_classifier(
+    msg: Message, context: Context, instructions: RoundInstructions, state_dir: Path | None = None
+) -> Classifier:
+    """The round's global classifier, with the plan's trainable set; stores a whole one as the base
+    (and then removes phase 1's local-state files of the federation from ``state_dir``)."""
     finetune, plan = instructions.finetune, instructions.plan
     assert finetune is not None and plan is not None, "RoundInstructions.from_record requires both in phase 2"
     classifier = build_classifier(instructions.model, finetune.num_outputs, seed=finetune.seed, pooling=finetune.pooling)
@@ -87,8 +96,10 @@ def global_classifier(msg: Message, context: Context, instructions: RoundInstruc
             raise UpdateRejected("the classifier received does not match the digest the coordinator sent")
         context.state[CLASSIFIER_BASE_KEY] = state_to_record(state)
         context.state[CLASSIFIER_BASE_INFO_KEY] = ConfigRecord({_DIGEST: digest})
-        # Phase 1's DINO head, teacher and optimizer are of no further use.
+        # Phase 1's DINO head, teacher and optimizer are of no further use (nor their files).
         context.state.pop(LOCAL_STATE_KEY, None)
+        if instructions.federation_id and state_dir is not None:
+            discard_local_state(state_dir, instructions.federation_id)
     else:
         info = context.state.get(CLASSIFIER_BASE_INFO_KEY)
         if CLASSIFIER_BASE_KEY not in context.state or info is None or info[_DIGEST] != digest:
@@ -122,7 +133,7 @@ def finetune_train(
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
-    classifier = global_classifier(msg, context, instructions)
+    classifier = global_classifier(msg, context, instructions, identity.state_dir)
     start = trainable_state(classifier)
     round_cfg = replace(finetune, seed=finetune.seed + _SEED_STRIDE_PER_SITE * identity.index + server_round)
     finetuner = Finetuner(classifier, round_cfg, train_scans)

@@ -6,7 +6,8 @@ engine every virtual node gets a ``partition-id`` instead, which selects one of 
 caches under the run config's ``data-dir``.
 
 Each site also has a *state folder* for what must outlive a process: its privacy ledger
-(``privacy_ledger.json``) and audit log (``audit.jsonl``).
+(``privacy_ledger.json``), audit log (``audit.jsonl``) and local training state of the last
+rounds (``local_state/<federation id>/``, client/local_state.py).
 
 * deployed: the node config's ``state-dir`` (``ctfed site`` passes ``SiteConfig.state_path``);
 * simulation: ``<run-dir>/sites/<site id>/`` (``ctfed simulate`` passes ``run-dir``);

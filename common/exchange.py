@@ -20,7 +20,7 @@ Key scheme, both directions:
   ``model``, ``train``, ``privacy``, ``monitor`` and ``finetune``; single fields for
   ``federation.min_sites`` and ``federation.transport``. Nothing else has a dot.
 * ``kebab-case`` (no dot): a protocol fact that is no config field: ``protocol-version``,
-  ``server-round`` (Flower's FedAvg writes the same name), ``phase``,
+  ``server-round`` (Flower's FedAvg writes the same name), ``federation-id``, ``phase``,
   ``secure-aggregation``, the phase-2 round plan ``plan-*`` and a site's classifier base
   (``full-state``, ``base-sha256``); every reply metric (``num-examples``, ``loss-first``,
   ``train-seconds``, ...; the data summary's ``data-summary-*`` in common/data_summary.py,
@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import secrets
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Mapping
 
@@ -53,7 +55,8 @@ from ctfed.common.finetune import FinetuneRoundPlan
 
 # The round contract's version, in every instruction record and every reply. Bump it with
 # any change to a key, a value's encoding or a section's fields that travels.
-PROTOCOL_VERSION = 1
+# 2: instructions carry ``federation-id`` (a site of version 1 would refuse it as unknown).
+PROTOCOL_VERSION = 2
 PROTOCOL_VERSION_KEY = "protocol-version"
 
 # Record names in a message's RecordDict; one definition so a rename cannot split them.
@@ -84,6 +87,12 @@ TRANSPORT_KEY = "federation.transport"  # float format of a plain-path update (T
 # Protocol facts. A site's policy is checked against these before it reads any data.
 SERVER_ROUND_KEY = "server-round"
 PHASE_KEY = "phase"
+# The federation's identity: made once when a run starts (results.json), kept by every resume,
+# sent every round. A site keys the local training state it keeps on disk by it
+# (client/local_state.py). Untrusted at the site: exactly FEDERATION_ID_HEX_DIGITS lowercase hex.
+FEDERATION_ID_KEY = "federation-id"
+FEDERATION_ID_HEX_DIGITS = 32  # 128 random bits: two federations never share one by chance
+_FEDERATION_ID_PATTERN = re.compile(rf"[0-9a-f]{{{FEDERATION_ID_HEX_DIGITS}}}")
 # Whether the coordinator aggregates this round securely (a claim; client/policy.py).
 SECURE_AGGREGATION_KEY = "secure-aggregation"
 PRETRAIN_PHASE = "pretrain"
@@ -263,6 +272,21 @@ def payload_sha256(arrays: ArrayRecord | None, metrics: Mapping[str, Any] | None
     return digest.hexdigest()
 
 
+def new_federation_id() -> str:
+    """A fresh federation identity (the coordinator's, when a run starts)."""
+    return secrets.token_hex(FEDERATION_ID_HEX_DIGITS // 2)
+
+
+def check_federation_id(value: Any, source: str = f"the instructions' '{FEDERATION_ID_KEY}'") -> str:
+    """``value`` if it is a federation id (exactly FEDERATION_ID_HEX_DIGITS lowercase hex
+    digits), else ConfigError naming ``source``. A site makes it part of a file path, so
+    nothing else may pass: no separator, no dot, no other length."""
+    if not isinstance(value, str) or _FEDERATION_ID_PATTERN.fullmatch(value) is None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(f"{source} is {shown}, not {FEDERATION_ID_HEX_DIGITS} lowercase hex digits")
+    return value
+
+
 class IncompatibleProtocol(ConfigError):
     """A message of another (or no) protocol version; the message names both versions."""
 
@@ -357,8 +381,8 @@ def _value(record: Mapping[str, Any], key: str, kind: type, default: Any = _REQU
 _SECTIONS = (MODEL_SECTION, TRAIN_SECTION, PRIVACY_SECTION, MONITOR_SECTION, FINETUNE_SECTION)
 _PLAN_KEYS = (PLAN_STAGE_KEY, PLAN_BLOCKS_KEY, PLAN_STEM_KEY, PLAN_SCHEDULE_START_KEY, PLAN_SCHEDULE_TOTAL_KEY, PLAN_LOCAL_STEPS_KEY)
 _FACT_KEYS = frozenset(
-    {PROTOCOL_VERSION_KEY, SERVER_ROUND_KEY, PHASE_KEY, SECURE_AGGREGATION_KEY, MIN_SITES_KEY, TRANSPORT_KEY,
-     FULL_STATE_KEY, BASE_DIGEST_KEY, *_PLAN_KEYS}
+    {PROTOCOL_VERSION_KEY, SERVER_ROUND_KEY, FEDERATION_ID_KEY, PHASE_KEY, SECURE_AGGREGATION_KEY, MIN_SITES_KEY,
+     TRANSPORT_KEY, FULL_STATE_KEY, BASE_DIGEST_KEY, *_PLAN_KEYS}
 )
 
 
@@ -387,6 +411,8 @@ class RoundInstructions:
     # Phase 2, per site: whole classifier (True) or its trainable part over ``base_sha256``.
     full_state: bool = False
     base_sha256: str = ""
+    # FEDERATION_ID_KEY; "" (not sent): the site keeps its local training state in memory only.
+    federation_id: str = ""
 
     def monitor_settings(self) -> tuple[MonitorConfig, FinetuneConfig] | None:
         """The monitor and the recipe it follows; None when the coordinator asked for none."""
@@ -397,6 +423,8 @@ class RoundInstructions:
     def to_record(self) -> ConfigRecord:
         """The round's instructions as sent (the module docstring's key scheme)."""
         flat: dict[str, Any] = {PROTOCOL_VERSION_KEY: PROTOCOL_VERSION, SERVER_ROUND_KEY: int(self.server_round)}
+        if self.federation_id:
+            flat[FEDERATION_ID_KEY] = check_federation_id(self.federation_id)
         _flatten(MODEL_SECTION, self.model, flat)
         _flatten(TRAIN_SECTION, self.train, flat)
         _flatten(PRIVACY_SECTION, self.privacy, flat)
@@ -436,6 +464,7 @@ class RoundInstructions:
         if unknown:
             raise ConfigError(f"unknown instruction keys {unknown[:5]} (protocol version {PROTOCOL_VERSION})")
         phase = _value(record, PHASE_KEY, str, PRETRAIN_PHASE)
+        federation_id = check_federation_id(record[FEDERATION_ID_KEY]) if FEDERATION_ID_KEY in record else ""
         try:
             transport = Transport(str(record.get(TRANSPORT_KEY, Transport.float32.value)))
         except ValueError:
@@ -475,6 +504,7 @@ class RoundInstructions:
             plan_local_steps=plan_local_steps,
             full_state=full_state,
             base_sha256=base_sha256,
+            federation_id=federation_id,
         )
 
     @staticmethod

@@ -56,10 +56,13 @@ logger = logging.getLogger(__name__)
 
 
 def round_instructions(
-    cfg: RunConfig, server_round: int, plan: FinetuneRoundPlan | None = None, plan_local_steps: int = 0
+    cfg: RunConfig, server_round: int, plan: FinetuneRoundPlan | None = None, plan_local_steps: int = 0,
+    federation_id: str = "",
 ) -> RoundInstructions:
     """The one builder of a round's instructions, for both phases: phase 1 (no ``plan``) with
-    the representation monitor's settings, phase 2 with the recipe and the round's plan."""
+    the representation monitor's settings, phase 2 with the recipe and the round's plan.
+    ``federation_id``: the run's (``RunRecorder.federation_id``), under which the sites keep
+    their local training state across a resume."""
     monitor_on = plan is None and cfg.monitor.enabled
     return RoundInstructions(
         server_round=server_round,
@@ -74,6 +77,7 @@ def round_instructions(
         finetune=cfg.finetune if plan is not None or monitor_on else None,
         plan=plan,
         plan_local_steps=plan_local_steps,
+        federation_id=federation_id,
     )
 
 

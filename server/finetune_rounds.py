@@ -143,7 +143,7 @@ def run_finetune_rounds(
         plan = schedule.plan(server_round - pretrain_rounds)
         classifier.set_trainable(plan.blocks, stem=plan.stem)
         trainable = {name: state[name] for name in trainable_names(classifier)}
-        instructions = round_instructions(cfg, server_round, plan, local_steps)
+        instructions = round_instructions(cfg, server_round, plan, local_steps, federation_id=recorder.federation_id)
         sampled = strategy.configure_train(server_round, ArrayRecord(), instructions.to_record(), grid)
         node_ids = [int(m.metadata.dst_node_id) for m in sampled]
         messages, sent_digests = holders.messages(node_ids, state, trainable, instructions)

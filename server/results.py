@@ -21,7 +21,7 @@ from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.config import RunConfig, to_run_config
 from ctfed.common.data_summary import card_data_summary, data_metrics_from
 from ctfed.common.preprocess import preprocessing_plan
-from ctfed.common.exchange import PRETRAIN_PHASE, STATUS_AGGREGATED, SiteReply
+from ctfed.common.exchange import PRETRAIN_PHASE, STATUS_AGGREGATED, SiteReply, check_federation_id, new_federation_id
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.monitor import SECONDS_KEY as MONITOR_SECONDS_KEY, monitor_from_metrics
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY
@@ -254,6 +254,18 @@ class RoundRecord:
         return cls(**{**raw, "sites": [SiteRoundRecord(**site) for site in raw["sites"]]})
 
 
+def _saved_federation_id(saved: Mapping[str, Any], results_path: Path) -> str | None:
+    """The federation id a results file records; None (a new one is made) for a run from
+    before federation ids, whose sites hold no state on disk that a new id would miss."""
+    if "federation_id" not in saved:
+        logger.warning("%s records no federation_id (a run from before them): the resumed run gets a new one", results_path)
+        return None
+    try:
+        return check_federation_id(saved["federation_id"], source=f"{results_path}'s federation_id")
+    except ValueError as err:
+        raise ResumeError(str(err)) from None
+
+
 class RunRecorder:
     """Collects per-round records and keeps the run folder's files current."""
 
@@ -264,9 +276,13 @@ class RunRecorder:
         rounds: Sequence[RoundRecord] = (),
         earlier_wall_seconds: float = 0.0,
         resumes: Sequence[dict[str, Any]] = (),
+        federation_id: str | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
+        # The federation's identity (common/exchange.py FEDERATION_ID_KEY): new with the run,
+        # the same after every resume; sent every round, the sites key their local state by it.
+        self.federation_id = federation_id or new_federation_id()
         self.rounds: list[RoundRecord] = list(rounds)
         self.started = time.time()
         self.earlier_wall_seconds = earlier_wall_seconds  # spent before the last resume
@@ -343,6 +359,7 @@ class RunRecorder:
             rounds=rounds,
             earlier_wall_seconds=float(saved.get("wall_seconds", 0.0)),
             resumes=[*saved.get("resumes", []), resumed],
+            federation_id=_saved_federation_id(saved, results_path),
         )
         # The coordinator's epsilon continues from the checkpoint we resume from, not from
         # results.json, which may describe a later round whose checkpoint was unusable.
@@ -430,6 +447,7 @@ class RunRecorder:
         return {
             "status": self.status,
             **({"reason": self.reason} if self.reason else {}),
+            "federation_id": self.federation_id,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True),
             "wall_seconds": self.earlier_wall_seconds + time.time() - self.started,
             "resumes": self.resumes,

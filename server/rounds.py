@@ -157,6 +157,7 @@ def run_federation(
         recorder = RunRecorder(run_dir, cfg)
         global_state = initial_global_state(cfg)
         recorder.save_global(0, global_state, **_heads_card(cfg))
+    logger.info("federation id %s (the sites keep their local training state under it)", recorder.federation_id)
     central = None
     if cfg.privacy.mode is PrivacyMode.central:
         saved = recorder.central_privacy_ledger
@@ -193,7 +194,7 @@ def run_pretraining(
     total = cfg.federation.rounds
     for server_round in range(recorder.last_round + 1, total + 1):
         started = time.perf_counter()
-        instructions = round_instructions(cfg, server_round).to_record()
+        instructions = round_instructions(cfg, server_round, federation_id=recorder.federation_id).to_record()
         arrays = state_to_record(global_state)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))

@@ -153,6 +153,12 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     done = before["rounds"][-1]["round"]
     assert done < 3
     card_before = json.loads((run_dir / "checkpoints" / f"global_round_{done:04d}.json").read_text())
+    # Each site wrote its local training state (head, teacher, centres, AdamW) of round `done`
+    # under the federation's id, in its state folder (client/local_state.py).
+    federation = before["federation_id"]
+    sites = ("site_0", "site_1", "site_2")
+    for site in sites:
+        assert (run_dir / "sites" / site / "local_state" / federation / f"round_{done:04d}.pt").is_file(), site
 
     # Other secure-aggregation settings: refused before anything runs, each difference named.
     other = ["secagg.num_shares=4"]
@@ -170,6 +176,18 @@ def test_killed_coordinator_resumes_from_last_completed_round(tmp_path: Path, ca
     after = read_results(run_dir)
     assert after["status"] == "completed"
     assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
+    # The same federation, and every site continued its local state from round `done` (a new
+    # Flower run: its context.state was empty).
+    assert after["federation_id"] == federation
+    resumed_log = (run_dir / "federation-resumed.log").read_text()
+    for site in sites:
+        assert (
+            f"site {site} round {done + 1}: resumed its local training state of round {done} of federation "
+            f"{federation[:8]} from disk"
+        ) in resumed_log, site
+        assert sorted(p.name for p in (run_dir / "sites" / site / "local_state" / federation).iterdir()) == [
+            "round_0002.pt", "round_0003.pt"
+        ]
     assert after["rounds"][:done] == before["rounds"]  # finished rounds are kept as they were
     assert after["resumes"] == [
         {

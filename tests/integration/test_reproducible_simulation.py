@@ -64,6 +64,9 @@ def _federate(run_dir: Path, seed: int, secure: bool) -> tuple[dict[str, Any], d
         return [strip(v) for v in node] if isinstance(node, list) else node
 
     results = strip(results)
+    # Random by design (128 bits, one per run: the sites key their local state by it, so two
+    # runs must never share one); everything the seed decides is compared.
+    assert len(results.pop("federation_id")) == 32
     results["config"] = {k: v for k, v in results["config"].items() if k != "output_dir"}
     checkpoints = {
         path.name: hashlib.sha256(path.read_bytes()).hexdigest()

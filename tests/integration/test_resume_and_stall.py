@@ -1,4 +1,4 @@
-"""Resume keeps the run's saved config; a federation that aggregates nothing stops and says why.
+"""Resume keeps the run's saved config and the sites' local state; a federation that aggregates nothing stops and says why.
 
 The round loop runs in process against the real ClientApp handlers (secure aggregation's
 four stages included) on tiny synthetic caches; the simulation resume path is covered by
@@ -210,3 +210,43 @@ def test_each_server_app_reads_the_run_config_file_with_its_own_root(tmp_path: P
     with pytest.raises(ResumeError) as coordinator:
         app(None, resume)  # type: ignore[arg-type]
     assert "secagg.num_shares: 3 -> 5" in str(coordinator.value) and "simulation" not in str(coordinator.value)
+
+
+def test_a_resumed_round_starts_where_the_uninterrupted_run_does(three_site_caches: Path, tmp_path: Path) -> None:
+    """Issue #14 point 3: a resume is a new Flower run (every site's context.state empty), yet
+    round 3 after a resume from round 2 trains step for step as round 3 of a run that never
+    stopped, because the sites load their local state (head, teacher, centres, AdamW moments)
+    from their state folders. Without those files round 3 starts elsewhere."""
+    import shutil
+
+    from ctfed.client.app import train
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
+
+    # schedule_rounds fixed: a 2-round submission must not resolve another LR/EMA schedule.
+    base = ["train.local_steps=2", "train.schedule_rounds=3", "federation.min_sites=3", "monitor.enabled=false",
+            "secagg.enabled=false"]
+    nodes = [11, 12, 13]
+
+    def federate(run_dir: Path, rounds: int, resume: bool = False) -> list[list[list[float]]]:
+        contexts = {  # new Contexts: what a new Flower run hands the ClientApps
+            n: Context(run_id=7, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
+                       run_config={"data-dir": str(three_site_caches), "run-dir": str(run_dir)})
+            for i, n in enumerate(nodes)
+        }
+        grid = InProcessGrid({"train": train}, nodes, contexts=contexts)
+        run_federation(grid, load_run_config([*base, f"federation.rounds={rounds}"]), run_dir, resume=resume)
+        return [sorted(s["losses"] for s in r["sites"]) for r in read_results(run_dir)["rounds"]]
+
+    uninterrupted = federate(tmp_path / "whole", 3)
+    stopped = tmp_path / "stopped"
+    federate(stopped, 2)
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped, copy)
+    resumed = federate(stopped, 3, resume=True)
+    assert resumed == uninterrupted  # every step's loss of every site, round 3 included
+
+    # The control: the same resume without the sites' files restarts their local state.
+    for site_state in (copy / "sites").iterdir():
+        shutil.rmtree(site_state / "local_state")
+    afresh = federate(copy, 3, resume=True)
+    assert afresh[:2] == uninterrupted[:2] and afresh[2] != uninterrupted[2]

@@ -101,6 +101,7 @@ def _phase_one(server_round: int = 3) -> RoundInstructions:
         secure_aggregation=True,
         monitor=MonitorConfig(knn_k=5),
         finetune=FinetuneConfig(label_names=["any"]),
+        federation_id="ab" * 16,
     )
 
 
@@ -163,6 +164,10 @@ def test_instructions_with_unknown_missing_or_invalid_values_are_refused() -> No
         RoundInstructions.from_record({**good, "federation.min_sites": True})
     with pytest.raises(ConfigError, match="lack 'server-round'"):
         RoundInstructions.from_record({k: v for k, v in good.items() if k != SERVER_ROUND_KEY})
+    for federation_id in ("../../x", "ab" * 17, 12345, "AB" * 16):  # it becomes part of a site's path
+        with pytest.raises(ConfigError, match="'federation-id' is .*, not 32 lowercase hex digits"):
+            RoundInstructions.from_record({**good, "federation-id": federation_id})
+    assert RoundInstructions.from_record({k: v for k, v in good.items() if k != "federation-id"}).federation_id == ""
     phase_two = dict(_phase_two().to_record().items())
     with pytest.raises(ConfigError, match=f"lack '{PLAN_STAGE_KEY}'"):
         RoundInstructions.from_record({k: v for k, v in phase_two.items() if k != PLAN_STAGE_KEY})
