@@ -6,7 +6,9 @@ the prepared cache, the SuperLink address, the CA certificate, its auth key and 
 is validated, and the cache and keys checked, before any process starts, so a typo is a
 one-line error instead of a SuperNode that retries forever. The SuperNode then runs
 offline in the foreground until Ctrl-C/SIGTERM; the ClientApp finds the cache and site id
-in its node config (``client/site.py``).
+in its node config (``client/site.py``). It runs through ``client/supernode_main.py``, which
+stores and runs only the app bundles ``site.trusted_app_hashes`` pins (``--app-hash DIR``
+prints a reviewed checkout's hash).
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="the site's YAML file (example: conf/site.yaml); required but with --app-hash")
+    parser.add_argument("--config", type=Path, help="the site's YAML file (example: conf/site.yaml); required unless --app-hash")
     parser.add_argument(
         "--app-hash", type=Path, metavar="DIR",
         help="print the SHA-256 of the app bundle Flower builds from the ctfed checkout DIR (the value for "
@@ -282,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.config is None:
-        print("ctfed site: --config SITE.yaml is required (but with --app-hash DIR)", file=sys.stderr)
+        print("ctfed site: --config SITE.yaml is required (unless --app-hash DIR)", file=sys.stderr)
         return 2
     cfg = read_site_config(args.config, args.overrides)
     if args.verify_audit:

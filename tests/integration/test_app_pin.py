@@ -27,6 +27,7 @@ from ctfed.common.certs import generate
 from ctfed.common.config import load_run_config, read_site_config, save_run_config
 from ctfed.common.processes import flower_tool, offline_env, stop_process_group
 from ctfed.server.deploy_cli import SuperLinkSettings, list_nodes, register_sites, running_superlink
+from helpers import tiny_app
 
 # Flower's build uses pathspec's deprecated gitwildmatch patterns; not ours to fix.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")]
@@ -110,13 +111,13 @@ def test_a_site_never_runs_a_bundle_it_did_not_pin(tmp_path: Path, one_site_cach
                 stop_process_group(flwr_run)
             assert flwr_run.returncode == 0, output[-5000:]
     finally:
-        for node in nodes:
-            stop_process_group(node.process)
+        with ThreadPoolExecutor() as stopping:  # each waits for its SuperNode's graceful exit: together
+            list(stopping.map(stop_process_group, [node.process for node in nodes]))
 
     refusing_log = (tmp_path / REFUSING / "state" / LOG_FILE).read_text()
     running_log = (tmp_path / RUNNING / "state" / LOG_FILE).read_text()
     # The site names the bundle it refused, by the hash the coordinator's 'flwr run' submitted.
-    assert f"REFUSED the app bundle of run" in refusing_log and f"sha256 {reviewed} is not among" in refusing_log, refusing_log[-3000:]
+    assert "REFUSED the app bundle of run" in refusing_log and f"sha256 {reviewed} is not among" in refusing_log, refusing_log[-3000:]
     assert "REFUSED" not in running_log and f"app pinned: only bundles with sha256 {reviewed}" in running_log
     # Nothing ran at hospital-a: no ClientApp ever wrote its audit log or took part.
     assert not (tmp_path / REFUSING / "state" / AUDIT_FILE).exists()
@@ -137,3 +138,19 @@ def test_a_site_never_runs_a_bundle_it_did_not_pin(tmp_path: Path, one_site_cach
     while _leftover_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _leftover_processes(marker)
+
+
+def test_app_hash_is_the_hash_of_what_flwr_build_writes(tmp_path: Path) -> None:
+    """``flwr build`` names its file by the bundle's hash and writes the bundle: both agree with ``--app-hash``."""
+    app = tiny_app(tmp_path / "app")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        [flower_tool("flwr"), "build", "--app", str(app)], cwd=out, env=offline_env(tmp_path / "flwr-home"),
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (built,) = out.glob("*.fab")
+    digest = app_bundle_hash(app)
+    assert hashlib.sha256(built.read_bytes()).hexdigest() == digest
+    assert built.name.endswith(f".{digest[:8]}.fab")

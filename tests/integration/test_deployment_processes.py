@@ -123,6 +123,8 @@ def test_killed_site_takes_its_supernode(tmp_path: Path) -> None:
     started: list[int] = []
     try:
         _wait_for(tmp_path / "site.out", "SuperNode connecting", site)
+        # Unpinned (no site.trusted_app_hashes): said at start, by ctfed site and in the SuperNode's log.
+        assert "WARNING: app not pinned: this site runs any code the coordinator submits" in (tmp_path / "site.out").read_text()
         supernode = _child_named(site, "ctfed.client.supernode_main")
         started = [supernode, *descendant_pids(supernode)]
         deadline = time.monotonic() + READY_TIMEOUT_S
