@@ -6,13 +6,16 @@ the prepared cache, the SuperLink address, the CA certificate, its auth key and 
 is validated, and the cache and keys checked, before any process starts, so a typo is a
 one-line error instead of a SuperNode that retries forever. The SuperNode then runs
 offline in the foreground until Ctrl-C/SIGTERM; the ClientApp finds the cache and site id
-in its node config (``client/site.py``).
+in its node config (``client/site.py``). It runs through ``client/supernode_main.py``, which
+stores and runs only the app bundles ``site.trusted_app_hashes`` pins (``--app-hash DIR``
+prints a reviewed checkout's hash).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import shlex
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from ctfed.client.audit import AUDIT_FILE, AuditLogError, verify_audit_log
 from ctfed.client.policy import POLICY_FILE, POLICY_FILE_KEY, write_policy_file
 from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
 from ctfed.client.site import DATA_PATH_KEY, SITE_ID_KEY, STATE_DIR_KEY
+from ctfed.client.supernode_main import NOT_PINNED
 from ctfed.common.certs import make_signing_key, make_supernode_key
 from ctfed.common.config import ConfigError, SiteConfig, read_site_config
 from ctfed.common.processes import (
@@ -167,10 +171,44 @@ def node_config(cfg: SiteConfig) -> str:
     return " ".join(f"{key}={_toml_string(value)}" for key, value in values.items())
 
 
+def app_bundle_hash(app_dir: Path) -> str:
+    """SHA-256 of the app bundle (FAB) Flower builds from ``app_dir``: ``flwr run``'s ``fab_hash``.
+
+    Flower's own build (``build_fab_from_disk``: its include/exclude rules, sorted entries,
+    fixed zip dates) is deterministic, so a hospital gets from a checkout it reviewed the
+    hash of exactly the bundle the coordinator submits from the same tree. Raises ConfigError
+    when ``app_dir`` is no Flower app.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigError(f"--app-hash {app_dir}: no pyproject.toml there; give the folder of a ctfed checkout")
+    try:
+        bundle = build_fab_from_disk(app_dir)
+    except ValueError as err:
+        raise ConfigError(f"--app-hash {app_dir}: Flower cannot build an app bundle from it: {err}") from None
+    return hashlib.sha256(bundle).hexdigest()
+
+
+def app_pin_status(cfg: SiteConfig) -> str:
+    """One line: the bundles this site runs (its pinned hashes), or the unpinned warning."""
+    if not cfg.trusted_app_hashes:
+        return f"WARNING: {NOT_PINNED} (set site.trusted_app_hashes; see 'ctfed site --app-hash')"
+    return "app pinned: runs only the app bundles with sha256 " + ", ".join(cfg.trusted_app_hashes)
+
+
 def supernode_command(cfg: SiteConfig, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line: TLS to the SuperLink, node auth, local Runtime API."""
+    """The SuperNode's command line: TLS to the SuperLink, node auth, local Runtime API.
+
+    Flower's ``flower-supernode`` run through ``ctfed.client.supernode_main`` in the same
+    process, which refuses every app bundle whose hash ``site.trusted_app_hashes`` does not pin.
+    """
+    flower_tool("flower-supernode")  # the same installation must provide it (clear error if not)
+    launcher = [sys.executable, "-m", "ctfed.client.supernode_main"]
+    for digest in cfg.trusted_app_hashes:
+        launcher += ["--trusted-app-hash", digest]
     command = [
-        flower_tool("flower-supernode"),
+        *launcher, "--",
         "--superlink", cfg.superlink,
         "--root-certificates", cfg.ca_cert,
         "--auth-supernode-private-key", cfg.private_key,
@@ -207,7 +245,12 @@ def start_supernode(cfg: SiteConfig, *, echo: bool = False) -> RunningSuperNode:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="the site's YAML file (example: conf/site.yaml)")
+    parser.add_argument("--config", type=Path, help="the site's YAML file (example: conf/site.yaml); required unless --app-hash")
+    parser.add_argument(
+        "--app-hash", type=Path, metavar="DIR",
+        help="print the SHA-256 of the app bundle Flower builds from the ctfed checkout DIR (the value for "
+        "site.trusted_app_hashes: the bundle 'flwr run DIR' submits) and exit",
+    )
     parser.add_argument(
         "--check",
         action="store_true",
@@ -233,6 +276,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.app_hash is not None:
+        try:
+            print(app_bundle_hash(args.app_hash.expanduser().resolve()))
+        except ConfigError as err:
+            print(f"ctfed site: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if args.config is None:
+        print("ctfed site: --config SITE.yaml is required (unless --app-hash DIR)", file=sys.stderr)
+        return 2
     cfg = read_site_config(args.config, args.overrides)
     if args.verify_audit:
         path = cfg.state_path / AUDIT_FILE
@@ -270,12 +323,14 @@ def run(args: argparse.Namespace) -> int:
         cfg.check_files()
         print(shlex.join(supernode_command(cfg, cfg.runtime_port or free_port())))
         print(f"ctfed site: {cfg.site_id}: configuration and files OK; {check_key_owner(cfg)}")
+        print(f"ctfed site: {cfg.site_id}: {app_pin_status(cfg)}")
         try:
             print(f"ctfed site: {cfg.site_id}: {probe_superlink(cfg.superlink, Path(cfg.ca_cert), CHECK_TIMEOUT_S)}")
         except ProcessError as err:
             print(f"ctfed site: {cfg.site_id}: connection check FAILED: {err}", file=sys.stderr)
             return 1
         return 0
+    print(f"ctfed site: {cfg.site_id}: {app_pin_status(cfg)}", file=sys.stderr if not cfg.trusted_app_hashes else sys.stdout)
     try:
         node = start_supernode(cfg, echo=True)
     except ProcessError as err:

@@ -156,3 +156,35 @@ def plant_identifiers(files: Sequence[Path]) -> list[Path]:
             ds.save_as(path)
             planted.append(path)
     return planted
+
+
+TINY_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "ctfed-tests"
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.server:app"
+clientapp = "tinyapp.client:app"
+
+[tool.flwr.app.config]
+rounds = 1
+"""
+
+
+def tiny_app(folder: Path) -> Path:
+    """A minimal Flower app that Flower can bundle (``flwr build``, ``ctfed site --app-hash``); never run."""
+    (folder / "tinyapp").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(TINY_PYPROJECT)
+    (folder / "tinyapp" / "__init__.py").write_text("")
+    (folder / "tinyapp" / "client.py").write_text("app = None  # the site's code\n")
+    (folder / "tinyapp" / "server.py").write_text("app = None\n")
+    return folder

@@ -116,6 +116,8 @@ class NamedSitePolicy(SitePolicy):
     site: str = ""
 
 
+# An app bundle's SHA-256 as Flower writes it (hashlib's hexdigest: lowercase).
+APP_HASH_RULE = re.compile(r"^[0-9a-f]{64}$")
 _ADDRESS_RULE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -158,6 +160,12 @@ class SiteConfig:
     # seconds: long enough for a coordinator restart, short enough that a wrong address does
     # not retry forever. 0: keep trying (e.g. under a supervisor that must never see an exit).
     max_wait_s: float = 600.0
+    # SHA-256 digests (64 lowercase hex) of the app bundles this site agrees to run: a bundle
+    # the coordinator submits with any other hash is never stored or run (Flower's INVALID_FAB
+    # error is the reply). Get the value from a checkout the hospital reviewed with
+    # ``ctfed site --app-hash DIR``, never from the coordinator alone. Empty: the site runs
+    # ANY code the coordinator submits, its policy, DP and audit included (warned at start).
+    trusted_app_hashes: list[str] = field(default_factory=list)
     # What this site takes part in; checked against every round's instructions.
     policy: SitePolicy = field(default_factory=SitePolicy)
 
@@ -183,6 +191,12 @@ class SiteConfig:
             raise ConfigError("site.runtime_port must be in [0, 65535] (0: a free port)")
         if self.max_wait_s < 0:
             raise ConfigError("site.max_wait_s must be >= 0 (0: keep trying)")
+        for digest in self.trusted_app_hashes:
+            if not isinstance(digest, str) or not APP_HASH_RULE.match(digest):
+                raise ConfigError(
+                    f"site.trusted_app_hashes: {digest!r} is not a SHA-256 hex digest (64 lowercase hex "
+                    "characters, as 'ctfed site --app-hash DIR' prints it)"
+                )
 
     def resolve_paths(self, base: Path) -> None:
         """Make relative paths absolute against ``base`` (the config file's folder)."""

@@ -123,14 +123,16 @@ def test_killed_site_takes_its_supernode(tmp_path: Path) -> None:
     started: list[int] = []
     try:
         _wait_for(tmp_path / "site.out", "SuperNode connecting", site)
-        supernode = _child_named(site, "flower-supernode")
+        # Unpinned (no site.trusted_app_hashes): said at start, by ctfed site and in the SuperNode's log.
+        assert "WARNING: app not pinned: this site runs any code the coordinator submits" in (tmp_path / "site.out").read_text()
+        supernode = _child_named(site, "ctfed.client.supernode_main")
         started = [supernode, *descendant_pids(supernode)]
         deadline = time.monotonic() + READY_TIMEOUT_S
         while port_holder(runtime_port) is None and time.monotonic() < deadline:
             time.sleep(0.3)
 
         # A second SuperNode on the same Runtime API port is refused before it starts.
-        with pytest.raises(ProcessError, match=rf"port {runtime_port} is already in use by pid {supernode} \(.*flower-supernode"):
+        with pytest.raises(ProcessError, match=rf"port {runtime_port} is already in use by pid {supernode} \(.*ctfed.client.supernode_main"):
             start_supernode(read_site_config(site_yaml))
 
         os.kill(site.pid, signal.SIGKILL)

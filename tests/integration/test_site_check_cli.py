@@ -63,6 +63,13 @@ def test_check_connects_to_the_superlink(tmp_path: Path, capsys: pytest.CaptureF
         out = capsys.readouterr().out
         assert f"SuperLink answering on {link.local_address} (TLS verified against {site.ca_cert})" in out
         assert "is site hospital-a's (hospital-a.pub)" in out
+        # No app pinned: said, so the hospital knows it runs whatever the coordinator submits.
+        assert "WARNING: app not pinned: this site runs any code the coordinator submits" in out
+        pin = "ab" * 32
+        assert main(["site", "--config", str(good), "--check", f"trusted_app_hashes=[{pin}]"]) == 0
+        out = capsys.readouterr().out
+        assert f"app pinned: runs only the app bundles with sha256 {pin}" in out and "not pinned" not in out
+        assert f"--trusted-app-hash {pin}" in out  # the SuperNode command it prints
 
         wrong_ca = _site_yaml(tmp_path / "ca", "hospital-a", link.local_address, other_ca.ca_cert, site.private_key)
         assert main(["site", "--config", str(wrong_ca), "--check"]) == 1

@@ -1,0 +1,168 @@
+"""Flower's SuperNode, run so that it stores and runs only the app bundles this site pinned.
+
+Flower puts a bundle's folder first on ``sys.path`` and takes its ClientApp from the bundle's
+own pyproject.toml, so whoever submits the bundle decides what code runs at the site: its
+policy, DP, secure aggregation and audit included. Flower 1.41's own remedy (signed bundles,
+``--trusted-entities``) needs a SuperLink that supports app verification; without one the
+SuperNode refuses every bundle. ``ctfed site`` therefore starts the SuperNode through this
+module, in the same process (signals and process group unchanged), with the SHA-256 of every
+bundle the site agreed to run (``site.trusted_app_hashes``):
+
+    python -m ctfed.client.supernode_main [--trusted-app-hash H ...] -- <flower-supernode args>
+
+A bundle with any other hash is never stored or run: the message that brought it gets
+Flower's INVALID_FAB error reply, the one Flower sends when a bundle fails verification, and
+the site's log names the bundle's hash. Without any hash every bundle runs (warned loudly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import sys
+from collections.abc import Callable, Collection, Sequence
+from logging import ERROR, INFO, WARNING
+from types import ModuleType
+from typing import Any
+
+from ctfed.common.config.site import APP_HASH_RULE
+
+# The Flower function hooked: ``_pull_and_store_message`` of flwr.supernode.start_client_internal
+# (flwr 1.41). The SuperNode's loop calls it, by its module-global name, for every message; it
+# fetches the run's bundle (its ``get_fab`` argument), verifies it (trusted entities), and
+# only then stores it for the ClientApp process. Wrapping it lets the bundle be checked right
+# after the fetch and before anything is stored, and answers a refusal exactly as Flower
+# answers a failed verification (``_insert_message`` of an INVALID_FAB reply), without copying
+# any of its code. These names must exist with these parameters: ``require_hook_points`` says
+# so loudly (and tests/unit/test_app_pin.py fails) when a Flower upgrade moves them.
+HOOKED_MODULE = "flwr.supernode.start_client_internal"
+HOOKED_FUNCTION = "_pull_and_store_message"
+HOOK_PARAMETERS = ("state", "object_store", "receive", "get_fab")
+NOT_PINNED = "app not pinned: this site runs any code the coordinator submits"
+
+
+class HookUnavailable(RuntimeError):
+    """The Flower internals the pin relies on are not there (a Flower upgrade moved them)."""
+
+
+class UnpinnedBundle(Exception):
+    """A fetched bundle whose SHA-256 is not pinned (raised inside the hooked function)."""
+
+    def __init__(self, digest: str, run_id: int) -> None:
+        super().__init__(digest)
+        self.digest = digest
+        self.run_id = run_id
+
+
+def refusal_reason(digest: str) -> str:
+    """The error reason the coordinator gets for a bundle this site did not pin."""
+    return f"The FAB could not be verified: app bundle sha256 {digest} is not among this site's trusted_app_hashes"
+
+
+def require_hook_points(module: ModuleType) -> Callable[..., int | None]:
+    """The function to hook, after checking everything the hook uses is there (else HookUnavailable)."""
+    missing = [name for name in (HOOKED_FUNCTION, "_insert_message", "Message", "Error") if not hasattr(module, name)]
+    if missing:
+        raise HookUnavailable(f"{HOOKED_MODULE} has no {', '.join(missing)} (Flower upgraded?): the app pin cannot be enforced")
+    function = getattr(module, HOOKED_FUNCTION)
+    parameters = inspect.signature(function).parameters
+    absent = [name for name in HOOK_PARAMETERS if name not in parameters]
+    if absent:
+        raise HookUnavailable(
+            f"{HOOKED_MODULE}.{HOOKED_FUNCTION} has no parameter {', '.join(absent)} (Flower upgraded?): "
+            "the app pin cannot be enforced"
+        )
+    return function
+
+
+def pinned_pull_and_store(
+    original: Callable[..., int | None], trusted: Collection[str], module: ModuleType
+) -> Callable[..., int | None]:
+    """``original`` (Flower's ``_pull_and_store_message``) refusing bundles whose SHA-256 is not in ``trusted``."""
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore import log
+
+    trusted = frozenset(trusted)
+    signature = inspect.signature(original)
+
+    def pull_and_store(*args: Any, **kwargs: Any) -> int | None:
+        bound = signature.bind(*args, **kwargs)
+        receive, get_fab = bound.arguments["receive"], bound.arguments["get_fab"]
+        received: list[Any] = []
+
+        def remembering_receive() -> Any:
+            pulled = receive()
+            if pulled is not None:
+                received.append(pulled[0])
+            return pulled
+
+        def checking_get_fab(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            # The content's own hash, never the hash the SuperLink names it by.
+            digest = hashlib.sha256(fab.content).hexdigest()
+            if digest not in trusted:
+                raise UnpinnedBundle(digest, run_id)
+            return fab
+
+        bound.arguments["receive"] = remembering_receive
+        bound.arguments["get_fab"] = checking_get_fab
+        try:
+            return original(*bound.args, **bound.kwargs)
+        except UnpinnedBundle as refused:
+            log(
+                ERROR,
+                "ctfed: REFUSED the app bundle of run %s: its sha256 %s is not among site.trusted_app_hashes; "
+                "nothing of it is stored or run, an INVALID_FAB error reply is sent",
+                refused.run_id,
+                refused.digest,
+            )
+            reply = module.Message(module.Error(ErrorCode.INVALID_FAB, refusal_reason(refused.digest)), reply_to=received[-1])
+            module._insert_message(reply, bound.arguments["state"], bound.arguments["object_store"])
+            return refused.run_id
+
+    pull_and_store.__wrapped__ = original  # type: ignore[attr-defined]
+    return pull_and_store
+
+
+def install_app_pin(trusted: Collection[str]) -> None:
+    """Make this process's SuperNode refuse every bundle whose SHA-256 is not in ``trusted``."""
+    import importlib
+
+    bad = [digest for digest in trusted if not APP_HASH_RULE.match(digest)]
+    if bad:
+        raise ValueError(f"not SHA-256 hex digests (64 lowercase hex): {bad}")
+    if not trusted:
+        raise ValueError("no trusted app hash: nothing to pin")
+    module = importlib.import_module(HOOKED_MODULE)
+    original = require_hook_points(module)
+    setattr(module, HOOKED_FUNCTION, pinned_pull_and_store(original, trusted, module))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ctfed-supernode", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--trusted-app-hash", action="append", default=[], metavar="SHA256",
+        help="SHA-256 of an app bundle this site runs (repeat for several); none: any bundle runs",
+    )
+    parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    args = parser.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+
+    from flwr.supercore import log
+    from flwr.supernode.cli import flower_supernode
+
+    if args.trusted_app_hash:
+        try:
+            install_app_pin(args.trusted_app_hash)
+        except (HookUnavailable, ValueError) as err:
+            parser.exit(2, f"ctfed-supernode: {err}\n")
+        log(INFO, "ctfed: app pinned: only bundles with sha256 %s are stored or run", ", ".join(args.trusted_app_hash))
+    else:
+        log(WARNING, "ctfed: WARNING, %s (set site.trusted_app_hashes)", NOT_PINNED)
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
