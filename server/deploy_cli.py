@@ -20,8 +20,10 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -53,6 +55,7 @@ FLWR_HOME = "flwr-home"
 # skips keys the SuperLink still knows (asking again logs "Public key already in use" errors)
 # and ``--sites`` names the nodes, which ``flwr supernode list`` does not.
 SITES_FILE = "sites.json"
+RUNS_DIR = "runs"  # under the state folder: one folder per submitted run (submit_command)
 DEFAULT_PORT = 8000  # Flower's own default, so site configs written for Flower still work
 ALREADY_REGISTERED_CODE = "[code: 23]"  # Flower's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
 
@@ -272,6 +275,26 @@ def site_table(flwr_home: Path, connection: str = CONNECTION_NAME) -> list[tuple
     ]
 
 
+def app_checkout() -> Path | None:
+    """The checkout whose pyproject.toml is the Flower app ctfed is installed from (an
+    editable install of the repository), or None (installed otherwise)."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(encoding="utf-8") else None
+
+
+def submit_command(link: RunningSuperLink, state: Path, started: float | None = None) -> str:
+    """The ``flwr run`` command that submits the federation to ``link``: the app by its absolute
+    path (so it works from any folder) and a run folder of its own under ``state/runs/``, where
+    results.json, checkpoints and logs land (not inside the code checkout)."""
+    app = app_checkout()
+    run_dir = state / RUNS_DIR / time.strftime("run-%Y%m%d-%H%M%S", time.localtime(started))
+    return shlex.join([
+        f"FLWR_HOME={link.flwr_home}", "flwr", "run", str(app) if app else ".", link.connection, "--stream",
+        "--run-config", f'run-dir="{run_dir}"',
+    ])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", type=Path, required=True, help="folder for the SuperLink database, logs and Flower home")
     parser.add_argument("--certs", type=Path, help="folder written by 'ctfed certs' (CA, server certificate and key)")
@@ -331,8 +354,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             "ctfed server: register more sites with\n"
             f"  ctfed server --state {state} --register KEY.pub\n"
-            "submit a run with\n"
-            f"  FLWR_HOME={link.flwr_home} flwr run . {link.connection} --stream\n"
+            "submit a run (from any folder; a new run folder each time) with\n"
+            f"  {submit_command(link, state)}\n"
             "Ctrl-C stops the SuperLink."
         )
     except ProcessError as err:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ctfed.common.cli import SUBCOMMANDS, main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ctfed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,3 +51,33 @@ def test_show_config_prints_resolved_values(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "rounds: 7" in out
     assert "image_size: 64" in out
+
+
+def test_in_env_runs_a_command_where_it_is_typed_and_the_tests_from_the_checkout(tmp_path) -> None:  # noqa: ANN001
+    # A hospital runs `.ci/in-env ctfed site --config site.yaml` from its own folder: the
+    # relative path must be its own (#14 point 9); the tests still find the repository.
+    wrapper = REPO / ".ci" / "in-env"
+    here = subprocess.run([str(wrapper), "python", "-c", "import os; print(os.getcwd())"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr
+    assert here.stdout.strip() == str(tmp_path.resolve())
+    tests = subprocess.run([str(wrapper), "pytest", "--collect-only", "-q", "tests/unit/test_warmup.py"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert tests.returncode == 0 and "test_warmup.py::" in tests.stdout, tests.stdout + tests.stderr
+
+
+def test_the_printed_submit_command_works_from_any_folder(tmp_path) -> None:  # noqa: ANN001
+    import shlex
+
+    from ctfed.server.deploy_cli import RUNS_DIR, RunningSuperLink, submit_command
+
+    link = RunningSuperLink(process=None, port=1, local_address="127.0.0.1:1",  # type: ignore[arg-type]
+                            flwr_home=tmp_path / "flwr-home", log_file=tmp_path / "superlink.log")
+    env, *command = shlex.split(submit_command(link, tmp_path))
+    assert env == f"FLWR_HOME={tmp_path / 'flwr-home'}"
+    assert command[:2] == ["flwr", "run"] and command[3:5] == ["ctfed", "--stream"]
+    app = command[2]
+    assert app == str(REPO) and "[tool.flwr.app]" in (REPO / "pyproject.toml").read_text()  # absolute, not "."
+    assert command[5] == "--run-config"
+    run_dir = command[6].removeprefix('run-dir="').removesuffix('"')
+    assert run_dir.startswith(str(tmp_path / RUNS_DIR) + "/run-")  # results under the state folder
