@@ -188,3 +188,27 @@ def tiny_app(folder: Path) -> Path:
     (folder / "tinyapp" / "client.py").write_text("app = None  # the site's code\n")
     (folder / "tinyapp" / "server.py").write_text("app = None\n")
     return folder
+
+
+def submit_run(app_dir: Path, connection: str, flwr_home: Path, run_config: str, timeout_s: float) -> str:
+    """``flwr run APP CONNECTION --stream --run-config ...`` as the coordinator types it, against a
+    running SuperLink; its output, after asserting it finished in ``timeout_s`` with exit code 0."""
+    import subprocess
+
+    import pytest
+
+    from ctfed.common.processes import flower_tool, offline_env, stop_process_group
+
+    command = [flower_tool("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", run_config]
+    flwr_run = subprocess.Popen(
+        command, env=offline_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        output, _ = flwr_run.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"'flwr run' did not finish in {timeout_s:.0f} s")
+    finally:
+        stop_process_group(flwr_run)
+    assert flwr_run.returncode == 0, output[-5000:]
+    return output

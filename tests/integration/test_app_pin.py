@@ -27,7 +27,7 @@ from ctfed.common.certs import generate
 from ctfed.common.config import load_run_config, read_site_config, save_run_config
 from ctfed.common.processes import flower_tool, offline_env, stop_process_group
 from ctfed.server.deploy_cli import SuperLinkSettings, list_nodes, register_sites, running_superlink
-from helpers import tiny_app
+from helpers import submit_run, tiny_app
 
 # Flower's build uses pathspec's deprecated gitwildmatch patterns; not ours to fix.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")]
@@ -98,18 +98,7 @@ def test_a_site_never_runs_a_bundle_it_did_not_pin(tmp_path: Path, one_site_cach
                 time.sleep(1.0)
 
             run_config = f'run-config-file="{config_file}" run-dir="{run_dir}"'
-            command = [flower_tool("flwr"), "run", str(APP_DIR), link.connection, "--stream", "--run-config", run_config]
-            flwr_run = subprocess.Popen(
-                command, env=offline_env(link.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, start_new_session=True,
-            )
-            try:
-                output, _ = flwr_run.communicate(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"'flwr run' did not finish in {RUN_TIMEOUT_S:.0f} s")
-            finally:
-                stop_process_group(flwr_run)
-            assert flwr_run.returncode == 0, output[-5000:]
+            output = submit_run(APP_DIR, link.connection, link.flwr_home, run_config, RUN_TIMEOUT_S)
     finally:
         with ThreadPoolExecutor() as stopping:  # each waits for its SuperNode's graceful exit: together
             list(stopping.map(stop_process_group, [node.process for node in nodes]))

@@ -22,7 +22,7 @@ from ctfed.client.site_cli import RunningSuperNode, start_supernode
 from ctfed.common.certs import generate, make_signing_key, public_key_file_fingerprint, write_roster
 from ctfed.common.config import ConfigError, load_run_config, read_site_config
 from ctfed.common.preprocess import prepare
-from ctfed.common.processes import flower_tool, offline_env, stop_process_group
+from ctfed.common.processes import stop_process_group
 from ctfed.server.deploy_cli import (
     SuperLinkSettings,
     SITES_FILE,
@@ -32,6 +32,8 @@ from ctfed.server.deploy_cli import (
     running_superlink,
 )
 from ctfed.simulations.data.synth import synthesize_federation
+
+from helpers import submit_run  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
@@ -208,19 +210,7 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             assert len(list_nodes(link.flwr_home)) == len(SITES)  # never registered, never listed
 
             run_config = f'num-server-rounds=2 local-steps=2 run-dir="{run_dir}"'
-            command = [flower_tool("flwr"), "run", str(APP_DIR), link.connection, "--stream", "--run-config", run_config]
-            flwr_run = subprocess.Popen(
-                command, env=offline_env(link.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, start_new_session=True,
-            )
-            try:
-                output, _ = flwr_run.communicate(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                stop_process_group(flwr_run)
-                pytest.fail(f"'flwr run' did not finish in {RUN_TIMEOUT_S:.0f} s")
-            finally:
-                stop_process_group(flwr_run)
-            assert flwr_run.returncode == 0, output[-5000:]
+            output = submit_run(APP_DIR, link.connection, link.flwr_home, run_config, RUN_TIMEOUT_S)
 
             results_file = run_dir / "results.json"
             assert results_file.is_file(), output[-5000:]
