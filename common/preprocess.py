@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfed.common.config import PreprocessConfig, SeriesPerStudy, WindowConfig
+from ctfed.common.config import ConfigError, PreprocessConfig, SeriesPerStudy, WindowConfig
 from ctfed.common.dicom import (
     AIR_HU,
     CTVolume,
@@ -497,6 +498,28 @@ def process_studies(
         rejected.extend(study.not_chosen(secret))
 
 
+PREPARE_LOCK = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def _only_writer(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir``'s prepare lock (an advisory ``flock``, released when the process
+    ends, however it ends). Two prepares writing one cache would rewrite each other's manifest
+    (each starts from an empty series list) and race on its temporary file."""
+    with open(output_dir / PREPARE_LOCK, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another 'ctfed prepare' is writing the cache {output_dir} now; wait for it to finish "
+                "(a second one then only adds what is new) or prepare into another folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare(
     input_dir: Path,
     output_dir: Path,
@@ -509,6 +532,11 @@ def prepare(
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder does not exist: {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
+    with _only_writer(output_dir):
+        return _prepare(input_dir, output_dir, cfg, labels_csv, progress)
+
+
+def _prepare(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, labels_csv: Path | None, progress: bool) -> PrepareSummary:
     secret = site_secret(output_dir)
     plan = preprocessing_plan(cfg)
     manifest_path = output_dir / MANIFEST

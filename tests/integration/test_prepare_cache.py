@@ -24,7 +24,7 @@ from ctfed.common.config import (
     load_run_config,
 )
 from ctfed.common.dicom import SeriesRef, rank_study_series
-from ctfed.common.preprocess import CachedVolumes, prepare
+from ctfed.common.preprocess import PREPARE_LOCK, CachedVolumes, prepare
 from ctfed.simulations.data.synth import BONE_RECONSTRUCTION, LABEL_COLUMNS, synthesize_federation
 
 from helpers import PLANTED_IDENTIFIERS, plant_identifiers  # tests/helpers.py
@@ -74,6 +74,22 @@ def test_manifest_cache_and_rerun(federation: list[Path], tmp_path: Path) -> Non
     # Other settings mean another cache: everything is rebuilt.
     rebuilt = prepare(site, tmp_path, _cfg(foreground_hu=-100.0), progress=False)
     assert (rebuilt.accepted, rebuilt.cached) == (2, 0)
+
+
+def test_a_second_prepare_on_the_same_cache_is_refused_while_the_first_writes(federation: list[Path], tmp_path: Path) -> None:
+    # Two prepares on one cache rewrote each other's manifest and raced on its temporary file
+    # (seen as FileNotFoundError on '.manifest.json.tmp').
+    import fcntl
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    with open(out / PREPARE_LOCK, "a+") as held:  # a first prepare, mid-run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another 'ctfed prepare' is writing"):
+            prepare(federation[0], out, _cfg())
+        assert not (out / "manifest.json").exists()  # the refused one wrote nothing
+    summary = prepare(federation[0], out, _cfg())  # released: it runs
+    assert len(CachedVolumes(out)) == summary.accepted > 0
 
 
 def test_output_orientation_is_ras_zyx() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "simulation.site_policy.min_reported_count=0",
             # The plain (vetted FedAvg) path; tests/integration/test_secagg_protocol.py runs the secure one.
             "secagg.enabled=false",
+            # All three sites in Ray at once, whatever the cores (2 in CI fit two).
+            "simulation.concurrent_sites=3",
         ]
     )
     assert code == 0
@@ -107,6 +110,8 @@ def test_run_folder_has_config_and_log(finished_run: Path) -> None:
     assert read_simulation_config(finished_run / "config.yaml").federation.rounds == 2
     log = (finished_run / "federation.log").read_text()
     assert "round 2/2" in log
+    # simulation.concurrent_sites=3: Ray ran one actor process per site, not one per core.
+    assert len(set(re.findall(r"ClientAppActor pid=(\d+)", log))) == 3
 
 
 def test_results_record_the_simulation_config_whole(finished_run: Path) -> None:
