@@ -34,10 +34,11 @@ from ctfed.client.policy import PolicyViolation, check_instructions, load_site_p
 from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
 from ctfed.common.config import LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
-from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY
+from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY, SLICES_KEYS, SPACING_KEYS
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
+    FINETUNE_PHASE,
     POLICY_REFUSED_CODE,
     RoundInstructions,
     SiteReply,
@@ -168,13 +169,24 @@ class SitePrivacyRound:
         return self.epsilon_after if self.privacy.mode is PrivacyMode.local else None
 
     def released(self, reply: SiteReply) -> SiteReply:
-        """What of a round's reply may leave the site (issue #12, point 10, in part).
+        """What of a round's reply may leave the site (issue #12, point 10; docs/security.md
+        "What each reply value reveals" lists every value and the rule that governs it).
 
         * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
-          positives count whose negatives (labelled - positive) are below it.
-        * Under DP (local or central) no per-step loss leaves: a step's loss is a figure of
-          the one or two volumes in its batch, outside any DP guarantee. The per-step losses
-          and the first one are dropped and the loss becomes the mean over the round's steps.
+          positives count whose negatives (labelled - positive) are below it; so are the
+          slice-count and spacing ranges when the scan count itself is dropped (the ranges are
+          coarsened where they are made, ``common.data_summary.site_data_metrics``).
+        * Under DP (local or central), phase 1 and phase 2 alike:
+
+          - no per-step loss: a step's loss is a figure of the one or two volumes in its batch,
+            outside any DP guarantee; the per-step losses and the first one are dropped and the
+            loss becomes the mean over the round's steps;
+          - ``num-examples`` is ``expected_examples()``, what the instructions ask for (steps x
+            batch size), not the exact count: under Poisson sampling that count is a sum of
+            per-volume draws, and in phase 2 it is the exact number of labelled training scans;
+          - no held-out evaluation (phase 2's ``eval/*``: AUROC and its CI, the operating point):
+            each is a function of a handful of held-out scans' labels and predictions, which no
+            DP mechanism here covers. The site logs it locally.
         """
         kept = dict(reply.aggregates)
         floor = self.policy.min_reported_count
@@ -187,10 +199,31 @@ class SitePrivacyRound:
                     small = small or labelled - value < floor
                 if small:
                     del kept[key]
+            if SCANS_KEY not in kept:  # a range of fewer scans than the floor is too close to one scan
+                for key in (*SLICES_KEYS, *SPACING_KEYS):
+                    kept.pop(key, None)
         reply = replace(reply, aggregates=kept)
-        if self.privacy.mode is not PrivacyMode.none and reply.losses:
-            reply = replace(reply, losses=(), loss_first=None, loss=sum(reply.losses) / len(reply.losses))
+        if self.privacy.mode is not PrivacyMode.none:
+            if reply.losses:
+                reply = replace(reply, losses=(), loss_first=None, loss=sum(reply.losses) / len(reply.losses))
+            expected = self.expected_examples()
+            if expected is not None:
+                reply = replace(reply, num_examples=expected)
+            if reply.evaluation:
+                reply = replace(reply, evaluation=None)
         return reply
+
+    def expected_examples(self) -> int | None:
+        """The examples a round's instructions ask for, known before any data is read (phase 1:
+        steps x micro-batches x batch size, the expected Poisson total under local DP; phase 2:
+        the plan's steps x the recipe's batch size); None without instructions."""
+        instructions = self.instructions
+        if instructions is None:
+            return None
+        if instructions.phase == FINETUNE_PHASE and instructions.finetune is not None:
+            return instructions.plan_local_steps * instructions.finetune.batch_size
+        train = instructions.train
+        return train.local_steps * train.accumulation_steps * train.batch_size
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Central DP: bound this site's update; other modes send it as it is."""
