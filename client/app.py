@@ -141,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         and first_monitor_of_round(context, server_round, site.site_id)
         else {}
     )
+    monitor = privacy_round.released_monitor(monitor)  # small cells stay here on either path
     if secure_path:
         hold_for_secure_round(context, monitor)
         monitor = {}

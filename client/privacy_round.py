@@ -31,10 +31,11 @@ from flwr.app import ArrayRecord, Context, Error
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, AuditLog
 from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned_local_entry, save_site_ledger
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
-from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
+from ctfed.client.privacy_unit import PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
 from ctfed.common.config import LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
 from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY, SLICES_KEYS, SPACING_KEYS
+from ctfed.common.monitor import MONITOR_PREFIX, SCANS_KEY as MONITOR_SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
@@ -112,14 +113,15 @@ class SitePrivacyRound:
         if self.local_dp is None:
             return
         try:
-            unit = check_one_volume_per_person(entries)
+            units = check_one_volume_per_person(entries)
         except PrivacyUnitViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
-        if unit != PATIENT_FIELD:
+        if units.by_study:
             logger.warning(
-                "site %s: the cache records no patient pseudonym per volume, so local DP protects one study "
-                "(one volume per study checked); a patient with several studies has several units",
-                self.identity.site_id,
+                "site %s: %d of %d cached volumes have no patient pseudonym (no PatientID, NIfTI, or a cache from "
+                "before patient_key: re-run ctfed prepare), so for them local DP checks one volume per study; a "
+                "patient with several studies among them has several units",
+                self.identity.site_id, units.by_study, units.by_study + units.by_patient,
             )
 
     def check_budget(self, train: TrainConfig, num_volumes: int) -> None:
@@ -175,7 +177,8 @@ class SitePrivacyRound:
         * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
           positives count whose negatives (labelled - positive) are below it; so are the
           slice-count and spacing ranges when the scan count itself is dropped (the ranges are
-          coarsened where they are made, ``common.data_summary.site_data_metrics``).
+          coarsened where they are made, ``common.data_summary.site_data_metrics``); and the
+          representation monitor when it used fewer labelled scans than the floor.
         * Under DP (local or central), phase 1 and phase 2 alike:
 
           - no per-step loss: a step's loss is a figure of the one or two volumes in its batch,
@@ -202,6 +205,7 @@ class SitePrivacyRound:
             if SCANS_KEY not in kept:  # a range of fewer scans than the floor is too close to one scan
                 for key in (*SLICES_KEYS, *SPACING_KEYS):
                     kept.pop(key, None)
+            kept = self.released_monitor(kept)
         reply = replace(reply, aggregates=kept)
         if self.privacy.mode is not PrivacyMode.none:
             if reply.losses:
@@ -212,6 +216,18 @@ class SitePrivacyRound:
             if reply.evaluation:
                 reply = replace(reply, evaluation=None)
         return reply
+
+    def released_monitor(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics`` without the representation monitor's values when it used fewer labelled
+        scans than ``policy.min_reported_count``: a kNN accuracy over a few scans says how those
+        few are labelled. Applied before a secure round holds the monitor back, too."""
+        kept = dict(metrics)
+        monitored = kept.get(MONITOR_SCANS_KEY)
+        floor = self.policy.min_reported_count
+        if floor and isinstance(monitored, int) and monitored < floor:
+            for key in [k for k in kept if k.startswith(MONITOR_PREFIX)]:
+                del kept[key]
+        return kept
 
     def expected_examples(self) -> int | None:
         """The examples a round's instructions ask for, known before any data is read (phase 1:
