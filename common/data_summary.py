@@ -36,7 +36,9 @@ def _coarse_range(values: list[float], min_count: int, step: float) -> tuple[flo
     if min_count <= 0:
         return min(values), max(values)
     ordered = sorted(values)
-    low, high = ordered[min_count - 1], ordered[-min_count]
+    # With fewer than 2k - 1 values the k-th smallest lies above the k-th largest: then the
+    # two swap, and the range is the middle of the data.
+    low, high = sorted((ordered[min_count - 1], ordered[-min_count]))
     return math.floor(low / step + 1e-9) * step, math.ceil(high / step - 1e-9) * step
 
 
