@@ -274,14 +274,14 @@ def _stage_a(instructions: RoundInstructions) -> Message:
 def test_the_secure_path_holds_the_monitor_until_unmask(tmp_path: Path) -> None:
     """Stage (a)'s reply carries no label-derived value; a round that stops before the unmask
     stage releases none (the held values go with the abort)."""
-    from ctfed.client.monitor_round import HELD_MONITOR_KEY
-
     cache = _cache(tmp_path / "cache", LABELS)
     context = _context(cache, tmp_path / "state")
     handlers = site_secagg.stage_handlers(client_train)
     reply = handlers[sa.message_type(sa.STAGE_TRAIN)](_stage_a(_phase_one()), context)
     sent = _sent(reply)
     assert _monitor_keys(sent) == [] and LOSS_KEY in sent
+    from ctfed.client.monitor_round import HELD_MONITOR_KEY
+
     assert sorted(context.state[HELD_MONITOR_KEY].keys()) == _monitor_keys(
         _sent(client_train(train_message(_phase_one(), _encoder()), _context(cache, tmp_path / "plain")))
     )
