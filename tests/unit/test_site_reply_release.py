@@ -219,6 +219,8 @@ def test_local_dp_sends_the_planned_count_not_the_sampled_one(tmp_path: Path) ->
     """Poisson sampling draws each volume with probability batch/volumes per step: the exact
     count is a sum of per-volume draws. The reply carries steps x batch size, what was asked."""
     cache = _cache(tmp_path / "cache", [None] * 6)
+    # 3 steps at rate 2/6: the sampled total equals the planned 6 with probability ~0.2 only
+    # (more steps would tell the two apart more surely, at seconds a step).
     train = TrainConfig(local_steps=3, batch_size=2, num_local_crops=1)
     local = PrivacyConfig(mode=PrivacyMode.local, local=LocalDPConfig(noise_multiplier=1.0))
     sent = _sent(client_train(train_message(_phase_one(privacy=local, train=train, monitor=False), _encoder()),
