@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from ctfed.client.finetune_round import finetune_train
 from ctfed.client.local_state import load_local_state, save_local_state
-from ctfed.client.monitor_round import monitor_metrics
+from ctfed.client.monitor_round import first_monitor_of_round, hold_for_secure_round, monitor_metrics
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
@@ -133,7 +133,18 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.shared_state())
     trainer.set_global_state(global_state)
     # Before training, on the encoder every site received (client/monitor_round.py).
-    monitor = monitor_metrics(site, instructions, encoder_part(global_state)) if privacy_round.policy.share_monitor else {}
+    # Only for an encoder the federation published (client/monitor_round.py): once per round,
+    # and on the secure path held until the round's unmask stage.
+    monitor = (
+        monitor_metrics(site, instructions, encoder_part(global_state))
+        if privacy_round.policy.share_monitor and instructions.monitor_settings() is not None
+        and first_monitor_of_round(context, server_round, site.site_id)
+        else {}
+    )
+    monitor = privacy_round.released_monitor(monitor)  # small cells stay here on either path
+    if secure_path:
+        hold_for_secure_round(context, monitor)
+        monitor = {}
 
     result = trainer.train_round(round_index=server_round - 1)
     local_state = trainer.local_state(copy=False)
@@ -159,8 +170,12 @@ def train(msg: Message, context: Context) -> Message:
             peak_rss_mb=peak_rss_mb(),
             epsilon=epsilon,
             aggregates={
-                # Aggregate counts and ranges for the model card's data summary (no identifiers).
-                **(site_data_metrics(site.dataset) if privacy_round.policy.share_data_summary else {}),
+                # Aggregate counts and ranges for the model card's data summary (no identifiers; ranges
+                # coarsened under the site's small-cell floor).
+                **(
+                    site_data_metrics(site.dataset, privacy_round.policy.min_reported_count)
+                    if privacy_round.policy.share_data_summary else {}
+                ),
                 # kNN accuracy and feature spread of the global encoder (aggregates, like the loss).
                 **monitor,
             },

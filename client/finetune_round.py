@@ -155,7 +155,9 @@ def finetune_train(
     update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))
     epsilon = privacy_round.after_training(0)
     sent_bytes = record_bytes(update)
-    reply = SiteReply(
+    # What may leave the site (client/privacy_round.py): under central DP no per-step loss, no
+    # exact count and no held-out evaluation; the site logs its evaluation below either way.
+    reply = privacy_round.released(SiteReply(
         site_id=identity.site_id,
         num_examples=len(train_scans),
         loss=float(fit.losses[-1]),
@@ -168,7 +170,12 @@ def finetune_train(
         peak_rss_mb=peak_rss_mb(),
         evaluation=evaluation,
         epsilon=epsilon,
-    )
+    ))
+    if reply.evaluation is None and evaluation:
+        logger.info(
+            "site %s round %d: held-out evaluation kept at the site (DP round): %s", identity.site_id, server_round,
+            {task: round(metrics["auroc"]["value"], 4) for task, metrics in evaluation.items() if "auroc" in metrics},
+        )
     logger.info(
         "site %s round %d (fine-tune, %s, blocks %s): %d steps, loss %.4f -> %.4f, %d bytes sent",
         identity.site_id, server_round, plan.stage, list(plan.blocks), len(fit.losses), fit.losses[0], fit.losses[-1],

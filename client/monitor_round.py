@@ -6,6 +6,20 @@ initial encoder's baseline. The numbers (kNN accuracy, feature spread, scans use
 reply metrics in clear, like the loss; ``policy.share_monitor: false`` keeps them (and skips
 the work). A site whose labels cannot be split skips the monitor, logging why once, and the
 round goes on: the monitor never refuses a round.
+
+The kNN accuracy is label-derived: on an encoder the coordinator crafts, it is a label oracle
+(issue #12 point 10). So the monitor's numbers leave the site only for an encoder the
+federation published, one the site trains from in a round that is aggregated:
+
+* **Secure path:** the numbers are held at the site (``hold_for_secure_round``) and sent with
+  the site's stage-(e) unmask reply (``release_held``), i.e. only after the site has checked
+  that every neighbour received the same model (stage b, signed by the neighbours' roster
+  keys) and that enough neighbours signed the survivor set for the aggregate to be unmasked.
+  A coordinator that stops after stage (a), or sends this site its own encoder, gets nothing.
+* **Both paths:** one monitor per round of a run (``first_monitor_of_round``): a coordinator
+  that replays a round with other weights gets no second answer.
+* **Plain path:** the site cannot tell whether other sites got the same encoder; a site that
+  minds sets ``policy.share_monitor: false`` or requires secure aggregation.
 """
 
 from __future__ import annotations
@@ -16,12 +30,20 @@ from collections.abc import Mapping
 
 import torch
 
+from flwr.app import ConfigRecord, Context, MetricRecord
+
 from ctfed.client.site import SiteData
 from ctfed.common.exchange import RoundInstructions
 from ctfed.common.labelled import NotEvaluableError
 from ctfed.common.monitor import SECONDS_KEY, site_monitor
 
 logger = logging.getLogger(__name__)
+
+# context.state: a secure round's monitor numbers, held until its unmask stage; the last
+# server round of this run whose encoder was monitored.
+HELD_MONITOR_KEY = "monitor-held"
+MONITORED_ROUND_KEY = "monitor-last-round"
+_ROUND_FIELD = "server-round"
 
 # Sites (in this process) that already logged why they skip the monitor: the reason stays the
 # same every round, so once is enough.
@@ -53,3 +75,37 @@ def monitor_metrics(
         site.site_id, result.knn_accuracy, result.k, result.scans, result.embedding_std, result.uniform_std, seconds,
     )
     return {**result.to_metrics(), SECONDS_KEY: seconds}
+
+
+def first_monitor_of_round(context: Context, server_round: int, site_id: str) -> bool:
+    """True (and remembered) the first time this run asks for a monitor in ``server_round`` or a
+    later round; False for a replayed or earlier round, which gets no second answer."""
+    last = context.state.get(MONITORED_ROUND_KEY)
+    if last is not None and server_round <= int(last[_ROUND_FIELD]):
+        logger.warning(
+            "site %s: round %d asks for the representation monitor again (last monitored: round %d); "
+            "no monitor this time (one per round: another encoder would be another label query)",
+            site_id, server_round, int(last[_ROUND_FIELD]),
+        )
+        return False
+    context.state[MONITORED_ROUND_KEY] = ConfigRecord({_ROUND_FIELD: int(server_round)})
+    return True
+
+
+def hold_for_secure_round(context: Context, monitor: Mapping[str, float | int]) -> None:
+    """Keep a secure round's monitor numbers at the site until its unmask stage."""
+    context.state.pop(HELD_MONITOR_KEY, None)
+    if monitor:
+        context.state[HELD_MONITOR_KEY] = MetricRecord(dict(monitor))
+
+
+def drop_held(context: Context) -> None:
+    """A secure round that ends early (an abort, a new round) releases nothing."""
+    context.state.pop(HELD_MONITOR_KEY, None)
+
+
+def release_held(context: Context) -> MetricRecord | None:
+    """The held monitor numbers, removed from the site's state (they leave once)."""
+    held = context.state.get(HELD_MONITOR_KEY)
+    context.state.pop(HELD_MONITOR_KEY, None)
+    return held

@@ -31,13 +31,15 @@ from flwr.app import ArrayRecord, Context, Error
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, AuditLog
 from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned_local_entry, save_site_ledger
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
-from ctfed.client.privacy_unit import PATIENT_FIELD, PrivacyUnitViolation, check_one_volume_per_person
+from ctfed.client.privacy_unit import PrivacyUnitViolation, check_one_volume_per_person
 from ctfed.client.site import SiteIdentity
 from ctfed.common.config import LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
-from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY
+from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY, SLICES_KEYS, SPACING_KEYS
+from ctfed.common.monitor import MONITOR_PREFIX, SCANS_KEY as MONITOR_SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
+    FINETUNE_PHASE,
     POLICY_REFUSED_CODE,
     RoundInstructions,
     SiteReply,
@@ -111,14 +113,15 @@ class SitePrivacyRound:
         if self.local_dp is None:
             return
         try:
-            unit = check_one_volume_per_person(entries)
+            units = check_one_volume_per_person(entries)
         except PrivacyUnitViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
-        if unit != PATIENT_FIELD:
+        if units.by_study:
             logger.warning(
-                "site %s: the cache records no patient pseudonym per volume, so local DP protects one study "
-                "(one volume per study checked); a patient with several studies has several units",
-                self.identity.site_id,
+                "site %s: %d of %d cached volumes have no patient pseudonym (no PatientID, NIfTI, or a cache from "
+                "before patient_key: re-run ctfed prepare), so for them local DP checks one volume per study; a "
+                "patient with several studies among them has several units",
+                self.identity.site_id, units.by_study, units.by_study + units.by_patient,
             )
 
     def check_budget(self, train: TrainConfig, num_volumes: int) -> None:
@@ -168,13 +171,25 @@ class SitePrivacyRound:
         return self.epsilon_after if self.privacy.mode is PrivacyMode.local else None
 
     def released(self, reply: SiteReply) -> SiteReply:
-        """What of a round's reply may leave the site (issue #12, point 10, in part).
+        """What of a round's reply may leave the site (issue #12, point 10; docs/security.md
+        "What each reply value reveals" lists every value and the rule that governs it).
 
         * Data summary counts below ``policy.min_reported_count`` are dropped, and so is a
-          positives count whose negatives (labelled - positive) are below it.
-        * Under DP (local or central) no per-step loss leaves: a step's loss is a figure of
-          the one or two volumes in its batch, outside any DP guarantee. The per-step losses
-          and the first one are dropped and the loss becomes the mean over the round's steps.
+          positives count whose negatives (labelled - positive) are below it; so are the
+          slice-count and spacing ranges when the scan count itself is dropped (the ranges are
+          coarsened where they are made, ``common.data_summary.site_data_metrics``); and the
+          representation monitor when it used fewer labelled scans than the floor.
+        * Under DP (local or central), phase 1 and phase 2 alike:
+
+          - no per-step loss: a step's loss is a figure of the one or two volumes in its batch,
+            outside any DP guarantee; the per-step losses and the first one are dropped and the
+            loss becomes the mean over the round's steps;
+          - ``num-examples`` is ``expected_examples()``, what the instructions ask for (steps x
+            batch size), not the exact count: under Poisson sampling that count is a sum of
+            per-volume draws, and in phase 2 it is the exact number of labelled training scans;
+          - no held-out evaluation (phase 2's ``eval/*``: AUROC and its CI, the operating point):
+            each is a function of a handful of held-out scans' labels and predictions, which no
+            DP mechanism here covers. The site logs it locally.
         """
         kept = dict(reply.aggregates)
         floor = self.policy.min_reported_count
@@ -187,10 +202,44 @@ class SitePrivacyRound:
                     small = small or labelled - value < floor
                 if small:
                     del kept[key]
+            if SCANS_KEY not in kept:  # a range of fewer scans than the floor is too close to one scan
+                for key in (*SLICES_KEYS, *SPACING_KEYS):
+                    kept.pop(key, None)
+            kept = self.released_monitor(kept)
         reply = replace(reply, aggregates=kept)
-        if self.privacy.mode is not PrivacyMode.none and reply.losses:
-            reply = replace(reply, losses=(), loss_first=None, loss=sum(reply.losses) / len(reply.losses))
+        if self.privacy.mode is not PrivacyMode.none:
+            if reply.losses:
+                reply = replace(reply, losses=(), loss_first=None, loss=sum(reply.losses) / len(reply.losses))
+            expected = self.expected_examples()
+            if expected is not None:
+                reply = replace(reply, num_examples=expected)
+            if reply.evaluation:
+                reply = replace(reply, evaluation=None)
         return reply
+
+    def released_monitor(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics`` without the representation monitor's values when it used fewer labelled
+        scans than ``policy.min_reported_count``: a kNN accuracy over a few scans says how those
+        few are labelled. Applied before a secure round holds the monitor back, too."""
+        kept = dict(metrics)
+        monitored = kept.get(MONITOR_SCANS_KEY)
+        floor = self.policy.min_reported_count
+        if floor and isinstance(monitored, int) and monitored < floor:
+            for key in [k for k in kept if k.startswith(MONITOR_PREFIX)]:
+                del kept[key]
+        return kept
+
+    def expected_examples(self) -> int | None:
+        """The examples a round's instructions ask for, known before any data is read (phase 1:
+        steps x micro-batches x batch size, the expected Poisson total under local DP; phase 2:
+        the plan's steps x the recipe's batch size); None without instructions."""
+        instructions = self.instructions
+        if instructions is None:
+            return None
+        if instructions.phase == FINETUNE_PHASE and instructions.finetune is not None:
+            return instructions.plan_local_steps * instructions.finetune.batch_size
+        train = instructions.train
+        return train.local_steps * train.accumulation_steps * train.batch_size
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Central DP: bound this site's update; other modes send it as it is."""

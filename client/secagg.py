@@ -56,6 +56,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from ctfed.client.audit import AUDIT_FILE, KIND_SECAGG_PREFIX, AuditLog, secagg_share_lists
 from ctfed.client.finetune_round import CLASSIFIER_BASE_KEY
+from ctfed.client.monitor_round import drop_held, release_held
 from ctfed.client.policy import load_site_policy
 from ctfed.client.site import DATA_PATH_KEY, PARTITION_ID_KEY, SITE_ID_KEY, identify_site
 from ctfed.common import secagg as sa
@@ -197,6 +198,7 @@ def handle_train(msg: Message, context: Context, local_train: Handler) -> Messag
     server_round = int(params[sa.P_ROUND])
     context.state.pop(sa.STATE_KEY, None)  # a new round always starts clean
     context.state.pop(sa.DELTA_STATE_KEY, None)
+    drop_held(context)  # a held monitor of an unfinished round never leaves
     auth = load_site_auth(context)  # a site that cannot authenticate does not even train
 
     trained = local_train(msg, context)
@@ -475,7 +477,10 @@ def handle_unmask(msg: Message, context: Context) -> Message:
         sa.K_SK1_SHARES: [sk1_shares[owners.index(n)] for n in sk1_owners],
     }
     del context.state[sa.STATE_KEY]  # the round is over for this site; no second unmask
-    return _reply(msg, reply)
+    # The representation monitor of the model every neighbour received, held since stage (a)
+    # (client/monitor_round.py): it leaves only now, with the round's aggregate assured.
+    held = release_held(context)
+    return _reply(msg, reply, **({METRICS_KEY: held} if held is not None else {}))
 
 
 def _logged(stage: str, handler: Handler) -> Handler:
@@ -488,6 +493,7 @@ def _logged(stage: str, handler: Handler) -> Handler:
             logger.warning("secure aggregation stopped at this site at %s: %s", stage, err)
             context.state.pop(sa.STATE_KEY, None)  # nothing more is revealed this round
             context.state.pop(sa.DELTA_STATE_KEY, None)
+            drop_held(context)
             raise
 
     return logged
@@ -530,7 +536,10 @@ def _audited(stage: str, handler: Handler, audit_replies: bool = True) -> Handle
                 server_round=server_round,
                 site_id=identity.site_id,
                 arrays=masked,
-                metrics={"protocol-bytes": sa.payload_bytes(reply.content)},
+                metrics={
+                    "protocol-bytes": sa.payload_bytes(reply.content),
+                    **dict(reply.content.metric_records.get(METRICS_KEY, {})),  # the unmask stage's monitor
+                },
                 shares=secagg_share_lists(stage, reply.content[sa.PROTOCOL_KEY], msg.content[sa.PROTOCOL_KEY]),
             )
         return reply

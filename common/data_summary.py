@@ -23,17 +23,44 @@ SLICES_KEYS = (DATA_PREFIX + "slices-min", DATA_PREFIX + "slices-max")
 SPACING_KEYS = (DATA_PREFIX + "spacing-min-mm", DATA_PREFIX + "spacing-max-mm")
 
 
-def site_data_metrics(volumes: CachedVolumes) -> dict[str, int | float | list[float]]:
-    """Scans, slice-count and spacing ranges (z, y, x), labelled scans and positives per label column."""
+# Bins the reported range ends are rounded outward to (min down, max up) when a site's
+# policy asks for coarsened ranges: a slice count to a multiple of 10, a spacing to 0.1 mm.
+SLICES_BIN = 10
+SPACING_BIN_MM = 0.1
+
+
+def _coarse_range(values: list[float], min_count: int, step: float) -> tuple[float, float]:
+    """The range's ends with at least ``min_count`` values at or beyond each (its
+    ``min_count``-th smallest and largest), rounded outward to multiples of ``step``; the
+    exact min and max when ``min_count`` is 0."""
+    if min_count <= 0:
+        return min(values), max(values)
+    ordered = sorted(values)
+    # With fewer than 2k - 1 values the k-th smallest lies above the k-th largest: then the
+    # two swap, and the range is the middle of the data.
+    low, high = sorted((ordered[min_count - 1], ordered[-min_count]))
+    return math.floor(low / step + 1e-9) * step, math.ceil(high / step - 1e-9) * step
+
+
+def site_data_metrics(volumes: CachedVolumes, min_count: int = 0) -> dict[str, int | float | list[float]]:
+    """Scans, slice-count and spacing ranges (z, y, x), labelled scans and positives per label column.
+
+    ``min_count`` (a site's ``policy.min_reported_count`` for what leaves it; 0 for the site's
+    own card): each end of a range is then the ``min_count``-th smallest / largest scan's value
+    rounded outward (``SLICES_BIN``, ``SPACING_BIN_MM``), so no end is one scan's value, and a
+    site of fewer scans sends no range at all. Counts are left to the caller's small-cell rule."""
     entries = volumes.entries
     slices = [int(e["slice_count"]) for e in entries if "slice_count" in e]
     spacings = [[float(s) for s in e["spacing_zyx_mm"]] for e in entries if len(e.get("spacing_zyx_mm", [])) == 3]
     metrics: dict[str, int | float | list[float]] = {SCANS_KEY: len(entries)}
-    if slices:
-        metrics[SLICES_KEYS[0]], metrics[SLICES_KEYS[1]] = min(slices), max(slices)
-    if spacings:
-        metrics[SPACING_KEYS[0]] = [min(axis) for axis in zip(*spacings)]
-        metrics[SPACING_KEYS[1]] = [max(axis) for axis in zip(*spacings)]
+    if slices and len(slices) >= min_count:
+        low, high = _coarse_range([float(v) for v in slices], min_count, SLICES_BIN)
+        metrics[SLICES_KEYS[0]], metrics[SLICES_KEYS[1]] = int(low), int(high)
+    if spacings and len(spacings) >= min_count:
+        ranges = [_coarse_range(list(axis), min_count, SPACING_BIN_MM) for axis in zip(*spacings)]
+        exact = min_count <= 0
+        metrics[SPACING_KEYS[0]] = [low if exact else round(low, 4) for low, _ in ranges]
+        metrics[SPACING_KEYS[1]] = [high if exact else round(high, 4) for _, high in ranges]
     labelled = [label for label in volumes.labels if label]
     metrics[LABELLED_KEY] = len(labelled)
     for name in sorted({name for label in labelled for name in label}):

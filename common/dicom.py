@@ -115,6 +115,8 @@ class SeriesRef:
     images: int = 0
     # For ``ctfed predict --id-column AccessionNumber`` only (a local CSV); never written otherwise.
     accession_number: str = field(repr=False, default="")
+    # For the patient pseudonym (``patient_key``) only: never written, logged or sent in clear.
+    patient_id: str = field(repr=False, default="")
 
 
 @dataclass
@@ -289,6 +291,7 @@ def scan(root: Path, secret: bytes | None = None) -> ScanResult:
             slice_thickness_mm=_positive_float(thickness),
             images=sum(int(d.get("NumberOfFrames") or 1) for _, d in members),
             accession_number=str(first.get("AccessionNumber") or ""),
+            patient_id=str(first.get("PatientID") or "").strip(),
         ))
     logger.info("scan: %d CT series, %d NIfTI files, %d rejected entries", len(series), len(nifti), len(rejected))
     return ScanResult(series=series, rejected=rejected, nifti=nifti)
@@ -601,4 +604,11 @@ def series_key(secret: bytes, series_uid: str) -> str:
 def study_key(secret: bytes, study_uid: str) -> str:
     """The pseudonymous key a study gets in every output (for patient-level splits)."""
     return pseudonym(secret, "study", study_uid)
+
+
+def patient_key(secret: bytes, patient_id: str) -> str:
+    """The pseudonymous key of a patient (local DP's privacy unit, client/privacy_unit.py);
+    "" for a series without a PatientID (empty or blank), which then has no patient key."""
+    patient_id = patient_id.strip()
+    return pseudonym(secret, "patient", patient_id) if patient_id else ""
 

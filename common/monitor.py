@@ -34,7 +34,9 @@ from ctfed.common.labelled import LabelledScans, SiteSplit, stratified_split
 from ctfed.common.metrics import embedding_std, knn_accuracy
 from ctfed.common.preprocess import CachedVolumes
 
-# Reply metrics of a phase-1 round (aggregate statistics, sent in clear like the loss).
+# Reply metrics of a phase-1 round (aggregate statistics, sent in clear like the loss; on the
+# secure path with the site's unmask reply, client/monitor_round.py).
+MONITOR_PREFIX = "monitor-"
 KNN_ACCURACY_KEY = "monitor-knn-accuracy"
 EMBEDDING_STD_KEY = "monitor-embedding-std"
 UNIFORM_STD_KEY = "monitor-uniform-std"

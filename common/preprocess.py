@@ -46,6 +46,7 @@ from ctfed.common.dicom import (
     load_series,
     rank_study_series,
     scan,
+    patient_key,
     series_key,
     study_key,
 )
@@ -234,6 +235,8 @@ class _Job:
     label: dict[str, Any] | None
     study: str
     nifti: bool = False
+    # The patient pseudonym (``patient_key``); "" when the series has no PatientID (NIfTI never has).
+    patient: str = ""
 
 
 # A result's in-memory volume when its job has no output folder (never in a manifest).
@@ -275,6 +278,7 @@ def _entry(job: _Job, name: str, volume: CTVolume, tensor: np.ndarray, cached_vo
     return {
         "key": job.key,
         "study_key": job.study,
+        **({"patient_key": job.patient} if job.patient else {}),
         "file": name,
         "content_hash": job.digest,
         "shape_zyx": list(hu.shape),
@@ -406,9 +410,9 @@ class ProcessedSeries:
     nifti_path: Path | None
 
 
-# reuse(series key, content hash, study key) -> True when the caller already holds this
+# reuse(series key, content hash, study key, patient key or "") -> True when the caller already holds this
 # unchanged series (prepare's cache), so it is not processed again.
-Reuse = Callable[[str, str, str], bool]
+Reuse = Callable[[str, str, str, str], bool]
 
 
 def process_studies(
@@ -435,7 +439,7 @@ def process_studies(
     saved there as ``<key>.npy``; without it, it travels back in the result.
     """
     labels = labels or {}
-    reused: Reuse = reuse or (lambda key, digest, study: False)
+    reused: Reuse = reuse or (lambda key, digest, study, patient: False)
     # One job per study and round: its best remaining series.
     studies = [_StudyCandidates(choice.ranked, choice.why) for choice in rank_study_series(found.series, cfg.series_selection)]
     sources: dict[str, SeriesRef | Path] = {}
@@ -448,7 +452,7 @@ def process_studies(
         except OSError as err:
             rejected.append(Rejection(f"file:{key}", f"file unreadable ({type(err).__name__})"))
             continue
-        if not reused(key, digest, key):
+        if not reused(key, digest, key, ""):
             sources[key] = path
             nifti_jobs.append(_Job(key, [path], digest, output_dir, cfg, labels.get(key), key, nifti=True))
 
@@ -464,11 +468,16 @@ def process_studies(
                     rejected.append(Rejection(f"series:{key}", f"files unreadable ({type(err).__name__})"))
                     continue
                 study_ref = study_key(secret, ref.study_uid)
-                if reused(key, digest, study_ref):
+                patient_ref = patient_key(secret, ref.patient_id)
+                if reused(key, digest, study_ref, patient_ref):
                     study.chosen = key
                     continue
                 sources[key] = ref
-                jobs.append((_Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref), study))
+                jobs.append((
+                    _Job(key, ref.files, digest, output_dir, cfg, labels.get(study_ref), study_ref,
+                         patient=patient_ref),
+                    study,
+                ))
                 break
         return jobs
 
@@ -558,8 +567,9 @@ def _prepare(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, labels_cs
             "rejected": [asdict(r) for r in rejected],
         })
 
-    def reuse(key: str, digest: str, label_key: str) -> bool:
-        """Take an unchanged series from the previous manifest (labels may have changed)."""
+    def reuse(key: str, digest: str, label_key: str, patient: str) -> bool:
+        """Take an unchanged series from the previous manifest (labels and, for a cache from
+        before patient pseudonyms, its ``patient_key`` may have changed)."""
         nonlocal cached
         old = previous.get(key)
         if not (old and old.get("content_hash") == digest and (output_dir / old["file"]).exists()):
@@ -567,6 +577,10 @@ def _prepare(input_dir: Path, output_dir: Path, cfg: PreprocessConfig, labels_cs
         if CACHED_VOXEL_FIELD not in old:
             return False
         old["label"] = labels.get(label_key, old.get("label")) if labels else old.get("label")
+        if patient:
+            old["patient_key"] = patient
+        else:
+            old.pop("patient_key", None)
         entries[key] = old
         cached += 1
         logger.debug("series %s unchanged; using the cache", key)

@@ -9,7 +9,8 @@ Stages (sites' handlers in client/secagg.py, maths in common/secagg.py):
     which the coordinator only ever adds up;
 (d) consistency: every site that sent a masked input gets the survivor set (those sites)
     and replies its signature over it (Bonawitz et al. 2017);
-(e) unmask: sites get their neighbours' signatures and reply shares; the coordinator
+(e) unmask: sites get their neighbours' signatures and reply shares (and the representation
+    monitor they held back since (a), client/monitor_round.py); the coordinator
     rebuilds survivors' self-mask seeds and dropped sites' pairwise keys, removes those
     masks from the sum and divides by the summed weights.
 
@@ -37,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from ctfed.common import secagg as sa
+from ctfed.common.monitor import MONITOR_PREFIX
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import (
     METRICS_KEY,
@@ -390,6 +392,12 @@ class SecureRound:
         seed_shares: dict[int, list[bytes]] = {n: [] for n in included}
         sk1_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
         for node_id, content in replies.items():
+            held = content.metric_records.get(METRICS_KEY)
+            if held is not None:  # the monitor, sent only now: the round's model was the same for all
+                site = self.sites[node_id]
+                site.metrics = {
+                    **dict(site.metrics), **{k: v for k, v in held.items() if k.startswith(MONITOR_PREFIX)}
+                }
             payload = content[sa.PROTOCOL_KEY]
             hood = set(self.neighbours[node_id])
             for owner, share in zip(cast(list, payload[sa.K_SEED_OWNERS]), cast(list, payload[sa.K_SEED_SHARES])):

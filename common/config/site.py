@@ -65,11 +65,14 @@ class SitePolicy:
     share_data_summary: bool = True
     # Counts of the data summary below this (scans, labelled scans, positives per label, and
     # positives whose negatives are below it) are not sent: small cells single people out.
-    # 0 sends every count.
+    # Its slice and spacing ranges end at the this-many-th scan from each end, rounded
+    # outward, and the representation monitor of fewer labelled scans is not sent either.
+    # 0 sends every count and the exact ranges.
     min_reported_count: int = 5
     # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
-    # statistics of labelled scans, in clear and outside any DP guarantee, like the summary.
+    # statistics of labelled scans, in clear and outside any DP guarantee, like the summary;
+    # once per round, and on the secure path only with the round's unmask reply.
     share_monitor: bool = True
     # Secure aggregation floor: reveal nothing unless the coordinator's reconstruction
     # threshold t exceeds this fraction of the site's neighbourhood n (t > f * n). Bonawitz

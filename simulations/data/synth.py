@@ -136,12 +136,14 @@ class _Patient:
     institution: str
 
 
-def _fake_patient(rng: np.random.Generator, site: int) -> _Patient:
+def _fake_patient(rng: np.random.Generator, site: int, scan: int | None = None) -> _Patient:
+    """A fake patient; with ``scan`` its PatientID is unique within the site (two random ones
+    could collide, and local DP refuses a cache where one patient has two studies)."""
     birth = dt.date(1930, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 70)))
     study = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 5)))
     return _Patient(
         name=f"{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}",
-        patient_id=f"H{site}{int(rng.integers(10**6, 10**7))}",
+        patient_id=f"H{site}" + (f"S{scan}R" if scan is not None else "") + str(int(rng.integers(10**6, 10**7))),
         birth_date=birth.strftime("%Y%m%d"),
         sex=str(rng.choice(["F", "M"])),
         accession=f"ACC{int(rng.integers(10**7, 10**8))}",
@@ -257,7 +259,7 @@ class _ScanDraw:
 def _draw_scan(seed: int, site: int, scan: int, profile: SiteProfile, prevalence: Mapping[str, float] | None) -> _ScanDraw:
     rng = np.random.default_rng([seed, site, scan])
     structural_rng = np.random.default_rng([seed, site, scan, _STRUCTURAL_STREAM])
-    patient = _fake_patient(rng, site)
+    patient = _fake_patient(rng, site, scan)
     haemorrhages = _pick_findings(rng, profile.prevalence)
     # One draw per finding whether present or not: each prevalence knob moves only its label.
     chances = structural_prevalence_of(prevalence)

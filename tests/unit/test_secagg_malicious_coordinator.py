@@ -101,7 +101,8 @@ def _local_train(grid_ref: list[AttackingGrid]):
 
 
 def _attack(
-    rewrite: Rewrite | None, tmp_path: Path, secagg: SecAggConfig | None = None, nodes=NODES, prepare=None, run_id: int = 1
+    rewrite: Rewrite | None, tmp_path: Path, secagg: SecAggConfig | None = None, nodes=NODES, prepare=None, run_id: int = 1,
+    local_train=_local_train,
 ):
     """One secure round of the real coordinator code with ``rewrite`` in the middle."""
     cfg = RunConfig()
@@ -109,7 +110,7 @@ def _attack(
     cfg.federation.min_sites = 2
     grid_ref: list[AttackingGrid] = []
     grid = AttackingGrid(
-        site_secagg.stage_handlers(_local_train(grid_ref)), list(nodes), auth_dir=tmp_path / "keys", rewrite=rewrite, run_id=run_id
+        site_secagg.stage_handlers(local_train(grid_ref)), list(nodes), auth_dir=tmp_path / "keys", rewrite=rewrite, run_id=run_id
     )
     grid_ref.append(grid)
     if prepare is not None:
@@ -247,6 +248,52 @@ def test_an_honest_round_verifies_and_aggregates(tmp_path: Path) -> None:
     for node in NODES:
         advert = grid.replies[(node, TRAIN)].content[sa.PROTOCOL_KEY]
         assert advert[sa.K_SITE_ID] == f"site-{node}" and len(advert[sa.K_SIGNATURE]) == 64
+
+
+def _monitoring_train(grid_ref: list[AttackingGrid]):
+    """The fixed small delta, with a representation monitor held back as the ClientApp does
+    on the secure path (client/app.py: ``hold_for_secure_round``)."""
+    from ctfed.client.monitor_round import hold_for_secure_round
+    from ctfed.common.monitor import MonitorResult
+
+    plain = _local_train(grid_ref)
+
+    def train(msg: Message, context: Context) -> Message:
+        node = int(msg.metadata.dst_node_id)
+        hold_for_secure_round(context, MonitorResult(knn_accuracy=0.75, embedding_std=0.1, uniform_std=0.2, scans=8, k=3).to_metrics())
+        assert node in NODES
+        return plain(msg, context)
+
+    return train
+
+
+def test_the_monitor_comes_with_the_unmask_reply_only(tmp_path: Path) -> None:
+    """Issue #12 point 10: the kNN monitor leaves a site only once it has checked that every
+    neighbour received the same model and the round is being unmasked."""
+    result, grid = _attack(None, tmp_path / "honest", local_train=_monitoring_train)
+    assert result.mean_delta is not None, result.reason
+    assert all(s.monitor is not None and s.monitor["knn_accuracy"] == 0.75 for s in result.sites)
+    for node in NODES:  # not in stage (a)'s reply
+        assert not [k for k in grid.replies[(node, TRAIN)].content.metric_records.get("metrics", {}) if k.startswith("monitor-")]
+
+    def other_model(kind: str, node: int, content: RecordDict) -> RecordDict:
+        if kind == TRAIN and node == VICTIM:
+            return RecordDict({**dict(content.items()), ARRAYS_KEY: state_to_record({n: t + 1.0 for n, t in _like().items()})})
+        return content
+
+    def stop_after_train(kind: str, node: int, content: RecordDict) -> RecordDict:
+        if kind == SHARE_KEYS:  # the coordinator breaks stage (b) for everyone: it only wanted (a)
+            payload = _payload(content)
+            _unsigned(payload)
+            return _with_payload(content, payload)
+        return content
+
+    for name, rewrite in (("other-model", other_model), ("stop-after-train", stop_after_train)):
+        result, grid = _attack(rewrite, tmp_path / name, local_train=_monitoring_train)
+        assert result.mean_delta is None
+        assert all(s.monitor is None for s in result.sites), name
+        assert not [reply for (node, kind), reply in grid.replies.items() if reply.has_content()
+                    and [k for k in reply.content.metric_records.get("metrics", {}) if k.startswith("monitor-")]]
 
 
 def test_a_site_without_signing_key_or_roster_does_not_train(tmp_path: Path) -> None:

@@ -207,11 +207,13 @@ def test_site_keeps_its_data_summary_when_its_policy_says_so(
     # Two scans is a small cell: by default (min_reported_count 5) no count of this site leaves it.
     suppressed = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
     assert SCANS_KEY not in suppressed and not [key for key in suppressed if key.startswith(DATA_PREFIX + "positive-")]
-    assert DATA_PREFIX + "slices-min" in suppressed  # ranges are not counts
+    # Nor its ranges: with fewer scans than the floor each end would be one scan's value (#12, 10a).
+    assert not [key for key in suppressed if key.startswith((DATA_PREFIX + "slices-", DATA_PREFIX + "spacing-"))]
 
     write_policy_file(SitePolicy(min_reported_count=0), state_dir)
     shared = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]
     assert shared[SCANS_KEY] == 2
+    assert DATA_PREFIX + "slices-min" in shared and DATA_PREFIX + "spacing-max-mm" in shared  # 0 sends all, exact
 
     write_policy_file(SitePolicy(share_data_summary=False), state_dir)
     kept = client_train(_train_message(TrainConfig(local_steps=1)), context).content[METRICS_KEY]

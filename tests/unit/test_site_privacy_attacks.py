@@ -343,6 +343,69 @@ def test_local_dp_refuses_two_volumes_of_one_person(tmp_path: Path, cache: Path,
     assert not client_train(_plain(_instructions()), context).has_error()
 
 
+def test_two_studies_of_one_patient_prepared_for_real_are_refused_under_local_dp(
+    tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Point 9 through the real ``prepare``: a patient with two studies is one person."""
+    import logging
+
+    import pydicom
+
+    from ctfed.common.config import load_run_config
+    from ctfed.common.preprocess import prepare
+
+    (site_dicom,) = [p for p in (cache.parent / "dicom").iterdir() if p.is_dir()]  # the fixture's DICOM
+    dicom = tmp_path / "dicom"
+    shutil.copytree(site_dicom, dicom)
+    files = sorted(p for p in dicom.rglob("*") if p.is_file() and p.name != "labels.csv")
+    patient_id, study_of = "ZZPID98765", {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        study_of[path] = str(ds.StudyInstanceUID)
+        ds.PatientID = patient_id  # both studies: one patient
+        ds.save_as(path)
+    out = tmp_path / "cache"
+    preprocess = load_run_config().preprocess
+    prepare(dicom, out, preprocess, progress=False)
+    entries = json.loads((out / MANIFEST).read_text())["series"]
+    assert len(entries) == len({e["study_key"] for e in entries}) == 2  # two studies
+    assert len({e["patient_key"] for e in entries}) == 1  # of one patient
+    for path in (p for p in out.rglob("*") if p.is_file()):  # the PatientID is never written in clear
+        assert patient_id.encode() not in path.read_bytes(), path.name
+
+    state = tmp_path / "state"
+    reply = client_train(_plain(_instructions(LOCAL_DP)), _context(state, out, SitePolicy()))
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE
+    assert "1 patient pseudonyms have more than one volume" in reply.error.reason
+    assert entries[0]["patient_key"] not in reply.error.reason and patient_id not in reply.error.reason
+    assert patient_id not in (state / AUDIT_FILE).read_text()
+
+    # A cache from before patient pseudonyms gets them on the next prepare, without reprocessing.
+    manifest = json.loads((out / MANIFEST).read_text())
+    for entry in manifest["series"]:
+        del entry["patient_key"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert prepare(dicom, out, preprocess, progress=False).cached == 2
+    assert len({e.get("patient_key") for e in json.loads((out / MANIFEST).read_text())["series"]}) == 1
+
+    # A study without a PatientID gets no patient key; its study is then its unit (and logged).
+    from ctfed.common.dicom import study_key
+    from ctfed.common.privacy import site_secret
+
+    (first_study,) = {uid for uid in study_of.values() if study_key(site_secret(out), uid) == entries[0]["study_key"]}
+    for path in (p for p in files if study_of[p] == first_study):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = ""
+        ds.save_as(path)
+    prepare(dicom, out, preprocess, progress=False)
+    entries = json.loads((out / MANIFEST).read_text())["series"]
+    assert sorted(bool(e.get("patient_key")) for e in entries) == [False, True]
+    with caplog.at_level(logging.WARNING, logger="ctfed.client.privacy_round"):
+        assert not client_train(_plain(_instructions(LOCAL_DP)), _context(tmp_path / "state2", out, SitePolicy())).has_error()
+    # (the ClientApp's console logging may take the record before caplog does)
+    assert "1 of 2 cached volumes have no patient pseudonym" in caplog.text + capsys.readouterr().out
+
+
 # -- point 13: the share stages record whose shares went where ------------------------------
 
 
