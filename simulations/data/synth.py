@@ -136,14 +136,12 @@ class _Patient:
     institution: str
 
 
-def _fake_patient(rng: np.random.Generator, site: int, scan: int | None = None) -> _Patient:
-    """A fake patient; with ``scan`` its PatientID is unique within the site (two random ones
-    could collide, and local DP refuses a cache where one patient has two studies)."""
+def _fake_patient(rng: np.random.Generator, site: int) -> _Patient:
     birth = dt.date(1930, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 70)))
     study = dt.date(2019, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 5)))
     return _Patient(
         name=f"{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}",
-        patient_id=f"H{site}" + (f"S{scan}R" if scan is not None else "") + str(int(rng.integers(10**6, 10**7))),
+        patient_id=f"H{site}{int(rng.integers(10**6, 10**7))}",
         birth_date=birth.strftime("%Y%m%d"),
         sex=str(rng.choice(["F", "M"])),
         accession=f"ACC{int(rng.integers(10**7, 10**8))}",
@@ -256,10 +254,27 @@ class _ScanDraw:
     structural: list[str]
 
 
+# (seed, site) -> the PatientIDs its scans 0, 1, ... draw (each from the scan's own stream).
+_DRAWN_PATIENT_IDS: dict[tuple[int, int], list[str]] = {}
+
+
+def _unique_patient(patient: _Patient, seed: int, site: int, scan: int) -> _Patient:
+    """Every scan is another patient's: a PatientID that an earlier scan of the site drew too (a
+    1-in-9e6 draw per pair; local DP refuses a cache in which one patient has two studies)
+    gets the scan number appended. Only such a scan's bytes change, so every other scan keeps
+    its content hash and the studies their splits."""
+    drawn = _DRAWN_PATIENT_IDS.setdefault((seed, site), [])
+    while len(drawn) < scan:
+        drawn.append(_fake_patient(np.random.default_rng([seed, site, len(drawn)]), site).patient_id)
+    if patient.patient_id not in drawn[:scan]:
+        return patient
+    return replace(patient, patient_id=f"{patient.patient_id}S{scan}")
+
+
 def _draw_scan(seed: int, site: int, scan: int, profile: SiteProfile, prevalence: Mapping[str, float] | None) -> _ScanDraw:
     rng = np.random.default_rng([seed, site, scan])
     structural_rng = np.random.default_rng([seed, site, scan, _STRUCTURAL_STREAM])
-    patient = _fake_patient(rng, site, scan)
+    patient = _unique_patient(_fake_patient(rng, site), seed, site, scan)
     haemorrhages = _pick_findings(rng, profile.prevalence)
     # One draw per finding whether present or not: each prevalence knob moves only its label.
     chances = structural_prevalence_of(prevalence)

@@ -19,7 +19,10 @@ from ctfed.simulations.data.synth import (
     BONE_RECONSTRUCTION,
     LABEL_COLUMNS,
     PROFILES,
+    _draw_scan,
+    _unique_patient,
     scan_labels,
+    site_profile,
     synthesize_federation,
     write_scan,
 )
@@ -249,3 +252,16 @@ def test_prevalence_must_be_a_chance(override: str) -> None:
 def test_unknown_structural_finding_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown structural findings \\['stroke'\\]"):
         synthesize_federation(tmp_path, 1, 1, seed=0, structural_prevalence={"stroke": 0.5})
+
+
+def test_every_scan_of_a_site_is_another_patient() -> None:
+    """A PatientID an earlier scan drew (local DP refuses two studies of one patient) gets the
+    scan number; a first draw is kept as it was, so no other scan's bytes move."""
+    seed, site = 0, 1
+    first = _draw_scan(seed, site, 0, site_profile(site), None).patient
+    later = _draw_scan(seed, site, 5, site_profile(site), None).patient
+    collided = _unique_patient(replace(later, patient_id=first.patient_id), seed, site, 5)
+    assert collided.patient_id == f"{first.patient_id}S5"
+    assert _unique_patient(later, seed, site, 5) == later
+    ids = [_draw_scan(seed, site, scan, site_profile(site), None).patient.patient_id for scan in range(300)]
+    assert len(set(ids)) == len(ids)
