@@ -152,6 +152,14 @@ class TuningSet:
     labels: dict[str, np.ndarray]  # task -> 0/1 per scan, in the order of ``volumes``
 
 
+def tuning_synth(sites: int, seed: int, finding_scale: float, scans_per_site: Sequence[int]) -> SynthConfig:
+    """The synthetic federation of a tuning set: one scan count for every site, or one per site."""
+    counts = list(scans_per_site)
+    if len(counts) == 1:
+        return SynthConfig(sites=sites, seed=seed, finding_scale=finding_scale, scans_per_site=counts[0])
+    return SynthConfig(sites=sites, seed=seed, finding_scale=finding_scale, scans_per_site=max(counts), scans_per_site_list=counts)
+
+
 def tuning_set(out: Path, synth: SynthConfig, size: int, tasks: Sequence[str] = LABEL_COLUMNS) -> TuningSet:
     """Synthesize and prepare at ``size``^3 (``prepare`` reuses what ``out`` already holds)."""
     site_dirs = synthesize_federation(
@@ -223,11 +231,13 @@ def encoder_probe(
 
 
 def encoder_curve(
-    data: TuningSet, overrides: list[str], checkpoints: Sequence[int], seed: int, few_labels: int = 0, round_steps: int = 0
+    data: TuningSet, overrides: list[str], checkpoints: Sequence[int], seed: int, few_labels: int = 0, round_steps: int = 0,
+    save_dir: Path | None = None,
 ) -> list[tuple[int, dict[str, dict[str, float]]]]:
     """One centralized pretraining for ``max(checkpoints)`` steps (one LR schedule), in rounds
     of ``round_steps`` (0: the checkpoints' greatest common divisor), probed as in
-    ``encoder_probe`` at every checkpoint: [(steps, rows)] in step order."""
+    ``encoder_probe`` at every checkpoint: [(steps, rows)] in step order. With ``save_dir``
+    each checkpoint's encoder state is also saved there as ``encoder_<steps>.pt``."""
     ordered = sorted(set(checkpoints))
     if not ordered or ordered[0] < 0:
         raise ValueError(f"checkpoints must be step counts >= 0, got {list(checkpoints)}")
@@ -243,6 +253,9 @@ def encoder_curve(
         while done < steps:
             trainer.train_round(done // chunk)
             done += chunk
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(trainer.encoder_state(), save_dir / f"encoder_{steps}.pt")
         curve.append((steps, _probe_rows(cfg.model, trainer.encoder_state(), data, seed, few_labels)))
     return curve
 
@@ -316,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         help="pretrain once for the largest --pretrain-steps and probe that encoder at each count (one LR schedule)",
     )
     parser.add_argument("--round-steps", type=int, default=0, help="with --curve: steps per training round (0: the counts' gcd)")
+    parser.add_argument("--save-encoders", type=Path, default=None, metavar="DIR",
+                        help="with --curve: also save each checkpoint's encoder as DIR/encoder_<steps>.pt (few_label_finetune reads them)")
     parser.add_argument(
         "--train", nargs="*", default=[], metavar="KEY=VALUE",
         help="Hydra overrides of the pretraining, e.g. train.mim_objective=mae train.dino_weight=0",
@@ -327,10 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     counts = list(args.scans_per_site)
-    if len(counts) == 1:
-        synth_counts: dict[str, Any] = {"scans_per_site": counts[0]}
-    else:
-        synth_counts = {"scans_per_site": max(counts), "scans_per_site_list": counts}
     report: dict[str, Any] = {
         "seed": args.seed, "sites": args.sites, "scans_per_site": counts, "size": args.size, "tasks": list(args.tasks),
         "probe": f"logistic regression (standardised, C=0.1), {FOLDS}-fold stratified out-of-fold AUROC",
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tuning set: seed {args.seed}, {args.sites} sites x {'/'.join(map(str, counts))} scans, {args.size}^3")
     sets = {}
     for scale in args.finding_scale:
-        synth = SynthConfig(sites=args.sites, seed=args.seed, finding_scale=scale, **synth_counts)
+        synth = tuning_synth(args.sites, args.seed, scale, counts)
         started = time.perf_counter()
         sets[scale] = tuning_set(args.out / f"scale_{scale:g}_size_{args.size}", synth, args.size, args.tasks)
         prepared = time.perf_counter()
@@ -374,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             if args.curve:
                 run["curve"] = True  # one pretraining; "seconds" then count from its start
-                probes = encoder_curve(data, list(args.train), args.pretrain_steps, args.seed, args.few_labels, args.round_steps)
+                probes = encoder_curve(data, list(args.train), args.pretrain_steps, args.seed, args.few_labels, args.round_steps,
+                                       args.save_encoders)
             else:
                 probes = ((steps, encoder_probe(data, list(args.train), steps, args.seed, args.few_labels))
                           for steps in args.pretrain_steps)

@@ -97,3 +97,42 @@ def test_few_label_probe_fits_on_the_few_and_scores_the_rest() -> None:
     # A single positive can never be both among the few and among the scored: refused, not a hang.
     with pytest.raises(ValueError, match="2 scans of each class"):
         few_label_auroc(separable, np.array([1] + [0] * 99), n_labels=8, seed=0)
+
+
+def _cube_volumes(labels: np.ndarray, size: int = 16) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    volumes = 0.3 * torch.rand(len(labels), 3, size, size, size, generator=generator)
+    volumes[torch.as_tensor(labels == 1), :, 4:12, 4:12, 4:12] += 0.6
+    return volumes
+
+
+def test_curve_saves_the_encoder_it_probed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    labels = np.array([0, 1] * 10)
+    volumes = list(_cube_volumes(labels, 32))
+    data = TuningSet(caches=[_Volumes(volumes)], volumes=volumes, labels={"cube": labels})  # type: ignore[list-item]
+    encoder_curve(data, ["train.mim_objective=mae", "train.batch_size=4"], [0, 2], seed=0, save_dir=tmp_path)
+    untrained, trained = (torch.load(tmp_path / f"encoder_{n}.pt", weights_only=True) for n in (0, 2))
+    assert set(untrained) == set(trained)
+    assert any(not torch.equal(untrained[k], trained[k]) for k in trained)
+
+
+def test_few_label_finetune_learns_a_plain_finding_and_knows_an_unlearnable_task() -> None:
+    """simulations/studies/few_label_finetune.py: full fine-tuning and the CNN find a bright cube
+    from 12 labels; a task whose labelled scans hold no positive scores 0.5, whatever the mode."""
+    from ctfed.simulations.config import load_simulation_config
+    from ctfed.simulations.studies.few_label_finetune import finetune_auroc
+
+    cube = np.array([0, 1] * 16)
+    unseen = np.zeros_like(cube)
+    unseen[-4:] = 1  # positives only among the held-out scans
+    labels = torch.tensor(np.stack([cube, unseen], axis=1), dtype=torch.float32)
+    volumes = _cube_volumes(cube)
+    model_cfg = load_simulation_config(["preset=compare", "model.image_size=16", "preprocess.output_size=16"]).model
+    train, test = np.arange(12), np.arange(12, 32)
+    for mode in ("full", "probe", "cnn"):
+        cube_auroc, unseen_auroc = finetune_auroc(model_cfg, None, volumes, labels, train, test, mode, steps=30, seed=0)
+        assert unseen_auroc == 0.5
+        if mode != "probe":
+            assert cube_auroc > 0.9, mode
+    with pytest.raises(ValueError, match="mode must be one of"):
+        finetune_auroc(model_cfg, None, volumes, labels, train, test, "lora", steps=1, seed=0)
