@@ -13,6 +13,7 @@ the report reads exactly the schema ``RunRecorder`` writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -226,11 +227,20 @@ def read_config(run_dir: Path, results: RunResults) -> dict[str, Any]:
 
 
 def _model_summary(config: dict[str, Any]) -> str:
-    """Model name and parameter counts, from the config alone.
+    """Model name and parameter counts, from the config alone (the same config: the same
+    line, worked out once: the coordinator renders the report after every round)."""
+    return _model_summary_of(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_summary_of(config_json: str) -> str:
+    """``_model_summary`` of a config given as JSON (hashable, so it can be cached).
 
     The model is built on the meta device: shapes only, no memory or init cost, so even a
-    ViT-B with a 65,536-prototype head is counted instantly.
+    ViT-B with a 65,536-prototype head is counted instantly. Validating the whole config
+    (``to_run_config``) is what costs, a few tenths of a second.
     """
+    config = json.loads(config_json)
     name = str(config.get("model", {}).get("name", "unknown"))
     try:
         model_cfg = to_run_config(config).model
