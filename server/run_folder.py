@@ -65,12 +65,18 @@ def run_log(run_dir: Path) -> Iterator[Path]:
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_is_run_record)
-    loggers = [logging.getLogger("ctfed"), logging.getLogger(FLOWER_LOGGER)]
+    ours = logging.getLogger("ctfed")
+    loggers = [ours, logging.getLogger(FLOWER_LOGGER)]
     for target in loggers:
         target.addHandler(handler)
+    # The rounds' progress is logged at INFO: the log holds it whatever the console shows.
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
     try:
         yield path
     finally:
+        ours.setLevel(level)
         for target in loggers:
             target.removeHandler(handler)
         handler.close()
