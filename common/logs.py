@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def console_logging(level: int = logging.INFO) -> None:
@@ -18,7 +18,7 @@ def console_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     if not any(getattr(h, "_ctfed_console", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._ctfed_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False

@@ -16,6 +16,7 @@ that results.json records the simulation sections it ran with and a resume resto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 from ctfed.common.config import RUN_CONFIG_NAME, ConfigError, RunConfig, load_run_config, read_run_config
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.common.logs import console_logging
+from ctfed.server.results import FederationStopped
 from ctfed.server.rounds import run_federation
+from ctfed.server.run_folder import run_log
 
 RUN_CONFIG_FILE_KEY = "run-config-file"
 RESUME_KEY = "resume"
@@ -92,34 +95,47 @@ def serve(
     schema: type[RunConfig] = RunConfig,
     config_name: str = RUN_CONFIG_NAME,
     before_rounds: Callable[[Grid, RunConfig], None] | None = None,
+    write_log: bool = True,
 ) -> None:
     """The ServerApp's body: resolve the config as ``schema`` and run (or resume) the federation;
     ``before_rounds`` (a simulation's site warm-up) runs before the first round, with the
-    resolved config, once a resume's checks have passed."""
+    resolved config, once a resume's checks have passed. With ``write_log`` the run's log
+    lines also go to the run folder's federation.log (server/run_folder.py)."""
     console_logging()
     cfg, run_dir = config_from_context(context, schema, config_name)
     resume = bool(context.run_config.get(RESUME_KEY, False))
     override = bool(context.run_config.get(RESUME_OVERRIDE_KEY, False))
     if override and not resume:
         raise ConfigError(f"{RESUME_OVERRIDE_KEY}=true applies to a resume; set {RESUME_KEY}=true with it")
-    # A run that stops early (FederationStopped) raises out of here: Flower then marks it
-    # failed with the reason, and results.json holds status "failed" and the reason.
-    recorder = run_federation(grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=before_rounds)
-    logger.info("results: %s", recorder.results_path)
+    with run_log(run_dir) if write_log else contextlib.nullcontext():
+        logger.info("%s run folder %s", "resuming the" if resume else "starting a", run_dir)
+        try:
+            # A run that stops early (FederationStopped) raises out of here: Flower then marks it
+            # failed with the reason, and results.json holds status "failed" and the reason.
+            recorder = run_federation(
+                grid, cfg, run_dir, resume=resume, override_config=override, before_rounds=before_rounds
+            )
+        except FederationStopped:
+            raise  # run_federation logged why
+        except Exception as err:  # logged for the run folder's log, then Flower's to report
+            logger.error("the run ended with an error: %s: %s", type(err).__name__, err)
+            raise
+        logger.info("results: %s", recorder.results_path)
 
 
 def make_server_app(
     schema: type[RunConfig] = RunConfig,
     config_name: str = RUN_CONFIG_NAME,
     before_rounds: Callable[[Grid, RunConfig], None] | None = None,
+    write_log: bool = True,
 ) -> ServerApp:
     """A ServerApp that reads its run config as ``schema`` (a root extending RunConfig), and
-    calls ``before_rounds`` (if any) before the first round."""
+    calls ``before_rounds`` (if any) before the first round; ``write_log``: see ``serve``."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, context, schema, config_name, before_rounds)
+        serve(grid, context, schema, config_name, before_rounds, write_log)
 
     return server_app
 

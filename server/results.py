@@ -1,4 +1,5 @@
-"""The run folder: ``results.json`` after every round, and a checkpoint per round.
+"""The run folder: ``results.json`` after every round (with report.md and config.yaml beside
+it, server/run_folder.py), and a checkpoint per round.
 
 ``results.json`` is rewritten atomically after each round, so a run that dies keeps every
 round it finished. It holds only site ids chosen by the sites' IT, numbers and file names.
@@ -302,6 +303,7 @@ class RunRecorder:
             json.loads(split_summary.read_text(encoding="utf-8")) if split_summary.is_file() else None
         )
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._config_written = False  # config.yaml, with the first results.json
         self._write()
 
     @property
@@ -458,4 +460,12 @@ class RunRecorder:
         }
 
     def _write(self) -> None:
-        write_json_atomic(self.results_path, self.to_dict())
+        results = self.to_dict()
+        write_json_atomic(self.results_path, results)
+        # Imported here: the report reads this module's record types.
+        from ctfed.server.run_folder import update_report, write_config
+
+        if not self._config_written:  # a recorder's config never changes: once is enough
+            write_config(self.run_dir, self.cfg)
+            self._config_written = True
+        update_report(self.run_dir, results)

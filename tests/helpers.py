@@ -158,6 +158,37 @@ def plant_identifiers(files: Sequence[Path]) -> list[Path]:
     return planted
 
 
+def dicom_identifiers(folder: Path) -> set[str]:
+    """The header identifiers (names, IDs, UIDs of 6 characters or more) of every DICOM file
+    under ``folder``: what must never appear in anything a run writes."""
+    import pydicom
+
+    identifiers: set[str] = set()
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.suffix == ".csv":
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        for keyword in ("PatientName", "PatientID", "AccessionNumber", "InstitutionName", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(ds.get(keyword, "")).strip()
+            if len(value) >= 6:
+                identifiers.add(value)
+    return identifiers
+
+
+def assert_no_identifier_in(folder: Path, identifiers: set[str], skipped: Sequence[Path] = ()) -> None:
+    """No file under ``folder`` (outside ``skipped`` folders) holds any of ``identifiers``."""
+    assert identifiers
+    for path in folder.rglob("*"):
+        if not path.is_file() or any(skip in path.parents for skip in skipped):
+            continue
+        data = path.read_bytes()
+        for identifier in identifiers:
+            assert identifier.encode() not in data, f"{identifier!r} found in {path}"
+
+
 TINY_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]

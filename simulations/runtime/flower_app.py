@@ -51,7 +51,9 @@ def _warm_up(grid: Grid, cfg: RunConfig) -> None:
         warm_up_sites(grid, cfg.simulation.warmup_timeout_s)
 
 
-server_app = make_server_app(SimulationRunConfig, SIMULATE_CONFIG_NAME, before_rounds=_warm_up)
+# No federation.log from the ServerApp: the engine already keeps the whole federation's
+# output (sites included) in the run folder's log (simulations/runtime/engine.py).
+server_app = make_server_app(SimulationRunConfig, SIMULATE_CONFIG_NAME, before_rounds=_warm_up, write_log=False)
 
 # Defaults of every run-config key the apps read, as in the repository's pyproject.toml.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ctfed.client.site_cli import RunningSuperNode, start_supernode
 from ctfed.common.certs import generate, make_signing_key, public_key_file_fingerprint, write_roster
@@ -33,7 +34,7 @@ from ctfed.server.deploy_cli import (
 )
 from ctfed.simulations.data.synth import synthesize_federation
 
-from helpers import submit_run  # tests/helpers.py
+from helpers import assert_no_identifier_in, dicom_identifiers, submit_run  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
@@ -223,6 +224,16 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
                 assert sorted(s["site"] for s in record["sites"]) == sorted(SITES)
                 assert all(s["status"] == "aggregated" for s in record["sites"])
                 assert INTRUDER not in {s["site"] for s in record["sites"]}
+            # The run folder reads like a simulation's (server/run_folder.py): the report of the
+            # rounds aggregated, the config results.json records, the coordinator's log per round.
+            report = (run_dir / "report.md").read_text()
+            assert "| Status | completed |" in report and "| Rounds recorded | 2 of 2 |" in report
+            for number in (1, 2):
+                assert f"### Round {number}\n\naggregated;" in report
+            assert OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) == results["config"]
+            log = (run_dir / "federation.log").read_text()
+            assert [n for n in (1, 2) if f"[round {n}/2] done in" in log] == [1, 2], log[-3000:]
+            assert_no_identifier_in(run_dir, dicom_identifiers(caches[0].parents[1] / "dicom"))
             # Every site verified its neighbours' signed advertisements and signed the survivor set.
             for site_id in SITES:
                 kinds = [json.loads(line)["kind"] for line in (tmp_path / site_id / "state" / "audit.jsonl").read_text().splitlines()]

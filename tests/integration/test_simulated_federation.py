@@ -15,6 +15,8 @@ from ctfed.common.config import load_run_config
 from ctfed.simulations.config import read_simulation_config
 from ctfed.common.model import SSLModel, ViTEncoder
 
+from helpers import assert_no_identifier_in, dicom_identifiers  # tests/helpers.py
+
 pytestmark = pytest.mark.slow
 
 
@@ -130,28 +132,8 @@ def test_no_patient_identifier_leaves_the_dicom_folder(finished_run: Path) -> No
     The Flower app bundle under .flwr/apps is our own source code (the synthesiser's
     list of fake hospital names included), not run output.
     """
-    import pydicom
-
-    identifiers: set[str] = set()
-    for path in (finished_run / "dicom").rglob("*"):
-        if not path.is_file() or path.suffix == ".csv":
-            continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue
-        for keyword in ("PatientName", "PatientID", "AccessionNumber", "InstitutionName", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = str(ds.get(keyword, "")).strip()
-            if len(value) >= 6:
-                identifiers.add(value)
-    assert identifiers
-    for path in finished_run.rglob("*"):
-        skipped = (finished_run / "dicom", finished_run / ".flwr" / "apps")
-        if not path.is_file() or any(folder in path.parents for folder in skipped):
-            continue
-        data = path.read_bytes()
-        for identifier in identifiers:
-            assert identifier.encode() not in data, f"{identifier!r} found in {path}"
+    skipped = (finished_run / "dicom", finished_run / ".flwr" / "apps")
+    assert_no_identifier_in(finished_run, dicom_identifiers(finished_run / "dicom"), skipped)
 
 
 def test_flwr_run_defaults_come_from_pyproject(tmp_path: Path) -> None:
