@@ -440,6 +440,15 @@ def render_plots(results: RunResults, plots_dir: Path) -> list[tuple[str, Path]]
 # ---------------------------------------------------------------------------- markdown
 
 
+def _engine_summary(config: dict[str, Any]) -> str:
+    """Where the sites ran (``simulation.ray_address``); deployed runs have no simulation section."""
+    simulation = config.get("simulation")
+    if not isinstance(simulation, dict):
+        return "– (not a simulation)"
+    address = simulation.get("ray_address") or ""
+    return f"Ray cluster at {_inline(str(address))}" if address else "a private Ray started by the run"
+
+
 def _summary_lines(run_dir: Path, results: RunResults, config: dict[str, Any]) -> list[str]:
     federation = config.get("federation", {})
     train = config.get("train", {})
@@ -459,6 +468,7 @@ def _summary_lines(run_dir: Path, results: RunResults, config: dict[str, Any]) -
             f"at least {federation.get('min_sites', '?')} sites",
         ],
         ["Wall time", _fmt_seconds(results.wall_seconds)],
+        ["Simulation engine", _engine_summary(config)],
         [
             "Resumed",
             ", ".join(f"after round {r}" for r in results.resumed_after) if results.resumed_after else "never stopped",
