@@ -251,9 +251,10 @@ class LocalRayCluster:
     ``address`` is the head's host:port for ``simulation.ray_address``; ``probe()`` lists the
     alive nodes and the nodes that ran simulated sites (Flower's ClientAppActors)."""
 
-    def __init__(self, workers: int = 1, cpus_per_node: int = 1) -> None:
+    def __init__(self, workers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 100) -> None:
         self.workers = workers
         self.cpus_per_node = cpus_per_node
+        self.object_store_mb = object_store_mb
         self.processes: list[subprocess.Popen] = []
         # Short: Ray's Unix sockets live under it and a socket path is limited to 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="ctfray-", dir="/tmp"))
@@ -269,7 +270,7 @@ class LocalRayCluster:
         command = [
             str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
             "--num-cpus", str(self.cpus_per_node),
-            "--temp-dir", str(self.root / name), "--object-store-memory", str(100 * 2**20),
+            "--temp-dir", str(self.root / name), "--object-store-memory", str(self.object_store_mb * 2**20),
             # Fixed by default (52365), so two nodes on one machine would collide.
             "--dashboard-agent-listen-port", str(free_port()),
             *args,
