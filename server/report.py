@@ -271,6 +271,15 @@ def _spread(site: SiteRoundRecord) -> float:
 # ---------------------------------------------------------------------------- markdown
 
 
+def _engine_summary(config: dict[str, Any]) -> str:
+    """Where the simulated sites ran (``simulation.ray_address``); "" for a deployed run."""
+    simulation = config.get("simulation")
+    if not isinstance(simulation, dict):
+        return ""
+    address = simulation.get("ray_address") or ""
+    return f"Ray cluster at {_inline(str(address))}" if address else "a private Ray started by the run"
+
+
 def _summary_lines(run_dir: Path, results: RunResults, config: dict[str, Any]) -> list[str]:
     federation = config.get("federation", {})
     train = config.get("train", {})
@@ -290,6 +299,7 @@ def _summary_lines(run_dir: Path, results: RunResults, config: dict[str, Any]) -
             f"at least {federation.get('min_sites', '?')} sites",
         ],
         ["Wall time", _fmt_seconds(results.wall_seconds)],
+        *([["Simulation engine", engine]] if (engine := _engine_summary(config)) else []),
         [
             "Resumed",
             ", ".join(f"after round {r}" for r in results.resumed_after) if results.resumed_after else "never stopped",

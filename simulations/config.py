@@ -132,6 +132,22 @@ class FaultConfig:
             raise ConfigError("a straggle fault needs delay_s > 0")
 
 
+def ray_address_host_port(address: str) -> tuple[str, int] | None:
+    """``simulation.ray_address`` as (host, port); None for "auto" (Ray finds the cluster).
+
+    Raises ConfigError for anything else than "auto" or host:port, e.g. a Ray Client address
+    (ray://), which Flower's simulation driver does not use."""
+    if address == "auto":
+        return None
+    host, sep, port = address.rpartition(":")
+    if address.startswith("ray://") or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"simulation.ray_address must be \"auto\" or the head's host:port (ray start --head --port PORT), "
+            f"got {address!r}"
+        )
+    return host.strip("[]"), int(port)
+
+
 @dataclass
 class SimulationConfig:
     """Flower simulation engine resources."""
@@ -152,6 +168,15 @@ class SimulationConfig:
     # onto GPUs by it): 0.5 runs two sites per GPU. 0: CPU only. With train.device=auto a site
     # that gets a share trains on its GPU.
     client_gpus: float = 0.0
+    # The Ray cluster the simulated sites run on. "": a private Ray that the run starts on this
+    # machine and stops after it (a RAY_ADDRESS in the environment is ignored). "host:port": an
+    # existing cluster's head (`ray start --head --port PORT`); "auto": the cluster that
+    # `ray start` last started on this machine. ctfed simulate must run on a node of that
+    # cluster (Ray's driver joins its local node), and every node needs ctfed's venv and sees
+    # the run folder and caches at the same paths (docs/simulate.md, "On a Ray cluster").
+    # client_cpus and client_gpus still apply: Ray places each site on a node with them free;
+    # concurrent_sites must stay 0 (a cluster's nodes declare their cores: ray start --num-cpus).
+    ray_address: str = ""
     # Seconds to wait for the whole federation before giving up.
     timeout_s: float = 3600.0
     # Before round 1 the coordinator sends every site an empty query and waits up to this
@@ -180,6 +205,15 @@ class SimulationConfig:
                 f"simulation.client_cpus must be >= 1 and simulation.client_gpus >= 0, got "
                 f"{self.client_cpus} and {self.client_gpus}"
             )
+        self.ray_address = self.ray_address.strip()
+        if self.ray_address:
+            ray_address_host_port(self.ray_address)  # raises a ConfigError naming what is wrong
+            if self.concurrent_sites:
+                raise ConfigError(
+                    f"simulation.concurrent_sites={self.concurrent_sites} sets the cores of a private Ray; with "
+                    f"simulation.ray_address={self.ray_address} the cluster's nodes declare theirs "
+                    "(ray start --num-cpus): leave concurrent_sites at 0"
+                )
         names = [p.site for p in self.site_policies]
         if any(not name for name in names):
             raise ConfigError("simulation.site_policies: every entry needs 'site' (the site id)")

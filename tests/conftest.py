@@ -7,9 +7,12 @@ call with arguments, or need at import time, are in ``tests/helpers.py``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from helpers import LocalRayCluster
 
 
 @pytest.fixture
@@ -49,3 +52,70 @@ def one_site_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (site_dicom,) = synthesize_federation(root / "dicom", sites=1, scans_per_site=2, seed=0)
     prepare(site_dicom, root / "cache", load_run_config().preprocess, progress=False)
     return root / "cache"
+
+
+# ---------------------------------------------------------------------------- one Ray head per session
+
+# "shared" (default): the in-process simulated federations of tests/integration run on one Ray
+# head that the session starts on first use (simulation.ray_address), instead of each starting
+# its own Ray (~20-70 s of a run under load, docs/test-times.md). "private": every run starts
+# its own Ray, as ctfed simulate does by default.
+TEST_RAY_ENV = "CTFED_TEST_RAY"
+# Files whose runs stay on a private Ray: timed benchmarks (a run's cost includes its Ray
+# start), killed and faulty sites and processes.
+PRIVATE_RAY_FILES = {"test_bench_quick.py", "test_fault_tolerance.py"}
+# Overrides that need a private Ray: concurrent_sites sets its cores (refused on a cluster),
+# faults kill and stall site processes, an explicit address is the test's own.
+_PRIVATE_RAY_OVERRIDES = ("simulation.concurrent_sites=", "simulation.faults=", "preset=faults",
+                          "preset=label_efficiency", "simulation.ray_address=")
+
+
+class SharedRayHead:
+    """One Ray head for the session (all the machine's cores), started on the first run that asks."""
+
+    def __init__(self) -> None:
+        self.cluster: LocalRayCluster | None = None
+
+    def address(self) -> str:
+        if self.cluster is None:
+            self.cluster = LocalRayCluster(workers=0, cpus_per_node=os.cpu_count() or 1, object_store_mb=1024).start()
+        return self.cluster.address
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+
+@pytest.fixture(scope="session")
+def shared_ray_head() -> Iterator[SharedRayHead]:
+    """The session's Ray head; stopped at the session's end, failed tests or not."""
+    head = SharedRayHead()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def needs_private_ray(overrides: Sequence[str]) -> bool:
+    return any(o.lstrip("+~").startswith(_PRIVATE_RAY_OVERRIDES) for o in overrides)
+
+
+@pytest.fixture(autouse=True)
+def simulations_on_the_shared_ray_head(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route ``ctfed simulate``'s config (in this process) to the session's Ray head by adding
+    ``simulation.ray_address``; the run records it like any override. Off with CTFED_TEST_RAY=private."""
+    path = Path(str(request.node.path))
+    if os.environ.get(TEST_RAY_ENV, "shared") == "private" or "integration" not in path.parts or path.name in PRIVATE_RAY_FILES:
+        return
+    from ctfed.simulations.runtime import simulate
+
+    head: SharedRayHead = request.getfixturevalue("shared_ray_head")
+    load = simulate.load_simulation_config
+
+    def load_on_the_shared_head(overrides: Sequence[str] = (), **kwargs: object):  # noqa: ANN202 - the loader's type
+        if needs_private_ray(overrides):
+            return load(overrides, **kwargs)
+        return load([*overrides, f"simulation.ray_address={head.address()}"], **kwargs)
+
+    monkeypatch.setattr(simulate, "load_simulation_config", load_on_the_shared_head)

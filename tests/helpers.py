@@ -7,7 +7,16 @@ lists, dataset classes) or called with arguments. ``tests/`` is on ``sys.path`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -243,3 +252,129 @@ def submit_run(app_dir: Path, connection: str, flwr_home: Path, run_config: str,
         stop_process_group(flwr_run)
     assert flwr_run.returncode == 0, output[-5000:]
     return output
+
+
+# ---------------------------------------------------------------------------- a Ray cluster on 127.0.0.1
+
+# Run by the cluster's own Python as a Ray driver, so the test process never joins a cluster
+# (ray.init there would outlive the test): prints the alive nodes and ClientAppActors' nodes.
+_RAY_PROBE = """
+import json, sys, time
+import ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while True:
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(0.2)
+actors = [a for a in state.actors().values() if a.get("ActorClassName", "").endswith("ClientAppActor")]
+print(json.dumps({"nodes": alive, "site_actor_nodes": sorted({a["Address"]["NodeID"] for a in actors})}))
+"""
+
+
+class LocalRayCluster:
+    """A Ray head and ``workers`` worker nodes on 127.0.0.1, each started by ``ray start --block``
+    as a child of this process with its own temp dir and ports, and stopped by signalling those
+    children (never ``ray stop``, which stops every Ray on the machine, other sessions' too).
+
+    ``address`` is the head's host:port for ``simulation.ray_address``; ``probe()`` lists the
+    alive nodes and the nodes that ran simulated sites (Flower's ClientAppActors)."""
+
+    def __init__(self, workers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 100) -> None:
+        self.workers = workers
+        self.cpus_per_node = cpus_per_node
+        self.object_store_mb = object_store_mb
+        self.processes: list[subprocess.Popen] = []
+        # Short: Ray's Unix sockets live under it and a socket path is limited to 107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="ctfray-", dir="/tmp"))
+        self.port = 0
+        self.address = ""
+
+    def _ray_start(self, name: str, *args: str) -> subprocess.Popen:
+        from ctfed.common.processes import free_port
+
+        log = (self.root / f"{name}.log").open("w", encoding="utf-8")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        command = [
+            str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+            "--num-cpus", str(self.cpus_per_node),
+            "--temp-dir", str(self.root / name), "--object-store-memory", str(self.object_store_mb * 2**20),
+            # Fixed by default (52365), so two nodes on one machine would collide.
+            "--dashboard-agent-listen-port", str(free_port()),
+            *args,
+        ]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start(self, timeout_s: float = 180.0) -> "LocalRayCluster":
+        """Start the head, then the workers; each is up once its ``ray start`` says so (after
+        its raylet registered with the head). Minutes under load: Ray's start is ~30 s alone
+        on a shared core at load 13."""
+        from ctfed.common.processes import free_port
+
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        try:
+            self._ray_start(
+                "head", "--head", "--port", str(self.port), "--include-dashboard", "false",
+                "--ray-client-server-port", str(free_port()),  # fixed by default (10001)
+            )
+            self._wait_started("head", timeout_s)
+            for index in range(self.workers):
+                self._ray_start(f"worker{index}", "--address", self.address)
+            for index in range(self.workers):
+                self._wait_started(f"worker{index}", timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_started(self, name: str, timeout_s: float) -> None:
+        process = self.processes[[p.args[p.args.index("--temp-dir") + 1] for p in self.processes].index(str(self.root / name))]
+        deadline = time.monotonic() + timeout_s
+        while "Ray runtime started" not in self.log(name):
+            if process.poll() is not None:
+                raise RuntimeError(f"Ray node {name} exited ({process.returncode}): {self.log(name)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray node {name} did not start within {timeout_s:.0f} s: {self.log(name)}")
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace")[-4000:] if path.exists() else "(no log)"
+
+    def probe(self, wait_for_nodes: int = 0, timeout_s: float = 30.0) -> dict[str, list[str]]:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        out = subprocess.run(
+            [sys.executable, "-c", _RAY_PROBE, self.address, str(wait_for_nodes), str(timeout_s)],
+            capture_output=True, text=True, timeout=timeout_s + 60, env=env, check=True,
+        ).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        """SIGTERM each ``ray start --block`` (it stops its node's processes), workers first;
+        then SIGKILL whatever of their process groups is left."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: only this node's processes
+            process.wait()
+        self.processes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRayCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

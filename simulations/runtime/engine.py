@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from ctfed.common.processes import (
     wait_healthy,
     write_connection,
 )
+from ctfed.common.config import ConfigError
+from ctfed.simulations.config import ray_address_host_port
 from ctfed.simulations.runtime.flower_app import toml_value
 
 logger = logging.getLogger(__name__)
@@ -48,9 +51,62 @@ def _flower_tool(name: str) -> str:
     return flower_tool(name, error=SimulationError)
 
 
+# Ray's own variable: ray.init() without an address connects to the cluster it names.
+# Flower's federation config cannot carry an address (its init-args are num-cpus, num-gpus
+# and two logging knobs), so the simulation's driver learns it from its environment.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# How long a cluster's head may take to accept a connection before the run gives up on it.
+_RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def resolve_ray_address(ray_address: str) -> str:
+    """``simulation.ray_address`` as the head's host:port, checked to accept connections;
+    "" stays "" (a private Ray). Raises SimulationError naming the address when no cluster
+    answers there, instead of leaving Ray to retry for a minute inside the run."""
+    if not ray_address:
+        return ""
+    try:
+        host_port = ray_address_host_port(ray_address)
+    except ConfigError as err:
+        raise SimulationError(str(err)) from err
+    if host_port is None:  # "auto": the way Ray resolves it (RAY_ADDRESS, then this machine's latest cluster)
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            resolved = get_ray_address_from_environment("auto", None)
+        except ConnectionError as err:
+            raise SimulationError(
+                "simulation.ray_address=auto: no running Ray cluster found on this machine; "
+                "start one (ray start --head --port PORT) or give its host:port"
+            ) from err
+        host_port = ray_address_host_port(resolved)
+        assert host_port is not None
+    host, port = host_port
+    try:
+        socket.create_connection((host, port), timeout=_RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise SimulationError(
+            f"simulation.ray_address={ray_address}: no Ray head answers at {host}:{port} ({err}); "
+            f"is the cluster up (ray start --head --port {port})?"
+        ) from err
+    return f"{host}:{port}"
+
+
+def simulation_env(flwr_home: Path, ray_address: str) -> dict[str, str]:
+    """The Flower processes' environment; ``ray_address`` (resolved, or "" for a private Ray)
+    is what the simulation's ray.init() connects to."""
+    env = offline_env(flwr_home)
+    if ray_address:
+        env[RAY_ADDRESS_ENV] = ray_address
+    else:
+        env.pop(RAY_ADDRESS_ENV, None)  # "" means a private Ray, whatever the shell exported
+    return env
+
+
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path) -> Iterator[str]:
-    """A SuperLink in simulation mode on a free loopback port; yields the connection name."""
+def simulation_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A SuperLink in simulation mode on a free loopback port; yields the connection name.
+    ``env``: its environment (default: ``offline_env``), which the simulation inherits."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     write_connection(flwr_home, CONNECTION_NAME, f"127.0.0.1:{port}")
@@ -67,7 +123,7 @@ def simulation_superlink(flwr_home: Path) -> Iterator[str]:
     ]
     process = subprocess.Popen(
         command,
-        env=offline_env(flwr_home),
+        env=dict(env) if env is not None else offline_env(flwr_home),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # so we can stop the SuperLink and the runs it spawned together
@@ -102,15 +158,25 @@ def run_app(
     log_path: Path,
     client_gpus: float = 0.0,
     concurrent_sites: int = 0,
+    ray_address: str = "",
 ) -> None:
     """Run the Flower app at ``app_dir`` with ``num_sites`` simulated SuperNodes.
 
+    ``ray_address``: "" starts a private Ray for the run; "auto" or host:port runs the sites
+    on that existing cluster (``simulation.ray_address``), which must not get ``concurrent_sites``.
     Console output of the federation is shown live and kept in ``log_path``.
-    Raises SimulationError if the run fails or exceeds ``timeout_s``.
+    Raises SimulationError if the run fails or exceeds ``timeout_s``, or no cluster answers.
     """
+    if ray_address and concurrent_sites:
+        # ray.init() refuses num_cpus when it connects; say so before anything starts.
+        raise SimulationError(
+            f"concurrent_sites={concurrent_sites} sets the cores of a private Ray; the cluster at "
+            f"{ray_address} has its nodes' (ray start --num-cpus)"
+        )
+    env = simulation_env(flwr_home, resolve_ray_address(ray_address))
     overrides = [arg for key, value in run_config.items() for arg in ("--run-config", f"{key}={toml_value(value)}")]
     federation = federation_config(num_sites, client_cpus, client_gpus, concurrent_sites)
-    with simulation_superlink(flwr_home) as connection:
+    with simulation_superlink(flwr_home, env) as connection:
         command = [
             _flower_tool("flwr"), "run", str(app_dir), connection,
             "--stream",
@@ -121,7 +187,7 @@ def run_app(
         with log_path.open("w", encoding="utf-8") as log:
             process = subprocess.Popen(
                 command,
-                env=offline_env(flwr_home),
+                env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

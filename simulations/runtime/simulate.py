@@ -204,6 +204,8 @@ def run_federation_simulation(
     warning = dropout_warning(cfg, num_sites)
     if warning:
         print(f"      WARNING: {warning}")
+    if cfg.simulation.ray_address:
+        print(f"      sites run on the Ray cluster at simulation.ray_address={cfg.simulation.ray_address}")
     try:
         run_app(
             app_dir,
@@ -212,6 +214,7 @@ def run_federation_simulation(
             client_cpus=cfg.simulation.client_cpus,
             client_gpus=cfg.simulation.client_gpus,
             concurrent_sites=cfg.simulation.concurrent_sites,
+            ray_address=cfg.simulation.ray_address,
             flwr_home=run_dir / ".flwr",
             timeout_s=cfg.simulation.timeout_s,
             log_path=run_dir / ("federation-resumed.log" if resume else "federation.log"),
