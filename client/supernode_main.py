@@ -185,12 +185,29 @@ def install_follow_up_pull() -> None:
 
 
 def start_clientapp_executor(runtime_api_address: str) -> subprocess.Popen:
-    """``client/clientapp_executor.py`` for this SuperNode's Runtime API; it exits with this process."""
-    return subprocess.Popen(
+    """``client/clientapp_executor.py`` for this SuperNode's Runtime API; it exits with this process.
+
+    Without it no message is answered, so if it exits this SuperNode stops too (SIGTERM to
+    itself, Flower's graceful exit), rather than stay connected and let every round time out.
+    """
+    import signal
+    import threading
+
+    from flwr.supercore import log
+
+    executor = subprocess.Popen(
         [sys.executable, "-m", "ctfed.client.clientapp_executor",
          "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())],
         stdin=subprocess.DEVNULL,
     )
+
+    def stop_with_executor() -> None:
+        code = executor.wait()
+        log(ERROR, "ctfed: the ClientApp executor exited (code %s): this site cannot answer; stopping the SuperNode", code)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_with_executor, name="clientapp-executor-watch", daemon=True).start()
+    return executor
 
 
 def main(argv: Sequence[str] | None = None) -> None:
