@@ -203,6 +203,8 @@ def start_clientapp_executor(runtime_api_address: str) -> subprocess.Popen:
 
     def stop_with_executor() -> None:
         code = executor.wait()
+        if code in (0, -signal.SIGTERM):
+            return  # a stop of the whole site (its process group), not a failure
         log(ERROR, "ctfed: the ClientApp executor exited (code %s): this site cannot answer; stopping the SuperNode", code)
         os.kill(os.getpid(), signal.SIGTERM)
 
