@@ -207,13 +207,17 @@ def supernode_command(cfg: SiteConfig, runtime_port: int) -> list[str]:
     launcher = [sys.executable, "-m", "ctfed.client.supernode_main"]
     for digest in cfg.trusted_app_hashes:
         launcher += ["--trusted-app-hash", digest]
+    # Flower's process isolation, with ctfed's ClientApp executor beside the SuperNode
+    # (client/clientapp_executor.py): each message still runs in a process of its own, forked
+    # from one that imported the ClientApp at start, instead of a fresh flwr-clientapp.
+    launcher += ["--clientapp-executor", f"127.0.0.1:{runtime_port}"]
     command = [
         *launcher, "--",
         "--superlink", cfg.superlink,
         "--root-certificates", cfg.ca_cert,
         "--auth-supernode-private-key", cfg.private_key,
         "--node-config", node_config(cfg),
-        "--isolation", "subprocess",
+        "--isolation", "process",
         # The Runtime API only serves this SuperNode's own ClientApp processes: loopback,
         # on a port of its own so several SuperNodes can share a machine.
         "--host", "127.0.0.1",

@@ -8,11 +8,19 @@ SuperNode refuses every bundle. ``ctfed site`` therefore starts the SuperNode th
 module, in the same process (signals and process group unchanged), with the SHA-256 of every
 bundle the site agreed to run (``site.trusted_app_hashes``):
 
-    python -m ctfed.client.supernode_main [--trusted-app-hash H ...] -- <flower-supernode args>
+    python -m ctfed.client.supernode_main [--trusted-app-hash H ...] [--clientapp-executor 127.0.0.1:PORT] \
+        -- <flower-supernode args>
 
 A bundle with any other hash is never stored or run: the message that brought it gets
 Flower's INVALID_FAB error reply, the one Flower sends when a bundle fails verification, and
 the site's log names the bundle's hash. Without any hash every bundle runs (warned loudly).
+
+With ``--clientapp-executor`` (``ctfed site`` passes it, with ``--isolation process``) this
+process also starts ``client/clientapp_executor.py`` for the Runtime API at that address: the
+ClientApp is imported once per site, not once per message. And the SuperNode asks the
+SuperLink for the next message every ``FOLLOW_UP_POLL_S`` for ``FOLLOW_UP_WINDOW_S`` after
+handling one, instead of Flower's fixed 3 s: a SecAgg+ round is five messages in a row,
+and each paid up to 3 s of the SuperNode's sleep.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import os
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Collection, Sequence
 from logging import ERROR, INFO, WARNING
 from types import ModuleType
@@ -40,6 +51,11 @@ HOOKED_MODULE = "flwr.supernode.start_client_internal"
 HOOKED_FUNCTION = "_pull_and_store_message"
 HOOK_PARAMETERS = ("state", "object_store", "receive", "get_fab")
 NOT_PINNED = "app not pinned: this site runs any code the coordinator submits"
+# After a message, the next stage of the protocol usually follows within seconds (the
+# coordinator waits for the other sites' replies): ask this often, for this long, before
+# falling back to Flower's 3 s between pulls. One small HTTPS request per poll.
+FOLLOW_UP_POLL_S = 0.2
+FOLLOW_UP_WINDOW_S = 30.0
 
 
 class HookUnavailable(RuntimeError):
@@ -139,11 +155,72 @@ def install_app_pin(trusted: Collection[str]) -> None:
     setattr(module, HOOKED_FUNCTION, pinned_pull_and_store(original, trusted, module))
 
 
+def follow_up_pull(original: Callable[..., int | None]) -> Callable[..., int | None]:
+    """``original`` (Flower's ``_pull_and_store_message``), asking again every ``FOLLOW_UP_POLL_S``
+    while no message came, for ``FOLLOW_UP_WINDOW_S`` after the last one that did."""
+    last_message = [float("-inf")]
+
+    def pull(*args: Any, **kwargs: Any) -> int | None:
+        while True:
+            run_id = original(*args, **kwargs)
+            now = time.monotonic()
+            if run_id is not None:
+                last_message[0] = now
+                return run_id
+            if now - last_message[0] > FOLLOW_UP_WINDOW_S:
+                return None  # idle: Flower's loop sleeps its 3 s
+            time.sleep(FOLLOW_UP_POLL_S)
+
+    pull.__wrapped__ = original  # type: ignore[attr-defined]
+    return pull
+
+
+def install_follow_up_pull() -> None:
+    """Make this process's SuperNode poll quickly for a protocol's next message (outermost wrapper)."""
+    import importlib
+
+    module = importlib.import_module(HOOKED_MODULE)
+    original = require_hook_points(module)
+    setattr(module, HOOKED_FUNCTION, follow_up_pull(original))
+
+
+def start_clientapp_executor(runtime_api_address: str) -> subprocess.Popen:
+    """``client/clientapp_executor.py`` for this SuperNode's Runtime API; it exits with this process.
+
+    Without it no message is answered, so if it exits this SuperNode stops too (SIGTERM to
+    itself, Flower's graceful exit), rather than stay connected and let every round time out.
+    """
+    import signal
+    import threading
+
+    from flwr.supercore import log
+
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "ctfed.client.clientapp_executor",
+         "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )
+
+    def stop_with_executor() -> None:
+        code = executor.wait()
+        if code in (0, -signal.SIGTERM):
+            return  # a stop of the whole site (its process group), not a failure
+        log(ERROR, "ctfed: the ClientApp executor exited (code %s): this site cannot answer; stopping the SuperNode", code)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_with_executor, name="clientapp-executor-watch", daemon=True).start()
+    return executor
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ctfed-supernode", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--trusted-app-hash", action="append", default=[], metavar="SHA256",
         help="SHA-256 of an app bundle this site runs (repeat for several); none: any bundle runs",
+    )
+    parser.add_argument(
+        "--clientapp-executor", metavar="127.0.0.1:PORT",
+        help="start ctfed's ClientApp executor for the Runtime API there (give flower-supernode --isolation process)",
     )
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = parser.parse_args(argv)
@@ -160,6 +237,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         log(INFO, "ctfed: app pinned: only bundles with sha256 %s are stored or run", ", ".join(args.trusted_app_hash))
     else:
         log(WARNING, "ctfed: WARNING, %s (set site.trusted_app_hashes)", NOT_PINNED)
+    try:
+        install_follow_up_pull()  # after the pin: it wraps the pinned function
+    except HookUnavailable as err:
+        parser.exit(2, f"ctfed-supernode: {err}\n")
+    if args.clientapp_executor:
+        if args.clientapp_executor.rpartition(":")[0] != "127.0.0.1":
+            parser.exit(2, f"ctfed-supernode: --clientapp-executor must be 127.0.0.1:PORT, not {args.clientapp_executor}\n")
+        start_clientapp_executor(args.clientapp_executor)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

@@ -51,9 +51,10 @@ class FederationConfig:
     # sites, whose policy.min_sites may refuse a smaller aggregate.
     min_sites: int = 2
     # Seconds the coordinator waits for site replies in one round, from when it sends them.
-    # Deployed, it includes each site's start of a ClientApp process (one per message); a
-    # simulation starts its sites' workers before round 1 (simulation.warmup_timeout_s), so
-    # there it need only cover a round's training.
+    # Deployed, a site's ClientApp processes are forked from one that imported the ClientApp
+    # when the site started (client/clientapp_executor.py), and a simulation starts its sites'
+    # workers before round 1 (simulation.warmup_timeout_s): either way it need only cover a
+    # round's training and messages, not a process start per message.
     round_timeout_s: float = 600.0
     # A site update (weights minus the global weights) with a larger L2 norm is rejected:
     # far beyond what a few local optimiser steps can produce, so a bug or an attack.

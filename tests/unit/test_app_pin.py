@@ -55,7 +55,7 @@ def test_the_supernode_command_carries_every_pinned_hash_and_the_status_says_so(
     command = supernode_command(SiteConfig(**SITE, trusted_app_hashes=pins), 9999)
     launcher = command[: command.index("--")]
     assert launcher[1:3] == ["-m", "ctfed.client.supernode_main"]
-    assert launcher[3:] == ["--trusted-app-hash", pins[0], "--trusted-app-hash", pins[1]]
+    assert launcher[3:7] == ["--trusted-app-hash", pins[0], "--trusted-app-hash", pins[1]]
     assert "--superlink" in command[command.index("--"):]
     assert app_pin_status(SiteConfig(**SITE, trusted_app_hashes=pins)).endswith(f"sha256 {pins[0]}, {pins[1]}")
     assert NOT_PINNED in app_pin_status(SiteConfig(**SITE))
