@@ -139,13 +139,19 @@ def install_app_pin(trusted: Collection[str]) -> None:
     setattr(module, HOOKED_FUNCTION, pinned_pull_and_store(original, trusted, module))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(prog="ctfed-supernode", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--trusted-app-hash", action="append", default=[], metavar="SHA256",
         help="SHA-256 of an app bundle this site runs (repeat for several); none: any bundle runs",
     )
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
 

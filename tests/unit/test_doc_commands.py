@@ -48,7 +48,8 @@ DOC_PAGES = tuple(
     )
 )
 FENCE = re.compile(r"^[ \t]*```(?P<info>[^\n`]*)\n(?P<body>.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
-INLINE = re.compile(r"`([^`\n]+)`")
+# An inline code span; it may wrap onto the next line of a paragraph.
+INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")
 WRAPPERS = {".ci/in-env": 0, "/usr/bin/time": 0, "time": 0, "taskset": 0, "nice": 0}
 
 # Placeholder words of the docs and what stands in for them. Paths need not exist: only parsing
@@ -150,7 +151,7 @@ def doc_commands() -> list[DocCommand]:
                         found.append(DocCommand(name, line_no, command, inline=False))
         prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
         for match in INLINE.finditer(prose):
-            span = match.group(1).strip()
+            span = " ".join(match.group(1).split())
             try:
                 words = _strip_wrappers(shlex.split(span.replace("\\|", " \\| ")))
             except ValueError:
@@ -297,7 +298,8 @@ def check_command(command: DocCommand) -> list[str]:
             parser, key = build(), ("python", module_name)
         # Exact option names: argparse would also take an abbreviation, which the docs should not teach.
         known = {option for action in _all_actions(parser, args) for option in action.option_strings}
-        unknown = [w.split("=", 1)[0] for w in args if w.startswith("-") and w.split("=", 1)[0] not in known]
+        own_args = args[: args.index("--")] if "--" in args else args  # after `--`: another program's
+        unknown = [w.split("=", 1)[0] for w in own_args if w.startswith("-") and w.split("=", 1)[0] not in known]
         if unknown:
             problems.append(f"{command}: unknown option(s) {unknown}")
             continue
@@ -398,3 +400,61 @@ def test_an_inline_fragment_is_accepted_but_an_unknown_flag_is_not() -> None:
     assert check_command(DocCommand("test", 1, "ctfed server --port", inline=True)) == []
     assert check_command(DocCommand("test", 1, "ctfed server --prot", inline=True))
     assert check_command(DocCommand("test", 1, "ctfed server --port", inline=False))
+
+
+def _flower_config_args() -> list[tuple[str, str, str]]:
+    """(where, option, value) of every `--run-config` / `--node-config` value in the doc pages."""
+    found = []
+    for page in DOC_PAGES:
+        text = page.read_text()
+        name = str(page.relative_to(REPO))
+        pieces = [m.group("body").replace("\\\n", " ") for m in FENCE.finditer(text) if m.group("info").startswith("bash")]
+        prose = FENCE.sub("", text)
+        pieces += [" ".join(m.group(1).split()) for m in INLINE.finditer(prose)]
+        for piece in pieces:
+            for line in piece.splitlines():
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError:
+                    continue
+                for index, word in enumerate(words[:-1]):
+                    if word in ("--run-config", "--node-config"):
+                        found.append((f"{name}: {line.strip()}", word, words[index + 1]))
+    return found
+
+
+def _node_config_keys() -> set[str]:
+    """The node-config keys a deployed site's ClientApp reads."""
+    from ctfed.client.app import DEVICE_NODE_KEY
+    from ctfed.client.policy import POLICY_FILE_KEY
+    from ctfed.client.secagg import ROSTER_KEY, SIGNING_KEY_KEY
+    from ctfed.client.site import DATA_PATH_KEY, PARTITION_ID_KEY, SITE_ID_KEY, STATE_DIR_KEY
+
+    return {DEVICE_NODE_KEY, POLICY_FILE_KEY, ROSTER_KEY, SIGNING_KEY_KEY, DATA_PATH_KEY, PARTITION_ID_KEY,
+            SITE_ID_KEY, STATE_DIR_KEY}
+
+
+def test_flower_run_and_node_config_keys_in_the_docs_exist() -> None:
+    """`flwr run --run-config` keys are the app's own ([tool.flwr.app.config] in pyproject.toml, with
+    the type of its default), `--node-config` keys are ones the ClientApp reads; Flower would
+    otherwise pass an unknown key through unread."""
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    node_keys = _node_config_keys()
+    found = _flower_config_args()
+    assert {option for _, option, _ in found} == {"--run-config", "--node-config"}, found
+    problems = []
+    for where, option, value in found:
+        for key, parsed in parse_config_args([value]).items():
+            if option == "--node-config":
+                if key not in node_keys:
+                    problems.append(f"{where}: node config key '{key}' is not read by the ClientApp ({sorted(node_keys)})")
+            elif key not in app_config:
+                problems.append(f"{where}: run config key '{key}' is not in [tool.flwr.app.config] ({sorted(app_config)})")
+            elif type(parsed) is not type(app_config[key]) and not (isinstance(app_config[key], float) and type(parsed) is int):
+                problems.append(f"{where}: '{key}={parsed!r}' is a {type(parsed).__name__}; the app's default is a "
+                                f"{type(app_config[key]).__name__}")
+    assert not problems, "\n".join(problems)
