@@ -212,7 +212,8 @@ def start_clientapp_executor(runtime_api_address: str) -> subprocess.Popen:
     return executor
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(prog="ctfed-supernode", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--trusted-app-hash", action="append", default=[], metavar="SHA256",
@@ -223,6 +224,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="start ctfed's ClientApp executor for the Runtime API there (give flower-supernode --isolation process)",
     )
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
 

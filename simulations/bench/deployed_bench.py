@@ -158,13 +158,18 @@ def measure(work: Path, sites: int, rounds: int, local_steps: int) -> dict[str, 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.bench.deployed_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ctfed-deployed-bench-") as work:
         figures = measure(Path(work), args.sites, args.rounds, args.local_steps)
     text = json.dumps(figures, indent=2)

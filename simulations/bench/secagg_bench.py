@@ -275,13 +275,18 @@ def print_masking(figures: dict[str, float]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ctfed.simulations.bench.secagg_bench --params 89000000``: the coordinator's peak
-    RSS over one SecAgg+ round and this machine's ChaCha20 keystream rate, nothing else."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--params", type=int, default=89_000_000, help="values per update (ViT-B's encoder: 89M)")
     parser.add_argument("--sites", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ctfed.simulations.bench.secagg_bench --params 89000000``: the coordinator's peak
+    RSS over one SecAgg+ round and this machine's ChaCha20 keystream rate, nothing else."""
+    args = build_parser().parse_args(argv)
     keystream = keystream_throughput()
     entry = bench_coordinator_memory(args.params, args.sites)
     print_coordinator_memory(entry)

@@ -166,11 +166,16 @@ def trainer_step_s(batch: int, steps: int, blocks: int) -> dict[str, float]:
             "speedup": result["former"] / result["current"]}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute on one core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a site's loader: 1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     blocks = 3 if args.quick else 5
     for size, voxel_mm, volumes in ((32, 6.0, 10 if args.quick else 20), (96, 2.0, 1)):

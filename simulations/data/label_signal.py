@@ -304,7 +304,8 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="work folder (one subfolder per scale)")
     parser.add_argument("--seed", type=int, default=1, help="synth seed of the tuning set (default %(default)s)")
@@ -339,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         "--few-labels", type=int, default=0, metavar="N",
         help="also probe with N labelled scans only (mean of %d random draws, scored on the rest); 0: off" % FEW_LABEL_REPEATS,
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
     counts = list(args.scans_per_site)
     report: dict[str, Any] = {

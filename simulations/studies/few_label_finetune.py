@@ -103,8 +103,9 @@ def finetune_auroc(
     return aurocs
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
+    parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.studies.few_label_finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="work folder of the tuning set (label_signal's)")
     parser.add_argument("--seed", type=int, default=11, help="synth seed of the tuning set")
     parser.add_argument("--sites", type=int, default=3)
@@ -119,11 +120,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=5, help="random labelled draws per cell")
     parser.add_argument("--cnn", action="store_true", help="also the supervised small 3D CNN, at every count and length")
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/few_label_finetune.json")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     synth = tuning_synth(args.sites, args.seed, args.finding_scale, args.scans_per_site)
     data = tuning_set(args.out / f"scale_{args.finding_scale:g}_size_{args.size}", synth, args.size)
     tasks = list(data.labels)
