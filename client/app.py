@@ -141,9 +141,9 @@ def train(msg: Message, context: Context) -> Message:
         and first_monitor_of_round(context, server_round, site.site_id)
         else {}
     )
-    monitor = privacy_round.released_monitor(monitor)  # small cells stay here on either path
     if secure_path:
-        hold_for_secure_round(context, monitor)
+        # Held out of this reply, so released() below never sees it: its small-cell rule now.
+        hold_for_secure_round(context, privacy_round.released_monitor(monitor))
         monitor = {}
 
     result = trainer.train_round(round_index=server_round - 1)

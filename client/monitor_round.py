@@ -106,6 +106,4 @@ def drop_held(context: Context) -> None:
 
 def release_held(context: Context) -> MetricRecord | None:
     """The held monitor numbers, removed from the site's state (they leave once)."""
-    held = context.state.get(HELD_MONITOR_KEY)
-    context.state.pop(HELD_MONITOR_KEY, None)
-    return held
+    return context.state.pop(HELD_MONITOR_KEY, None)

@@ -136,14 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--labels {max(args.labels)} exceeds the labelled pool of {len(pool)} scans")
     model_cfg = load_simulation_config(["preset=compare", f"model.image_size={args.size}", f"preprocess.output_size={args.size}"]).model
     encoders: dict[str, dict[str, torch.Tensor] | None] = {"scratch": None}
+    encoder_paths = {"scratch": "-"}
     for spec in args.encoder:
         name, sep, path = spec.partition("=")
         if not sep or not name or name == "scratch":
             raise SystemExit(f"--encoder wants NAME=PATH with a name other than scratch, got {spec!r}")
         encoders[name] = torch.load(path, weights_only=True)
+        encoder_paths[name] = path
     torch.set_num_threads(1)  # one core per run; the figures compare arms, not machines
     report: dict[str, Any] = {"tasks": tasks, "pool": len(pool), "test": len(test), "seed": args.seed, "size": args.size,
-                              "draws": args.draws, "encoders": {k: v for k, v in zip(encoders, ["-", *args.encoder])}, "rows": []}
+                              "draws": args.draws, "encoders": encoder_paths, "rows": []}
     json_path = args.json or args.out / "few_label_finetune.json"
     arms = [(name, mode) for name in encoders for mode in args.modes] + ([("cnn", "cnn")] if args.cnn else [])
     print(f"tuning set seed {args.seed}: {len(pool)} pool / {len(test)} held-out scans, {len(tasks)} tasks")
