@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
@@ -443,7 +443,15 @@ class Finetuner:
     and the unfreezing stage; "linear_probe" trains the head throughout; "full" trains every
     tunable weight throughout. Each phase has its own AdamW and OneCycle schedule (max LR per
     group, ``warmup_fraction`` warm-up), as two separate runs of the recipe would.
+
+    In a head-only phase (the linear probe, the progressive recipe's stage 0) every encoder
+    module is frozen in eval mode (``set_trainable(())``), so a scan's features are the same at
+    every step: they are computed once per training scan, as is and flipped, and the steps
+    train the head on those (the same function, without an encoder forward per step).
     """
+
+    # Off: every head-only step runs the encoder again (tests compare the two).
+    cache_head_only_features = True
 
     def __init__(
         self, classifier: Classifier, cfg: FinetuneConfig, dataset: Dataset, device: str = "cpu"
@@ -458,6 +466,10 @@ class Finetuner:
         self.cfg = cfg
         self.dataset = dataset
         self.device = torch.device(device)
+        # Its own stream, so the flips never shift the batch order (_batches) or the head's init.
+        self._flips = torch.Generator().manual_seed(cfg.seed)
+        # (features, flipped features, labels) of the training scans in a head-only phase.
+        self._features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def phases(self) -> list[tuple[str, int]]:
         """(phase, steps) pairs that make up this mode's budget."""
@@ -475,6 +487,7 @@ class Finetuner:
         self.classifier.train()
         for phase, steps in self.phases():
             self._run_phase(phase, steps, batches, result, on_step)
+        self._features = None
         logger.info(
             "fine-tune (%s): %d steps, loss %.4f -> %.4f",
             self.cfg.mode, len(result.losses), result.losses[0], result.losses[-1],
@@ -500,8 +513,10 @@ class Finetuner:
         self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
+        self._features = self._frozen_features() if plan.stage in HEAD_ONLY_PHASES else None
         for step in range(steps):
             self._step(optimizer, scheduler, batches, plan.stage, step, result)
+        self._features = None
         return result
 
     @torch.no_grad()
@@ -551,6 +566,7 @@ class Finetuner:
         else:
             self.classifier.set_trainable(())
         optimizer, scheduler = self._optimizer(phase, steps)
+        self._features = self._frozen_features() if phase in HEAD_ONLY_PHASES else None
         blocks: tuple[int, ...] = ()
         for step in range(steps):
             if phase == PROGRESSIVE_PHASE:
@@ -572,10 +588,20 @@ class Finetuner:
         step: int,
         result: FinetuneResult,
     ) -> None:
-        volumes, targets = next(batches)
-        volumes = volumes.to(self.device)
-        logits = self.classifier(volumes)
-        loss = F.binary_cross_entropy_with_logits(logits, self._targets(targets, volumes.shape[0]))
+        indices = next(batches)
+        flip = self._flip_draw(len(indices))
+        if self._features is not None:
+            features, flipped, labels = self._features
+            chosen = torch.where(flip[:, None].to(self.device), flipped[indices], features[indices])
+            logits, targets = self.classifier.head(self.classifier.standardizer(chosen)), labels[indices]
+        else:
+            volumes, raw_targets = default_collate([self.dataset[i] for i in indices.tolist()])
+            if flip.any():
+                volumes = volumes.clone()
+                volumes[flip] = volumes[flip].flip(-1)
+            logits = self.classifier(volumes.to(self.device))
+            targets = self._targets(raw_targets, volumes.shape[0])
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tune loss is {loss.item()} in phase '{phase}', step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -588,6 +614,30 @@ class Finetuner:
         result.losses.append(loss.item())
         result.trainable_params.append(sum(p.numel() for p in self.classifier.parameters() if p.requires_grad))
 
+    def _flip_draw(self, count: int) -> torch.Tensor:
+        """Which of a batch's volumes are flipped left-right (``flip_lr_prob``; the cache's
+        (C, z, y, x) volumes run left -> right along x, the last axis)."""
+        if self.cfg.flip_lr_prob <= 0:
+            return torch.zeros(count, dtype=torch.bool)
+        return torch.rand(count, generator=self._flips) < self.cfg.flip_lr_prob
+
+    @torch.no_grad()
+    def _frozen_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The features every training scan gives the frozen encoder, as is and flipped (when
+        flips are on), and the labels; None when ``cache_head_only_features`` is off."""
+        if not self.cache_head_only_features:
+            return None
+        classifier = self.classifier
+        plain, flipped, labels = [], [], []
+        for start in range(0, len(self.dataset), self.cfg.batch_size):  # type: ignore[arg-type]
+            items = [self.dataset[i] for i in range(start, min(start + self.cfg.batch_size, len(self.dataset)))]  # type: ignore[arg-type]
+            volumes, targets = default_collate(items)
+            volumes = volumes.to(self.device)
+            plain.append(classifier.features(volumes).float())
+            flipped.append(classifier.features(volumes.flip(-1)).float() if self.cfg.flip_lr_prob > 0 else plain[-1])
+            labels.append(self._targets(targets, volumes.shape[0]))
+        return torch.cat(plain), torch.cat(flipped), torch.cat(labels)
+
     def _targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:
         targets = torch.as_tensor(targets).float().to(self.device)
         if targets.ndim == 1 and self.cfg.num_outputs == 1:
@@ -599,14 +649,11 @@ class Finetuner:
             )
         return targets
 
-    def _batches(self) -> Iterator:
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Indices of the training scans, a batch at a time, reshuffled every epoch (seeded)."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last=len(self.dataset) >= self.cfg.batch_size,  # type: ignore[arg-type]
-        )
+        count = len(self.dataset)  # type: ignore[arg-type]
+        loader = DataLoader(range(count), batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
+                            drop_last=count >= self.cfg.batch_size)
         while True:
             yield from loader

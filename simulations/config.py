@@ -339,9 +339,15 @@ class CompareConfig:
         return [self.finetune.mode, *self.baseline_modes]
 
 
+# label_efficiency.heads (simulations/studies/label_efficiency.py, Heads).
+STUDY_HEADS = ("site", "pooled_labels")
+
+
 def _study_finetune() -> FinetuneConfig:
-    # A few labelled scans per site: 100 steps of batch 4 are many epochs of them already.
-    return FinetuneConfig(probe_steps=40, stage_steps=60)
+    # 300 steps of batch 8 (120 head only, then 180): chosen on the tuning seed (few_label_finetune
+    # --recipe study, docs/studies.md), where the pretrained encoder's best mode peaks at 300
+    # with 8 and 24 labelled scans (100 gave 0.02-0.04 less at 24; scratch gains 0.02 more at 1,000).
+    return FinetuneConfig(probe_steps=120, stage_steps=180, batch_size=8)
 
 
 @dataclass
@@ -374,6 +380,14 @@ class LabelEfficiencyConfig:
     modes: list[str] = field(default_factory=lambda: ["linear_probe", "progressive", "full"])
     # The recipe (its label_names are replaced by the tasks); seed: the head's init and batches.
     finetune: FinetuneConfig = field(default_factory=_study_finetune)
+    # Who fine-tunes a level's head, each judged on its own: "site" (every site its own head on
+    # its own labelled scans, what a hospital does alone) and "pooled_labels" (one head on every
+    # site's labelled scans of the level: centralised fine-tuning, the ceiling of a federated
+    # phase 2 that sees the same labels; local-only has no such head).
+    heads: list[str] = field(default_factory=lambda: ["site", "pooled_labels"])
+    # Processes the fine-tunes run in, one torch thread each (0: one per core). Each fine-tune is
+    # seeded by the recipe alone, so the count changes the wall time, not a result.
+    finetune_workers: int = 0
     # Overrides of one more federation, the local-DP arm, on the same scans and budget (empty: no
     # DP arm). Noise 3.5 keeps epsilon <= 8 at delta 1e-5 for 60 scans, batch 8, 1,200 steps
     # (the label_efficiency preset's smallest site).
@@ -408,6 +422,8 @@ class LabelEfficiencyConfig:
         unknown = [m for m in self.modes if m not in FINETUNE_MODES]
         if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"label_efficiency.modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.modes)}")
+        if not self.heads or any(h not in STUDY_HEADS for h in self.heads) or len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"label_efficiency.heads must be unique entries of {', '.join(STUDY_HEADS)}, got {list(self.heads)}")
         levels = list(self.labels_per_site)
         if not levels or levels != sorted(set(levels)) or levels[0] < 1:
             raise ConfigError(f"label_efficiency.labels_per_site must be increasing counts >= 1, got {levels}")
@@ -418,6 +434,8 @@ class LabelEfficiencyConfig:
         for name in ("test_fraction", "val_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"label_efficiency.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.finetune_workers < 0:
+            raise ConfigError(f"label_efficiency.finetune_workers must be >= 0 (0: one per core), got {self.finetune_workers}")
         if self.curve_points < 2 or self.n_boot < 1 or self.min_tasks_beating_scratch < 1:
             raise ConfigError("label_efficiency.curve_points must be >= 2, n_boot and min_tasks_beating_scratch >= 1")
         if min(self.max_gap_to_centralized, self.max_dp_cost) < 0 or not self.max_dp_epsilon > 0:

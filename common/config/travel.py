@@ -584,6 +584,10 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     # Labelled volumes per optimizer step.
     batch_size: int = 4
+    # Chance that a training volume is flipped left-right at each step: the one flip a head
+    # presents (as the SSL views, train.augment.flip_lr_prob); with a few labelled scans and
+    # hundreds of steps it halves how often the head sees the very same input. 0: off.
+    flip_lr_prob: float = 0.5
     # One sigmoid output per name (1 name: binary task; K names: multi-label).
     label_names: list[str] = field(default_factory=lambda: ["label"])
     # The head's input: a local finding moves a few patch tokens, which the CLS token of an
@@ -625,6 +629,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
         if self.batch_size < 1:
             raise ConfigError("finetune.batch_size must be >= 1")
+        if not 0.0 <= self.flip_lr_prob <= 1.0:
+            raise ConfigError(f"finetune.flip_lr_prob must be in [0, 1], got {self.flip_lr_prob}")
         if not self.label_names or len(set(self.label_names)) != len(self.label_names):
             raise ConfigError(f"finetune.label_names must be non-empty and unique, got {list(self.label_names)}")
         if self.local_steps < 0:

@@ -15,7 +15,10 @@ a reference for what the prepared scans allow a model with no patch tokens to re
 (encoders from ``label_signal --curve --save-encoders DIR``; docs/studies.md, "How many labels ...").
 The recipe is deliberately plain (AdamW with a one-cycle schedule, batch 8, left-right flips,
 feature standardisation fitted on the labelled scans), so that scratch and pretrained differ in
-their initial weights only.
+their initial weights only. ``--recipe study`` fine-tunes with the label-efficiency study's own
+``Finetuner`` recipe instead (``label_efficiency.finetune``, its probe share of the steps kept,
+batch ``--batch-size``) in its modes ``linear_probe``, ``progressive``, ``full``: how its
+fine-tuning budget is chosen without touching a study scan.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +35,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from ctfed.common.config import ModelConfig
-from ctfed.common.finetune import build_classifier
+from ctfed.common.config import FINETUNE_MODES, FinetuneConfig, ModelConfig
+from ctfed.common.finetune import Finetuner, build_classifier
 from ctfed.simulations.config import load_simulation_config
 from ctfed.simulations.data.label_signal import tuning_set, tuning_synth
 
@@ -103,6 +108,33 @@ def finetune_auroc(
     return aurocs
 
 
+def study_recipe(base: FinetuneConfig, tasks: Sequence[str], steps: int, batch_size: int, seed: int) -> FinetuneConfig:
+    """``base`` (the study's recipe) stretched to ``steps`` with its probe share kept."""
+    probe = int(round(steps * base.probe_steps / base.total_steps))
+    return replace(base, probe_steps=probe, stage_steps=steps - probe, batch_size=batch_size, label_names=list(tasks), seed=seed)
+
+
+def study_finetune_auroc(
+    model_cfg: ModelConfig,
+    recipe: FinetuneConfig,
+    mode: str,
+    encoder_state: dict[str, torch.Tensor] | None,
+    volumes: torch.Tensor,
+    labels: torch.Tensor,
+    train: np.ndarray,
+    test: np.ndarray,
+) -> list[float]:
+    """Per-task test AUROC of one ``Finetuner`` run in ``mode`` (0.5 where nothing was learnable)."""
+    classifier = build_classifier(model_cfg, labels.shape[1], encoder_state, seed=recipe.seed, pooling=recipe.pooling)
+    finetuner = Finetuner(classifier, replace(recipe, mode=mode), TensorDataset(volumes[train], labels[train]))
+    finetuner.fit()
+    scores, _ = finetuner.predict(TensorDataset(volumes[test], labels[test]))
+    return [
+        float(roc_auc_score(labels[test, k].numpy(), scores[:, k])) if 0 < float(labels[train, k].sum()) < len(train) else 0.5
+        for k in range(labels.shape[1])
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
     parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.studies.few_label_finetune", description=__doc__.split("\n\n")[0])
@@ -116,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pretrained encoder state (torch.save of LocalTrainer.encoder_state()); repeatable")
     parser.add_argument("--labels", type=int, nargs="+", default=[8, 24, 48, 155], help="labelled scans drawn from the pool")
     parser.add_argument("--steps", type=int, nargs="+", default=[200, 1000], help="fine-tuning lengths, optimiser steps")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--recipe", choices=("plain", "study"), default="plain",
+                        help="plain: this driver's recipe; study: label_efficiency.finetune's Finetuner")
+    parser.add_argument("--modes", nargs="+", default=None, choices=(*MODES, *FINETUNE_MODES),
+                        help=f"default: {' '.join(MODES)} (plain), {' '.join(FINETUNE_MODES)} (study)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="fine-tuning batch (--recipe study)")
     parser.add_argument("--draws", type=int, default=5, help="random labelled draws per cell")
     parser.add_argument("--cnn", action="store_true", help="also the supervised small 3D CNN, at every count and length")
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/few_label_finetune.json")
@@ -134,7 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool, test = order[: len(order) // 2], order[len(order) // 2 :]
     if max(args.labels) > len(pool):
         raise SystemExit(f"--labels {max(args.labels)} exceeds the labelled pool of {len(pool)} scans")
-    model_cfg = load_simulation_config(["preset=compare", f"model.image_size={args.size}", f"preprocess.output_size={args.size}"]).model
+    study_cfg = load_simulation_config(["preset=label_efficiency", f"model.image_size={args.size}", f"preprocess.output_size={args.size}"])
+    model_cfg = study_cfg.model
+    modes = args.modes or list(MODES if args.recipe == "plain" else FINETUNE_MODES)
+    allowed = MODES if args.recipe == "plain" else FINETUNE_MODES
+    if any(mode not in allowed for mode in modes):
+        raise SystemExit(f"--recipe {args.recipe} takes --modes among {', '.join(allowed)}")
     encoders: dict[str, dict[str, torch.Tensor] | None] = {"scratch": None}
     encoder_paths = {"scratch": "-"}
     for spec in args.encoder:
@@ -145,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         encoder_paths[name] = path
     torch.set_num_threads(1)  # one core per run; the figures compare arms, not machines
     report: dict[str, Any] = {"tasks": tasks, "pool": len(pool), "test": len(test), "seed": args.seed, "size": args.size,
-                              "draws": args.draws, "encoders": encoder_paths, "rows": []}
+                              "draws": args.draws, "recipe": args.recipe, "encoders": encoder_paths, "rows": []}
     json_path = args.json or args.out / "few_label_finetune.json"
-    arms = [(name, mode) for name in encoders for mode in args.modes] + ([("cnn", "cnn")] if args.cnn else [])
+    arms = [(name, mode) for name in encoders for mode in modes] + ([("cnn", "cnn")] if args.cnn else [])
     print(f"tuning set seed {args.seed}: {len(pool)} pool / {len(test)} held-out scans, {len(tasks)} tasks")
     print("| labelled | steps | arm | mode | mean AUROC | seconds |\n|---|---|---|---|---|---|")
     for n in args.labels:
@@ -157,7 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs = []
                 for draw in range(args.draws):
                     train = np.random.default_rng([n, draw]).choice(pool, n, replace=False)
-                    runs.append(finetune_auroc(model_cfg, encoders.get(name), volumes, labels, train, test, mode, steps, seed=draw))
+                    if args.recipe == "study" and mode != "cnn":
+                        recipe = study_recipe(study_cfg.label_efficiency.finetune, tasks, steps, args.batch_size, seed=draw)
+                        runs.append(study_finetune_auroc(model_cfg, recipe, mode, encoders.get(name), volumes, labels, train, test))
+                    else:
+                        runs.append(finetune_auroc(model_cfg, encoders.get(name), volumes, labels, train, test, mode, steps, seed=draw))
                 per_task = np.mean(runs, axis=0)
                 row = {"labelled": n, "steps": steps, "arm": name, "mode": mode, "mean": round(float(per_task.mean()), 4),
                        "tasks": dict(zip(tasks, np.round(per_task, 3).tolist())), "seconds": round(time.perf_counter() - started, 1)}

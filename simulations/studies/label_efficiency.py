@@ -15,13 +15,16 @@
    ``dp_overrides``: local DP-SGD, its ledger's epsilon reported).
 3. **Pretraining curve**: encoders along the way (federated: round checkpoints) probed on the
    validation split (a logistic regression on frozen features of the largest labelled level).
-4. **Fine-tuning** of every arm at every site, at every level and in every mode (one
-   multi-label head for all tasks), predicting validation and test scans; the model-free probes
-   (window histograms, raw voxels) fit the same labelled scans. Each arm's mode (and the
-   model-free probe) is chosen per level on the pooled validation AUROC.
-5. **Verdicts** per task and level, compare.json's shape plus ``task`` and
-   ``labels_per_site`` (paired bootstrap on the same test scans), and the issue's targets at
-   ``judged_labels_per_site``. ``study.json`` is rewritten after every stage, so a crash keeps
+4. **Fine-tuning** of every arm at every level and in every mode (one multi-label head for
+   all tasks), predicting validation and test scans, with two kinds of head
+   (``label_efficiency.heads``): each site's own, on its own labelled scans (``site``), and one
+   on every site's labelled scans of the level (``pooled_labels``: centralised fine-tuning, the
+   ceiling of a federated phase 2 on the same labels). The model-free probes (window
+   histograms, raw voxels) fit the same labelled scans. Each arm's mode (and the model-free
+   probe) is chosen per level and kind of head on the pooled validation AUROC.
+5. **Verdicts** per kind of head, task and level, compare.json's shape plus ``task``,
+   ``labels_per_site`` and ``heads`` (paired bootstrap on the same test scans), and the issue's
+   targets at ``judged_labels_per_site``. ``study.json`` is rewritten after every stage, so a crash keeps
    what finished; ``study.md`` and its plots come from it (label_efficiency_report.py).
 """
 
@@ -30,8 +33,11 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import multiprocessing
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +51,8 @@ from torch.utils.data import ConcatDataset, Dataset
 from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
-from ctfed.common.config import save_run_config
-from ctfed.simulations.config import SimulationRunConfig
+from ctfed.common.config import FinetuneConfig, ModelConfig, save_run_config
+from ctfed.simulations.config import STUDY_HEADS, SimulationRunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.labelled import LabelledScans, labelled_indices
@@ -69,7 +75,8 @@ SPLITS_JSON = "splits.json"
 PRETRAIN_VIEWS = "pretrain"
 ENCODER_DIR = "encoders"
 ARMS_DIR = "arms"
-FORMAT = 1
+# 2: fine-tunes, model-free probes, summary, verdicts and targets per kind of head (Heads).
+FORMAT = 2
 POOLED = "pooled"
 # Digits kept of each held-out probability in study.json (AUROC needs ranks, not precision).
 PROB_DIGITS = 5
@@ -94,6 +101,21 @@ ARM_DESCRIPTIONS: dict[Arm, str] = {
 }
 # Model-free probes: logistic regressions on features that need no encoder.
 MODEL_FREE = ("window_histograms", "raw_voxels")
+
+
+class Heads(str, enum.Enum):
+    """Who fine-tunes a head on a level's labelled scans (``label_efficiency.heads``, whose
+    allowed values are STUDY_HEADS)."""
+
+    site = "site"  # each site its own, on its own labelled scans: what a hospital does alone
+    pooled_labels = "pooled_labels"  # one on every site's: the labels a federated phase 2 would see
+
+
+HEADS_DESCRIPTIONS: dict[Heads, str] = {
+    Heads.site: "each site fine-tunes its own head on its own labelled scans; the sites' test predictions are pooled",
+    Heads.pooled_labels: "one head fine-tuned on every site's labelled scans of the level (sites x level labels): "
+                         "centralised fine-tuning, the ceiling of a federated phase 2 on the same labels",
+}
 
 
 # ----------------------------------------------------------------------------- splits
@@ -360,46 +382,147 @@ def _rounded(probs: np.ndarray) -> list[list[float]]:
     return np.round(probs.astype(np.float64), PROB_DIGITS).tolist()
 
 
-def finetune_arm(cfg: SimulationRunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str], progress: Callable[[str], None]) -> dict[str, Any]:
-    """``{level: {mode: {site: {val, test, final_loss}}}}`` of held-out probabilities."""
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tune of the study: a fresh head on ``encoder`` in ``mode``, trained on the
+    ``train`` scans and predicting each of ``evaluated``; scans as (cache folder, indices), so a
+    worker process opens the caches itself."""
+
+    key: tuple[str, str, str]  # (heads, level, mode)
+    sites: tuple[str, ...]  # whose validation and test scans ``evaluated`` holds, in pairs
+    model: ModelConfig
+    recipe: FinetuneConfig
+    encoder: Mapping[str, torch.Tensor]
+    train: tuple[tuple[str, tuple[int, ...]], ...]
+    evaluated: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _scans(parts: Sequence[tuple[str, Sequence[int]]], tasks: Sequence[str], size: int) -> list[LabelledScans]:
+    return [LabelledScans(_open_cache(folder), indices, tasks, size) for folder, indices in parts]
+
+
+_OPEN_CACHES: dict[str, CachedVolumes] = {}
+
+
+def _open_cache(folder: str) -> CachedVolumes:
+    """A cache opened once per process (a worker runs many jobs on the same few caches)."""
+    if folder not in _OPEN_CACHES:
+        _OPEN_CACHES[folder] = CachedVolumes(Path(folder))
+    return _OPEN_CACHES[folder]
+
+
+def run_finetune_job(job: FinetuneJob) -> list[dict[str, Any]]:
+    """``job``'s predictions, one ``{val, test, final_loss, labelled_scans}`` per site."""
+    tasks, size = job.recipe.label_names, job.model.image_size
+    train = _scans(job.train, tasks, size)
+    dataset: Dataset = train[0] if len(train) == 1 else ConcatDataset(train)
+    predictions = finetune_and_predict_many(job.model, job.recipe, job.key[2], job.encoder, dataset, _scans(job.evaluated, tasks, size))
+    return [
+        {"val": _rounded(val.probs), "test": _rounded(test.probs), "final_loss": val.losses[-1], "labelled_scans": len(dataset)}
+        for val, test in zip(predictions[0::2], predictions[1::2])
+    ]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per worker: the workers share the machine's cores
+
+
+def finetune_jobs(cfg: SimulationRunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str]) -> list[FinetuneJob]:
+    """Every fine-tune of one arm: per kind of head, level, mode (and site for the sites' own).
+    ``pooled_labels`` heads need one encoder for every site: an arm with per-site encoders
+    (local-only) has none."""
     study = cfg.label_efficiency
     recipe = replace(study.finetune, label_names=list(tasks))
+
+    def held(site: StudySite) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return ((str(site.cache.cache_dir), site.val), (str(site.cache.cache_dir), site.test))
+
+    jobs = []
+    for level, mode in ((lv, m) for lv in study.labels_per_site for m in study.modes):
+        if Heads.site.value in study.heads:
+            for site in sites:
+                encoder = pretrained.encoder_for(site.name)
+                if encoder is not None:
+                    jobs.append(FinetuneJob((Heads.site.value, str(level), mode), (site.name,), cfg.model, recipe, encoder,
+                                            ((str(site.cache.cache_dir), site.labelled_at(level)),), held(site)))
+        encoder = pretrained.encoders.get(POOLED)
+        if Heads.pooled_labels.value in study.heads and encoder is not None:
+            jobs.append(FinetuneJob(
+                (Heads.pooled_labels.value, str(level), mode), tuple(s.name for s in sites), cfg.model, recipe, encoder,
+                tuple((str(s.cache.cache_dir), s.labelled_at(level)) for s in sites), tuple(part for s in sites for part in held(s)),
+            ))
+    return jobs
+
+
+def finetune_pool(cfg: SimulationRunConfig) -> ProcessPoolExecutor | None:
+    """The worker processes of every fine-tune of the study (``label_efficiency.finetune_workers``;
+    None: one core, the fine-tunes run in this process)."""
+    workers = cfg.label_efficiency.finetune_workers or os.cpu_count() or 1
+    if workers <= 1:
+        return None
+    # spawn: this process has run Ray and torch's thread pools, which a fork would copy mid-use.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+
+
+def run_finetune_jobs(jobs: Sequence[FinetuneJob], pool: ProcessPoolExecutor | None, progress: Callable[[str], None]) -> list[list[dict[str, Any]]]:
+    """Every job's predictions, in the jobs' order, on ``pool`` (None: here, one after another).
+    Each fine-tune is seeded by its recipe alone, so where it ran changes no result."""
+    started = time.perf_counter()
+    outputs: Iterator[list[dict[str, Any]]] = pool.map(run_finetune_job, jobs) if pool is not None else map(run_finetune_job, jobs)
+    results = []
+    for predicted in outputs:
+        results.append(predicted)
+        if len(results) % max(1, len(jobs) // 4) == 0 or len(results) == len(jobs):
+            progress(f"{len(results)}/{len(jobs)} fine-tunes ({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+def finetune_arm(
+    cfg: SimulationRunConfig, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str],
+    progress: Callable[[str], None], pool: ProcessPoolExecutor | None = None,
+) -> dict[str, Any]:
+    """``{heads: {level: {mode: {site: {val, test, final_loss, labelled_scans}}}}}`` of held-out
+    probabilities (``labelled_scans``: what the head that predicted them was fine-tuned on)."""
+    jobs = finetune_jobs(cfg, pretrained, sites, tasks)
     results: dict[str, Any] = {}
-    for level in study.labels_per_site:
-        results[str(level)] = {mode: {} for mode in study.modes}
-        for site in sites:
-            encoder = pretrained.encoder_for(site.name)
-            if encoder is None:
-                continue
-            train = LabelledScans(site.cache, site.labelled_at(level), tasks, cfg.model.image_size)
-            evaluated = [LabelledScans(site.cache, part, tasks, cfg.model.image_size) for part in (site.val, site.test)]
-            for mode in study.modes:
-                val, test = finetune_and_predict_many(cfg.model, recipe, mode, encoder, train, evaluated)
-                results[str(level)][mode][site.name] = {
-                    "val": _rounded(val.probs), "test": _rounded(test.probs), "final_loss": val.losses[-1],
-                }
-        progress(f"{level} labelled scans per site")
+    # In the jobs' order, which is the config's order of heads, levels, modes and sites.
+    for job, predicted in zip(jobs, run_finetune_jobs(jobs, pool, progress)):
+        results.setdefault(job.key[0], {}).setdefault(job.key[1], {}).setdefault(job.key[2], {}).update(zip(job.sites, predicted))
     return results
 
 
 def model_free_arm(cfg: SimulationRunConfig, sites: Sequence[StudySite], tasks: Sequence[str]) -> dict[str, Any]:
-    """The model-free probes fitted at each site on the same labelled scans as the fine-tunes."""
+    """``{heads: {probe: {level: {site: {val, test}}}}}``: the model-free probes fitted on the
+    same labelled scans as the fine-tunes (each site's own, or every site's pooled)."""
     study = cfg.label_efficiency
-    results: dict[str, Any] = {probe: {str(level): {} for level in study.labels_per_site} for probe in MODEL_FREE}
-    for site in sites:
-        def features(indices: Sequence[int]) -> dict[str, np.ndarray]:
-            volumes = [site.cache[i].numpy() for i in indices]
-            return {
-                "window_histograms": np.stack([window_histograms(v) for v in volumes]) if volumes else np.zeros((0, 1)),
-                "raw_voxels": np.stack([v.ravel() for v in volumes]).astype(np.float32) if volumes else np.zeros((0, 1)),
-            }
-        val_f, test_f, pool_f = features(site.val), features(site.test), features(site.labelled_at(study.labels_per_site[-1]))
-        pool_y = _labels(site.cache, site.labelled_at(study.labels_per_site[-1]), tasks)
-        for level in study.labels_per_site:
-            n = len(site.labelled_at(level))
-            for probe in MODEL_FREE:
-                val, test = _probe_scores(pool_f[probe][:n], pool_y[:n], [val_f[probe], test_f[probe]], row_span=probe == "raw_voxels")
-                results[probe][str(level)][site.name] = {"val": _rounded(val), "test": _rounded(test)}
+    top = study.labels_per_site[-1]
+
+    def features(site: StudySite, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        volumes = [site.cache[i].numpy() for i in indices]
+        return {
+            "window_histograms": np.stack([window_histograms(v) for v in volumes]) if volumes else np.zeros((0, 1)),
+            "raw_voxels": np.stack([v.ravel() for v in volumes]).astype(np.float32) if volumes else np.zeros((0, 1)),
+        }
+
+    held = {s.name: (features(s, s.val), features(s, s.test)) for s in sites}
+    pools = {s.name: (features(s, s.labelled_at(top)), _labels(s.cache, s.labelled_at(top), tasks)) for s in sites}
+    results: dict[str, Any] = {heads: {probe: {str(level): {} for level in study.labels_per_site} for probe in MODEL_FREE}
+                               for heads in study.heads}
+    for level in study.labels_per_site:
+        for probe in MODEL_FREE:
+            def fit(fitted_on: Sequence[StudySite]) -> list[np.ndarray]:
+                x = np.concatenate([pools[s.name][0][probe][: len(s.labelled_at(level))] for s in fitted_on])
+                y = np.concatenate([pools[s.name][1][: len(s.labelled_at(level))] for s in fitted_on])
+                return _probe_scores(x, y, [part[probe] for s in sites for part in held[s.name]], row_span=probe == "raw_voxels")
+
+            entries = {}
+            if Heads.site.value in results:
+                entries[Heads.site.value] = {s.name: fit([s])[2 * k : 2 * k + 2] for k, s in enumerate(sites)}
+            if Heads.pooled_labels.value in results:
+                scores = fit(sites)
+                entries[Heads.pooled_labels.value] = {s.name: scores[2 * k : 2 * k + 2] for k, s in enumerate(sites)}
+            for heads, by_site in entries.items():
+                results[heads][probe][str(level)] = {name: {"val": _rounded(val), "test": _rounded(test)} for name, (val, test) in by_site.items()}
     return results
 
 
@@ -433,13 +556,13 @@ def auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> 
     return {"value": roc_auc(labels, scores), "low": float(low), "high": float(high), "n_boot": int(len(boot))}
 
 
-def choose(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str]) -> str | None:
+def choose(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str], heads: str = Heads.site.value) -> str | None:
     """The arm's fine-tuning mode (or the model-free probe) with the best mean validation AUROC
     over tasks at ``where``: the only choice the study makes, and on validation scans."""
     labels = held_out(data, "val", where)
     tasks = len(data["tasks"])
     available, best, best_value = [], None, -np.inf
-    for option, entry in _options(data, arm, level).items():
+    for option, entry in _options(data, arm, level, heads).items():
         scores = _scores(entry, "val", where, tasks)
         if scores is None:
             continue
@@ -451,52 +574,57 @@ def choose(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str]) 
     return best if best is not None else next(iter(available), None)
 
 
-def _options(data: Mapping[str, Any], arm: str, level: str) -> dict[str, Any]:
-    """{mode: per-site predictions} of an arm at a level; the model-free arm's options are its probes."""
+def _options(data: Mapping[str, Any], arm: str, level: str, heads: str) -> dict[str, Any]:
+    """{mode: per-site predictions} of an arm's ``heads`` at a level (empty: none fine-tuned);
+    the model-free arm's options are its probes."""
     if arm == "model_free":
-        return {probe: data["model_free"][probe][level] for probe in data["model_free"]}
-    return data["arms"][arm]["finetune"][level]
+        probes = data["model_free"].get(heads, {})
+        return {probe: probes[probe][level] for probe in probes if level in probes[probe]}
+    return data["arms"][arm].get("finetune", {}).get(heads, {}).get(level, {})
 
 
-def test_scores(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str]) -> tuple[str, np.ndarray] | None:
-    option = choose(data, arm, level, where)
+def test_scores(data: Mapping[str, Any], arm: str, level: str, where: Sequence[str], heads: str = Heads.site.value) -> tuple[str, np.ndarray] | None:
+    option = choose(data, arm, level, where, heads)
     if option is None:
         return None
-    scores = _scores(_options(data, arm, level)[option], "test", where, len(data["tasks"]))
+    scores = _scores(_options(data, arm, level, heads)[option], "test", where, len(data["tasks"]))
     return None if scores is None else (option, scores)
 
 
 def summarise(data: dict[str, Any]) -> dict[str, Any]:
-    """Per arm (and model-free), level and task: the chosen mode and the pooled test AUROC with
-    its CI, plus each site's point AUROC."""
+    """Per kind of head, arm (and model-free), level and task: the chosen mode and the pooled
+    test AUROC with its CI."""
     sites = list(data["sites"])
     n_boot, seed = data["config"]["n_boot"], data["seeds"]["bootstrap"]
     table: dict[str, Any] = {}
-    for arm in [*data["arms"], "model_free"]:
-        if arm != "model_free" and "finetune" not in data["arms"][arm]:
-            continue
-        table[arm] = {}
-        for level in map(str, data["config"]["labels_per_site"]):
-            where = sites if arm != Arm.local_only.value else [data["smallest_site"]]
-            chosen = test_scores(data, arm, level, where)
-            if chosen is None:
-                continue
-            mode, scores = chosen
-            truth = held_out(data, "test", where)
-            table[arm][level] = {
-                "mode": mode,
-                "where": POOLED if len(where) > 1 else where[0],
-                "auroc": {t: auroc_ci(truth[:, k], scores[:, k], n_boot, seed) for k, t in enumerate(data["tasks"])},
-            }
+    for heads in data["config"]["heads"]:
+        table[heads] = {}
+        for arm in [*data["arms"], "model_free"]:
+            by_level = {}
+            for level in map(str, data["config"]["labels_per_site"]):
+                where = sites if arm != Arm.local_only.value else [data["smallest_site"]]
+                chosen = test_scores(data, arm, level, where, heads)
+                if chosen is None:
+                    continue
+                mode, scores = chosen
+                truth = held_out(data, "test", where)
+                by_level[level] = {
+                    "mode": mode,
+                    "where": POOLED if len(where) > 1 else where[0],
+                    "auroc": {t: auroc_ci(truth[:, k], scores[:, k], n_boot, seed) for k, t in enumerate(data["tasks"])},
+                }
+            if by_level:
+                table[heads][arm] = by_level
     return table
 
 
 def _verdict(
-    data: Mapping[str, Any], key: str, question: str, task: str, level: str, a: str, b: str, where: Sequence[str], target: float, gap: bool
+    data: Mapping[str, Any], key: str, question: str, task: str, level: str, a: str, b: str, where: Sequence[str], target: float,
+    gap: bool, heads: str,
 ) -> dict[str, Any] | None:
     """AUROC(a) - AUROC(b) > target; with ``gap``, AUROC(b) - AUROC(a) <= target (a trails b)."""
     k = data["tasks"].index(task)
-    held_a, held_b = test_scores(data, a, level, where), test_scores(data, b, level, where)
+    held_a, held_b = test_scores(data, a, level, where, heads), test_scores(data, b, level, where, heads)
     if held_a is None or held_b is None:
         return None
     labels = held_out(data, "test", where)[:, k]
@@ -509,6 +637,7 @@ def _verdict(
         "question": question,
         "task": task,
         "labels_per_site": int(level),
+        "heads": heads,
         "where": POOLED if len(where) > 1 else where[0],
         "a": {"arm": a, "mode": held_a[0], "auroc": roc_auc(labels, held_a[1][:, k])},
         "b": {"arm": b, "mode": held_b[0], "auroc": roc_auc(labels, held_b[1][:, k])},
@@ -518,40 +647,52 @@ def _verdict(
 
 
 def judge(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every verdict, per task and labelled level (best mode of each arm on validation)."""
+    """Every verdict, per kind of head, task and labelled level (best mode of each arm on
+    validation). Local-only has no pooled-label head (one site's encoder), so
+    ``federated_vs_local_only`` is judged on the sites' own heads only."""
     cfg = data["config"]
     sites, smallest = list(data["sites"]), data["smallest_site"]
     arms = data["arms"]
     verdicts = []
-    for level in map(str, cfg["labels_per_site"]):
-        for task in data["tasks"]:
-            candidates = [
-                ("pretrained_vs_scratch", "Does federated SSL + its best fine-tuning beat scratch (pooled)?",
-                 Arm.federated.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
-                ("centralized_vs_scratch", "Does centralized SSL + its best fine-tuning beat scratch (pooled)?",
-                 Arm.centralized.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
-                ("federated_vs_local_only", f"Does federated beat local-only at the smallest site ({smallest})?",
-                 Arm.federated.value, Arm.local_only.value, [smallest], cfg["target_gain_over_local_only"], False),
-                ("gap_to_centralized", "How far does federated trail centralized (pooled)?",
-                 Arm.federated.value, Arm.centralized.value, sites, cfg["max_gap_to_centralized"], True),
-                ("dp_cost", "How much does local DP-SGD cost the federated encoder (pooled)?",
-                 Arm.federated_dp.value, Arm.federated.value, sites, cfg["max_dp_cost"], True),
-                ("pretrained_vs_model_free", "Do federated SSL features beat the best model-free probe (pooled)?",
-                 Arm.federated.value, "model_free", sites, cfg["target_gain_over_model_free"], False),
-            ]
-            for key, question, a, b, where, target, gap in candidates:
-                if all(arm in arms or arm == "model_free" for arm in (a, b)):
-                    verdict = _verdict(data, key, question, task, level, a, b, where, target, gap)
-                    if verdict is not None:
-                        verdicts.append(verdict)
+    for heads, level, task in ((h, str(lv), t) for h in cfg["heads"] for lv in cfg["labels_per_site"] for t in data["tasks"]):
+        candidates = [
+            ("pretrained_vs_scratch", "Does federated SSL + its best fine-tuning beat scratch (pooled)?",
+             Arm.federated.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
+            ("centralized_vs_scratch", "Does centralized SSL + its best fine-tuning beat scratch (pooled)?",
+             Arm.centralized.value, Arm.scratch.value, sites, cfg["target_gain_over_scratch"], False),
+            ("federated_vs_local_only", f"Does federated beat local-only at the smallest site ({smallest})?",
+             Arm.federated.value, Arm.local_only.value, [smallest], cfg["target_gain_over_local_only"], False),
+            ("gap_to_centralized", "How far does federated trail centralized (pooled)?",
+             Arm.federated.value, Arm.centralized.value, sites, cfg["max_gap_to_centralized"], True),
+            ("dp_cost", "How much does local DP-SGD cost the federated encoder (pooled)?",
+             Arm.federated_dp.value, Arm.federated.value, sites, cfg["max_dp_cost"], True),
+            ("pretrained_vs_model_free", "Do federated SSL features beat the best model-free probe (pooled)?",
+             Arm.federated.value, "model_free", sites, cfg["target_gain_over_model_free"], False),
+        ]
+        for key, question, a, b, where, target, gap in candidates:
+            if all(arm in arms or arm == "model_free" for arm in (a, b)):
+                verdict = _verdict(data, key, question, task, level, a, b, where, target, gap, heads)
+                if verdict is not None:
+                    verdicts.append(verdict)
     return verdicts
 
 
 def targets(data: Mapping[str, Any], structural: Sequence[str]) -> list[dict[str, Any]]:
-    """The issue's targets at ``judged_labels_per_site``, each met or not, from the verdicts."""
+    """The issue's targets at ``judged_labels_per_site`` for each kind of head, each met or not,
+    from the verdicts (the DP arm's epsilon once: it does not depend on the heads)."""
+    rows = [{"heads": heads, **row} for heads in data["config"]["heads"] for row in _targets_for(data, structural, heads)]
+    if "max_site_epsilon" in data["arms"].get(Arm.federated_dp.value, {}).get("privacy", {}):
+        cfg = data["config"]
+        epsilon = data["arms"][Arm.federated_dp.value]["privacy"]["max_site_epsilon"]
+        rows.append({"heads": "-", "target": f"the DP arm's epsilon per site <= {cfg['max_dp_epsilon']:g} (delta as configured)",
+                     "met": epsilon <= cfg["max_dp_epsilon"], "detail": f"worst site epsilon {epsilon:.2f}"})
+    return rows
+
+
+def _targets_for(data: Mapping[str, Any], structural: Sequence[str], heads: str) -> list[dict[str, Any]]:
     cfg = data["config"]
     level = cfg["judged_labels_per_site"]
-    at = [v for v in data["verdicts"] if v["labels_per_site"] == level]
+    at = [v for v in data["verdicts"] if v["labels_per_site"] == level and v["heads"] == heads]
 
     def by(key: str) -> list[dict[str, Any]]:
         return [v for v in at if v["key"] == key]
@@ -578,10 +719,6 @@ def targets(data: Mapping[str, Any], structural: Sequence[str]) -> list[dict[str
         met = [v["task"] for v in model_free if v["met"]]
         rows.append({"target": "pretrained features beat the model-free probes on the structural tasks (point estimate)",
                      "met": len(met) == len(model_free), "detail": f"met on {', '.join(met) or 'none'} of {len(model_free)}"})
-    if "max_site_epsilon" in data["arms"].get(Arm.federated_dp.value, {}).get("privacy", {}):
-        epsilon = data["arms"][Arm.federated_dp.value]["privacy"]["max_site_epsilon"]
-        rows.append({"target": f"the DP arm's epsilon per site <= {cfg['max_dp_epsilon']:g} (delta as configured)",
-                     "met": epsilon <= cfg["max_dp_epsilon"], "detail": f"worst site epsilon {epsilon:.2f}"})
     return rows
 
 
@@ -610,6 +747,7 @@ class StudyRecord:
                 "finetune_steps": study.finetune.total_steps,
                 "finetune_batch_size": study.finetune.batch_size,
             },
+            "heads": {heads: HEADS_DESCRIPTIONS[Heads(heads)] for heads in study.heads},
             "seeds": {"synth": cfg.synth.seed, "train": cfg.train.seed, "finetune": study.finetune.seed,
                       "split": study.split_seed, "bootstrap": study.split_seed},
             "smallest_site": smallest_site(sites).name,
@@ -637,18 +775,11 @@ class StudyRecord:
         write_json_atomic(self.path, self.data)
 
 
-def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
-    """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
-    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
-    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
-
-    study = cfg.label_efficiency
-    sites, tasks = load_study_sites(run_dir)
-    arms = [arm for arm in Arm if arm is not Arm.federated_dp or study.dp_overrides]
-    print(f"label efficiency: {len(arms)} arms, {cfg.federation.rounds * cfg.train.local_steps} pretraining steps per model, "
-          f"{len(tasks)} tasks, {', '.join(map(str, study.labels_per_site))} labelled scans per site, modes {', '.join(study.modes)}")
-    record = StudyRecord(run_dir, cfg, sites, tasks)
-    initial = initial_encoder_state(cfg)
+def _run_arms(
+    cfg: SimulationRunConfig, run_dir: Path, data_dir: Path, sites: list[StudySite], tasks: Sequence[str], arms: Sequence[Arm],
+    initial: Mapping[str, torch.Tensor], record: StudyRecord, pool: ProcessPoolExecutor | None,
+) -> None:
+    """Pretrain, probe along the way and fine-tune each arm in turn, recording each as it ends."""
     for number, arm in enumerate(arms, start=1):
         print(f"[study {number}/{len(arms) + 1}] {arm.value}: {ARM_DESCRIPTIONS[arm]}")
         pretrained = pretrain_arm(arm, cfg, run_dir, data_dir, sites, initial)
@@ -670,11 +801,31 @@ def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path
                 f"{c['steps']} steps {c['mean_val_auroc']:.3f}" for c in entry["curve"] if c["mean_val_auroc"] is not None))
         finetune_started = time.perf_counter()
         chosen = [s for s in sites if pretrained.encoder_for(s.name) is not None]
-        entry["finetune"] = finetune_arm(cfg, pretrained, chosen, tasks, lambda msg: print(f"      fine-tuned at {msg}"))
+        entry["finetune"] = finetune_arm(cfg, pretrained, chosen, tasks, lambda msg: print(f"      fine-tuned {msg}", flush=True), pool)
         entry["wall_seconds"] = {"pretrain": pretrained.seconds, "curve": finetune_started - curve_started,
                                  "finetune": time.perf_counter() - finetune_started}
         record.data["arms"][arm.value] = entry
         record.write()
+
+
+def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
+    """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
+    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
+    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
+
+    study = cfg.label_efficiency
+    sites, tasks = load_study_sites(run_dir)
+    arms = [arm for arm in Arm if arm is not Arm.federated_dp or study.dp_overrides]
+    print(f"label efficiency: {len(arms)} arms, {cfg.federation.rounds * cfg.train.local_steps} pretraining steps per model, "
+          f"{len(tasks)} tasks, {', '.join(map(str, study.labels_per_site))} labelled scans per site, modes {', '.join(study.modes)}")
+    record = StudyRecord(run_dir, cfg, sites, tasks)
+    initial = initial_encoder_state(cfg)
+    pool = finetune_pool(cfg)
+    try:
+        _run_arms(cfg, run_dir, data_dir, sites, tasks, arms, initial, record, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     print(f"[study {len(arms) + 1}/{len(arms) + 1}] model-free probes (window histograms, raw voxels)")
     started = time.perf_counter()
     record.data["model_free"] = model_free_arm(cfg, sites, tasks)

@@ -10,17 +10,17 @@ import pytest
 
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError
-from ctfed.simulations.config import load_simulation_config
+from ctfed.simulations.config import STUDY_HEADS, load_simulation_config
 from ctfed.common.preprocess import CachedVolumes
 from ctfed.simulations.studies.label_efficiency import (
-    PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, choose, cut_site,
+    PRETRAIN_VIEWS, STUDY_DIR, STUDY_JSON, Arm, Heads, choose, cut_site,
 )
-from ctfed.simulations.studies.label_efficiency_report import AUROC_PLOT, CURVE_PLOT, PLOTS, STUDY_MD
+from ctfed.simulations.studies.label_efficiency_report import CURVE_PLOT, PLOTS, STUDY_MD, auroc_plot
 
-from helpers import write_manifest_cache  # tests/helpers.py
+from helpers import write_manifest_cache, write_random_cache  # tests/helpers.py
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-VERDICT_KEYS = {"key", "met", "ci_clears_target", "difference", "n_test", "task", "labels_per_site"}
+VERDICT_KEYS = {"key", "met", "ci_clears_target", "difference", "n_test", "task", "labels_per_site", "heads"}
 
 
 def _cache(root: Path, labels: list[int | None]) -> CachedVolumes:
@@ -43,7 +43,7 @@ def test_cut_is_deterministic_disjoint_and_leaves_unlabelled_scans_to_pretrainin
 def _data(val_scores: dict[str, list[float]], test_scores: dict[str, list[float]]) -> dict:
     site = {"val_labels": [[0], [0], [1], [1]], "test_labels": [[0], [1], [0], [1]]}
     finetune = {mode: {"site_0": {"val": [[v] for v in val_scores[mode]], "test": [[t] for t in test_scores[mode]]}} for mode in val_scores}
-    return {"tasks": ["any"], "sites": {"site_0": site}, "arms": {"federated": {"finetune": {"8": finetune}}}}
+    return {"tasks": ["any"], "sites": {"site_0": site}, "arms": {"federated": {"finetune": {"site": {"8": finetune}}}}}
 
 
 def test_the_mode_is_chosen_on_validation_scans_and_the_test_split_cannot_move_it() -> None:
@@ -61,6 +61,9 @@ def test_config_rules() -> None:
         load_simulation_config(["label_efficiency.judged_labels_per_site=5"])
     with pytest.raises(ConfigError, match="increasing"):
         load_simulation_config(["label_efficiency.labels_per_site=[8,4]"])
+    with pytest.raises(ConfigError, match="label_efficiency.heads"):
+        load_simulation_config(["label_efficiency.heads=[site,site]"])
+    assert tuple(h.value for h in Heads) == STUDY_HEADS  # the config's allowed values are the study's
     with pytest.raises(ConfigError, match="turn off compare.enabled"):
         load_simulation_config(["preset=label_efficiency", "compare.enabled=true"])
 
@@ -75,6 +78,32 @@ def test_dp_arm_is_the_federation_with_the_dp_overrides() -> None:
     assert (dp.model, dp.train, dp.federation, dp.synth) == (cfg.model, cfg.train, cfg.federation, cfg.synth)
 
 
+def test_fine_tunes_give_the_same_predictions_in_worker_processes_as_here(tmp_path: Path) -> None:
+    from ctfed.common.config import FinetuneConfig, ModelConfig
+    from ctfed.server.rounds import initial_encoder_state
+    from ctfed.simulations.studies.label_efficiency import FinetuneJob, finetune_pool, run_finetune_jobs
+
+    caches = [str(write_random_cache(tmp_path / f"site_{k}", [k, 1 - k, k, 1 - k, 1, 0])) for k in range(2)]
+    cfg = load_simulation_config(["label_efficiency.finetune_workers=2"])
+    encoder = initial_encoder_state(cfg)
+    recipe = FinetuneConfig(probe_steps=3, stage_steps=3, batch_size=2, label_names=["any"])
+    model = ModelConfig()
+    jobs = [
+        FinetuneJob(("site", "2", mode), ("site_0",), model, recipe, encoder, ((caches[0], (0, 1)),), ((caches[0], (2, 3)), (caches[0], (4, 5))))
+        for mode in ("linear_probe", "full")
+    ] + [FinetuneJob(("pooled_labels", "2", "progressive"), ("site_0", "site_1"), model, recipe, encoder,
+                     tuple((c, (0, 1)) for c in caches), tuple((c, part) for c in caches for part in ((2, 3), (4, 5))))]
+    pool = finetune_pool(cfg)
+    assert pool is not None
+    try:
+        in_workers = run_finetune_jobs(jobs, pool, progress=lambda message: None)
+    finally:
+        pool.shutdown()
+    here = run_finetune_jobs(jobs, None, progress=lambda message: None)
+    assert in_workers == here
+    assert [len(p) for p in here] == [1, 1, 2] and here[2][1]["labelled_scans"] == 4
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("label_efficiency")
@@ -86,6 +115,8 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # No local-DP federation here (it is the same path as the first with the DP overrides,
         # test_dp_arm_is_the_federation_with_the_dp_overrides): it would double the test's time.
         "label_efficiency.dp_overrides=[]", "label_efficiency.modes=[linear_probe,full]",
+        # One process: worker processes are tested on their own (test_fine_tunes_give_the_same_...).
+        "label_efficiency.finetune_workers=1",
         f"output_dir={out}", "run_name=study",
     ])
     assert code == 0
@@ -106,30 +137,45 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
     data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
     assert data["status"] == "completed"
     assert set(data["arms"]) == {arm.value for arm in Arm} - {Arm.federated_dp.value}
+    pools = {name: site["labelled_pool"] for name, site in data["sites"].items()}
     for arm, entry in data["arms"].items():
         sites = [data["smallest_site"]] if arm == Arm.local_only.value else list(data["sites"])
-        for level in ("2", "4"):
+        # Local-only has one site's encoder: no head on every site's labels.
+        assert set(entry["finetune"]) == ({"site"} if arm == Arm.local_only.value else {"site", "pooled_labels"})
+        for level in (2, 4):
             for mode in data["config"]["modes"]:
-                assert set(entry["finetune"][level][mode]) == set(sites)
-                for site in sites:
-                    assert len(entry["finetune"][level][mode][site]["test"]) == data["sites"][site]["test"]
+                for heads, by_level in entry["finetune"].items():
+                    predicted = by_level[str(level)][mode]
+                    assert set(predicted) == set(sites)
+                    for site in sites:
+                        assert len(predicted[site]["test"]) == data["sites"][site]["test"]
+                        assert len(predicted[site]["val"]) == data["sites"][site]["val"]
+                        # Each site's head on its own labels; the pooled head on every site's.
+                        expected = min(level, pools[site]) if heads == "site" else sum(min(level, n) for n in pools.values())
+                        assert predicted[site]["labelled_scans"] == expected
+    for heads in ("site", "pooled_labels"):
+        assert set(data["model_free"][heads]) == {"window_histograms", "raw_voxels"}
     assert data["arms"][Arm.centralized.value]["budget"]["pretrain_steps_per_model"] == 2
     assert [c["steps"] for c in data["arms"][Arm.federated.value]["curve"]] == [0, 2]
-    keys = {v["key"] for v in data["verdicts"]}
-    assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "pretrained_vs_model_free"} <= keys
-    assert "dp_cost" not in keys
+    by_heads = {heads: {v["key"] for v in data["verdicts"] if v["heads"] == heads} for heads in ("site", "pooled_labels")}
+    assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "pretrained_vs_model_free"} <= by_heads["site"]
+    assert {"pretrained_vs_scratch", "gap_to_centralized", "pretrained_vs_model_free"} <= by_heads["pooled_labels"]
+    assert "federated_vs_local_only" not in by_heads["pooled_labels"] and "dp_cost" not in by_heads["site"]
     for verdict in data["verdicts"]:
         assert VERDICT_KEYS <= set(verdict)
         assert {"value", "low", "high"} <= set(verdict["difference"])
         assert verdict["task"] in data["tasks"] and verdict["labels_per_site"] in (2, 4)
-    assert any(t["target"].startswith("federated + best fine-tuning beats scratch") for t in data["targets"])
+    for heads in ("site", "pooled_labels"):
+        assert any(t["heads"] == heads and t["target"].startswith("federated + best fine-tuning beats scratch") for t in data["targets"])
+    assert set(data["summary"]) == {"site", "pooled_labels"} and Arm.local_only.value not in data["summary"]["pooled_labels"]
 
 
 def test_report_plots_and_rerender(study_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = study_run / STUDY_DIR / STUDY_MD
     text = report.read_text()
     assert "Targets at 4 labelled scans per site" in text and "too small to conclude" in text
-    for plot in (AUROC_PLOT, CURVE_PLOT):
+    assert "pooled_labels heads: verdicts per level" in text and "Mean test AUROC over tasks" in text
+    for plot in (auroc_plot("site"), auroc_plot("pooled_labels"), CURVE_PLOT):
         assert (study_run / STUDY_DIR / PLOTS / plot).read_bytes().startswith(PNG_SIGNATURE)
     report.unlink()
     assert main(["report", str(study_run)]) == 0

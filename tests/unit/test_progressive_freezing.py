@@ -292,3 +292,52 @@ def test_load_classifier_reproduces_the_outputs_exactly(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING):
         load_classifier(weights)
     assert "fit_standardizer" in caplog.text
+
+
+def _inputs_seen(flip_lr_prob: float, steps: int = 12) -> tuple[Bright, list[torch.Tensor]]:
+    """The volumes a full fine-tune fed its classifier at each step (not the standardiser's
+    fit), one per batch of one."""
+    data = Bright(count=4)
+    classifier = build_classifier(TINY, 1, None, seed=0)
+    seen: list[torch.Tensor] = []
+    cfg = FinetuneConfig(mode="full", probe_steps=0, stage_steps=steps, batch_size=1, flip_lr_prob=flip_lr_prob)
+    finetuner = Finetuner(classifier, cfg, data)
+    classifier.fit_standardizer(data)  # fitted here, so fit() is the only forward left to record
+    classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].clone()) if module.training else None)
+    finetuner.fit()
+    return data, seen[-steps:]
+
+
+def test_training_volumes_are_flipped_left_right_only_and_as_often_as_configured() -> None:
+    data, never = _inputs_seen(0.0)
+    originals = list(data.volumes)
+    assert all(any(torch.equal(x, v) for v in originals) for x in never)
+    _, always = _inputs_seen(1.0)
+    # Flipped along x (the last axis) only: not any volume itself, nor flipped along z or y.
+    assert all(any(torch.equal(x, v.flip(-1)) for v in originals) for x in always)
+    assert not any(torch.equal(x, v) or torch.equal(x, v.flip(-2)) for x in always for v in originals)
+    _, half = _inputs_seen(0.5, steps=40)
+    flipped = sum(any(torch.equal(x, v.flip(-1)) for v in originals) for x in half)
+    assert 8 <= flipped <= 32  # binomial(40, 0.5): outside this once in ~10^4
+    assert all(torch.equal(a, b) for a, b in zip(half, _inputs_seen(0.5, steps=40)[1]))  # seeded
+    with pytest.raises(ConfigError, match="flip_lr_prob"):
+        FinetuneConfig(flip_lr_prob=1.5)
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "progressive"])
+def test_head_only_steps_on_features_computed_once_train_the_same_head(mode: str) -> None:
+    """The head-only phases read each scan's frozen features from a cache: the same losses and
+    weights as running the encoder at every step, with and without flips."""
+    data = Bright(count=10)
+    results = []
+    for cached in (True, False):
+        classifier = build_classifier(TINY, 1, None, seed=3)
+        finetuner = Finetuner(classifier, FinetuneConfig(mode=mode, probe_steps=15, stage_steps=10, batch_size=3), data)
+        finetuner.cache_head_only_features = cached
+        calls = []
+        classifier.encoder.register_forward_hook(lambda *args: calls.append(1))
+        results.append((finetuner.fit().losses, classifier.state_dict(), len(calls)))
+    (cached_losses, cached_state, cached_calls), (losses, state, calls) = results
+    assert cached_losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    assert all(torch.allclose(cached_state[k], state[k], atol=1e-6) for k in state)
+    assert cached_calls < calls  # the encoder ran fewer times
