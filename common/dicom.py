@@ -31,7 +31,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from scipy.ndimage import affine_transform
@@ -195,12 +194,29 @@ def undecodable_reason(transfer_syntax: str) -> str | None:
     return f"transfer syntax {uid.name} ({uid}): no installed pixel data decoder (needs {missing})"
 
 
+def _decoded_header(ds: Dataset) -> None:
+    """Convert every element of the header now (pydicom converts raw elements when they are
+    first read): a malformed one (an unknown VR, a length past the end, a value of the wrong
+    kind) then fails here, inside ``_classify``, and not later when a field is read."""
+    for _ in ds.file_meta.iterall() if getattr(ds, "file_meta", None) is not None else ():
+        pass
+    for _ in ds.iterall():
+        pass
+
+
 def _classify(path: Path) -> tuple[Dataset | None, str | None]:
-    """Read a header; return (dataset, None) for a usable CT image or (None, reason)."""
+    """Read a header; return (dataset, None) for a usable CT image or (None, reason).
+
+    The file is untrusted input: whatever parsing it raises (pydicom raises many kinds, from
+    NotImplementedError for an unknown VR to OverflowError for an absurd length) makes it a
+    rejection with the exception's type as the reason, never an error of the scan."""
     try:
         with _quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            _decoded_header(ds)
+    except OSError as err:
+        return None, f"unreadable file ({type(err).__name__})"
+    except Exception as err:  # noqa: BLE001 - hostile bytes: any parse failure is a rejection
         return None, f"unreadable header ({type(err).__name__}; truncated or not DICOM)"
     try:
         if not _is_dicom(path, ds):
@@ -232,7 +248,7 @@ def _classify(path: Path) -> tuple[Dataset | None, str | None]:
             if os.path.getsize(path) < expected:
                 return None, "truncated pixel data"
         return ds, None
-    except (ValueError, TypeError, AttributeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - values of the wrong kind or size (a Rows that is text, a negative frame count)
         return None, f"malformed header ({type(err).__name__})"
 
 

@@ -179,6 +179,29 @@ def run_federation(
     return recorder
 
 
+# The global encoder while a secure round runs (park_global_state): beside results.json, removed
+# after the round; a crash leaves it behind, and the next round overwrites it.
+PARKED_GLOBAL = ".global_in_round.pt"
+
+
+def park_global_state(run_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` written to the run folder and mapped back from it: the same tensors, paged in
+    only when read. While the sites train and the masked sum builds up the coordinator then
+    holds no copy of the global encoder in memory (at 89M values that is 340 MB of the 2 GB
+    goal, docs/benchmarks.md); the caller must drop its own references to ``state``."""
+    path = run_dir / PARKED_GLOBAL
+    torch.save(state, path)
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+def unpark_global_state(run_dir: Path, state: dict[str, torch.Tensor], parked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in memory again: the tensors it still shares with ``parked`` (all of them when the
+    round did not aggregate) copied; the file removed."""
+    in_memory = {name: tensor.clone() if tensor is parked.get(name) else tensor for name, tensor in state.items()}
+    (run_dir / PARKED_GLOBAL).unlink(missing_ok=True)
+    return in_memory
+
+
 def run_pretraining(
     grid: Grid,
     cfg: RunConfig,
@@ -197,16 +220,24 @@ def run_pretraining(
         instructions = round_instructions(cfg, server_round, federation_id=recorder.federation_id).to_record()
         arrays = state_to_record(global_state)
         messages = list(strategy.configure_train(server_round, arrays, instructions, grid))
+        bytes_sent = record_bytes(arrays)
+        del arrays  # the messages carry it; secure aggregation frees them once they are pushed
         logger.info("[round %d/%d] sent the global encoder to %d sites", server_round, total, len(messages))
         warning = dropout_warning(cfg, len(messages)) if server_round == recorder.session_first_round else None
         if warning:
             logger.warning(warning)
+        parked = park_global_state(recorder.run_dir, global_state) if cfg.secagg.enabled else None
+        if parked is not None:
+            global_state = parked
         outcome = collect_round(grid, messages, global_state, cfg, strategy, server_round, known_sites, central)
         if outcome.mean_delta is None:
             logger.error("round %d: not aggregated (%s); the global encoder is unchanged", server_round, outcome.reason)
         else:
             # The combined site deltas; the strategy turns them into the next global model.
             global_state = updater.apply(global_state, outcome.mean_delta)
+        if parked is not None:
+            global_state = unpark_global_state(recorder.run_dir, global_state, parked)
+            parked = None  # unmaps the file
         if central is not None:
             recorder.central_privacy_ledger = central.ledger.to_dict()
         checkpoint = recorder.save_global(
@@ -218,7 +249,7 @@ def run_pretraining(
                 round=server_round,
                 sites=outcome.sites,
                 aggregated=outcome.mean_delta is not None,
-                bytes_sent_per_site=record_bytes(arrays),
+                bytes_sent_per_site=bytes_sent,
                 seconds=time.perf_counter() - started,
                 checkpoint=checkpoint.name,
                 central_epsilon=central.epsilon() if central is not None else None,

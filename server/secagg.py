@@ -122,7 +122,9 @@ class SecureRound:
         self.max_weight = 1 if uniform_weights else cfg.secagg.max_weight
         self.sa_cfg = cfg.secagg
         self.round = server_round
-        self.like = like
+        # Names and shapes only (meta tensors): the round holds no copy of the global encoder,
+        # which the caller may keep on disk while the sites train (server/rounds.py).
+        self.like = shape_template(like)
         self.length = sa.state_size(like) + 1  # + the weight
         self.sites: dict[int, _Site] = {}
         self.pk1: dict[int, bytes] = {}
@@ -246,7 +248,11 @@ class SecureRound:
             node_id = int(message.metadata.dst_node_id)
             self.sites[node_id] = _Site(node_id, self.known_sites.get(node_id, f"node-{node_id}"))
             contents[node_id] = RecordDict({**dict(message.content.items()), sa.PARAMS_KEY: params})
+        # The round owns the train messages: emptied, so the serialised global encoder they
+        # carry is held only by what is pushed, and is freed with it after this stage.
+        train_messages.clear()
         replies = self._exchange(sa.STAGE_TRAIN, contents, self.cfg.federation.round_timeout_s)
+        del contents
         seen_keys: set[bytes] = set()
         for node_id, content in replies.items():
             site = self.sites[node_id]
@@ -481,6 +487,11 @@ class SecureRound:
         return sorted(records, key=lambda r: r.site)
 
 
+def shape_template(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s names, shapes and dtypes as meta tensors (no data)."""
+    return {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in state.items()}
+
+
 def secure_round(
     grid: Grid,
     train_messages: list[Message],
@@ -490,5 +501,8 @@ def secure_round(
     known_sites: dict[int, str] | None = None,
     uniform_weights: bool = False,
 ) -> SecureRoundResult:
-    """One SecAgg+ round; never raises for site failures (they are in the result)."""
+    """One SecAgg+ round; never raises for site failures (they are in the result).
+
+    ``train_messages`` is emptied (the round owns them, see ``SecureRound.train``); of
+    ``global_state`` only the names and shapes are kept."""
     return SecureRound(grid, cfg, server_round, global_state, known_sites, uniform_weights).run(train_messages)

@@ -17,7 +17,9 @@ import functools
 import gc
 import multiprocessing
 import resource
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from ctfed.common.config import RunConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND_KEY, apply_delta, record_to_state, state_to_record
 from ctfed.server.collect import build_strategy, vet_replies
+from ctfed.server.rounds import park_global_state, unpark_global_state
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.runtime.inprocess import InProcessGrid
 
@@ -204,12 +207,22 @@ def _coordinator_main(conn: Any, result_conn: Any, num_params: int, node_ids: li
     cfg.federation.min_sites = 2
     cfg.federation.max_update_norm = 1e9
     global_state = _synthetic_state(num_params)
+    global_mb = sum(t.numel() * t.element_size() for t in global_state.values()) / 2**20
     messages = _train_messages(node_ids, global_state)
     gc.collect()
     before_mb = _rss_mb()  # interpreter, torch, Flower, the global model and the round's messages
     grid = PipeGrid(conn, node_ids)
     started = time.perf_counter()
-    result = secure_round(grid, messages, global_state, cfg, server_round=1)
+    with tempfile.TemporaryDirectory() as run_dir:
+        # As server/rounds.py's run_pretraining: the global encoder parked on disk for the round,
+        # the train messages handed to the round (which frees them once pushed).
+        parked = park_global_state(Path(run_dir), global_state)
+        global_state = parked
+        result = secure_round(grid, messages, global_state, cfg, server_round=1)
+        if result.mean_delta is not None:
+            global_state = apply_delta(global_state, result.mean_delta)
+        global_state = unpark_global_state(Path(run_dir), global_state, parked)
+        del parked
     seconds = time.perf_counter() - started
     slowest = grid.stop()
     result_conn.send({
@@ -221,7 +234,7 @@ def _coordinator_main(conn: Any, result_conn: Any, num_params: int, node_ids: li
         "rss_before_round_mb": before_mb,
         # Linux reports ru_maxrss in KiB: this process's peak over its life, the round included.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "global_state_mb": sum(t.numel() * t.element_size() for t in global_state.values()) / 2**20,
+        "global_state_mb": global_mb,
         "masked_vector_mb": (num_params + 1) * cfg.secagg.modulus_bits / 8 / 2**20,
     })
 

@@ -324,3 +324,6 @@ def test_simulation_with_secure_aggregation(tmp_path: Path) -> None:
     final, _, _ = load_checkpoint(run / "checkpoints" / "global_round_0002.safetensors")
     assert any(not torch.equal(initial[name], final[name]) for name in initial)
     assert "securely aggregated 3 sites" in (run / "federation.log").read_text()
+    from ctfed.server.rounds import PARKED_GLOBAL
+
+    assert not (run / PARKED_GLOBAL).exists()  # parked for each round, removed after it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ctfed.common import secagg as sa
 from ctfed.common.config import RunConfig, SecAggConfig
 from ctfed.common.config import ModelConfig, TrainConfig
 from ctfed.common.exchange import ARRAYS_KEY, CONFIG_KEY, RoundInstructions, SiteReply, state_to_record
+from ctfed.server.rounds import PARKED_GLOBAL, park_global_state, unpark_global_state
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.runtime.inprocess import InProcessGrid
 
@@ -183,3 +185,43 @@ def test_chunked_decode_and_norm_match_the_whole_vector(monkeypatch: pytest.Monk
     views = sa.unflatten_state(mean, like, copy=False)
     assert views["a"].data_ptr() == mean.ctypes.data  # no second copy of the state
     np.testing.assert_array_equal(views["b"].numpy(), mean[500:])
+
+
+
+def test_the_round_frees_the_serialised_global_encoder_once_pushed_and_runs_on_a_parked_one(tmp_path: Path) -> None:
+    """run_pretraining hands the round its train messages and parks the global encoder on disk
+    (server/rounds.py): by the masked-input stage no copy of the serialised encoder is alive,
+    and the round aggregates against the parked (file-mapped) state."""
+    like = _like()
+    deltas = {n: {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(n)) * 0.01 for k, v in like.items()} for n in NODES}
+    record = state_to_record(like)
+    serialised = weakref.ref(record["blocks.0.weight"])
+    alive_when_masking: list[bool] = []
+    handlers = site_secagg.stage_handlers(_train(deltas))
+    inner = handlers[MASKED]
+
+    def spy(msg: Message, context: Context) -> Message:
+        gc.collect()
+        alive_when_masking.append(serialised() is not None)
+        return inner(msg, context)
+
+    handlers[MASKED] = spy
+    cfg = RunConfig()
+    cfg.secagg = SecAggConfig(num_shares=5)
+    cfg.federation.min_sites = 2
+    instructions = RoundInstructions(server_round=1, model=ModelConfig(), train=TrainConfig()).to_record()
+    messages = [Message(RecordDict({ARRAYS_KEY: record, CONFIG_KEY: instructions}), dst_node_id=n, message_type="train") for n in NODES]
+    del record  # as run_pretraining drops its arrays
+    parked = park_global_state(tmp_path, like)
+    assert (tmp_path / PARKED_GLOBAL).is_file() and all(torch.equal(parked[k], like[k]) for k in like)
+    result = secure_round(PushPullGrid(handlers, list(NODES)), messages, parked, cfg, server_round=1)
+    assert result.mean_delta is not None, result.reason
+    assert messages == []  # the round owned them
+    assert alive_when_masking == [False] * len(NODES)
+    bound = sa.aggregation_error_bound(cfg.secagg) + 1e-7
+    for name in like:
+        assert np.abs(result.mean_delta[name].double().numpy() - _weighted_mean(deltas, NODES, name)).max() <= bound
+    # Not aggregated: the parked tensors come back as copies in memory, and the file goes.
+    back = unpark_global_state(tmp_path, dict(parked), parked)
+    assert not (tmp_path / PARKED_GLOBAL).exists()
+    assert all(torch.equal(back[k], like[k]) and back[k] is not parked[k] for k in like)
