@@ -441,7 +441,11 @@ def _read_pixels(ds: Dataset) -> np.ndarray:
     try:
         with _quiet_pydicom():
             return np.asarray(ds.pixel_array)
-    except Exception as err:  # noqa: BLE001 - decoders raise anything; report class only
+    except BaseException as err:  # noqa: BLE001 - decoders raise anything; report class only
+        # A Rust decoder's panic (pylibjpeg-rle on a corrupt RLE frame) is a BaseException
+        # (pyo3's PanicException), not an Exception; only the interpreter's own exits pass.
+        if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         name = UID(syntax).name if UID(syntax).is_transfer_syntax else syntax[:64]
         raise DicomError(
             f"pixel data could not be decoded ({type(err).__name__}; truncated or unsupported; transfer syntax {name})"

@@ -4,7 +4,8 @@ Each mutant starts from a real file (a slice of a synthetic series, pydicom's CT
 gets its own study, series and instance UIDs (so it can never join a good series) and is then
 broken: cut short at many offsets, bytes flipped in its header and in its pixels, element
 lengths and VRs rewritten in the raw bytes, pixel data removed, absurd dimensions, a frame
-count of 2^31 - 1. ``ctfed prepare`` runs in its own process over the good series and every
+count of 2^31 - 1; and whole copies of a good series, native or compressed (RLE, JPEG 2000,
+JPEG-LS), with one slice's bytes flipped or cut, so the decoders meet them. ``ctfed prepare`` runs in its own process over the good series and every
 mutant together and must finish within a time bound, stay under a memory bound, cache every
 good series and reject (with a reason, no traceback, no identifier) every mutant that has no
 usable pixels.
@@ -25,7 +26,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from ctfed.simulations.data.synth import synthesize_federation
 
@@ -122,6 +123,37 @@ def _corpus(source: Path, out: Path) -> dict[str, bool]:
     return {f"{name}_{key}": must_reject for key, (_, must_reject) in mutants.items()}
 
 
+def _series_mutants(slices: list[Path], out: Path) -> dict[str, bool]:
+    """Whole copies of a good series, each its own series, with one slice broken after an
+    optional compression (native, RLE, JPEG 2000, JPEG-LS): the decoders meet the broken bytes.
+    ``{name: must be rejected}``; a flipped bit in pixels may still decode (cached or not)."""
+    broken = len(slices) // 2
+    variants: dict[str, tuple[str | None, Callable[[bytes], bytes], bool]] = {
+        "native_pixels_flipped": (None, lambda b: _flip(b, len(b) - 4000, len(b), 200, 1), False),
+        "native_slice_cut": (None, lambda b: b[: len(b) // 2], False),
+        "rle_stream_flipped": (RLELossless, lambda b: _flip(b, len(b) - 2000, len(b), 200, 2), False),
+        "rle_slice_cut": (RLELossless, lambda b: b[: len(b) - len(b) // 3], False),
+        "j2k_stream_flipped": (JPEG2000Lossless, lambda b: _flip(b, len(b) - 2000, len(b), 200, 3), False),
+        "j2k_slice_cut": (JPEG2000Lossless, lambda b: b[: len(b) - len(b) // 3], False),
+        "jpegls_stream_flipped": (JPEGLSLossless, lambda b: _flip(b, len(b) - 2000, len(b), 200, 4), False),
+    }
+    for name, (syntax, mutate, _) in variants.items():
+        folder = out / name
+        folder.mkdir()
+        study, series = generate_uid(), generate_uid()
+        for index, path in enumerate(slices):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            if syntax is not None:
+                ds.compress(syntax, generate_instance_uid=False)
+            target = folder / f"{index:03d}.dcm"
+            ds.save_as(target, enforce_file_format=True)
+            if index == broken:
+                target.write_bytes(mutate(target.read_bytes()))
+    return {name: must_reject for name, (_, _, must_reject) in variants.items()}
+
+
 # The child reports its own peak resident memory as it exits (ru_maxrss: KiB on Linux).
 _CHILD = (
     "import resource, sys\n"
@@ -163,10 +195,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
         target = mutant_dir / source.stem
         target.mkdir()
         must_reject.update({f"{source.stem}/{k}": v for k, v in _corpus(source, target).items()})
+    uid = pydicom.dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID
+    series_slices = [p for p in good_slices if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == uid]
+    (mutant_dir / "series").mkdir()
+    series_mutants = _series_mutants(series_slices, mutant_dir / "series")
     code, seconds, peak_mb, output = _prepare(input_dir, root / "cache")
     manifest = json.loads((root / "cache" / "manifest.json").read_text()) if (root / "cache" / "manifest.json").is_file() else {}
     return {"code": code, "seconds": seconds, "peak_mb": peak_mb, "output": output, "manifest": manifest,
-            "must_reject": must_reject, "mutant_files": len(must_reject)}
+            "must_reject": must_reject, "mutant_files": len(must_reject), "series_mutants": series_mutants}
 
 
 def test_prepare_finishes_in_bounded_time_and_memory(prepared: dict) -> None:
@@ -178,8 +214,11 @@ def test_prepare_finishes_in_bounded_time_and_memory(prepared: dict) -> None:
 
 def test_every_good_series_is_cached_beside_the_mutants(prepared: dict) -> None:
     series = prepared["manifest"]["series"]
-    # The two synthetic head CTs; no mutant is a usable series (one slice each, its own series).
-    assert len(series) == 2, [entry.get("reason") for entry in prepared["manifest"]["rejected"]]
+    # The two synthetic head CTs, plus whichever broken copies of one still made a volume (a
+    # slice whose flipped pixels decode, or a cut slice the series does without); no one-file
+    # mutant is a volume.
+    good = 2
+    assert good <= len(series) <= good + len(prepared["series_mutants"]), [e.get("reason") for e in prepared["manifest"]["rejected"]]
 
 
 def test_each_mutant_without_usable_pixels_is_rejected_with_a_reason(prepared: dict) -> None:
