@@ -52,7 +52,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from ctfed.common.preprocess import prepare
 
-    summary = prepare(args.input, args.output, cfg, labels_csv=labels, progress=not args.no_progress)
+    try:
+        summary = prepare(args.input, args.output, cfg, labels_csv=labels, progress=not args.no_progress)
+    except OSError as err:
+        if getattr(args, "verbose", False):
+            raise
+        # A full disk or a read-only cache folder: every volume is written to a temporary and
+        # renamed when whole, and the manifest lists only those, so nothing half-written is used.
+        where = f" ({err.filename})" if err.filename else ""
+        if err.filename is None or not Path(err.filename).resolve().is_relative_to(args.output.resolve()):
+            print(f"ctfed prepare: {err.strerror or err}{where}", file=sys.stderr)
+            return 1
+        print(f"ctfed prepare: cannot write the cache: {err.strerror or err}{where}. The manifest lists only the volumes "
+              "written whole before it; free space (or fix the folder's permissions) and run the same command again "
+              "to continue", file=sys.stderr)
+        return 1
     print(f"accepted {summary.accepted}, unchanged (cached) {summary.cached}, rejected {summary.rejected}")
     print(f"manifest: {summary.manifest}")
     print(f"report:   {summary.report}")

@@ -76,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctfed {chosen.name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A full disk, a read-only or missing folder: one line, not a traceback (-v: both).
+        if args.verbose:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"ctfed {chosen.name}: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

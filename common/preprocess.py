@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -50,7 +49,7 @@ from ctfed.common.dicom import (
     series_key,
     study_key,
 )
-from ctfed.common.fileio import write_json_atomic, write_text_atomic
+from ctfed.common.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ctfed.common.nifti import load_nifti, nifti_key
 from ctfed.common.privacy import site_secret
 
@@ -262,10 +261,9 @@ def _process(job: _Job) -> dict[str, Any]:
         return {"rejected": f"unexpected {type(err).__name__} while processing"}
     name = f"{job.key}.npy"
     if job.output_dir is not None:
-        tmp = job.output_dir / f".{name}.tmp"
-        with open(tmp, "wb") as handle:
-            np.save(handle, tensor)
-        os.replace(tmp, job.output_dir / name)
+        # Not caught: a full disk or a read-only folder stops the prepare (common/cli.py says
+        # why in one line); the manifest lists only the volumes written whole before it.
+        write_bytes_atomic(job.output_dir / name, lambda handle: np.save(handle, tensor))
     entry = _entry(job, name, volume, tensor, cached_voxel_mm)
     if job.output_dir is None:
         entry[TENSOR_FIELD] = tensor

@@ -389,3 +389,40 @@ def test_series_selection_from_hydra_overrides() -> None:
     assert cfg.series_selection.tie_break == SeriesTieBreak.most_slices
     assert cfg.slice_gap_tolerance_mm == 0.3
     assert load_run_config().preprocess.series_selection.per_study == SeriesPerStudy.one
+
+
+# The child exceeds its file-size limit as a full disk would stop it: the write fails (EFBIG,
+# with SIGXFSZ ignored) and the process goes on to handle it.
+_LIMITED_PREPARE = (
+    "import resource, signal, sys\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "limit = int(sys.argv[1])\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+    "from ctfed.common.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+def test_a_cache_that_cannot_be_written_fails_in_one_line_and_leaves_nothing_half_written(federation: list[Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    command = ["prepare", "--input", str(federation[0]), "--output", str(cache), "--size", "32", "--no-progress"]
+    volume_bytes = 3 * 32**3 * 2  # one cached volume: 3 float16 channels of 32^3
+    # Files up to half a volume fit (the manifest, the report): every volume's write fails.
+    limited = subprocess.run([sys.executable, "-c", _LIMITED_PREPARE, str(volume_bytes // 2), *command],
+                             capture_output=True, text=True, timeout=300)
+    assert limited.returncode == 1, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    errors = [line for line in limited.stderr.splitlines() if line.startswith("ctfed prepare:")]
+    assert len(errors) == 1 and "cannot write the cache: " in errors[0] and "run the same command again" in errors[0], errors
+    assert str(cache) in errors[0] and ("File too large" in errors[0] or "short write" in errors[0])
+    assert not [p.name for p in cache.rglob("*.tmp")]  # no half-written temporary left
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["series"] == []  # nothing listed that was not written whole
+    assert not list(cache.glob("*.npy"))
+    # With room again the same command builds the whole cache.
+    assert main(command) == 0
+    volumes = CachedVolumes(cache)
+    assert len(volumes) == 2 and all(tuple(volumes[i].shape) == (3, 32, 32, 32) for i in range(len(volumes)))
