@@ -401,6 +401,10 @@ def _safe_series_uid(path: Path, reason: str) -> str | None:
         return None
 
 
+# What a _Slice's pixels become once load_series has converted them to HU.
+_RELEASED = np.empty((0, 0), dtype=np.int16)
+
+
 @dataclass
 class _Slice:
     position: np.ndarray  # IPP, LPS mm
@@ -582,13 +586,17 @@ def load_series(
         )
 
     dy, dx = slices[0].pixel_spacing
-    stored = np.stack([s.pixels for s in slices]).astype(np.float32)
-    hu = np.empty_like(stored)
+    # Slice by slice into one float32 HU volume, each slice's stored pixels released once
+    # converted: a 512x512x600 series (315 MB of 16-bit pixels) then holds its HU volume and
+    # the pixels not yet converted, not both plus a float32 copy of every stored value.
+    hu = np.empty((len(slices), *slices[0].pixels.shape), dtype=np.float32)
     for k, s in enumerate(slices):
-        hu[k] = stored[k] * s.slope + s.intercept
+        stored = s.pixels.astype(np.float32)
+        s.pixels = _RELEASED
+        hu[k] = stored * s.slope + s.intercept
         if s.padding is not None:
             lo, hi = s.padding
-            hu[k][(stored[k] >= lo) & (stored[k] <= hi)] = AIR_HU
+            hu[k][(stored >= lo) & (stored <= hi)] = AIR_HU
 
     # Gantry tilt: slice origins drift within the image plane as the table advances.
     step = (slices[-1].position - slices[0].position) / (len(slices) - 1)
