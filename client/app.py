@@ -111,15 +111,15 @@ def train(msg: Message, context: Context) -> Message:
         assert instructions is not None  # check_policy refuses undecodable instructions
         model_cfg, train_cfg = instructions.model, instructions.train
         site: SiteData = open_site_data(identity)
-        privacy_round.check_privacy_unit(site.dataset.entries)
-        privacy_round.check_budget(train_cfg, num_volumes=len(site.dataset))
+        volumes = privacy_round.privacy_units(site.dataset)  # local DP: one volume per person
+        privacy_round.check_budget(train_cfg, num_volumes=len(volumes))
     except RoundRefused as refusal:
         logger.warning("site %s declines round %d: %s", identity.site_id, server_round, refusal)
         return Message(error=privacy_round.refuse(refusal), reply_to=msg)
 
     def new_trainer() -> LocalTrainer:
         return LocalTrainer(
-            model_cfg, train_cfg, site.dataset, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp,
+            model_cfg, train_cfg, volumes, seed=train_cfg.seed + site.index, dp=privacy_round.local_dp,
             device=str(context.node_config.get(DEVICE_NODE_KEY, "")) or None,  # the hospital's pin wins
         )
 

@@ -5,8 +5,9 @@
 1. ``check_policy()`` - before the cache is opened (raises RoundRefused); whether the round
    is securely aggregated is the protocol path the message came on (``secure_path``), never
    an instruction flag;
-2. ``check_privacy_unit()`` - local DP only: at most one volume per patient (or study), so
-   that DP-SGD's unit, a volume, is a person (raises RoundRefused);
+2. ``privacy_units()`` - local DP only: at most one volume per patient (or study), so that
+   DP-SGD's unit, a volume, is a person: the volumes to train on (one per person where the
+   site's policy says so; raises RoundRefused otherwise);
 3. ``check_budget()`` - local or central DP: the epsilon the site computes itself for this
    round alone and after it, from its own ledger of that mode and at ``policy.delta``,
    against ``policy.max_round_epsilon`` and ``policy.max_epsilon`` (raises RoundRefused);
@@ -31,9 +32,16 @@ from flwr.app import ArrayRecord, Context, Error
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, AuditLog
 from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned_local_entry, save_site_ledger
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
-from ctfed.client.privacy_unit import PrivacyUnitViolation, check_one_volume_per_person
+from ctfed.client.privacy_unit import (
+    PATIENT_FIELD,
+    STUDY_FIELD,
+    PrivacyUnitViolation,
+    check_one_volume_per_person,
+    one_volume_per_person,
+)
 from ctfed.client.site import SiteIdentity
 from ctfed.common.config import LocalDPConfig, PrivacyConfig, PrivacyMode, SitePolicy, TrainConfig, Transport
+from ctfed.common.preprocess import CachedVolumes
 from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY, SLICES_KEYS, SPACING_KEYS
 from ctfed.common.monitor import MONITOR_PREFIX, SCANS_KEY as MONITOR_SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
@@ -56,6 +64,15 @@ class RoundRefused(RuntimeError):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
+
+
+# policy.local_dp_repeat_volumes (common/config/site.py REPEAT_VOLUME_RULES).
+ONE_PER_PERSON = "one_per_person"
+
+
+def _attributed(entries: Sequence[Mapping[str, Any]]) -> bool:
+    """Every entry names its person (a patient or a study pseudonym): one per person can be chosen."""
+    return all(entry.get(PATIENT_FIELD) or entry.get(STUDY_FIELD) for entry in entries)
 
 
 class SitePrivacyRound:
@@ -108,14 +125,30 @@ class SitePrivacyRound:
         except PolicyViolation as err:
             raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
 
-    def check_privacy_unit(self, entries: Sequence[Mapping[str, Any]]) -> None:
-        """Local DP: refuse a cache where one person has several volumes (``privacy_unit``)."""
+    def privacy_units(self, dataset: CachedVolumes) -> CachedVolumes:
+        """The volumes this round trains on. Local DP: one per person (``privacy_unit``), so a
+        cache where one person has several is refused, or, with the site's
+        ``policy.local_dp_repeat_volumes: one_per_person``, trained on one volume per person.
+        Otherwise every volume."""
         if self.local_dp is None:
-            return
+            return dataset
         try:
-            units = check_one_volume_per_person(entries)
+            units = check_one_volume_per_person(dataset.entries)
         except PrivacyUnitViolation as err:
-            raise RoundRefused(POLICY_REFUSED_CODE, str(err)) from None
+            if self.policy.local_dp_repeat_volumes != ONE_PER_PERSON or not _attributed(dataset.entries):
+                raise RoundRefused(
+                    POLICY_REFUSED_CODE,
+                    f"{err}; or let the site train local-DP rounds on one volume per person "
+                    f"(policy.local_dp_repeat_volumes: {ONE_PER_PERSON})",
+                ) from None
+            kept = one_volume_per_person(dataset.entries)
+            logger.warning(
+                "site %s: local DP trains on %d of %d cached volumes, one per person "
+                "(policy.local_dp_repeat_volumes: %s); the other %d are set aside for this round",
+                self.identity.site_id, len(kept), len(dataset), ONE_PER_PERSON, len(dataset) - len(kept),
+            )
+            dataset = dataset.subset(kept)
+            units = check_one_volume_per_person(dataset.entries)  # holds by construction
         if units.by_study:
             logger.warning(
                 "site %s: %d of %d cached volumes have no patient pseudonym (no PatientID, NIfTI, or a cache from "
@@ -123,6 +156,7 @@ class SitePrivacyRound:
                 "patient with several studies among them has several units",
                 self.identity.site_id, units.by_study, units.by_study + units.by_patient,
             )
+        return dataset
 
     def check_budget(self, train: TrainConfig, num_volumes: int) -> None:
         """The site's own epsilon for this round and in total, at ``policy.delta``."""

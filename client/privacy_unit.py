@@ -17,8 +17,13 @@ Who a volume belongs to, from its manifest entry (``common/preprocess.py``), ent
   how many volumes that concerns every DP round.
 
 Both are checked: at most one volume per patient pseudonym, and at most one per study
-pseudonym (a study is one patient's, whatever its entries say). An entry with neither is refused: nothing would tie its volumes together. The error gives
-counts only, never a key.
+pseudonym (a study is one patient's, whatever its entries say). An entry with neither is
+refused: nothing would tie its volumes together. The error gives counts only, never a key.
+
+A site whose policy says ``local_dp_repeat_volumes: one_per_person`` trains such a round on
+``one_volume_per_person`` instead: each person's contribution is then one volume, so the
+guarantee is per person again. Which volume is kept depends on that person's own volumes only
+(the first by content hash), so adding or removing one person changes no one else's choice.
 """
 
 from __future__ import annotations
@@ -71,3 +76,19 @@ def check_one_volume_per_person(entries: Sequence[Mapping[str, Any]]) -> Privacy
             )
     by_patient = sum(1 for entry in entries if privacy_unit_field(entry) == PATIENT_FIELD)
     return PrivacyUnits(by_patient=by_patient, by_study=len(entries) - by_patient)
+
+
+def one_volume_per_person(entries: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of the entries to train on under local DP: per person (patient pseudonym, else
+    study pseudonym) the first by content hash, never two of one study; in index order. Entries
+    with neither pseudonym are left out (``check_one_volume_per_person`` refuses them)."""
+    taken: set[tuple[str, str]] = set()
+    keep = []
+    order = sorted(range(len(entries)), key=lambda i: (str(entries[i].get("content_hash", "")), i))
+    for index in order:
+        entry = entries[index]
+        units = {(field, str(entry[field])) for field in (PATIENT_FIELD, STUDY_FIELD) if entry.get(field)}
+        if units and not units & taken:
+            taken |= units
+            keep.append(index)
+    return sorted(keep)

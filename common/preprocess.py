@@ -17,6 +17,7 @@ nothing from the DICOM header that identifies a patient is ever written or logge
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import fcntl
 import hashlib
@@ -24,7 +25,7 @@ import json
 import logging
 import multiprocessing
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -735,6 +736,15 @@ class CachedVolumes(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def subset(self, indices: Sequence[int]) -> CachedVolumes:
+        """The same cache restricted to ``indices`` (in that order); its channel statistics stay
+        the whole cache's (what the model's input standardisation was checked against)."""
+        view = copy.copy(self)
+        view.entries = [self.entries[i] for i in indices]
+        view.labels = [self.labels[i] for i in indices]
+        view.volume_paths = [self.volume_paths[i] for i in indices]
+        return view
 
     def cached_voxel_mm(self) -> tuple[float, float, float] | None:
         """The median cached voxel size (z, y, x) in mm over the entries that record it (None if none

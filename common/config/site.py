@@ -20,6 +20,10 @@ SITE_ID_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 PHASES = ("pretrain", "finetune")
 
 
+# policy.local_dp_repeat_volumes: refuse a local-DP round, or train it on one volume per person.
+REPEAT_VOLUME_RULES = ("refuse", "one_per_person")
+
+
 @dataclass
 class SitePolicy:
     """What a hospital's IT allows its site to take part in (``policy:`` in site.yaml).
@@ -74,6 +78,12 @@ class SitePolicy:
     # statistics of labelled scans, in clear and outside any DP guarantee, like the summary;
     # once per round, and on the secure path only with the round's unmask reply.
     share_monitor: bool = True
+    # Under local DP a cache where one person has several volumes (follow-up studies, several
+    # series of a study) would give that person a multiple of the round's epsilon (by group
+    # privacy): "refuse" such rounds, or "one_per_person": train them on one volume per person
+    # (patient pseudonym; study pseudonym without a PatientID), the first by content hash,
+    # logging how many volumes were set aside. Without local DP every volume trains.
+    local_dp_repeat_volumes: str = "refuse"
     # Secure aggregation floor: reveal nothing unless the coordinator's reconstruction
     # threshold t exceeds this fraction of the site's neighbourhood n (t > f * n). Bonawitz
     # et al. need t > 2n/3 against a coordinator colluding with up to n/3 sites; at or below
@@ -81,6 +91,10 @@ class SitePolicy:
     min_secagg_threshold_fraction: float = 2 / 3
 
     def __post_init__(self) -> None:
+        if self.local_dp_repeat_volumes not in REPEAT_VOLUME_RULES:
+            raise ConfigError(
+                f"policy.local_dp_repeat_volumes must be one of {', '.join(REPEAT_VOLUME_RULES)}, got {self.local_dp_repeat_volumes!r}"
+            )
         unknown = sorted(set(self.allowed_phases) - set(PHASES))
         if unknown:
             raise ConfigError(f"policy.allowed_phases: unknown phases {unknown}; choose from {', '.join(PHASES)}")

@@ -343,6 +343,49 @@ def test_local_dp_refuses_two_volumes_of_one_person(tmp_path: Path, cache: Path,
     assert not client_train(_plain(_instructions()), context).has_error()
 
 
+@pytest.mark.parametrize("shared", [{"study_key": "0123456789abcdef"}, {"patient_key": "fedcba9876543210"}], ids=["study", "patient"])
+def test_a_site_may_train_local_dp_on_one_volume_per_person_instead(
+    tmp_path: Path, cache: Path, shared: dict, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``policy.local_dp_repeat_volumes: one_per_person``: the round trains on one volume of the
+    person, and the site's own accounting counts that one volume (the coordinator cannot ask
+    for it: the rule is the site's policy, not an instruction)."""
+    import logging
+
+    from ctfed.client.ledger import LEDGER_FILE, local_sample_rate
+
+    two_of_one = _cache_copy(cache, tmp_path / "cache", **shared)
+    state = tmp_path / "state"
+    policy = SitePolicy(local_dp_repeat_volumes="one_per_person")
+    with caplog.at_level(logging.WARNING, logger="ctfed.client.privacy_round"):
+        reply = client_train(_plain(_instructions(LOCAL_DP)), _context(state, two_of_one, policy))
+    assert not reply.has_error(), reply.error.reason
+    assert "local DP trains on 1 of 2 cached volumes, one per person" in caplog.text + capsys.readouterr().out
+    (entry,) = PrivacyLedger.load(state / LEDGER_FILE).entries
+    assert entry.sample_rate == local_sample_rate(ONE_STEP.batch_size, 1)  # one volume, not two
+    # The default policy still refuses, and says how to opt in.
+    refused = client_train(_plain(_instructions(LOCAL_DP)), _context(tmp_path / "strict", two_of_one, SitePolicy()))
+    assert refused.has_error() and "policy.local_dp_repeat_volumes: one_per_person" in refused.error.reason
+
+
+def test_one_volume_per_person_keeps_the_first_by_content_hash_and_never_two_of_a_study() -> None:
+    from ctfed.client.privacy_unit import check_one_volume_per_person, one_volume_per_person
+
+    entries = [
+        {"content_hash": "c", "patient_key": "p1", "study_key": "s1"},
+        {"content_hash": "a", "patient_key": "p1", "study_key": "s2"},  # p1's first by content hash
+        {"content_hash": "b", "study_key": "s3"},  # no PatientID: its study is its unit
+        {"content_hash": "d", "study_key": "s3"},
+        {"content_hash": "e", "patient_key": "p2", "study_key": "s4"},
+        {"content_hash": "f"},  # nobody's: never chosen
+    ]
+    assert one_volume_per_person(entries) == [1, 2, 4]
+    check_one_volume_per_person([entries[i] for i in one_volume_per_person(entries)])
+    # A person's choice depends on that person's volumes only: adding someone changes nothing else.
+    more = entries + [{"content_hash": "0", "patient_key": "p3", "study_key": "s5"}]
+    assert one_volume_per_person(more) == [1, 2, 4, 6]
+
+
 def test_two_studies_of_one_patient_prepared_for_real_are_refused_under_local_dp(
     tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
