@@ -446,8 +446,9 @@ class Finetuner:
 
     In a head-only phase (the linear probe, the progressive recipe's stage 0) every encoder
     module is frozen in eval mode (``set_trainable(())``), so a scan's features are the same at
-    every step: they are computed once per training scan, as is and flipped, and the steps
-    train the head on those (the same function, without an encoder forward per step).
+    every step: where the phase's steps would run the encoder on more volumes than there are
+    training scans (twice, with flips), the features are computed once per scan, as is and
+    flipped, and the steps train the head on those (the same function, fewer encoder forwards).
     """
 
     # Off: every head-only step runs the encoder again (tests compare the two).
@@ -513,7 +514,7 @@ class Finetuner:
         self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
-        self._features = self._frozen_features() if plan.stage in HEAD_ONLY_PHASES else None
+        self._features = self._frozen_features(steps) if plan.stage in HEAD_ONLY_PHASES else None
         for step in range(steps):
             self._step(optimizer, scheduler, batches, plan.stage, step, result)
         self._features = None
@@ -566,7 +567,7 @@ class Finetuner:
         else:
             self.classifier.set_trainable(())
         optimizer, scheduler = self._optimizer(phase, steps)
-        self._features = self._frozen_features() if phase in HEAD_ONLY_PHASES else None
+        self._features = self._frozen_features(steps) if phase in HEAD_ONLY_PHASES else None
         blocks: tuple[int, ...] = ()
         for step in range(steps):
             if phase == PROGRESSIVE_PHASE:
@@ -622,10 +623,13 @@ class Finetuner:
         return torch.rand(count, generator=self._flips) < self.cfg.flip_lr_prob
 
     @torch.no_grad()
-    def _frozen_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _frozen_features(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The features every training scan gives the frozen encoder, as is and flipped (when
-        flips are on), and the labels; None when ``cache_head_only_features`` is off."""
-        if not self.cache_head_only_features:
+        flips are on), and the labels; None when ``cache_head_only_features`` is off or when
+        ``steps`` would run the encoder on fewer volumes than the cache would (many scans, a
+        short phase: a phase-2 round of a few steps at a large site)."""
+        forwards = len(self.dataset) * (2 if self.cfg.flip_lr_prob > 0 else 1)  # type: ignore[arg-type]
+        if not self.cache_head_only_features or forwards >= steps * self.cfg.batch_size:
             return None
         classifier = self.classifier
         plain, flipped, labels = [], [], []

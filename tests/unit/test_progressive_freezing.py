@@ -341,3 +341,15 @@ def test_head_only_steps_on_features_computed_once_train_the_same_head(mode: str
     assert cached_losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
     assert all(torch.allclose(cached_state[k], state[k], atol=1e-6) for k in state)
     assert cached_calls < calls  # the encoder ran fewer times
+
+
+def test_a_short_head_only_phase_on_many_scans_runs_the_encoder_per_step_instead() -> None:
+    """Caching costs a forward per scan (two with flips): a phase of fewer volumes than that
+    (a phase-2 round of a few steps at a large site) runs the encoder per step, as before."""
+    data = Bright(count=10)
+    classifier = build_classifier(TINY, 1, None, seed=3)
+    finetuner = Finetuner(classifier, FinetuneConfig(mode="linear_probe", probe_steps=0, stage_steps=3, batch_size=2), data)
+    calls = []
+    classifier.encoder.register_forward_hook(lambda *args: calls.append(1))
+    finetuner.fit()
+    assert len(calls) == 10 // 2 + 3  # the standardiser's fit (5 batches of 2), then one per step
