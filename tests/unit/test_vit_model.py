@@ -128,7 +128,10 @@ def test_opacus_per_sample_gradients_match_per_sample_backward() -> None:
         model.zero_grad(set_to_none=True)
         model(x[i : i + 1], mask[i : i + 1]).pow(2).sum().backward()
         for name, param in trainable.items():
-            assert torch.allclose(per_sample[name][i], param.grad, rtol=1e-4, atol=1e-5), name
+            # float32 sums in another order: an element's error scales with the tensor's largest
+            # value (about 1e-6 of it here), not with the element itself.
+            scale = max(1.0, float(param.grad.abs().max()))
+            assert torch.allclose(per_sample[name][i], param.grad, rtol=1e-4, atol=1e-5 * scale), name
 
 
 def test_privacy_engine_makes_tiny_model_private_and_steps() -> None:
