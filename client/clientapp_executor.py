@@ -31,9 +31,9 @@ from logging import INFO
 from types import ModuleType
 from typing import Any
 
-# The module whose imports the fork server does once, so no message pays for them:
-# the ClientApp and, through it, torch, MONAI and the trainer.
-PRELOADED_MODULES = ("ctfed.client.app",)
+# The modules the fork server imports once, so no message pays for them: the ClientApp and,
+# through it, torch, MONAI and the trainer; then one tiny trainer built (client/warm_start.py).
+PRELOADED_MODULES = ("ctfed.client.app", "ctfed.client.warm_start")
 # The loop asks the SuperNode's local Runtime API for a new task this often (Flower's default
 # is 1 s, paid once per message): a local HTTP call, cheap at 20 a second.
 TASK_POLL_INTERVAL_S = 0.05

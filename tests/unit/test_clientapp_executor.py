@@ -127,3 +127,18 @@ def test_the_pin_still_refuses_an_unpinned_bundle_under_the_polling_wrapper(
     assert run_id == 5 and state.get_run(5) is None
     (reply,) = state.get_messages_legacy(run_ids=[5], is_reply=True)
     assert reply.error.code == ErrorCode.INVALID_FAB
+
+
+def test_the_fork_server_builds_a_trainer_once_with_one_thread_and_restores_the_count() -> None:
+    """client/warm_start.py, as the fork server imports it: a tiny trainer on random volumes
+    (no site data), built with one torch thread, the process's thread count left as it was."""
+    import subprocess
+
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "import ctfed.client.warm_start as w\n"
+        "print(torch.get_num_threads(), w.WARM_SECONDS > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split()[-2:] == ["2", "True"]
+    assert "ctfed.client.warm_start" in clientapp_executor.PRELOADED_MODULES
