@@ -162,17 +162,14 @@ def transform_volume(volume: CTVolume, cfg: PreprocessConfig) -> tuple[np.ndarra
 
     affine = volume.affine_lps
     affine[:2] *= -1.0  # LPS -> RAS, MONAI's world convention
-    # MONAI wants the spatial axes in the affine's column order (x, y, z): a view of the HU
-    # volume, reoriented (MONAI's flip copies it once), then shifted to HU+1024 in place so that
-    # the zero padding of resampling means air, not water. One copy of the volume at a time
-    # beside the caller's (issue #14's memory bound), and the same values as shifting first.
-    source = torch.from_numpy(volume.hu.transpose(2, 1, 0))[None]
-    image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(
-        MetaTensor(source, affine=torch.as_tensor(affine))
-    )
-    if image.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        image = image.clone()  # already RAS: Orientation returned the caller's own array
-    image -= AIR_HU
+    # MONAI wants the spatial axes in the affine's column order (x, y, z). Work on HU+1024
+    # so that the zero padding of resampling means air, not water: shifted in place in the one
+    # contiguous copy (a second copy of a 512x512x600 volume is 630 MB; issue #14's bound).
+    shifted = np.ascontiguousarray(volume.hu.transpose(2, 1, 0))
+    shifted -= AIR_HU
+    image = MetaTensor(torch.from_numpy(shifted[None]), affine=torch.as_tensor(affine))
+    del shifted
+    image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
     image = Spacing(pixdim=(cfg.spacing_mm,) * 3, mode="bilinear", padding_mode="zeros")(image)
     image = image + AIR_HU
     threshold = cfg.foreground_hu

@@ -151,6 +151,8 @@ def run_finetune_rounds(
             "[round %d/%d] fine-tune (%s, trainable blocks %s, %d trainable values) sent to %d sites",
             server_round, total, plan.stage, list(plan.blocks), sum(t.numel() for t in trainable.values()), len(messages),
         )
+        bytes_sent = max((record_bytes(m.content[ARRAYS_KEY]) for m in messages), default=0)
+        # Secure aggregation owns the messages from here (it frees them once they are pushed).
         outcome = collect_round(grid, messages, trainable, cfg, strategy, server_round, known_sites, central)
         holders.update(sent_digests, outcome.sites, known_sites)
         if outcome.mean_delta is None:
@@ -171,7 +173,7 @@ def run_finetune_rounds(
                 round=server_round,
                 sites=outcome.sites,
                 aggregated=outcome.mean_delta is not None,
-                bytes_sent_per_site=max((record_bytes(m.content[ARRAYS_KEY]) for m in messages), default=0),
+                bytes_sent_per_site=bytes_sent,
                 seconds=time.perf_counter() - started,
                 checkpoint=checkpoint.name,
                 central_epsilon=central.epsilon() if central is not None else None,

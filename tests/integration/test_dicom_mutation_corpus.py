@@ -154,12 +154,14 @@ def _series_mutants(slices: list[Path], out: Path) -> dict[str, bool]:
     return {name: must_reject for name, (_, _, must_reject) in variants.items()}
 
 
-# The child reports its own peak resident memory as it exits (ru_maxrss: KiB on Linux).
+# The child reports its own peak resident memory as it exits: VmHWM, its address space's peak
+# since exec (ru_maxrss would carry over this test process's from the fork).
 _CHILD = (
-    "import resource, sys\n"
+    "import re, sys\n"
     "from ctfed.common.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    "status = open('/proc/self/status').read()\n"
+    "print('peak-rss-kib', re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
     "sys.exit(code)\n"
 )
 
