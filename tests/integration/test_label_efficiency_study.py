@@ -100,7 +100,14 @@ def test_fine_tunes_give_the_same_predictions_in_worker_processes_as_here(tmp_pa
     finally:
         pool.shutdown()
     here = run_finetune_jobs(jobs, None, progress=lambda message: None)
-    assert in_workers == here
+    # Predictions are rounded and must match exactly; the raw loss may differ in its last bits, since a
+    # worker runs on one thread and sums in another order.
+    def without_loss(results: list) -> list:
+        return [[{k: v for k, v in part.items() if k != "final_loss"} for part in parts] for parts in results]
+
+    assert without_loss(in_workers) == without_loss(here)
+    losses = [[part["final_loss"] for part in parts] for parts in here]
+    assert [[part["final_loss"] for part in parts] for parts in in_workers] == [pytest.approx(l, rel=1e-5) for l in losses]
     assert [len(p) for p in here] == [1, 1, 2] and here[2][1]["labelled_scans"] == 4
 
 
