@@ -3,7 +3,8 @@
 The same ``Finetuner`` federated phase 2 and the compare study use (``finetune.mode``:
 progressive freezing - linear probe, then top blocks unfrozen with discriminative LRs - or
 ``full`` / ``linear_probe``), on the cache's labelled scans, split the way a federated site
-splits them (stratified, ``finetune.test_fraction`` held out, ``finetune.split_seed``). The
+splits them (the labels' ``finetune_split`` column where it has one; else stratified,
+``finetune.test_fraction`` held out, ``finetune.split_seed``). The
 held-out scans are scored (AUROC, AP, balanced accuracy, F1 with bootstrap 95% CIs) and the
 classifier is saved as ``classifier.safetensors`` with its model card (``classifier.json``:
 model and fine-tuning config, encoder source, split sizes, PHI-free data summary, metrics).
@@ -27,7 +28,7 @@ from ctfed.common.checkpoint import load_checkpoint, save_checkpoint
 from ctfed.common.config import ConfigError, RunConfig, load_run_config
 from ctfed.common.data_summary import card_data_summary, site_data_metrics
 from ctfed.common.finetune import CLASSIFIER_KIND_SUFFIX, Finetuner, build_classifier
-from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
+from ctfed.common.labelled import LabelledScans, NotEvaluableError, site_split
 from ctfed.common.metrics import evaluation_dict, operating_points
 from ctfed.common.model import encoder_part
 from ctfed.common.preprocess import CachedVolumes
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             f"{cfg.model.image_size}^3; prepare the cache with preprocess.output_size={cfg.model.image_size}"
         )
     try:
-        split = stratified_split(dataset, finetune.label_names, finetune.test_fraction, finetune.split_seed)
+        split = site_split(dataset, finetune.label_names, finetune.test_fraction, finetune.split_seed)
     except NotEvaluableError as err:
         raise ConfigError(f"cannot split the cache's labelled scans: {err}") from None
     train = LabelledScans(dataset, split.train, finetune.label_names, cfg.model.image_size)

@@ -48,7 +48,7 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.common.finetune import Classifier, Finetuner, build_classifier, trainable_names, trainable_state
-from ctfed.common.labelled import LabelledScans, NotEvaluableError, stratified_split
+from ctfed.common.labelled import LabelledScans, NotEvaluableError, site_split
 from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
 
@@ -70,7 +70,7 @@ def labelled_split(identity: SiteIdentity, finetune: FinetuneConfig, image_size:
     """The site's (train, held-out) labelled scans; RoundRefused if its labels cannot be split."""
     site = open_site_data(identity)
     try:
-        split = stratified_split(site.dataset, finetune.label_names, finetune.test_fraction, finetune.split_seed)
+        split = site_split(site.dataset, finetune.label_names, finetune.test_fraction, finetune.split_seed)
     except NotEvaluableError as err:
         raise RoundRefused(NO_LABELS_REFUSED_CODE, f"no usable labels for fine-tuning: {err}") from None
     return (

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ctfed.common.cli import os_error_text
 from ctfed.common.config import ConfigError, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig
 
 
@@ -55,15 +56,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare(args.input, args.output, cfg, labels_csv=labels, progress=not args.no_progress)
     except OSError as err:
-        if getattr(args, "verbose", False):
-            raise
+        inside_cache = err.filename is not None and Path(err.filename).resolve().is_relative_to(args.output.resolve())
+        if getattr(args, "verbose", False) or not inside_cache:
+            raise  # ctfed's own handler prints any other OSError in one line
         # A full disk or a read-only cache folder: every volume is written to a temporary and
         # renamed when whole, and the manifest lists only those, so nothing half-written is used.
-        where = f" ({err.filename})" if err.filename else ""
-        if err.filename is None or not Path(err.filename).resolve().is_relative_to(args.output.resolve()):
-            print(f"ctfed prepare: {err.strerror or err}{where}", file=sys.stderr)
-            return 1
-        print(f"ctfed prepare: cannot write the cache: {err.strerror or err}{where}. The manifest lists only the volumes "
+        print(f"ctfed prepare: cannot write the cache: {os_error_text(err)}. The manifest lists only the volumes "
               "written whole before it; free space (or fix the folder's permissions) and run the same command again "
               "to continue", file=sys.stderr)
         return 1

@@ -80,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A full disk, a read-only or missing folder: one line, not a traceback (-v: both).
         if args.verbose:
             raise
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"ctfed {chosen.name}: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"ctfed {chosen.name}: {os_error_text(err)}", file=sys.stderr)
         return 1
+
+
+def os_error_text(err: OSError) -> str:
+    """An OSError in words, with the path it concerns: "No space left on device (/cache/x.npy)"."""
+    return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ from ctfed.common.preprocess import CachedVolumes
 
 # Each class needs one scan in the training and one in the test part.
 MIN_SCANS_PER_CLASS = 2
+# A labels.csv column with which a site fixes its phase-2 split itself: "train" or "test" per
+# scan (blank: phase 2 leaves the scan out). A hospital's own held-out list, or the
+# label-efficiency study's labelled level and validation scans. Without it: stratified_split.
+SPLIT_COLUMN = "finetune_split"
+SPLIT_PARTS = ("train", "test")
 
 
 class NotEvaluableError(ValueError):
@@ -78,6 +83,25 @@ class SiteSplit:
 
     train: tuple[int, ...]
     test: tuple[int, ...]
+
+
+def site_split(volumes: CachedVolumes, label_names: Sequence[str], test_fraction: float, seed: int) -> SiteSplit:
+    """The site's phase-2 split: the one its labels name in ``SPLIT_COLUMN`` where any labelled
+    scan has it, else ``stratified_split``."""
+    parts = {i: (volumes.labels[i] or {}).get(SPLIT_COLUMN) for i in labelled_indices(volumes, label_names)}
+    if all(part is None for part in parts.values()):
+        return stratified_split(volumes, label_names, test_fraction, seed)
+    unknown = sorted({str(part) for part in parts.values() if part is not None and part not in SPLIT_PARTS})
+    if unknown:
+        raise NotEvaluableError(f"{volumes.cache_dir.name}: {SPLIT_COLUMN} must be 'train', 'test' or blank, found {unknown}")
+    train = tuple(sorted(i for i, part in parts.items() if part == "train"))
+    test = tuple(sorted(i for i, part in parts.items() if part == "test"))
+    if not train or not test:
+        raise NotEvaluableError(
+            f"{volumes.cache_dir.name}: the {SPLIT_COLUMN} column names {len(train)} training and {len(test)} held-out "
+            "labelled scans; phase 2 needs at least one of each"
+        )
+    return SiteSplit(train=train, test=test)
 
 
 def stratified_split(volumes: CachedVolumes, label_names: Sequence[str], test_fraction: float, seed: int) -> SiteSplit:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
 from ctfed.common.finetune import STANDARDIZER_EPS, build_classifier
-from ctfed.common.labelled import LabelledScans, SiteSplit, stratified_split
+from ctfed.common.labelled import LabelledScans, SiteSplit, site_split
 from ctfed.common.metrics import embedding_std, knn_accuracy
 from ctfed.common.preprocess import CachedVolumes
 
@@ -211,10 +211,10 @@ def cap_split(split: SiteSplit, classes: Mapping[int, int], max_scans: int, seed
 
 
 def monitor_split(volumes: CachedVolumes, finetune: FinetuneConfig, max_scans: int) -> SiteSplit:
-    """Phase 2's stratified split of the site's labelled scans, capped at ``max_scans``.
+    """Phase 2's split of the site's labelled scans (``site_split``), capped at ``max_scans``.
 
     Raises ``NotEvaluableError`` (common/labelled.py) when the labels cannot be split."""
-    split = stratified_split(volumes, finetune.label_names, finetune.test_fraction, finetune.split_seed)
+    split = site_split(volumes, finetune.label_names, finetune.test_fraction, finetune.split_seed)
     primary = finetune.label_names[0]
     classes = {i: int(volumes.labels[i][primary]) for i in (*split.train, *split.test)}
     return cap_split(split, classes, max_scans, finetune.split_seed)

@@ -380,5 +380,15 @@ def start_logged(command: list[str], env: dict[str, str], log_file: Path, *, ech
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB), for capacity planning."""
+    """Peak resident memory of this process so far in MB, for capacity planning.
+
+    Linux's VmHWM is the peak of this address space since exec; ``ru_maxrss`` (the fallback
+    elsewhere) would carry over the peak of the process that forked this one."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 from flwr.serverapp import Grid
 
-from ctfed.common.config import PrivacyMode, RunConfig
+from ctfed.common.checkpoint import load_checkpoint
+from ctfed.common.config import ConfigError, PrivacyMode, RunConfig
 from ctfed.common.dp import PrivacyLedger
 from ctfed.common.exchange import record_bytes, state_to_record
-from ctfed.common.model import SSLModel, ViTEncoder, shared_head_state, split_shared_state
+from ctfed.common.model import SSLModel, ViTEncoder, encoder_part, shared_head_state, split_shared_state
 from ctfed.common.secagg import effective_num_shares, round_threshold
 from ctfed.server.aggregation import GlobalUpdate
 from ctfed.server.central_dp import CentralDP
@@ -34,9 +35,22 @@ logger = logging.getLogger(__name__)
 
 
 def initial_encoder_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """A freshly initialised encoder, reproducible from the run seed."""
+    """Round 0's encoder: ``federation.initial_encoder``'s, or a fresh one from the run seed."""
     torch.manual_seed(cfg.train.seed)
-    return {name: t.detach().clone() for name, t in ViTEncoder(cfg.model).state_dict().items()}
+    fresh = ViTEncoder(cfg.model)
+    if cfg.federation.initial_encoder:
+        try:
+            state = encoder_part(load_checkpoint(Path(cfg.federation.initial_encoder))[0])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"federation.initial_encoder: {err}") from None
+        try:
+            fresh.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"federation.initial_encoder {cfg.federation.initial_encoder} is not an encoder of this run's model "
+                f"config: {str(err).splitlines()[0]} ..."
+            ) from None
+    return {name: t.detach().clone() for name, t in fresh.state_dict().items()}
 
 
 def initial_shared_heads(cfg: RunConfig) -> dict[str, torch.Tensor]:

@@ -340,7 +340,7 @@ class CompareConfig:
 
 
 # label_efficiency.heads (simulations/studies/label_efficiency.py, Heads).
-STUDY_HEADS = ("site", "pooled_labels")
+STUDY_HEADS = ("site", "pooled_labels", "federated_phase2")
 
 
 def _study_finetune() -> FinetuneConfig:
@@ -381,10 +381,18 @@ class LabelEfficiencyConfig:
     # The recipe (its label_names are replaced by the tasks); seed: the head's init and batches.
     finetune: FinetuneConfig = field(default_factory=_study_finetune)
     # Who fine-tunes a level's head, each judged on its own: "site" (every site its own head on
-    # its own labelled scans, what a hospital does alone) and "pooled_labels" (one head on every
+    # its own labelled scans, what a hospital does alone), "pooled_labels" (one head on every
     # site's labelled scans of the level: centralised fine-tuning, the ceiling of a federated
-    # phase 2 that sees the same labels; local-only has no such head).
-    heads: list[str] = field(default_factory=lambda: ["site", "pooled_labels"])
+    # phase 2 that sees the same labels) and "federated_phase2" (that phase 2 itself: a Flower
+    # federation of the sites fine-tunes one head, at phase2_levels only). Local-only, one
+    # site's encoder, has neither of the last two.
+    heads: list[str] = field(default_factory=lambda: ["site", "pooled_labels", "federated_phase2"])
+    # Levels of the federated_phase2 heads: one federation per arm and level (in the mode the
+    # arm's pooled_labels head chose on validation; every mode without those heads).
+    phase2_levels: list[int] = field(default_factory=lambda: [8])
+    # Rounds of each of those federations; finetune's steps are split evenly over them (a site's
+    # local steps per round), so a site trains as many steps as a pooled head does.
+    phase2_rounds: int = 10
     # Processes the fine-tunes run in, one torch thread each (0: one per core). Each fine-tune is
     # seeded by the recipe alone, so the count changes the wall time, not a result.
     finetune_workers: int = 0
@@ -427,6 +435,12 @@ class LabelEfficiencyConfig:
         levels = list(self.labels_per_site)
         if not levels or levels != sorted(set(levels)) or levels[0] < 1:
             raise ConfigError(f"label_efficiency.labels_per_site must be increasing counts >= 1, got {levels}")
+        if "federated_phase2" in self.heads and (not self.phase2_levels or not set(self.phase2_levels) <= set(levels)):
+            raise ConfigError(f"label_efficiency.phase2_levels must be levels of labels_per_site {levels}, got {list(self.phase2_levels)}")
+        if not 1 <= self.phase2_rounds <= self.finetune.total_steps:
+            raise ConfigError(
+                f"label_efficiency.phase2_rounds must be in [1, finetune's {self.finetune.total_steps} steps], got {self.phase2_rounds}"
+            )
         if self.judged_labels_per_site not in levels:
             raise ConfigError(
                 f"label_efficiency.judged_labels_per_site ({self.judged_labels_per_site}) must be one of labels_per_site {levels}"

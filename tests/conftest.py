@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from helpers import LocalRayCluster
+
+if TYPE_CHECKING:
+    from ctfed.simulations.config import SimulationRunConfig
 
 
 @pytest.fixture
@@ -64,10 +68,6 @@ TEST_RAY_ENV = "CTFED_TEST_RAY"
 # Files whose runs stay on a private Ray: timed benchmarks (a run's cost includes its Ray
 # start), killed and faulty sites and processes.
 PRIVATE_RAY_FILES = {"test_bench_quick.py", "test_fault_tolerance.py"}
-# Overrides that need a private Ray: concurrent_sites sets its cores (refused on a cluster),
-# faults kill and stall site processes, an explicit address is the test's own.
-_PRIVATE_RAY_OVERRIDES = ("simulation.concurrent_sites=", "simulation.faults=", "preset=faults",
-                          "preset=label_efficiency", "simulation.ray_address=")
 
 
 class SharedRayHead:
@@ -97,8 +97,10 @@ def shared_ray_head() -> Iterator[SharedRayHead]:
         head.stop()
 
 
-def needs_private_ray(overrides: Sequence[str]) -> bool:
-    return any(o.lstrip("+~").startswith(_PRIVATE_RAY_OVERRIDES) for o in overrides)
+def needs_private_ray(cfg: SimulationRunConfig) -> bool:
+    """A run that keeps its own Ray: concurrent_sites sets its cores (refused on a cluster),
+    faults kill and stall site processes, an explicit address is the test's own."""
+    return bool(cfg.simulation.concurrent_sites or cfg.simulation.faults or cfg.simulation.ray_address)
 
 
 @pytest.fixture(autouse=True)
@@ -114,8 +116,9 @@ def simulations_on_the_shared_ray_head(request: pytest.FixtureRequest, monkeypat
     load = simulate.load_simulation_config
 
     def load_on_the_shared_head(overrides: Sequence[str] = (), **kwargs: object):  # noqa: ANN202 - the loader's type
-        if needs_private_ray(overrides):
-            return load(overrides, **kwargs)
+        cfg = load(overrides, **kwargs)
+        if needs_private_ray(cfg):
+            return cfg
         return load([*overrides, f"simulation.ray_address={head.address()}"], **kwargs)
 
     monkeypatch.setattr(simulate, "load_simulation_config", load_on_the_shared_head)

@@ -39,10 +39,15 @@ class FederationConfig:
     """Rounds and aggregation run by the coordinator."""
 
     # Phase-1 (self-supervised pretraining) rounds; train's schedules span them (train.schedule_rounds 0).
+    # 0 (with finetune_rounds > 0): phase 2 only, on initial_encoder.
     rounds: int = 2
     # Phase 2 after the SSL rounds: federated progressive-freezing fine-tuning rounds on the
     # sites' labelled scans (``finetune:`` section); 0: no phase 2.
     finetune_rounds: int = 0
+    # A checkpoint whose encoder is round 0's global model (a run's global_round_NNNN.safetensors,
+    # or `ctfed pretrain`'s), e.g. to fine-tune an encoder pretrained elsewhere; "": a fresh
+    # encoder from train.seed.
+    initial_encoder: str = ""
     # How the coordinator combines the accepted site updates.
     strategy: Strategy = Strategy.fedavg
     # Share of the connected sites sampled for each round (Flower FedAvg's fraction_train; 1: all).
@@ -77,8 +82,8 @@ class FederationConfig:
     max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ConfigError("federation.rounds must be >= 1")
+        if self.rounds < 0 or (self.rounds == 0 and self.finetune_rounds <= 0):
+            raise ConfigError("federation.rounds must be >= 1 (0 only with federation.finetune_rounds > 0: phase 2 alone)")
         if self.max_failed_rounds < 0:
             raise ConfigError(f"federation.max_failed_rounds must be >= 0 (0: never stop), got {self.max_failed_rounds}")
         if self.finetune_rounds < 0:

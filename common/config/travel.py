@@ -599,7 +599,8 @@ class FinetuneConfig:
     # compare study is ``compare.test_fraction`` / ``compare.split_seed``.
     # Optimizer steps per site per phase-2 round (0: train.local_steps).
     local_steps: int = 0
-    # Share of each site's labelled scans held out (stratified) to evaluate on every round.
+    # Share of each site's labelled scans held out (stratified) to evaluate on every round; a
+    # site whose labels.csv has a ``finetune_split`` column (train/test) uses that instead.
     test_fraction: float = 0.5
     # Seed of that stratified split, the monitor's scan subset and the evaluation's bootstrap.
     split_seed: int = 0

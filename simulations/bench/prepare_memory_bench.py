@@ -22,16 +22,24 @@ from pathlib import Path
 from typing import Any
 
 GOAL_MB = 2048
-# The child runs the real command and says how much memory it held at most: VmHWM, the peak of
-# its own address space since exec (ru_maxrss would carry over the parent's from the fork).
+# The child runs the real command and says how much memory it held at most.
 _CHILD = (
-    "import re, sys\n"
+    "import sys\n"
     "from ctfed.common.cli import main\n"
+    "from ctfed.common.processes import peak_rss_mb\n"
     "code = main(sys.argv[1:])\n"
-    "status = open('/proc/self/status').read()\n"
-    "print('peak-rss-kib', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), flush=True)\n"
+    "print('peak-rss-mb', peak_rss_mb(), flush=True)\n"
     "sys.exit(code)\n"
 )
+
+
+def run_cli_measuring_peak(args: list[str], timeout: float | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``ctfed <args>`` in a fresh process: the finished process (stderr folded into stdout) and
+    its peak resident memory in MB (infinity where it died before saying)."""
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, check=False, timeout=timeout)
+    peaks = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak-rss-mb ")]
+    return done, peaks[-1] if peaks else float("inf")
 
 
 def write_thin_series(out: Path, matrix: int, slices: int, slice_mm: float, factor: int = 4) -> Path:
@@ -83,15 +91,11 @@ def write_thin_series(out: Path, matrix: int, slices: int, slice_mm: float, fact
 def measure_prepare(site_dir: Path, cache_dir: Path, extra: list[str]) -> dict[str, Any]:
     """``ctfed prepare`` of ``site_dir`` in a child process: its peak RSS and wall time."""
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, "prepare", "--input", str(site_dir), "--output", str(cache_dir), "--no-progress", *extra],
-        capture_output=True, text=True, check=False,
-    )
+    done, peak_mb = run_cli_measuring_peak(["prepare", "--input", str(site_dir), "--output", str(cache_dir), "--no-progress", *extra])
     seconds = time.perf_counter() - started
-    peaks = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("peak-rss-kib ")]
-    if done.returncode != 0 or not peaks:
-        raise RuntimeError(f"ctfed prepare failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return {"peak_rss_mb": peaks[-1] / 1024.0, "seconds": seconds}
+    if done.returncode != 0 or peak_mb == float("inf"):
+        raise RuntimeError(f"ctfed prepare failed (exit {done.returncode}): {done.stdout[-2000:]}")
+    return {"peak_rss_mb": peak_mb, "seconds": seconds}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,7 +200,9 @@ def run_federation_simulation(
         ))
     app_dir = write_app(run_dir / APP_FOLDER, client_app)
 
-    print(f"[3/3] federated pretraining: {num_sites} sites, {cfg.federation.rounds} rounds (Flower simulation engine)")
+    phases = [f"pretraining {cfg.federation.rounds} rounds"] * bool(cfg.federation.rounds)
+    phases += [f"fine-tuning {cfg.federation.finetune_rounds} rounds"] * bool(cfg.federation.finetune_rounds)
+    print(f"[3/3] federated {', then '.join(phases)}: {num_sites} sites (Flower simulation engine)")
     warning = dropout_warning(cfg, num_sites)
     if warning:
         print(f"      WARNING: {warning}")

@@ -18,7 +18,6 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
+from ctfed.simulations.bench.prepare_memory_bench import run_cli_measuring_peak
 from ctfed.simulations.data.synth import synthesize_federation
 
 # What one prepare of this corpus may take: well above the ~20 s it needs idle, far below a hang.
@@ -154,30 +154,15 @@ def _series_mutants(slices: list[Path], out: Path) -> dict[str, bool]:
     return {name: must_reject for name, (_, _, must_reject) in variants.items()}
 
 
-# The child reports its own peak resident memory as it exits: VmHWM, its address space's peak
-# since exec (ru_maxrss would carry over this test process's from the fork).
-_CHILD = (
-    "import re, sys\n"
-    "from ctfed.common.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "status = open('/proc/self/status').read()\n"
-    "print('peak-rss-kib', re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
-    "sys.exit(code)\n"
-)
-
-
 def _prepare(input_dir: Path, output: Path) -> tuple[int, float, float, str]:
     """``ctfed prepare`` in a child process: (exit code, seconds, peak RSS in MB, output)."""
     started = time.monotonic()
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD, "prepare", "--input", str(input_dir), "--output", str(output), "--size", "32", "--no-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIME_BOUND_S,
-        )
+        done, peak_mb = run_cli_measuring_peak(
+            ["prepare", "--input", str(input_dir), "--output", str(output), "--size", "32", "--no-progress"], timeout=TIME_BOUND_S)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"ctfed prepare did not finish within {TIME_BOUND_S} s on the mutation corpus:\n{str(err.output)[-3000:]}")
-    peaks = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("peak-rss-kib ")]
-    return done.returncode, time.monotonic() - started, int(peaks[-1]) / 1024.0 if peaks else float("inf"), done.stdout
+    return done.returncode, time.monotonic() - started, peak_mb, done.stdout
 
 
 @pytest.fixture(scope="module")

@@ -292,6 +292,74 @@ def test_plain_path_records_the_monitor_of_ssl_rounds_only(straight_run) -> None
     assert all(s.monitor is None for r in finetune for s in r.sites)
 
 
+def _mark_split(caches: Path, train_per_site: int) -> dict[str, int]:
+    """Each site's first ``train_per_site`` labelled scans marked "train", the rest "test", as a
+    labels.csv ``finetune_split`` column would; returns the training count per site."""
+    from ctfed.common.labelled import SPLIT_COLUMN
+
+    counts = {}
+    for site in sorted(p for p in caches.iterdir() if p.is_dir()):
+        manifest = json.loads((site / "manifest.json").read_text())
+        labelled = [e for e in manifest["series"] if e.get("label")]
+        for k, entry in enumerate(labelled):
+            entry["label"][SPLIT_COLUMN] = "train" if k < train_per_site else "test"
+        (site / "manifest.json").write_text(json.dumps(manifest))
+        counts[site.name] = min(train_per_site, len(labelled))
+    return counts
+
+
+def test_phase_two_alone_fine_tunes_the_initial_encoder_on_each_sites_own_split(
+    synthetic_caches: Path, straight_run, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """federation.rounds=0: phase 2 only, from federation.initial_encoder; each site trains on
+    the scans its labels mark "train" (not a stratified cut)."""
+    import shutil
+
+    from ctfed.client.app import train
+    from ctfed.server.rounds import initial_encoder_state, run_federation
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
+
+    caches = tmp_path / "cache"
+    shutil.copytree(synthetic_caches, caches)
+    trained_on = _mark_split(caches, train_per_site=4)  # a stratified cut would train on 2 and 3
+    encoder_file = straight_run[0] / "checkpoints" / "global_round_0001.safetensors"
+    overrides = ["federation.rounds=0", "federation.finetune_rounds=1", "finetune.mode=linear_probe", "finetune.local_steps=2",
+                 "finetune.eval_n_boot=5", "secagg.enabled=false", f"federation.initial_encoder={encoder_file}"]
+    cfg = load_simulation_config(overrides)
+    nodes = [1, 2]
+    contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
+                           run_config={"data-dir": str(caches), "run-dir": str(tmp_path / "run")}) for i, n in enumerate(nodes)}
+    recorder = run_federation(InProcessGrid({"train": train}, nodes, contexts=contexts), cfg, tmp_path / "run")
+    assert [(r.round, r.phase, r.aggregated) for r in recorder.rounds] == [(1, "finetune", True)]
+    assert {s.site: s.num_examples for s in recorder.rounds[0].sites} == trained_on
+    # A linear probe leaves the encoder as it started: the initial encoder's, not a fresh one.
+    final, _, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "global_round_0001.safetensors")
+    initial = load_checkpoint(encoder_file)[0]
+    fresh = initial_encoder_state(load_simulation_config([]))
+    for name, tensor in initial.items():
+        torch.testing.assert_close(final[f"encoder.{name}"], tensor, msg=name)
+    assert any(not torch.equal(fresh[name], tensor) for name, tensor in initial.items())
+
+    with pytest.raises(ConfigError, match="finetune_rounds > 0"):
+        load_simulation_config(["federation.rounds=0"])
+    with pytest.raises(ConfigError, match="initial_encoder"):
+        initial_encoder_state(load_simulation_config([*overrides[:-1], f"federation.initial_encoder={tmp_path / 'none.safetensors'}"]))
+
+
+def test_a_split_column_with_other_values_or_one_part_only_is_refused(labelled_cache: Path) -> None:
+    from ctfed.common.labelled import NotEvaluableError, site_split
+    from ctfed.common.preprocess import CachedVolumes
+
+    _mark_split(labelled_cache.parent, train_per_site=6)  # every scan "train": nothing held out
+    with pytest.raises(NotEvaluableError, match="0 held-out"):
+        site_split(CachedVolumes(labelled_cache), ["any"], 0.5, 0)
+    manifest = json.loads((labelled_cache / "manifest.json").read_text())
+    manifest["series"][0]["label"]["finetune_split"] = "validation"
+    (labelled_cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NotEvaluableError, match="validation"):
+        site_split(CachedVolumes(labelled_cache), ["any"], 0.5, 0)
+
+
 # --- one tiny real Flower simulation -----------------------------------------------------------
 
 

@@ -122,8 +122,12 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # No local-DP federation here (it is the same path as the first with the DP overrides,
         # test_dp_arm_is_the_federation_with_the_dp_overrides): it would double the test's time.
         "label_efficiency.dp_overrides=[]", "label_efficiency.modes=[linear_probe,full]",
+        # A real federated phase 2 per single-encoder arm at the judged level, 2 rounds.
+        "label_efficiency.phase2_levels=[4]", "label_efficiency.phase2_rounds=2",
         # One process: worker processes are tested on their own (test_fine_tunes_give_the_same_...).
         "label_efficiency.finetune_workers=1",
+        # The session's shared Ray head (tests/conftest.py) instead of one Ray start per federation.
+        "simulation.concurrent_sites=0",
         f"output_dir={out}", "run_name=study",
     ])
     assert code == 0
@@ -148,10 +152,12 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
     for arm, entry in data["arms"].items():
         sites = [data["smallest_site"]] if arm == Arm.local_only.value else list(data["sites"])
         # Local-only has one site's encoder: no head on every site's labels.
-        assert set(entry["finetune"]) == ({"site"} if arm == Arm.local_only.value else {"site", "pooled_labels"})
+        assert set(entry["finetune"]) == ({"site"} if arm == Arm.local_only.value else {"site", "pooled_labels", "federated_phase2"})
         for level in (2, 4):
             for mode in data["config"]["modes"]:
                 for heads, by_level in entry["finetune"].items():
+                    if heads == "federated_phase2":
+                        continue  # one level, one mode: test_federated_phase2_heads...
                     predicted = by_level[str(level)][mode]
                     assert set(predicted) == set(sites)
                     for site in sites:
@@ -160,11 +166,13 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
                         # Each site's head on its own labels; the pooled head on every site's.
                         expected = min(level, pools[site]) if heads == "site" else sum(min(level, n) for n in pools.values())
                         assert predicted[site]["labelled_scans"] == expected
-    for heads in ("site", "pooled_labels"):
+    for heads in ("site", "pooled_labels", "federated_phase2"):
         assert set(data["model_free"][heads]) == {"window_histograms", "raw_voxels"}
     assert data["arms"][Arm.centralized.value]["budget"]["pretrain_steps_per_model"] == 2
     assert [c["steps"] for c in data["arms"][Arm.federated.value]["curve"]] == [0, 2]
-    by_heads = {heads: {v["key"] for v in data["verdicts"] if v["heads"] == heads} for heads in ("site", "pooled_labels")}
+    by_heads = {heads: {v["key"] for v in data["verdicts"] if v["heads"] == heads} for heads in ("site", "pooled_labels", "federated_phase2")}
+    assert {"pretrained_vs_scratch", "gap_to_centralized"} <= by_heads["federated_phase2"]
+    assert {v["labels_per_site"] for v in data["verdicts"] if v["heads"] == "federated_phase2"} == {4}
     assert {"pretrained_vs_scratch", "federated_vs_local_only", "gap_to_centralized", "pretrained_vs_model_free"} <= by_heads["site"]
     assert {"pretrained_vs_scratch", "gap_to_centralized", "pretrained_vs_model_free"} <= by_heads["pooled_labels"]
     assert "federated_vs_local_only" not in by_heads["pooled_labels"] and "dp_cost" not in by_heads["site"]
@@ -172,9 +180,42 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
         assert VERDICT_KEYS <= set(verdict)
         assert {"value", "low", "high"} <= set(verdict["difference"])
         assert verdict["task"] in data["tasks"] and verdict["labels_per_site"] in (2, 4)
-    for heads in ("site", "pooled_labels"):
+    for heads in ("site", "pooled_labels", "federated_phase2"):
         assert any(t["heads"] == heads and t["target"].startswith("federated + best fine-tuning beats scratch") for t in data["targets"])
-    assert set(data["summary"]) == {"site", "pooled_labels"} and Arm.local_only.value not in data["summary"]["pooled_labels"]
+    assert set(data["summary"]) == {"site", "pooled_labels", "federated_phase2"}
+    assert Arm.local_only.value not in data["summary"]["pooled_labels"] and Arm.local_only.value not in data["summary"]["federated_phase2"]
+
+
+def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_run: Path) -> None:
+    """Each single-encoder arm's phase 2 is a Flower federation with no SSL round that starts from
+    the arm's encoder, in the mode the arm's pooled-label head chose on validation; each site
+    trains on its labelled scans of the level and evaluates on its validation scans, never a
+    test scan."""
+    from ctfed.simulations.studies.label_efficiency import choose
+
+    data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
+    splits = json.loads((study_run / STUDY_DIR / "splits.json").read_text())
+    for arm in (Arm.federated, Arm.centralized, Arm.scratch):
+        entry = data["arms"][arm.value]
+        (mode, predicted), = entry["finetune"]["federated_phase2"]["4"].items()
+        assert mode == choose(data, arm.value, "4", list(data["sites"]), "pooled_labels")
+        run = study_run / next(iter(predicted.values()))["run"]
+        results = json.loads((run / "results.json").read_text())
+        assert results["status"] == "completed" and [(r["phase"], r["aggregated"]) for r in results["rounds"]] == [("finetune", True)] * 2
+        assert Path(results["config"]["federation"]["initial_encoder"]) == (study_run / entry["encoders"]["pooled"]["file"]).resolve()
+        for site in results["rounds"][-1]["sites"]:
+            cut = splits["sites"][site["site"]]
+            assert site["num_examples"] == min(4, len(cut["labelled"]))
+            assert predicted[site["site"]]["labelled_scans"] == sum(min(4, len(c["labelled"])) for c in splits["sites"].values())
+        for name, site in data["sites"].items():
+            assert len(predicted[name]["test"]) == site["test"] and len(predicted[name]["val"]) == site["val"]
+        views = study_run / STUDY_DIR / "phase2" / "labels_4"
+        for name, cut in splits["sites"].items():
+            cache = CachedVolumes(Path(cut["cache"]))
+            view = CachedVolumes(views / name)
+            test_hashes = {cache.entries[i]["content_hash"] for i in cut["test"]}
+            assert not test_hashes & {e["content_hash"] for e in view.entries}
+            assert sorted(e["label"]["finetune_split"] for e in view.entries) == sorted(["train"] * min(4, len(cut["labelled"])) + ["test"] * len(cut["val"]))
 
 
 def test_report_plots_and_rerender(study_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
