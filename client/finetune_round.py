@@ -14,9 +14,9 @@ in phase 2 is exact without one.
 
 Order of a round (as in phase 1): policy check on the instructions -> open the cache and
 split its labelled scans (a site without usable labels refuses, code
-``NO_LABELS_REFUSED_CODE``) -> train the plan's trainable set for the plan's local steps ->
-evaluate on the held-out scans -> reply the trainable deltas only (clipped under central DP)
-plus metrics -> audit.
+``NO_LABELS_REFUSED_CODE``) -> fit the head's feature statistics on the site's whole cache ->
+train the plan's trainable set for the plan's local steps -> evaluate on the held-out scans ->
+reply the trainable deltas only (clipped under central DP) plus metrics -> audit.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ctfed.common.exchange import (
     state_to_record,
 )
 from ctfed.common.finetune import Classifier, Finetuner, build_classifier, trainable_names, trainable_state
-from ctfed.common.labelled import LabelledScans, NotEvaluableError, site_split
+from ctfed.common.labelled import LabelledScans, NotEvaluableError, site_split, standardizer_scans
 from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
 
@@ -136,7 +136,9 @@ def finetune_train(
     classifier = global_classifier(msg, context, instructions, identity.state_dir)
     start = trainable_state(classifier)
     round_cfg = replace(finetune, seed=finetune.seed + _SEED_STRIDE_PER_SITE * identity.index + server_round)
-    finetuner = Finetuner(classifier, round_cfg, train_scans)
+    # The head's feature statistics from the site's whole cache, as `ctfed predict` fits them.
+    finetuner = Finetuner(classifier, round_cfg, train_scans,
+                          standardizer_scans=standardizer_scans(train_scans.volumes, instructions.model.image_size))
     trained_at = time.perf_counter()
     fit = finetuner.fit_round(plan, local_steps)
     train_seconds = time.perf_counter() - trained_at

@@ -63,12 +63,15 @@ class FeatureStandardizer(nn.Module):
 
     The statistics are buffers, not parameters: no optimizer moves them, and a federated
     phase-2 round sends trainable parameters only, so they never leave a site. In phase 2
-    every site fits them on its own training split at the start of each round (the choice
-    FedBN makes for normalisation statistics: nothing about a site's scans travels, and a
-    site's scanner offsets are removed where they arise); the coordinator's global classifier
-    therefore holds an unfitted standardiser, and a site that uses it fits it on its own
-    scans first (``Classifier.fit_standardizer``; no labels needed). Unfitted (``count`` 0)
-    it is the identity.
+    every site fits them on its own cache at the start of each round (up to
+    ``labelled.STANDARDIZER_MAX_SCANS`` scans, labelled or not: the choice FedBN makes for
+    normalisation statistics: nothing about a site's scans travels, and a site's scanner
+    offsets are removed where they arise). Not on its few labelled scans alone: 8 scans give
+    statistics so noisy that the sites' heads, averaged, no longer fit any site (the label-
+    efficiency study's phase 2, docs/studies.md), and predicting does fit on the whole cache.
+    The coordinator's global classifier therefore holds an unfitted standardiser, and a site
+    that uses it fits it on its own scans first (``Classifier.fit_standardizer``,
+    ``fit_standardizer_on_cache``). Unfitted (``count`` 0) it is the identity.
     """
 
     mean: torch.Tensor
@@ -247,20 +250,12 @@ def fit_standardizer_on_cache(classifier: Classifier, cache_dir: Path, image_siz
     """Fit a classifier's feature statistics on every scan of a prepared cache (labels unused):
     what a site does with a federated classifier, whose statistics stayed at the sites, before
     it scores or exports it (``ctfed predict --cache``, ``ctfed export --cache``)."""
-    from ctfed.common.labelled import model_input
+    from ctfed.common.labelled import CacheScans
     from ctfed.common.preprocess import CachedVolumes
 
-    volumes = CachedVolumes(cache_dir)
-
-    class _Scans(Dataset):
-        def __len__(self) -> int:
-            return len(volumes)
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, None]:
-            return model_input(volumes[index], image_size), None
-
-    classifier.fit_standardizer(_Scans())
-    logger.info("fitted the classifier's feature statistics on the %d scans of the cache", len(volumes))
+    scans = CacheScans(CachedVolumes(cache_dir), image_size)
+    classifier.fit_standardizer(scans)
+    logger.info("fitted the classifier's feature statistics on the %d scans of the cache", len(scans))
 
 
 @dataclass(frozen=True)
@@ -437,7 +432,8 @@ class Finetuner:
     """Trains a Classifier on (volume (C, S, S, S), label (K,) or scalar) pairs per ``cfg.mode``.
 
     ``fit`` and ``fit_round`` first fit the head's feature standardisation on the training
-    scans with the encoder as it starts; it then stays fixed while the head trains.
+    scans (or ``standardizer_scans``) with the encoder as it starts; it then stays fixed while
+    the head trains.
 
     All modes spend ``cfg.total_steps`` steps: "progressive" splits them into the probe stage
     and the unfreezing stage; "linear_probe" trains the head throughout; "full" trains every
@@ -455,7 +451,8 @@ class Finetuner:
     cache_head_only_features = True
 
     def __init__(
-        self, classifier: Classifier, cfg: FinetuneConfig, dataset: Dataset, device: str = "cpu"
+        self, classifier: Classifier, cfg: FinetuneConfig, dataset: Dataset, device: str = "cpu",
+        standardizer_scans: Dataset | None = None,
     ) -> None:
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the fine-tuning dataset is empty")
@@ -466,6 +463,9 @@ class Finetuner:
         self.classifier = classifier.to(device)
         self.cfg = cfg
         self.dataset = dataset
+        # What the head's feature statistics are fitted on (labels unused): the training scans,
+        # or e.g. a phase-2 site's whole cache (client/finetune_round.py).
+        self.standardizer_scans = dataset if standardizer_scans is None else standardizer_scans
         self.device = torch.device(device)
         # Its own stream, so the flips never shift the batch order (_batches) or the head's init.
         self._flips = torch.Generator().manual_seed(cfg.seed)
@@ -483,7 +483,7 @@ class Finetuner:
     def fit(self, on_step: Callable[[str, float], None] | None = None) -> FinetuneResult:
         """Spend the mode's whole budget; ``on_step(phase, loss)`` after every step (progress)."""
         result = FinetuneResult()
-        self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
+        self.classifier.fit_standardizer(self.standardizer_scans, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
         for phase, steps in self.phases():
@@ -511,7 +511,7 @@ class Finetuner:
                     scheduler.step()
         result = FinetuneResult()
         # This site's statistics of the encoder it received (never sent; see FeatureStandardizer).
-        self.classifier.fit_standardizer(self.dataset, self.cfg.batch_size)
+        self.classifier.fit_standardizer(self.standardizer_scans, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
         self._features = self._frozen_features(steps) if plan.stage in HEAD_ONLY_PHASES else None

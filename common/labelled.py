@@ -53,6 +53,37 @@ class LabelledScans(Dataset):
         return volume, torch.from_numpy(self.labels[position])
 
 
+# A phase-2 site fits the head's feature statistics on at most this many of its cache's scans,
+# evenly spread in content order: a few hundred estimate a mean and std per feature well, and
+# a hospital archive of thousands would cost a full encoder pass over it every round.
+STANDARDIZER_MAX_SCANS = 512
+
+
+class CacheScans(Dataset):
+    """A cache's scans at the model input, labels unused (``None``): what the head's feature
+    statistics are fitted on (they need no label, so not only the labelled scans)."""
+
+    def __init__(self, volumes: CachedVolumes, image_size: int, indices: Sequence[int] | None = None) -> None:
+        self.volumes = volumes
+        self.image_size = image_size
+        self.indices = list(range(len(volumes))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, None]:
+        return model_input(self.volumes[self.indices[position]], self.image_size), None
+
+
+def standardizer_scans(volumes: CachedVolumes, image_size: int, max_scans: int = STANDARDIZER_MAX_SCANS) -> CacheScans:
+    """The cache scans a site fits the feature statistics on: all of them, or ``max_scans``
+    evenly spread in content-hash order (the same ones whatever the pseudonym keys)."""
+    order = sorted(range(len(volumes)), key=lambda i: str(volumes.entries[i].get("content_hash", volumes.entries[i]["key"])))
+    if len(order) > max_scans:
+        order = [order[int(k * len(order) / max_scans)] for k in range(max_scans)]
+    return CacheScans(volumes, image_size, sorted(order))
+
+
 def model_input(volume: torch.Tensor, image_size: int) -> torch.Tensor:
     """A cached volume (C, S, S, S) at the model's input size (``ctfed predict`` feeds the same)."""
     if volume.shape[-1] != image_size:

@@ -153,10 +153,12 @@ def volume_to_tensor(volume: CTVolume, cfg: PreprocessConfig) -> np.ndarray:
     return transform_volume(volume, cfg)[0]
 
 
-def transform_volume(volume: CTVolume, cfg: PreprocessConfig) -> tuple[np.ndarray, list[float]]:
+def transform_volume(volume: CTVolume, cfg: PreprocessConfig, consume: bool = False) -> tuple[np.ndarray, list[float]]:
     """``volume_to_tensor``'s array and the size in mm (z, y, x) of one of its voxels: the head's
     foreground box at ``spacing_mm`` resized to ``output_size`` per axis (so not 1 mm, and
-    not isotropic: a head is longer than it is wide)."""
+    not isotropic: a head is longer than it is wide). ``consume``: the volume's HU array is
+    released once copied (``volume.hu`` is then None), so a thin-slice series is held once,
+    not twice, while it is resampled (issue #14's memory bound); the result is the same."""
     from monai.data import MetaTensor
     from monai.transforms import CropForeground, Orientation, Resize, ScaleIntensityRange, Spacing
 
@@ -166,6 +168,8 @@ def transform_volume(volume: CTVolume, cfg: PreprocessConfig) -> tuple[np.ndarra
     # so that the zero padding of resampling means air, not water: shifted in place in the one
     # contiguous copy (a second copy of a 512x512x600 volume is 630 MB; issue #14's bound).
     shifted = np.ascontiguousarray(volume.hu.transpose(2, 1, 0))
+    if consume:
+        volume.hu = None  # type: ignore[assignment]  # the caller took what it needs of it
     shifted -= AIR_HU
     image = MetaTensor(torch.from_numpy(shifted[None]), affine=torch.as_tensor(affine))
     del shifted
@@ -256,7 +260,8 @@ def _process(job: _Job) -> dict[str, Any]:
                 spacing_tolerance=job.cfg.slice_gap_tolerance,
                 spacing_tolerance_mm=job.cfg.slice_gap_tolerance_mm,
             )
-        tensor, cached_voxel_mm = transform_volume(volume, job.cfg)
+        facts = _volume_facts(volume)  # first: the transform releases the HU array
+        tensor, cached_voxel_mm = transform_volume(volume, job.cfg, consume=True)
     except DicomError as err:
         return {"rejected": str(err)}
     except Exception as err:  # noqa: BLE001 - one bad series must never stop a site's run
@@ -266,33 +271,46 @@ def _process(job: _Job) -> dict[str, Any]:
         # Not caught: a full disk or a read-only folder stops the prepare (common/cli.py says
         # why in one line); the manifest lists only the volumes written whole before it.
         write_bytes_atomic(job.output_dir / name, lambda handle: np.save(handle, tensor))
-    entry = _entry(job, name, volume, tensor, cached_voxel_mm)
+    entry = _entry(job, name, facts, tensor, cached_voxel_mm)
     if job.output_dir is None:
         entry[TENSOR_FIELD] = tensor
     return entry
 
 
-def _entry(job: _Job, name: str, volume: CTVolume, tensor: np.ndarray, cached_voxel_mm: list[float]) -> dict[str, Any]:
-    """The manifest entry of one processed series (keys and numbers only)."""
+def _volume_facts(volume: CTVolume) -> dict[str, Any]:
+    """What the manifest entry keeps of the loaded volume (numbers only)."""
     hu = volume.hu
+    return {
+        "shape_zyx": list(hu.shape),
+        "spacing_zyx_mm": [round(float(s), 4) for s in volume.spacing_zyx],
+        "hu_min": round(float(hu.min()), 2),
+        "hu_max": round(float(hu.max()), 2),
+        "hu_mean": round(float(hu.mean()), 2),
+        "slice_count": volume.slice_count,
+        "notes": list(volume.warnings),
+    }
+
+
+def _entry(job: _Job, name: str, facts: dict[str, Any], tensor: np.ndarray, cached_voxel_mm: list[float]) -> dict[str, Any]:
+    """The manifest entry of one processed series (keys and numbers only)."""
     return {
         "key": job.key,
         "study_key": job.study,
         **({"patient_key": job.patient} if job.patient else {}),
         "file": name,
         "content_hash": job.digest,
-        "shape_zyx": list(hu.shape),
-        "spacing_zyx_mm": [round(float(s), 4) for s in volume.spacing_zyx],
+        "shape_zyx": facts["shape_zyx"],
+        "spacing_zyx_mm": facts["spacing_zyx_mm"],
         CACHED_VOXEL_FIELD: cached_voxel_mm,
-        "hu_min": round(float(hu.min()), 2),
-        "hu_max": round(float(hu.max()), 2),
-        "hu_mean": round(float(hu.mean()), 2),
+        "hu_min": facts["hu_min"],
+        "hu_max": facts["hu_max"],
+        "hu_mean": facts["hu_mean"],
         # Per window channel: mean and mean square of the cached voxels, pooled into the
         # manifest's channel_stats (what the model's input standardisation is checked against).
         "channel_mean": [round(float(c.mean()), 6) for c in tensor.astype(np.float32)],
         "channel_sq_mean": [round(float(np.square(c).mean()), 6) for c in tensor.astype(np.float32)],
-        "slice_count": volume.slice_count,
-        "notes": volume.warnings,
+        "slice_count": facts["slice_count"],
+        "notes": facts["notes"],
         "label": job.label,
         "source": "nifti" if job.nifti else "dicom",
     }

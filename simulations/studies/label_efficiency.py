@@ -39,6 +39,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -60,7 +61,7 @@ from ctfed.simulations.config import STUDY_HEADS, SimulationRunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.finetune import Finetuner, load_classifier
-from ctfed.common.labelled import SPLIT_COLUMN, LabelledScans, labelled_indices
+from ctfed.common.labelled import SPLIT_COLUMN, LabelledScans, labelled_indices, standardizer_scans
 from ctfed.common.metrics import roc_auc
 from ctfed.common.model import encoder_part
 from ctfed.common.monitor import encoder_features
@@ -125,7 +126,8 @@ HEADS_DESCRIPTIONS: dict[Heads, str] = {
                          "centralised fine-tuning, the ceiling of a federated phase 2 on the same labels",
     Heads.federated_phase2: "one head fine-tuned by ctfed's federated phase 2 (a Flower federation of the sites, "
                             "secure aggregation as configured) on every site's labelled scans of the level; each site "
-                            "evaluates on its validation scans every round",
+                            "evaluates on its validation scans every round and standardises the head's features on its "
+                            "own labelled scans (those statistics never leave a site)",
 }
 # The labels the one-head kinds are fine-tuned on: every site's of the level.
 ONE_HEAD_KINDS = (Heads.pooled_labels.value, Heads.federated_phase2.value)
@@ -357,49 +359,69 @@ def smallest_site(sites: Sequence[StudySite]) -> StudySite:
 
 
 def write_phase2_views(run_dir: Path, sites: Sequence[StudySite], level: int) -> Path:
-    """The caches a federated phase 2 at ``level`` runs on: per site its labelled scans of the
-    level marked "train" and its validation scans marked "test" (what it evaluates on every
-    round) in the labels' SPLIT_COLUMN; no test scan. Returns the folder of the sites' views."""
+    """The caches a federated phase 2 at ``level`` runs on: per site every scan it pretrained on
+    (no test scan), its labelled scans of the level marked "train" and its validation scans
+    "test" (what it evaluates on every round) in the labels' SPLIT_COLUMN, the others blank (not
+    trained on; with the rest, they fit the head's feature statistics, as a site's whole cache
+    does). Returns the folder of the sites' views."""
     out = run_dir / STUDY_DIR / PHASE2_VIEWS / f"labels_{level}"
     for site in sites:
-        entries = [
-            {**site.cache.entries[i], "label": {**(site.cache.entries[i].get("label") or {}), SPLIT_COLUMN: part}}
-            for part, indices in (("train", site.labelled_at(level)), ("test", site.val)) for i in indices
-        ]
+        parts = {**{i: "train" for i in site.labelled_at(level)}, **{i: "test" for i in site.val}}
+        held_out = set(site.test)
+        entries = []
+        for i, entry in enumerate(site.cache.entries):
+            if i in held_out:
+                continue
+            label = {k: v for k, v in (entry.get("label") or {}).items() if k != SPLIT_COLUMN}
+            entries.append({**entry, "label": {**label, SPLIT_COLUMN: parts[i]} if i in parts else label})
         write_cache_view(site.cache, entries, out / site.name)
     return out
 
 
 def phase2_federation(
-    cfg: SimulationRunConfig, run_dir: Path, arm: Arm, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str],
+    cfg: SimulationRunConfig, run_dir: Path, arm: Arm, encoder_file: Path, sites: Sequence[StudySite], tasks: Sequence[str],
     level: int, mode: str,
 ) -> dict[str, dict[str, Any]]:
-    """Fine-tune ``arm``'s encoder by a real federated phase 2 at ``level`` in ``mode`` (Flower's
-    simulation engine, ``label_efficiency.phase2_rounds`` rounds, no SSL round); predict every
-    site's validation and test scans with the federation's last classifier, per site as
-    ``run_finetune_job`` does."""
+    """Fine-tune ``arm``'s encoder (``encoder_file``) by a real federated phase 2 at ``level``
+    in ``mode`` (Flower's simulation engine, ``label_efficiency.phase2_rounds`` rounds, no SSL
+    round, a fresh run folder); ``phase2_predictions`` of its last classifier."""
     from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
     from ctfed.simulations.studies.sweep import arm_config
 
     study = cfg.label_efficiency
     rounds = study.phase2_rounds
     arm_dir = run_dir / ARMS_DIR / f"{arm.value}_{Heads.federated_phase2.value}_{level}_{mode}"
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    encoder = (run_dir / pretrained.files[POOLED]).resolve()
-    base = arm_config(cfg, ["federation.rounds=0", f"federation.finetune_rounds={rounds}", f"federation.initial_encoder={encoder}"])
+    shutil.rmtree(arm_dir, ignore_errors=True)  # an earlier try's (rerun_phase2) is replaced
+    arm_dir.mkdir(parents=True)
+    base = arm_config(cfg, ["federation.rounds=0", f"federation.finetune_rounds={rounds}",
+                            f"federation.initial_encoder={encoder_file.resolve()}"])
     recipe = replace(study.finetune, label_names=list(tasks), mode=mode, local_steps=max(1, study.finetune.total_steps // rounds))
     phase2_cfg = replace(base, finetune=recipe)
     config_path = arm_dir / CONFIG_NAME
     save_run_config(phase2_cfg, config_path)
-    if run_federation_simulation(phase2_cfg, arm_dir, config_path, write_phase2_views(run_dir, sites, level)) != 0:
+    views = write_phase2_views(run_dir, sites, level)
+    if run_federation_simulation(phase2_cfg, arm_dir, config_path, views) != 0:
         raise RuntimeError(f"the federated phase 2 of {arm.value} at {level} labels/site failed; see {arm_dir / 'federation.log'}")
+    return phase2_predictions(cfg, run_dir, arm_dir, views, sites, tasks)
+
+
+def phase2_predictions(
+    cfg: SimulationRunConfig, run_dir: Path, arm_dir: Path, views: Path, sites: Sequence[StudySite], tasks: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Every site's validation and test predictions by the federation's last classifier, as the
+    site would make them: the classifier's feature statistics stay at the sites (common/finetune.py
+    FeatureStandardizer), so each first fits them on its own cache (its phase-2 view, as in every
+    round), with the federation's encoder."""
     last = load_results(arm_dir).rounds[-1]
     classifier, _ = load_classifier(arm_dir / CHECKPOINT_DIR / last.checkpoint)
-    predictor = Finetuner(classifier, recipe, _scans([(str(sites[0].cache.cache_dir), sites[0].val)], tasks, cfg.model.image_size)[0])
+    recipe = replace(cfg.label_efficiency.finetune, label_names=list(tasks))
     trained = [s for s in last.sites if s.loss is not None]
     out = {}
     for site in sites:
-        val, test = _scans([(str(site.cache.cache_dir), site.val), (str(site.cache.cache_dir), site.test)], tasks, cfg.model.image_size)
+        classifier.fit_standardizer(standardizer_scans(CachedVolumes(views / site.name), cfg.model.image_size), recipe.batch_size)
+        folder = str(site.cache.cache_dir)
+        val, test = _scans([(folder, site.val), (folder, site.test)], tasks, cfg.model.image_size)
+        predictor = Finetuner(classifier, recipe, val)
         out[site.name] = {
             "val": _rounded(predictor.predict(val)[0]), "test": _rounded(predictor.predict(test)[0]),
             "final_loss": float(np.mean([s.loss for s in trained])),
@@ -411,7 +433,7 @@ def phase2_federation(
 
 
 def phase2_arm(
-    cfg: SimulationRunConfig, run_dir: Path, arm: Arm, pretrained: Pretrained, sites: Sequence[StudySite], tasks: Sequence[str],
+    cfg: SimulationRunConfig, run_dir: Path, arm: Arm, encoder_file: Path, sites: Sequence[StudySite], tasks: Sequence[str],
     data: Mapping[str, Any],
 ) -> dict[str, Any]:
     """``{level: {mode: {site: ...}}}`` of ``arm``'s federated phase 2 at every phase2 level, in
@@ -424,7 +446,7 @@ def phase2_arm(
         for mode in [chosen] if chosen else list(study.modes):
             print(f"      federated phase 2 at {level} labelled scans per site, {mode}"
                   + (" (the pooled-label head's choice on validation)" if chosen else ""), flush=True)
-            results.setdefault(str(level), {})[mode] = phase2_federation(cfg, run_dir, arm, pretrained, sites, tasks, level, mode)
+            results.setdefault(str(level), {})[mode] = phase2_federation(cfg, run_dir, arm, encoder_file, sites, tasks, level, mode)
     return results
 
 
@@ -903,7 +925,8 @@ def _run_arms(
         if Heads.federated_phase2.value in cfg.label_efficiency.heads and POOLED in pretrained.encoders:
             phase2_started = time.perf_counter()
             so_far = {**record.data, "arms": {**record.data["arms"], arm.value: entry}}
-            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, arm, pretrained, sites, tasks, so_far)
+            encoder_file = run_dir / pretrained.files[POOLED]
+            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, arm, encoder_file, sites, tasks, so_far)
             entry["wall_seconds"]["federated_phase2"] = time.perf_counter() - phase2_started
         record.data["arms"][arm.value] = entry
         record.write()
@@ -911,9 +934,6 @@ def _run_arms(
 
 def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path) -> int:
     """Every arm after the federation: pretrain, curve, fine-tune, judge; study.json/.md. 0 on success."""
-    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
-    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
-
     study = cfg.label_efficiency
     sites, tasks = load_study_sites(run_dir)
     arms = [arm for arm in Arm if arm is not Arm.federated_dp or study.dp_overrides]
@@ -932,15 +952,73 @@ def run_label_efficiency(cfg: SimulationRunConfig, run_dir: Path, data_dir: Path
     record.data["model_free"] = model_free_arm(cfg, sites, tasks)
     record.data["wall_seconds"]["model_free"] = time.perf_counter() - started
     record.write()
-    started = time.perf_counter()
-    record.data["summary"] = summarise(record.data)
-    record.data["verdicts"] = judge(record.data)
-    record.data["targets"] = targets(record.data, STRUCTURAL_FINDINGS)
-    record.data["wall_seconds"]["judge"] = time.perf_counter() - started
-    record.data["status"] = "completed"
-    record.write()
-    report = render_study_report(run_dir)
-    print(console_summary(record.data))
-    print(f"study:       {record.path}")
-    print(f"report:      {report}")
+    _judge_and_report(record.data, run_dir, record.write)
     return 0
+
+
+def _judge_and_report(data: dict[str, Any], run_dir: Path, write: Callable[[], None]) -> None:
+    """Summary, verdicts and targets from the predictions in ``data``; study.json and study.md."""
+    from ctfed.simulations.data.phantom import STRUCTURAL_FINDINGS
+    from ctfed.simulations.studies.label_efficiency_report import console_summary, render_study_report
+
+    started = time.perf_counter()
+    data["summary"] = summarise(data)
+    data["verdicts"] = judge(data)
+    data["targets"] = targets(data, STRUCTURAL_FINDINGS)
+    data["wall_seconds"]["judge"] = time.perf_counter() - started
+    data["status"] = "completed"
+    write()
+    report = render_study_report(run_dir)
+    print(console_summary(data))
+    print(f"study:       {run_dir / STUDY_DIR / STUDY_JSON}")
+    print(f"report:      {report}")
+
+
+def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
+    """Run the federated phase 2 of a finished study again (its saved config with ``overrides``,
+    e.g. ``label_efficiency.phase2_rounds=20``) from the arms' recorded encoders, and judge
+    again: a phase-2 change without the pretraining again. Every other prediction is kept;
+    study.json records the rerun."""
+    from omegaconf import OmegaConf
+
+    from ctfed.simulations.config import read_simulation_config, to_simulation_config
+    from ctfed.simulations.runtime.simulate import CONFIG_NAME
+
+    path = run_dir / STUDY_DIR / STUDY_JSON
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("status") != "completed":
+        raise RuntimeError(f"{path}: the study is {data.get('status')!r}, not completed; run it to the end first")
+    saved = read_simulation_config(run_dir / CONFIG_NAME)
+    cfg = to_simulation_config(OmegaConf.merge(OmegaConf.structured(saved), OmegaConf.from_dotlist(list(overrides))))
+    if Heads.federated_phase2.value not in cfg.label_efficiency.heads:
+        raise RuntimeError("label_efficiency.heads has no federated_phase2: nothing to rerun")
+    sites, tasks = load_study_sites(run_dir)
+    data["config"] = OmegaConf.to_container(OmegaConf.structured(cfg.label_efficiency))
+    started = time.perf_counter()
+    for arm, entry in data["arms"].items():
+        if POOLED in entry.get("encoders", {}):
+            print(f"[phase 2] {arm}")
+            encoder_file = run_dir / entry["encoders"][POOLED]["file"]
+            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, Arm(arm), encoder_file, sites, tasks, data)
+    data.setdefault("phase2_reruns", []).append({"overrides": list(overrides), "seconds": time.perf_counter() - started})
+
+    def write() -> None:
+        write_json_atomic(path, data)
+
+    _judge_and_report(data, run_dir, write)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ctfed.simulations.studies.label_efficiency --rerun-phase2 RUN_DIR [OVERRIDES]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.studies.label_efficiency", description=rerun_phase2.__doc__.split("\n\n")[0])
+    parser.add_argument("--rerun-phase2", type=Path, required=True, metavar="RUN_DIR", help="a finished study's run folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. label_efficiency.phase2_rounds=20")
+    args = parser.parse_args(argv)
+    return rerun_phase2(args.rerun_phase2, args.overrides)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

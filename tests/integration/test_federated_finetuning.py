@@ -346,6 +346,27 @@ def test_phase_two_alone_fine_tunes_the_initial_encoder_on_each_sites_own_split(
         initial_encoder_state(load_simulation_config([*overrides[:-1], f"federation.initial_encoder={tmp_path / 'none.safetensors'}"]))
 
 
+def test_a_phase_two_round_fits_the_feature_statistics_on_the_sites_whole_cache(tmp_path: Path) -> None:
+    """Not on its few labelled training scans: the statistics of 8 scans are too noisy for the
+    sites' averaged head to fit any of them (docs/studies.md); at most STANDARDIZER_MAX_SCANS."""
+    from ctfed.common.labelled import CacheScans, LabelledScans, standardizer_scans
+    from ctfed.common.preprocess import CachedVolumes
+
+    volumes = CachedVolumes(write_random_cache(tmp_path / "cache", [0, 1, None, None, 0, 1, None]))
+    train = LabelledScans(volumes, [0, 1], ["any"], 32)
+    everything = standardizer_scans(volumes, 32)
+    assert everything.indices == list(range(7))
+    assert len(standardizer_scans(volumes, 32, max_scans=3)) == 3
+    cfg = FinetuneConfig(label_names=["any"], batch_size=2)
+    plan = FederatedFreezingSchedule(cfg, TINY.num_layers, rounds=2, local_steps=1).plan(1)
+    classifier = build_classifier(TINY, 1, seed=0)
+    Finetuner(classifier, cfg, train, standardizer_scans=everything).fit_round(plan, steps=1)
+    assert int(classifier.standardizer.count) == 7
+    reference = build_classifier(TINY, 1, seed=0)
+    reference.fit_standardizer(CacheScans(volumes, 32))
+    torch.testing.assert_close(classifier.standardizer.mean, reference.standardizer.mean)
+
+
 def test_a_split_column_with_other_values_or_one_part_only_is_refused(labelled_cache: Path) -> None:
     from ctfed.common.labelled import NotEvaluableError, site_split
     from ctfed.common.preprocess import CachedVolumes

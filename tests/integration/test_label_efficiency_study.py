@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctfed.common.cli import main
@@ -191,10 +192,14 @@ def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_
     the arm's encoder, in the mode the arm's pooled-label head chose on validation; each site
     trains on its labelled scans of the level and evaluates on its validation scans, never a
     test scan."""
+    from ctfed.common.config import FinetuneConfig
+    from ctfed.common.finetune import Finetuner, load_classifier
+    from ctfed.common.labelled import CacheScans, LabelledScans
     from ctfed.simulations.studies.label_efficiency import choose
 
     data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
     splits = json.loads((study_run / STUDY_DIR / "splits.json").read_text())
+    views = study_run / STUDY_DIR / "phase2" / "labels_4"
     for arm in (Arm.federated, Arm.centralized, Arm.scratch):
         entry = data["arms"][arm.value]
         (mode, predicted), = entry["finetune"]["federated_phase2"]["4"].items()
@@ -209,13 +214,40 @@ def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_
             assert predicted[site["site"]]["labelled_scans"] == sum(min(4, len(c["labelled"])) for c in splits["sites"].values())
         for name, site in data["sites"].items():
             assert len(predicted[name]["test"]) == site["test"] and len(predicted[name]["val"]) == site["val"]
-        views = study_run / STUDY_DIR / "phase2" / "labels_4"
+        # As a site predicts with the federation's classifier: its feature statistics (which stay
+        # at the sites) fitted on its own cache first.
+        classifier, _ = load_classifier(run / "checkpoints" / results["rounds"][-1]["checkpoint"])
+        assert not classifier.standardizer.fitted
+        name, cut = next(iter(splits["sites"].items()))
+        cache, tasks = CachedVolumes(Path(cut["cache"])), data["tasks"]
+        classifier.fit_standardizer(CacheScans(CachedVolumes(views / name), 32))  # the site's whole (view of its) cache
+        test = LabelledScans(cache, cut["test"], tasks, 32)
+        probs = Finetuner(classifier, FinetuneConfig(label_names=tasks), test).predict(test)[0]
+        np.testing.assert_allclose(probs, predicted[name]["test"], atol=2e-5)  # stored to 5 digits
         for name, cut in splits["sites"].items():
             cache = CachedVolumes(Path(cut["cache"]))
             view = CachedVolumes(views / name)
             test_hashes = {cache.entries[i]["content_hash"] for i in cut["test"]}
-            assert not test_hashes & {e["content_hash"] for e in view.entries}
-            assert sorted(e["label"]["finetune_split"] for e in view.entries) == sorted(["train"] * min(4, len(cut["labelled"])) + ["test"] * len(cut["val"]))
+            # Every scan the site pretrained on (they fit the head's feature statistics), none of its test scans.
+            assert len(view) == len(cache) - len(cut["test"]) and not test_hashes & {e["content_hash"] for e in view.entries}
+            marked = sorted(e["label"].get("finetune_split") or "-" for e in view.entries)
+            level, val = min(4, len(cut["labelled"])), len(cut["val"])
+            assert marked == sorted(["train"] * level + ["test"] * val + ["-"] * (len(view) - level - val))
+
+
+def test_rerun_phase2_refuses_an_unfinished_study_and_a_config_without_those_heads(study_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ctfed.simulations.studies.label_efficiency import rerun_phase2
+
+    copy = tmp_path / "study"
+    shutil.copytree(study_run, copy, ignore=shutil.ignore_patterns("arms", "checkpoints", "dicom", "cache"))
+    with pytest.raises(RuntimeError, match="no federated_phase2"):
+        rerun_phase2(copy, ["label_efficiency.heads=[site,pooled_labels]"])
+    data = json.loads((copy / STUDY_DIR / STUDY_JSON).read_text())
+    (copy / STUDY_DIR / STUDY_JSON).write_text(json.dumps({**data, "status": "running"}))
+    with pytest.raises(RuntimeError, match="not completed"):
+        rerun_phase2(copy)
 
 
 def test_report_plots_and_rerender(study_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

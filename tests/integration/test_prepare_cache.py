@@ -120,6 +120,20 @@ def test_cached_voxel_size_is_the_head_box_over_the_output_size() -> None:
     assert voxel_mm == pytest.approx([29 / SIZE, 20 / SIZE, 59.5 / SIZE], abs=1.01 / SIZE)
 
 
+def test_a_consuming_transform_gives_the_same_array_and_releases_the_hu_volume() -> None:
+    """``prepare`` lets the transform drop the HU array once copied (issue #14's memory bound)."""
+    from ctfed.common.dicom import CTVolume
+    from ctfed.common.preprocess import transform_volume
+
+    hu = np.random.default_rng(0).normal(0.0, 400.0, (18, 20, 22)).astype(np.float32)
+    kept = CTVolume(hu=hu.copy(), spacing_zyx=(2.0, 1.0, 1.5), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    consumed = CTVolume(hu=hu.copy(), spacing_zyx=(2.0, 1.0, 1.5), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    expected = transform_volume(kept, PreprocessConfig(output_size=SIZE))
+    got = transform_volume(consumed, PreprocessConfig(output_size=SIZE), consume=True)
+    assert np.array_equal(got[0], expected[0]) and got[1] == expected[1]
+    assert consumed.hu is None and np.array_equal(kept.hu, hu)  # the caller's array is untouched without consume
+
+
 def test_an_older_cache_without_voxel_sizes_is_processed_again(federation: list[Path], tmp_path: Path) -> None:
     site = federation[0]
     prepare(site, tmp_path, _cfg(), progress=False)
