@@ -66,9 +66,9 @@ class FeatureStandardizer(nn.Module):
     every site fits them on its own cache at the start of each round (up to
     ``labelled.STANDARDIZER_MAX_SCANS`` scans, labelled or not: the choice FedBN makes for
     normalisation statistics: nothing about a site's scans travels, and a site's scanner
-    offsets are removed where they arise). Not on its few labelled scans alone: 8 scans give
-    statistics so noisy that the sites' heads, averaged, no longer fit any site (the label-
-    efficiency study's phase 2, docs/studies.md), and predicting does fit on the whole cache.
+    offsets are removed where they arise). Not on its few labelled scans alone: a site that
+    predicts fits them on its whole cache (``fit_standardizer_on_cache``), so training does too,
+    and a mean and std per feature from 8 scans are a poor estimate.
     The coordinator's global classifier therefore holds an unfitted standardiser, and a site
     that uses it fits it on its own scans first (``Classifier.fit_standardizer``,
     ``fit_standardizer_on_cache``). Unfitted (``count`` 0) it is the identity.

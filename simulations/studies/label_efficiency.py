@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import argparse
 import enum
 import functools
 import json
@@ -1009,14 +1010,18 @@ def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ctfed.simulations.studies.label_efficiency --rerun-phase2 RUN_DIR [OVERRIDES]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.studies.label_efficiency", description=rerun_phase2.__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (tests/unit/test_doc_commands.py parses the docs' commands with it)."""
+    parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.studies.label_efficiency",
+                                     description="Run a finished label-efficiency study's federated phase 2 again and judge again.")
     parser.add_argument("--rerun-phase2", type=Path, required=True, metavar="RUN_DIR", help="a finished study's run folder")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. label_efficiency.phase2_rounds=20")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ctfed.simulations.studies.label_efficiency --rerun-phase2 RUN_DIR [OVERRIDES]``."""
+    args = build_parser().parse_args(argv)
     return rerun_phase2(args.rerun_phase2, args.overrides)
 
 

@@ -273,6 +273,8 @@ OVERRIDE_LOADERS: dict[tuple[str, str], tuple[Callable[[list[str]], None], str]]
     ("ctfed", "finetune"): (_run_overrides, "overrides"),
     ("ctfed", "site"): (_site_overrides, "overrides"),
     ("python", "ctfed.simulations.data.label_signal"): (_label_signal_overrides, "train"),
+    # Merged over the study run's saved simulation config: they must compose as ctfed simulate's do.
+    ("python", "ctfed.simulations.studies.label_efficiency"): (_simulate_overrides, "overrides"),
 }
 
 
