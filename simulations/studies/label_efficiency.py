@@ -41,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -57,7 +58,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from ctfed.client.site import site_cache_dirs
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
-from ctfed.common.config import FinetuneConfig, ModelConfig, save_run_config
+from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, save_run_config
 from ctfed.simulations.config import STUDY_HEADS, SimulationRunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
@@ -980,7 +981,7 @@ def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
     e.g. ``label_efficiency.phase2_rounds=20``) from the arms' recorded encoders, and judge
     again: a phase-2 change without the pretraining again. Every other prediction is kept;
     study.json records the rerun."""
-    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from ctfed.simulations.config import read_simulation_config, to_simulation_config
     from ctfed.simulations.runtime.simulate import CONFIG_NAME
@@ -990,11 +991,19 @@ def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
     if data.get("status") != "completed":
         raise RuntimeError(f"{path}: the study is {data.get('status')!r}, not completed; run it to the end first")
     saved = read_simulation_config(run_dir / CONFIG_NAME)
-    cfg = to_simulation_config(OmegaConf.merge(OmegaConf.structured(saved), OmegaConf.from_dotlist(list(overrides))))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(saved), OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+    cfg = to_simulation_config(merged)
     if Heads.federated_phase2.value not in cfg.label_efficiency.heads:
         raise RuntimeError("label_efficiency.heads has no federated_phase2: nothing to rerun")
     sites, tasks = load_study_sites(run_dir)
     data["config"] = OmegaConf.to_container(OmegaConf.structured(cfg.label_efficiency))
+    # A study run without these heads has no model-free probes for them: the pooled-label fit.
+    if Heads.federated_phase2.value not in data["model_free"]:
+        pooled = data["model_free"].get(Heads.pooled_labels.value)
+        data["model_free"][Heads.federated_phase2.value] = pooled or model_free_arm(cfg, sites, tasks)[Heads.federated_phase2.value]
     started = time.perf_counter()
     for arm, entry in data["arms"].items():
         if POOLED in entry.get("encoders", {}):
@@ -1022,7 +1031,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ctfed.simulations.studies.label_efficiency --rerun-phase2 RUN_DIR [OVERRIDES]``."""
     args = build_parser().parse_args(argv)
-    return rerun_phase2(args.rerun_phase2, args.overrides)
+    try:
+        return rerun_phase2(args.rerun_phase2, args.overrides)
+    except (ConfigError, RuntimeError, OSError) as err:
+        print(f"label_efficiency --rerun-phase2: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
