@@ -56,6 +56,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset, Dataset
 
 from ctfed.client.site import site_cache_dirs
+from ctfed.common.cli import os_error_text
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, save_run_config
@@ -1033,7 +1034,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return rerun_phase2(args.rerun_phase2, args.overrides)
-    except (ConfigError, RuntimeError, OSError) as err:
+    except OSError as err:
+        print(f"label_efficiency --rerun-phase2: {os_error_text(err)}", file=sys.stderr)
+        return 1
+    except (ConfigError, RuntimeError) as err:
         print(f"label_efficiency --rerun-phase2: {err}", file=sys.stderr)
         return 1
 
