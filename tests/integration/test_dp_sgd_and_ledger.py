@@ -137,9 +137,12 @@ def test_per_volume_clipping_bounds_each_volume(mim_weight: float, mim_objective
         params = trainer.dp.params
         batch = params[0].grad_sample.shape[0]
         if batch:
-            # Folding rows into volumes keeps the total gradient (autograd's own p.grad).
+            # Folding rows into volumes keeps the total gradient (autograd's own p.grad). The
+            # tolerance scales with the gradient: float32 sums of terms of size ~5 that cancel
+            # to ~0 differ by a few 1e-6 with the summation order, which varies by CPU.
             for param in params:
-                assert torch.allclose(param.grad_sample.sum(0), param.grad, rtol=1e-3, atol=1e-6)
+                scale = float(param.grad.abs().max())
+                assert torch.allclose(param.grad_sample.sum(0), param.grad, rtol=1e-3, atol=1e-5 * scale + 1e-9)
             norms = torch.stack([p.grad_sample.reshape(batch, -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
             before = norms.tolist()
         else:
