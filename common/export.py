@@ -136,7 +136,8 @@ def preprocessing_transforms(plan: dict[str, Any], image_size: int) -> list[dict
         {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"},
         {"_target_": "Lambdad", "keys": "image", "func": f"$lambda x: x + {air}"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": [spacing] * 3, "mode": "bilinear", "padding_mode": "zeros"},
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [spacing] * 3, "mode": "bilinear", "padding_mode": "zeros",
+         "dtype": f"$torch.{plan.get('resample_dtype', 'float64')}"},  # older plans resampled in float64
         {"_target_": "Lambdad", "keys": "image", "func": f"$lambda x: x - {air}"},
         {"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
          "select_fn": f"$lambda x: x > {float(plan['foreground_hu'])}", "allow_smaller": True},

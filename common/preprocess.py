@@ -69,6 +69,10 @@ VOLUMES_DIR_FIELD = "volumes_dir"
 # Where a run folder keeps those views, and the split's summary (results.json "data_split").
 SPLIT_DIR = "split"
 SPLIT_SUMMARY = "split.json"
+# What Spacing resamples in (a plan key: it changes cached values by float16 rounding). float32
+# rather than MONAI's default float64: a 512x512x600 series peaks at 1.6 GB instead of 2.2 GB
+# (issue #14's 2 GB bound, docs/benchmarks.md); 0.2% of cached voxels move by one float16 step.
+RESAMPLE_DTYPE = "float32"
 # Per entry: the size (z, y, x) in mm of a cached voxel, for augmentations in mm. An entry of an
 # older cache without it is processed again by the next prepare.
 CACHED_VOXEL_FIELD = "cached_voxel_zyx_mm"
@@ -95,11 +99,13 @@ def preprocessing_plan(cfg: PreprocessConfig) -> dict[str, Any]:
         "gantry_tilt": cfg.gantry_tilt,
         "dtype": "float16",
         "axes": AXES,
+        "resample_dtype": RESAMPLE_DTYPE,
     }
 
 
 # The keys of a plan that decide a cached volume's voxels (``axes`` and ``dtype`` describe them).
-PLAN_KEYS = ("orientation", "spacing_mm", "foreground_hu", "output_size", "windows", "gantry_tilt", "dtype", "axes")
+PLAN_KEYS = ("orientation", "spacing_mm", "foreground_hu", "output_size", "windows", "gantry_tilt", "dtype", "axes",
+             "resample_dtype")
 
 
 def config_from_plan(plan: dict[str, Any], **acceptance: Any) -> PreprocessConfig:
@@ -108,11 +114,13 @@ def config_from_plan(plan: dict[str, Any], **acceptance: Any) -> PreprocessConfi
     tolerances, series selection, workers) as given. ValueError names what the plan lacks."""
     missing = [key for key in PLAN_KEYS if key not in plan]
     if missing:
-        raise ValueError(f"the preprocessing plan lacks {', '.join(missing)}")
-    if plan["orientation"] != "RAS" or plan["dtype"] != "float16" or plan["axes"] != AXES:
+        older = " (a plan made by an older ctfed: prepare the cache again with this one)" if missing == ["resample_dtype"] else ""
+        raise ValueError(f"the preprocessing plan lacks {', '.join(missing)}{older}")
+    if plan["orientation"] != "RAS" or plan["dtype"] != "float16" or plan["axes"] != AXES or plan["resample_dtype"] != RESAMPLE_DTYPE:
         raise ValueError(
             f"the preprocessing plan has orientation {plan['orientation']!r}, dtype {plan['dtype']!r}, axes "
-            f"{plan['axes']!r}; this ctfed makes RAS, float16, {AXES}"
+            f"{plan['axes']!r}, resampling in {plan['resample_dtype']!r}; this ctfed makes RAS, float16, {AXES}, "
+            f"resampling in {RESAMPLE_DTYPE}"
         )
     cfg = PreprocessConfig(
         spacing_mm=float(plan["spacing_mm"]),
@@ -174,7 +182,7 @@ def transform_volume(volume: CTVolume, cfg: PreprocessConfig, consume: bool = Fa
     image = MetaTensor(torch.from_numpy(shifted[None]), affine=torch.as_tensor(affine))
     del shifted
     image = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
-    image = Spacing(pixdim=(cfg.spacing_mm,) * 3, mode="bilinear", padding_mode="zeros")(image)
+    image = Spacing(pixdim=(cfg.spacing_mm,) * 3, mode="bilinear", padding_mode="zeros", dtype=getattr(torch, RESAMPLE_DTYPE))(image)
     image = image + AIR_HU
     threshold = cfg.foreground_hu
     image = CropForeground(select_fn=lambda x: x > threshold, allow_smaller=True)(image)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ctfed.common.config import (
     FINETUNE_MODES,
@@ -562,6 +563,19 @@ def load_simulation_config(overrides: Sequence[str] = (), config_name: str = SIM
 def to_simulation_config(cfg: DictConfig | dict) -> SimulationRunConfig:
     """Validate a composed or saved simulation config (results.json ``config``, an arm's merge)."""
     return to_run_config(cfg, SimulationRunConfig)
+
+
+def with_overrides(base: SimulationRunConfig, overrides: Sequence[str], what: str) -> SimulationRunConfig:
+    """``base`` with Hydra-style dot-list ``overrides``, validated; a bad override is a one-line
+    ConfigError that starts with ``what`` and the overrides."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{what} {list(overrides)}: {str(err).splitlines()[0]}") from None
+    try:
+        return to_simulation_config(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{what} {list(overrides)}: {err}") from None
 
 
 def read_simulation_config(path: Path) -> SimulationRunConfig:

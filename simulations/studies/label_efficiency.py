@@ -982,21 +982,14 @@ def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
     e.g. ``label_efficiency.phase2_rounds=20``) from the arms' recorded encoders, and judge
     again: a phase-2 change without the pretraining again. Every other prediction is kept;
     study.json records the rerun."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ctfed.simulations.config import read_simulation_config, to_simulation_config
+    from ctfed.simulations.config import read_simulation_config, with_overrides
     from ctfed.simulations.runtime.simulate import CONFIG_NAME
 
     path = run_dir / STUDY_DIR / STUDY_JSON
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("status") != "completed":
         raise RuntimeError(f"{path}: the study is {data.get('status')!r}, not completed; run it to the end first")
-    saved = read_simulation_config(run_dir / CONFIG_NAME)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(saved), OmegaConf.from_dotlist(list(overrides)))
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
-    cfg = to_simulation_config(merged)
+    cfg = with_overrides(read_simulation_config(run_dir / CONFIG_NAME), overrides, "overrides")
     if Heads.federated_phase2.value not in cfg.label_efficiency.heads:
         raise RuntimeError("label_efficiency.heads has no federated_phase2: nothing to rerun")
     sites, tasks = load_study_sites(run_dir)

@@ -15,11 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from ctfed.common.config import ConfigError, save_run_config
-from ctfed.simulations.config import SimulationRunConfig, to_simulation_config
+from ctfed.common.config import save_run_config
+from ctfed.simulations.config import SimulationRunConfig, with_overrides
 from ctfed.common.fileio import write_json_atomic, write_text_atomic
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.model import encoder_part
@@ -36,17 +33,8 @@ PLOT_NAME = "sweep_epsilon_auroc.png"
 
 def arm_config(base: SimulationRunConfig, overrides: list[str]) -> SimulationRunConfig:
     """The base config with an arm's overrides; the arm runs no study of its own."""
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(base),
-            OmegaConf.from_dotlist([*overrides, "compare.enabled=false", "sweep.enabled=false", "label_efficiency.enabled=false"]),
-        )
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"sweep arm overrides {overrides}: {err}") from None
-    try:
-        return to_simulation_config(merged)
-    except ConfigError as err:
-        raise ConfigError(f"sweep arm overrides {overrides}: {err}") from None
+    studies_off = ["compare.enabled=false", "sweep.enabled=false", "label_efficiency.enabled=false"]
+    return with_overrides(base, [*overrides, *studies_off], "sweep arm overrides")
 
 
 def privacy_summary(run_dir: Path) -> dict[str, Any]:

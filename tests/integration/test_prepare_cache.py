@@ -148,6 +148,30 @@ def test_an_older_cache_without_voxel_sizes_is_processed_again(federation: list[
     assert CachedVolumes(tmp_path).cached_voxel_mm() is not None
 
 
+def test_a_cache_resampled_in_float64_is_prepared_again_and_its_plan_is_not_reproduced(
+    federation: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before issue #14's memory bound, Spacing resampled in float64: such a cache's volumes differ
+    by float16 steps, so its plan (without ``resample_dtype``) is neither reused nor reproduced."""
+    from ctfed.common.preprocess import config_from_plan, preprocessing_plan
+
+    site = federation[0]
+    prepare(site, tmp_path, _cfg(), progress=False)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["preprocessing"]["resample_dtype"] == "float32"
+    older = {k: v for k, v in manifest["preprocessing"].items() if k != "resample_dtype"}
+    manifest_path.write_text(json.dumps({**manifest, "preprocessing": older}))
+    with caplog.at_level(logging.WARNING):
+        again = prepare(site, tmp_path, _cfg(), progress=False)
+    assert (again.accepted, again.cached) == (2, 0) and "rebuilding" in caplog.text
+    with pytest.raises(ValueError, match="lacks resample_dtype .*older ctfed"):
+        config_from_plan(older)
+    with pytest.raises(ValueError, match="resampling in 'float64'"):
+        config_from_plan({**older, "resample_dtype": "float64"})
+    assert preprocessing_plan(config_from_plan(manifest["preprocessing"])) == manifest["preprocessing"]
+
+
 def test_no_phi_in_any_output(federation: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     site = tmp_path / "input"
     shutil.copytree(federation[1], site)  # nested folders named after the patient, RLE, padding
