@@ -14,9 +14,11 @@ in phase 2 is exact without one.
 
 Order of a round (as in phase 1): policy check on the instructions -> open the cache and
 split its labelled scans (a site without usable labels refuses, code
-``NO_LABELS_REFUSED_CODE``) -> fit the head's feature statistics on the site's whole cache ->
+``NO_LABELS_REFUSED_CODE``) -> the head's feature statistics: the ones the classifier carries
+(the coordinator's, fixed), or, where it carries none, fitted on the site's whole cache ->
 train the plan's trainable set for the plan's local steps -> evaluate on the held-out scans ->
-reply the trainable deltas only (clipped under central DP) plus metrics -> audit.
+reply the trainable deltas only (clipped under central DP), with the site's statistics while
+the coordinator asks for them (``finetune.feature_statistics``), plus metrics -> audit.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ctfed.client.local_state import discard_local_state
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteIdentity, open_site_data
 from ctfed.common.checkpoint import state_digest
-from ctfed.common.config import FinetuneConfig
+from ctfed.common.config import FinetuneConfig, PrivacyMode
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     LOCAL_STATE_KEY,
@@ -47,7 +49,15 @@ from ctfed.common.exchange import (
     state_delta,
     state_to_record,
 )
-from ctfed.common.finetune import Classifier, Finetuner, build_classifier, trainable_names, trainable_state
+from ctfed.common.finetune import (
+    Classifier,
+    Finetuner,
+    build_classifier,
+    encode_feature_statistics,
+    sends_feature_statistics,
+    trainable_names,
+    trainable_state,
+)
 from ctfed.common.labelled import LabelledScans, NotEvaluableError, site_split, standardizer_scans
 from ctfed.common.metrics import OPERATING_POINT_METRIC, evaluation_dict, operating_points
 from ctfed.common.processes import peak_rss_mb
@@ -136,10 +146,13 @@ def finetune_train(
     classifier = global_classifier(msg, context, instructions, identity.state_dir)
     start = trainable_state(classifier)
     round_cfg = replace(finetune, seed=finetune.seed + _SEED_STRIDE_PER_SITE * identity.index + server_round)
-    # The head's feature statistics from the site's whole cache, as `ctfed predict` fits them.
+    # Without statistics in the classifier, the head's come from the site's whole cache, as
+    # `ctfed predict` fits them.
     finetuner = Finetuner(classifier, round_cfg, train_scans,
                           standardizer_scans=standardizer_scans(train_scans.volumes, instructions.model.image_size))
     trained_at = time.perf_counter()
+    # Asked for before training: fit_round fits the statistics a classifier arrives without.
+    statistics = sends_feature_statistics(finetune, instructions.privacy.mode is PrivacyMode.central, classifier)
     fit = finetuner.fit_round(plan, local_steps)
     train_seconds = time.perf_counter() - trained_at
     probs, labels = finetuner.predict(test_scans)
@@ -153,8 +166,16 @@ def finetune_train(
         for task, metrics in evaluation.items()
     }
 
-    # Only what trained travels; its names are exactly the plan's trainable set.
-    update = privacy_round.outgoing_update(state_delta(trainable_state(classifier), start))
+    # Only what trained travels; its names are exactly the plan's trainable set, and, until the
+    # coordinator has fixed them, this site's feature statistics (once per round it asks).
+    delta = state_delta(trainable_state(classifier), start)
+    if statistics:
+        encoded, clipped = encode_feature_statistics(classifier.standardizer)
+        if clipped:
+            logger.warning("site %s round %d: %d feature statistics clipped to what the update carries",
+                           identity.site_id, server_round, clipped)
+        delta.update(encoded)
+    update = privacy_round.outgoing_update(delta)
     epsilon = privacy_round.after_training(0)
     sent_bytes = record_bytes(update)
     # What may leave the site (client/privacy_round.py): under central DP no per-step loss, no

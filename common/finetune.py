@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ctfed.common.checkpoint import load_checkpoint
-from ctfed.common.config import FeaturePooling, FinetuneConfig, ModelConfig
+from ctfed.common.config import FeaturePooling, FeatureStatistics, FinetuneConfig, ModelConfig
 from ctfed.common.model import INIT_STD, ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -62,16 +62,16 @@ class FeatureStandardizer(nn.Module):
     """``(x - mean) / std`` per feature dimension, with statistics fitted on training scans.
 
     The statistics are buffers, not parameters: no optimizer moves them, and a federated
-    phase-2 round sends trainable parameters only, so they never leave a site. In phase 2
-    every site fits them on its own cache at the start of each round (up to
-    ``labelled.STANDARDIZER_MAX_SCANS`` scans, labelled or not: the choice FedBN makes for
-    normalisation statistics: nothing about a site's scans travels, and a site's scanner
-    offsets are removed where they arise). Not on its few labelled scans alone: a site that
-    predicts fits them on its whole cache (``fit_standardizer_on_cache``), so training does too,
-    and a mean and std per feature from 8 scans are a poor estimate.
-    The coordinator's global classifier therefore holds an unfitted standardiser, and a site
-    that uses it fits it on its own scans first (``Classifier.fit_standardizer``,
-    ``fit_standardizer_on_cache``). Unfitted (``count`` 0) it is the identity.
+    phase-2 round sends trainable parameters as such. A site fits them on its whole cache (up
+    to ``labelled.STANDARDIZER_MAX_SCANS`` scans, labelled or not) whenever the classifier it
+    receives holds none. With finetune.feature_statistics=federated (the default) that is the
+    first phase-2 round only: each site sends its statistics once, inside that round's update
+    (``encode_feature_statistics``), the coordinator fixes their mean in the global classifier
+    (``set_feature_statistics``), and every later round, site and checkpoint uses those, so
+    the head's inputs never move under it and ``ctfed predict`` needs no cache to fit them.
+    With ``site`` they never leave a site and it refits them every round (as FedBN keeps
+    normalisation statistics local); a site that predicts with such a classifier fits them on
+    its cache first (``fit_standardizer_on_cache``). Unfitted (``count`` 0) it is the identity.
     """
 
     mean: torch.Tensor
@@ -258,6 +258,47 @@ def fit_standardizer_on_cache(classifier: Classifier, cache_dir: Path, image_siz
     logger.info("fitted the classifier's feature statistics on the %d scans of the cache", len(scans))
 
 
+# Phase 2's feature statistics on the wire (finetune.feature_statistics=federated): a site
+# sends its own once, as two more tensors of its first round's update, scaled into secure
+# aggregation's per-value range (+-1, secagg.clipping_range's default): means up to +-32 and
+# stds from e^-8 to e^8 travel as they are, larger ones are clipped (the site logs it). The
+# coordinator's mean of them gives the mean of the sites' means and the geometric mean of
+# their stds.
+STATISTICS_PREFIX = "feature_statistics."
+STATISTICS_MEAN = STATISTICS_PREFIX + "mean"
+STATISTICS_LOG_STD = STATISTICS_PREFIX + "log_std"
+_MEAN_SCALE, _LOG_STD_SCALE = 32.0, 8.0
+
+
+def sends_feature_statistics(cfg: FinetuneConfig, central_dp: bool, classifier: Classifier) -> bool:
+    """Whether a phase-2 round's update carries the site's feature statistics: the coordinator
+    wants them until it has fixed its own (the classifier it sent holds none), not under central
+    DP (whose clip and noise are sized for the update). Both sides decide with this."""
+    return cfg.feature_statistics is FeatureStatistics.federated and not central_dp and not classifier.standardizer.fitted
+
+
+def encode_feature_statistics(standardizer: FeatureStandardizer) -> tuple[dict[str, torch.Tensor], int]:
+    """A fitted standardiser's statistics as they travel, and how many values were clipped."""
+    mean = standardizer.mean / _MEAN_SCALE
+    log_std = standardizer.std.log() / _LOG_STD_SCALE
+    clipped = int((mean.abs() > 1).sum() + (log_std.abs() > 1).sum())
+    return {STATISTICS_MEAN: mean.clamp(-1, 1), STATISTICS_LOG_STD: log_std.clamp(-1, 1)}, clipped
+
+
+def feature_statistics_like(classifier: Classifier) -> dict[str, torch.Tensor]:
+    """Names and shapes of the statistics in an update (what the coordinator expects)."""
+    width = classifier.standardizer.mean.shape
+    return {STATISTICS_MEAN: torch.zeros(width), STATISTICS_LOG_STD: torch.zeros(width)}
+
+
+def set_feature_statistics(classifier: Classifier, mean_of_sites: Mapping[str, torch.Tensor], sites: int) -> None:
+    """Fix the classifier's statistics from the mean of the sites' encoded ones (``count``: sites)."""
+    standardizer = classifier.standardizer
+    standardizer.mean.copy_(mean_of_sites[STATISTICS_MEAN].float() * _MEAN_SCALE)
+    standardizer.std.copy_((mean_of_sites[STATISTICS_LOG_STD].float() * _LOG_STD_SCALE).exp())
+    standardizer.count.fill_(float(sites))
+
+
 @dataclass(frozen=True)
 class FreezingSchedule:
     """Which encoder blocks train at a given point of the progressive recipe.
@@ -432,8 +473,8 @@ class Finetuner:
     """Trains a Classifier on (volume (C, S, S, S), label (K,) or scalar) pairs per ``cfg.mode``.
 
     ``fit`` and ``fit_round`` first fit the head's feature standardisation on the training
-    scans (or ``standardizer_scans``) with the encoder as it starts; it then stays fixed while
-    the head trains.
+    scans (or ``standardizer_scans``) with the encoder as it starts (``fit_round`` only where
+    the classifier arrived without statistics); it then stays fixed while the head trains.
 
     All modes spend ``cfg.total_steps`` steps: "progressive" splits them into the probe stage
     and the unfreezing stage; "linear_probe" trains the head throughout; "full" trains every
@@ -510,8 +551,10 @@ class Finetuner:
                 for _ in range(plan.schedule_start):
                     scheduler.step()
         result = FinetuneResult()
-        # This site's statistics of the encoder it received (never sent; see FeatureStandardizer).
-        self.classifier.fit_standardizer(self.standardizer_scans, self.cfg.batch_size)
+        if not self.classifier.standardizer.fitted:
+            # The classifier came without statistics (the first phase-2 round, or
+            # finetune.feature_statistics=site): this site's own, of the encoder it received.
+            self.classifier.fit_standardizer(self.standardizer_scans, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()
         self._features = self._frozen_features(steps) if plan.stage in HEAD_ONLY_PHASES else None

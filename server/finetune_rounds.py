@@ -1,7 +1,10 @@
 """Phase 2: federated progressive-freezing fine-tuning of the pretrained encoder.
 
 After the last SSL round the coordinator builds a classifier (the global encoder plus a new
-head from ``finetune.seed``) and runs ``federation.finetune_rounds`` rounds on it. Each round
+head from ``finetune.seed``) and runs ``federation.finetune_rounds`` rounds on it. Its feature
+statistics (``finetune.feature_statistics=federated``) come from the sites once: the first
+round's updates carry each site's, the coordinator fixes their mean in the classifier, and
+every later round sends it whole once so that every site trains with the same fixed ones. Each round
 follows ``common/finetune.FederatedFreezingSchedule``: linear probe first, then the top
 blocks unfreeze top-down, each group at its discriminative LR.
 
@@ -40,7 +43,17 @@ from ctfed.common.exchange import (
     record_bytes,
     state_to_record,
 )
-from ctfed.common.finetune import Classifier, FederatedFreezingSchedule, build_classifier, trainable_names
+from ctfed.common.finetune import (
+    STANDARDIZER_PREFIX,
+    STATISTICS_PREFIX,
+    Classifier,
+    FederatedFreezingSchedule,
+    build_classifier,
+    feature_statistics_like,
+    sends_feature_statistics,
+    set_feature_statistics,
+    trainable_names,
+)
 from ctfed.common.metrics import OPERATING_POINT_METHOD, OPERATING_POINT_METRIC
 from ctfed.common.model import encoder_part
 from ctfed.server.aggregation import GlobalUpdate
@@ -69,6 +82,19 @@ def phase_two_classifier(cfg: RunConfig, recorder: RunRecorder, global_state: di
             f"{num_outputs} output(s) (finetune.label_names): {err}"
         ) from None
     return classifier
+
+
+def fix_feature_statistics(
+    classifier: Classifier, state: dict[str, torch.Tensor], mean_of_sites: dict[str, torch.Tensor],
+    sites: list[SiteRoundRecord],
+) -> None:
+    """The sites' mean feature statistics become the classifier's, fixed from the next round on
+    (``state`` is what the next rounds send and checkpoint)."""
+    aggregated = sum(1 for record in sites if record.status == STATUS_AGGREGATED)
+    set_feature_statistics(classifier, mean_of_sites, max(aggregated, 1))
+    for name, tensor in classifier.standardizer.state_dict().items():
+        state[STANDARDIZER_PREFIX + name] = tensor.detach().clone()
+    logger.info("phase 2: the head's feature statistics fixed from %d sites' (sent once, in this round's update)", aggregated)
 
 
 class BaseHolders:
@@ -143,6 +169,9 @@ def run_finetune_rounds(
         plan = schedule.plan(server_round - pretrain_rounds)
         classifier.set_trainable(plan.blocks, stem=plan.stem)
         trainable = {name: state[name] for name in trainable_names(classifier)}
+        # Until one round has aggregated them, the sites' feature statistics travel in the update.
+        statistics = sends_feature_statistics(cfg.finetune, central is not None, classifier)
+        expected = {**trainable, **feature_statistics_like(classifier)} if statistics else trainable
         instructions = round_instructions(cfg, server_round, plan, local_steps, federation_id=recorder.federation_id)
         sampled = strategy.configure_train(server_round, ArrayRecord(), instructions.to_record(), grid)
         node_ids = [int(m.metadata.dst_node_id) for m in sampled]
@@ -153,12 +182,16 @@ def run_finetune_rounds(
         )
         bytes_sent = max((record_bytes(m.content[ARRAYS_KEY]) for m in messages), default=0)
         # Secure aggregation owns the messages from here (it frees them once they are pushed).
-        outcome = collect_round(grid, messages, trainable, cfg, strategy, server_round, known_sites, central)
+        outcome = collect_round(grid, messages, expected, cfg, strategy, server_round, known_sites, central)
         holders.update(sent_digests, outcome.sites, known_sites)
         if outcome.mean_delta is None:
             logger.error("round %d: not aggregated (%s); the global classifier is unchanged", server_round, outcome.reason)
         else:
-            state.update(updater.apply(trainable, outcome.mean_delta))
+            delta = {name: value for name, value in outcome.mean_delta.items() if not name.startswith(STATISTICS_PREFIX)}
+            state.update(updater.apply(trainable, delta))
+            if statistics:
+                fix_feature_statistics(classifier, state, outcome.mean_delta, outcome.sites)
+                holders.digests.clear()  # the classifier every site holds lacks them: send it whole
         if central is not None:
             recorder.central_privacy_ledger = central.ledger.to_dict()
         checkpoint = recorder.save_global(

@@ -412,16 +412,19 @@ def phase2_predictions(
     cfg: SimulationRunConfig, run_dir: Path, arm_dir: Path, views: Path, sites: Sequence[StudySite], tasks: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """Every site's validation and test predictions by the federation's last classifier, as the
-    site would make them: the classifier's feature statistics stay at the sites (common/finetune.py
-    FeatureStandardizer), so each first fits them on its own cache (its phase-2 view, as in every
-    round), with the federation's encoder."""
+    site would make them: with the feature statistics the classifier carries (the coordinator's,
+    federation.finetune_feature_statistics=reference), or, where they stayed at the sites
+    (``site``), each site first fits them on its own cache (its phase-2 view, as in every round)
+    with the federation's encoder."""
     last = load_results(arm_dir).rounds[-1]
     classifier, _ = load_classifier(arm_dir / CHECKPOINT_DIR / last.checkpoint)
     recipe = replace(cfg.label_efficiency.finetune, label_names=list(tasks))
     trained = [s for s in last.sites if s.loss is not None]
     out = {}
+    carried = classifier.standardizer.fitted
     for site in sites:
-        classifier.fit_standardizer(standardizer_scans(CachedVolumes(views / site.name), cfg.model.image_size), recipe.batch_size)
+        if not carried:
+            classifier.fit_standardizer(standardizer_scans(CachedVolumes(views / site.name), cfg.model.image_size), recipe.batch_size)
         folder = str(site.cache.cache_dir)
         val, test = _scans([(folder, site.val), (folder, site.test)], tasks, cfg.model.image_size)
         predictor = Finetuner(classifier, recipe, val)

@@ -134,6 +134,7 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
     schedule = FederatedFreezingSchedule(finetune, TINY.num_layers, rounds=3, local_steps=2)
     context = _site_context(labelled_cache, tmp_path / "state")
     classifier = build_classifier(TINY, 1, seed=0)
+    classifier.standardizer.fit(torch.randn(6, 48))  # as after phase 2's first round: the coordinator's statistics
     state = classifier.state_dict()
     digest = state_digest(state)
 
@@ -147,7 +148,7 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         delta = reply.content[ARRAYS_KEY].to_torch_state_dict()
         assert sorted(delta) == expected  # names set == trainable names, in the agreed order
-        # The site's feature statistics (fitted on its training scans) are buffers: they stay at the site.
+        # The feature statistics the classifier carries are buffers: never sent back.
         assert not any(name.startswith(STANDARDIZER_PREFIX) for name in delta)
         sizes.append(state_nbytes(delta))
         metrics = reply.content[METRICS_KEY]
@@ -281,6 +282,78 @@ def test_resume_across_the_phase_boundary(synthetic_caches: Path, straight_run, 
     assert card["kind"] == "global-classifier"
     for name, tensor in final_straight.items():
         torch.testing.assert_close(final_resumed[name], tensor, msg=name)
+
+
+def test_phase_two_fixes_the_sites_feature_statistics_after_its_first_round(synthetic_caches: Path, straight_run) -> None:  # noqa: ANN001
+    """The first phase-2 round's updates carry each site's feature statistics (its whole cache,
+    the pretrained encoder); the coordinator fixes their mean (means averaged, stds
+    geometrically, weighted as the update) in the classifier, every later checkpoint carries exactly those (sites never
+    refit them) and the next round sends the whole classifier again."""
+    from ctfed.common.labelled import standardizer_scans
+    from ctfed.common.preprocess import CachedVolumes
+
+    run_dir, recorder = straight_run
+    encoder = load_checkpoint(run_dir / "checkpoints" / "global_round_0001.safetensors")[0]
+    cfg = load_simulation_config([])
+    sites = []
+    for site in ("site_0", "site_1"):
+        own = build_classifier(cfg.model, 1, encoder_state=encoder, seed=cfg.finetune.seed)
+        own.fit_standardizer(standardizer_scans(CachedVolumes(synthetic_caches / site), cfg.model.image_size), cfg.finetune.batch_size)
+        sites.append(own.standardizer)
+    fixed = []
+    for number in (2, 3, 4):
+        classifier, _ = load_classifier(run_dir / "checkpoints" / f"global_round_{number:04d}.safetensors")
+        assert classifier.standardizer.fitted and int(classifier.standardizer.count) == 2
+        fixed.append(classifier)
+    # Weighted as the update is: by each site's labelled training scans.
+    weights = {s.site: s.num_examples for s in recorder.rounds[1].sites}
+    w0, w1 = weights["site_0"] / sum(weights.values()), weights["site_1"] / sum(weights.values())
+    torch.testing.assert_close(fixed[0].standardizer.mean, w0 * sites[0].mean + w1 * sites[1].mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed[0].standardizer.std, sites[0].std ** w0 * sites[1].std ** w1, atol=1e-5, rtol=1e-5)
+    for later in fixed[1:]:
+        for name in ("mean", "std", "count"):
+            assert torch.equal(getattr(later.standardizer, name), getattr(fixed[0].standardizer, name)), name
+    assert not torch.equal(fixed[0].head.weight, fixed[-1].head.weight)  # the head trained meanwhile
+    first, second, third = recorder.rounds[1:]
+    assert second.bytes_sent_per_site == first.bytes_sent_per_site > third.bytes_sent_per_site  # whole, whole, part
+
+
+def test_a_site_sends_its_statistics_only_while_the_classifier_has_none(labelled_cache: Path, tmp_path: Path) -> None:
+    from ctfed.client.app import train
+    from ctfed.common.config import FeatureStatistics
+    from ctfed.common.finetune import (
+        STATISTICS_LOG_STD,
+        STATISTICS_MEAN,
+        FeatureStandardizer,
+        encode_feature_statistics,
+        sends_feature_statistics,
+    )
+    from ctfed.simulations.runtime.inprocess import InProcessGrid
+
+    InProcessGrid({}, [])
+    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
+    plan = FederatedFreezingSchedule(finetune, TINY.num_layers, rounds=3, local_steps=2).plan(1)
+    unfitted = build_classifier(TINY, 1, seed=0).state_dict()
+    fitted = build_classifier(TINY, 1, seed=0)
+    fitted.standardizer.fit(torch.randn(6, 48))
+    names = []
+    for state in (unfitted, fitted.state_dict()):
+        context = _site_context(labelled_cache, tmp_path / f"state{len(names)}")
+        reply = train(_finetune_message(TINY, finetune, plan, state_to_record(state), True, state_digest(state)), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        names.append(sorted(reply.content[ARRAYS_KEY].to_torch_state_dict()))
+    assert set(names[0]) - set(names[1]) == {STATISTICS_MEAN, STATISTICS_LOG_STD}
+    # Not under central DP (the update's clip and noise are not sized for them), nor with "site".
+    unfitted_classifier = build_classifier(TINY, 1, seed=0)
+    assert sends_feature_statistics(finetune, False, unfitted_classifier)
+    assert not sends_feature_statistics(finetune, True, unfitted_classifier)
+    assert not sends_feature_statistics(FinetuneConfig(feature_statistics=FeatureStatistics.site), False, unfitted_classifier)
+    # Statistics beyond what the update carries are clipped into it, and counted.
+    wide = FeatureStandardizer(3)
+    wide.mean.copy_(torch.tensor([1.0, -40.0, 0.0]))
+    wide.std.copy_(torch.tensor([1.0, 1.0, 1e5]))
+    encoded, clipped = encode_feature_statistics(wide)
+    assert clipped == 2 and float(encoded[STATISTICS_MEAN].abs().max()) <= 1 and float(encoded[STATISTICS_LOG_STD].max()) <= 1
 
 
 def test_plain_path_records_the_monitor_of_ssl_rounds_only(straight_run) -> None:  # noqa: ANN001
@@ -482,20 +555,24 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
 
 @pytest.mark.slow
 def test_predict_scores_with_the_federated_classifier_at_a_site(phase_two_run: Path, tmp_path: Path) -> None:
-    """`ctfed predict` on the phase-2 checkpoint: the site's cache fits the feature statistics
-    (they stayed at the sites), decisions at the card's median operating point."""
+    """`ctfed predict` on the phase-2 checkpoint: with the feature statistics it carries (the
+    coordinator's reference ones: no site cache needed), decisions at the card's median
+    operating point."""
     from ctfed.common.labelled import model_input
     from ctfed.common.preprocess import CachedVolumes
 
     checkpoint = phase_two_run / "checkpoints" / "global_round_0004.safetensors"
     cache, dicom = phase_two_run / "cache" / "site_1", phase_two_run / "dicom" / "site_1"
     out = tmp_path / "predictions.csv"
+    # Without --cache it runs too (it prepares the DICOM itself, under its own pseudonyms).
+    assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(tmp_path / "alone.csv"),
+                 "--no-progress"]) == 0
     assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(out),
                  "--cache", str(cache), "--no-progress"]) == 0
     classifier, card = load_classifier(checkpoint)
+    assert classifier.standardizer.fitted
     volumes = CachedVolumes(cache)
     scans = [(model_input(volumes[i], card["model"]["image_size"]), None) for i in range(len(volumes))]
-    classifier.fit_standardizer(scans)
     with torch.no_grad():
         probs = torch.sigmoid(classifier.eval()(torch.stack([s for s, _ in scans])))[:, 0]
     expected = {entry["key"]: float(p) for entry, p in zip(volumes.entries, probs)}
