@@ -64,14 +64,14 @@ class FeatureStandardizer(nn.Module):
     The statistics are buffers, not parameters: no optimizer moves them, and a federated
     phase-2 round sends trainable parameters as such. A site fits them on its whole cache (up
     to ``labelled.STANDARDIZER_MAX_SCANS`` scans, labelled or not) whenever the classifier it
-    receives holds none. With finetune.feature_statistics=federated (the default) that is the
-    first phase-2 round only: each site sends its statistics once, inside that round's update
-    (``encode_feature_statistics``), the coordinator fixes their mean in the global classifier
-    (``set_feature_statistics``), and every later round, site and checkpoint uses those, so
-    the head's inputs never move under it and ``ctfed predict`` needs no cache to fit them.
-    With ``site`` they never leave a site and it refits them every round (as FedBN keeps
-    normalisation statistics local); a site that predicts with such a classifier fits them on
-    its cache first (``fit_standardizer_on_cache``). Unfitted (``count`` 0) it is the identity.
+    receives holds none. With finetune.feature_statistics=site (the default) they never leave
+    a site and it refits them every round (as FedBN keeps normalisation statistics local); a
+    site that predicts with such a classifier fits them on its cache first
+    (``fit_standardizer_on_cache``). With ``federated`` a site fits them in the first phase-2
+    round only and sends them once, inside that round's update (``encode_feature_statistics``);
+    the coordinator fixes their mean in the global classifier (``set_feature_statistics``), and
+    every later round, site and checkpoint uses those (``ctfed predict`` needs no cache for
+    them). Unfitted (``count`` 0) it is the identity.
     """
 
     mean: torch.Tensor
@@ -552,8 +552,8 @@ class Finetuner:
                     scheduler.step()
         result = FinetuneResult()
         if not self.classifier.standardizer.fitted:
-            # The classifier came without statistics (the first phase-2 round, or
-            # finetune.feature_statistics=site): this site's own, of the encoder it received.
+            # The classifier came without statistics (finetune.feature_statistics=site, or the
+            # first phase-2 round with federated): this site's own, of the encoder it received.
             self.classifier.fit_standardizer(self.standardizer_scans, self.cfg.batch_size)
         batches = self._batches()
         self.classifier.train()

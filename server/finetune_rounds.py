@@ -1,10 +1,10 @@
 """Phase 2: federated progressive-freezing fine-tuning of the pretrained encoder.
 
 After the last SSL round the coordinator builds a classifier (the global encoder plus a new
-head from ``finetune.seed``) and runs ``federation.finetune_rounds`` rounds on it. Its feature
-statistics (``finetune.feature_statistics=federated``) come from the sites once: the first
-round's updates carry each site's, the coordinator fixes their mean in the classifier, and
-every later round sends it whole once so that every site trains with the same fixed ones. Each round
+head from ``finetune.seed``) and runs ``federation.finetune_rounds`` rounds on it. With
+``finetune.feature_statistics=federated`` its feature statistics come from the sites once: the
+first round's updates carry each site's, the coordinator fixes their mean in the classifier,
+and the next round sends it whole so that every site trains with the same fixed ones. Each round
 follows ``common/finetune.FederatedFreezingSchedule``: linear probe first, then the top
 blocks unfreeze top-down, each group at its discriminative LR.
 

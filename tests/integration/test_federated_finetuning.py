@@ -243,7 +243,7 @@ def _in_process_run(caches: Path, run_dir: Path, resume: bool = False):  # noqa:
 
     cfg = load_simulation_config(
         ["federation.rounds=1", "federation.finetune_rounds=3", "train.local_steps=1", "finetune.eval_n_boot=5",
-         "secagg.enabled=false"]
+         "secagg.enabled=false", "finetune.feature_statistics=federated"]
     )
     nodes = [1, 2]
     contexts = {
@@ -331,7 +331,7 @@ def test_a_site_sends_its_statistics_only_while_the_classifier_has_none(labelled
     from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])
-    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5)
+    finetune = FinetuneConfig(label_names=["any"], batch_size=2, eval_n_boot=5, feature_statistics=FeatureStatistics.federated)
     plan = FederatedFreezingSchedule(finetune, TINY.num_layers, rounds=3, local_steps=2).plan(1)
     unfitted = build_classifier(TINY, 1, seed=0).state_dict()
     fitted = build_classifier(TINY, 1, seed=0)
@@ -347,7 +347,7 @@ def test_a_site_sends_its_statistics_only_while_the_classifier_has_none(labelled
     unfitted_classifier = build_classifier(TINY, 1, seed=0)
     assert sends_feature_statistics(finetune, False, unfitted_classifier)
     assert not sends_feature_statistics(finetune, True, unfitted_classifier)
-    assert not sends_feature_statistics(FinetuneConfig(feature_statistics=FeatureStatistics.site), False, unfitted_classifier)
+    assert not sends_feature_statistics(FinetuneConfig(), False, unfitted_classifier)  # the default: "site"
     # Statistics beyond what the update carries are clipped into it, and counted.
     wide = FeatureStandardizer(3)
     wide.mean.copy_(torch.tensor([1.0, -40.0, 0.0]))
@@ -555,24 +555,20 @@ def test_final_classifier_keeps_the_frozen_pretrained_blocks(phase_two_run: Path
 
 @pytest.mark.slow
 def test_predict_scores_with_the_federated_classifier_at_a_site(phase_two_run: Path, tmp_path: Path) -> None:
-    """`ctfed predict` on the phase-2 checkpoint: with the feature statistics it carries (the
-    coordinator's reference ones: no site cache needed), decisions at the card's median
-    operating point."""
+    """`ctfed predict` on the phase-2 checkpoint: the site's cache fits the feature statistics
+    (they stayed at the sites), decisions at the card's median operating point."""
     from ctfed.common.labelled import model_input
     from ctfed.common.preprocess import CachedVolumes
 
     checkpoint = phase_two_run / "checkpoints" / "global_round_0004.safetensors"
     cache, dicom = phase_two_run / "cache" / "site_1", phase_two_run / "dicom" / "site_1"
     out = tmp_path / "predictions.csv"
-    # Without --cache it runs too (it prepares the DICOM itself, under its own pseudonyms).
-    assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(tmp_path / "alone.csv"),
-                 "--no-progress"]) == 0
     assert main(["predict", "--classifier", str(checkpoint), "--input", str(dicom), "--output", str(out),
                  "--cache", str(cache), "--no-progress"]) == 0
     classifier, card = load_classifier(checkpoint)
-    assert classifier.standardizer.fitted
     volumes = CachedVolumes(cache)
     scans = [(model_input(volumes[i], card["model"]["image_size"]), None) for i in range(len(volumes))]
+    classifier.fit_standardizer(scans)
     with torch.no_grad():
         probs = torch.sigmoid(classifier.eval()(torch.stack([s for s, _ in scans])))[:, 0]
     expected = {entry["key"]: float(p) for entry, p in zip(volumes.entries, probs)}

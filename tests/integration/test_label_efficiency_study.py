@@ -194,7 +194,7 @@ def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_
     test scan."""
     from ctfed.common.config import FinetuneConfig
     from ctfed.common.finetune import Finetuner, load_classifier
-    from ctfed.common.labelled import LabelledScans
+    from ctfed.common.labelled import CacheScans, LabelledScans
     from ctfed.simulations.studies.label_efficiency import choose
 
     data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
@@ -214,12 +214,13 @@ def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_
             assert predicted[site["site"]]["labelled_scans"] == sum(min(4, len(c["labelled"])) for c in splits["sites"].values())
         for name, site in data["sites"].items():
             assert len(predicted[name]["test"]) == site["test"] and len(predicted[name]["val"]) == site["val"]
-        # As a site predicts with the federation's classifier: with the feature statistics it
-        # carries (the coordinator's, fitted once on public reference heads), no refit.
+        # As a site predicts with the federation's classifier: its feature statistics (which stay
+        # at the sites) fitted on its own cache first.
         classifier, _ = load_classifier(run / "checkpoints" / results["rounds"][-1]["checkpoint"])
-        assert classifier.standardizer.fitted
+        assert not classifier.standardizer.fitted
         name, cut = next(iter(splits["sites"].items()))
         cache, tasks = CachedVolumes(Path(cut["cache"])), data["tasks"]
+        classifier.fit_standardizer(CacheScans(CachedVolumes(views / name), 32))  # the site's whole (view of its) cache
         test = LabelledScans(cache, cut["test"], tasks, 32)
         probs = Finetuner(classifier, FinetuneConfig(label_names=tasks), test).predict(test)[0]
         np.testing.assert_allclose(probs, predicted[name]["test"], atol=2e-5)  # stored to 5 digits
