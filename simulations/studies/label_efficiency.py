@@ -412,10 +412,10 @@ def phase2_predictions(
     cfg: SimulationRunConfig, run_dir: Path, arm_dir: Path, views: Path, sites: Sequence[StudySite], tasks: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """Every site's validation and test predictions by the federation's last classifier, as the
-    site would make them: with the feature statistics the classifier carries (the coordinator's,
-    federation.finetune_feature_statistics=reference), or, where they stayed at the sites
-    (``site``), each site first fits them on its own cache (its phase-2 view, as in every round)
-    with the federation's encoder."""
+    site would make them: where the feature statistics stayed at the sites
+    (finetune.feature_statistics=site), each first fits them on its own cache (its phase-2 view,
+    as in every round) with the federation's encoder; fixed ones (``federated``) the classifier
+    carries."""
     last = load_results(arm_dir).rounds[-1]
     classifier, _ = load_classifier(arm_dir / CHECKPOINT_DIR / last.checkpoint)
     recipe = replace(cfg.label_efficiency.finetune, label_names=list(tasks))
