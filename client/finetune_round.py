@@ -121,6 +121,11 @@ def global_classifier(
         trainable = {name: reference[name] for name in trainable_names(classifier)}
         state.update(record_to_state(msg.content[ARRAYS_KEY], expected=trainable))
     classifier.load_state_dict(state, strict=True)
+    # Statistics the coordinator fixed are used as sent (finetune.feature_statistics=federated):
+    # a std of 0 or below would divide the features by nothing.
+    standardizer = classifier.standardizer
+    if standardizer.fitted and not bool((standardizer.std > 0).all()):
+        raise UpdateRejected("the classifier's feature statistics hold a std <= 0")
     return classifier
 
 

@@ -343,6 +343,13 @@ def test_a_site_sends_its_statistics_only_while_the_classifier_has_none(labelled
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         names.append(sorted(reply.content[ARRAYS_KEY].to_torch_state_dict()))
     assert set(names[0]) - set(names[1]) == {STATISTICS_MEAN, STATISTICS_LOG_STD}
+    # Statistics a coordinator sends are used as sent, so a std <= 0 is refused, not divided by.
+    hostile = fitted.state_dict()
+    hostile["standardizer.std"] = hostile["standardizer.std"].clone()
+    hostile["standardizer.std"][3] = 0.0
+    context = _site_context(labelled_cache, tmp_path / "state-hostile")
+    with pytest.raises(ValueError, match="std <= 0"):
+        train(_finetune_message(TINY, finetune, plan, state_to_record(hostile), True, state_digest(hostile)), context)
     # Not under central DP (the update's clip and noise are not sized for them), nor with "site".
     unfitted_classifier = build_classifier(TINY, 1, seed=0)
     assert sends_feature_statistics(finetune, False, unfitted_classifier)
