@@ -19,6 +19,7 @@ import hashlib
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from ctfed.common.processes import (
 )
 
 LOG_FILE = "supernode.log"
+# The last heartbeat the SuperLink accepted from this site's SuperNode (client/supernode_main.py),
+# so that a SuperNode started after a crash waits out the dead one's connection.
+HEARTBEAT_FILE = "supernode.heartbeat.json"
 CHECK_TIMEOUT_S = 10.0  # --check: one connection attempt to the SuperLink, at most this long
 # ``ctfed certs`` writes this comment, then the site id, into each site's public key file.
 SITE_KEY_COMMENT_PREFIX = "ctfed-site-"
@@ -49,6 +53,12 @@ FLWR_HOME = "flwr-home"
 # (ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED): no SuperNode is registered with that public
 # key (or one with the same key is connected already). It then exits.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+# The SuperLink also refuses a key whose node it still counts as online: a site restarted
+# after a crash, within two of its heartbeat intervals (Flower's patience). ``ctfed site``
+# starts its SuperNode again every this many seconds for that long (plus the margin) before
+# it says the key is not registered.
+ACTIVATION_RETRY_S = 5.0
+ACTIVATION_MARGIN_S = 5.0
 # ... when it stops retrying after site.max_wait_s, and when the TLS handshake fails.
 GAVE_UP = "Giving up reconnection"
 TLS_FAILED = "SSL/TLS handshake error detected"
@@ -126,16 +136,29 @@ def check_key_owner(cfg: SiteConfig) -> str:
     return f"key {fingerprint} is site {owner[0]}'s ({owner[1].name})"
 
 
-def exit_diagnosis(cfg: SiteConfig, node: RunningSuperNode) -> str | None:
-    """Why the SuperNode exited, in the site's terms, when its log says (None: it does not)."""
+def _own_output(node: RunningSuperNode) -> str:
+    """What this start of the SuperNode wrote to its log ("" if unreadable)."""
     with contextlib.suppress(OSError):
         with node.log_file.open("rb") as log:
             log.seek(node.log_offset)
-            output = log.read().decode(errors="replace")
+            return log.read().decode(errors="replace")
+    return ""
+
+
+def activation_refused(node: RunningSuperNode) -> bool:
+    """Whether the SuperNode exited because the SuperLink refused to activate its key."""
+    return ACTIVATION_REFUSED in _own_output(node)
+
+
+def exit_diagnosis(cfg: SiteConfig, node: RunningSuperNode) -> str | None:
+    """Why the SuperNode exited, in the site's terms, when its log says (None: it does not)."""
+    output = _own_output(node)
+    if output:
         if ACTIVATION_REFUSED in output:
             return (
                 f"this site's key is not registered with the coordinator (key fingerprint "
-                f"{site_key_fingerprint(cfg)}): the SuperLink refused to activate it. Send {cfg.site_id}.pub "
+                f"{site_key_fingerprint(cfg)}): the SuperLink refused to activate it for "
+                f"{activation_window_s(cfg):g} s. Send {cfg.site_id}.pub "
                 f"to the coordinator to register ('ctfed server --state STATE --register {cfg.site_id}.pub'); "
                 "if it is registered, another SuperNode with this key is connected already"
             )
@@ -211,6 +234,8 @@ def supernode_command(cfg: SiteConfig, runtime_port: int) -> list[str]:
     # (client/clientapp_executor.py): each message still runs in a process of its own, forked
     # from one that imported the ClientApp at start, instead of a fresh flwr-clientapp.
     launcher += ["--clientapp-executor", f"127.0.0.1:{runtime_port}"]
+    launcher += ["--heartbeat-interval", f"{cfg.heartbeat_interval_s:g}"]
+    launcher += ["--heartbeat-file", str(cfg.state_path / HEARTBEAT_FILE)]
     command = [
         *launcher, "--",
         "--superlink", cfg.superlink,
@@ -336,19 +361,50 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"ctfed site: {cfg.site_id}: {app_pin_status(cfg)}", file=sys.stderr if not cfg.trusted_app_hashes else sys.stdout)
     try:
-        node = start_supernode(cfg, echo=True)
+        return run_site(cfg)
     except ProcessError as err:
         print(f"ctfed site: {err}", file=sys.stderr)
         return 1
-    print(
-        f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} with key {site_key_fingerprint(cfg)} "
-        f"(log {node.log_file}); Ctrl-C stops it"
-    )
-    code = run_in_foreground(node.process)
-    if code not in (0, 130, 143):
+
+
+def activation_window_s(cfg: SiteConfig) -> float:
+    """How long after its start a site keeps retrying a refused activation: the SuperLink's
+    patience with the site's previous connection (two heartbeat intervals) and a margin."""
+    return 2 * cfg.heartbeat_interval_s + ACTIVATION_MARGIN_S
+
+
+def run_site(cfg: SiteConfig) -> int:
+    """Run the site's SuperNode in the foreground until it exits; its exit code.
+
+    A refused activation within ``activation_window_s`` of the start is retried: after a
+    crash the SuperLink holds the site's previous connection until it misses two heartbeats.
+    """
+    retry_until = time.monotonic() + activation_window_s(cfg)
+    while True:
+        node = start_supernode(cfg, echo=True)
+        print(
+            f"ctfed site: {cfg.site_id}: SuperNode connecting to {cfg.superlink} with key {site_key_fingerprint(cfg)} "
+            f"(log {node.log_file}); Ctrl-C stops it"
+        )
+        code = run_in_foreground(node.process)
+        if code in (0, 130, 143):
+            return code
+        refused = activation_refused(node)
+        if refused and time.monotonic() + ACTIVATION_RETRY_S < retry_until:
+            print(
+                f"ctfed site: {cfg.site_id}: the SuperLink refused to activate this site's key; it still counts a "
+                f"connection of this site as online for up to {2 * cfg.heartbeat_interval_s:g} s after a crash "
+                f"(two heartbeat intervals): trying again in {ACTIVATION_RETRY_S:g} s",
+                file=sys.stderr,
+            )
+            try:
+                time.sleep(ACTIVATION_RETRY_S)
+            except KeyboardInterrupt:
+                return 130
+            continue
         diagnosis = exit_diagnosis(cfg, node)
         if diagnosis:
             print(f"ctfed site: {cfg.site_id}: {diagnosis}", file=sys.stderr)
         print(f"ctfed site: the SuperNode exited with code {code}; see {node.log_file}", file=sys.stderr)
-    return code
+        return code
 

@@ -9,7 +9,7 @@ module, in the same process (signals and process group unchanged), with the SHA-
 bundle the site agreed to run (``site.trusted_app_hashes``):
 
     python -m ctfed.client.supernode_main [--trusted-app-hash H ...] [--clientapp-executor 127.0.0.1:PORT] \
-        -- <flower-supernode args>
+        [--heartbeat-interval S] -- <flower-supernode args>
 
 A bundle with any other hash is never stored or run: the message that brought it gets
 Flower's INVALID_FAB error reply, the one Flower sends when a bundle fails verification, and
@@ -20,24 +20,31 @@ process also starts ``client/clientapp_executor.py`` for the Runtime API at that
 ClientApp is imported once per site, not once per message. And the SuperNode asks the
 SuperLink for the next message every ``FOLLOW_UP_POLL_S`` for ``FOLLOW_UP_WINDOW_S`` after
 handling one, instead of Flower's fixed 3 s: a SecAgg+ round is five messages in a row,
-and each paid up to 3 s of the SuperNode's sleep.
+and each paid up to 3 s of the SuperNode's sleep. ``--heartbeat-interval`` sets how often it
+tells the SuperLink it is alive (``site.heartbeat_interval_s``), which bounds how long a round
+waits before it counts a dead site as dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib
 import inspect
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ctfed.common.config.site import APP_HASH_RULE
+from ctfed.common.config.site import APP_HASH_RULE, HEARTBEAT_MAX_S
+from ctfed.common.fileio import write_json_atomic
 
 # The Flower function hooked: ``_pull_and_store_message`` of flwr.supernode.start_client_internal
 # (flwr 1.41). The SuperNode's loop calls it, by its module-global name, for every message; it
@@ -56,6 +63,20 @@ NOT_PINNED = "app not pinned: this site runs any code the coordinator submits"
 # falling back to Flower's 3 s between pulls. One small HTTPS request per poll.
 FOLLOW_UP_POLL_S = 0.2
 FOLLOW_UP_WINDOW_S = 30.0
+# Where Flower 1.41 reads the SuperNode's heartbeat interval, each at call time: the interval
+# the SuperNode announces on activation and with every heartbeat (the SuperLink's patience is
+# twice it), and the one its HeartbeatSender waits by. ``--heartbeat-interval`` sets both.
+HEARTBEAT_CONSTANT = "HEARTBEAT_DEFAULT_INTERVAL"
+HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
+# The SuperNode's heartbeat sender, by its module-global name there (``HeartbeatSender(fn)``,
+# fn() -> bool: whether the SuperLink took the heartbeat).
+HEARTBEAT_SENDER_MODULE = "flwr.supernode.fleet_http_connection"
+HEARTBEAT_SENDER = "HeartbeatSender"
+# Flower's SuperLink counts a node online until its last heartbeat plus this many intervals
+# (flwr.common.constant.HEARTBEAT_PATIENCE) and refuses to activate its key again before then.
+HEARTBEAT_PATIENCE = 2
+# Waited past that moment: the two machines' request latencies.
+EXPIRY_MARGIN_S = 1.0
 
 
 class HookUnavailable(RuntimeError):
@@ -143,7 +164,6 @@ def pinned_pull_and_store(
 
 def install_app_pin(trusted: Collection[str]) -> None:
     """Make this process's SuperNode refuse every bundle whose SHA-256 is not in ``trusted``."""
-    import importlib
 
     bad = [digest for digest in trusted if not APP_HASH_RULE.match(digest)]
     if bad:
@@ -177,11 +197,70 @@ def follow_up_pull(original: Callable[..., int | None]) -> Callable[..., int | N
 
 def install_follow_up_pull() -> None:
     """Make this process's SuperNode poll quickly for a protocol's next message (outermost wrapper)."""
-    import importlib
 
     module = importlib.import_module(HOOKED_MODULE)
     original = require_hook_points(module)
     setattr(module, HOOKED_FUNCTION, follow_up_pull(original))
+
+
+def set_heartbeat_interval(seconds: float) -> None:
+    """This SuperNode's heartbeat interval (site.heartbeat_interval_s); HookUnavailable where
+    a Flower upgrade moved the constant, so the setting is never silently ignored."""
+
+    for name in HEARTBEAT_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, HEARTBEAT_CONSTANT, None), (int, float)):
+            raise HookUnavailable(f"{name}.{HEARTBEAT_CONSTANT} is not there (a Flower upgrade?): cannot set the heartbeat interval")
+        setattr(module, HEARTBEAT_CONSTANT, float(seconds))
+
+
+def previous_connection_expiry(heartbeat_file: Path) -> float | None:
+    """When the SuperLink lets this site's key connect again (``time.time()``), from the last
+    heartbeat a SuperNode of this site recorded and did not end gracefully; None: no such."""
+    try:
+        record = json.loads(heartbeat_file.read_text(encoding="utf-8"))
+        return float(record["time"]) + HEARTBEAT_PATIENCE * float(record["interval_s"]) + EXPIRY_MARGIN_S
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none, or unreadable (a crash mid-write): the retry in `ctfed site` remains
+
+
+def wait_for_previous_connection(heartbeat_file: Path, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Before connecting: if a SuperNode of this site died (SIGKILL, power cut) less than two
+    heartbeats ago, the SuperLink still counts it online and would refuse this one; wait until
+    it does not. Returns the seconds waited."""
+    from flwr.supercore import log
+
+    expiry = previous_connection_expiry(heartbeat_file)
+    wait = 0.0 if expiry is None else expiry - time.time()
+    if wait <= 0:
+        return 0.0
+    wait = min(wait, HEARTBEAT_PATIENCE * HEARTBEAT_MAX_S + EXPIRY_MARGIN_S)  # a clock set back
+    log(WARNING, "ctfed: this site's previous SuperNode did not stop gracefully; the SuperLink counts its connection "
+        "as online for %.0f s more (two heartbeats): connecting after that", wait)
+    sleep(wait)
+    return wait
+
+
+def record_heartbeats(heartbeat_file: Path, interval_s: float) -> None:
+    """Make the SuperNode write the time of each heartbeat the SuperLink accepted to
+    ``heartbeat_file`` (removed again when it ends gracefully, see ``main``)."""
+
+    module = importlib.import_module(HEARTBEAT_SENDER_MODULE)
+    sender = getattr(module, HEARTBEAT_SENDER, None)
+    if not isinstance(sender, type):
+        raise HookUnavailable(f"{HEARTBEAT_SENDER_MODULE}.{HEARTBEAT_SENDER} is not there (a Flower upgrade?)")
+
+    def recording(heartbeat_fn: Callable[[], bool]) -> Any:
+        def heartbeat() -> bool:
+            accepted = heartbeat_fn()
+            if accepted:
+                with contextlib.suppress(OSError):
+                    write_json_atomic(heartbeat_file, {"time": time.time(), "interval_s": interval_s})
+            return accepted
+
+        return sender(heartbeat)
+
+    setattr(module, HEARTBEAT_SENDER, recording)
 
 
 def start_clientapp_executor(runtime_api_address: str) -> subprocess.Popen:
@@ -223,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--clientapp-executor", metavar="127.0.0.1:PORT",
         help="start ctfed's ClientApp executor for the Runtime API there (give flower-supernode --isolation process)",
     )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, metavar="SECONDS",
+        help="seconds between heartbeats to the SuperLink (site.heartbeat_interval_s); default: Flower's",
+    )
+    parser.add_argument(
+        "--heartbeat-file", type=Path, metavar="PATH",
+        help="record each accepted heartbeat here, and first wait out a previous SuperNode's connection that did not end",
+    )
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     return parser
 
@@ -245,14 +332,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         log(WARNING, "ctfed: WARNING, %s (set site.trusted_app_hashes)", NOT_PINNED)
     try:
         install_follow_up_pull()  # after the pin: it wraps the pinned function
+        if args.heartbeat_interval is not None:
+            set_heartbeat_interval(args.heartbeat_interval)
+        if args.heartbeat_file is not None:
+            interval = args.heartbeat_interval or float(getattr(importlib.import_module(HEARTBEAT_MODULES[0]), HEARTBEAT_CONSTANT))
+            record_heartbeats(args.heartbeat_file, interval)
     except HookUnavailable as err:
         parser.exit(2, f"ctfed-supernode: {err}\n")
     if args.clientapp_executor:
         if args.clientapp_executor.rpartition(":")[0] != "127.0.0.1":
             parser.exit(2, f"ctfed-supernode: --clientapp-executor must be 127.0.0.1:PORT, not {args.clientapp_executor}\n")
         start_clientapp_executor(args.clientapp_executor)
+    if args.heartbeat_file is not None:
+        wait_for_previous_connection(args.heartbeat_file)
     sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
+    try:
+        flower_supernode()
+    finally:
+        # Reached on every exit but SIGKILL; Flower has deactivated the node by then (or never
+        # activated it), so a restart need not wait.
+        if args.heartbeat_file is not None:
+            args.heartbeat_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ from omegaconf import MISSING
 
 from ctfed.common.config.errors import ConfigError
 
+# The heartbeat intervals a Flower 1.41 SuperLink accepts (flwr.common.constant
+# HEARTBEAT_MIN_INTERVAL / HEARTBEAT_MAX_INTERVAL; not imported: configs load without flwr).
+HEARTBEAT_MIN_S = 10.0
+HEARTBEAT_MAX_S = 1800.0
+
 
 # Site ids (and sweep arm names) become file and folder names: keep them plain.
 SITE_ID_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -177,6 +182,11 @@ class SiteConfig:
     # seconds: long enough for a coordinator restart, short enough that a wrong address does
     # not retry forever. 0: keep trying (e.g. under a supervisor that must never see an exit).
     max_wait_s: float = 600.0
+    # Seconds between this SuperNode's heartbeats to the SuperLink (Flower's 30 by default).
+    # The SuperLink counts a site as gone after two missed ones, and only then answers the
+    # messages it waits for with "node unavailable": a shorter interval lets a round drop a
+    # dead site sooner, at one small request per interval. Flower accepts 10 to 1800.
+    heartbeat_interval_s: float = 30.0
     # SHA-256 digests (64 lowercase hex) of the app bundles this site agrees to run: a bundle
     # the coordinator submits with any other hash is never stored or run (Flower's INVALID_FAB
     # error is the reply). Get the value from a checkout the hospital reviewed with
@@ -208,6 +218,11 @@ class SiteConfig:
             raise ConfigError("site.runtime_port must be in [0, 65535] (0: a free port)")
         if self.max_wait_s < 0:
             raise ConfigError("site.max_wait_s must be >= 0 (0: keep trying)")
+        if not HEARTBEAT_MIN_S <= self.heartbeat_interval_s <= HEARTBEAT_MAX_S:
+            raise ConfigError(
+                f"site.heartbeat_interval_s must be in [{HEARTBEAT_MIN_S:g}, {HEARTBEAT_MAX_S:g}] (the SuperLink refuses "
+                f"other intervals), got {self.heartbeat_interval_s:g}"
+            )
         for digest in self.trusted_app_hashes:
             if not isinstance(digest, str) or not APP_HASH_RULE.match(digest):
                 raise ConfigError(

@@ -9,7 +9,6 @@ process that mentions its temporary folder is still alive afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -20,9 +19,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ctfed.client.site_cli import RunningSuperNode, start_supernode
-from ctfed.common.certs import generate, make_signing_key, public_key_file_fingerprint, write_roster
-from ctfed.common.config import ConfigError, load_run_config, read_site_config
-from ctfed.common.preprocess import prepare
+from ctfed.common.certs import generate, public_key_file_fingerprint
+from ctfed.common.config import ConfigError, read_site_config
 from ctfed.common.processes import stop_process_group
 from ctfed.server.deploy_cli import (
     SuperLinkSettings,
@@ -32,95 +30,30 @@ from ctfed.server.deploy_cli import (
     site_table,
     running_superlink,
 )
-from ctfed.simulations.data.synth import synthesize_federation
 
+from deployed import SITES, leftover_processes, signing_keys, tiny_site_caches, wait_online, write_site_yaml  # tests/deployed.py
 from helpers import assert_no_identifier_in, dicom_identifiers, submit_run  # tests/helpers.py
 
 pytestmark = pytest.mark.slow
 
 APP_DIR = Path(__file__).resolve().parents[2]
-SITES = ("hospital-a", "hospital-b", "hospital-c")
 INTRUDER = "intruder"
-NODES_ONLINE_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 480.0  # 2 SecAgg+ rounds took 242 s at load 13 on the shared 2-core machine
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three tiny prepared site caches (2 synthetic scans each)."""
-    root = tmp_path_factory.mktemp("sites")
-    cfg = load_run_config()
-    site_dirs = synthesize_federation(root / "dicom", sites=3, scans_per_site=2, seed=0)
-    out = []
-    for site_dir in site_dirs:
-        cache = root / "cache" / site_dir.name
-        prepare(site_dir, cache, cfg.preprocess, progress=False)
-        out.append(cache)
-    return out
-
-
-def _write_site_yaml(
-    folder: Path, site_id: str, cache: Path, superlink: str, ca: Path, key: Path, roster: Path | None = None
-) -> Path:
-    """A site.yaml like conf/site.yaml, with paths relative to it where they can be. With a
-    roster, the site's signing key is ``keys/signing.key`` in its folder (see _signing_keys)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "site.yaml"
-    signing = f"signing_key: keys/signing.key\nroster: {roster}\n" if roster is not None else ""
-    path.write_text(
-        f"site_id: {site_id}\n"
-        f"data_path: {cache}\n"
-        f"superlink: '{superlink}'\n"
-        f"ca_cert: {ca}\n"
-        f"private_key: {key}\n"
-        "state_dir: state\n"  # relative: resolved against the YAML's folder
-        "runtime_port: 0\n" + signing
-    )
-    return path
-
-
-def _signing_keys(root: Path, sites: tuple[str, ...]) -> Path:
-    """Each hospital makes its own signing key in its folder; the roster of their public
-    lines is what every hospital pins (here one file for all)."""
-    lines = {site: make_signing_key(root / site / "keys" / "signing.key") for site in sites}
-    roster = root / "roster.yaml"
-    write_roster(roster, lines)
-    return roster
-
-
-def _leftover_processes(marker: str) -> list[str]:
-    """Live processes whose command line mentions ``marker`` (our temporary folder)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if marker in text and state != "Z":
-                found.append(f"{cmdline.parent.name}: {text[:160]}")
-    return found
-
-
-def _wait_online(flwr_home: Path, count: int, nodes: list[RunningSuperNode]) -> list[dict]:
-    deadline = time.monotonic() + NODES_ONLINE_TIMEOUT_S
-    online: list[dict] = []
-    while time.monotonic() < deadline:
-        for node in nodes:
-            if node.process.poll() is not None:
-                pytest.fail(f"SuperNode {node.site_id} exited ({node.process.returncode}):\n{node.log_file.read_text()[-3000:]}")
-        online = [n for n in list_nodes(flwr_home) if n["status"] == "online"]
-        if len(online) >= count:
-            return online
-        time.sleep(1.0)
-    pytest.fail(f"only {len(online)} of {count} SuperNodes came online in {NODES_ONLINE_TIMEOUT_S:.0f} s")
+    return tiny_site_caches(tmp_path_factory.mktemp("sites"))
 
 
 def test_site_config_is_checked_before_starting(tmp_path: Path, caches: list[Path]) -> None:
     certs = generate(tmp_path / "certs", ["hospital-a"]).paths
     site = certs.site("hospital-a")
-    good = _write_site_yaml(tmp_path / "a", "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key)
+    good = write_site_yaml(tmp_path / "a", "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key)
     read_site_config(good).check_files()
 
-    no_cache = _write_site_yaml(tmp_path / "b", "hospital-a", tmp_path / "nope", "127.0.0.1:9", site.ca_cert, site.private_key)
+    no_cache = write_site_yaml(tmp_path / "b", "hospital-a", tmp_path / "nope", "127.0.0.1:9", site.ca_cert, site.private_key)
     with pytest.raises(ConfigError, match="not a folder"):
         read_site_config(no_cache).check_files()
     with pytest.raises(ConfigError, match="manifest.json"):
@@ -139,9 +72,9 @@ def test_site_config_is_checked_before_starting(tmp_path: Path, caches: list[Pat
     # Relative paths follow the YAML file, not the working directory.
     assert read_site_config(good).state_path == tmp_path / "a" / "state"
     # Secure aggregation's signing key and roster are checked together.
-    roster = _signing_keys(tmp_path, ("hospital-a",))
+    roster = signing_keys(tmp_path, ("hospital-a",))
     folder = tmp_path / "hospital-a"
-    signed = _write_site_yaml(folder, "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key, roster)
+    signed = write_site_yaml(folder, "hospital-a", caches[0], "127.0.0.1:9", site.ca_cert, site.private_key, roster)
     read_site_config(signed).check_files()
     with pytest.raises(ConfigError, match="does not list this site"):
         read_site_config(signed, ["site_id=hospital-b"]).check_files()
@@ -174,34 +107,37 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             (link.flwr_home.parent / SITES_FILE).unlink()  # a lost registry: Flower's answer still counts
             assert register_sites([certs.site(SITES[1]).public_key], link.flwr_home)[0].status == "already registered"
 
-            roster = _signing_keys(tmp_path, SITES)
+            roster = signing_keys(tmp_path, SITES)
             for site_id, cache in zip(SITES, caches):
                 site = certs.site(site_id)
-                yaml = _write_site_yaml(
+                yaml = write_site_yaml(
                     tmp_path / site_id, site_id, cache, link.local_address, site.ca_cert, site.private_key, roster
                 )
                 nodes.append(start_supernode(read_site_config(yaml)))
             intruder_keys = certs.site(INTRUDER)
-            intruder_yaml = _write_site_yaml(
+            intruder_yaml = write_site_yaml(
                 tmp_path / INTRUDER, INTRUDER, caches[0], link.local_address, intruder_keys.ca_cert, intruder_keys.private_key
             )
             # As the hospital would start it, so the test sees what its IT sees.
             intruder_out = tmp_path / "intruder.out"
             with intruder_out.open("wb") as out:
                 intruder = subprocess.Popen(
-                    [sys.executable, "-m", "ctfed.common.cli", "site", "--config", str(intruder_yaml)],
+                    # Flower's shortest heartbeat: a refused key is retried for 2 x 10 + 5 s, not 65 s.
+                    [sys.executable, "-m", "ctfed.common.cli", "site", "--config", str(intruder_yaml), "heartbeat_interval_s=10"],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
             others.append(intruder)
 
-            online = _wait_online(link.flwr_home, len(SITES), nodes)
+            online = wait_online(link.flwr_home, len(SITES), nodes)
             assert len(online) == len(SITES)
 
-            # Flower 1.41 refuses the activation of an unknown key and the SuperNode exits.
-            intruder_code = intruder.wait(timeout=60)
+            # Flower 1.41 refuses the activation of an unknown key and the SuperNode exits; the
+            # site tries again while the refusal could be its own previous connection, then stops.
+            intruder_code = intruder.wait(timeout=120)
             assert intruder_code != 0
             fingerprint = public_key_file_fingerprint(intruder_keys.public_key)
             said = intruder_out.read_text()
+            assert "trying again in 5 s" in said
             assert f"{INTRUDER}: this site's key is not registered with the coordinator (key fingerprint {fingerprint})" in said
             link_log = link.log_file.read_text() + (link.log_file.parent / "superlink.console.log").read_text()
             assert "No SuperNode found with the given public key" in link_log
@@ -245,6 +181,6 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             stop_process_group(process)
     # running_superlink stopped the SuperLink; nothing started for this test may survive.
     deadline = time.monotonic() + 10
-    while _leftover_processes(marker) and time.monotonic() < deadline:
+    while leftover_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _leftover_processes(marker)
+    assert not leftover_processes(marker)
