@@ -131,21 +131,6 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             online = wait_online(link.flwr_home, len(SITES), nodes)
             assert len(online) == len(SITES)
 
-            # Flower 1.41 refuses the activation of an unknown key and the SuperNode exits; the
-            # site tries again while the refusal could be its own previous connection, then stops.
-            intruder_code = intruder.wait(timeout=120)
-            assert intruder_code != 0
-            fingerprint = public_key_file_fingerprint(intruder_keys.public_key)
-            said = intruder_out.read_text()
-            assert "trying again in 5 s" in said
-            assert f"{INTRUDER}: this site's key is not registered with the coordinator (key fingerprint {fingerprint})" in said
-            link_log = link.log_file.read_text() + (link.log_file.parent / "superlink.console.log").read_text()
-            assert "No SuperNode found with the given public key" in link_log
-            # The coordinator names the key by fingerprint (and site, from the certs folder), never as PEM.
-            assert "BEGIN PUBLIC KEY" not in link_log
-            assert f"public key {fingerprint} (site {INTRUDER})" in link_log
-            assert len(list_nodes(link.flwr_home)) == len(SITES)  # never registered, never listed
-
             run_config = f'num-server-rounds=2 local-steps=2 run-dir="{run_dir}"'
             output = submit_run(APP_DIR, link.connection, link.flwr_home, run_config, RUN_TIMEOUT_S)
 
@@ -170,6 +155,22 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             log = (run_dir / "federation.log").read_text()
             assert [n for n in (1, 2) if f"[round {n}/2] done in" in log] == [1, 2], log[-3000:]
             assert_no_identifier_in(run_dir, dicom_identifiers(caches[0].parents[1] / "dicom"))
+            # Flower 1.41 refuses the activation of an unknown key and the SuperNode exits; the
+            # site tries again while the refusal could be its own previous connection, then stops
+            # (meanwhile the run above went on without it).
+            intruder_code = intruder.wait(timeout=120)
+            assert intruder_code != 0
+            fingerprint = public_key_file_fingerprint(intruder_keys.public_key)
+            said = intruder_out.read_text()
+            assert "trying again in 5 s" in said
+            assert f"{INTRUDER}: this site's key is not registered with the coordinator (key fingerprint {fingerprint})" in said
+            link_log = link.log_file.read_text() + (link.log_file.parent / "superlink.console.log").read_text()
+            assert "No SuperNode found with the given public key" in link_log
+            # The coordinator names the key by fingerprint (and site, from the certs folder), never as PEM.
+            assert "BEGIN PUBLIC KEY" not in link_log
+            assert f"public key {fingerprint} (site {INTRUDER})" in link_log
+            assert len(list_nodes(link.flwr_home)) == len(SITES)  # never registered, never listed
+
             # Every site verified its neighbours' signed advertisements and signed the survivor set.
             for site_id in SITES:
                 kinds = [json.loads(line)["kind"] for line in (tmp_path / site_id / "state" / "audit.jsonl").read_text().splitlines()]
