@@ -388,9 +388,12 @@ class LabelEfficiencyConfig:
     # federation of the sites fine-tunes one head, at phase2_levels only). Local-only, one
     # site's encoder, has neither of the last two.
     heads: list[str] = field(default_factory=lambda: ["site", "pooled_labels", "federated_phase2"])
-    # Levels of the federated_phase2 heads: one federation per arm and level (in the mode the
-    # arm's pooled_labels head chose on validation; every mode without those heads).
+    # Levels of the federated_phase2 heads: one federation per arm, level and phase2 mode.
     phase2_levels: list[int] = field(default_factory=lambda: [8])
+    # Modes of those federations; each arm's best on its own validation predictions is judged,
+    # as for the other heads. Not the pooled head's choice: the mode that suits a pooled head
+    # need not suit a federation of few labels per site (docs/studies.md, session 15).
+    phase2_modes: list[str] = field(default_factory=lambda: ["linear_probe", "progressive", "full"])
     # Rounds of each of those federations; finetune's steps are split evenly over them (a site's
     # local steps per round), so a site trains as many steps as a pooled head does.
     phase2_rounds: int = 10
@@ -431,6 +434,11 @@ class LabelEfficiencyConfig:
         unknown = [m for m in self.modes if m not in FINETUNE_MODES]
         if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"label_efficiency.modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.modes)}")
+        unknown = [m for m in self.phase2_modes if m not in FINETUNE_MODES]
+        if not self.phase2_modes or unknown or len(set(self.phase2_modes)) != len(self.phase2_modes):
+            raise ConfigError(
+                f"label_efficiency.phase2_modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.phase2_modes)}"
+            )
         if not self.heads or any(h not in STUDY_HEADS for h in self.heads) or len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"label_efficiency.heads must be unique entries of {', '.join(STUDY_HEADS)}, got {list(self.heads)}")
         levels = list(self.labels_per_site)

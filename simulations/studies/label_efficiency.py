@@ -22,7 +22,7 @@
    ceiling of a federated phase 2 on the same labels); and that federated phase 2 itself
    (``federated_phase2``: a Flower federation of the sites with no SSL round, starting from the
    arm's encoder, each site training on its labelled scans of the level and evaluating on its
-   validation scans; at ``phase2_levels``, in the mode the pooled head chose). The model-free
+   validation scans; at ``phase2_levels``, one federation per ``phase2_modes`` entry). The model-free
    probes (window histograms, raw voxels) fit the same labelled scans. Each arm's mode (and the
    model-free probe) is chosen per level and kind of head on the pooled validation AUROC.
 5. **Verdicts** per kind of head, task and level, compare.json's shape plus ``task``,
@@ -440,18 +440,14 @@ def phase2_predictions(
 
 def phase2_arm(
     cfg: SimulationRunConfig, run_dir: Path, arm: Arm, encoder_file: Path, sites: Sequence[StudySite], tasks: Sequence[str],
-    data: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """``{level: {mode: {site: ...}}}`` of ``arm``'s federated phase 2 at every phase2 level, in
-    the mode its pooled-label head chose on validation (every mode without those heads)."""
+    """``{level: {mode: {site: ...}}}`` of ``arm``'s federated phase 2: one federation per
+    phase2 level and mode (the study judges each arm's best on validation, ``choose``)."""
     study = cfg.label_efficiency
-    names = [s.name for s in sites]
     results: dict[str, Any] = {}
     for level in study.phase2_levels:
-        chosen = choose(data, arm.value, str(level), names, Heads.pooled_labels.value) if Heads.pooled_labels.value in study.heads else None
-        for mode in [chosen] if chosen else list(study.modes):
-            print(f"      federated phase 2 at {level} labelled scans per site, {mode}"
-                  + (" (the pooled-label head's choice on validation)" if chosen else ""), flush=True)
+        for mode in study.phase2_modes:
+            print(f"      federated phase 2 at {level} labelled scans per site, {mode}", flush=True)
             results.setdefault(str(level), {})[mode] = phase2_federation(cfg, run_dir, arm, encoder_file, sites, tasks, level, mode)
     return results
 
@@ -930,9 +926,8 @@ def _run_arms(
                                  "finetune": time.perf_counter() - finetune_started}
         if Heads.federated_phase2.value in cfg.label_efficiency.heads and POOLED in pretrained.encoders:
             phase2_started = time.perf_counter()
-            so_far = {**record.data, "arms": {**record.data["arms"], arm.value: entry}}
             encoder_file = run_dir / pretrained.files[POOLED]
-            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, arm, encoder_file, sites, tasks, so_far)
+            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, arm, encoder_file, sites, tasks)
             entry["wall_seconds"]["federated_phase2"] = time.perf_counter() - phase2_started
         record.data["arms"][arm.value] = entry
         record.write()
@@ -1006,7 +1001,7 @@ def rerun_phase2(run_dir: Path, overrides: Sequence[str] = ()) -> int:
         if POOLED in entry.get("encoders", {}):
             print(f"[phase 2] {arm}")
             encoder_file = run_dir / entry["encoders"][POOLED]["file"]
-            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, Arm(arm), encoder_file, sites, tasks, data)
+            entry["finetune"][Heads.federated_phase2.value] = phase2_arm(cfg, run_dir, Arm(arm), encoder_file, sites, tasks)
     data.setdefault("phase2_reruns", []).append({"overrides": list(overrides), "seconds": time.perf_counter() - started})
 
     def write() -> None:

@@ -62,6 +62,10 @@ def test_config_rules() -> None:
         load_simulation_config(["label_efficiency.judged_labels_per_site=5"])
     with pytest.raises(ConfigError, match="increasing"):
         load_simulation_config(["label_efficiency.labels_per_site=[8,4]"])
+    with pytest.raises(ConfigError, match="label_efficiency.phase2_modes"):
+        load_simulation_config(["label_efficiency.phase2_modes=[full,full]"])
+    with pytest.raises(ConfigError, match="label_efficiency.phase2_modes"):
+        load_simulation_config(["label_efficiency.phase2_modes=[]"])
     with pytest.raises(ConfigError, match="label_efficiency.heads"):
         load_simulation_config(["label_efficiency.heads=[site,site]"])
     assert tuple(h.value for h in Heads) == STUDY_HEADS  # the config's allowed values are the study's
@@ -123,8 +127,9 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # No local-DP federation here (it is the same path as the first with the DP overrides,
         # test_dp_arm_is_the_federation_with_the_dp_overrides): it would double the test's time.
         "label_efficiency.dp_overrides=[]", "label_efficiency.modes=[linear_probe,full]",
-        # A real federated phase 2 per single-encoder arm at the judged level, 2 rounds.
-        "label_efficiency.phase2_levels=[4]", "label_efficiency.phase2_rounds=2",
+        # A real federated phase 2 per single-encoder arm at the judged level, 2 rounds, one mode
+        # (each more mode is one more federation per arm; choose() picks among them as for any head).
+        "label_efficiency.phase2_levels=[4]", "label_efficiency.phase2_rounds=2", "label_efficiency.phase2_modes=[full]",
         # One process: worker processes are tested on their own (test_fine_tunes_give_the_same_...).
         "label_efficiency.finetune_workers=1",
         # The session's shared Ray head (tests/conftest.py) instead of one Ray start per federation.
@@ -189,7 +194,7 @@ def test_every_arm_fine_tuned_at_every_level_and_judged_in_the_issue_shape(study
 
 def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_run: Path) -> None:
     """Each single-encoder arm's phase 2 is a Flower federation with no SSL round that starts from
-    the arm's encoder, in the mode the arm's pooled-label head chose on validation; each site
+    the arm's encoder, in each of label_efficiency.phase2_modes (here one); each site
     trains on its labelled scans of the level and evaluates on its validation scans, never a
     test scan."""
     from ctfed.common.config import FinetuneConfig
@@ -203,7 +208,7 @@ def test_federated_phase2_heads_are_real_federations_on_the_levels_labels(study_
     for arm in (Arm.federated, Arm.centralized, Arm.scratch):
         entry = data["arms"][arm.value]
         (mode, predicted), = entry["finetune"]["federated_phase2"]["4"].items()
-        assert mode == choose(data, arm.value, "4", list(data["sites"]), "pooled_labels")
+        assert mode == "full" == choose(data, arm.value, "4", list(data["sites"]), "federated_phase2")
         run = study_run / next(iter(predicted.values()))["run"]
         results = json.loads((run / "results.json").read_text())
         assert results["status"] == "completed" and [(r["phase"], r["aggregated"]) for r in results["rounds"]] == [("finetune", True)] * 2
