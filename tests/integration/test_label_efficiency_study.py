@@ -265,3 +265,20 @@ def test_report_plots_and_rerender(study_run: Path, capsys: pytest.CaptureFixtur
     report.unlink()
     assert main(["report", str(study_run)]) == 0
     assert report.is_file()
+
+
+def test_the_phase2_replay_gives_the_federations_predictions(study_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The one-process replay of a federated phase 2 (a research tool) computes what the Flower
+    federation did, up to secure aggregation's rounding; an arm without one encoder is refused."""
+    from ctfed.simulations.studies.phase2_replay import main as replay_main
+    from ctfed.simulations.studies.phase2_replay import replay_phase2
+
+    data = json.loads((study_run / STUDY_DIR / STUDY_JSON).read_text())
+    recorded = data["arms"][Arm.federated.value]["finetune"]["federated_phase2"]["4"]["full"]
+    result = replay_phase2(study_run, Arm.federated.value, "full")
+    assert len(result.val_curve) == len(result.losses) == 2  # the fixture's phase2_rounds
+    for site, predicted in recorded.items():
+        for part in ("val", "test"):
+            np.testing.assert_allclose(result.predictions[part][site], predicted[part], atol=1e-3)
+    assert replay_main([str(study_run), "--arm", Arm.local_only.value]) == 1
+    assert "no single encoder" in capsys.readouterr().err
