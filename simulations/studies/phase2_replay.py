@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ctfed.client.finetune_round import _SEED_STRIDE_PER_SITE
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import FINETUNE_MODES, FeatureStatistics, FinetuneConfig
 from ctfed.common.finetune import STANDARDIZER_PREFIX, Classifier, FederatedFreezingSchedule, Finetuner, build_classifier
@@ -43,8 +44,8 @@ from ctfed.simulations.studies.label_efficiency import (
     PHASE2_VIEWS, POOLED, STUDY_DIR, STUDY_JSON, StudySite, _labels, load_study_sites, mean_auroc,
 )
 
-# A site's per-round seed offset, as client/finetune_round.py strides it.
-SEED_STRIDE_PER_SITE = 1000
+# A site's per-round seed offset: the site's own (client/finetune_round.py).
+SEED_STRIDE_PER_SITE = _SEED_STRIDE_PER_SITE
 
 
 @dataclass(frozen=True)
