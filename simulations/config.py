@@ -431,16 +431,10 @@ class LabelEfficiencyConfig:
     target_gain_over_model_free: float = 0.0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.modes if m not in FINETUNE_MODES]
-        if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
-            raise ConfigError(f"label_efficiency.modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.modes)}")
-        unknown = [m for m in self.phase2_modes if m not in FINETUNE_MODES]
-        if not self.phase2_modes or unknown or len(set(self.phase2_modes)) != len(self.phase2_modes):
-            raise ConfigError(
-                f"label_efficiency.phase2_modes must be unique entries of {', '.join(FINETUNE_MODES)}, got {list(self.phase2_modes)}"
-            )
-        if not self.heads or any(h not in STUDY_HEADS for h in self.heads) or len(set(self.heads)) != len(self.heads):
-            raise ConfigError(f"label_efficiency.heads must be unique entries of {', '.join(STUDY_HEADS)}, got {list(self.heads)}")
+        for name, allowed in (("modes", FINETUNE_MODES), ("phase2_modes", FINETUNE_MODES), ("heads", STUDY_HEADS)):
+            values = list(getattr(self, name))
+            if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
+                raise ConfigError(f"label_efficiency.{name} must be unique entries of {', '.join(allowed)}, got {values}")
         levels = list(self.labels_per_site)
         if not levels or levels != sorted(set(levels)) or levels[0] < 1:
             raise ConfigError(f"label_efficiency.labels_per_site must be increasing counts >= 1, got {levels}")

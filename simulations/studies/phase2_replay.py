@@ -34,7 +34,8 @@ from torch.utils.data import Dataset
 from ctfed.client.finetune_round import _SEED_STRIDE_PER_SITE
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import FINETUNE_MODES, FeatureStatistics, FinetuneConfig
-from ctfed.common.finetune import STANDARDIZER_PREFIX, Classifier, FederatedFreezingSchedule, Finetuner, build_classifier
+from ctfed.common.exchange import apply_delta, state_delta
+from ctfed.common.finetune import Classifier, FederatedFreezingSchedule, Finetuner, build_classifier, trainable_state
 from ctfed.common.labelled import LabelledScans, standardizer_scans
 from ctfed.common.model import encoder_part
 from ctfed.common.preprocess import CachedVolumes
@@ -110,8 +111,9 @@ def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None,
     curve, losses = [], []
     for number in range(1, rounds + 1):
         plan = schedule.plan(number)
-        start = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
-        total, weighted, round_losses = 0, {}, []
+        classifier.set_trainable(plan.blocks, stem=plan.stem)  # what the round's sites send
+        base = trainable_state(classifier)
+        total, summed, round_losses = 0, dict.fromkeys(base, 0.0), []
         for site in sites:
             local = copy.deepcopy(classifier)  # arrives without statistics: the site fits its own
             site_recipe = replace(recipe, seed=recipe.seed + SEED_STRIDE_PER_SITE * site.index + number)
@@ -119,17 +121,14 @@ def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None,
             round_losses.append((fit.losses[0], fit.losses[-1]))
             count = len(train[site.name])
             total += count
-            for name, value in local.state_dict().items():
-                if value.is_floating_point() and not name.startswith(STANDARDIZER_PREFIX):
-                    weighted[name] = weighted.get(name, 0) + count * (value - start[name])
-        state = dict(start)
-        for name, value in weighted.items():
-            state[name] = start[name] + value / total
-        classifier.load_state_dict(state)
+            for name, delta in state_delta(trainable_state(local), base).items():
+                summed[name] = summed[name] + count * delta
+        classifier.load_state_dict(apply_delta(base, {name: value / total for name, value in summed.items()}), strict=False)
         losses.append(tuple(float(np.mean(x)) for x in zip(*round_losses)))
-        curve.append(auroc("val", _predict(classifier, recipe, sites, parts, statistics, "val")))
-    predictions = {part: _predict(classifier, recipe, sites, parts, statistics, part) for part in ("val", "test")}
-    return ReplayResult(curve, auroc("val", predictions["val"]), auroc("test", predictions["test"]), predictions, losses)
+        val = _predict(classifier, recipe, sites, parts, statistics, "val")
+        curve.append(auroc("val", val))
+    predictions = {"val": val, "test": _predict(classifier, recipe, sites, parts, statistics, "test")}
+    return ReplayResult(curve, curve[-1], auroc("test", predictions["test"]), predictions, losses)
 
 
 def build_parser() -> argparse.ArgumentParser:
