@@ -394,6 +394,13 @@ class LabelEfficiencyConfig:
     # as for the other heads. Not the pooled head's choice: the mode that suits a pooled head
     # need not suit a federation of few labels per site (docs/studies.md, session 15).
     phase2_modes: list[str] = field(default_factory=lambda: ["linear_probe", "progressive", "full"])
+    # Head learning rates of those federations (finetune.head_lr; every mode is run with each,
+    # and each arm's best mode and rate on its own validation is judged). A federation averages
+    # three heads each fitted to 8 scans, and their steps partly cancel: on the tuning seed the
+    # pretrained encoder's federated linear probe gained 0.10 validation AUROC from 1e-3 to 3e-2,
+    # scratch's fully trained phase 2 lost 0.01-0.02 (docs/studies.md, session 16). One entry:
+    # one federation per mode, named by the mode alone.
+    phase2_head_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-2])
     # Rounds of each of those federations; finetune's steps are split evenly over them (a site's
     # local steps per round), so a site trains as many steps as a pooled head does.
     phase2_rounds: int = 10
@@ -440,6 +447,9 @@ class LabelEfficiencyConfig:
             raise ConfigError(f"label_efficiency.labels_per_site must be increasing counts >= 1, got {levels}")
         if "federated_phase2" in self.heads and (not self.phase2_levels or not set(self.phase2_levels) <= set(levels)):
             raise ConfigError(f"label_efficiency.phase2_levels must be levels of labels_per_site {levels}, got {list(self.phase2_levels)}")
+        rates = list(self.phase2_head_lrs)
+        if not rates or any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):
+            raise ConfigError(f"label_efficiency.phase2_head_lrs must be distinct learning rates > 0, got {rates}")
         if not 1 <= self.phase2_rounds <= self.finetune.total_steps:
             raise ConfigError(
                 f"label_efficiency.phase2_rounds must be in [1, finetune's {self.finetune.total_steps} steps], got {self.phase2_rounds}"

@@ -22,7 +22,8 @@
    ceiling of a federated phase 2 on the same labels); and that federated phase 2 itself
    (``federated_phase2``: a Flower federation of the sites with no SSL round, starting from the
    arm's encoder, each site training on its labelled scans of the level and evaluating on its
-   validation scans; at ``phase2_levels``, one federation per ``phase2_modes`` entry). The model-free
+   validation scans; at ``phase2_levels``, one federation per ``phase2_modes`` entry and
+   ``phase2_head_lrs`` entry, ``phase2_options``). The model-free
    probes (window histograms, raw voxels) fit the same labelled scans. Each arm's mode (and the
    model-free probe) is chosen per level and kind of head on the pooled validation AUROC.
 5. **Verdicts** per kind of head, task and level, compare.json's shape plus ``task``,
@@ -60,7 +61,7 @@ from ctfed.common.cli import os_error_text
 from ctfed.client.train import LocalTrainer
 from ctfed.common.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from ctfed.common.config import ConfigError, FinetuneConfig, ModelConfig, save_run_config
-from ctfed.simulations.config import STUDY_HEADS, SimulationRunConfig
+from ctfed.simulations.config import STUDY_HEADS, LabelEfficiencyConfig, SimulationRunConfig
 from ctfed.common.exchange import PRETRAIN_PHASE
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.finetune import Finetuner, load_classifier
@@ -381,25 +382,48 @@ def write_phase2_views(run_dir: Path, sites: Sequence[StudySite], level: int) ->
     return out
 
 
+@dataclass(frozen=True)
+class Phase2Option:
+    """One federated phase 2 per level: a mode at a head learning rate. ``key`` names it in
+    study.json (with its predictions, where ``choose`` picks among them) and in its run folder."""
+
+    key: str
+    mode: str
+    head_lr: float
+
+
+def phase2_options(study: LabelEfficiencyConfig) -> list[Phase2Option]:
+    """Every mode of ``phase2_modes`` at every rate of ``phase2_head_lrs``; with one rate the
+    key is the mode alone (``progressive``), else the mode and rate (``progressive_lr0.03``)."""
+    rates = list(study.phase2_head_lrs)
+    return [Phase2Option(mode if len(rates) == 1 else f"{mode}_lr{rate:g}", mode, rate)
+            for mode in study.phase2_modes for rate in rates]
+
+
+def phase2_recipe(study: LabelEfficiencyConfig, tasks: Sequence[str], option: Phase2Option) -> FinetuneConfig:
+    """The fine-tuning recipe of a federated phase 2 (also the replay's: phase2_replay.py)."""
+    return replace(study.finetune, label_names=list(tasks), mode=option.mode, head_lr=option.head_lr,
+                   local_steps=max(1, study.finetune.total_steps // study.phase2_rounds))
+
+
 def phase2_federation(
     cfg: SimulationRunConfig, run_dir: Path, arm: Arm, encoder_file: Path, sites: Sequence[StudySite], tasks: Sequence[str],
-    level: int, mode: str,
+    level: int, option: Phase2Option,
 ) -> dict[str, dict[str, Any]]:
     """Fine-tune ``arm``'s encoder (``encoder_file``) by a real federated phase 2 at ``level``
-    in ``mode`` (Flower's simulation engine, ``label_efficiency.phase2_rounds`` rounds, no SSL
-    round, a fresh run folder); ``phase2_predictions`` of its last classifier."""
+    with ``option``'s mode and head LR (Flower's simulation engine, ``label_efficiency.phase2_rounds``
+    rounds, no SSL round, a fresh run folder); ``phase2_predictions`` of its last classifier."""
     from ctfed.simulations.runtime.simulate import CONFIG_NAME, run_federation_simulation
     from ctfed.simulations.studies.sweep import arm_config
 
     study = cfg.label_efficiency
     rounds = study.phase2_rounds
-    arm_dir = run_dir / ARMS_DIR / f"{arm.value}_{Heads.federated_phase2.value}_{level}_{mode}"
+    arm_dir = run_dir / ARMS_DIR / f"{arm.value}_{Heads.federated_phase2.value}_{level}_{option.key}"
     shutil.rmtree(arm_dir, ignore_errors=True)  # an earlier try's (rerun_phase2) is replaced
     arm_dir.mkdir(parents=True)
     base = arm_config(cfg, ["federation.rounds=0", f"federation.finetune_rounds={rounds}",
                             f"federation.initial_encoder={encoder_file.resolve()}"])
-    recipe = replace(study.finetune, label_names=list(tasks), mode=mode, local_steps=max(1, study.finetune.total_steps // rounds))
-    phase2_cfg = replace(base, finetune=recipe)
+    phase2_cfg = replace(base, finetune=phase2_recipe(study, tasks, option))
     config_path = arm_dir / CONFIG_NAME
     save_run_config(phase2_cfg, config_path)
     views = write_phase2_views(run_dir, sites, level)
@@ -441,14 +465,14 @@ def phase2_predictions(
 def phase2_arm(
     cfg: SimulationRunConfig, run_dir: Path, arm: Arm, encoder_file: Path, sites: Sequence[StudySite], tasks: Sequence[str],
 ) -> dict[str, Any]:
-    """``{level: {mode: {site: ...}}}`` of ``arm``'s federated phase 2: one federation per
-    phase2 level and mode (the study judges each arm's best on validation, ``choose``)."""
+    """``{level: {option key: {site: ...}}}`` of ``arm``'s federated phase 2: one federation per
+    phase2 level and option (the study judges each arm's best on validation, ``choose``)."""
     study = cfg.label_efficiency
     results: dict[str, Any] = {}
     for level in study.phase2_levels:
-        for mode in study.phase2_modes:
-            print(f"      federated phase 2 at {level} labelled scans per site, {mode}", flush=True)
-            results.setdefault(str(level), {})[mode] = phase2_federation(cfg, run_dir, arm, encoder_file, sites, tasks, level, mode)
+        for option in phase2_options(study):
+            print(f"      federated phase 2 at {level} labelled scans per site, {option.mode}, head LR {option.head_lr:g}", flush=True)
+            results.setdefault(str(level), {})[option.key] = phase2_federation(cfg, run_dir, arm, encoder_file, sites, tasks, level, option)
     return results
 
 

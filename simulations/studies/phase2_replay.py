@@ -4,14 +4,15 @@ The study's ``federated_phase2`` heads are Flower federations (about a minute ea
 start-up). To try a phase-2 idea on the tuning seed, this replays the same computation in
 this process: the arm's recorded encoder, each site's labelled scans of the level, per round
 and site one ``Finetuner.fit_round`` with the site's seed (as ``client/finetune_round.py``),
-the example-weighted mean of the trainable deltas (FedAvg, without secure aggregation's
-rounding), the feature statistics refitted at every site each round
+the example-weighted mean of the trainable deltas (without secure aggregation's rounding)
+applied as the coordinator applies it (``server/aggregation.GlobalUpdate``: FedAvg, or FedAdam's
+step with ``federation.strategy=fedadam``), the feature statistics refitted at every site each round
 (``finetune.feature_statistics=site``), and the sites' validation and test predictions with
 the final classifier, each site refitting its statistics on its own view first (as
 ``label_efficiency.phase2_predictions``). It matches the Flower run's predictions to secure
 aggregation's rounding (tested) and reports the validation AUROC after every round.
 
-    python -m ctfed.simulations.studies.phase2_replay RUN_DIR --arm federated --mode full [--rounds 10]
+    python -m ctfed.simulations.studies.phase2_replay RUN_DIR --arm federated --mode full [--head-lr 0.03] [--rounds 10] [overrides]
 
 A research tool: it reads a run folder and writes nothing; choices belong on the validation
 split of a tuning seed, never on a study seed's test split.
@@ -34,15 +35,16 @@ from torch.utils.data import Dataset
 from ctfed.client.finetune_round import _SEED_STRIDE_PER_SITE
 from ctfed.common.checkpoint import load_checkpoint
 from ctfed.common.config import FINETUNE_MODES, FeatureStatistics, FinetuneConfig
-from ctfed.common.exchange import apply_delta, state_delta
+from ctfed.common.exchange import state_delta
 from ctfed.common.finetune import Classifier, FederatedFreezingSchedule, Finetuner, build_classifier, trainable_state
 from ctfed.common.labelled import LabelledScans, standardizer_scans
 from ctfed.common.model import encoder_part
 from ctfed.common.preprocess import CachedVolumes
-from ctfed.simulations.config import read_simulation_config
+from ctfed.server.aggregation import GlobalUpdate
+from ctfed.simulations.config import read_simulation_config, with_overrides
 from ctfed.simulations.runtime.simulate import CONFIG_NAME
 from ctfed.simulations.studies.label_efficiency import (
-    PHASE2_VIEWS, POOLED, STUDY_DIR, STUDY_JSON, StudySite, _labels, load_study_sites, mean_auroc,
+    PHASE2_VIEWS, POOLED, STUDY_DIR, STUDY_JSON, Phase2Option, StudySite, _labels, load_study_sites, mean_auroc, phase2_recipe,
 )
 
 # A site's per-round seed offset: the site's own (client/finetune_round.py).
@@ -75,10 +77,15 @@ def _predict(
     return out
 
 
-def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None, level: int | None = None) -> ReplayResult:
-    """Replay ``arm``'s federated phase 2 of the study in ``run_dir`` in ``mode`` (``rounds``
-    and ``level``: the study's phase2_rounds and first phase2 level unless given)."""
-    cfg = read_simulation_config(run_dir / CONFIG_NAME)
+def replay_phase2(
+    run_dir: Path, arm: str, mode: str, rounds: int | None = None, level: int | None = None,
+    head_lr: float | None = None, overrides: Sequence[str] = (),
+) -> ReplayResult:
+    """Replay ``arm``'s federated phase 2 of the study in ``run_dir`` in ``mode`` at ``head_lr``
+    (``rounds``, ``level``, ``head_lr``: the study's phase2_rounds, first phase2 level and first
+    phase2 head LR unless given), its saved config with ``overrides`` as ``--rerun-phase2`` takes
+    them (e.g. ``federation.strategy=fedadam``: the coordinator's update rule)."""
+    cfg = with_overrides(read_simulation_config(run_dir / CONFIG_NAME), overrides, "overrides")
     study = cfg.label_efficiency
     data = json.loads((run_dir / STUDY_DIR / STUDY_JSON).read_text(encoding="utf-8"))
     entry = data["arms"].get(arm, {})
@@ -95,8 +102,9 @@ def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None,
         raise ValueError(f"{views}: the study ran no federated phase 2 at {level} labelled scans per site")
     sites, tasks = load_study_sites(run_dir)
     size = cfg.model.image_size
-    recipe = replace(study.finetune, label_names=list(tasks), mode=mode)
-    steps = max(1, recipe.total_steps // rounds)
+    option = Phase2Option(mode, mode, head_lr or study.phase2_head_lrs[0])
+    recipe = phase2_recipe(replace(study, phase2_rounds=rounds), tasks, option)
+    steps = recipe.local_steps
     encoder = encoder_part(load_checkpoint(run_dir / entry["encoders"][POOLED]["file"])[0])
     classifier = build_classifier(cfg.model, len(tasks), encoder, seed=recipe.seed, pooling=recipe.pooling)
     schedule = FederatedFreezingSchedule(recipe, cfg.model.num_layers, rounds, steps)
@@ -108,6 +116,7 @@ def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None,
     def auroc(part: str, predicted: dict[str, np.ndarray]) -> float:
         return mean_auroc(labels[part], np.concatenate([predicted[s.name] for s in sites]))
 
+    updater = GlobalUpdate(cfg.federation)  # FedAvg's global + mean delta, or FedAdam's step (server/aggregation.py)
     curve, losses = [], []
     for number in range(1, rounds + 1):
         plan = schedule.plan(number)
@@ -123,7 +132,7 @@ def replay_phase2(run_dir: Path, arm: str, mode: str, rounds: int | None = None,
             total += count
             for name, delta in state_delta(trainable_state(local), base).items():
                 summed[name] = summed[name] + count * delta
-        classifier.load_state_dict(apply_delta(base, {name: value / total for name, value in summed.items()}), strict=False)
+        classifier.load_state_dict(updater.apply(base, {name: value / total for name, value in summed.items()}), strict=False)
         losses.append(tuple(float(np.mean(x)) for x in zip(*round_losses)))
         val = _predict(classifier, recipe, sites, parts, statistics, "val")
         curve.append(auroc("val", val))
@@ -140,15 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="full", choices=FINETUNE_MODES)
     parser.add_argument("--rounds", type=int, default=None, help="phase-2 rounds (default: the study's phase2_rounds)")
     parser.add_argument("--level", type=int, default=None, help="labelled scans per site (default: the study's first phase2 level)")
+    parser.add_argument("--head-lr", type=float, default=None, help="the head's learning rate (default: the study's first phase2_head_lrs)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, as --rerun-phase2 takes them (e.g. federation.strategy=fedadam)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ctfed.simulations.studies.phase2_replay RUN_DIR [--arm A] [--mode M] [--rounds N] [--level L]``."""
-    args = build_parser().parse_args(argv)
+    """``python -m ctfed.simulations.studies.phase2_replay RUN_DIR [--arm A] [--mode M] [--head-lr R] [--rounds N] [--level L] [overrides]``."""
+    args = build_parser().parse_intermixed_args(argv)  # overrides before or after the options
     torch.set_num_threads(1)
     try:
-        result = replay_phase2(args.run_dir, args.arm, args.mode, args.rounds, args.level)
+        result = replay_phase2(args.run_dir, args.arm, args.mode, args.rounds, args.level, args.head_lr, args.overrides)
     except (OSError, ValueError, KeyError) as err:
         print(f"phase2_replay: {err}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ of ``preset=label_efficiency`` (shape only: the study itself is a command, docs/
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,30 @@ def test_config_rules() -> None:
         load_simulation_config(["label_efficiency.phase2_modes=[]"])
     with pytest.raises(ConfigError, match="label_efficiency.heads"):
         load_simulation_config(["label_efficiency.heads=[site,site]"])
+    for rates in ("[]", "[0.001,0.001]", "[0.0]"):
+        with pytest.raises(ConfigError, match="label_efficiency.phase2_head_lrs"):
+            load_simulation_config([f"label_efficiency.phase2_head_lrs={rates}"])
     assert tuple(h.value for h in Heads) == STUDY_HEADS  # the config's allowed values are the study's
     with pytest.raises(ConfigError, match="turn off compare.enabled"):
         load_simulation_config(["preset=label_efficiency", "compare.enabled=true"])
+
+
+def test_every_phase2_mode_runs_at_every_head_lr_each_named_apart() -> None:
+    from ctfed.simulations.studies.label_efficiency import phase2_options, phase2_recipe
+
+    study = load_simulation_config(["preset=label_efficiency", "label_efficiency.phase2_modes=[linear_probe,full]",
+                                    "label_efficiency.phase2_head_lrs=[0.001,0.03]"]).label_efficiency
+    options = phase2_options(study)
+    assert [(o.key, o.mode, o.head_lr) for o in options] == [
+        ("linear_probe_lr0.001", "linear_probe", 0.001), ("linear_probe_lr0.03", "linear_probe", 0.03),
+        ("full_lr0.001", "full", 0.001), ("full_lr0.03", "full", 0.03),
+    ]
+    recipe = phase2_recipe(study, ["any"], options[3])
+    assert (recipe.mode, recipe.head_lr, recipe.label_names) == ("full", 0.03, ["any"])
+    assert recipe.local_steps == study.finetune.total_steps // study.phase2_rounds  # a pooled head's steps in all
+    assert recipe.block_lrs == study.finetune.block_lrs  # only the head's rate varies
+    one = replace(study, phase2_head_lrs=[0.001])
+    assert [o.key for o in phase2_options(one)] == ["linear_probe", "full"]  # one rate: named by the mode
 
 
 def test_dp_arm_is_the_federation_with_the_dp_overrides() -> None:
@@ -130,6 +152,8 @@ def study_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # A real federated phase 2 per single-encoder arm at the judged level, 2 rounds, one mode
         # (each more mode is one more federation per arm; choose() picks among them as for any head).
         "label_efficiency.phase2_levels=[4]", "label_efficiency.phase2_rounds=2", "label_efficiency.phase2_modes=[full]",
+        # One head LR: a second is one more federation per arm and mode (phase2_options, tested alone).
+        "label_efficiency.phase2_head_lrs=[0.001]",
         # One process: worker processes are tested on their own (test_fine_tunes_give_the_same_...).
         "label_efficiency.finetune_workers=1",
         # The session's shared Ray head (tests/conftest.py) instead of one Ray start per federation.

@@ -223,11 +223,13 @@ def _raising(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace | None:
-    """Parse with argparse; None where it printed --help and exited 0."""
+    """Parse with argparse as the command's ``main`` does (options and positionals intermixed
+    where it has no subcommands); None where it printed --help and exited 0."""
     _raising(parser)
+    subcommands = any(isinstance(action, argparse._SubParsersAction) for action in parser._actions)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return parser.parse_args(args)
+            return parser.parse_args(args) if subcommands else parser.parse_intermixed_args(args)
     except SystemExit as exit_:
         if exit_.code == 0:
             return None
