@@ -223,13 +223,15 @@ def _raising(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace | None:
-    """Parse with argparse as the command's ``main`` does (options and positionals intermixed
-    where it has no subcommands); None where it printed --help and exited 0."""
+    """Parse with argparse, options and positionals intermixed as a ``main`` may take them
+    (plainly where the parser has subcommands or a remainder, which argparse cannot intermix);
+    None where it printed --help and exited 0."""
     _raising(parser)
-    subcommands = any(isinstance(action, argparse._SubParsersAction) for action in parser._actions)
+    plain = any(isinstance(action, argparse._SubParsersAction) or action.nargs in (argparse.REMAINDER, argparse.PARSER)
+                for action in parser._actions)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return parser.parse_args(args) if subcommands else parser.parse_intermixed_args(args)
+            return parser.parse_args(args) if plain else parser.parse_intermixed_args(args)
     except SystemExit as exit_:
         if exit_.code == 0:
             return None
