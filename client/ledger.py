@@ -2,8 +2,10 @@
 
 One ledger per DP mode, because their epsilons protect different units and do not compose:
 local DP-SGD (``privacy_ledger.json``: noise, sample rate, steps of every round; a volume
-is the unit) and central DP (``central_privacy_ledger.json``: one sampled Gaussian per
-round the site took part in; its whole update is the unit). The site writes both itself
+is the unit), central DP (``central_privacy_ledger.json``: one sampled Gaussian per
+round the site took part in; its whole update is the unit) and distributed DP
+(``distributed_privacy_ledger.json``: one Skellam mechanism per round, its whole update the
+unit, with the noise of the sites its policy counts on). The site writes each itself
 from the round's parameters and its own data; nothing the coordinator reports enters them.
 
 Each ledger lives in two places: ``<state dir>/<file>`` (survives a SuperNode restart;
@@ -18,13 +20,21 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from ctfed.common.config import CentralDPConfig, LocalDPConfig, PrivacyMode, TrainConfig
-from ctfed.common.dp import LedgerEntry, PrivacyLedger
+from ctfed.common.config import CentralDPConfig, DistributedDPConfig, LocalDPConfig, PrivacyMode, TrainConfig
+from ctfed.common.dp import SKELLAM, LedgerEntry, PrivacyLedger
 
 LEDGER_FILE = "privacy_ledger.json"  # local DP-SGD
 LEDGER_STATE_KEY = "privacy-ledger"
 CENTRAL_LEDGER_FILE = "central_privacy_ledger.json"
 CENTRAL_LEDGER_STATE_KEY = "central-privacy-ledger"
+DISTRIBUTED_LEDGER_FILE = "distributed_privacy_ledger.json"
+DISTRIBUTED_LEDGER_STATE_KEY = "distributed-privacy-ledger"
+# (file, context.state key) of each mode's ledger.
+_LEDGERS = {
+    PrivacyMode.local: (LEDGER_FILE, LEDGER_STATE_KEY),
+    PrivacyMode.central: (CENTRAL_LEDGER_FILE, CENTRAL_LEDGER_STATE_KEY),
+    PrivacyMode.distributed: (DISTRIBUTED_LEDGER_FILE, DISTRIBUTED_LEDGER_STATE_KEY),
+}
 # A site cannot verify how the coordinator samples sites, and it was asked: no
 # amplification by sampling is credited to central rounds.
 CENTRAL_SITE_SAMPLE_RATE = 1.0
@@ -34,13 +44,13 @@ _COMPARE_DELTA = 1e-5
 
 
 def _state_key(mode: PrivacyMode) -> str:
-    return CENTRAL_LEDGER_STATE_KEY if mode is PrivacyMode.central else LEDGER_STATE_KEY
+    return _LEDGERS[mode][1]
 
 
 def ledger_path(state_dir: Path, mode: PrivacyMode = PrivacyMode.local) -> Path:
     if mode is PrivacyMode.none:
         raise ValueError("privacy.mode=none keeps no ledger")
-    return state_dir / (CENTRAL_LEDGER_FILE if mode is PrivacyMode.central else LEDGER_FILE)
+    return state_dir / _LEDGERS[mode][0]
 
 
 def load_site_ledger(
@@ -95,4 +105,16 @@ def planned_central_entry(dp: CentralDPConfig, server_round: int, run_id: str = 
     return LedgerEntry(
         round=server_round, noise_multiplier=dp.noise_multiplier, sample_rate=CENTRAL_SITE_SAMPLE_RATE,
         steps=1, run_id=run_id,
+    )
+
+
+def planned_distributed_entry(dp: DistributedDPConfig, honest_sites: int, server_round: int, run_id: str = "") -> LedgerEntry:
+    """What one distributed-DP round adds to the site's own ledger: one Skellam mechanism on the
+    sum, with the noise of ``honest_sites`` sites like its own (its policy's count, never the
+    coordinator's): multiplier ``dp.noise_multiplier x sqrt(honest_sites)``, and the L2
+    sensitivity's floor of ``dp.granularity`` grid steps (``common.dp.skellam_rdp``), at
+    sample rate 1 (no amplification by a sampling the site cannot check)."""
+    return LedgerEntry(
+        round=server_round, noise_multiplier=dp.noise_multiplier * honest_sites**0.5, sample_rate=1.0, steps=1,
+        run_id=run_id, mechanism=SKELLAM, l2_sensitivity=float(dp.granularity),
     )

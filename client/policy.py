@@ -85,14 +85,30 @@ def check_instructions(policy: SitePolicy, instructions: RoundInstructions, *, s
                 f"policy.{budget}={getattr(policy, budget):g} is a privacy budget, "
                 f"but this round uses privacy.mode={privacy.mode.value}"
             )
+    if policy.require_site_noise and privacy.mode is PrivacyMode.central:
+        reasons.append(
+            "policy.require_site_noise is set but this round uses privacy.mode=central, whose noise the coordinator "
+            "adds after seeing the clipped sum; use privacy.mode=distributed (or local)"
+        )
+    if privacy.mode is PrivacyMode.distributed and not secure_path:
+        # Its noise is added under the masks (client/secagg.py): a plain reply would carry none.
+        reasons.append(
+            "privacy.mode=distributed adds the site's noise under secure aggregation, but this message came on "
+            "the plain train path (the update would leave the site in clear, without noise)"
+        )
     if privacy.mode is not PrivacyMode.none:
         # The numbers the site's own accounting (client/privacy_round.py) will use.
-        dp = privacy.local if privacy.mode is PrivacyMode.local else privacy.central
+        dp = getattr(privacy, privacy.mode.value)
         section = f"privacy.{privacy.mode.value}"
-        if policy.min_noise_multiplier and dp.noise_multiplier < policy.min_noise_multiplier:
+        counted = dp.noise_multiplier
+        if privacy.mode is PrivacyMode.distributed:  # the noise of the sites it counts on, its own included
+            counted *= policy.distributed_dp_honest_sites**0.5
+        if policy.min_noise_multiplier and counted < policy.min_noise_multiplier:
             reasons.append(
                 f"{section}.noise_multiplier={dp.noise_multiplier:g} is below "
                 f"policy.min_noise_multiplier={policy.min_noise_multiplier:g}"
+                + (f" (counted over policy.distributed_dp_honest_sites={policy.distributed_dp_honest_sites}: {counted:.4g})"
+                   if privacy.mode is PrivacyMode.distributed else "")
             )
         if policy.max_delta and dp.delta > policy.max_delta:
             reasons.append(f"{section}.delta={dp.delta:g} exceeds policy.max_delta={policy.max_delta:g}")

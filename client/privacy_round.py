@@ -14,9 +14,11 @@
 4. training, with ``local_dp`` handed to LocalTrainer;
 5. ``after_training()`` - records the round in the ledger, returns the reply's epsilon;
    ``released()`` - what of the reply (``common.exchange.SiteReply``) may leave the site;
-6. ``outgoing_update()`` - ``clip()`` (central DP only: the delta is clipped to
-   ``privacy.central.clip_norm`` before it goes anywhere, plain or secure aggregation), then
-   the cast to the round's ``federation.transport`` float format (plain path only);
+6. ``outgoing_update()`` - ``clip()`` (central and distributed DP: the delta is clipped to
+   the mode's ``clip_norm`` before it goes anywhere), then the cast to the round's
+   ``federation.transport`` float format (plain path only); distributed DP also holds the
+   noise the site will add under the masks (``common.secagg.NOISE_STATE_KEY``, read by
+   ``client/secagg.handle_masked_input``);
 7. ``audit_reply()`` / ``refuse()`` - every outgoing message is written to the audit log.
 """
 
@@ -30,7 +32,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Error
 
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_TRAIN_REPLY, AuditLog
-from ctfed.client.ledger import load_site_ledger, planned_central_entry, planned_local_entry, save_site_ledger
+from ctfed.client.ledger import (
+    load_site_ledger, planned_central_entry, planned_distributed_entry, planned_local_entry, save_site_ledger,
+)
 from ctfed.client.policy import PolicyViolation, check_instructions, load_site_policy
 from ctfed.client.privacy_unit import (
     PATIENT_FIELD,
@@ -45,6 +49,7 @@ from ctfed.common.preprocess import CachedVolumes
 from ctfed.common.data_summary import LABELLED_KEY, POSITIVE_PREFIX, SCANS_KEY, SLICES_KEYS, SPACING_KEYS
 from ctfed.common.monitor import MONITOR_PREFIX, SCANS_KEY as MONITOR_SCANS_KEY
 from ctfed.common.dp import LedgerEntry, PrivacyBudgetExceeded, PrivacyLedger, clip_update
+from ctfed.common.secagg import NOISE_STATE_KEY, noise_record
 from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
     FINETUNE_PHASE,
@@ -167,6 +172,10 @@ class SitePrivacyRound:
         if mode is PrivacyMode.local:
             assert self.local_dp is not None
             self.planned = planned_local_entry(self.local_dp, train, num_volumes, self.server_round, self.run_id)
+        elif mode is PrivacyMode.distributed:
+            self.planned = planned_distributed_entry(
+                self.privacy.distributed, self.policy.distributed_dp_honest_sites, self.server_round, self.run_id
+            )
         else:
             self.planned = planned_central_entry(self.privacy.central, self.server_round, self.run_id)
         delta = self.policy.delta
@@ -201,8 +210,9 @@ class SitePrivacyRound:
         self.epsilon_after = self.ledger.epsilon(self.policy.delta)
         # Central: the coordinator keeps its own ledger (results.json's central_epsilon); the
         # site's stricter one (sample rate 1) is in its audit log and state folder. The clip
-        # scale (clip_norm / the update's exact norm) stays in the audit log too.
-        return self.epsilon_after if self.privacy.mode is PrivacyMode.local else None
+        # scale (clip_norm / the update's exact norm) stays in the audit log too. Local and
+        # distributed: the site's own epsilon is the only one there is; the reply carries it.
+        return None if self.privacy.mode is PrivacyMode.central else self.epsilon_after
 
     def released(self, reply: SiteReply) -> SiteReply:
         """What of a round's reply may leave the site (issue #12, point 10; docs/security.md
@@ -276,11 +286,17 @@ class SitePrivacyRound:
         return train.local_steps * train.accumulation_steps * train.batch_size
 
     def clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Central DP: bound this site's update; other modes send it as it is."""
-        if self.privacy.mode is not PrivacyMode.central:
+        """Central and distributed DP: bound this site's update; other modes send it as it is."""
+        if self.privacy.mode not in (PrivacyMode.central, PrivacyMode.distributed):
             return delta
-        clipped, self.clip_scale, _ = clip_update(delta, self.privacy.central.clip_norm)
+        clipped, self.clip_scale, _ = clip_update(delta, getattr(self.privacy, self.privacy.mode.value).clip_norm)
         return clipped
+
+    def hold_noise(self) -> None:
+        """Distributed DP on the secure path: the grid and noise of this round, from the
+        instructions this site checked, for the masked-input stage to add under the masks."""
+        dp = self.privacy.distributed
+        self.context.state[NOISE_STATE_KEY] = noise_record(self.server_round, dp.clip_norm, dp.granularity, dp.noise_multiplier)
 
     def dp_summary(self) -> dict[str, Any]:
         epsilon = self.epsilon_after
@@ -303,6 +319,19 @@ class SitePrivacyRound:
                 epsilon_after=epsilon,
                 epsilon_delta=self.policy.delta,
             )
+        elif self.privacy.mode is PrivacyMode.distributed:
+            dp = self.privacy.distributed
+            summary.update(
+                clip_norm=dp.clip_norm,
+                clip_scale=self.clip_scale,
+                granularity=dp.granularity,
+                noise_multiplier=dp.noise_multiplier,
+                noise_added_by="this site (Skellam, under the masks)",
+                honest_sites_counted=self.policy.distributed_dp_honest_sites,
+                delta=dp.delta,
+                epsilon_after=epsilon,
+                epsilon_delta=self.policy.delta,
+            )
         return summary
 
     @property
@@ -314,7 +343,12 @@ class SitePrivacyRound:
         return self.instructions.transport
 
     def outgoing_update(self, delta: dict[str, torch.Tensor]) -> ArrayRecord:
-        """The reply's update: clipped (central DP), then cast to the round's transport format."""
+        """The reply's update: clipped (central and distributed DP), then cast to the round's
+        transport format; distributed DP holds its noise for the masked-input stage."""
+        if self.privacy.mode is PrivacyMode.distributed:
+            if not self.secure_path:  # check_policy refuses this before any training
+                raise RoundRefused(POLICY_REFUSED_CODE, "privacy.mode=distributed on the plain train path")
+            self.hold_noise()
         return encode_update(self.clip(delta), self.transport)
 
     def audit_reply(self, update: ArrayRecord, metrics: Mapping[str, Any]) -> None:

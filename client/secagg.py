@@ -62,6 +62,7 @@ from ctfed.client.site import DATA_PATH_KEY, PARTITION_ID_KEY, SITE_ID_KEY, iden
 from ctfed.common import secagg as sa
 from ctfed.common.certs import ROSTER_FILE, load_roster, load_signing_key, signing_public_line
 from ctfed.common.config import ConfigError, SitePolicy
+from ctfed.common.dp import POISSON_MAX_MEAN, SecureRandom
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BASE_DIGEST_KEY,
@@ -198,6 +199,7 @@ def handle_train(msg: Message, context: Context, local_train: Handler) -> Messag
     server_round = int(params[sa.P_ROUND])
     context.state.pop(sa.STATE_KEY, None)  # a new round always starts clean
     context.state.pop(sa.DELTA_STATE_KEY, None)
+    context.state.pop(sa.NOISE_STATE_KEY, None)
     drop_held(context)  # a held monitor of an unfinished round never leaves
     auth = load_site_auth(context)  # a site that cannot authenticate does not even train
 
@@ -232,6 +234,8 @@ def handle_train(msg: Message, context: Context, local_train: Handler) -> Messag
             _PK2: pk2_bytes,
             _NUM_EXAMPLES: int(trained.content[METRICS_KEY][NUM_EXAMPLES_KEY]),
             **{name: params[name] for name in _PARAM_FIELDS},
+            # Distributed DP's noise, held by the privacy round of this training (stage c adds it).
+            **_noise_fields(context.state.pop(sa.NOISE_STATE_KEY, None), server_round),
         }
     )
     context.state[sa.STATE_KEY] = state
@@ -377,12 +381,21 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
     if not np.isfinite(delta).all():  # checked at training already; masking must never hide a NaN
         raise UpdateRejected("own delta contains NaN or infinite values")
     clipping, levels, bits = float(state[sa.P_CLIPPING]), int(state[sa.P_QUANTIZATION]), int(state[sa.P_MODULUS_BITS])
+    noise = _held_noise(state, clipping, levels, int(state[sa.P_MAX_WEIGHT]))
     quantised = sa.quantize(delta, clipping, levels, sa.rounding_rng(delta, server_round))  # same delta, same integers
     if quantised.clipped:
         logger.warning(
             "secure aggregation round %d: %d of %d update values were outside +-%g and were clipped",
             server_round, quantised.clipped, delta.size, clipping,
         )
+    if noise is not None:  # distributed DP: the site's own noise, on the integers, before any mask
+        mean = sa.skellam_mean(float(noise[sa.NOISE_MULTIPLIER]), int(noise[sa.NOISE_GRANULARITY]), delta.size)
+        if not mean <= POISSON_MAX_MEAN:
+            raise UpdateRejected(
+                f"distributed DP: a Poisson mean of {mean:.3g} is beyond the exact sampler's {POISSON_MAX_MEAN:g}; "
+                "lower privacy.distributed.granularity or noise_multiplier"
+            )
+        sa.add_skellam_noise(quantised.values, mean, SecureRandom())
     num_examples, max_weight = int(state[_NUM_EXAMPLES]), int(state[sa.P_MAX_WEIGHT])
     weight = sa.site_weight(num_examples, max_weight)
     if weight < num_examples and max_weight > 1:  # max-weight 1 is central DP's uniform mean, not a cap
@@ -406,6 +419,35 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
         {sa.K_CLIPPED: clipped, sa.K_WEIGHT_CAPPED: weight < num_examples},
         **{sa.MASKED_KEY: ArrayRecord({sa.MASKED_ARRAY: Array(vector)})},
     )
+
+
+_NOISE_FIELDS = (sa.NOISE_CLIP_NORM, sa.NOISE_GRANULARITY, sa.NOISE_MULTIPLIER)
+
+
+def _noise_fields(noise: ConfigRecord | None, server_round: int) -> dict[str, float | int]:
+    """The held noise of this round's training as fields of the round's state ({}: none)."""
+    if noise is None:
+        return {}
+    if int(noise[sa.NOISE_ROUND]) != server_round:  # cannot happen: held by this very training
+        raise UpdateRejected(f"distributed DP noise held for round {noise[sa.NOISE_ROUND]}, not {server_round}")
+    return {f"noise-{name}": noise[name] for name in _NOISE_FIELDS}
+
+
+def _held_noise(state: ConfigRecord, clipping: float, levels: int, max_weight: int) -> dict[str, float | int] | None:
+    """Distributed DP's noise for this round, as the site's privacy round held it (None: the
+    round has no distributed DP). The coordinator's grid must be the one the instructions
+    name, and every site weighted 1: the site's noise is calibrated to that grid and to a
+    uniform sum."""
+    if f"noise-{sa.NOISE_GRANULARITY}" not in state:
+        return None
+    noise = {name: state[f"noise-{name}"] for name in _NOISE_FIELDS}
+    grid = sa.distributed_dp_grid(float(noise[sa.NOISE_CLIP_NORM]), int(noise[sa.NOISE_GRANULARITY]))
+    if (clipping, levels) != grid or max_weight != 1:
+        raise ProtocolViolation(
+            f"distributed DP: the coordinator's grid (+-{clipping:g} in {levels} steps, max weight {max_weight}) is not "
+            f"the instructions' (+-{grid[0]:g} in {grid[1]} steps, weight 1)"
+        )
+    return noise
 
 
 def handle_consistency(msg: Message, context: Context) -> Message:

@@ -4,7 +4,8 @@ Randomness: every DP draw (DP-SGD noise and Poisson batches at a site, central n
 coordinator) comes from ``SecureRandom``, the ChaCha20 keystream under a key from the OS
 CSPRNG; no seed, config or instruction can make it reproducible.
 
-Accounting uses Opacus' RDP analysis of the sampled Gaussian mechanism. A ``PrivacyLedger``
+Accounting uses Opacus' RDP analysis of the sampled Gaussian mechanism, and for distributed
+DP the Skellam mechanism's RDP bound (``skellam_rdp``). A ``PrivacyLedger``
 is the accountant's whole history as plain numbers (noise multiplier, sample rate, steps per
 round), so it can be written to JSON, read back after a restart and extended: epsilon then
 accumulates over every round a site (or the coordinator) ever ran, which a fresh
@@ -30,7 +31,14 @@ from ctfed.common.fileio import write_json_atomic
 # test checks they are equal). Opacus itself is imported only where epsilon is computed:
 # its import costs seconds in every site process.
 RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-LEDGER_FORMAT = "ctfed-privacy-ledger/1"
+LEDGER_FORMAT = "ctfed-privacy-ledger/2"
+# /1 ledgers hold sampled Gaussian entries only; they read as such.
+_LEDGER_FORMATS = ("ctfed-privacy-ledger/1", LEDGER_FORMAT)
+# LedgerEntry.mechanism: Opacus' sampled Gaussian (local DP-SGD, central DP) or the Skellam
+# mechanism on integers (distributed DP: the sites' noise, summed under secure aggregation).
+SAMPLED_GAUSSIAN = "sampled_gaussian"
+SKELLAM = "skellam"
+MECHANISMS = (SAMPLED_GAUSSIAN, SKELLAM)
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -39,15 +47,24 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round of one sampled Gaussian mechanism, repeated ``steps`` times."""
+    """One round of one mechanism, repeated ``steps`` times: a sampled Gaussian (noise
+    ``noise_multiplier`` x the sensitivity, ``sample_rate``), or a Skellam mechanism whose
+    noise has ``noise_multiplier`` x its L2 sensitivity as std, that sensitivity being at
+    least ``l2_sensitivity`` integer steps (``skellam_rdp``; sample rate 1)."""
 
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
     run_id: str = ""
+    mechanism: str = SAMPLED_GAUSSIAN
+    l2_sensitivity: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {', '.join(MECHANISMS)}, got {self.mechanism!r}")
+        if self.mechanism == SKELLAM and (self.sample_rate != 1 or not self.l2_sensitivity >= 1):
+            raise ValueError("a Skellam entry has sample rate 1 and an L2 sensitivity >= 1 integer step")
         if not self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
         if not 0 < self.sample_rate <= 1:
@@ -72,9 +89,7 @@ class PrivacyLedger:
     def epsilon(self, delta: float, planned: LedgerEntry | None = None) -> float:
         """Epsilon at ``delta`` after every recorded entry (and ``planned``, if given)."""
         entries = self.entries + ([planned] if planned is not None else [])
-        return epsilon_for(
-            [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries], delta
-        )
+        return entries_epsilon(entries, delta)
 
     def check_budget(self, planned: LedgerEntry, max_epsilon: float, delta: float) -> float:
         """The epsilon after ``planned``; raises PrivacyBudgetExceeded if it passes ``max_epsilon``."""
@@ -92,7 +107,7 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
-        if data.get("format") != LEDGER_FORMAT:
+        if data.get("format") not in _LEDGER_FORMATS:
             raise ValueError(f"not a privacy ledger (format {data.get('format')!r}, expected {LEDGER_FORMAT!r})")
         return cls([LedgerEntry(**entry) for entry in data.get("entries", [])])
 
@@ -120,18 +135,46 @@ class PrivacyLedger:
 
 
 def epsilon_for(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of (noise multiplier, sample rate, steps) compositions (RDP)."""
+    """Epsilon at ``delta`` of (noise multiplier, sample rate, steps) sampled Gaussian compositions (RDP)."""
+    return entries_epsilon([LedgerEntry(0, sigma, rate, steps) for sigma, rate, steps in history], delta)
+
+
+def skellam_rdp(noise_multiplier: float, l2_sensitivity: float, orders: list[float] = RDP_ORDERS) -> np.ndarray:
+    """RDP at ``orders`` of adding symmetric Skellam noise (Poisson(mu) - Poisson(mu) per value)
+    to an integer vector whose L2 sensitivity is at least ``l2_sensitivity`` steps, with
+    mu = (noise_multiplier x the sensitivity)^2 / 2 (the noise's std is noise_multiplier x it).
+
+    Agarwal, Kairouz and Liu 2021 (arXiv:2110.04995, Theorem 3.5): for L1 and L2
+    sensitivities D1, D2, eps(a) = a D2^2 / (4 mu) + min(((2a - 1) D2^2 + 6 D1) / (16 mu^2),
+    3 D1 / (4 mu)), mu each Poisson's mean (tests/unit/test_distributed_dp.py checks it
+    against the exact one-dimensional Renyi divergence). With D1 <= D2^2 (an integer vector's
+    L1 norm is at most its squared L2 norm) and mu = (z D2)^2 / 2 this is at most
+    a / (2 z^2) + min((2a + 5) / (4 z^4 D2^2), 3 / (2 z^2)), which only falls as D2 grows: so
+    the bound at the smallest D2 a site can have (its grid's steps per clip norm) holds
+    whatever the model's size. The first term is the Gaussian mechanism's."""
+    z, d2 = float(noise_multiplier), float(l2_sensitivity)
+    if not z > 0 or not d2 >= 1:
+        raise ValueError(f"noise_multiplier must be > 0 and l2_sensitivity >= 1, got {z}, {d2}")
+    alphas = np.asarray(orders, dtype=np.float64)
+    tail = np.minimum((2 * alphas + 5) / (4 * z**4 * d2**2), 3 / (2 * z**2))
+    return alphas / (2 * z**2) + tail
+
+
+def entries_epsilon(entries: list[LedgerEntry], delta: float) -> float:
+    """Epsilon at ``delta`` of the composition of ``entries`` (RDP, Opacus' conversion)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    history = [h for h in history if h[2] > 0]
-    if not history:
+    entries = [e for e in entries if e.steps > 0]
+    if not entries:
         return 0.0
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    rdp = sum(
-        compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
-        for sigma, sample_rate, steps in history
-    )
+    rdp = np.zeros(len(RDP_ORDERS))
+    for e in entries:
+        if e.mechanism == SKELLAM:
+            rdp = rdp + e.steps * skellam_rdp(e.noise_multiplier, e.l2_sensitivity)
+        else:
+            rdp = rdp + compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=RDP_ORDERS)
     epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return float(epsilon)
 
@@ -164,6 +207,20 @@ def central_noise_std(noise_multiplier: float, clip_norm: float, num_sites: int)
     if num_sites < 1:
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
     return noise_multiplier * clip_norm / num_sites
+
+
+# The largest Poisson mean SecureRandom draws: its draws stay exact integers in float64
+# (below 2**53 with room for the tail).
+POISSON_MAX_MEAN = 2.0**50
+
+
+def _log_poisson_pmf(k: np.ndarray, mean: float) -> np.ndarray:
+    """log(mean^k e^-mean / k!) for k >= 1 by Stirling's series with x = k/mean - 1:
+    -mean((1 + x) log1p(x) - x) - log(2 pi k)/2 - 1/(12k) + 1/(360k^3) (error below 1e-9 from
+    k = 10; PTRS reaches k = 0 only at means where that is rejected anyway)."""
+    k = np.maximum(k, 1.0)
+    x = k / mean - 1.0
+    return -mean * ((1.0 + x) * np.log1p(x) - x) - 0.5 * np.log(2 * np.pi * k) - 1.0 / (12 * k) + 1.0 / (360 * k**3)
 
 
 class SecureRandom:
@@ -213,6 +270,62 @@ class SecureRandom:
         """A tensor of i.i.d. N(0, std^2) of ``shape`` and ``dtype``."""
         count = math.prod(shape)
         return torch.from_numpy(self.standard_normal(count) * std).to(dtype).reshape(shape)
+
+    def poisson(self, count: int, mean: float) -> np.ndarray:
+        """``count`` i.i.d. Poisson(``mean``) draws, int64, exact up to float64 arithmetic.
+
+        Inversion below mean 10; above, Hormann's transformed rejection (PTRS, 1993; numpy's
+        algorithm) on this object's uniforms, its acceptance test on log f(k) written
+        through log1p so it stays accurate at means of 1e15 (where k log(mean) - lgamma(k+1)
+        would cancel 16 digits away)."""
+        if not 0 < mean <= POISSON_MAX_MEAN:
+            raise ValueError(f"a Poisson mean must be in (0, {POISSON_MAX_MEAN:g}], got {mean}")
+        out = np.empty(count, dtype=np.int64)
+        if mean < 10:
+            return self._poisson_inversion(count, mean)
+        smu = math.sqrt(mean)
+        b = 0.931 + 2.53 * smu
+        a = -0.059 + 0.02483 * b
+        log_inv_alpha = math.log(1.1239 + 1.1328 / (b - 3.4))
+        vr = 0.9277 - 3.6224 / (b - 2)
+        todo = np.arange(count)
+        while todo.size:
+            u = self.uniform(todo.size) - 0.5
+            v = self.uniform(todo.size)
+            us = 0.5 - np.abs(u)
+            k = np.floor((2 * a / us + b) * u + mean + 0.43)
+            quick = (us >= 0.07) & (v <= vr)
+            possible = ~quick & (k >= 0) & ~((us < 0.013) & (v > us))
+            slow = np.zeros(todo.size, dtype=bool)
+            if possible.any():
+                kk, uu, vv = k[possible], us[possible], v[possible]
+                lhs = np.log(vv) + log_inv_alpha - np.log(a / (uu * uu) + b)
+                slow[possible] = lhs <= _log_poisson_pmf(kk, mean)
+            accepted = quick | slow
+            out[todo[accepted]] = k[accepted].astype(np.int64)
+            todo = todo[~accepted]
+        return out
+
+    def _poisson_inversion(self, count: int, mean: float) -> np.ndarray:
+        u = self.uniform(count)
+        k = np.zeros(count, dtype=np.int64)
+        term = np.full(count, math.exp(-mean))
+        cdf = term.copy()
+        while True:
+            below = u > cdf
+            if not below.any():
+                return k
+            k[below] += 1
+            term[below] *= mean / k[below]
+            cdf[below] += term[below]
+            # Far tail (a cdf that float64 rounds below u forever): stop at a count no draw reaches.
+            if k.max() > 10 * mean + 100:
+                return k
+
+    def skellam(self, count: int, mean: float) -> np.ndarray:
+        """``count`` i.i.d. symmetric Skellam draws, Poisson(``mean``) - Poisson(``mean``), int64
+        (variance 2 x mean)."""
+        return self.poisson(count, mean) - self.poisson(count, mean)
 
     def bernoulli(self, count: int, probability: float) -> torch.Tensor:
         """``count`` independent coin flips with success ``probability`` (a bool tensor)."""

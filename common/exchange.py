@@ -56,7 +56,8 @@ from ctfed.common.finetune import FinetuneRoundPlan
 # The round contract's version, in every instruction record and every reply. Bump it with
 # any change to a key, a value's encoding or a section's fields that travels.
 # 2: instructions carry ``federation-id`` (a site of version 1 would refuse it as unknown).
-PROTOCOL_VERSION = 2
+# 3: the privacy section carries ``privacy.distributed`` (distributed DP).
+PROTOCOL_VERSION = 3
 PROTOCOL_VERSION_KEY = "protocol-version"
 
 # Record names in a message's RecordDict; one definition so a rename cannot split them.

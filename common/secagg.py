@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 
 from ctfed.common.config import SecAggConfig
+from ctfed.common.dp import SecureRandom
 
 # --- message types and record keys, one definition for both sides -----------------------
 
@@ -66,6 +67,10 @@ MASKED_ARRAY = "masked"
 # Site-side state between stages (context.state).
 STATE_KEY = "secagg-state"  # ConfigRecord
 DELTA_STATE_KEY = "secagg-delta"  # ArrayRecord: the site's own delta, never sent in clear
+# ConfigRecord: distributed DP's grid and noise of the round, written by the site's privacy
+# round from the instructions it checked (client/privacy_round.py), read at stage (c).
+NOISE_STATE_KEY = "secagg-dp-noise"
+NOISE_ROUND, NOISE_CLIP_NORM, NOISE_GRANULARITY, NOISE_MULTIPLIER = "round", "clip-norm", "granularity", "noise-multiplier"
 
 # Fields of PARAMS_KEY.
 P_ROUND = "round"
@@ -251,6 +256,35 @@ def quantize(
         np.clip(part, -(quantization_range // 2), quantization_range // 2, out=part)
         flat_out[start : start + part.size] = part
     return Quantised(out, clipped)
+
+
+def noise_record(server_round: int, clip_norm: float, granularity: int, noise_multiplier: float) -> ConfigRecord:
+    """What a site's privacy round holds for stage (c) under distributed DP (NOISE_STATE_KEY)."""
+    return ConfigRecord({NOISE_ROUND: int(server_round), NOISE_CLIP_NORM: float(clip_norm),
+                         NOISE_GRANULARITY: int(granularity), NOISE_MULTIPLIER: float(noise_multiplier)})
+
+
+def distributed_dp_grid(clip_norm: float, granularity: int) -> tuple[float, int]:
+    """(clipping range, quantisation range) of a distributed-DP round: [-clip_norm, clip_norm]
+    in 2 x granularity steps, i.e. clip_norm / granularity each. Both sides derive it from the
+    instructions' privacy.distributed; a site refuses a round whose parameters differ."""
+    return float(clip_norm), 2 * int(granularity)
+
+
+def skellam_mean(noise_multiplier: float, granularity: int, num_values: int) -> float:
+    """Each Poisson's mean of a site's Skellam noise: (z x its L2 sensitivity)^2 / 2, the
+    sensitivity in grid steps being at most granularity + sqrt(values) (the clipped update is
+    at most granularity steps long, and rounding moves each value by under one step)."""
+    return (noise_multiplier * (granularity + math.sqrt(num_values))) ** 2 / 2
+
+
+def add_skellam_noise(quantised: np.ndarray, mean: float, rng: SecureRandom) -> None:
+    """``quantised += Skellam(mean)`` per value, in place, chunk by chunk (int64; the noise is
+    not clipped: its sum over the sites is what protects each)."""
+    flat = quantised.reshape(-1)
+    for start in range(0, flat.size, _CHUNK_VALUES):
+        part = flat[start : start + _CHUNK_VALUES]
+        part += rng.skellam(part.size, mean)
 
 
 def encode_weighted(quantised: np.ndarray, weight: int, modulus_bits: int) -> np.ndarray:

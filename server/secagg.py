@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, cast
 
 import numpy as np
@@ -39,7 +39,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from ctfed.common import secagg as sa
 from ctfed.common.monitor import MONITOR_PREFIX
-from ctfed.common.config import RunConfig
+from ctfed.common.config import PrivacyMode, RunConfig
 from ctfed.common.exchange import (
     METRICS_KEY,
     REFUSAL_CODES,
@@ -118,9 +118,13 @@ class SecureRound:
         self.cfg = cfg
         # Site ids learnt in earlier rounds, so a site that fails before saying its id is named.
         self.known_sites = known_sites if known_sites is not None else {}
-        # Central DP needs every site weighted 1 (its sensitivity argument), not by examples.
-        self.max_weight = 1 if uniform_weights else cfg.secagg.max_weight
+        distributed = cfg.privacy.mode is PrivacyMode.distributed
+        # Central and distributed DP need every site weighted 1 (their sensitivity argument), not by examples.
+        self.max_weight = 1 if uniform_weights or distributed else cfg.secagg.max_weight
         self.sa_cfg = cfg.secagg
+        if distributed:  # the sites' noise is calibrated to privacy.distributed's grid; they check it
+            clipping, levels = sa.distributed_dp_grid(cfg.privacy.distributed.clip_norm, cfg.privacy.distributed.granularity)
+            self.sa_cfg = replace(cfg.secagg, clipping_range=clipping, quantization_range=levels)
         self.round = server_round
         # Names and shapes only (meta tensors): the round holds no copy of the global encoder,
         # which the caller may keep on disk while the sites train (server/rounds.py).

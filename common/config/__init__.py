@@ -44,6 +44,7 @@ from ctfed.common.config.travel import (
     PrivacyMode,
     LocalDPConfig,
     CentralDPConfig,
+    DistributedDPConfig,
     PrivacyConfig,
 )
 from ctfed.common.config.federation import (
@@ -99,6 +100,7 @@ __all__ = [
     "PrivacyMode",
     "LocalDPConfig",
     "CentralDPConfig",
+    "DistributedDPConfig",
     "PrivacyConfig",
     "Strategy",
     "ROBUST_STRATEGIES",

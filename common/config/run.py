@@ -98,6 +98,11 @@ class RunConfig:
             )
         if strategy in ROBUST_STRATEGIES and self.privacy.mode is PrivacyMode.central:
             raise ConfigError(f"central DP calibrates its noise to a uniform mean; it cannot follow {strategy.value}")
+        if self.privacy.mode is PrivacyMode.distributed and not (self.secagg.enabled and self.secagg.modulus_bits == 64):
+            raise ConfigError(
+                "privacy.mode=distributed adds each site's noise under secure aggregation's masks: it needs "
+                "secagg.enabled=true and secagg.modulus_bits=64 (the noisy integer sum must not wrap)"
+            )
         if strategy is Strategy.fedprox and self.train.proximal_mu <= 0:
             raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0 (e.g. 0.01)")
         if self.train.proximal_mu > 0 and self.privacy.mode is PrivacyMode.local:

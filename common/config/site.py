@@ -56,8 +56,19 @@ class SitePolicy:
     delta: float = 1e-5
     # Largest epsilon (at ``delta``) one round may add on its own. 0: no limit.
     max_round_epsilon: float = 0.0
-    # Smallest noise multiplier a DP round may use (privacy.local / privacy.central). 0: none.
+    # Smallest noise multiplier a DP round may use (privacy.local / privacy.central; for
+    # privacy.distributed the multiplier of the noise the site counts on, its own times
+    # sqrt(distributed_dp_honest_sites)). 0: none.
     min_noise_multiplier: float = 0.0
+    # With require_dp: count only noise this site adds itself (local DP-SGD, or distributed DP
+    # under secure aggregation), refusing central DP, whose noise the coordinator adds after
+    # it has seen the clipped sum (nothing the site can check; docs/security.md, point 8).
+    require_site_noise: bool = False
+    # Distributed DP: how many sites' noise, this site's own included, the site counts on
+    # being in every sum it joins, i.e. how many of the sites it trusts not to collude with
+    # the coordinator. Its epsilon is accounted for that many sites' Skellam noise, whatever
+    # the coordinator says; 1 relies on its own noise alone. At most min_sites.
+    distributed_dp_honest_sites: int = 1
     # Largest delta a DP round may name in its config (privacy.*.delta). 0: no limit.
     max_delta: float = 0.0
     # Largest train.local_steps (x train.accumulation_steps: micro-batches) per round (0: any).
@@ -105,6 +116,11 @@ class SitePolicy:
             raise ConfigError(f"policy.allowed_phases: unknown phases {unknown}; choose from {', '.join(PHASES)}")
         if self.min_sites < 1:
             raise ConfigError(f"policy.min_sites must be >= 1, got {self.min_sites}")
+        if not 1 <= self.distributed_dp_honest_sites <= self.min_sites:
+            raise ConfigError(
+                f"policy.distributed_dp_honest_sites must be in [1, policy.min_sites={self.min_sites}] (the sum a site "
+                f"joins holds at least min_sites sites), got {self.distributed_dp_honest_sites}"
+            )
         if self.max_epsilon < 0:
             raise ConfigError(f"policy.max_epsilon must be >= 0 (0: no budget), got {self.max_epsilon}")
         if not 0 < self.delta < 1:

@@ -129,3 +129,32 @@ def test_central_dp_noises_the_mean_and_keeps_its_ledger(central_dp_run: Path) -
     assert card["central_privacy_ledger"] == results["central_privacy_ledger"]
     for record in rounds:
         assert all(s["status"] == STATUS_AGGREGATED for s in record["sites"])
+
+
+def test_distributed_dp_federation_sites_noise_and_account_their_own(tmp_path: Path) -> None:
+    """privacy.mode=distributed in a real Flower simulation: every site clips, adds its Skellam
+    noise under the masks and records its own epsilon; the coordinator adds none."""
+    from ctfed.client.ledger import DISTRIBUTED_LEDGER_FILE
+    from ctfed.common.dp import SKELLAM, entries_epsilon
+
+    code = main([
+        "simulate", f"output_dir={tmp_path}", "run_name=distributed", "federation.rounds=1", "train.local_steps=1",
+        "synth.sites=2", "synth.scans_per_site=2", "privacy.mode=distributed",
+        "privacy.distributed.clip_norm=0.05", "privacy.distributed.noise_multiplier=0.7",
+        "secagg.num_shares=3", "secagg.reconstruction_threshold=2",
+    ])
+    assert code == 0
+    run = tmp_path / "distributed"
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed"
+    (record,) = results["rounds"]
+    assert record["aggregated"] and record["central_noise_std"] is None and "central_privacy_ledger" not in results
+    for outcome in record["sites"]:
+        assert outcome["status"] == STATUS_AGGREGATED
+        ledger = PrivacyLedger.load(run / "sites" / outcome["site"] / DISTRIBUTED_LEDGER_FILE)
+        (entry,) = ledger.entries
+        assert entry.mechanism == SKELLAM and entry.noise_multiplier == 0.7  # its own noise only (policy default)
+        assert outcome["epsilon"] == pytest.approx(entries_epsilon([entry], 1e-5))
+        entries = [json.loads(line) for line in (run / "sites" / outcome["site"] / AUDIT_FILE).read_text().splitlines()]
+        dp = next(e["dp"] for e in entries if e["kind"] == KIND_TRAIN_REPLY)
+        assert dp["mode"] == "distributed" and dp["noise_added_by"].startswith("this site")

@@ -30,7 +30,7 @@ from ctfed.common.certs import (
     signing_public_line,
     write_roster,
 )
-from ctfed.common.config import ConfigError, RunConfig, SecAggConfig, SitePolicy
+from ctfed.common.config import ConfigError, DistributedDPConfig, PrivacyConfig, PrivacyMode, RunConfig, SecAggConfig, SitePolicy
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -547,3 +547,75 @@ def test_a_site_makes_its_supernode_and_signing_keys_itself(tmp_path: Path, caps
     assert str(public) in out and 'hospital-a: "ssh-ed25519 ' in out
     assert main(["site", "--config", str(yaml), "--make-keys"]) == 1  # keys the SuperLink knows are never replaced silently
     assert "exists" in capsys.readouterr().err
+
+
+# --- distributed DP (issue #12, point 8): the sites' noise under the masks -----------------
+
+DISTRIBUTED = DistributedDPConfig(clip_norm=1.0, noise_multiplier=0.5, granularity=2**12)
+MASKED_INPUT = sa.message_type(sa.STAGE_MASKED_INPUT)
+
+
+def _noisy_train(grid_ref: list[AttackingGrid]):
+    """The fixed small delta, clipped and with its noise held as the site's privacy round does
+    under distributed DP (client/privacy_round.py: ``clip``, ``hold_noise``)."""
+    plain = _local_train(grid_ref)
+
+    def train(msg: Message, context: Context) -> Message:
+        reply = plain(msg, context)
+        dp = DISTRIBUTED
+        context.state[sa.NOISE_STATE_KEY] = sa.noise_record(1, dp.clip_norm, dp.granularity, dp.noise_multiplier)
+        return reply
+
+    return train
+
+
+def _attack_with_privacy(rewrite: Rewrite | None, tmp_path: Path, privacy: PrivacyConfig):
+    cfg = RunConfig(privacy=privacy)
+    cfg.secagg = SecAggConfig(num_shares=5)
+    cfg.federation.min_sites = 2
+    grid_ref: list[AttackingGrid] = []
+    grid = AttackingGrid(site_secagg.stage_handlers(_noisy_train(grid_ref)), list(NODES), auth_dir=tmp_path / "keys", rewrite=rewrite)
+    grid_ref.append(grid)
+    like = _like()
+    instructions = RoundInstructions(server_round=1, model=cfg.model, train=cfg.train, privacy=cfg.privacy).to_record()
+    return secure_round(grid, [train_message(instructions, like, node_id=n) for n in NODES], like, cfg, server_round=1), grid
+
+
+def test_distributed_dp_sums_the_sites_noise_and_nobody_sees_the_clear_mean(tmp_path: Path) -> None:
+    """The coordinator unmasks the uniform mean of the clipped deltas plus the sum of the
+    sites' Skellam noise over 5: per value sqrt(5) x z x (granularity + sqrt(values)) steps."""
+    result, _ = _attack_with_privacy(None, tmp_path, PrivacyConfig(mode=PrivacyMode.distributed, distributed=DISTRIBUTED))
+    assert result.mean_delta is not None, result.reason
+    assert result.total_weight == len(NODES)  # every site weighted 1: a uniform mean
+    true_mean = {name: torch.zeros_like(t) for name, t in _like().items()}
+    for node in NODES:
+        gen = torch.Generator().manual_seed(node)
+        for name, t in _like().items():
+            true_mean[name] += torch.randn(t.shape, generator=gen) * 0.01 / len(NODES)
+    error = torch.cat([(result.mean_delta[n] - true_mean[n]).reshape(-1) for n in true_mean])
+    values = error.numel()
+    step = DISTRIBUTED.clip_norm / DISTRIBUTED.granularity
+    expected = len(NODES) ** 0.5 * DISTRIBUTED.noise_multiplier * (DISTRIBUTED.granularity + values**0.5) * step / len(NODES)
+    assert float(error.std()) == pytest.approx(expected, rel=0.2)  # 204 values: the std within 20%
+    assert abs(float(error.mean())) < 4 * expected / values**0.5
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(sa.P_QUANTIZATION, 2**40), (sa.P_CLIPPING, 100.0), (sa.P_MAX_WEIGHT, 64)],
+    ids=["finer-grid", "wider-range", "weighted-sum"],
+)
+def test_a_grid_or_weighting_other_than_the_instructions_gets_no_masked_input(tmp_path: Path, field: str, value) -> None:  # noqa: ANN001
+    """Sent to every site alike (so the neighbours' binding check passes), a grid other than
+    privacy.distributed's would make the site's noise too small for the integers it sends,
+    and a weight > 1 would scale its update past the sensitivity its noise covers."""
+
+    def rewrite(kind: str, node: int, content: RecordDict) -> RecordDict:
+        if kind == TRAIN:
+            params = {**dict(content[sa.PARAMS_KEY].items()), field: value}
+            return RecordDict({**dict(content.items()), sa.PARAMS_KEY: ConfigRecord(params)})
+        return content
+
+    result, grid = _attack_with_privacy(rewrite, tmp_path, PrivacyConfig(mode=PrivacyMode.distributed, distributed=DISTRIBUTED))
+    assert result.mean_delta is None
+    for node in NODES:
+        assert "distributed DP: the coordinator's grid" in grid.refusal(node, MASKED_INPUT)

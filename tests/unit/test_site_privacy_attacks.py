@@ -20,10 +20,12 @@ from opacus.accountants import RDPAccountant
 from ctfed.client import secagg as site_secagg
 from ctfed.client.app import train as client_train
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_SECAGG_PREFIX, KIND_TRAIN_REPLY, verify_audit_log
-from ctfed.client.ledger import CENTRAL_LEDGER_FILE
+from ctfed.client.ledger import CENTRAL_LEDGER_FILE, DISTRIBUTED_LEDGER_FILE, planned_distributed_entry
 from ctfed.common import secagg as sa
 from ctfed.common.config import (
     CentralDPConfig,
+    ConfigError,
+    DistributedDPConfig,
     LocalDPConfig,
     ModelConfig,
     PrivacyConfig,
@@ -33,7 +35,7 @@ from ctfed.common.config import (
     SitePolicy,
     TrainConfig,
 )
-from ctfed.common.dp import PrivacyLedger
+from ctfed.common.dp import SKELLAM, PrivacyLedger, entries_epsilon
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BUDGET_REFUSED_CODE,
@@ -498,3 +500,71 @@ def test_share_stages_audit_the_node_ids_of_every_share_list(tmp_path: Path) -> 
         assert shares[sa.STAGE_UNMASK] == {
             "signed_by": nodes, "seed_shares_revealed_for": nodes, "sk1_shares_revealed_for": [],
         }
+
+
+# -- point 8: distributed DP, accounted by the site for the honest sites it counts on ---------
+
+def _distributed(noise_multiplier: float) -> PrivacyConfig:
+    return PrivacyConfig(mode=PrivacyMode.distributed, distributed=DistributedDPConfig(noise_multiplier=noise_multiplier))
+
+
+def test_distributed_dp_on_the_plain_path_is_refused(tmp_path: Path, cache: Path) -> None:
+    """Its noise is added under the masks: a plain reply would be the clipped update in clear."""
+    state = tmp_path / "state"
+    reply = client_train(_plain(_instructions(_distributed(1.0))), _context(state, cache, SitePolicy()))
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE
+    assert "privacy.mode=distributed" in reply.error.reason and "plain train path" in reply.error.reason
+    assert not (state / DISTRIBUTED_LEDGER_FILE).exists()
+
+
+def test_the_site_counts_only_the_honest_sites_its_own_policy_names(tmp_path: Path, cache: Path) -> None:
+    """A coordinator that splits the noise over many sites (each adds little) cannot make a site
+    count on them: its epsilon is for its own noise, or for policy.distributed_dp_honest_sites
+    sites' noise; no instruction can name that number."""
+    per_site = 0.4  # what a coordinator asks of each of, say, 25 sites for a multiplier of 2 on their sum
+    alone = entries_epsilon([planned_distributed_entry(DistributedDPConfig(noise_multiplier=per_site), 1, 1)], 1e-5)
+    three = entries_epsilon([planned_distributed_entry(DistributedDPConfig(noise_multiplier=per_site), 3, 1)], 1e-5)
+    assert three < 0.6 * alone
+    budget = (alone + three) / 2  # enough for the noise of 3 sites, not for one's
+
+    message, stage_a = _secure_stage_a(_instructions(_distributed(per_site)))
+    state = tmp_path / "alone"
+    reply = stage_a(message, _context(state, cache, SitePolicy(require_dp=True, max_round_epsilon=budget)))
+    assert reply.has_error() and reply.error.code == BUDGET_REFUSED_CODE and "distributed DP" in reply.error.reason
+    # Naming the count in the instructions is an unknown key: refused, not believed.
+    forged = _instructions(_distributed(per_site), **{"privacy.distributed.honest_sites": 25})
+    message, stage_a = _secure_stage_a(forged)
+    reply = stage_a(message, _context(tmp_path / "forged", cache, SitePolicy(require_dp=True, max_round_epsilon=budget)))
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE and "honest_sites" in reply.error.reason
+
+    # A site whose hospital counts on 3 honest sites (of at least 3 in every sum) accepts, and says so.
+    state = tmp_path / "trusting"
+    policy = SitePolicy(require_dp=True, max_round_epsilon=budget, min_sites=3, distributed_dp_honest_sites=3)
+    message, stage_a = _secure_stage_a(_instructions(_distributed(per_site)))
+    context = _context(state, cache, policy)
+    reply = stage_a(message, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert sa.DELTA_STATE_KEY in context.state  # held for the masks; its noise with it
+    held = context.state[sa.STATE_KEY]
+    assert held[f"noise-{sa.NOISE_MULTIPLIER}"] == per_site and held[f"noise-{sa.NOISE_GRANULARITY}"] == 2**20
+    ledger = PrivacyLedger.load(state / DISTRIBUTED_LEDGER_FILE)
+    (entry,) = ledger.entries
+    assert entry.mechanism == SKELLAM and entry.noise_multiplier == pytest.approx(per_site * 3**0.5)
+    dp = _audit(state)[-1]["dp"]
+    assert dp["honest_sites_counted"] == 3 and dp["epsilon_after"] == pytest.approx(three, rel=1e-9)
+    assert reply.content[METRICS_KEY][EPSILON_KEY] == pytest.approx(three, rel=1e-9)  # the site's own number
+
+
+def test_distributed_dp_honest_sites_cannot_exceed_min_sites() -> None:
+    with pytest.raises(ConfigError, match="distributed_dp_honest_sites"):
+        SitePolicy(min_sites=2, distributed_dp_honest_sites=3)
+
+
+def test_a_site_that_requires_its_own_noise_refuses_central_dp(tmp_path: Path, cache: Path) -> None:
+    """Central DP's noise is the coordinator's promise; a site may accept only noise it adds."""
+    policy = SitePolicy(require_dp=True, min_noise_multiplier=0.5, require_site_noise=True)
+    central = PrivacyConfig(mode=PrivacyMode.central, central=CentralDPConfig(noise_multiplier=2.0))
+    reply = client_train(_plain(_instructions(central)), _context(tmp_path / "state", cache, policy))
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED_CODE and "require_site_noise" in reply.error.reason
+    message, stage_a = _secure_stage_a(_instructions(_distributed(1.0)))
+    assert not stage_a(message, _context(tmp_path / "secure", cache, policy)).has_error()
