@@ -50,4 +50,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  register with the SuperLink:     {paths.root}/sites/*/*.pub  ('ctfed server --register-sites')")
     for site in report.sites:
         print(f"  to {site.site_id} only: {site.folder}/  ({site.ca_cert.name} and {site.private_key.name}; never share the .key)")
+    if report.sites:
+        # Issue #12 point 12: a key made here is a key the coordinator has held.
+        print(
+            "\nThese site private keys were made here, so this machine has held them: send each folder over a "
+            "channel you trust and delete it here. A hospital can instead make its own key "
+            "('ctfed site --config site.yaml --make-keys') and send only the .pub "
+            "('ctfed server --register hospital-a.pub'; docs/deploy.md)."
+        )
     return 0

@@ -78,6 +78,7 @@ def test_cli_prints_where_each_file_goes(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["certs", "--out", str(tmp_path / "pki"), "--sites", "hospital-a"]) == 0
     out = capsys.readouterr().out
     assert "to hospital-a only" in out and "never share the .key" in out
+    assert "this machine has held them" in out and "--make-keys" in out  # the site-made key is offered
     assert main(["certs", "--out", str(tmp_path / "pki"), "--sites", "hospital-a"]) != 0
     assert "refusing to overwrite" in capsys.readouterr().err
 
