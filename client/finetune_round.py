@@ -157,7 +157,8 @@ def finetune_train(
                           standardizer_scans=standardizer_scans(train_scans.volumes, instructions.model.image_size))
     trained_at = time.perf_counter()
     # Asked for before training: fit_round fits the statistics a classifier arrives without.
-    statistics = sends_feature_statistics(finetune, instructions.privacy.mode is PrivacyMode.central, classifier)
+    update_dp = instructions.privacy.mode in (PrivacyMode.central, PrivacyMode.distributed)
+    statistics = sends_feature_statistics(finetune, update_dp, classifier)
     fit = finetuner.fit_round(plan, local_steps)
     train_seconds = time.perf_counter() - trained_at
     probs, labels = finetuner.predict(test_scans)

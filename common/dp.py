@@ -280,9 +280,9 @@ class SecureRandom:
         would cancel 16 digits away)."""
         if not 0 < mean <= POISSON_MAX_MEAN:
             raise ValueError(f"a Poisson mean must be in (0, {POISSON_MAX_MEAN:g}], got {mean}")
-        out = np.empty(count, dtype=np.int64)
         if mean < 10:
             return self._poisson_inversion(count, mean)
+        out = np.empty(count, dtype=np.int64)
         smu = math.sqrt(mean)
         b = 0.931 + 2.53 * smu
         a = -0.059 + 0.02483 * b

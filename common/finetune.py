@@ -270,11 +270,12 @@ STATISTICS_LOG_STD = STATISTICS_PREFIX + "log_std"
 _MEAN_SCALE, _LOG_STD_SCALE = 32.0, 8.0
 
 
-def sends_feature_statistics(cfg: FinetuneConfig, central_dp: bool, classifier: Classifier) -> bool:
+def sends_feature_statistics(cfg: FinetuneConfig, update_dp: bool, classifier: Classifier) -> bool:
     """Whether a phase-2 round's update carries the site's feature statistics: the coordinator
-    wants them until it has fixed its own (the classifier it sent holds none), not under central
-    DP (whose clip and noise are sized for the update). Both sides decide with this."""
-    return cfg.feature_statistics is FeatureStatistics.federated and not central_dp and not classifier.standardizer.fitted
+    wants them until it has fixed its own (the classifier it sent holds none), not under an
+    update-level DP (central or distributed: its clip and noise are sized for the update).
+    Both sides decide with this."""
+    return cfg.feature_statistics is FeatureStatistics.federated and not update_dp and not classifier.standardizer.fitted
 
 
 def encode_feature_statistics(standardizer: FeatureStandardizer) -> tuple[dict[str, torch.Tensor], int]:

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ctfed.common.checkpoint import state_digest
-from ctfed.common.config import RunConfig
+from ctfed.common.config import PrivacyMode, RunConfig
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -170,7 +170,8 @@ def run_finetune_rounds(
         classifier.set_trainable(plan.blocks, stem=plan.stem)
         trainable = {name: state[name] for name in trainable_names(classifier)}
         # Until one round has aggregated them, the sites' feature statistics travel in the update.
-        statistics = sends_feature_statistics(cfg.finetune, central is not None, classifier)
+        update_dp = central is not None or cfg.privacy.mode is PrivacyMode.distributed
+        statistics = sends_feature_statistics(cfg.finetune, update_dp, classifier)
         expected = {**trainable, **feature_statistics_like(classifier)} if statistics else trainable
         instructions = round_instructions(cfg, server_round, plan, local_steps, federation_id=recorder.federation_id)
         sampled = strategy.configure_train(server_round, ArrayRecord(), instructions.to_record(), grid)
