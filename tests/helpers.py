@@ -8,6 +8,7 @@ lists, dataset classes) or called with arguments. ``tests/`` is on ``sys.path`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.run import Run
 from torch.utils.data import Dataset
 
 from ctfed.client.policy import POLICY_FILE_KEY, write_policy_file
@@ -378,3 +382,35 @@ class LocalRayCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- the SuperNode's side of Flower (tests of the app pin and the site's executor) ---------
+
+SITE = {"site_id": "hospital-a", "data_path": "c", "superlink": "h:1", "ca_cert": "ca", "private_key": "k"}
+
+
+class FakeSuperLink:
+    """What the SuperNode's connection returns: one message of run 5, its run and its bundle."""
+
+    def __init__(self, message: Message, fab_content: bytes) -> None:
+        message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperLink delivers it
+        self.message = message
+        self.objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+        self.fab = Fab(hashlib.sha256(fab_content).hexdigest(), fab_content, {})
+        self.pending = [(message, get_object_tree(message))]
+        self.fabs_fetched = 0
+
+    def receive(self):  # noqa: ANN201
+        return self.pending.pop() if self.pending else None
+
+    def get_run(self, run_id: int) -> Run:
+        run = Run.create_empty(run_id)
+        run.fab_hash = self.fab.hash_str
+        return run
+
+    def get_fab(self, fab_hash: str, run_id: int) -> Fab:
+        self.fabs_fetched += 1
+        return self.fab
+
+    def pull_object(self, run_id: int, object_id: str) -> bytes:
+        return self.objects[object_id]

@@ -24,8 +24,7 @@ from flwr.supernode.nodestate import NodeStateFactory
 from ctfed.client import clientapp_executor, supernode_main
 from ctfed.client.site_cli import supernode_command
 from ctfed.common.config import SiteConfig
-from helpers import tiny_app
-from test_app_pin import SITE, FakeSuperLink
+from helpers import SITE, FakeSuperLink, tiny_app
 
 pytestmark = pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 

@@ -15,10 +15,7 @@ import pytest
 from flwr.app import Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode
-from flwr.supercore.fab import Fab
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
 from flwr.supernode.nodestate import NodeStateFactory
 
 from ctfed.client.site_cli import app_bundle_hash, app_pin_status, supernode_command
@@ -33,11 +30,10 @@ from ctfed.client.supernode_main import (
 )
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError, SiteConfig
-from helpers import tiny_app
+from helpers import SITE, FakeSuperLink, tiny_app
 
 pytestmark = pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 
-SITE = {"site_id": "hospital-a", "data_path": "c", "superlink": "h:1", "ca_cert": "ca", "private_key": "k"}
 # --- site.trusted_app_hashes -------------------------------------------------------------
 
 
@@ -116,33 +112,6 @@ def test_install_refuses_no_or_malformed_hashes() -> None:
         install_app_pin([])
     with pytest.raises(ValueError, match="not SHA-256 hex digests"):
         install_app_pin(["ABC"])
-
-
-class FakeSuperLink:
-    """What the SuperNode's connection returns: one message of run 5, its run and its bundle."""
-
-    def __init__(self, message: Message, fab_content: bytes) -> None:
-        message.metadata.__dict__["_message_id"] = message.object_id  # as the SuperLink delivers it
-        self.message = message
-        self.objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
-        self.fab = Fab(hashlib.sha256(fab_content).hexdigest(), fab_content, {})
-        self.pending = [(message, get_object_tree(message))]
-        self.fabs_fetched = 0
-
-    def receive(self):  # noqa: ANN201
-        return self.pending.pop() if self.pending else None
-
-    def get_run(self, run_id: int) -> Run:
-        run = Run.create_empty(run_id)
-        run.fab_hash = self.fab.hash_str
-        return run
-
-    def get_fab(self, fab_hash: str, run_id: int) -> Fab:
-        self.fabs_fetched += 1
-        return self.fab
-
-    def pull_object(self, run_id: int, object_id: str) -> bytes:
-        return self.objects[object_id]
 
 
 def _pull_once(link: FakeSuperLink, trusted: list[str]):  # noqa: ANN202
