@@ -124,6 +124,17 @@ def _verdict_counts(data: dict[str, Any], heads: str) -> list[str]:
     return _table(["verdict", *levels], [[key, *(cell(by[lv]) if lv in by else "–" for lv in levels)] for key, by in sorted(found.items())])
 
 
+def _wall_time_sentence(data: dict[str, Any]) -> str:
+    """The study's own time plus the federation's that ran before it (the federated arm's
+    pretraining); writing the DICOM and the caches come before both and are not counted."""
+    after = data["wall_seconds"].get("total")
+    federation = data["arms"].get("federated", {}).get("wall_seconds", {}).get("pretrain")
+    if after is None or not federation:
+        return f"Wall time {_fmt_seconds(after)} after the federation."
+    return (f"Wall time {_fmt_seconds(after + federation)}: the federation's pretraining {_fmt_seconds(federation)}, "
+            f"the rest of the study {_fmt_seconds(after)} (writing the DICOM and the caches not counted).")
+
+
 def _lines(data: dict[str, Any], plots: list[tuple[str, Path]], run_dir: Path) -> list[str]:
     cfg, budget, tasks = data["config"], data["budget"], data["tasks"]
     level = str(cfg["judged_labels_per_site"])
@@ -140,7 +151,7 @@ def _lines(data: dict[str, Any], plots: list[tuple[str, Path]], run_dir: Path) -
         f"{budget['local_steps']} steps, batch {budget['batch_size']}); fine-tuning {budget['finetune_steps']} steps of batch "
         f"{budget['finetune_batch_size']} per head, level and mode. Seeds: "
         + ", ".join(f"{k} {v}" for k, v in data["seeds"].items())
-        + f". Wall time {_fmt_seconds(data['wall_seconds'].get('total'))} after the federation.",
+        + f". {_wall_time_sentence(data)}",
         "",
         "Heads: " + "; ".join(f"**{heads}**: {text}" for heads, text in data.get("heads", {}).items()) + ".",
         "",
@@ -190,7 +201,7 @@ def _lines(data: dict[str, Any], plots: list[tuple[str, Path]], run_dir: Path) -
     lines += ["", "## Wall time", ""]
     lines += _table(["stage", "time"], [
         *[[f"{arm}: {stage}", _fmt_seconds(seconds)] for arm, entry in data["arms"].items() for stage, seconds in entry.get("wall_seconds", {}).items()],
-        *[[stage, _fmt_seconds(seconds)] for stage, seconds in data["wall_seconds"].items()],
+        *[["total after the federation" if stage == "total" else stage, _fmt_seconds(seconds)] for stage, seconds in data["wall_seconds"].items()],
     ])
     lines += ["", "## Plots", ""]
     lines += [f"![{caption}]({path.relative_to(run_dir).as_posix()})\n" for caption, path in plots]
