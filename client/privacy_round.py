@@ -64,11 +64,15 @@ logger = logging.getLogger(__name__)
 
 
 class RoundRefused(RuntimeError):
-    """The site declines this round; ``code`` is one of common.exchange.REFUSAL_CODES."""
+    """The site declines this round; ``code`` is one of common.exchange.REFUSAL_CODES.
 
-    def __init__(self, code: int, reason: str) -> None:
+    ``sent_reason``, when given, is what the error reply (and its audit entry) says instead of
+    ``reason``: the site's own log keeps the full one, with figures the coordinator must not get."""
+
+    def __init__(self, code: int, reason: str, sent_reason: str = "") -> None:
         super().__init__(reason)
         self.code = code
+        self.sent_reason = sent_reason or reason
 
 
 # policy.local_dp_repeat_volumes (common/config/site.py REPEAT_VOLUME_RULES).
@@ -117,6 +121,10 @@ class SitePrivacyRound:
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
         self.epsilon_after: float | None = None
+        # Local DP: the sample rate is batch_size / volumes, so the epsilon (and any figure
+        # derived from it) gives the volume count away; set by check_budget.
+        self.epsilon_reveals_withheld_count = False
+        self._cached_volumes: int | None = None
 
     @property
     def local_dp(self) -> LocalDPConfig | None:
@@ -135,6 +143,7 @@ class SitePrivacyRound:
         cache where one person has several is refused, or, with the site's
         ``policy.local_dp_repeat_volumes: one_per_person``, trained on one volume per person.
         Otherwise every volume."""
+        self._cached_volumes = len(dataset)
         if self.local_dp is None:
             return dataset
         try:
@@ -172,6 +181,7 @@ class SitePrivacyRound:
         if mode is PrivacyMode.local:
             assert self.local_dp is not None
             self.planned = planned_local_entry(self.local_dp, train, num_volumes, self.server_round, self.run_id)
+            self.epsilon_reveals_withheld_count = not self.shares_volume_count(num_volumes)
         elif mode is PrivacyMode.distributed:
             self.planned = planned_distributed_entry(
                 self.privacy.distributed, self.policy.distributed_dp_honest_sites, self.server_round, self.run_id
@@ -188,12 +198,33 @@ class SitePrivacyRound:
                     f"{self.planned.noise_multiplier:g}, sample rate {self.planned.sample_rate:.4g}, "
                     f"{self.planned.steps} steps) would spend epsilon {alone:.4g} at delta {delta:g}, "
                     f"above policy.max_round_epsilon {self.policy.max_round_epsilon:g}",
+                    self._budget_reason_sent("policy.max_round_epsilon"),
                 )
         if self.policy.max_epsilon > 0:
             try:
                 self.ledger.check_budget(self.planned, self.policy.max_epsilon, delta)
             except PrivacyBudgetExceeded as err:
-                raise RoundRefused(BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)") from None
+                raise RoundRefused(
+                    BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)", self._budget_reason_sent("policy.max_epsilon")
+                ) from None
+
+    def shares_volume_count(self, num_volumes: int) -> bool:
+        """Whether this round's reply says how many volumes the site trains on anyway: its data
+        summary's scan count is sent (``policy.share_data_summary``, not below
+        ``policy.min_reported_count``) and equals ``num_volumes`` (one volume per person
+        kept them all)."""
+        floor = self.policy.min_reported_count
+        return (
+            self.policy.share_data_summary and num_volumes >= floor and num_volumes == self._cached_volumes
+        )
+
+    def _budget_reason_sent(self, knob: str) -> str:
+        """A budget refusal's reason as the coordinator gets it: without the epsilon and sample
+        rate when they would give away a volume count the site withholds."""
+        if not self.epsilon_reveals_withheld_count:
+            return ""
+        return (f"privacy budget: this round would exceed {knob} (figures withheld: under local DP they give "
+                f"away the volume count, which this site does not share; the site's log has them)")
 
     def after_training(self, dp_steps: int) -> float | None:
         """Record the round in the ledger (local or central DP); the epsilon the reply carries
@@ -211,8 +242,17 @@ class SitePrivacyRound:
         # Central: the coordinator keeps its own ledger (results.json's central_epsilon); the
         # site's stricter one (sample rate 1) is in its audit log and state folder. The clip
         # scale (clip_norm / the update's exact norm) stays in the audit log too. Local and
-        # distributed: the site's own epsilon is the only one there is; the reply carries it.
-        return None if self.privacy.mode is PrivacyMode.central else self.epsilon_after
+        # distributed: the site's own epsilon is the only one there is; the reply carries it,
+        # unless (local DP) it would give away a volume count the site withholds: then it stays
+        # in the site's ledger and audit log.
+        if self.privacy.mode is PrivacyMode.central:
+            return None
+        if self.epsilon_reveals_withheld_count:
+            logger.info("site %s round %d: epsilon %.4g at delta %g kept at the site (under local DP it gives away "
+                        "the volume count, which the site does not share)", self.identity.site_id, self.server_round,
+                        self.epsilon_after, self.policy.delta)
+            return None
+        return self.epsilon_after
 
     def released(self, reply: SiteReply) -> SiteReply:
         """What of a round's reply may leave the site (issue #12, point 10; docs/security.md
@@ -365,7 +405,7 @@ class SitePrivacyRound:
 
     def refuse(self, refusal: RoundRefused) -> Error:
         """The error reply for a refusal (also written to the audit log)."""
-        reason = refusal_reason(self.identity.site_id, str(refusal))
+        reason = refusal_reason(self.identity.site_id, refusal.sent_reason)
         self.audit.append(
             kind=KIND_REFUSAL, run_id=self.run_id, server_round=self.server_round,
             site_id=self.identity.site_id, dp=self.dp_summary(), reason=reason,

@@ -87,7 +87,9 @@ class SitePolicy:
     # positives whose negatives are below it) are not sent: small cells single people out.
     # Its slice and spacing ranges end at the this-many-th scan from each end, rounded
     # outward, and the representation monitor of fewer labelled scans is not sent either.
-    # 0 sends every count and the exact ranges.
+    # 0 sends every count and the exact ranges. Under local DP the round's epsilon gives the
+    # volume count away (sample rate batch_size / volumes): the reply carries it only when it
+    # carries the count (client/privacy_round.py shares_volume_count).
     min_reported_count: int = 5
     # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate

@@ -14,17 +14,19 @@ import logging
 import time
 from pathlib import Path
 
+from ctfed.client.ledger import ledger_path
 from ctfed.client.policy import SITE_POLICIES_FILE_KEY, policy_to_dict
 from ctfed.client.secagg import SIGNING_KEYS_DIR_KEY
 from ctfed.client.site import DATA_DIR_KEY, SITES_DIR, site_cache_dirs
 from ctfed.common.certs import ensure_federation_signing_keys
-from ctfed.common.config import ConfigError, save_run_config
+from ctfed.common.config import ConfigError, SitePolicy, save_run_config
+from ctfed.common.dp import PrivacyLedger
 from ctfed.common.fileio import write_json_atomic
 from ctfed.common.preprocess import SPLIT_DIR, SPLIT_SUMMARY, prepare
 from ctfed.common.privacy import install_site_secret
 from ctfed.common.exchange import RUN_DIR_KEY
 from ctfed.server.app import RESUME_KEY, RESUME_OVERRIDE_KEY, RUN_CONFIG_FILE_KEY
-from ctfed.server.results import RESULTS_NAME, ResumeError, resumed_config, saved_run_config
+from ctfed.server.results import RESULTS_NAME, ResumeError, SiteRoundRecord, resumed_config, saved_run_config
 from ctfed.server.rounds import dropout_warning
 from ctfed.simulations.config import (
     SimulationRunConfig,
@@ -168,6 +170,26 @@ def write_site_policies(cfg: SimulationRunConfig, run_dir: Path, site_ids: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {site: policy_to_dict(cfg.simulation.policy_for(site)) for site in site_ids})
     return path
+
+
+def site_epsilons(run_dir: Path, sites: list[SiteRoundRecord]) -> dict[str, float]:
+    """Each site's own epsilon for a study's summary, given the outcomes of a federation's last
+    round (``sites``, run in ``run_dir``): the one its reply carried, or, where the site kept
+    it (under local DP it gives away a volume count the site does not share,
+    client/privacy_round.py), the total in the site's own ledger in the run's site folder, at
+    its policy's delta. Sites with neither are left out."""
+    policies_file = run_dir / SITES_DIR / "policies.json"
+    policies = json.loads(policies_file.read_text()) if policies_file.is_file() else {}
+    epsilons: dict[str, float] = {}
+    for site in sites:
+        if site.epsilon is not None:
+            epsilons[site.site] = site.epsilon
+            continue
+        ledger_file = ledger_path(run_dir / SITES_DIR / site.site)
+        if ledger_file.is_file():
+            delta = float(policies.get(site.site, {}).get("delta", SitePolicy().delta))
+            epsilons[site.site] = PrivacyLedger.load(ledger_file).epsilon(delta)
+    return epsilons
 
 
 def run_federation_simulation(

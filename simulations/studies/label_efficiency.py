@@ -76,6 +76,7 @@ from ctfed.server.rounds import initial_encoder_state
 from ctfed.simulations.studies.downstream import finetune_and_predict_many, judged_difference
 from ctfed.simulations.data.label_signal import linear_probe, window_histograms
 from ctfed.simulations.report.report import load_results
+from ctfed.simulations.runtime.simulate import site_epsilons
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +303,10 @@ def _federation_arm(cfg: SimulationRunConfig, run_dir: Path, keep_rounds: Sequen
         along[number * steps] = encoder_part(load_checkpoint(path)[0])
     final = run_dir / CHECKPOINT_DIR / pretraining[-1].checkpoint
     state = encoder_part(load_checkpoint(final)[0])  # the SSL heads too under train.share_heads
-    epsilons = [s.epsilon for s in pretraining[-1].sites if s.epsilon is not None]
-    extra = {"site_epsilon": {s.site: s.epsilon for s in pretraining[-1].sites if s.epsilon is not None}}
-    if epsilons:
-        extra["max_site_epsilon"] = max(epsilons)
+    site_epsilon = site_epsilons(run_dir, pretraining[-1].sites)
+    extra: dict[str, Any] = {"site_epsilon": site_epsilon}
+    if site_epsilon:
+        extra["max_site_epsilon"] = max(site_epsilon.values())
     # The federation's own wall time (it ran before the study started).
     return Pretrained(
         {POOLED: state}, len(pretraining) * steps, 1, results.wall_seconds, along, losses,

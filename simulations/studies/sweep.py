@@ -24,6 +24,7 @@ from ctfed.server.results import CHECKPOINT_DIR
 from ctfed.simulations.studies.compare import POOLED, SHARED, Pretrained, Site, evaluate_arm, load_sites
 from ctfed.common.labelled import NotEvaluableError
 from ctfed.simulations.report.report import load_results
+from ctfed.simulations.runtime.simulate import site_epsilons
 
 SWEEP_NAME = "sweep.json"
 SWEEP_REPORT = "sweep.md"
@@ -42,7 +43,7 @@ def privacy_summary(run_dir: Path) -> dict[str, Any]:
     without DP), secure aggregation, and seconds per round of one finished federation."""
     results = load_results(run_dir)
     last = results.rounds[-1]
-    site_eps = [s.epsilon for s in last.sites if s.epsilon is not None]
+    site_eps = list(site_epsilons(run_dir, last.sites).values())
     config = results.config
     mode = config.get("privacy", {}).get("mode", "none")
     epsilon = max(site_eps) if site_eps else last.central_epsilon

@@ -218,7 +218,11 @@ def test_site_epsilon_accumulates_across_rounds_and_a_restart(tmp_path: Path) ->
         site_round.check_budget(train, num_volumes=NUM_VOLUMES)
         trainer = LocalTrainer(MODEL, train, RandomVolumes(), seed=0, dp=site_round.local_dp)
         result = trainer.train_round(server_round - 1)
-        epsilons.append(site_round.after_training(result.dp_steps))  # the epsilon the reply carries
+        site_round.after_training(result.dp_steps)
+        # The site's own epsilon (the reply carries it only where the volume count is shared,
+        # tests/integration/test_site_privacy_attacks.py).
+        assert site_round.epsilon_after is not None
+        epsilons.append(site_round.epsilon_after)
     assert epsilons[0] < epsilons[1] < epsilons[2]
 
     accountant = RDPAccountant()

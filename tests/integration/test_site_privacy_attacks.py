@@ -8,7 +8,9 @@ checks that the site refuses, or that what it sends is what the site's own rules
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from opacus.accountants import RDPAccountant
 from ctfed.client import secagg as site_secagg
 from ctfed.client.app import train as client_train
 from ctfed.client.audit import AUDIT_FILE, KIND_REFUSAL, KIND_SECAGG_PREFIX, KIND_TRAIN_REPLY, verify_audit_log
-from ctfed.client.ledger import CENTRAL_LEDGER_FILE, DISTRIBUTED_LEDGER_FILE, planned_distributed_entry
+from ctfed.client.ledger import CENTRAL_LEDGER_FILE, DISTRIBUTED_LEDGER_FILE, LEDGER_FILE, planned_distributed_entry
 from ctfed.common import secagg as sa
 from ctfed.common.config import (
     CentralDPConfig,
@@ -35,6 +37,7 @@ from ctfed.common.config import (
     SitePolicy,
     TrainConfig,
 )
+from ctfed.common.data_summary import SCANS_KEY
 from ctfed.common.dp import SKELLAM, PrivacyLedger, entries_epsilon
 from ctfed.common.exchange import (
     ARRAYS_KEY,
@@ -352,9 +355,7 @@ def test_a_site_may_train_local_dp_on_one_volume_per_person_instead(
     """``policy.local_dp_repeat_volumes: one_per_person``: the round trains on one volume of the
     person, and the site's own accounting counts that one volume (the coordinator cannot ask
     for it: the rule is the site's policy, not an instruction)."""
-    import logging
-
-    from ctfed.client.ledger import LEDGER_FILE, local_sample_rate
+    from ctfed.client.ledger import local_sample_rate
 
     two_of_one = _cache_copy(cache, tmp_path / "cache", **shared)
     state = tmp_path / "state"
@@ -368,6 +369,63 @@ def test_a_site_may_train_local_dp_on_one_volume_per_person_instead(
     # The default policy still refuses, and says how to opt in.
     refused = client_train(_plain(_instructions(LOCAL_DP)), _context(tmp_path / "strict", two_of_one, SitePolicy()))
     assert refused.has_error() and "policy.local_dp_repeat_volumes: one_per_person" in refused.error.reason
+
+
+def _cache_of(cache: Path, target: Path, copies: int) -> Path:
+    """``copies`` x the cache's volumes, each its own study and patient (one volume per person)."""
+    shutil.copytree(cache, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    series = []
+    for copy in range(copies):
+        for index, entry in enumerate(manifest["series"]):
+            series.append({**entry, "key": f"{entry['key']}-{copy}", "study_key": f"{copy:08x}{index:08x}",
+                           "patient_key": f"{index:08x}{copy:08x}", "content_hash": f"{copy}-{entry.get('content_hash', index)}"})
+    manifest["series"] = series
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("copies", "policy"),
+    [(1, SitePolicy()), (3, SitePolicy(share_data_summary=False))],
+    ids=["count-below-the-floor", "no-data-summary"],
+)
+def test_local_dp_epsilon_does_not_give_away_a_volume_count_the_site_withholds(
+    tmp_path: Path, cache: Path, copies: int, policy: SitePolicy, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Point 10: under local DP the sample rate is batch_size / volumes, so the site's epsilon
+    (or a budget refusal quoting it, or the rate itself) tells the coordinator how many volumes
+    the site has. A site that does not send its count (below policy.min_reported_count, or
+    share_data_summary off) keeps the epsilon in its ledger and audit log, and a refusal sent
+    for its budget carries no figure. A site that sends its count sends its epsilon too."""
+    volumes = _cache_of(cache, tmp_path / "cache", copies)
+    state = tmp_path / "state"
+    reply = client_train(_plain(_instructions(LOCAL_DP)), _context(state, volumes, policy))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    sent = reply.content[METRICS_KEY]
+    assert EPSILON_KEY not in sent and SCANS_KEY not in sent
+    (entry,) = PrivacyLedger.load(state / LEDGER_FILE).entries  # spent and counted at the site
+    assert entry.sample_rate == ONE_STEP.batch_size / (2 * copies)
+    assert _audit(state)[-1]["dp"]["epsilon_after"] > 0
+
+    # A budget the round cannot meet: the refusal says which knob, not the figures.
+    strict = replace(policy, require_dp=True, max_round_epsilon=1e-3)
+    with caplog.at_level(logging.WARNING, logger="ctfed.client.app"):
+        refused = client_train(_plain(_instructions(LOCAL_DP)), _context(tmp_path / "strict", volumes, strict))
+    assert refused.has_error() and refused.error.code == BUDGET_REFUSED_CODE
+    assert "policy.max_round_epsilon" in refused.error.reason
+    assert "sample rate" not in refused.error.reason and not any(c.isdigit() for c in refused.error.reason)
+    assert "sample rate" in caplog.text + capsys.readouterr().out  # the site's own log has them
+    assert "sample rate" not in json.dumps(_audit(tmp_path / "strict"))
+
+    # The same volumes at a site that shares its count: the epsilon goes with it.
+    shared = _cache_of(cache, tmp_path / "shared-cache", 3)
+    open_state = tmp_path / "open"
+    reply = client_train(_plain(_instructions(LOCAL_DP)), _context(open_state, shared, SitePolicy()))
+    sent = reply.content[METRICS_KEY]
+    assert sent[SCANS_KEY] == 6
+    assert sent[EPSILON_KEY] == pytest.approx(PrivacyLedger.load(open_state / LEDGER_FILE).epsilon(SitePolicy().delta))
 
 
 def test_one_volume_per_person_keeps_the_first_by_content_hash_and_never_two_of_a_study() -> None:
