@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from ctfed.client.finetune_round import finetune_train
 from ctfed.client.local_state import load_local_state, save_local_state
-from ctfed.client.monitor_round import first_monitor_of_round, hold_for_secure_round, monitor_metrics
+from ctfed.client.monitor_round import first_monitor_of_round, hold_for_secure_round, monitor_allowed, monitor_metrics
 from ctfed.client.privacy_round import RoundRefused, SitePrivacyRound
 from ctfed.client.site import SiteData, identify_site, open_site_data
 from ctfed.client.secagg import register_secagg
@@ -132,12 +132,12 @@ def train(msg: Message, context: Context) -> Message:
     # The encoder, and with train.share_heads the projection head and centres (client/train.py).
     global_state = record_to_state(msg.content[ARRAYS_KEY], expected=trainer.shared_state())
     trainer.set_global_state(global_state)
-    # Before training, on the encoder every site received (client/monitor_round.py).
-    # Only for an encoder the federation published (client/monitor_round.py): once per round,
-    # and on the secure path held until the round's unmask stage.
+    # Before training, on the encoder every site received. Only for an encoder the federation
+    # published (client/monitor_round.py): once per round, on the secure path held until the
+    # round's unmask stage, on the plain path only where the site's policy allows it.
     monitor = (
         monitor_metrics(site, instructions, encoder_part(global_state))
-        if privacy_round.policy.share_monitor and instructions.monitor_settings() is not None
+        if instructions.monitor_settings() is not None and monitor_allowed(privacy_round.policy, secure_path)
         and first_monitor_of_round(context, server_round, site.site_id)
         else {}
     )

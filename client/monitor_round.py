@@ -18,8 +18,9 @@ federation published, one the site trains from in a round that is aggregated:
   A coordinator that stops after stage (a), or sends this site its own encoder, gets nothing.
 * **Both paths:** one monitor per round of a run (``first_monitor_of_round``): a coordinator
   that replays a round with other weights gets no second answer.
-* **Plain path:** the site cannot tell whether other sites got the same encoder; a site that
-  minds sets ``policy.share_monitor: false`` or requires secure aggregation.
+* **Plain path:** the site cannot tell whether other sites got the same encoder, so it does
+  not run the monitor there unless ``policy.share_monitor_on_plain_path`` says so (a trusted
+  coordinator: ``ctfed simulate``'s sites do).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
 
 from ctfed.client.site import SiteData
+from ctfed.common.config import SitePolicy
 from ctfed.common.exchange import RoundInstructions
 from ctfed.common.labelled import NotEvaluableError
 from ctfed.common.monitor import SECONDS_KEY, site_monitor
@@ -75,6 +77,17 @@ def monitor_metrics(
         site.site_id, result.knn_accuracy, result.k, result.scans, result.embedding_std, result.uniform_std, seconds,
     )
     return {**result.to_metrics(), SECONDS_KEY: seconds}
+
+
+def monitor_allowed(policy: SitePolicy, secure_path: bool) -> bool:
+    """Whether the site's policy lets the monitor run on this round's message path."""
+    if not policy.share_monitor:
+        return False
+    if secure_path or policy.share_monitor_on_plain_path:
+        return True
+    logger.info("representation monitor: not run on the plain path (without secure aggregation the site cannot check "
+                "that the encoder is the one every site got); policy.share_monitor_on_plain_path: true runs it")
+    return False
 
 
 def first_monitor_of_round(context: Context, server_round: int, site_id: str) -> bool:

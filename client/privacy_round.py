@@ -208,15 +208,17 @@ class SitePrivacyRound:
                     BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)", self._budget_reason_sent("policy.max_epsilon")
                 ) from None
 
+    def shares_count(self, count: int) -> bool:
+        """Whether the site's policy lets a count of its scans leave it: it shares its data
+        summary (``policy.share_data_summary``) and the count is not below
+        ``policy.min_reported_count``, the rule of the summary's own counts."""
+        return self.policy.share_data_summary and count >= self.policy.min_reported_count
+
     def shares_volume_count(self, num_volumes: int) -> bool:
         """Whether this round's reply says how many volumes the site trains on anyway: its data
-        summary's scan count is sent (``policy.share_data_summary``, not below
-        ``policy.min_reported_count``) and equals ``num_volumes`` (one volume per person
-        kept them all)."""
-        floor = self.policy.min_reported_count
-        return (
-            self.policy.share_data_summary and num_volumes >= floor and num_volumes == self._cached_volumes
-        )
+        summary's scan count is sent (``shares_count``) and equals ``num_volumes`` (one
+        volume per person kept them all)."""
+        return self.shares_count(num_volumes) and num_volumes == self._cached_volumes
 
     def _budget_reason_sent(self, knob: str) -> str:
         """A budget refusal's reason as the coordinator gets it: without the epsilon and sample
@@ -274,6 +276,9 @@ class SitePrivacyRound:
           - no held-out evaluation (phase 2's ``eval/*``: AUROC and its CI, the operating point):
             each is a function of a handful of held-out scans' labels and predictions, which no
             DP mechanism here covers. The site logs it locally.
+        * Under local DP, where the epsilon stays at the site (``check_budget``), the timings
+          and peak memory stay too: they grow with the Poisson-sampled batches, i.e. with the
+          volume count.
         """
         kept = dict(reply.aggregates)
         floor = self.policy.min_reported_count
@@ -299,6 +304,8 @@ class SitePrivacyRound:
                 reply = replace(reply, num_examples=expected)
             if reply.evaluation:
                 reply = replace(reply, evaluation=None)
+        if self.epsilon_reveals_withheld_count:
+            reply = replace(reply, train_seconds=None, data_seconds=None, round_seconds=None, peak_rss_mb=None)
         return reply
 
     def released_monitor(self, metrics: Mapping[str, Any]) -> dict[str, Any]:

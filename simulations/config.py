@@ -188,11 +188,12 @@ class SimulationConfig:
     # Injected site failures; any entry switches the simulated sites to the fault-injecting
     # ClientApp (simulations/runtime/faults.py), which deployed sites never run.
     faults: list[FaultConfig] = field(default_factory=list)
-    # Every simulated site's policy (default: permissive), and whole replacements for named
-    # sites (site = the cache folder's name), e.g.
+    # Every simulated site's policy (default: permissive; the coordinator is the researcher's
+    # own, so the sites send the monitor on the plain path too), and whole replacements for
+    # named sites (site = the cache folder's name), e.g.
     # simulation.site_policies=[{site:site_1,max_local_steps:1}]. A list, not a mapping,
     # because Hydra cannot add new keys to a mapping from the command line.
-    site_policy: SitePolicy = field(default_factory=SitePolicy)
+    site_policy: SitePolicy = field(default_factory=lambda: SitePolicy(share_monitor_on_plain_path=True))
     # The named replacements (see site_policy above).
     site_policies: list[NamedSitePolicy] = field(default_factory=list)
 

@@ -87,15 +87,21 @@ class SitePolicy:
     # positives whose negatives are below it) are not sent: small cells single people out.
     # Its slice and spacing ranges end at the this-many-th scan from each end, rounded
     # outward, and the representation monitor of fewer labelled scans is not sent either.
-    # 0 sends every count and the exact ranges. Under local DP the round's epsilon gives the
-    # volume count away (sample rate batch_size / volumes): the reply carries it only when it
-    # carries the count (client/privacy_round.py shares_volume_count).
+    # 0 sends every count and the exact ranges. Figures that give a count away go only where
+    # the count itself would (client/privacy_round.py shares_count): under local DP the
+    # round's epsilon (its sample rate is batch_size / volumes) and its timings (they grow
+    # with the Poisson-sampled batches).
     min_reported_count: int = 5
     # Send the representation monitor's numbers (kNN accuracy, feature spread and the number of
     # labelled scans behind them; common/monitor.py) with each SSL round's metrics. Aggregate
     # statistics of labelled scans, in clear and outside any DP guarantee, like the summary;
     # once per round, and on the secure path only with the round's unmask reply.
     share_monitor: bool = True
+    # Also send the monitor on the plain path (no secure aggregation). There the site cannot
+    # check that every site got the encoder it scores, so a coordinator can send this site
+    # one of its own making and read the kNN accuracy as a label oracle, once a round.
+    # Leave false unless the coordinator is trusted (ctfed simulate's sites: the researcher's).
+    share_monitor_on_plain_path: bool = False
     # Under local DP a cache where one person has several volumes (follow-up studies, several
     # series of a study) would give that person a multiple of the round's epsilon (by group
     # privacy): "refuse" such rounds, or "one_per_person": train them on one volume per person

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
 from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, TrainConfig
-from ctfed.simulations.config import load_simulation_config
+from ctfed.simulations.config import SimulationRunConfig, load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     FINETUNE_PHASE,
@@ -248,10 +248,21 @@ def _in_process_run(caches: Path, run_dir: Path, resume: bool = False):  # noqa:
     nodes = [1, 2]
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
-                   run_config={"data-dir": str(caches), "run-dir": str(run_dir)})
+                   run_config=_simulated_sites_run_config(cfg, caches, run_dir))
         for i, n in enumerate(nodes)
     }
     return run_federation(InProcessGrid({"train": train}, nodes, contexts=contexts), cfg, run_dir, resume=resume)
+
+
+def _simulated_sites_run_config(cfg: SimulationRunConfig, caches: Path, run_dir: Path) -> dict[str, str]:
+    """The run config ``ctfed simulate`` gives its sites: the caches, the run folder, and each
+    site's policy from ``simulation.site_policy`` (which runs the monitor on the plain path)."""
+    from ctfed.client.policy import SITE_POLICIES_FILE_KEY
+    from ctfed.simulations.runtime.simulate import write_site_policies
+
+    sites = sorted(p.name for p in caches.iterdir() if p.is_dir())
+    policies = write_site_policies(cfg, run_dir, sites)
+    return {"data-dir": str(caches), "run-dir": str(run_dir), SITE_POLICIES_FILE_KEY: str(policies)}
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +419,7 @@ def test_phase_two_alone_fine_tunes_the_initial_encoder_on_each_sites_own_split(
     cfg = load_simulation_config(overrides)
     nodes = [1, 2]
     contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(),
-                           run_config={"data-dir": str(caches), "run-dir": str(tmp_path / "run")}) for i, n in enumerate(nodes)}
+                           run_config=_simulated_sites_run_config(cfg, caches, tmp_path / "run")) for i, n in enumerate(nodes)}
     recorder = run_federation(InProcessGrid({"train": train}, nodes, contexts=contexts), cfg, tmp_path / "run")
     assert [(r.round, r.phase, r.aggregated) for r in recorder.rounds] == [(1, "finetune", True)]
     assert {s.site: s.num_examples for s in recorder.rounds[0].sites} == trained_on

@@ -44,14 +44,18 @@ from ctfed.common.exchange import (
     BUDGET_REFUSED_CODE,
     CLIP_SCALE_KEY,
     CONFIG_KEY,
+    DATA_SECONDS_KEY,
     EPSILON_KEY,
     LOSS_FIRST_KEY,
     LOSS_KEY,
     LOSSES_KEY,
     METRICS_KEY,
+    PEAK_RSS_KEY,
     POLICY_REFUSED_CODE,
+    ROUND_SECONDS_KEY,
     SECURE_AGGREGATION_KEY,
     SERVER_ROUND_KEY,
+    TRAIN_SECONDS_KEY,
     RoundInstructions,
     SiteReply,
     state_to_record,
@@ -405,6 +409,8 @@ def test_local_dp_epsilon_does_not_give_away_a_volume_count_the_site_withholds(
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     sent = reply.content[METRICS_KEY]
     assert EPSILON_KEY not in sent and SCANS_KEY not in sent
+    # Nor the timings and peak memory: the Poisson-sampled work grows with the volume count.
+    assert not {TRAIN_SECONDS_KEY, DATA_SECONDS_KEY, ROUND_SECONDS_KEY, PEAK_RSS_KEY} & set(sent)
     (entry,) = PrivacyLedger.load(state / LEDGER_FILE).entries  # spent and counted at the site
     assert entry.sample_rate == ONE_STEP.batch_size / (2 * copies)
     assert _audit(state)[-1]["dp"]["epsilon_after"] > 0
@@ -424,7 +430,7 @@ def test_local_dp_epsilon_does_not_give_away_a_volume_count_the_site_withholds(
     open_state = tmp_path / "open"
     reply = client_train(_plain(_instructions(LOCAL_DP)), _context(open_state, shared, SitePolicy()))
     sent = reply.content[METRICS_KEY]
-    assert sent[SCANS_KEY] == 6
+    assert sent[SCANS_KEY] == 6 and sent[TRAIN_SECONDS_KEY] > 0
     assert sent[EPSILON_KEY] == pytest.approx(PrivacyLedger.load(open_state / LEDGER_FILE).epsilon(SitePolicy().delta))
 
 

@@ -251,11 +251,26 @@ def test_ranges_are_coarsened_and_no_end_is_one_scan(tmp_path: Path) -> None:
 
 # -- (c) the representation monitor ------------------------------------------------------------
 
+# A site that trusts its coordinator with the monitor on the plain path (ctfed simulate's do).
+TRUSTING = SitePolicy(share_monitor_on_plain_path=True)
+
+
+def test_the_plain_path_sends_no_monitor_unless_the_site_says_so(tmp_path: Path) -> None:
+    """On the plain path a site cannot check that the encoder it gets is the one every site
+    got: a coordinator sends this site one of its own making and reads the kNN accuracy as a
+    label oracle. A site's default policy does not run the monitor there."""
+    cache = _cache(tmp_path / "cache", LABELS)
+    crafted = {name: torch.randn_like(t) for name, t in _encoder(1).items()}
+    sent = _sent(client_train(train_message(_phase_one(1), crafted), _context(cache, tmp_path / "default")))
+    assert _monitor_keys(sent) == [] and LOSS_KEY in sent  # the round itself still trains
+    trusting = _sent(client_train(train_message(_phase_one(1), crafted), _context(cache, tmp_path / "trusting", TRUSTING)))
+    assert _monitor_keys(trusting)
+
 
 def test_the_monitor_answers_once_per_round(tmp_path: Path) -> None:
     """A coordinator replaying round 1 with a crafted encoder gets no second kNN answer."""
     cache = _cache(tmp_path / "cache", LABELS)
-    context = _context(cache, tmp_path / "state")
+    context = _context(cache, tmp_path / "state", TRUSTING)
     first = _sent(client_train(train_message(_phase_one(1), _encoder(0)), context))
     assert _monitor_keys(first)
     crafted = {name: torch.randn_like(t) for name, t in _encoder(1).items()}
@@ -285,7 +300,7 @@ def test_the_secure_path_holds_the_monitor_until_unmask(tmp_path: Path) -> None:
     from ctfed.client.monitor_round import HELD_MONITOR_KEY
 
     assert sorted(context.state[HELD_MONITOR_KEY].keys()) == _monitor_keys(
-        _sent(client_train(train_message(_phase_one(), _encoder()), _context(cache, tmp_path / "plain")))
+        _sent(client_train(train_message(_phase_one(), _encoder()), _context(cache, tmp_path / "plain", TRUSTING)))
     )
     # The coordinator moves on to stage (b) of another round: the site stops, nothing held stays.
     wrong = RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: 7})})
@@ -298,5 +313,6 @@ def test_a_small_monitor_stays_at_the_site(tmp_path: Path) -> None:
     """Four labelled scans (two held out): a kNN accuracy that says how those two are labelled."""
     cache = _cache(tmp_path / "cache", [0, 1, 0, 1])
     message = lambda: train_message(_phase_one(), _encoder())  # noqa: E731
-    assert _monitor_keys(_sent(client_train(message(), _context(cache, tmp_path / "floor")))) == []
-    assert _monitor_keys(_sent(client_train(message(), _context(cache, tmp_path / "all", SitePolicy(min_reported_count=0)))))
+    assert _monitor_keys(_sent(client_train(message(), _context(cache, tmp_path / "floor", TRUSTING)))) == []
+    trusting_all = SitePolicy(min_reported_count=0, share_monitor_on_plain_path=True)
+    assert _monitor_keys(_sent(client_train(message(), _context(cache, tmp_path / "all", trusting_all))))

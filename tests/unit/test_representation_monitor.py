@@ -214,23 +214,30 @@ def _monitor_keys(metrics: dict) -> list[str]:
     return sorted(key for key in metrics if key.startswith("monitor-"))
 
 
+# These rounds come on the plain path: the site answers the monitor there only when its
+# policy says the coordinator is trusted (policy.share_monitor_on_plain_path).
+PLAIN_PATH_MONITOR = SitePolicy(share_monitor_on_plain_path=True)
+
+
 def test_site_sends_the_monitor_unless_its_policy_keeps_it(tmp_path: Path) -> None:
     from ctfed.client.app import train
     from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])  # sets Flower's task identity, which Message() needs outside a Flower process
     cache = labelled_cache(tmp_path / "cache", [0, 1, 0, 1, 1, 0])
-    sent = train(_train_message(MonitorConfig()), _site(cache, tmp_path / "a", SitePolicy())).content[METRICS_KEY]
+    sent = train(_train_message(MonitorConfig()), _site(cache, tmp_path / "a", PLAIN_PATH_MONITOR)).content[METRICS_KEY]
     assert _monitor_keys(sent) == ["monitor-embedding-std", "monitor-k", "monitor-knn-accuracy", "monitor-scans",
                                    "monitor-seconds", "monitor-uniform-std"]
     assert sent["monitor-scans"] == 6 and sent["monitor-k"] == 2 and 0 <= sent["monitor-knn-accuracy"] <= 1
     assert sent["monitor-seconds"] > 0 and sent[TRAIN_SECONDS_KEY] > 0
 
     kept = train(_train_message(MonitorConfig()), _site(cache, tmp_path / "b", SitePolicy(share_monitor=False))).content[METRICS_KEY]
-    off = train(_train_message(MonitorConfig(enabled=False)), _site(cache, tmp_path / "c", SitePolicy())).content[METRICS_KEY]
-    assert _monitor_keys(kept) == [] and _monitor_keys(off) == []
+    off = train(_train_message(MonitorConfig(enabled=False)), _site(cache, tmp_path / "c", PLAIN_PATH_MONITOR)).content[METRICS_KEY]
+    # A site's default policy: no monitor on the plain path, whatever the coordinator asks.
+    plain = train(_train_message(MonitorConfig()), _site(cache, tmp_path / "d", SitePolicy())).content[METRICS_KEY]
+    assert _monitor_keys(kept) == [] and _monitor_keys(off) == [] and _monitor_keys(plain) == []
     # The monitor only reads the received encoder: the round trains exactly as without it.
-    assert list(sent["losses"]) == list(kept["losses"]) == list(off["losses"])
+    assert list(sent["losses"]) == list(kept["losses"]) == list(off["losses"]) == list(plain["losses"])
 
 
 def test_site_without_splittable_labels_skips_the_monitor_once_and_trains(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -241,7 +248,7 @@ def test_site_without_splittable_labels_skips_the_monitor_once_and_trains(tmp_pa
     InProcessGrid({}, [])
     monitor_round._skips_logged.discard("site_x")
     cache = labelled_cache(tmp_path / "cache", [1, 1, 1, 0, None, None])  # one negative: no split
-    context = _site(cache, tmp_path / "state", SitePolicy())
+    context = _site(cache, tmp_path / "state", PLAIN_PATH_MONITOR)
     with caplog.at_level(logging.INFO, logger="ctfed.client.monitor_round"):
         for server_round in (1, 2):
             reply = train(_train_message(MonitorConfig(), server_round), context)

@@ -192,7 +192,10 @@ def test_simulation_site_policies_config() -> None:
 
     cfg = load_simulation_config(["simulation.site_policies=[{site:site_1,max_local_steps:1}]"])
     assert cfg.simulation.policy_for("site_1").max_local_steps == 1
-    assert cfg.simulation.policy_for("site_0") == SitePolicy()
+    # A simulation's coordinator is the researcher's: its sites answer the monitor on the
+    # plain path too; a named site's policy is a whole replacement, from SitePolicy's defaults.
+    assert cfg.simulation.policy_for("site_0") == SitePolicy(share_monitor_on_plain_path=True)
+    assert not cfg.simulation.policy_for("site_1").share_monitor_on_plain_path
     with pytest.raises(ConfigError, match="twice"):
         load_simulation_config(["simulation.site_policies=[{site:a},{site:a}]"])
 
