@@ -188,6 +188,16 @@ def _state(context: Context, expected_stage: str, server_round: int) -> ConfigRe
     return state
 
 
+def _request(msg: Message, stage: str) -> ConfigRecord:
+    """The coordinator's payload for ``stage``, every field there with its type; a malformed
+    one ends the round at this site like any other violation (logged, audited, state cleared)."""
+    record_name = sa.PARAMS_KEY if stage == sa.STAGE_TRAIN else sa.PROTOCOL_KEY
+    try:
+        return sa.checked_payload(msg.content, record_name, sa.REQUEST_FIELDS[stage], f"the coordinator's {stage} message")
+    except sa.MalformedPayload as err:
+        raise ProtocolViolation(str(err)) from None
+
+
 def _reply(msg: Message, payload: dict, **records) -> Message:  # noqa: ANN003 - extra named records
     content = RecordDict({sa.PROTOCOL_KEY: ConfigRecord(payload), **records})
     return Message(content=content, reply_to=msg)
@@ -195,7 +205,7 @@ def _reply(msg: Message, payload: dict, **records) -> Message:  # noqa: ANN003 -
 
 def handle_train(msg: Message, context: Context, local_train: Handler) -> Message:
     """Stage (a): local training, local vetting of the delta, a signed advertisement of fresh keys."""
-    params = msg.content[sa.PARAMS_KEY]
+    params = _request(msg, sa.STAGE_TRAIN)
     server_round = int(params[sa.P_ROUND])
     context.state.pop(sa.STATE_KEY, None)  # a new round always starts clean
     context.state.pop(sa.DELTA_STATE_KEY, None)
@@ -271,10 +281,9 @@ def _verify_advertisements(payload: ConfigRecord, state: ConfigRecord, auth: Sit
     """Every neighbour's advertisement is signed by its roster key and commits to the same
     model and instructions as ours (points 1 and 3); returns the neighbours' site ids."""
     node_ids = [int(n) for n in cast(list, payload[sa.K_NODE_IDS])]
-    lists = [payload.get(key) for key in (sa.K_SITE_IDS, sa.K_MODEL_HASHES, sa.K_INSTRUCTIONS_HASHES, sa.K_SIGNATURES)]
-    if any(value is None for value in lists):
-        raise ProtocolViolation("the neighbours' advertisements are unsigned (no site ids, hashes or signatures)")
-    site_ids, model_hashes, instruction_hashes, signatures = (list(cast(list, value)) for value in lists)
+    site_ids, model_hashes, instruction_hashes, signatures = (
+        list(cast(list, payload[key])) for key in (sa.K_SITE_IDS, sa.K_MODEL_HASHES, sa.K_INSTRUCTIONS_HASHES, sa.K_SIGNATURES)
+    )
     if not len(site_ids) == len(model_hashes) == len(instruction_hashes) == len(signatures) == len(node_ids):
         raise ProtocolViolation("malformed advertisement lists")
     if len(set(site_ids)) != len(site_ids):
@@ -306,14 +315,12 @@ def _verify_advertisements(payload: ConfigRecord, state: ConfigRecord, auth: Sit
 def handle_share_keys(msg: Message, context: Context) -> Message:
     """Stage (b): floors, authentication and round binding; then Shamir-share the
     self-mask seed and sk1 among the neighbours."""
-    payload = msg.content[sa.PROTOCOL_KEY]
+    payload = _request(msg, sa.STAGE_SHARE_KEYS)
     server_round = int(payload[sa.P_ROUND])
     state = _state(context, sa.STAGE_TRAIN, server_round)
     me = int(state[_NODE])
     node_ids = [int(n) for n in cast(list, payload[sa.K_NODE_IDS])]
     pk1s, pk2s = cast(list, payload[sa.K_PK1_LIST]), cast(list, payload[sa.K_PK2_LIST])
-    if sa.P_THRESHOLD not in payload:
-        raise ProtocolViolation("no reconstruction threshold given")
     threshold = int(payload[sa.P_THRESHOLD])
     if not len(node_ids) == len(pk1s) == len(pk2s) or len(set(node_ids)) != len(node_ids):
         raise ProtocolViolation("malformed neighbour list")
@@ -348,7 +355,7 @@ def handle_share_keys(msg: Message, context: Context) -> Message:
 
 def handle_masked_input(msg: Message, context: Context) -> Message:
     """Stage (c): store the shares addressed to us, reply our masked, quantised, weighted delta."""
-    payload = msg.content[sa.PROTOCOL_KEY]
+    payload = _request(msg, sa.STAGE_MASKED_INPUT)
     server_round = int(payload[sa.P_ROUND])
     state = _state(context, sa.STAGE_SHARE_KEYS, server_round)
     me = int(state[_NODE])
@@ -452,7 +459,7 @@ def _held_noise(state: ConfigRecord, clipping: float, levels: int, max_weight: i
 
 def handle_consistency(msg: Message, context: Context) -> Message:
     """Stage (d): sign the survivor set we are given (point 2), after checking it."""
-    payload = msg.content[sa.PROTOCOL_KEY]
+    payload = _request(msg, sa.STAGE_CONSISTENCY)
     server_round = int(payload[sa.P_ROUND])
     state = _state(context, sa.STAGE_MASKED_INPUT, server_round)
     me = int(state[_NODE])
@@ -481,15 +488,15 @@ def handle_consistency(msg: Message, context: Context) -> Message:
 def handle_unmask(msg: Message, context: Context) -> Message:
     """Stage (e): with ``threshold`` neighbours' signatures over our survivor set, seed shares
     of surviving neighbours and sk1 shares of dropped ones, never both for one."""
-    payload = msg.content[sa.PROTOCOL_KEY]
+    payload = _request(msg, sa.STAGE_UNMASK)
     server_round = int(payload[sa.P_ROUND])
     state = _state(context, sa.STAGE_CONSISTENCY, server_round)
     survivors = [int(n) for n in cast(list, state[_SURVIVORS])]
     neighbours = [int(n) for n in cast(list, state[_NEIGHBOURS])]
     site_of = dict(zip(neighbours, (str(s) for s in cast(list, state[_N_SITES]))))
     auth = load_site_auth(context)
-    signers = [int(n) for n in cast(list, payload.get(sa.K_SIGNERS, []))]
-    signatures = cast(list, payload.get(sa.K_SIGNATURES, []))
+    signers = [int(n) for n in cast(list, payload[sa.K_SIGNERS])]
+    signatures = cast(list, payload[sa.K_SIGNATURES])
     if len(signers) != len(signatures):
         raise ProtocolViolation("malformed consistency signatures")
     valid: set[int] = set()
@@ -559,7 +566,8 @@ def _audited(stage: str, handler: Handler, audit_replies: bool = True) -> Handle
 
     def audited(msg: Message, context: Context) -> Message:
         record = msg.content.config_records.get(sa.PROTOCOL_KEY) or msg.content.config_records.get(sa.PARAMS_KEY)
-        server_round = int(record[sa.P_ROUND]) if record is not None and sa.P_ROUND in record else 0
+        claimed = record.get(sa.P_ROUND) if record is not None else None
+        server_round = claimed if isinstance(claimed, int) and not isinstance(claimed, bool) else 0  # for the audit only
         try:
             reply = handler(msg, context)
         except ProtocolViolation as err:

@@ -28,7 +28,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping, get_args, get_origin
 
 import numpy as np
 import torch
@@ -109,6 +109,64 @@ K_INSTRUCTIONS_HASHES = "instructions-sha256-list"
 K_SIGNATURES = "signatures"
 # Consistency round: the signers of the survivor set and their signatures (stage e).
 K_SIGNERS = "signers"
+
+# Each stage's payload, both directions: field -> type (``list[x]``: a list of x). Both sides
+# check a payload on receipt (``checked_payload``), so a malformed or hostile message ends
+# at a named field, never at a KeyError or a silently truncated value inside a handler.
+REQUEST_FIELDS: dict[str, dict[str, Any]] = {
+    STAGE_TRAIN: {  # PARAMS_KEY, beside the round's instructions
+        P_ROUND: int, P_CLIPPING: float, P_QUANTIZATION: int, P_MODULUS_BITS: int, P_MAX_WEIGHT: int, P_MAX_NORM: float,
+    },
+    STAGE_SHARE_KEYS: {
+        P_ROUND: int, P_THRESHOLD: int, K_NODE_IDS: list[int], K_PK1_LIST: list[bytes], K_PK2_LIST: list[bytes],
+        K_SITE_IDS: list[str], K_MODEL_HASHES: list[str], K_INSTRUCTIONS_HASHES: list[str], K_SIGNATURES: list[bytes],
+    },
+    STAGE_MASKED_INPUT: {P_ROUND: int, K_SOURCES: list[int], K_CIPHERTEXTS: list[bytes]},
+    STAGE_CONSISTENCY: {P_ROUND: int, K_SURVIVORS: list[int]},
+    STAGE_UNMASK: {P_ROUND: int, K_SIGNERS: list[int], K_SIGNATURES: list[bytes]},
+}
+REPLY_FIELDS: dict[str, dict[str, Any]] = {
+    STAGE_TRAIN: {
+        K_PK1: bytes, K_PK2: bytes, K_SITE_ID: str, K_MODEL_HASH: str, K_INSTRUCTIONS_HASH: str, K_SIGNATURE: bytes,
+    },
+    STAGE_SHARE_KEYS: {K_DESTINATIONS: list[int], K_CIPHERTEXTS: list[bytes]},
+    STAGE_MASKED_INPUT: {K_CLIPPED: int, K_WEIGHT_CAPPED: bool},
+    STAGE_CONSISTENCY: {K_SIGNATURE: bytes},
+    STAGE_UNMASK: {K_SEED_OWNERS: list[int], K_SEED_SHARES: list[bytes], K_SK1_OWNERS: list[int], K_SK1_SHARES: list[bytes]},
+}
+
+
+class MalformedPayload(ValueError):
+    """A stage payload that lacks a field it needs, or has one of another type."""
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is int:  # a bool is an int to Python, not to the protocol
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def checked_payload(content: RecordDict, record_name: str, fields: Mapping[str, Any], what: str) -> ConfigRecord:
+    """``content``'s ``record_name`` record, once every one of ``fields`` is there with its
+    type; else MalformedPayload naming ``what`` (the message) and the field."""
+    record = content.config_records.get(record_name)
+    if record is None:
+        raise MalformedPayload(f"{what} has no '{record_name}' record")
+    for name, kind in fields.items():
+        if name not in record:
+            raise MalformedPayload(f"{what} lacks '{name}'")
+        value = record[name]
+        if get_origin(kind) is list:
+            (element,) = get_args(kind)
+            ok = isinstance(value, list) and all(_is(item, element) for item in value)
+        else:
+            ok = _is(value, kind)
+        if not ok:
+            shown = type(value).__name__ if not isinstance(value, list) else "a list of other values"
+            wanted = str(kind) if get_origin(kind) is list else kind.__name__
+            raise MalformedPayload(f"{what}: '{name}' is {shown}, not {wanted}")
+    return record
+
 
 # Purposes bound into mask keys and nonces, so no two masks ever share a keystream.
 PURPOSE_SELF = b"self-mask"

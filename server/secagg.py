@@ -220,6 +220,15 @@ class SecureRound:
         site.status, site.reason = STATUS_FAILED, reason
         logger.warning("round %d: site %s left the round: %s", self.round, site.site, reason)
 
+    def _payload(self, node_id: int, stage: str, content: RecordDict) -> ConfigRecord | None:
+        """The site's ``stage`` payload with every field there and typed; None once a site
+        whose reply is malformed has been marked failed (a hostile site cannot end the round)."""
+        try:
+            return sa.checked_payload(content, sa.PROTOCOL_KEY, sa.REPLY_FIELDS[stage], f"{stage}: the site's reply")
+        except sa.MalformedPayload as err:
+            self._drop(node_id, str(err))
+            return None
+
     def _keep_included(self, node_id: int) -> None:
         """A site that left after its masked input was summed: its input stays in the sum."""
         site = self.sites[node_id]
@@ -266,8 +275,10 @@ class SecureRound:
                 self._drop(node_id, str(err))
                 continue
             site.site = self.known_sites[node_id] = reply.site_id
-            site.metrics = content[METRICS_KEY]
-            keys = content[sa.PROTOCOL_KEY]
+            site.metrics = content.metric_records.get(METRICS_KEY) or {}
+            keys = self._payload(node_id, sa.STAGE_TRAIN, content)
+            if keys is None:
+                continue
             pk1, pk2 = cast(bytes, keys[sa.K_PK1]), cast(bytes, keys[sa.K_PK2])
             if pk1 in seen_keys or pk2 in seen_keys or pk1 == pk2:
                 self._drop(node_id, "public keys not unique")
@@ -314,10 +325,12 @@ class SecureRound:
         replies = self._exchange(sa.STAGE_SHARE_KEYS, contents, self.sa_cfg.stage_timeout_s)
         ciphertexts: dict[int, dict[int, bytes]] = {}  # destination -> source -> ciphertext
         for node_id, content in replies.items():
-            payload = content[sa.PROTOCOL_KEY]
+            payload = self._payload(node_id, sa.STAGE_SHARE_KEYS, content)
+            if payload is None:
+                continue
             destinations = [int(d) for d in cast(list, payload[sa.K_DESTINATIONS])]
             expected = set(self.neighbours[node_id]) - {node_id}
-            if sorted(destinations) != sorted(expected):
+            if sorted(destinations) != sorted(expected) or len(destinations) != len(cast(list, payload[sa.K_CIPHERTEXTS])):
                 self._drop(node_id, "share_keys: shares not addressed to exactly its neighbours")
                 continue
             for dst, ciphertext in zip(destinations, cast(list, payload[sa.K_CIPHERTEXTS])):
@@ -346,6 +359,9 @@ class SecureRound:
         # Each masked vector is added into the running sum as it arrives and dropped at once:
         # the coordinator holds the sum and at most one site's vector, read in place.
         for node_id, content in self._exchange_each(sa.STAGE_MASKED_INPUT, contents, self.sa_cfg.stage_timeout_s):
+            payload = self._payload(node_id, sa.STAGE_MASKED_INPUT, content)
+            if payload is None:
+                continue
             try:
                 vector = sa.array_view(content[sa.MASKED_KEY][sa.MASKED_ARRAY])
             except (KeyError, ValueError) as err:
@@ -359,7 +375,7 @@ class SecureRound:
             else:
                 np.add(self.masked_sum, vector, out=self.masked_sum)  # wraps: arithmetic mod 2**bits
             del vector
-            self.sites[node_id].clipped = int(content[sa.PROTOCOL_KEY][sa.K_CLIPPED])
+            self.sites[node_id].clipped = int(payload[sa.K_CLIPPED])
             included.add(node_id)
             del content
         return included
@@ -371,8 +387,12 @@ class SecureRound:
             node_id: RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: self.round, sa.K_SURVIVORS: survivors})})
             for node_id in included
         }
-        replies = self._exchange(sa.STAGE_CONSISTENCY, contents, self.sa_cfg.stage_timeout_s)
-        return {node_id: cast(bytes, content[sa.PROTOCOL_KEY][sa.K_SIGNATURE]) for node_id, content in replies.items()}
+        signatures: dict[int, bytes] = {}
+        for node_id, content in self._exchange(sa.STAGE_CONSISTENCY, contents, self.sa_cfg.stage_timeout_s).items():
+            payload = self._payload(node_id, sa.STAGE_CONSISTENCY, content)
+            if payload is not None:  # a site that signed nothing: its input stays in the sum (unmask)
+                signatures[node_id] = cast(bytes, payload[sa.K_SIGNATURE])
+        return signatures
 
     def unmask(self, masked: set[int], included: set[int]) -> np.ndarray:
         """Remove every remaining mask from the sum; ``masked`` completed (b), ``included`` (c)."""
@@ -402,13 +422,16 @@ class SecureRound:
         seed_shares: dict[int, list[bytes]] = {n: [] for n in included}
         sk1_shares: dict[int, list[bytes]] = {n: [] for n in dropped}
         for node_id, content in replies.items():
+            payload = self._payload(node_id, sa.STAGE_UNMASK, content)
+            if payload is None:
+                self._keep_included(node_id)  # its masked input was summed: it stays in
+                continue
             held = content.metric_records.get(METRICS_KEY)
             if held is not None:  # the monitor, sent only now: the round's model was the same for all
                 site = self.sites[node_id]
                 site.metrics = {
                     **dict(site.metrics), **{k: v for k, v in held.items() if k.startswith(MONITOR_PREFIX)}
                 }
-            payload = content[sa.PROTOCOL_KEY]
             hood = set(self.neighbours[node_id])
             for owner, share in zip(cast(list, payload[sa.K_SEED_OWNERS]), cast(list, payload[sa.K_SEED_SHARES])):
                 if int(owner) in seed_shares and int(owner) in hood:

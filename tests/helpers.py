@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, get_origin
 
 import numpy as np
 import torch
@@ -414,3 +415,18 @@ class FakeSuperLink:
 
     def pull_object(self, run_id: int, object_id: str) -> bytes:
         return self.objects[object_id]
+
+
+_OTHER_TYPE = {int: 2.5, float: "1", str: 7, bytes: "not bytes", bool: 1}
+
+
+def corrupt_field(payload: dict, field: str, kind: Any, how: str) -> None:
+    """Leave ``field`` out of ``payload`` (``how="missing"``) or give it a value of another
+    type than ``kind`` (a field type of common/secagg.py's payload tables) that a
+    ConfigRecord still carries: for a list, one element of another type."""
+    if how == "missing":
+        del payload[field]
+    elif get_origin(kind) is list:
+        payload[field] = ["x"] if kind == list[int] else [1]
+    else:
+        payload[field] = _OTHER_TYPE[kind]

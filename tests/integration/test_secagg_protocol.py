@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import get_origin
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from ctfed.common.exchange import ARRAYS_KEY, SERVER_ROUND_KEY, SiteReply, state
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.runtime.inprocess import InProcessGrid
 
-from helpers import train_message  # tests/helpers.py
+from helpers import corrupt_field, train_message  # tests/helpers.py
 
 # --- (i) the mask PRG uses the whole secret -----------------------------------------------------
 
@@ -160,7 +161,7 @@ def _fake_local_train(deltas: dict[int, dict[str, torch.Tensor]], examples: dict
     return train
 
 
-def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, capture=None):
+def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, capture=None, wrap=None):
     like = _global_state()
     deltas = deltas or {n: _site_delta(n, like) for n in node_ids}
     examples = examples or {n: 2 + i for i, n in enumerate(node_ids)}
@@ -178,6 +179,8 @@ def _run(node_ids, drop_at=None, secagg=None, deltas=None, examples=None, captur
             return reply
 
         handlers[masked_type] = spy
+    if wrap is not None:
+        wrap(handlers)
     grid = InProcessGrid(handlers, list(node_ids), drop_at=drop_at or {})  # before Message(): sets identity
     messages = [
         train_message(ConfigRecord({SERVER_ROUND_KEY: 1}), like, node_id=n) for n in node_ids
@@ -274,6 +277,53 @@ def test_clipped_values_are_warned_about_and_recorded(caplog: pytest.LogCaptureF
     assert any("5 of" in r.getMessage() and "clipped" in r.getMessage() for r in caplog.records)
 
 
+HOSTILE = 7
+
+
+def _hostile_reply(stage: str, field: str, how: str):
+    """Wraps ``stage``'s handler so that node HOSTILE's reply lacks ``field`` or has it retyped."""
+
+    def wrap(handlers: dict) -> None:
+        inner = handlers[sa.message_type(stage)]
+
+        def handler(msg: Message, context: Context) -> Message:
+            reply = inner(msg, context)
+            if msg.metadata.dst_node_id != HOSTILE:
+                return reply
+            payload = dict(reply.content[sa.PROTOCOL_KEY].items())
+            corrupt_field(payload, field, sa.REPLY_FIELDS[stage][field], how)
+            return Message(RecordDict({**dict(reply.content.items()), sa.PROTOCOL_KEY: ConfigRecord(payload)}), reply_to=msg)
+
+        handlers[sa.message_type(stage)] = handler
+
+    return wrap
+
+
+_HOSTILE_CASES = [
+    (stage, field, how) for stage, fields in sa.REPLY_FIELDS.items() for field in fields for how in ("missing", "retyped")
+]
+
+
+@pytest.mark.parametrize(("stage", "field", "how"), _HOSTILE_CASES, ids=[f"{s}-{f}-{h}" for s, f, h in _HOSTILE_CASES])
+def test_a_site_with_a_malformed_reply_leaves_the_round_and_the_others_aggregate(stage: str, field: str, how: str) -> None:
+    """A hostile (or broken) site answers one stage with a field left out or of another
+    type: the coordinator names the field in that site's record and aggregates the others,
+    with the site's input in the sum once it was summed (stages d and e)."""
+    result, deltas, examples, cfg, _ = _run(NODES, wrap=_hostile_reply(stage, field, how))
+    summed = stage in (sa.STAGE_CONSISTENCY, sa.STAGE_UNMASK)
+    _assert_close_to_plain(result, NODES if summed else [n for n in NODES if n != HOSTILE], deltas, examples, cfg)
+    record = {s.site: s for s in result.sites}[f"site-{HOSTILE}"]
+    assert record.status == ("aggregated" if summed else "failed")
+    assert f"{stage}: the site's reply" in record.reason and f"'{field}'" in record.reason
+    assert {s.status for s in result.sites if s.site != f"site-{HOSTILE}"} == {"aggregated"}
+
+
+def _empty_payload(stage: str) -> dict:
+    """A well-formed payload of ``stage`` for round 1: every field, lists empty, numbers 1."""
+    values = {int: 1, float: 1.0, str: "", bytes: b"", bool: False}
+    return {name: [] if get_origin(kind) is list else values[kind] for name, kind in sa.REQUEST_FIELDS[stage].items()}
+
+
 def test_a_site_never_reveals_both_secrets_of_one_neighbour() -> None:
     nodes = [1, 2, 3]
     result, _, _, _, grid = _run(nodes, secagg=SecAggConfig(num_shares=3), drop_at={n: sa.message_type(sa.STAGE_UNMASK) for n in nodes})
@@ -282,14 +332,16 @@ def test_a_site_never_reveals_both_secrets_of_one_neighbour() -> None:
     # Survivor and dropped lists are the coordinator's word: the site ignores them and
     # reveals only what the survivor set it signed implies, once enough neighbours signed it.
     request = Message(
-        RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: 1, sa.K_SURVIVORS: [1, 2], sa.K_DROPPED: [2]})}),
+        RecordDict({sa.PROTOCOL_KEY: ConfigRecord(
+            {sa.P_ROUND: 1, sa.K_SURVIVORS: [1, 2], sa.K_DROPPED: [2], sa.K_SIGNERS: [], sa.K_SIGNATURES: []}
+        )}),
         dst_node_id=1, message_type=sa.message_type(sa.STAGE_UNMASK),
     )
     with pytest.raises(site_secagg.ProtocolViolation, match="consistency check failed: 0 valid"):
         site_secagg.handle_unmask(request, context)
     with pytest.raises(site_secagg.ProtocolViolation, match="out of order"):
         site_secagg.handle_share_keys(
-            Message(RecordDict({sa.PROTOCOL_KEY: ConfigRecord({sa.P_ROUND: 1})}), dst_node_id=1,
+            Message(RecordDict({sa.PROTOCOL_KEY: ConfigRecord(_empty_payload(sa.STAGE_SHARE_KEYS))}), dst_node_id=1,
                     message_type=sa.message_type(sa.STAGE_SHARE_KEYS)),
             context,
         )

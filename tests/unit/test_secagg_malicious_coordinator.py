@@ -42,7 +42,7 @@ from ctfed.common.exchange import (
 from ctfed.server.secagg import secure_round
 from ctfed.simulations.runtime.inprocess import InProcessGrid
 
-from helpers import train_message  # tests/helpers.py
+from helpers import corrupt_field, train_message  # tests/helpers.py
 
 NODES = [3, 5, 7, 11, 13]  # 5 sites, all neighbours: threshold 4 (> 2*5/3)
 VICTIM = 7
@@ -176,7 +176,7 @@ def _swapped_nodes(payload: dict) -> None:
 
 
 ATTACKS = {
-    "unsigned": (_unsigned, "unsigned"),
+    "unsigned": (_unsigned, f"message lacks '{sa.K_SITE_IDS}'"),
     "substituted keys": (_substituted, "not signed by that site's roster key"),
     "invented neighbour": (lambda p: _replace_neighbour(p, "site-evil"), "not in this site's roster"),
     "impersonated site": (lambda p: _replace_neighbour(p, "site-11"), "not signed by that site's roster key"),
@@ -494,7 +494,7 @@ def test_an_abort_is_audited_with_its_reason(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert verify_audit_log(path) == 1
     assert entries[0]["kind"] == "secagg-abort" and entries[0]["round"] == 1
-    assert entries[0]["reason"].startswith("secagg_share_keys: ") and "unsigned" in entries[0]["reason"]
+    assert entries[0]["reason"].startswith("secagg_share_keys: ") and f"lacks '{sa.K_SITE_IDS}'" in entries[0]["reason"]
 
 
 def test_a_site_makes_its_own_signing_key_and_pins_the_roster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -619,3 +619,35 @@ def test_a_grid_or_weighting_other_than_the_instructions_gets_no_masked_input(tm
     assert result.mean_delta is None
     for node in NODES:
         assert "distributed DP: the coordinator's grid" in grid.refusal(node, MASKED_INPUT)
+
+
+# --- malformed stage payloads ---------------------------------------------------------------
+
+_MALFORMED_CASES = [
+    (stage, field, how)
+    for stage, fields in sa.REQUEST_FIELDS.items()
+    for index, field in enumerate(fields)
+    for how in (("missing", "retyped") if index < 2 else ("missing",))
+]
+
+
+@pytest.mark.parametrize(("stage", "field", "how"), _MALFORMED_CASES, ids=[f"{s}-{f}-{h}" for s, f, h in _MALFORMED_CASES])
+def test_a_malformed_stage_message_ends_the_round_at_the_victim_with_its_secrets_cleared(
+    tmp_path: Path, stage: str, field: str, how: str
+) -> None:
+    """Every field of every stage the coordinator sends, left out or of another type, at
+    one site: that site names the field, reveals nothing and keeps no key, seed or delta
+    (a KeyError or a silently truncated threshold would do neither)."""
+    kind, record_name = sa.message_type(stage), sa.PARAMS_KEY if stage == sa.STAGE_TRAIN else sa.PROTOCOL_KEY
+
+    def rewrite(message_type: str, node: int, content: RecordDict) -> RecordDict:
+        if message_type != kind or node != VICTIM:
+            return content
+        payload = dict(content[record_name].items())
+        corrupt_field(payload, field, sa.REQUEST_FIELDS[stage][field], how)
+        return RecordDict({**dict(content.items()), record_name: ConfigRecord(payload)})
+
+    _, grid = _attack(rewrite, tmp_path)
+    reason = grid.refusal(VICTIM, kind)
+    assert reason.startswith("ProtocolViolation: ") and f"'{field}'" in reason and stage in reason
+    assert not {sa.STATE_KEY, sa.DELTA_STATE_KEY} & set(grid.contexts[VICTIM].state.keys())
