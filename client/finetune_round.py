@@ -171,6 +171,7 @@ def finetune_train(
         task: {**metrics, **({OPERATING_POINT_METRIC: {"value": float(operating[task]["threshold"])}} if task in operating else {})}
         for task, metrics in evaluation.items()
     }
+    shared = privacy_round.released_evaluation(evaluation, labels, finetune.label_names)
 
     # Only what trained travels; its names are exactly the plan's trainable set, and, until the
     # coordinator has fixed them, this site's feature statistics (once per round it asks).
@@ -184,8 +185,9 @@ def finetune_train(
     update = privacy_round.outgoing_update(delta)
     epsilon = privacy_round.after_training(0)
     sent_bytes = record_bytes(update)
-    # What may leave the site (client/privacy_round.py): under central DP no per-step loss, no
-    # exact count and no held-out evaluation; the site logs its evaluation below either way.
+    # What may leave the site (client/privacy_round.py): a task's evaluation only over enough
+    # held-out scans of each class; under DP no per-step loss, no exact count and no held-out
+    # evaluation at all. The site logs what it keeps.
     reply = privacy_round.released(SiteReply(
         site_id=identity.site_id,
         num_examples=len(train_scans),
@@ -197,13 +199,17 @@ def finetune_train(
         bytes_sent=sent_bytes,
         trainable_parameters=int(fit.trainable_params[-1]),
         peak_rss_mb=peak_rss_mb(),
-        evaluation=evaluation,
+        evaluation=shared or None,
         epsilon=epsilon,
     ))
-    if reply.evaluation is None and evaluation:
+    withheld = {task: metrics for task, metrics in evaluation.items() if task not in (reply.evaluation or {})}
+    if withheld:
+        why = "a DP round" if instructions.privacy.mode is not PrivacyMode.none else (
+            f"fewer than policy.min_reported_count={privacy_round.policy.min_reported_count} held-out positives or negatives"
+        )
         logger.info(
-            "site %s round %d: held-out evaluation kept at the site (DP round): %s", identity.site_id, server_round,
-            {task: round(metrics["auroc"]["value"], 4) for task, metrics in evaluation.items() if "auroc" in metrics},
+            "site %s round %d: held-out evaluation kept at the site (%s): %s", identity.site_id, server_round, why,
+            {task: round(metrics["auroc"]["value"], 4) for task, metrics in withheld.items() if "auroc" in metrics},
         )
     logger.info(
         "site %s round %d (fine-tune, %s, blocks %s): %d steps, loss %.4f -> %.4f, %d bytes sent",

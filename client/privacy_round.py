@@ -320,6 +320,23 @@ class SitePrivacyRound:
                 del kept[key]
         return kept
 
+    def released_evaluation(
+        self, evaluation: Mapping[str, Mapping[str, Any]], held_out_labels: torch.Tensor, task_names: Sequence[str]
+    ) -> dict[str, Any]:
+        """Phase 2's held-out evaluation without the tasks whose held-out positives or
+        negatives are fewer than ``policy.min_reported_count``: an AUROC or an operating
+        point over a few scans of one class says how those scans are labelled and scored.
+        (Under DP none of it leaves, ``released``.)"""
+        floor = self.policy.min_reported_count
+        if not floor:
+            return dict(evaluation)
+        kept = {}
+        for index, task in enumerate(task_names):
+            column = held_out_labels[:, index]
+            if task in evaluation and min(int((column == 1).sum()), int((column == 0).sum())) >= floor:
+                kept[task] = evaluation[task]
+        return kept
+
     def expected_examples(self) -> int | None:
         """The examples a round's instructions ask for, known before any data is read (phase 1:
         steps x micro-batches x batch size, the expected Poisson total under local DP; phase 2:

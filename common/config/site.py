@@ -86,7 +86,8 @@ class SitePolicy:
     # Counts of the data summary below this (scans, labelled scans, positives per label, and
     # positives whose negatives are below it) are not sent: small cells single people out.
     # Its slice and spacing ranges end at the this-many-th scan from each end, rounded
-    # outward, and the representation monitor of fewer labelled scans is not sent either.
+    # outward, and the representation monitor of fewer labelled scans is not sent either, nor
+    # phase 2's held-out evaluation of a task with fewer held-out positives or negatives.
     # 0 sends every count and the exact ranges. Figures that give a count away go only where
     # the count itself would (client/privacy_round.py shares_count): under local DP the
     # round's epsilon (its sample rate is batch_size / volumes) and its timings (they grow

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from ctfed.common.checkpoint import load_checkpoint, state_digest
 from ctfed.common.cli import main
-from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, TrainConfig
+from ctfed.common.config import ConfigError, FeaturePooling, FinetuneConfig, ModelConfig, SitePolicy, TrainConfig
 from ctfed.simulations.config import SimulationRunConfig, load_simulation_config
 from ctfed.common.exchange import (
     ARRAYS_KEY,
@@ -108,7 +108,9 @@ def test_round_trains_the_planned_blocks_at_their_discriminative_lrs() -> None:
 
 
 def _site_context(cache_dir: Path, state_dir: Path) -> Context:
-    return site_context(cache_dir, state_dir)
+    # A site that also sends small cells: the labelled cache holds 3 scans per class, whose
+    # held-out evaluation the default policy (min_reported_count 5) keeps at the site.
+    return site_context(cache_dir, state_dir, policy=SitePolicy(min_reported_count=0))
 
 
 def _finetune_message(model: ModelConfig, finetune: FinetuneConfig, plan, arrays: ArrayRecord, full: bool, digest: str) -> Message:  # noqa: ANN001
@@ -172,7 +174,6 @@ def test_reply_holds_only_the_trainable_deltas(labelled_cache: Path, tmp_path: P
 def test_site_without_labels_refuses_phase_two(labelled_cache: Path, tmp_path: Path) -> None:
     from ctfed.client.app import train
     from ctfed.client.policy import write_policy_file
-    from ctfed.common.config import SitePolicy
     from ctfed.simulations.runtime.inprocess import InProcessGrid
 
     InProcessGrid({}, [])
@@ -493,6 +494,8 @@ def phase_two_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             # Secure aggregation (the default) of 2 sites needs a threshold of 2.
             "secagg.num_shares=3",
             "secagg.reconstruction_threshold=2",
+            # 2-3 held-out scans per site are small cells: the default policy keeps their evaluation.
+            "simulation.site_policy.min_reported_count=0",
         ]
     )
     assert code == 0

@@ -209,10 +209,30 @@ def test_phase_two_under_dp_sends_no_evaluation_per_step_loss_or_exact_count(tmp
     assert LOSSES_KEY not in sent and LOSS_FIRST_KEY not in sent and LOSS_KEY in sent
     # What the plan asks for (2 steps x batch 2), not the site's 2 labelled training scans.
     assert sent[NUM_EXAMPLES_KEY] == instructions.plan_local_steps * FINETUNE.batch_size == 4
-    # Without DP the round reports all of it: the rule is DP's.
+    # Without DP (and a site that sends small cells too) the round reports all of it: the rule is DP's.
     plain_message, _ = _phase_two(PrivacyConfig())
-    plain = _sent(client_train(plain_message, _context(cache, tmp_path / "plain")))
+    plain = _sent(client_train(plain_message, _context(cache, tmp_path / "plain", SitePolicy(min_reported_count=0))))
     assert f"{EVAL_METRIC_PREFIX}any/auroc" in plain and LOSSES_KEY in plain and plain[NUM_EXAMPLES_KEY] == 2
+
+
+def test_phase_two_keeps_the_evaluation_of_a_task_with_few_held_out_scans_of_a_class(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without DP a coordinator reads a site's held-out AUROC and operating point as a
+    label oracle: over two or three held-out positives they say how each scored. The
+    default floor (5) keeps a task's evaluation at the site unless its held-out scans hold
+    at least that many of each class; the rest of the reply is as before."""
+    message, _ = _phase_two(PrivacyConfig())
+    small = _cache(tmp_path / "small", LABELS)  # 6 scans: a few held out of each class
+    with caplog.at_level("INFO", logger="ctfed.client.finetune_round"):
+        kept = _sent(client_train(message, _context(small, tmp_path / "small-state")))
+    assert not [key for key in kept if key.startswith(EVAL_METRIC_PREFIX)]
+    assert LOSSES_KEY in kept and kept[NUM_EXAMPLES_KEY] == 2
+    assert "held-out evaluation kept at the site (fewer than policy.min_reported_count=5" in caplog.text
+    large = _cache(tmp_path / "large", [0, 1] * 12)  # 12 held out, 6 of each class
+    message, _ = _phase_two(PrivacyConfig())
+    sent = _sent(client_train(message, _context(large, tmp_path / "large-state")))
+    assert {f"{EVAL_METRIC_PREFIX}any/auroc", f"{EVAL_METRIC_PREFIX}any/{OPERATING_POINT_METRIC}"} <= set(sent)
 
 
 def test_local_dp_sends_the_planned_count_not_the_sampled_one(tmp_path: Path) -> None:
