@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ctfed.common.checkpoint import card_preprocessing_plan, load_checkpoint
-from ctfed.common.config import ConfigError, Precision, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig
+from ctfed.common.config import ConfigError, Precision, PreprocessConfig, SeriesPerStudy, SeriesSelectionConfig, TrainConfig
 from ctfed.common.device import autocast, check_precision, resolve_device
 
 if TYPE_CHECKING:
@@ -94,8 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-series", action="store_true", help="score every usable series of a study, as prepare's")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="preprocessing processes (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="studies per forward pass (default %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, as train.device (default %(default)s)")
-    parser.add_argument("--precision", choices=[p.value for p in Precision], default=Precision.fp32.value,
+    train = TrainConfig()  # the forward pass runs where and how training does, unless told otherwise
+    parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N, as train.device (default %(default)s)")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default=train.precision.value,
                         help="autocast of the forward pass, as train.precision (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

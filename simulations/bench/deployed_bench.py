@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctfed.common.config import TrainConfig
+
 APP_DIR = Path(__file__).resolve().parents[2]
 ONLINE_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 900.0
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ctfed.simulations.bench.deployed_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=TrainConfig().local_steps, help="train.local_steps (default %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     return parser
 

@@ -5,7 +5,9 @@ temporary folder (the built-in defaults; a line's shell globs and comments as a 
 treats them), in README order, each expected to exit 0. Blocks marked ``bash quickstart-parse``
 need a real deployment (a SuperLink, a hospital's PACS export): each of their commands is
 parsed by the real ``ctfed`` / ``flwr`` argument parsers, so a renamed option or subcommand
-fails here. The deployment itself is run by tests/integration/test_deployed_tls_federation.py (``ctfed server``'s
+fails here. Hospital IT's ``ctfed prepare`` and the clinical block (finetune, predict,
+export) run here as written too, on synthetic DICOM standing in for the hospital's paths.
+The deployment itself is run by tests/integration/test_deployed_tls_federation.py (``ctfed server``'s
 SuperLink, ``ctfed site``'s SuperNodes and an intruder's ``ctfed site --config`` process,
 ``flwr run . ctfed --stream --run-config ...``), tests/integration/test_site_check_cli.py (``ctfed site
 --check``), tests/unit/test_site_audit_log.py (``--verify-audit``), tests/integration/test_predict_cli.py (``ctfed
@@ -14,6 +16,8 @@ finetune`` then ``ctfed predict``) and tests/integration/test_export_bundle.py (
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shlex
@@ -191,3 +195,51 @@ def test_a_renamed_option_fails_the_parse_check() -> None:
     with pytest.raises(pytest.fail.Exception):
         parse_command("flwr run . ctfed --streem")
     parse_command("FLWR_HOME=coordinator/flwr-home flwr run . ctfed --stream --run-config 'run-dir=\"/srv/r\"'")
+
+
+# The hospital's own paths in the README's quickstart-parse blocks, and what stands in for each.
+_HOSPITAL_PATHS = ("/pacs/export", "/data/ctfed/cache", "/data/new-dicom", "global_round_0010.safetensors")
+
+
+@pytest.mark.slow
+def test_the_hospital_and_clinical_quickstarts_run_as_written_on_synthetic_dicom(tmp_path: Path) -> None:
+    """Hospital IT's `ctfed prepare` and the clinical block (finetune, predict, export), each
+    line as the README writes it, every option and override included, with only the
+    hospital's own paths standing for folders here: a synthetic PACS export with labels, new
+    studies, and a federation's round-10 global encoder (the untrained encoder, saved as the
+    coordinator saves one)."""
+    from ctfed.common.checkpoint import save_checkpoint
+    from ctfed.common.config import load_run_config
+    from ctfed.server.results import GLOBAL_ENCODER_KIND
+    from ctfed.server.rounds import initial_encoder_state
+    from ctfed.simulations.data.synth import synthesize_federation
+
+    blocks = quickstart_blocks(README.read_text())
+    commands = [c for mark, block in blocks if mark == PARSE_MARK for c in block if _words(c)[:2] == ["ctfed", "prepare"]]
+    clinical = next(block for _, block in blocks if any(_words(c)[:2] == ["ctfed", "predict"] for c in block))
+    commands += clinical
+    assert [_words(c)[1] for c in commands] == ["prepare", "finetune", "predict", "export"]
+
+    export = synthesize_federation(tmp_path / "pacs", sites=1, scans_per_site=8, seed=2)[0]
+    new_studies = synthesize_federation(tmp_path / "new", sites=1, scans_per_site=2, seed=3)[0]
+    (new_studies / "labels.csv").unlink()  # new studies come without labels
+    cfg = load_run_config([])
+    encoder = tmp_path / "global_round_0010.safetensors"
+    save_checkpoint(encoder.with_suffix(""), initial_encoder_state(cfg), cfg.model, kind=GLOBAL_ENCODER_KIND, round=10)
+    stand_ins = dict(zip(_HOSPITAL_PATHS, (export, tmp_path / "cache", new_studies, encoder)))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for command in commands:
+        for path, stand_in in stand_ins.items():
+            command = command.replace(path, str(stand_in))
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S, executable="/bin/bash")
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    card = json.loads((tmp_path / "runs" / "ft" / "classifier.json").read_text())
+    assert card["encoder"]["kind"] == GLOBAL_ENCODER_KIND and card["encoder"]["round"] == 10
+    with open(tmp_path / "predictions.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len({row["study_key"] for row in rows}) == 2 and all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+    assert (tmp_path / "predictions.key.csv").is_file()
+    assert (tmp_path / "bundles" / "ctfed_classifier" / "configs" / "metadata.json").is_file()
