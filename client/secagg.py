@@ -191,9 +191,10 @@ def _state(context: Context, expected_stage: str, server_round: int) -> ConfigRe
 def _request(msg: Message, stage: str) -> ConfigRecord:
     """The coordinator's payload for ``stage``, every field there with its type; a malformed
     one ends the round at this site like any other violation (logged, audited, state cleared)."""
-    record_name = sa.PARAMS_KEY if stage == sa.STAGE_TRAIN else sa.PROTOCOL_KEY
     try:
-        return sa.checked_payload(msg.content, record_name, sa.REQUEST_FIELDS[stage], f"the coordinator's {stage} message")
+        return sa.checked_payload(
+            msg.content, sa.request_record(stage), sa.REQUEST_FIELDS[stage], f"the coordinator's {stage} message"
+        )
     except sa.MalformedPayload as err:
         raise ProtocolViolation(str(err)) from None
 
@@ -205,12 +206,12 @@ def _reply(msg: Message, payload: dict, **records) -> Message:  # noqa: ANN003 -
 
 def handle_train(msg: Message, context: Context, local_train: Handler) -> Message:
     """Stage (a): local training, local vetting of the delta, a signed advertisement of fresh keys."""
-    params = _request(msg, sa.STAGE_TRAIN)
-    server_round = int(params[sa.P_ROUND])
-    context.state.pop(sa.STATE_KEY, None)  # a new round always starts clean
+    context.state.pop(sa.STATE_KEY, None)  # a new round always starts clean, a refused one too
     context.state.pop(sa.DELTA_STATE_KEY, None)
     context.state.pop(sa.NOISE_STATE_KEY, None)
     drop_held(context)  # a held monitor of an unfinished round never leaves
+    params = _request(msg, sa.STAGE_TRAIN)
+    server_round = int(params[sa.P_ROUND])
     auth = load_site_auth(context)  # a site that cannot authenticate does not even train
 
     trained = local_train(msg, context)

@@ -136,6 +136,11 @@ REPLY_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+def request_record(stage: str) -> str:
+    """The record of a coordinator's ``stage`` message that REQUEST_FIELDS describes."""
+    return PARAMS_KEY if stage == STAGE_TRAIN else PROTOCOL_KEY
+
+
 class MalformedPayload(ValueError):
     """A stage payload that lacks a field it needs, or has one of another type."""
 

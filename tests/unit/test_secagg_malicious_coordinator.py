@@ -638,7 +638,7 @@ def test_a_malformed_stage_message_ends_the_round_at_the_victim_with_its_secrets
     """Every field of every stage the coordinator sends, left out or of another type, at
     one site: that site names the field, reveals nothing and keeps no key, seed or delta
     (a KeyError or a silently truncated threshold would do neither)."""
-    kind, record_name = sa.message_type(stage), sa.PARAMS_KEY if stage == sa.STAGE_TRAIN else sa.PROTOCOL_KEY
+    kind, record_name = sa.message_type(stage), sa.request_record(stage)
 
     def rewrite(message_type: str, node: int, content: RecordDict) -> RecordDict:
         if message_type != kind or node != VICTIM:
