@@ -19,6 +19,44 @@ if TYPE_CHECKING:
     from ctfed.simulations.config import SimulationRunConfig
 
 
+# ---------------------------------------------------------------------------- two workers
+
+# The default run is split over pytest-xdist workers, one test file to a worker (pyproject's
+# addopts: ``-n auto --dist loadfile``): about half the suite's wall time is spent waiting on
+# processes (SuperLinks, SuperNodes, Ray), which a second worker fills. At most this many
+# workers: every simulation starts Ray with all the machine's cores, so more would only queue
+# behind each other and multiply the memory. ``-n 0`` runs in this process.
+MAX_TEST_WORKERS = 4
+# The heaviest files first, so that neither worker is left with one of them at the end
+# (measured idle on 2 cores, docs/test-times.md); then the other files with a slow test, then
+# the rest, each group in collection order. Only the order changes, never what runs.
+HEAVIEST_FILES = (
+    "test_label_efficiency_study.py", "test_bench_quick.py", "test_deployed_site_faults.py",
+    "test_fault_tolerance.py", "test_deployed_tls_federation.py", "test_privacy_sweep.py",
+)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at least 1, at most MAX_TEST_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, longest files first (``HEAVIEST_FILES``, then files with a ``slow`` test):
+    files are handed out in this order, so the long ones start while the short ones fill in.
+    ``--no-loadscope-reorder`` (addopts) keeps xdist from reordering by test count."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.name in HEAVIEST_FILES:
+            return HEAVIEST_FILES.index(item.path.name)
+        return len(HEAVIEST_FILES) + (0 if item.path in slow_files else 1)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture
 def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run 5, node 1, task 1 as the process's Flower task identity.
