@@ -122,8 +122,11 @@ class SitePrivacyRound:
         self.clip_scale = 1.0
         self.epsilon_after: float | None = None
         # Local DP: the sample rate is batch_size / volumes, so the epsilon (and any figure
-        # derived from it) gives the volume count away; set by check_budget.
+        # derived from it) gives the volume count away, unless the site accounts with a count
+        # of its own choosing (policy.local_dp_accounted_volumes); the timings grow with the
+        # Poisson-sampled batches whatever the accounting. Both set by check_budget.
         self.epsilon_reveals_withheld_count = False
+        self.timings_reveal_withheld_count = False
         self._cached_volumes: int | None = None
 
     @property
@@ -180,8 +183,12 @@ class SitePrivacyRound:
         self.ledger = load_site_ledger(self.identity.state_dir, self.context, mode)
         if mode is PrivacyMode.local:
             assert self.local_dp is not None
-            self.planned = planned_local_entry(self.local_dp, train, num_volumes, self.server_round, self.run_id)
-            self.epsilon_reveals_withheld_count = not self.shares_volume_count(num_volumes)
+            accounted = self.accounted_volumes(num_volumes)
+            self.planned = planned_local_entry(self.local_dp, train, accounted, self.server_round, self.run_id)
+            self.timings_reveal_withheld_count = not self.shares_volume_count(num_volumes)
+            self.epsilon_reveals_withheld_count = (
+                self.timings_reveal_withheld_count and not self.policy.local_dp_accounted_volumes
+            )
         elif mode is PrivacyMode.distributed:
             self.planned = planned_distributed_entry(
                 self.privacy.distributed, self.policy.distributed_dp_honest_sites, self.server_round, self.run_id
@@ -207,6 +214,24 @@ class SitePrivacyRound:
                 raise RoundRefused(
                     BUDGET_REFUSED_CODE, f"{err} ({mode.value} DP ledger)", self._budget_reason_sent("policy.max_epsilon")
                 ) from None
+
+    def accounted_volumes(self, num_volumes: int) -> int:
+        """The volume count local DP accounts with: ``policy.local_dp_accounted_volumes`` where
+        set (refusing a round with fewer real volumes, whose sample rate it would understate),
+        else the real count."""
+        accounted = self.policy.local_dp_accounted_volumes
+        if not accounted:
+            return num_volumes
+        if num_volumes < accounted:
+            raise RoundRefused(
+                POLICY_REFUSED_CODE,
+                f"local DP: this round trains on {num_volumes} volumes, fewer than policy.local_dp_accounted_volumes "
+                f"{accounted}, so accounting with that count would understate the epsilon; lower it to at most "
+                f"{num_volumes}",
+                "local DP: policy.local_dp_accounted_volumes is above this site's volume count (figures withheld; "
+                "the site's log has them)",
+            )
+        return accounted
 
     def shares_count(self, count: int) -> bool:
         """Whether the site's policy lets a count of its scans leave it: it shares its data
@@ -276,9 +301,10 @@ class SitePrivacyRound:
           - no held-out evaluation (phase 2's ``eval/*``: AUROC and its CI, the operating point):
             each is a function of a handful of held-out scans' labels and predictions, which no
             DP mechanism here covers. The site logs it locally.
-        * Under local DP, where the epsilon stays at the site (``check_budget``), the timings
-          and peak memory stay too: they grow with the Poisson-sampled batches, i.e. with the
-          volume count.
+        * Under local DP, where the volume count stays at the site (``check_budget``), the
+          timings and peak memory stay too: they grow with the Poisson-sampled batches, i.e.
+          with the volume count (whether or not the epsilon is accounted with a count of the
+          site's choosing, ``policy.local_dp_accounted_volumes``).
         """
         kept = dict(reply.aggregates)
         floor = self.policy.min_reported_count
@@ -304,7 +330,7 @@ class SitePrivacyRound:
                 reply = replace(reply, num_examples=expected)
             if reply.evaluation:
                 reply = replace(reply, evaluation=None)
-        if self.epsilon_reveals_withheld_count:
+        if self.timings_reveal_withheld_count:
             reply = replace(reply, train_seconds=None, data_seconds=None, round_seconds=None, peak_rss_mb=None)
         return reply
 

@@ -109,6 +109,18 @@ class SitePolicy:
     # (patient pseudonym; study pseudonym without a PatientID), the first by content hash,
     # logging how many volumes were set aside. Without local DP every volume trains.
     local_dp_repeat_volumes: str = "refuse"
+    # Under local DP, account every round as if the site trained on this many volumes (at
+    # most as many as it does). DP-SGD's sample rate is batch_size / volumes, so with the real
+    # count (0, the default) the epsilon, a budget refusal's figures and even whether the
+    # budget refuses a round are functions of it: a coordinator that varies batch_size or
+    # local_steps between rounds learns a bound on the count, a bit a round, from which rounds
+    # the site refuses. With a number here they are functions of that number and of the
+    # instructions only, so the epsilon goes with the reply (it tells the coordinator that the
+    # site has at least this many). A volume's real chance of joining a batch is never above
+    # the accounted rate, so the epsilon is an upper bound, looser the more volumes the site
+    # has beyond this number.
+    # A round with fewer volumes than this is refused (the accounting would not hold).
+    local_dp_accounted_volumes: int = 0
     # Secure aggregation floor: reveal nothing unless the coordinator's reconstruction
     # threshold t exceeds this fraction of the site's neighbourhood n (t > f * n). Bonawitz
     # et al. need t > 2n/3 against a coordinator colluding with up to n/3 sites; at or below
@@ -147,6 +159,10 @@ class SitePolicy:
         for name in ("max_local_steps", "max_hidden_size", "max_layers", "min_reported_count"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"policy.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if self.local_dp_accounted_volumes < 0:
+            raise ConfigError(
+                f"policy.local_dp_accounted_volumes must be >= 0 (0: the real count), got {self.local_dp_accounted_volumes}"
+            )
         if not 0.5 <= self.min_secagg_threshold_fraction < 1:
             raise ConfigError(
                 "policy.min_secagg_threshold_fraction must be in [0.5, 1) (a threshold at or below half the "

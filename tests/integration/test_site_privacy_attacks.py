@@ -38,7 +38,7 @@ from ctfed.common.config import (
     TrainConfig,
 )
 from ctfed.common.data_summary import SCANS_KEY
-from ctfed.common.dp import SKELLAM, PrivacyLedger, entries_epsilon
+from ctfed.common.dp import SKELLAM, LedgerEntry, PrivacyLedger, entries_epsilon
 from ctfed.common.exchange import (
     ARRAYS_KEY,
     BUDGET_REFUSED_CODE,
@@ -94,10 +94,11 @@ def _context(state_dir: Path, cache_dir: Path, policy: SitePolicy) -> Context:
 
 
 def _instructions(
-    privacy: PrivacyConfig | None = None, claims_secure: bool = False, server_round: int = 1, **extra: Any
+    privacy: PrivacyConfig | None = None, claims_secure: bool = False, server_round: int = 1,
+    train: TrainConfig = ONE_STEP, **extra: Any,
 ) -> ConfigRecord:
     record = RoundInstructions(
-        server_round=server_round, model=MODEL, train=ONE_STEP, privacy=privacy or PrivacyConfig(), min_sites=3,
+        server_round=server_round, model=MODEL, train=train, privacy=privacy or PrivacyConfig(), min_sites=3,
         secure_aggregation=claims_secure,
     ).to_record()
     for key, value in extra.items():  # what an attacker adds to the record
@@ -432,6 +433,69 @@ def test_local_dp_epsilon_does_not_give_away_a_volume_count_the_site_withholds(
     sent = reply.content[METRICS_KEY]
     assert sent[SCANS_KEY] == 6 and sent[TRAIN_SECONDS_KEY] > 0
     assert sent[EPSILON_KEY] == pytest.approx(PrivacyLedger.load(open_state / LEDGER_FILE).epsilon(SitePolicy().delta))
+
+
+def test_a_coordinator_probing_the_budget_learns_the_volume_count_unless_the_site_accounts_with_its_own(
+    tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Point 10: the accept-or-refuse answer is an oracle. Two sites that withhold their counts
+    (6 and 12 volumes), with the same budget for one round. The coordinator sends local-DP
+    rounds at batch sizes 1, 2 and 4 and watches which the budget refuses: with the real
+    counts in the accounting (sample rate batch / volumes) the two sites answer differently,
+    which bounds each count. With ``policy.local_dp_accounted_volumes: 6`` at both, every
+    answer, and every epsilon the replies carry, is a function of that 6 and the instructions
+    alone: the two sites cannot be told apart."""
+    counts = {"six": 3, "twelve": 6}  # copies of the 2-scan cache
+    caches = {name: _cache_of(cache, tmp_path / f"cache-{name}", copies) for name, copies in counts.items()}
+    delta = SitePolicy().delta
+    # A round-alone budget between the epsilons at sample rates 1/6 and 1/3.
+    budget = entries_epsilon([_local_entry(2 / 9)], delta)
+
+    def probe(policy: SitePolicy) -> dict[str, list[tuple[str, float | None]]]:
+        answers: dict[str, list[tuple[str, float | None]]] = {}
+        for name, volumes in caches.items():
+            answers[name] = []
+            for batch in (1, 2, 4):
+                state = tmp_path / f"{policy.local_dp_accounted_volumes}-{name}-{batch}"
+                reply = client_train(
+                    _plain(_instructions(LOCAL_DP, train=replace(ONE_STEP, batch_size=batch))), _context(state, volumes, policy)
+                )
+                if reply.has_error():
+                    assert reply.error.code == BUDGET_REFUSED_CODE, reply.error.reason
+                    answers[name].append(("refused", None))
+                else:
+                    answers[name].append(("trained", reply.content[METRICS_KEY].get(EPSILON_KEY)))
+        return answers
+
+    withheld = SitePolicy(share_data_summary=False, require_dp=True, max_round_epsilon=budget)
+    real = probe(withheld)
+    # The oracle: at batch 2 the 6-volume site refuses (rate 1/3) and the 12-volume one trains (1/6).
+    assert [a for a, _ in real["six"]] == ["trained", "refused", "refused"]
+    assert [a for a, _ in real["twelve"]] == ["trained", "trained", "refused"]
+    assert all(epsilon is None for answers in real.values() for _, epsilon in answers)  # epsilon withheld
+
+    accounted = probe(replace(withheld, local_dp_accounted_volumes=6))
+    assert accounted["six"] == accounted["twelve"]
+    assert [a for a, _ in accounted["six"]] == ["trained", "refused", "refused"]
+    # The epsilon now travels: the accounted one, an upper bound on the 12-volume site's true one.
+    (_, sent), *_ = accounted["twelve"]
+    assert sent == pytest.approx(entries_epsilon([_local_entry(1 / 6)], delta))
+    assert sent > entries_epsilon([_local_entry(1 / 12)], delta)
+    (entry,) = PrivacyLedger.load(tmp_path / "6-twelve-1" / LEDGER_FILE).entries
+    assert entry.sample_rate == pytest.approx(1 / 6)
+
+    # Fewer volumes than the site accounts with would understate its epsilon: refused, and the
+    # coordinator is not told the count.
+    with caplog.at_level(logging.WARNING):
+        short = client_train(_plain(_instructions(LOCAL_DP)),
+                             _context(tmp_path / "short", caches["six"], replace(withheld, local_dp_accounted_volumes=7)))
+    assert short.has_error() and short.error.code == POLICY_REFUSED_CODE
+    assert "policy.local_dp_accounted_volumes" in short.error.reason and not any(c.isdigit() for c in short.error.reason)
+    assert "fewer than policy.local_dp_accounted_volumes 7" in caplog.text + capsys.readouterr().out
+
+
+def _local_entry(sample_rate: float) -> LedgerEntry:
+    return LedgerEntry(round=1, noise_multiplier=LOCAL_DP.local.noise_multiplier, sample_rate=sample_rate, steps=ONE_STEP.local_steps)
 
 
 def test_one_volume_per_person_keeps_the_first_by_content_hash_and_never_two_of_a_study() -> None:

@@ -480,3 +480,16 @@ def test_valid_overrides_of_each_loader_pass() -> None:
                  "ctfed pretrain --cache C --out O model=small train.local_steps=2",
                  "python -m ctfed.simulations.data.label_signal --out DIR --train train.mim_objective=mae"):
         assert check_command(DocCommand("test", 1, text, inline=False)) == [], text
+
+
+def test_the_readme_stays_a_short_user_guide() -> None:
+    """Issue #16: the README is at most ~12 KB, with the two-command set-up, one quickstart per
+    user, the commands table and pointers to docs/; findings and tables live in docs/."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode("utf-8")) <= 12 * 1024, f"README.md is {len(readme.encode('utf-8'))} bytes: move detail to docs/"
+    headings = re.findall(r"^#{2,3} (.+)$", readme, flags=re.MULTILINE)
+    assert headings[0] == "Set-up: two commands" and {"Quickstarts", "Commands", "Documentation"} <= set(headings)
+    for user in ("Researchers", "Coordinators", "Hospital IT", "Clinical use"):
+        assert any(h.startswith(user) for h in headings), user
+    for page in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (REPO / page).exists(), page
