@@ -10,8 +10,10 @@ N(0, (noise_multiplier * max_grad_norm)^2) noise. Batches are Poisson-sampled vo
 (rate ``batch_size / volumes``), which is what the RDP accountant's analysis assumes.
 
 What is private: the student encoder and head (every trainable parameter). The teacher is
-an EMA of the private student (post-processing). The DINO/iBOT centres are statistics of
-raw teacher outputs outside DP-SGD's clipping, so they are frozen while DP-SGD runs.
+an EMA of the private student (post-processing). The DINO/iBOT centres would be statistics
+of raw teacher outputs outside DP-SGD's clipping, so under DP-SGD they move on public
+reference heads instead (``client/train.py`` ``_DPGradients``;
+docs/decisions/shared-heads-and-centres.md).
 
 Randomness: the noise and the Poisson batches come from ``common.dp.SecureRandom`` (the OS
 CSPRNG), always. Nothing takes a seed: a coordinator that knew the seed (``train.seed``

@@ -22,28 +22,8 @@ What travels and what stays:
   overwritten by the global ones when they arrive (``set_global_state``); the teacher head
   follows the teacher policy below, like the teacher encoder.
 
-Shared heads (``train.share_heads``, issue #11 item 7). With the encoder alone averaged, each
-site's prototypes drift apart: the same global CLS embedding maps to different prototypes at
-different sites, so the targets the sites distil towards disagree, and the encoder is pulled
-towards one clustering per site at once. Sharing makes the prototypes common. The head is
-trained like the encoder, so it enters everything the encoder's update does: the update
-vector (FedAvg, SecAgg+'s masked sum, robust rules, FedAdam), ``federation.max_update_norm``,
-central DP's clip (the whole delta, heads included, is clipped to ``clip_norm``) and local
-DP-SGD's per-volume clipping (every trainable student parameter, the head among them).
-MAE's decoder stays local: it serves the local reconstruction loss and has no teacher.
-
-The centres travel with the head. Why that is allowed: a centre is an EMA of the teacher's
-outputs, a cross-sample statistic of the site's data. Without DP it says no more than the
-encoder's and head's deltas already sent in the same message (and with SecAgg+ it is masked
-like them). Under local DP-SGD the centres are computed from public reference heads through
-the DP-trained teacher (below), so they are post-processing and cost no epsilon. Under central
-DP they are part of the delta that is clipped to ``clip_norm`` and noised by the coordinator,
-so the site-level guarantee covers them. Why they should: a centre local to a site, on shared
-prototypes, subtracts that site's own mean output, which pushes every site to spread its scans
-over all prototypes (a per-site uniformity that contradicts one clustering of non-iid sites)
-and makes the shared head's targets differ between sites again. A global centre is the
-federation's mean teacher output, DINO's centre for the pooled data. Under FedAdam the centres
-take Adam steps like every other averaged value (their deltas are small and bounded).
+With shared heads the head and centres are averaged like the encoder; why, and why that
+costs no privacy: docs/decisions/shared-heads-and-centres.md.
 
 Teacher policy (``train.teacher_on_new_global``):
 
@@ -55,22 +35,13 @@ Teacher policy (``train.teacher_on_new_global``):
 
 Local differential privacy (``dp=`` a LocalDPConfig): every optimizer step is per-volume
 DP-SGD on Poisson-sampled batches (``client/dp_sgd.py``); ``train.grad_clip`` is then
-replaced by the per-volume clipping. The only difference from a plain step is how the
-gradient is formed (``_backward`` / ``_finish_gradients``); the loop is one.
+replaced by the per-volume clipping. The loop (``LocalTrainer._round``) is one; what
+differs, the batches, how a step's gradient is formed and clipped, and where the centres come
+from, is one object (``_PlainGradients`` or ``_DPGradients``).
 
-Centring under DP-SGD. DINO's and iBOT's centres are means of the teacher's outputs over
-batches of scans: a cross-sample statistic of private data outside the per-volume clipping.
-Updated from the site's batches, each volume would steer every other volume's target, and
-DP-SGD's sensitivity argument (one volume changes the summed gradient by at most the clip
-norm) would no longer hold. Frozen at zero (as before), DINO runs without centring and
-collapses. So under DP the centres are EMAs (``train.center_momentum``, every step) of the
-teacher's outputs on public reference heads (``common/reference.py``: analytic heads with
-a prepared cache's window statistics, rebuilt from a seed at every site). The teacher is an
-EMA of the noised student, i.e. post-processing of DP-SGD's releases, and the reference
-heads are data-independent, so the centres are post-processing too: they cost no epsilon
-and the ledger's accounting of DP-SGD stays exact. (Their catch: they centre on the
-reference heads' output, not the site's scans; a site whose scans look unlike a head CT
-after preprocessing gets a biased centre, never a privacy loss.)
+Centring under DP-SGD: the centres are EMAs of the teacher's outputs on public reference
+heads (``common/reference.py``), so they are post-processing of DP-SGD and cost no epsilon
+(docs/decisions/shared-heads-and-centres.md).
 
 Either way a site's first global encoder also initialises its teacher encoder. Without shared
 heads the teacher head is always the EMA of this site's student head (heads never leave the
@@ -206,6 +177,91 @@ class _CropViews(Dataset):
         return torch.stack(self.multicrop(volume))
 
 
+class _PlainGradients:
+    """How a plain step gets its gradient: shuffled full batches, autograd (loss-scaled under
+    fp16), FedProx's proximal term, clipping by the gradient's norm (``train.grad_clip``)."""
+
+    per_volume_rows = False  # the SSL loss need not say which volume each patch row is
+
+    def __init__(self, trainer: LocalTrainer) -> None:
+        self.trainer = trainer
+
+    def batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor | None]:
+        return self.trainer._batches(order_seed, crop_seed)
+
+    def zero_grad(self) -> None:
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+
+    def empty_batch(self) -> None:
+        raise AssertionError("shuffled batches are never empty")
+
+    def regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss + self.trainer._proximal_term() if self.trainer.train_cfg.proximal_mu > 0 else loss
+
+    def backward(self, loss: torch.Tensor, batch: int, student_rows: int, teacher_rows: int, patch_rows: torch.Tensor | None) -> None:
+        scaler = self.trainer.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def finish(self, step: int) -> None:
+        trainer = self.trainer
+        trainer._freeze_prototypes(step)  # before the norm, which must not count the frozen layer
+        if trainer.train_cfg.grad_clip > 0:
+            if trainer.scaler is not None:
+                trainer.scaler.unscale_(trainer.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.train_cfg.grad_clip)
+
+    def after_step(self, step: int) -> None:
+        """Nothing: the centres move with the teacher's outputs on the batch (``DINOLoss``)."""
+
+
+class _DPGradients:
+    """How a local DP-SGD step gets its gradient (``client/dp_sgd.py``): Poisson-sampled
+    batches (an empty one is a step of noise only), per-volume sums of per-row gradients,
+    clipped and noised; after the step the centres move on public reference heads, never on
+    the site's batches (docs/decisions/shared-heads-and-centres.md)."""
+
+    per_volume_rows = True
+
+    def __init__(self, trainer: LocalTrainer, dp: VolumeDPSGD) -> None:
+        self.trainer, self.dp = trainer, dp
+
+    def batches(self, order_seed: int, crop_seed: np.random.SeedSequence) -> Iterator[torch.Tensor | None]:
+        return self.trainer._dp_batches(crop_seed)  # the order comes from the OS CSPRNG, never a seed
+
+    def zero_grad(self) -> None:
+        self.dp.zero_grad()
+
+    def empty_batch(self) -> None:
+        self.dp.empty_step_gradients()
+
+    def regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss  # no proximal term: RunConfig refuses train.proximal_mu under local DP
+
+    def backward(self, loss: torch.Tensor, batch: int, student_rows: int, teacher_rows: int, patch_rows: torch.Tensor | None) -> None:
+        # Student rows are crop-major (row r is volume r % batch), in one pass or, for MAE,
+        # two (masked global crops, whole local crops), whose per-row gradients Opacus sums
+        # row by row; the head also sees iBOT's selected patch tokens after the CLS rows.
+        crop_rows = torch.arange(student_rows) % batch  # every other layout is a prefix of it
+        row_maps = [crop_rows[:n] for n in {student_rows, teacher_rows, student_rows - teacher_rows} if n > 0]
+        if patch_rows is not None:
+            row_maps.append(torch.cat([crop_rows[:student_rows], patch_rows % batch]))
+        # The losses are means over the batch; their per-volume gradients are those of
+        # batch x loss, so clipping bounds each volume whatever the batch size.
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            (loss * batch).backward()
+        self.dp.fold_rows_to_volumes(row_maps, batch)
+
+    def finish(self, step: int) -> None:
+        if not self.dp.clip_and_noise():
+            raise RuntimeError("DP optimizer skipped a step; every step must be noised and accounted")
+        self.trainer._freeze_prototypes(step)  # after the noise, which would give the layer a gradient again
+
+    def after_step(self, step: int) -> None:
+        self.trainer._update_dp_centres(step)
+
+
 class LocalTrainer:
     """DINO student/teacher training on one site's cached volumes (C, S, S, S) in [0, 1]."""
 
@@ -323,6 +379,10 @@ class LocalTrainer:
             self.loss_fn.center_from_batch = False
             self.ibot_loss.center_from_batch = False
             self._reference = reference_heads(train_cfg.dp_center_volumes, model_cfg.image_size, seed=train_cfg.seed)
+        # What differs between a plain and a DP-SGD step; the loop (_round) is one.
+        self.gradients: _PlainGradients | _DPGradients = (
+            _PlainGradients(self) if self.dp is None else _DPGradients(self, self.dp)
+        )
 
         total_steps = train_cfg.schedule_steps
         self.lr_schedule = cosine_schedule(
@@ -486,12 +546,12 @@ class LocalTrainer:
     def _round(self, round_index: int) -> RoundResult:
         """``train_round``'s work, under its seeded global generator.
 
-        Plain and DP-SGD steps share this loop; they differ only in the batches (shuffled
-        vs Poisson-sampled), in how the gradient is formed (``_backward``,
-        ``_finish_gradients``) and in where the centres come from (``_update_dp_centres``).
+        Plain and DP-SGD steps share this loop; what differs (batches, how the gradient is
+        formed and clipped, where the centres come from) is ``self.gradients``.
         """
         started = time.perf_counter()
         cfg = self.train_cfg
+        gradients = self.gradients
         # Seeding by (site seed, round) keeps rounds reproducible yet different, even though
         # the ClientApp builds a fresh trainer every round. Every volume draw's crops come from
         # (crop seed, its position in the round), so they are the same whichever loader process
@@ -499,21 +559,14 @@ class LocalTrainer:
         # ``train_round``: dropout. DP noise draws from the OS CSPRNG.)
         crop_seed, order_seed, mask_seed, _ = np.random.SeedSequence([self.seed, round_index]).spawn(4)
         mask_generator = torch.Generator().manual_seed(int(mask_seed.generate_state(1)[0]))
-        order = int(order_seed.generate_state(1)[0])
-        if self.dp is not None:  # DP noise and Poisson sampling draw from the OS CSPRNG, never a seed
-            batches = self._dp_batches(crop_seed)
-        else:
-            batches = self._batches(order, crop_seed)
+        batches = gradients.batches(int(order_seed.generate_state(1)[0]), crop_seed)
 
         result = RoundResult(losses=[], num_examples=0, seconds=0.0, dp_steps=cfg.local_steps if self.dp else 0)
         micro = cfg.accumulation_steps
         for local_step in range(cfg.local_steps):
             step = round_index * cfg.local_steps + local_step
             self._apply_schedules(step)
-            if self.dp is not None:
-                self.dp.zero_grad()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
+            gradients.zero_grad()
             parts: list[tuple[float, float, float | None, float | None]] = []
             for _ in range(micro):
                 data_started = time.perf_counter()
@@ -522,30 +575,27 @@ class LocalTrainer:
                     student_in, teacher_in = self._views(views)
                 result.data_seconds += time.perf_counter() - data_started
                 if views is None:  # an empty Poisson batch: the step is noise only, as DP-SGD's analysis assumes
-                    assert self.dp is not None
-                    self.dp.empty_step_gradients()
+                    gradients.empty_batch()
                     continue
                 batch = views.shape[0]
                 with autocast(self.device, cfg.precision):
                     loss, dino, mim, koleo, patch_rows = self._ssl_loss(
-                        student_in, teacher_in, mask_generator, with_rows=self.dp is not None
+                        student_in, teacher_in, mask_generator, with_rows=gradients.per_volume_rows
                     )
-                if cfg.proximal_mu > 0 and self.dp is None:
-                    loss = loss + self._proximal_term()
+                loss = gradients.regularised(loss)
                 self._check_finite(loss, dino, mim, round_index, local_step, step)
-                self._backward(loss / micro, batch, student_in.shape[0], teacher_in.shape[0], patch_rows)
+                gradients.backward(loss / micro, batch, student_in.shape[0], teacher_in.shape[0], patch_rows)
                 parts.append((loss.item(), dino.item(), None if mim is None else mim.item(),
                               None if koleo is None else koleo.item()))
                 result.num_examples += batch
-            self._finish_gradients(step)
+            gradients.finish(step)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
             self._update_teacher(step)
-            if self.dp is not None:
-                self._update_dp_centres(step)
+            gradients.after_step(step)
             if parts:  # per optimiser step: the mean over its micro-batches
                 result.losses.append(sum(p[0] for p in parts) / len(parts))
                 result.dino_losses.append(sum(p[1] for p in parts) / len(parts))
@@ -560,40 +610,12 @@ class LocalTrainer:
             result.losses, result.dino_losses = [math.nan], [math.nan]
         return result
 
-    def _backward(
-        self, loss: torch.Tensor, batch: int, student_rows: int, teacher_rows: int, patch_rows: torch.Tensor | None
-    ) -> None:
-        """Gradients of one batch: autograd's (plain) or per-volume sums of per-row ones (DP-SGD)."""
-        if self.dp is None:
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            return
-        # Student rows are crop-major (row r is volume r % batch), in one pass or, for MAE,
-        # two (masked global crops, whole local crops), whose per-row gradients Opacus sums
-        # row by row; the head also sees iBOT's selected patch tokens after the CLS rows.
-        crop_rows = torch.arange(student_rows) % batch  # every other layout is a prefix of it
-        row_maps = [crop_rows[:n] for n in {student_rows, teacher_rows, student_rows - teacher_rows} if n > 0]
-        if patch_rows is not None:
-            row_maps.append(torch.cat([crop_rows[:student_rows], patch_rows % batch]))
-        # The losses are means over the batch; their per-volume gradients are those of
-        # batch x loss, so clipping bounds each volume whatever the batch size.
-        with warnings.catch_warnings():
-            # Opacus' hooks on the first layer, whose input (the scan) needs no gradient.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            (loss * batch).backward()
-        self.dp.fold_rows_to_volumes(row_maps, batch)
-
-    def _finish_gradients(self, step: int) -> None:
-        """Clip (per volume and noise, under DP-SGD) and keep the prototypes fixed early on."""
-        if self.dp is not None and not self.dp.clip_and_noise():
-            raise RuntimeError("DP optimizer skipped a step; every step must be noised and accounted")
+    def _freeze_prototypes(self, step: int) -> None:
+        """Keep the prototypes fixed early on: no gradient means AdamW skips the last layer
+        entirely (no decay, no moments)."""
         if step < self.freeze_last_layer_steps:
-            # No gradient means AdamW skips the prototypes entirely (no decay, no moments).
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
-        if self.dp is None and self.train_cfg.grad_clip > 0:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.train_cfg.grad_clip)
 
     @torch.no_grad()
     def _update_dp_centres(self, step: int) -> None:

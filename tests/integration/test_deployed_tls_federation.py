@@ -162,7 +162,11 @@ def test_deployed_federation_with_tls_and_node_auth(tmp_path: Path, caches: list
             assert intruder_code != 0
             fingerprint = public_key_file_fingerprint(intruder_keys.public_key)
             said = intruder_out.read_text()
-            assert "trying again in 5 s" in said
+            # Each refusal inside the window is retried, the last one is not. Under load a
+            # SuperNode's start can take the whole window, so one attempt is a valid outcome
+            # (the retry itself: tests/unit/test_supernode_heartbeat.py).
+            attempts = said.count("SuperNode connecting to")
+            assert attempts >= 1 and said.count("trying again in 5 s") == attempts - 1, said[-3000:]
             assert f"{INTRUDER}: this site's key is not registered with the coordinator (key fingerprint {fingerprint})" in said
             link_log = link.log_file.read_text() + (link.log_file.parent / "superlink.console.log").read_text()
             assert "No SuperNode found with the given public key" in link_log

@@ -84,3 +84,37 @@ def test_a_dead_supernodes_connection_is_waited_out_before_connecting(tmp_path: 
     # A clock set far back cannot make a site wait for ever.
     record.write_text(json.dumps({"time": time.time() + 1e9, "interval_s": 10.0}))
     assert wait_for_previous_connection(record, slept.append) <= 2 * 1800 + EXPIRY_MARGIN_S
+
+
+def test_a_refused_activation_is_retried_only_inside_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run_site`` retries a refused activation while the SuperLink could still count the
+    site's previous connection online (``activation_window_s`` from the start), then stops
+    with the diagnosis. Each SuperNode here is refused after 8 s of (simulated) start-up."""
+    from ctfed.client import site_cli
+
+    clock = [0.0]
+    starts: list[float] = []
+    monkeypatch.setattr(site_cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(site_cli.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+
+    def start(cfg: SiteConfig, echo: bool = False) -> object:
+        starts.append(clock[0])
+        return site_cli.RunningSuperNode(process=None, site_id=cfg.site_id, log_file=tmp_path / "supernode.log", runtime_port=0)  # type: ignore[arg-type]
+
+    def run(process: object) -> int:
+        clock[0] += 8.0  # start-up and the refusal
+        return 1
+
+    monkeypatch.setattr(site_cli, "start_supernode", start)
+    monkeypatch.setattr(site_cli, "run_in_foreground", run)
+    monkeypatch.setattr(site_cli, "activation_refused", lambda node: True)
+    monkeypatch.setattr(site_cli, "exit_diagnosis", lambda cfg, node: "this site's key is not registered")
+    monkeypatch.setattr(site_cli, "site_key_fingerprint", lambda cfg: "SHA256:test")
+    cfg = SiteConfig(**{**SITE, "state_dir": str(tmp_path)}, heartbeat_interval_s=10.0)
+    assert site_cli.run_site(cfg) == 1
+    # Window 25 s: refused at 8 (retry at 13), at 21 (13 + 8; 21 + 5 is past 25: stop).
+    assert starts == [0.0, 13.0]
+    err = capsys.readouterr().err
+    assert err.count("trying again in 5 s") == 1 and "not registered" in err
