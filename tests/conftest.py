@@ -36,6 +36,17 @@ HEAVIEST_FILES = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one compute thread per worker and per process it starts (sites,
+    SuperNodes, Ray), unless the caller chose: two workers' torch thread pools on the same two
+    cores would spin-wait on each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start
+        import torch
+
+        torch.set_num_threads(1)  # this process imported torch already (tests/helpers.py)
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at least 1, at most MAX_TEST_WORKERS."""
     return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
