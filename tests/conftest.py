@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------- two workers
 
 # The default run is split over pytest-xdist workers, one test file to a worker (pyproject's
-# addopts: ``-n auto --dist loadfile``): about half the suite's wall time is spent waiting on
-# processes (SuperLinks, SuperNodes, Ray), which a second worker fills. At most this many
+# addopts: ``-n auto --dist loadfile``): much of the suite's wall time is spent waiting on
+# processes (SuperLinks, SuperNodes, Ray), which a second worker fills (on 2 cores 1,562 s in
+# one process, 918 s on two workers: docs/test-times.md). At most this many
 # workers: every simulation starts Ray with all the machine's cores, so more would only queue
 # behind each other and multiply the memory. ``-n 0`` runs in this process.
 MAX_TEST_WORKERS = 4
@@ -49,7 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at least 1, at most MAX_TEST_WORKERS."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_TEST_WORKERS))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
