@@ -121,13 +121,19 @@ class SitePrivacyRound:
         self.planned: LedgerEntry | None = None
         self.clip_scale = 1.0
         self.epsilon_after: float | None = None
-        # Local DP: the sample rate is batch_size / volumes, so the epsilon (and any figure
-        # derived from it) gives the volume count away, unless the site accounts with a count
-        # of its own choosing (policy.local_dp_accounted_volumes); the timings grow with the
-        # Poisson-sampled batches whatever the accounting. Both set by check_budget.
-        self.epsilon_reveals_withheld_count = False
-        self.timings_reveal_withheld_count = False
+        # Local DP with a volume count this round's reply does not say (set by check_budget):
+        # the timings grow with the Poisson-sampled batches, so they stay at the site, and so
+        # does the epsilon unless it is accounted with a count of the site's own choosing
+        # (``epsilon_reveals_withheld_count``).
+        self.volume_count_withheld = False
         self._cached_volumes: int | None = None
+
+    @property
+    def epsilon_reveals_withheld_count(self) -> bool:
+        """Local DP: the sample rate is batch_size / volumes, so the epsilon (and any figure
+        derived from it) gives a withheld volume count away, unless the site accounts with a
+        count of its own choosing (``policy.local_dp_accounted_volumes``)."""
+        return self.volume_count_withheld and not self.policy.local_dp_accounted_volumes
 
     @property
     def local_dp(self) -> LocalDPConfig | None:
@@ -185,10 +191,7 @@ class SitePrivacyRound:
             assert self.local_dp is not None
             accounted = self.accounted_volumes(num_volumes)
             self.planned = planned_local_entry(self.local_dp, train, accounted, self.server_round, self.run_id)
-            self.timings_reveal_withheld_count = not self.shares_volume_count(num_volumes)
-            self.epsilon_reveals_withheld_count = (
-                self.timings_reveal_withheld_count and not self.policy.local_dp_accounted_volumes
-            )
+            self.volume_count_withheld = not self.shares_volume_count(num_volumes)
         elif mode is PrivacyMode.distributed:
             self.planned = planned_distributed_entry(
                 self.privacy.distributed, self.policy.distributed_dp_honest_sites, self.server_round, self.run_id
@@ -330,7 +333,7 @@ class SitePrivacyRound:
                 reply = replace(reply, num_examples=expected)
             if reply.evaluation:
                 reply = replace(reply, evaluation=None)
-        if self.timings_reveal_withheld_count:
+        if self.volume_count_withheld:
             reply = replace(reply, train_seconds=None, data_seconds=None, round_seconds=None, peak_rss_mb=None)
         return reply
 
